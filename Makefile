@@ -1,0 +1,35 @@
+# meshid: `make demo` and `make test` work on a fresh machine with only Python, make and Debian's packages.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench proto lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+# pytest exits 5 when it collects nothing: that is a failure here, never a pass.
+test: $(STAMP)
+	$(PY) scripts/genproto.py --check
+	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+proto: $(STAMP)
+	$(PY) scripts/genproto.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check meshid tests examples bench scripts
+	$(VENV)/bin/mypy meshid
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

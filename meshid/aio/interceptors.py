@@ -1,0 +1,127 @@
+"""The grpc.aio server interceptor: the same decision path as the sync one, adapted to asyncio."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from meshid import peer as _peer
+from meshid._authorizer import Authorizer, PolicyInput, Refusal, TrustInput
+from meshid.authz.policy import AuthorizationPolicy
+from meshid.peer import PeerIdentity
+
+__all__ = ["AuthorizationInterceptor"]
+
+
+async def _unknown_method(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+
+class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
+    """Authorizes every call of a ``grpc.aio`` server; see :class:`meshid.AuthorizationInterceptor`.
+
+    The caller's identity is available to handlers through :func:`meshid.peer_identity`.
+    """
+
+    def __init__(self, policy: PolicyInput, *, source: TrustInput, poll_interval: float = 2.0) -> None:
+        self._authorizer = Authorizer(policy, source=source, poll_interval=poll_interval)
+
+    @property
+    def policy(self) -> AuthorizationPolicy:
+        return self._authorizer.policy
+
+    def reload(self, policy: AuthorizationPolicy | str | os.PathLike[str] | None = None) -> bool:
+        """Replace the policy atomically (or re-read the file); a broken one keeps the old in force."""
+        return self._authorizer.reload(policy)
+
+    def set_revocation_check(self, revoked: Callable[[PeerIdentity], bool] | None) -> None:
+        self._authorizer.revoked = revoked
+
+    def start(self) -> AuthorizationInterceptor:
+        self._authorizer.start()
+        return self
+
+    def close(self) -> None:
+        self._authorizer.close()
+
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any], details: grpc.HandlerCallDetails) -> PeerIdentity:
+        result = self._authorizer.authorize(
+            context.auth_context(), details.method, details.invocation_metadata, context.peer()
+        )
+        if isinstance(result, Refusal):
+            await context.abort(result.code, result.message)
+            raise AssertionError("unreachable: abort raises")
+        return result
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            handler = grpc.stream_stream_rpc_method_handler(_unknown_method)
+        check = self._check
+        details = handler_call_details
+        ser, deser = handler.response_serializer, handler.request_deserializer
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                token = _peer.set_current(await check(context, details))
+                try:
+                    return await inner_uu(request, context)
+                finally:
+                    _peer.reset_current(token)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                token = _peer.set_current(await check(context, details))
+                try:
+                    return await inner_su(request_iterator, context)
+                finally:
+                    _peer.reset_current(token)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
+        if handler.unary_stream is not None:
+            wrapped = _wrap_streaming(handler.unary_stream, check, details)
+            return grpc.unary_stream_rpc_method_handler(wrapped, deser, ser)
+        wrapped = _wrap_streaming(handler.stream_stream, check, details)
+        return grpc.stream_stream_rpc_method_handler(wrapped, deser, ser)
+
+
+def _wrap_streaming(
+    inner: Any,
+    check: Callable[[Any, grpc.HandlerCallDetails], Awaitable[PeerIdentity]],
+    details: grpc.HandlerCallDetails,
+) -> Any:
+    """Wrap a streaming-response behaviour, which is an async generator or a coroutine using context.write."""
+    if inspect.isasyncgenfunction(inner):
+
+        async def as_generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            token = _peer.set_current(await check(context, details))
+            try:
+                async for response in inner(request, context):
+                    yield response
+            finally:
+                _peer.reset_current(token)
+
+        return as_generator
+
+    async def as_coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        token = _peer.set_current(await check(context, details))
+        try:
+            return await inner(request, context)
+        finally:
+            _peer.reset_current(token)
+
+    return as_coroutine

@@ -1,0 +1,57 @@
+"""Decision records: one structured record per decision on the ``meshid.audit`` logger, and
+gRFC A59's ``stdout_logger`` for gRPC authz policies that ask for it."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+
+from meshid.authz.model import Decision
+from meshid.authz.policy import AuthorizationPolicy
+from meshid.peer import PeerIdentity
+
+__all__ = ["record"]
+
+audit_log = logging.getLogger("meshid.audit")
+
+
+def record(
+    policy: AuthorizationPolicy,
+    decision: Decision,
+    method: str,
+    peer: PeerIdentity | None,
+    *,
+    peer_address: str | None = None,
+    error: str | None = None,
+) -> None:
+    """Log one decision. Cheap when nobody listens: fields are built only if the record is kept."""
+    level = logging.INFO if decision.allowed else logging.WARNING
+    if audit_log.isEnabledFor(level):
+        fields = {
+            "caller": peer.describe() if peer is not None else None,
+            "method": method,
+            "decision": decision.decision,
+            "rule": decision.rule,
+            "policy": policy.name,
+            "reason": decision.reason if error is None else error,
+            "serial": format(peer.serial, "x") if peer is not None and peer.serial is not None else None,
+            "peer_address": peer_address,
+        }
+        audit_log.log(level, "authz %s", json.dumps(fields, sort_keys=True), extra={"meshid_audit": fields})
+    if policy.audit.loggers and policy.audit.wants(decision.allowed):
+        # The shape grpc's own stdout_logger writes (gRFC A59).
+        entry = {
+            "grpc_audit_log": {
+                "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
+                "rpc_method": method,
+                "principal": (peer.uri_sans or peer.dns_sans or (peer.subject,))[0] if peer is not None else "",
+                "policy_name": policy.name,
+                "matched_rule": decision.rule or "",
+                "authorized": decision.allowed,
+            }
+        }
+        if "stdout_logger" in policy.audit.loggers:
+            sys.stdout.write(json.dumps(entry) + "\n")
+            sys.stdout.flush()

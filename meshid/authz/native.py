@@ -1,0 +1,157 @@
+"""meshid's native policy format (YAML or JSON).
+
+::
+
+    name: greeter
+    allow_non_spiffe_peers: false      # optional
+    require_pq_key_exchange: false     # optional
+    deny:                              # consulted first
+      - name: no-legacy
+        methods: ["*"]
+        trust_domains: [legacy.example.org]
+    allow:
+      - name: frontend-greets
+        methods: [/helloworld.Greeter/SayHello, /helloworld.Greeter/*]
+        spiffe_ids: [spiffe://example.org/ns/prod/sa/frontend]
+        spiffe_id_patterns: [spiffe://example.org/ns/*/sa/frontend]
+        subject_patterns: ['CN=frontend,O=Example']
+        thumbprints: [<sha-256 hex>]
+        dns_names: [frontend.example.org]   # for non-SPIFFE peers
+        any_peer: false
+
+Every rule needs a ``name``, ``methods`` and at least one "who" key (or ``any_peer: true``).
+Unknown keys are errors: a misspelt key must never silently widen or narrow a rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from meshid.authz.model import ParsedPolicy, Rule
+from meshid.authz.patterns import compile_spiffe_id_pattern, compile_subject_pattern, method_pattern
+from meshid.errors import InvalidPolicyError, InvalidSpiffeIdError
+from meshid.spiffeid import SpiffeId, TrustDomain
+
+__all__ = ["parse"]
+
+_TOP_KEYS = {"name", "allow", "deny", "allow_non_spiffe_peers", "require_pq_key_exchange"}
+_WHO_KEYS = ("spiffe_ids", "spiffe_id_patterns", "trust_domains", "subject_patterns", "thumbprints", "dns_names")
+_RULE_KEYS = {"name", "methods", "any_peer", *_WHO_KEYS}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_DNS = re.compile(r"(?=.{1,253}$)(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _strings(value: Any, where: str, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidPolicyError(f"{where}: '{key}' must be a list of strings")
+    return value
+
+
+def _thumbprint(text: str) -> str:
+    norm = text.replace(":", "").lower()
+    if not _HEX64.fullmatch(norm):
+        raise InvalidPolicyError(f"thumbprint {text!r} is not a SHA-256 hex digest (64 hex digits)")
+    return norm
+
+
+def _dns(text: str) -> str:
+    if not _DNS.fullmatch(text.lower()):
+        raise InvalidPolicyError(f"DNS name {text!r} is not a valid host name")
+    return text.lower()
+
+
+def _each(values: list[str], convert: Callable[[str], Any]) -> list[Any]:
+    return [convert(v) for v in values]
+
+
+def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rule:
+    where = f"policy {origin}: {action} rule #{index + 1}"
+    if not isinstance(raw, Mapping):
+        raise InvalidPolicyError(f"{where}: must be a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidPolicyError(f"{where}: needs a non-empty 'name'")
+    where = f"policy {origin}: {action} rule {name!r}"
+    if name in seen:
+        raise InvalidPolicyError(f"{where}: the name is used by another rule")
+    seen.add(name)
+    unknown = sorted(set(raw) - _RULE_KEYS)
+    if unknown:
+        raise InvalidPolicyError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(_RULE_KEYS))}")
+    if "methods" not in raw:
+        raise InvalidPolicyError(f"{where}: needs 'methods' (use ['*'] for every method)")
+    methods = _strings(raw["methods"], where, "methods")
+    if not methods:
+        raise InvalidPolicyError(f"{where}: 'methods' is empty, so the rule could never match")
+    any_peer = raw.get("any_peer", False)
+    if not isinstance(any_peer, bool):
+        raise InvalidPolicyError(f"{where}: 'any_peer' must be true or false")
+    lists = {key: _strings(raw.get(key, []), where, key) for key in _WHO_KEYS}
+    if not any_peer and not any(lists.values()):
+        raise InvalidPolicyError(
+            f"{where}: names nobody; give spiffe_ids, spiffe_id_patterns, trust_domains, "
+            "subject_patterns, thumbprints or dns_names (or any_peer: true)"
+        )
+    try:
+        return Rule(
+            name=name,
+            action=action,  # type: ignore[arg-type]
+            methods=tuple(method_pattern(m) for m in methods),
+            spiffe_ids=frozenset(_each(lists["spiffe_ids"], _spiffe_id)),
+            spiffe_id_patterns=tuple(_each(lists["spiffe_id_patterns"], compile_spiffe_id_pattern)),
+            trust_domains=frozenset(_each(lists["trust_domains"], TrustDomain.parse)),
+            subject_patterns=tuple(_each(lists["subject_patterns"], compile_subject_pattern)),
+            thumbprints=frozenset(_each(lists["thumbprints"], _thumbprint)),
+            dns_names=frozenset(_each(lists["dns_names"], _dns)),
+            any_peer=any_peer,
+        )
+    except (InvalidPolicyError, InvalidSpiffeIdError) as err:
+        raise InvalidPolicyError(f"{where}: {err}") from err
+
+
+def _spiffe_id(text: str) -> SpiffeId:
+    if "*" in text:
+        raise InvalidPolicyError(f"{text!r} contains '*'; put globs under 'spiffe_id_patterns'")
+    return SpiffeId.parse(text)
+
+
+def _flag(data: Mapping[str, Any], key: str, origin: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidPolicyError(f"policy {origin}: '{key}' must be true or false")
+    return value
+
+
+def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
+    """Parse a native policy document.
+
+    Raises:
+        InvalidPolicyError: naming the origin, the rule and what is wrong.
+    """
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise InvalidPolicyError(
+            f"policy {origin}: unknown top-level key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(_TOP_KEYS))}"
+        )
+    name = data.get("name", "policy")
+    if not isinstance(name, str):
+        raise InvalidPolicyError(f"policy {origin}: 'name' must be a string")
+    seen: set[str] = set()
+    rules = []
+    for action in ("deny", "allow"):
+        raw_rules = data.get(action, [])
+        if raw_rules is None:
+            raw_rules = []
+        if not isinstance(raw_rules, list):
+            raise InvalidPolicyError(f"policy {origin}: '{action}' must be a list of rules")
+        rules += [_rule(raw, action, i, origin, seen) for i, raw in enumerate(raw_rules)]
+    if not any(r.action == "allow" for r in rules):
+        raise InvalidPolicyError(f"policy {origin}: has no allow rule, so it would deny every call")
+    return ParsedPolicy(
+        name=name,
+        rules=rules,
+        allow_non_spiffe_peers=_flag(data, "allow_non_spiffe_peers", origin),
+        require_pq_key_exchange=_flag(data, "require_pq_key_exchange", origin),
+    )

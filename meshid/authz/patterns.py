@@ -1,0 +1,115 @@
+"""The matchers a policy is compiled into: SPIFFE ID globs, method patterns, gRPC string matchers."""
+
+from __future__ import annotations
+
+import re
+
+from meshid.errors import InvalidPolicyError, InvalidSpiffeIdError
+from meshid.spiffeid import SpiffeId, TrustDomain
+
+__all__ = ["compile_spiffe_id_pattern", "compile_subject_pattern", "method_pattern"]
+
+#: Subject patterns longer than this are refused; they are regular expressions run on every new peer.
+MAX_SUBJECT_PATTERN = 1024
+
+_SEGMENT = r"[A-Za-z0-9._-]+"
+
+
+def compile_spiffe_id_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile a SPIFFE ID glob: ``*`` is exactly one path segment, ``**`` one or more; anchored.
+
+    ``spiffe://example.org/ns/*/sa/web`` matches ``.../ns/prod/sa/web`` but not
+    ``.../ns/prod/x/sa/web``; ``spiffe://example.org/**`` matches every workload of the
+    trust domain (and not the trust domain's own ID).
+
+    Raises:
+        InvalidSpiffeIdError: the pattern is not a SPIFFE ID once its globs are replaced.
+    """
+    if not isinstance(pattern, str):
+        raise TypeError("SPIFFE ID pattern must be a str")
+    prefix = "spiffe://"
+    if not pattern.startswith(prefix):
+        raise InvalidSpiffeIdError(f"SPIFFE ID pattern {pattern!r}: must start with 'spiffe://'")
+    td_text, sep, path = pattern[len(prefix):].partition("/")
+    if "*" in td_text:
+        raise InvalidSpiffeIdError(
+            f"SPIFFE ID pattern {pattern!r}: the trust domain cannot be a glob; use trust_domains instead"
+        )
+    td = TrustDomain.parse(td_text)
+    if not sep:
+        raise InvalidSpiffeIdError(f"SPIFFE ID pattern {pattern!r}: has no path; use trust_domains for a whole trust domain")
+    parts = []
+    for segment in path.split("/"):
+        if segment == "*":
+            parts.append(_SEGMENT)
+        elif segment == "**":
+            parts.append(f"{_SEGMENT}(?:/{_SEGMENT})*")
+        elif "*" in segment:
+            raise InvalidSpiffeIdError(
+                f"SPIFFE ID pattern {pattern!r}: '*' must be a whole segment ('*' or '**'), not part of {segment!r}"
+            )
+        else:
+            SpiffeId.from_parts(td, segment)  # checks the literal segment's characters
+            parts.append(re.escape(segment))
+    return re.compile(re.escape(prefix + td.name) + "/" + "/".join(parts))
+
+
+def compile_subject_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile a regular expression that must fully match an RFC 4514 subject.
+
+    Raises:
+        InvalidPolicyError: not a valid regular expression, or too long.
+    """
+    if not isinstance(pattern, str):
+        raise InvalidPolicyError("subject pattern must be a string")
+    if len(pattern) > MAX_SUBJECT_PATTERN:
+        raise InvalidPolicyError(f"subject pattern is longer than {MAX_SUBJECT_PATTERN} characters")
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise InvalidPolicyError(f"subject pattern {pattern!r} is not a valid regular expression: {err}") from err
+
+
+def method_pattern(text: str) -> tuple[str, str]:
+    """Classify a native method pattern: ``("exact", "/pkg.S/M")``, ``("prefix", "/pkg.S/")`` or ``("any", "")``.
+
+    Raises:
+        InvalidPolicyError: not ``*``, ``/pkg.Service/*`` or ``/pkg.Service/Method``.
+    """
+    if not isinstance(text, str):
+        raise InvalidPolicyError(f"method {text!r} must be a string")
+    if text == "*":
+        return ("any", "")
+    parts = text.split("/")
+    if len(parts) != 3 or parts[0] or not parts[1] or not parts[2] or "*" in parts[1]:
+        raise InvalidPolicyError(
+            f"method {text!r}: write '/package.Service/Method', '/package.Service/*' or '*'"
+        )
+    if parts[2] == "*":
+        return ("prefix", f"/{parts[1]}/")
+    if "*" in parts[2]:
+        raise InvalidPolicyError(f"method {text!r}: '*' must stand for the whole method name")
+    return ("exact", text)
+
+
+def grpc_string_matcher(text: str) -> tuple[str, str]:
+    """gRPC authz string matching: ``*`` any, ``abc*`` prefix, ``*abc`` suffix, else exact."""
+    if text == "*":
+        return ("any", "")
+    if len(text) > 1 and text.endswith("*") and "*" not in text[:-1]:
+        return ("prefix", text[:-1])
+    if len(text) > 1 and text.startswith("*") and "*" not in text[1:]:
+        return ("suffix", text[1:])
+    if "*" in text:
+        raise InvalidPolicyError(f"{text!r}: '*' may only be the whole value, a prefix or a suffix")
+    return ("exact", text)
+
+
+def string_matches(kind: str, value: str, candidate: str) -> bool:
+    if kind == "any":
+        return True
+    if kind == "exact":
+        return candidate == value
+    if kind == "prefix":
+        return candidate.startswith(value)
+    return candidate.endswith(value)

@@ -1,0 +1,138 @@
+"""AuthorizationPolicy: loading a policy file (native or gRPC authz JSON) and deciding with it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from meshid.authz import grpc_json, native
+from meshid.authz.model import CompiledRules, Decision, Rule
+from meshid.errors import InvalidPolicyError
+from meshid.peer import PeerIdentity
+
+__all__ = ["AuditOptions", "AuthorizationPolicy"]
+
+#: Policy files larger than this are refused before parsing.
+MAX_POLICY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AuditOptions:
+    """gRFC A59 audit logging: when to call which audit loggers (``stdout_logger`` is built in)."""
+
+    condition: str = "NONE"
+    loggers: tuple[str, ...] = ()
+
+    def wants(self, allowed: bool) -> bool:
+        if self.condition == "ON_DENY_AND_ALLOW":
+            return True
+        if self.condition == "ON_DENY":
+            return not allowed
+        if self.condition == "ON_ALLOW":
+            return allowed
+        return False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AuthorizationPolicy:
+    """Who may call which gRPC method. Build it with :meth:`load` or :meth:`from_dict`.
+
+    ``allow_non_spiffe_peers`` admits verified client certificates without a SPIFFE ID
+    (matched by subject pattern, DNS SAN or thumbprint only); ``require_pq_key_exchange``
+    denies peers whose connection negotiated a classical key exchange.
+    """
+
+    name: str
+    rules: tuple[Rule, ...]
+    allow_non_spiffe_peers: bool = False
+    require_pq_key_exchange: bool = False
+    audit: AuditOptions = AuditOptions()
+    origin: str = "<dict>"
+    _compiled: CompiledRules = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_compiled", CompiledRules(self.rules))
+
+    @property
+    def uses_headers(self) -> bool:
+        """Whether any rule looks at request headers (so the interceptor must collect them)."""
+        return self._compiled.uses_headers
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "<dict>") -> AuthorizationPolicy:
+        """Build a policy from parsed YAML/JSON: gRPC authz format when it has ``allow_rules``, else native.
+
+        Raises:
+            InvalidPolicyError: naming the origin, the rule and what is wrong.
+        """
+        if not isinstance(data, Mapping):
+            raise InvalidPolicyError(f"policy {origin}: the top level must be a mapping, not {type(data).__name__}")
+        if "allow_rules" in data or "deny_rules" in data:
+            parsed = grpc_json.parse(data, origin=origin)
+            return cls(
+                name=parsed.name,
+                rules=tuple(parsed.rules),
+                allow_non_spiffe_peers=parsed.allow_non_spiffe_peers,
+                require_pq_key_exchange=parsed.require_pq_key_exchange,
+                audit=AuditOptions(parsed.audit_condition, tuple(parsed.audit_loggers)),
+                origin=origin,
+            )
+        parsed_native = native.parse(data, origin=origin)
+        return cls(
+            name=parsed_native.name,
+            rules=tuple(parsed_native.rules),
+            allow_non_spiffe_peers=parsed_native.allow_non_spiffe_peers,
+            require_pq_key_exchange=parsed_native.require_pq_key_exchange,
+            origin=origin,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AuthorizationPolicy:
+        """Load a policy file: ``.json`` is read as JSON, anything else as YAML.
+
+        Raises:
+            InvalidPolicyError: the file cannot be read or parsed, or a rule is wrong.
+        """
+        origin = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_POLICY_BYTES + 1)
+        except OSError as err:
+            raise InvalidPolicyError(f"policy {origin}: cannot read: {err.strerror}") from err
+        if len(raw) > MAX_POLICY_BYTES:
+            raise InvalidPolicyError(f"policy {origin}: larger than {MAX_POLICY_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidPolicyError(f"policy {origin}: not UTF-8 text: {err}") from err
+        try:
+            if origin.endswith(".json"):
+                data = json.loads(text)
+            else:
+                data = yaml.safe_load(text)
+        except json.JSONDecodeError as err:
+            raise InvalidPolicyError(f"policy {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+        except yaml.YAMLError as err:
+            raise InvalidPolicyError(f"policy {origin}: invalid YAML: {err}") from err
+        except RecursionError as err:
+            raise InvalidPolicyError(f"policy {origin}: nested too deeply") from err
+        return cls.from_dict(data, origin=origin)
+
+    def decide(self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None = None) -> Decision:
+        """Decide whether ``peer`` may call ``method``. Pure: no I/O, no logging."""
+        if peer.spiffe_id is None and not self.allow_non_spiffe_peers:
+            return Decision(False, None, "the certificate carries no SPIFFE ID and the policy does not set allow_non_spiffe_peers")
+        if self.require_pq_key_exchange and not peer.post_quantum:
+            group = peer.key_exchange_group or "unknown"
+            return Decision(
+                False,
+                None,
+                f"the connection's key exchange ({group}) is classical; this policy requires a "
+                "post-quantum hybrid such as X25519MLKEM768",
+            )
+        return self._compiled.decide(peer, method, headers)

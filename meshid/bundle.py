@@ -1,0 +1,290 @@
+"""Trust bundles: the root CAs of a trust domain, and sets of them for federation.
+
+A :class:`TrustBundle` is loaded from PEM or from the SPIFFE bundle JSON format (a JWK set whose
+``x509-svid`` keys carry one CA certificate each in ``x5c``). A :class:`BundleSet` holds the
+bundles of several trust domains and verifies a peer's chain only against the bundle of the
+peer's own trust domain, so a CA trusted for one trust domain never vouches for another's IDs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import verification
+
+from meshid import _x509
+from meshid.errors import InvalidBundleError, InvalidSpiffeIdError, InvalidSvidError, VerificationError
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import check_leaf
+
+__all__ = ["BundleSet", "TrustBundle"]
+
+
+def _b64url(n: int) -> str:
+    raw = n.to_bytes((n.bit_length() + 7) // 8 or 1, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _jwk(cert: x509.Certificate) -> dict[str, Any]:
+    key = cert.public_key()
+    jwk: dict[str, Any] = {"use": "x509-svid"}
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        numbers = key.public_numbers()
+        size = (key.curve.key_size + 7) // 8
+        crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[key.curve.name]
+        jwk.update(
+            kty="EC",
+            crv=crv,
+            x=base64.urlsafe_b64encode(numbers.x.to_bytes(size, "big")).rstrip(b"=").decode(),
+            y=base64.urlsafe_b64encode(numbers.y.to_bytes(size, "big")).rstrip(b"=").decode(),
+        )
+    elif isinstance(key, rsa.RSAPublicKey):
+        numbers_rsa = key.public_numbers()
+        jwk.update(kty="RSA", n=_b64url(numbers_rsa.n), e=_b64url(numbers_rsa.e))
+    else:
+        jwk.update(kty="OKP")
+    jwk["x5c"] = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
+    return jwk
+
+
+@dataclass(frozen=True, slots=True)
+class TrustBundle:
+    """The X.509 root CAs of one trust domain.
+
+    ``sequence`` and ``refresh_hint`` carry the SPIFFE bundle fields of the same names.
+    """
+
+    trust_domain: TrustDomain
+    roots: tuple[x509.Certificate, ...]
+    sequence: int | None = None
+    refresh_hint: int | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.roots:
+            raise InvalidBundleError(f"trust bundle for {self.trust_domain}: holds no root certificate")
+
+    @classmethod
+    def from_pem(cls, trust_domain: TrustDomain | str, data: bytes | str) -> TrustBundle:
+        """Read the roots of ``trust_domain`` from PEM text.
+
+        Raises:
+            InvalidBundleError: no certificate, a block that is not a certificate, or a non-CA.
+        """
+        td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
+        raw = data.encode() if isinstance(data, str) else data
+        if len(raw) > _x509.MAX_PEM_BYTES:
+            raise InvalidBundleError(f"trust bundle for {td}: larger than {_x509.MAX_PEM_BYTES} bytes")
+        roots = []
+        for index, (label, block) in enumerate(_x509.pem_blocks(raw)):
+            if label != "CERTIFICATE":
+                raise InvalidBundleError(f"trust bundle for {td}: block {index} is a {label!r}, expected 'CERTIFICATE'")
+            try:
+                cert = x509.load_pem_x509_certificate(block)
+            except ValueError as err:
+                raise InvalidBundleError(f"trust bundle for {td}: block {index} is not a valid certificate: {err}") from err
+            if not _x509.is_ca(cert):
+                raise InvalidBundleError(f"trust bundle for {td}: certificate {index} is not a CA")
+            roots.append(cert)
+        if not roots:
+            raise InvalidBundleError(f"trust bundle for {td}: no PEM certificate found")
+        return cls(td, tuple(roots))
+
+    @classmethod
+    def from_spiffe_json(cls, trust_domain: TrustDomain | str, data: bytes | str) -> TrustBundle:
+        """Read a SPIFFE bundle (JWK set). Keys whose ``use`` is not ``x509-svid`` are skipped.
+
+        Raises:
+            InvalidBundleError: the JSON is malformed or holds no X.509 root.
+        """
+        td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
+        if len(data) > _x509.MAX_PEM_BYTES:
+            raise InvalidBundleError(f"trust bundle for {td}: larger than {_x509.MAX_PEM_BYTES} bytes")
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InvalidBundleError(f"trust bundle for {td}: not valid JSON: {err}") from err
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise InvalidBundleError(f"trust bundle for {td}: a SPIFFE bundle is a JSON object with a 'keys' list")
+        roots = []
+        for index, key in enumerate(doc["keys"]):
+            if not isinstance(key, dict):
+                raise InvalidBundleError(f"trust bundle for {td}: key {index} is not an object")
+            if key.get("use") != "x509-svid":
+                continue
+            x5c = key.get("x5c")
+            if not isinstance(x5c, list) or not x5c:
+                continue  # the standard says such an entry MUST be ignored
+            try:
+                cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
+            except (ValueError, TypeError) as err:
+                raise InvalidBundleError(f"trust bundle for {td}: key {index} x5c[0] is not a DER certificate: {err}") from err
+            roots.append(cert)
+        if not roots:
+            raise InvalidBundleError(f"trust bundle for {td}: no 'x509-svid' key with a certificate")
+        sequence = doc.get("spiffe_sequence")
+        hint = doc.get("spiffe_refresh_hint")
+        return cls(
+            td,
+            tuple(roots),
+            sequence if isinstance(sequence, int) else None,
+            hint if isinstance(hint, int) else None,
+        )
+
+    @classmethod
+    def load(cls, trust_domain: TrustDomain | str, path: str | os.PathLike[str]) -> TrustBundle:
+        """Load a bundle file, PEM or SPIFFE JSON (told apart by its first non-blank byte).
+
+        Raises:
+            InvalidBundleError: the file cannot be read or parsed.
+        """
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_x509.MAX_PEM_BYTES + 1)
+        except OSError as err:
+            raise InvalidBundleError(f"trust bundle: cannot read {os.fspath(path)!r}: {err.strerror}") from err
+        try:
+            if data.lstrip().startswith(b"{"):
+                return cls.from_spiffe_json(trust_domain, data)
+            return cls.from_pem(trust_domain, data)
+        except InvalidBundleError as err:
+            raise InvalidBundleError(f"{err} (in {os.fspath(path)!r})") from err
+
+    def to_pem(self) -> bytes:
+        return b"".join(_x509.cert_pem(c) for c in self.roots)
+
+    def to_spiffe_json(self) -> str:
+        doc: dict[str, Any] = {"keys": [_jwk(c) for c in self.roots]}
+        if self.sequence is not None:
+            doc["spiffe_sequence"] = self.sequence
+        if self.refresh_hint is not None:
+            doc["spiffe_refresh_hint"] = self.refresh_hint
+        return json.dumps(doc, indent=2)
+
+
+# RFC 5280 path validation without the Web PKI's extra demands (SPIFFE leaves have no DNS
+# name to match, and an organisation's own root need not follow CA/Browser Forum rules).
+# The X509-SVID leaf rules are checked separately, by check_leaf.
+_EE_POLICY = verification.ExtensionPolicy.permit_all()
+
+
+def _require_ca(policy: object, cert: x509.Certificate, ext: x509.BasicConstraints | None) -> None:
+    if ext is None or not ext.ca:
+        raise ValueError("an issuing certificate is not a CA (basicConstraints CA:true missing)")
+
+
+_CA_POLICY = verification.ExtensionPolicy.permit_all().require_present(
+    x509.BasicConstraints, verification.Criticality.AGNOSTIC, _require_ca
+)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BundleSet(Mapping[TrustDomain, TrustBundle]):
+    """The trust bundles of one or more trust domains, keyed by trust domain."""
+
+    _bundles: Mapping[TrustDomain, TrustBundle]
+    _stores: Mapping[TrustDomain, verification.Store] = field(repr=False)
+
+    @classmethod
+    def of(cls, *bundles: TrustBundle | Iterable[TrustBundle]) -> BundleSet:
+        """Build a set; a later bundle for the same trust domain replaces an earlier one."""
+        flat: list[TrustBundle] = []
+        for item in bundles:
+            flat.extend([item] if isinstance(item, TrustBundle) else item)
+        by_td = {b.trust_domain: b for b in flat}
+        return cls(by_td, {td: verification.Store(list(b.roots)) for td, b in by_td.items()})
+
+    def __getitem__(self, td: TrustDomain) -> TrustBundle:
+        return self._bundles[td]
+
+    def __iter__(self) -> Iterator[TrustDomain]:
+        return iter(self._bundles)
+
+    def __len__(self) -> int:
+        return len(self._bundles)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not BundleSet:
+            return NotImplemented
+        return dict(self._bundles) == dict(other._bundles)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._bundles.items()))
+
+    def with_bundle(self, bundle: TrustBundle) -> BundleSet:
+        """A copy with ``bundle`` added or replacing the one of its trust domain."""
+        return BundleSet.of(*self._bundles.values(), bundle)
+
+    def all_roots_pem(self) -> bytes:
+        """Every root of every trust domain, PEM: what a TLS stack is told to trust before meshid narrows it."""
+        return b"".join(b.to_pem() for b in self._bundles.values())
+
+    def verify(
+        self,
+        leaf: x509.Certificate,
+        intermediates: Sequence[x509.Certificate] = (),
+        *,
+        now: datetime.datetime | None = None,
+    ) -> SpiffeId:
+        """Verify an X509-SVID chain against the bundle of its own trust domain; return its SPIFFE ID.
+
+        Raises:
+            VerificationError: the leaf breaks an X509-SVID rule, its trust domain has no
+                bundle here, or the chain does not verify to one of that bundle's roots.
+        """
+        try:
+            spiffe_id = check_leaf(leaf)
+        except (InvalidSvidError, InvalidSpiffeIdError) as err:
+            raise VerificationError(f"peer certificate: {err}") from err
+        store = self._stores.get(spiffe_id.trust_domain)
+        if store is None:
+            raise VerificationError(f"peer certificate: no trust bundle for trust domain {spiffe_id.trust_domain} ({spiffe_id})")
+        self.verify_chain(store, leaf, intermediates, now=now, what=str(spiffe_id))
+        return spiffe_id
+
+    def verify_any(
+        self,
+        leaf: x509.Certificate,
+        intermediates: Sequence[x509.Certificate] = (),
+        *,
+        now: datetime.datetime | None = None,
+    ) -> TrustDomain:
+        """Verify a chain that carries no SPIFFE ID against each bundle; return the trust domain that vouches.
+
+        Raises:
+            VerificationError: no bundle verifies the chain.
+        """
+        for td, store in self._stores.items():
+            try:
+                self.verify_chain(store, leaf, intermediates, now=now, what=leaf.subject.rfc4514_string())
+            except VerificationError:
+                continue
+            return td
+        raise VerificationError(f"peer certificate {leaf.subject.rfc4514_string()!r}: no trust bundle verifies its chain")
+
+    @staticmethod
+    def verify_chain(
+        store: verification.Store,
+        leaf: x509.Certificate,
+        intermediates: Sequence[x509.Certificate],
+        *,
+        now: datetime.datetime | None,
+        what: str,
+    ) -> None:
+        builder = verification.PolicyBuilder().store(store).extension_policies(
+            ca_policy=_CA_POLICY, ee_policy=_EE_POLICY
+        )
+        if now is not None:
+            builder = builder.time(now)
+        try:
+            builder.build_client_verifier().verify(leaf, list(intermediates))
+        except verification.VerificationError as err:
+            raise VerificationError(f"peer certificate {what}: chain does not verify against its trust domain's bundle: {err}") from err

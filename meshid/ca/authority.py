@@ -1,0 +1,262 @@
+"""Signing: root and intermediate CAs and X509-SVIDs, built the way the X509-SVID standard asks.
+
+One builder (:func:`_build`) sets what every certificate needs: subject and authority key
+identifiers, a random serial with 159 bits of entropy, critical basic constraints, and a
+critical key usage with every flag spelled out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshid._x509 import PrivateKey
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import X509Svid, identity_dns_names
+
+__all__ = ["Authority", "generate_key"]
+
+#: NotBefore is set this far in the past so that a peer whose clock is slightly behind accepts it.
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+
+
+def generate_key(kind: str = "ec-p256") -> PrivateKey:
+    """Generate a private key: ``ec-p256`` (default), ``ec-p384``, ``rsa-2048``, ``rsa-3072`` or ``ed25519``.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind in ("rsa-2048", "rsa-3072", "rsa-4096"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(kind[4:]))
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"key kind {kind!r} is unknown; use ec-p256, ec-p384, rsa-2048, rsa-3072 or ed25519")
+
+
+def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def random_serial() -> int:
+    """A positive serial with 159 bits of entropy (RFC 5280 allows 20 octets)."""
+    return secrets.randbits(159) | 1 << 158
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _build(
+    *,
+    subject: x509.Name,
+    public_key: PublicKey,
+    issuer: x509.Certificate | None,
+    signing_key: PrivateKey,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    ca: bool,
+    path_length: int | None = None,
+    uris: Sequence[str] = (),
+    dns_names: Sequence[str] = (),
+    rsa_leaf: bool = False,
+) -> x509.Certificate:
+    issuer_name = subject if issuer is None else issuer.subject
+    authority_key_id = (
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key())  # type: ignore[arg-type]
+        if issuer is None
+        else x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        )
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(public_key)
+        .serial_number(random_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=rsa_leaf,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(authority_key_id, critical=False)
+    )
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    names += [x509.DNSName(d) for d in dns_names]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if not ca:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+    return builder.sign(signing_key, _hash_for(signing_key))  # type: ignore[arg-type]
+
+
+def _name(common_name: str, organization: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization[:64]),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
+        ]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    """A signing CA for one trust domain: its certificate, its key, and what sits above it.
+
+    ``chain`` is what an SVID it signs carries after the leaf: this CA's certificate and the
+    intermediates above it, never a self-signed root (empty for a root CA). ``roots`` are
+    what peers put in their trust bundle.
+    """
+
+    trust_domain: TrustDomain
+    certificate: x509.Certificate
+    private_key: PrivateKey = field(repr=False)
+    chain: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+
+    @classmethod
+    def create_root(
+        cls,
+        trust_domain: TrustDomain | str,
+        *,
+        ttl: datetime.timedelta = datetime.timedelta(days=365),
+        key: PrivateKey | None = None,
+        now: datetime.datetime | None = None,
+    ) -> Authority:
+        """Create a self-signed root CA for ``trust_domain``; its SPIFFE ID is the trust domain's ID."""
+        td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
+        key = key or generate_key()
+        now = now or _now()
+        cert = _build(
+            subject=_name(f"meshid root CA {td.name}", td.name),
+            public_key=key.public_key(),  # type: ignore[arg-type]
+            issuer=None,
+            signing_key=key,
+            not_before=now - CLOCK_SKEW,
+            not_after=now + ttl,
+            ca=True,
+            uris=[str(td.id())],
+        )
+        return cls(td, cert, key, (), (cert,))
+
+    @classmethod
+    def from_upstream(
+        cls,
+        trust_domain: TrustDomain | str,
+        upstream_certificate: x509.Certificate,
+        upstream_key: PrivateKey,
+        *,
+        upstream_chain: Iterable[x509.Certificate] = (),
+        ttl: datetime.timedelta = datetime.timedelta(days=90),
+        key: PrivateKey | None = None,
+        now: datetime.datetime | None = None,
+    ) -> Authority:
+        """Create an intermediate CA for ``trust_domain`` signed by an existing (upstream) CA.
+
+        The upstream certificate's NotAfter caps the intermediate's. Peers trust the upstream root.
+        """
+        td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
+        key = key or generate_key()
+        now = now or _now()
+        not_after = min(now + ttl, upstream_certificate.not_valid_after_utc)
+        cert = _build(
+            subject=_name(f"meshid intermediate CA {td.name}", td.name),
+            public_key=key.public_key(),  # type: ignore[arg-type]
+            issuer=upstream_certificate,
+            signing_key=upstream_key,
+            not_before=now - CLOCK_SKEW,
+            not_after=not_after,
+            ca=True,
+            path_length=0,
+            uris=[str(td.id())],
+        )
+        above = (upstream_certificate, *upstream_chain)
+        intermediates = tuple(c for c in above if c.issuer != c.subject)
+        roots = tuple(c for c in above if c.issuer == c.subject) or (upstream_certificate,)
+        return cls(td, cert, key, (cert, *intermediates), roots)
+
+    def sign_svid(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: PublicKey,
+        *,
+        ttl: datetime.timedelta = datetime.timedelta(hours=1),
+        dns_names: Sequence[str] = (),
+        now: datetime.datetime | None = None,
+    ) -> tuple[x509.Certificate, ...]:
+        """Sign an X509-SVID leaf for ``spiffe_id`` over ``public_key``; returns the chain, leaf first.
+
+        The leaf carries the SPIFFE ID as its one URI SAN, then ``dns_names``, then the
+        identity DNS names that let a client pin this ID (see :func:`meshid.identity_dns_names`).
+        NotAfter is ``min(now + ttl, this CA's NotAfter)``.
+
+        Raises:
+            ValueError: ``spiffe_id`` is not in this CA's trust domain, or has no path.
+        """
+        if not spiffe_id.is_member_of(self.trust_domain):
+            raise ValueError(f"CA: {spiffe_id} is not in trust domain {self.trust_domain}")
+        if not spiffe_id.path:
+            raise ValueError(f"CA: {spiffe_id} has no path; a leaf SVID must identify a workload")
+        now = now or _now()
+        not_after = min(now + ttl, self.certificate.not_valid_after_utc)
+        leaf = _build(
+            subject=_name(spiffe_id.path.rsplit("/", 1)[-1], self.trust_domain.name),
+            public_key=public_key,
+            issuer=self.certificate,
+            signing_key=self.private_key,
+            not_before=now - CLOCK_SKEW,
+            not_after=not_after,
+            ca=False,
+            uris=[str(spiffe_id)],
+            dns_names=[*dict.fromkeys([*dns_names, *identity_dns_names(spiffe_id)])],
+            rsa_leaf=isinstance(public_key, rsa.RSAPublicKey),
+        )
+        return (leaf, *self.chain)
+
+    def issue_svid(
+        self,
+        spiffe_id: SpiffeId | str,
+        *,
+        ttl: datetime.timedelta = datetime.timedelta(hours=1),
+        dns_names: Sequence[str] = (),
+        key_kind: str = "ec-p256",
+        now: datetime.datetime | None = None,
+    ) -> X509Svid:
+        """Generate a key and sign an SVID for it in one step (for tests, demos and the CLI's own admin SVID)."""
+        sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
+        key = generate_key(key_kind)
+        chain = self.sign_svid(sid, key.public_key(), ttl=ttl, dns_names=dns_names, now=now)  # type: ignore[arg-type]
+        return X509Svid.from_parts(chain, key)

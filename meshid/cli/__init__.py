@@ -1,0 +1,49 @@
+"""The ``meshid`` command line: one module per command group.
+
+Exit codes: 0 success (or "allow"), 1 a negative answer (or "deny"), 2 bad input.
+Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from meshid.cli import policy, svid
+from meshid.errors import MeshIdError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"meshid: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="meshid", description="SPIFFE identities and authorization for gRPC services.")
+    groups = parser.add_subparsers(dest="group", required=True, parser_class=_Parser)
+    svid.register(groups)
+    policy.register(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except MeshIdError as err:
+        print(f"meshid: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"meshid: {err.filename or ''}: {err.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from meshid.cli import main
+
+sys.exit(main())

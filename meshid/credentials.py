@@ -1,0 +1,151 @@
+"""grpcio credentials built from an identity source.
+
+What is verified where:
+
+* Server side, by grpcio: the client presents a certificate (required) whose chain verifies
+  against the union of every trust domain's roots in the source. Then, per call, meshid's
+  interceptor re-verifies the chain against the bundle of the client's *own* trust domain and
+  applies the X509-SVID leaf rules (see :mod:`meshid.peer`).
+* Client side, by grpcio: the server's chain verifies against the roots given, and the server
+  certificate has a DNS SAN matching the target name. grpcio never looks at URI SANs, so with
+  ``server_id`` meshid narrows the roots to that ID's trust domain and pins the identity DNS
+  name meshid's CA puts in every SVID (:func:`meshid.identity_dns_name`) with
+  ``grpc.ssl_target_name_override``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from meshid.bundle import BundleSet
+from meshid.errors import InvalidSpiffeIdError, SourceError
+from meshid.sources import Source, require_source
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import X509Svid, identity_dns_name
+
+__all__ = ["channel_credentials", "server_credentials"]
+
+ServerId = SpiffeId | TrustDomain | str
+
+#: Default message size limit for meshid's channels and servers (grpc's own default receive limit).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class _ServerConfigs:
+    """Turns the source's current state into a grpc certificate configuration, once per change."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self._key: tuple[X509Svid, BundleSet] | None = None
+        self._config: Any = None
+
+    def current(self) -> Any:
+        svid, bundles = self._source.get_svid(), self._source.get_bundles()
+        key = (svid, bundles)
+        if self._key is None or self._key[0] is not svid or self._key[1] is not bundles:
+            self._config = grpc.ssl_server_certificate_configuration(
+                [(svid.key_pem(), svid.chain_pem())], root_certificates=bundles.all_roots_pem()
+            )
+            self._key = key
+            return self._config
+        return None
+
+    def fetch(self) -> Any:
+        # grpc asks on every new handshake; None means "keep the current one".
+        try:
+            return self.current()
+        except Exception:  # never let a failing source break the handshake path
+            return None
+
+
+def server_credentials(source: Source) -> grpc.ServerCredentials:
+    """Server credentials that require a client certificate and present the source's current SVID.
+
+    The source is consulted on every new TLS handshake, so a rotated SVID or bundle is used
+    from the next connection on without a restart.
+
+    Raises:
+        TypeError: ``source`` is not a source.
+        SourceError: the source has no SVID yet.
+    """
+    configs = _ServerConfigs(require_source(source))
+    return grpc.dynamic_ssl_server_credentials(
+        configs.current(), configs.fetch, require_client_authentication=True
+    )
+
+
+def _parse_server_id(server_id: ServerId) -> SpiffeId | TrustDomain:
+    if isinstance(server_id, SpiffeId | TrustDomain):
+        return server_id
+    if not isinstance(server_id, str):
+        raise TypeError(f"server_id must be a SpiffeId, TrustDomain or str, not {type(server_id).__name__}")
+    if "*" in server_id:
+        raise ValueError(
+            f"server_id {server_id!r}: grpcio cannot check a server's URI SAN against a pattern; "
+            "give an exact SPIFFE ID, or a trust domain to accept any of its workloads"
+        )
+    try:
+        sid = SpiffeId.parse(server_id)
+    except InvalidSpiffeIdError:
+        return TrustDomain.parse(server_id)
+    return sid if sid.path else sid.trust_domain
+
+
+def channel_credentials(
+    source: Source, *, server_id: ServerId | None = None
+) -> tuple[grpc.ChannelCredentials, list[tuple[str, Any]]]:
+    """Channel credentials from the source's current SVID, and the channel options they need.
+
+    Raises:
+        SourceError: the source has no SVID, or no bundle for ``server_id``'s trust domain.
+        InvalidSpiffeIdError, ValueError: ``server_id`` is malformed or a pattern.
+    """
+    svid = require_source(source).get_svid()
+    bundles = source.get_bundles()
+    options: list[tuple[str, Any]] = []
+    if server_id is None:
+        roots = bundles.all_roots_pem()
+    else:
+        pinned = _parse_server_id(server_id)
+        td = pinned if isinstance(pinned, TrustDomain) else pinned.trust_domain
+        if td not in bundles:
+            raise SourceError(f"server_id {pinned}: the source has no trust bundle for trust domain {td}")
+        roots = bundles[td].to_pem()
+        options.append(("grpc.ssl_target_name_override", identity_dns_name(pinned)))
+    creds = grpc.ssl_channel_credentials(roots, svid.key_pem(), svid.chain_pem())
+    return creds, options
+
+
+def merge_options(
+    ours: Sequence[tuple[str, Any]], theirs: Sequence[tuple[str, Any]] | None
+) -> list[tuple[str, Any]]:
+    """Channel options: meshid's defaults and pins, then the caller's (which win on a clash, except pins)."""
+    merged = {
+        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+    }
+    merged.update(dict(theirs or ()))
+    merged.update(dict(ours))  # a server_id pin is never overridden by a caller's option
+    return list(merged.items())
+
+
+def secure_channel(
+    target: str,
+    source: Source,
+    *,
+    server_id: ServerId | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+) -> grpc.Channel:
+    """A channel that presents the source's SVID and verifies the server against the bundle.
+
+    With ``server_id`` (an exact SPIFFE ID, or a trust domain) the client refuses, at the
+    handshake and before any request is sent, a server that cannot prove that identity.
+
+    Raises:
+        SourceError, InvalidSpiffeIdError, ValueError, TypeError: see :func:`channel_credentials`.
+    """
+    creds, pins = channel_credentials(source, server_id=server_id)
+    return grpc.secure_channel(target, creds, options=merge_options(pins, options))

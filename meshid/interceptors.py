@@ -1,0 +1,125 @@
+"""The sync server interceptor: adapts meshid's decision path to ``grpc.server``.
+
+A grpc server interceptor sees only the method and metadata; the peer's certificate is on
+the ``ServicerContext``. So the interceptor wraps the handler: the wrapper authorizes with
+the context in hand before the servicer's code runs, for all four RPC shapes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from meshid import peer as _peer
+from meshid._authorizer import Authorizer, PolicyInput, Refusal, TrustInput
+from meshid.authz.policy import AuthorizationPolicy
+from meshid.peer import PeerIdentity
+
+__all__ = ["AuthorizationInterceptor"]
+
+
+def _unknown_method(request: Any, context: grpc.ServicerContext) -> Any:
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+
+class AuthorizationInterceptor(grpc.ServerInterceptor):
+    """Authorizes every call by the caller's verified identity and a policy.
+
+    Args:
+        policy: an :class:`AuthorizationPolicy`, or the path of a policy file (then
+            :meth:`start` watches it and :meth:`reload` re-reads it).
+        source: where the trust bundles come from (an identity source, a ``BundleSet`` or a
+            ``TrustBundle``); each peer is verified against its own trust domain's bundle.
+
+    No verified certificate gives ``UNAUTHENTICATED``; a denial gives ``PERMISSION_DENIED``
+    naming the method and the caller, never the policy's contents. An unknown method is
+    authorized like any other before it is reported ``UNIMPLEMENTED``, so callers cannot
+    probe which methods exist.
+
+    Raises:
+        TypeError: bad argument types.
+        InvalidPolicyError: the policy file cannot be loaded.
+    """
+
+    def __init__(self, policy: PolicyInput, *, source: TrustInput, poll_interval: float = 2.0) -> None:
+        self._authorizer = Authorizer(policy, source=source, poll_interval=poll_interval)
+
+    @property
+    def policy(self) -> AuthorizationPolicy:
+        """The policy in force now."""
+        return self._authorizer.policy
+
+    def reload(self, policy: AuthorizationPolicy | str | os.PathLike[str] | None = None) -> bool:
+        """Replace the policy atomically (or re-read the file); a broken one keeps the old in force."""
+        return self._authorizer.reload(policy)
+
+    def set_revocation_check(self, revoked: Callable[[PeerIdentity], bool] | None) -> None:
+        """Refuse peers for which ``revoked(peer)`` is true with ``UNAUTHENTICATED``."""
+        self._authorizer.revoked = revoked
+
+    def start(self) -> AuthorizationInterceptor:
+        """Watch the policy file and reload it when it changes."""
+        self._authorizer.start()
+        return self
+
+    def close(self) -> None:
+        self._authorizer.close()
+
+    def __enter__(self) -> AuthorizationInterceptor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, context: grpc.ServicerContext, details: grpc.HandlerCallDetails) -> None:
+        result = self._authorizer.authorize(
+            context.auth_context(), details.method, details.invocation_metadata, context.peer()
+        )
+        if isinstance(result, Refusal):
+            context.abort(result.code, result.message)
+        _peer.attach(context, result)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            handler = grpc.stream_stream_rpc_method_handler(_unknown_method)
+        check = self._check
+        details = handler_call_details
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context, details)
+                return inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
+                check(context, details)
+                return inner_us(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            def stream_unary(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+                check(context, details)
+                return inner_su(request_iterator, context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, handler.response_serializer)
+        inner_ss = handler.stream_stream
+
+        def stream_stream(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+            check(context, details)
+            return inner_ss(request_iterator, context)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer, handler.response_serializer)

@@ -1,0 +1,211 @@
+"""Who is calling: a :class:`PeerIdentity` built from a call's TLS auth context.
+
+grpcio's ``peer_spiffe_id`` only says what the certificate claims. :class:`PeerVerifier`
+re-verifies the chain against the bundle of that SPIFFE ID's own trust domain, applies the
+X509-SVID leaf rules, and caches the result per certificate, so a certificate is parsed and
+verified once, not on every call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import datetime
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from meshid import _x509
+from meshid.bundle import BundleSet
+from meshid.errors import MeshIdError, VerificationError
+from meshid.spiffeid import SpiffeId, TrustDomain
+
+__all__ = ["PeerIdentity", "PeerVerifier", "peer_identity"]
+
+#: Key exchange groups that include a post-quantum KEM (the hybrids OpenSSL and BoringSSL name).
+_PQ_MARKERS = ("MLKEM", "KYBER")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """The verified identity of the peer of one call.
+
+    ``spiffe_id`` is None only for a non-SPIFFE client certificate admitted by a policy with
+    ``allow_non_spiffe_peers``; ``trust_domain`` is then the trust domain whose bundle vouched.
+    """
+
+    spiffe_id: SpiffeId | None
+    trust_domain: TrustDomain
+    subject: str
+    common_name: str | None
+    thumbprint: str
+    certificate: x509.Certificate | None = field(repr=False, compare=False)
+    not_after: datetime.datetime
+    uri_sans: tuple[str, ...] = ()
+    dns_sans: tuple[str, ...] = ()
+    tls_version: str | None = None
+    key_exchange_group: str | None = None
+
+    @property
+    def serial(self) -> int | None:
+        return None if self.certificate is None else self.certificate.serial_number
+
+    @classmethod
+    def from_certificate(
+        cls, cert: x509.Certificate, trust_domain: TrustDomain | None = None, *, spiffe_id: SpiffeId | None = None
+    ) -> PeerIdentity:
+        """Describe a certificate as a peer, without verifying it (for offline tools such as ``policy check``)."""
+        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        td = trust_domain or (spiffe_id.trust_domain if spiffe_id is not None else TrustDomain("unknown"))
+        return cls(
+            spiffe_id=spiffe_id,
+            trust_domain=td,
+            subject=cert.subject.rfc4514_string(),
+            common_name=str(cns[0].value) if cns else None,
+            thumbprint=_x509.thumbprint(cert),
+            certificate=cert,
+            not_after=cert.not_valid_after_utc,
+            uri_sans=tuple(_x509.uri_sans(cert)),
+            dns_sans=tuple(_x509.dns_sans(cert)),
+        )
+
+    @property
+    def post_quantum(self) -> bool:
+        """Whether the connection negotiated a hybrid post-quantum key exchange."""
+        group = (self.key_exchange_group or "").upper()
+        return any(marker in group for marker in _PQ_MARKERS)
+
+    def describe(self) -> str:
+        """A short name for logs and error messages: the SPIFFE ID, or the subject."""
+        return str(self.spiffe_id) if self.spiffe_id is not None else self.subject
+
+
+def _one(auth: Mapping[str, Sequence[bytes]], key: str) -> str | None:
+    values = auth.get(key)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+class PeerVerifier:
+    """Verifies peers' certificates against a bundle set, caching per certificate.
+
+    ``bundles`` is a callable returning the current :class:`BundleSet` (a source's
+    ``get_bundles``), so a bundle rotation takes effect at once; the cache is dropped
+    whenever the bundle set changes.
+    """
+
+    def __init__(
+        self,
+        bundles: Callable[[], BundleSet],
+        *,
+        cache_size: int = 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._bundles = bundles
+        self._cache: OrderedDict[tuple[bytes, ...], PeerIdentity | VerificationError] = OrderedDict()
+        self._cache_bundles: BundleSet | None = None
+        self._cache_size = cache_size
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def identify(self, auth: Mapping[str, Sequence[bytes]], *, allow_non_spiffe: bool = False) -> PeerIdentity:
+        """The verified identity of a call's peer, from its auth context.
+
+        Raises:
+            VerificationError: no client certificate, it does not verify, it is expired, or it
+                carries no SPIFFE ID and ``allow_non_spiffe`` is False.
+        """
+        pems = auth.get("x509_pem_cert")
+        if not pems:
+            raise VerificationError("peer: no verified client certificate on this connection")
+        chain = tuple(auth.get("x509_pem_cert_chain", ()))
+        key = (pems[0], *chain, *auth.get("ssl_tls_version", ()), *auth.get("ssl_negotiated_key_exchange_group", ()))
+        bundles = self._bundles()
+        with self._lock:
+            if self._cache_bundles is not bundles:
+                self._cache.clear()
+                self._cache_bundles = bundles
+            result = self._cache.get(key)
+            if result is not None:
+                self._cache.move_to_end(key)
+        if result is None:
+            try:
+                result = self._verify(auth, pems[0], chain, bundles)
+            except VerificationError as err:
+                result = err
+            with self._lock:
+                if self._cache_bundles is bundles:
+                    self._cache[key] = result
+                    if len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+        if isinstance(result, VerificationError):
+            raise result
+        if result.not_after.timestamp() < self._clock():
+            raise VerificationError(f"peer {result.describe()}: certificate expired at {result.not_after.isoformat()}")
+        if result.spiffe_id is None and not allow_non_spiffe:
+            raise VerificationError(
+                f"peer {result.subject!r}: certificate carries no SPIFFE ID; "
+                "a policy must set allow_non_spiffe_peers to admit it"
+            )
+        return result
+
+    def _verify(
+        self, auth: Mapping[str, Sequence[bytes]], leaf_pem: bytes, chain: tuple[bytes, ...], bundles: BundleSet
+    ) -> PeerIdentity:
+        try:
+            leaf = x509.load_pem_x509_certificate(leaf_pem)
+            intermediates = [c for pem in chain for c in x509.load_pem_x509_certificates(pem)]
+        except ValueError as err:
+            raise VerificationError(f"peer: certificate cannot be parsed: {err}") from err
+        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        uris = _x509.uri_sans(leaf)
+        spiffe_id: SpiffeId | None
+        if uris:
+            spiffe_id = bundles.verify(leaf, intermediates, now=now)
+            trust_domain = spiffe_id.trust_domain
+        else:
+            spiffe_id = None
+            trust_domain = bundles.verify_any(leaf, intermediates, now=now)
+        return dataclasses.replace(
+            PeerIdentity.from_certificate(leaf, trust_domain, spiffe_id=spiffe_id),
+            tls_version=_one(auth, "ssl_tls_version"),
+            key_exchange_group=_one(auth, "ssl_negotiated_key_exchange_group"),
+        )
+
+
+_CURRENT: contextvars.ContextVar[PeerIdentity | None] = contextvars.ContextVar("meshid_peer", default=None)
+_ATTR = "_meshid_peer_identity"
+
+
+def attach(context: object, identity: PeerIdentity) -> None:
+    """Attach ``identity`` to a sync call's context (the sync interceptor's half of :func:`peer_identity`)."""
+    setattr(context, _ATTR, identity)
+
+
+def set_current(identity: PeerIdentity) -> contextvars.Token[PeerIdentity | None]:
+    """Make ``identity`` the current task's peer (grpc.aio contexts take no attributes)."""
+    return _CURRENT.set(identity)
+
+
+def reset_current(token: contextvars.Token[PeerIdentity | None]) -> None:
+    try:
+        _CURRENT.reset(token)
+    except ValueError:  # reset from another context: clear instead
+        _CURRENT.set(None)
+
+
+def peer_identity(context: object) -> PeerIdentity:
+    """The verified identity of the caller, inside a handler behind meshid's interceptor.
+
+    Raises:
+        MeshIdError: the call did not pass through :class:`meshid.AuthorizationInterceptor`.
+    """
+    identity = getattr(context, _ATTR, None) or _CURRENT.get()
+    if identity is None:
+        raise MeshIdError(
+            "peer identity: none for this call; build the server with meshid's AuthorizationInterceptor"
+        )
+    return identity

@@ -1,0 +1,208 @@
+"""Shared test helpers: a greeter servicer (sync and aio) and servers started on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import grpc.aio
+
+import meshid
+import meshid.aio
+from meshid._proto import greeter_pb2, greeter_pb2_grpc
+
+SERVICE = "meshid.examples.v1.Greeter"
+SAY_HELLO = f"/{SERVICE}/SayHello"
+
+
+def _caller(context: Any) -> str:
+    identity = meshid.peer_identity(context)
+    return str(identity.spiffe_id) if identity.spiffe_id else identity.subject
+
+
+class Greeter(greeter_pb2_grpc.GreeterServicer):
+    def SayHello(self, request: Any, context: Any) -> Any:
+        return greeter_pb2.HelloReply(message=f"hello {request.name}", caller=_caller(context))
+
+    def SayHelloStream(self, request: Any, context: Any) -> Any:
+        for i in range(3):
+            yield greeter_pb2.HelloReply(message=f"hello {request.name} {i}", caller=_caller(context))
+
+    def CollectHellos(self, request_iterator: Any, context: Any) -> Any:
+        names = [r.name for r in request_iterator]
+        return greeter_pb2.HelloReply(message="hello " + ",".join(names), caller=_caller(context))
+
+    def Chat(self, request_iterator: Any, context: Any) -> Any:
+        for r in request_iterator:
+            yield greeter_pb2.HelloReply(message=f"hello {r.name}", caller=_caller(context))
+
+
+class AioGreeter(greeter_pb2_grpc.GreeterServicer):
+    async def SayHello(self, request: Any, context: Any) -> Any:
+        return greeter_pb2.HelloReply(message=f"hello {request.name}", caller=_caller(context))
+
+    async def SayHelloStream(self, request: Any, context: Any) -> Any:
+        for i in range(3):
+            yield greeter_pb2.HelloReply(message=f"hello {request.name} {i}", caller=_caller(context))
+
+    async def CollectHellos(self, request_iterator: Any, context: Any) -> Any:
+        names = [r.name async for r in request_iterator]
+        return greeter_pb2.HelloReply(message="hello " + ",".join(names), caller=_caller(context))
+
+    async def Chat(self, request_iterator: Any, context: Any) -> Any:
+        async for r in request_iterator:
+            yield greeter_pb2.HelloReply(message=f"hello {r.name}", caller=_caller(context))
+
+
+@contextlib.contextmanager
+def sync_server(source: meshid.Source, interceptor: grpc.ServerInterceptor | None) -> Iterator[int]:
+    """A greeter on 127.0.0.1 with meshid credentials; yields its port and always stops it."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor] if interceptor else []
+    )
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None).wait()
+
+
+@contextlib.asynccontextmanager
+async def aio_server(source: meshid.Source, interceptor: grpc.aio.ServerInterceptor | None) -> AsyncIterator[int]:
+    server = grpc.aio.server(interceptors=[interceptor] if interceptor else [])
+    greeter_pb2_grpc.add_GreeterServicer_to_server(AioGreeter(), server)
+    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(None)
+
+
+def hello(name: str = "world") -> Any:
+    return greeter_pb2.HelloRequest(name=name)
+
+
+def stub(channel: Any) -> Any:
+    return greeter_pb2_grpc.GreeterStub(channel)
+
+
+def forge(
+    authority: Any,
+    *,
+    uris: list[str],
+    ca: bool = False,
+    key_cert_sign: bool = False,
+    digital_signature: bool = True,
+    not_before: Any = None,
+    not_after: Any = None,
+    subject_cn: str = "forged",
+    self_signed: bool = False,
+) -> meshid.X509Svid | tuple[Any, Any]:
+    """A certificate meshid's CA would never issue, for refusal tests.
+
+    Signed by ``authority``'s key (or self-signed). Returns an X509Svid when the result passes
+    the SVID rules, else the raw ``(chain, key)`` pair.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    issuer_cert = None if self_signed else authority.certificate
+    signing_key = key if self_signed else authority.private_key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject if self_signed else issuer_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - datetime.timedelta(minutes=5))
+        .not_valid_after(not_after or now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=digital_signature,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=key_cert_sign,
+                crl_sign=key_cert_sign,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    )
+    if not self_signed:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False
+        )
+    if uris:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+        )
+    cert = builder.sign(signing_key, hashes.SHA256())
+    chain = [cert]
+    try:
+        return meshid.X509Svid.from_parts(chain, key)
+    except meshid.InvalidSvidError:
+        return chain, key
+
+
+class RawSource:
+    """A source handing out a raw (chain, key) pair that is not a valid SVID, for refusal tests."""
+
+    def __init__(self, chain: Any, key: Any, bundles: meshid.BundleSet) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        self._svid = _Raw(chain_pem, key_pem)
+        self._bundles = bundles
+
+    def get_svid(self) -> Any:
+        return self._svid
+
+    def get_bundles(self) -> meshid.BundleSet:
+        return self._bundles
+
+    def subscribe(self, callback: Any) -> Any:
+        return lambda: None
+
+
+class _Raw:
+    def __init__(self, chain_pem: bytes, key_pem: bytes) -> None:
+        self._chain, self._key = chain_pem, key_pem
+
+    def chain_pem(self) -> bytes:
+        return self._chain
+
+    def key_pem(self) -> bytes:
+        return self._key
+
+
+def call(channel: Any) -> tuple[str, str]:
+    """One SayHello: ("OK", caller) or (status code name, details)."""
+    try:
+        reply = stub(channel).SayHello(hello(), timeout=10)
+    except grpc.RpcError as err:
+        return err.code().name, err.details() or ""
+    return "OK", reply.caller
