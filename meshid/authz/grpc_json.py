@@ -127,7 +127,7 @@ def _kind(value: Any) -> str:
 def _matcher(text: str, where: str, what: str) -> StringMatch:
     """A43 string matching, as grpc-go's ``getStringMatcher`` and core's ``GetMatcherType`` agree on it."""
     if text == "*":
-        return ("any", "")
+        return ("present", "")
     starts, ends = text.startswith("*"), text.endswith("*")
     if starts and ends:
         raise _fail(

@@ -24,7 +24,7 @@ from meshid.spiffeid import SpiffeId, TrustDomain
 __all__ = ["Decision", "Rule", "StringMatch"]
 
 Action = Literal["allow", "deny"]
-#: (kind, value): kind is "exact", "prefix", "suffix" or "any".
+#: (kind, value): kind is "exact", "prefix", "suffix", "present" (non-empty) or "any".
 StringMatch = tuple[str, str]
 
 

@@ -92,22 +92,12 @@ def method_pattern(text: str) -> tuple[str, str]:
     return ("exact", text)
 
 
-def grpc_string_matcher(text: str) -> tuple[str, str]:
-    """gRPC authz string matching: ``*`` any, ``abc*`` prefix, ``*abc`` suffix, else exact."""
-    if text == "*":
-        return ("any", "")
-    if len(text) > 1 and text.endswith("*") and "*" not in text[:-1]:
-        return ("prefix", text[:-1])
-    if len(text) > 1 and text.startswith("*") and "*" not in text[1:]:
-        return ("suffix", text[1:])
-    if "*" in text:
-        raise InvalidPolicyError(f"{text!r}: '*' may only be the whole value, a prefix or a suffix")
-    return ("exact", text)
-
-
 def string_matches(kind: str, value: str, candidate: str) -> bool:
+    """Match ``candidate`` by kind: "any", "present" (non-empty, gRPC authz's ``*``), "exact", "prefix", "suffix"."""
     if kind == "any":
         return True
+    if kind == "present":
+        return candidate != ""
     if kind == "exact":
         return candidate == value
     if kind == "prefix":

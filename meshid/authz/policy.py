@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -64,12 +65,33 @@ class AuthorizationPolicy:
         return self._compiled.uses_headers
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "<dict>") -> AuthorizationPolicy:
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        origin: str = "<dict>",
+        allow_non_spiffe_peers: bool | None = None,
+        require_pq_key_exchange: bool | None = None,
+    ) -> AuthorizationPolicy:
         """Build a policy from parsed YAML/JSON: gRPC authz format when it has ``allow_rules``, else native.
+
+        ``allow_non_spiffe_peers`` and ``require_pq_key_exchange``, when given, override the
+        file: a gRPC authz policy has no field for them (grpc rejects unknown fields), so this
+        is how such a policy admits peers named by DNS SAN or subject.
 
         Raises:
             InvalidPolicyError: naming the origin, the rule and what is wrong.
         """
+        policy = cls._from_dict(data, origin=origin)
+        overrides = {
+            k: v
+            for k, v in (("allow_non_spiffe_peers", allow_non_spiffe_peers), ("require_pq_key_exchange", require_pq_key_exchange))
+            if v is not None
+        }
+        return dataclasses.replace(policy, **overrides) if overrides else policy
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any], *, origin: str) -> AuthorizationPolicy:
         if not isinstance(data, Mapping):
             raise InvalidPolicyError(f"policy {origin}: the top level must be a mapping, not {type(data).__name__}")
         if "allow_rules" in data or "deny_rules" in data:
@@ -92,8 +114,16 @@ class AuthorizationPolicy:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> AuthorizationPolicy:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        allow_non_spiffe_peers: bool | None = None,
+        require_pq_key_exchange: bool | None = None,
+    ) -> AuthorizationPolicy:
         """Load a policy file: ``.json`` is read as JSON, anything else as YAML.
+
+        The keywords override the file, as in :meth:`from_dict`.
 
         Raises:
             InvalidPolicyError: the file cannot be read or parsed, or a rule is wrong.
@@ -121,7 +151,12 @@ class AuthorizationPolicy:
             raise InvalidPolicyError(f"policy {origin}: invalid YAML: {err}") from err
         except RecursionError as err:
             raise InvalidPolicyError(f"policy {origin}: nested too deeply") from err
-        return cls.from_dict(data, origin=origin)
+        return cls.from_dict(
+            data,
+            origin=origin,
+            allow_non_spiffe_peers=allow_non_spiffe_peers,
+            require_pq_key_exchange=require_pq_key_exchange,
+        )
 
     def decide(self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None = None) -> Decision:
         """Decide whether ``peer`` may call ``method``. Pure: no I/O, no logging."""

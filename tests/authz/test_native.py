@@ -1,0 +1,216 @@
+"""The native policy format: loading, precise errors, and the decisions it makes."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+import meshid
+from meshid.ca import Authority
+
+TD = "example.org"
+METHOD = "/pkg.Svc/Do"
+
+
+@pytest.fixture(scope="module")
+def authority() -> Authority:
+    return Authority.create_root(TD)
+
+
+def peer(authority: Authority, spiffe_id: str, group: str = "X25519MLKEM768") -> meshid.PeerIdentity:
+    svid = authority.issue_svid(spiffe_id)
+    sid = meshid.SpiffeId.parse(spiffe_id)
+    return meshid.PeerIdentity(
+        spiffe_id=sid,
+        trust_domain=sid.trust_domain,
+        subject=svid.leaf.subject.rfc4514_string(),
+        common_name=spiffe_id.rsplit("/", 1)[-1],
+        thumbprint=svid.thumbprint,
+        certificate=svid.leaf,
+        not_after=svid.not_after,
+        uri_sans=(spiffe_id,),
+        tls_version="TLSv1.3",
+        key_exchange_group=group,
+    )
+
+
+def non_spiffe_peer(authority: Authority, subject_cn: str, dns: tuple[str, ...] = ()) -> meshid.PeerIdentity:
+    return meshid.PeerIdentity(
+        spiffe_id=None,
+        trust_domain=authority.trust_domain,
+        subject=f"CN={subject_cn},O=Legacy",
+        common_name=subject_cn,
+        thumbprint="ab" * 32,
+        certificate=None,
+        not_after=datetime.datetime.now(datetime.UTC),
+        dns_sans=dns,
+    )
+
+
+def policy(*allow: dict, deny: list[dict] | None = None, **top: object) -> meshid.AuthorizationPolicy:
+    return meshid.AuthorizationPolicy.from_dict({"name": "t", "allow": list(allow), "deny": deny or [], **top})
+
+
+DECISIONS = [
+    # (rule who, method pattern, caller, method, allowed)
+    ({"spiffe_ids": ["spiffe://example.org/a"]}, "*", "spiffe://example.org/a", METHOD, True),
+    ({"spiffe_ids": ["spiffe://example.org/a"]}, "*", "spiffe://example.org/a/b", METHOD, False),
+    ({"spiffe_ids": ["spiffe://example.org/a"]}, "*", "spiffe://example.org/b", METHOD, False),
+    ({"spiffe_id_patterns": ["spiffe://example.org/ns/*/sa/web"]}, "*", "spiffe://example.org/ns/prod/sa/web", METHOD, True),
+    # a one-segment glob must not match a longer path
+    ({"spiffe_id_patterns": ["spiffe://example.org/ns/*/sa/web"]}, "*", "spiffe://example.org/ns/prod/x/sa/web", METHOD, False),
+    ({"spiffe_id_patterns": ["spiffe://example.org/ns/*"]}, "*", "spiffe://example.org/ns/prod/sa/web", METHOD, False),
+    ({"spiffe_id_patterns": ["spiffe://example.org/ns/**"]}, "*", "spiffe://example.org/ns/prod/sa/web", METHOD, True),
+    ({"spiffe_id_patterns": ["spiffe://example.org/ns/**"]}, "*", "spiffe://example.org/nsx/prod", METHOD, False),
+    ({"spiffe_id_patterns": ["spiffe://example.org/**/web"]}, "*", "spiffe://example.org/a/b/web", METHOD, True),
+    ({"spiffe_id_patterns": ["spiffe://example.org/**/web"]}, "*", "spiffe://example.org/a/b/web2", METHOD, False),
+    ({"spiffe_id_patterns": ["spiffe://example.org/a.b"]}, "*", "spiffe://example.org/aXb", METHOD, False),
+    ({"trust_domains": ["example.org"]}, "*", "spiffe://example.org/anything", METHOD, True),
+    ({"trust_domains": ["example.com"]}, "*", "spiffe://example.org/anything", METHOD, False),
+    ({"subject_patterns": ["CN=a,O=example\\.org"]}, "*", "spiffe://example.org/a", METHOD, True),
+    # fully matched, not searched
+    ({"subject_patterns": ["CN=a"]}, "*", "spiffe://example.org/a", METHOD, False),
+    ({"any_peer": True}, "*", "spiffe://example.org/x", METHOD, True),
+    ({"any_peer": True}, "/pkg.Svc/*", "spiffe://example.org/x", METHOD, True),
+    ({"any_peer": True}, "/pkg.Svc/*", "spiffe://example.org/x", "/pkg.Svc2/Do", False),
+    ({"any_peer": True}, "/pkg.Svc/Do", "spiffe://example.org/x", "/pkg.Svc/Do2", False),
+    ({"any_peer": True}, "/pkg.Svc/Do", "spiffe://example.org/x", "/pkg.svc/do", False),
+    ({"any_peer": True}, "/pkg.Svc/Do", "spiffe://example.org/x", "//pkg.Svc/Do", False),
+    ({"any_peer": True}, "/pkg.Svc/*", "spiffe://example.org/x", "/pkg.Svc/", True),
+]
+
+
+@pytest.mark.parametrize(("who", "methods", "caller", "method", "allowed"), DECISIONS)
+def test_decisions(authority, who, methods, caller, method, allowed) -> None:
+    p = policy({"name": "r", "methods": [methods], **who})
+    assert p.decide(peer(authority, caller), method).allowed is allowed
+
+
+def test_thumbprint_rule_matches_only_that_certificate(authority) -> None:
+    a = peer(authority, "spiffe://example.org/a")
+    b = peer(authority, "spiffe://example.org/a")  # same ID, another certificate
+    upper_with_colons = ":".join(a.thumbprint[i : i + 2] for i in range(0, 64, 2)).upper()
+    p = policy({"name": "pin", "methods": ["*"], "thumbprints": [upper_with_colons]})
+    assert p.decide(a, METHOD).allowed
+    assert not p.decide(b, METHOD).allowed
+
+
+def test_deny_takes_precedence_over_allow(authority) -> None:
+    p = policy(
+        {"name": "all", "methods": ["*"], "trust_domains": [TD]},
+        deny=[{"name": "no-dev", "methods": ["*"], "spiffe_id_patterns": ["spiffe://example.org/dev/**"]}],
+    )
+    decision = p.decide(peer(authority, "spiffe://example.org/dev/x"), METHOD)
+    assert (decision.allowed, decision.rule) == (False, "no-dev")
+    decision = p.decide(peer(authority, "spiffe://example.org/prod/x"), METHOD)
+    assert (decision.allowed, decision.rule) == (True, "all")
+
+
+def test_default_deny_names_no_rule(authority) -> None:
+    p = policy({"name": "a", "methods": ["*"], "spiffe_ids": ["spiffe://example.org/a"]})
+    decision = p.decide(peer(authority, "spiffe://example.org/b"), METHOD)
+    assert (decision.allowed, decision.rule) == (False, None)
+    assert "default deny" in decision.reason
+
+
+def test_first_matching_rule_in_file_order_decides(authority) -> None:
+    p = policy(
+        {"name": "first", "methods": ["*"], "spiffe_id_patterns": ["spiffe://example.org/**"]},
+        {"name": "second", "methods": ["*"], "spiffe_ids": ["spiffe://example.org/a"]},
+    )
+    assert p.decide(peer(authority, "spiffe://example.org/a"), METHOD).rule == "first"
+
+
+def test_non_spiffe_peers_need_explicit_opt_in(authority) -> None:
+    legacy = non_spiffe_peer(authority, "billing", dns=("billing.corp",))
+    rule = {"name": "legacy", "methods": ["*"], "subject_patterns": ["CN=billing,O=Legacy"]}
+    assert not policy(rule).decide(legacy, METHOD).allowed
+    assert policy(rule, allow_non_spiffe_peers=True).decide(legacy, METHOD).allowed
+    by_dns = {"name": "legacy", "methods": ["*"], "dns_names": ["billing.corp"]}
+    assert policy(by_dns, allow_non_spiffe_peers=True).decide(legacy, METHOD).allowed
+    # a trust_domains rule never admits a certificate without a SPIFFE ID
+    by_td = {"name": "td", "methods": ["*"], "trust_domains": [TD]}
+    assert not policy(by_td, allow_non_spiffe_peers=True).decide(legacy, METHOD).allowed
+
+
+def test_require_pq_key_exchange_denies_classical_groups_with_reason(authority) -> None:
+    p = policy({"name": "all", "methods": ["*"], "trust_domains": [TD]}, require_pq_key_exchange=True)
+    assert p.decide(peer(authority, "spiffe://example.org/a", "X25519MLKEM768"), METHOD).allowed
+    decision = p.decide(peer(authority, "spiffe://example.org/a", "X25519"), METHOD)
+    assert not decision.allowed
+    assert "X25519" in decision.reason and "post-quantum" in decision.reason
+
+
+def test_decision_is_constant_in_exact_rules(authority) -> None:
+    # 10,000 exact-ID rules: the lookup is a dict hit, and the right rule decides.
+    rules = [{"name": f"r{i}", "methods": ["*"], "spiffe_ids": [f"spiffe://example.org/w{i}"]} for i in range(10_000)]
+    p = policy(*rules)
+    assert p.decide(peer(authority, "spiffe://example.org/w9999"), METHOD).rule == "r9999"
+    assert not p.decide(peer(authority, "spiffe://example.org/w10000"), METHOD).allowed
+
+
+INVALID = [
+    ({"allow": "nope"}, "'allow' must be a list of rules"),
+    ({"allow": [{"methods": ["*"], "any_peer": True}]}, "allow rule #1: needs a non-empty 'name'"),
+    ({"allow": [{"name": "r", "any_peer": True}]}, "allow rule 'r': needs 'methods'"),
+    ({"allow": [{"name": "r", "methods": [], "any_peer": True}]}, "'methods' is empty"),
+    ({"allow": [{"name": "r", "methods": ["*"]}]}, "allow rule 'r': names nobody"),
+    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_id": ["spiffe://example.org/a"]}]}, "unknown key(s) 'spiffe_id'"),
+    ({"allow": [{"name": "r", "methods": ["pkg.Svc/Do"], "any_peer": True}]}, "method 'pkg.Svc/Do'"),
+    ({"allow": [{"name": "r", "methods": ["/pkg.Svc/Do*"], "any_peer": True}]}, "'*' must stand for the whole method name"),
+    ({"allow": [{"name": "r", "methods": ["/pkg.*/Do"], "any_peer": True}]}, "method '/pkg.*/Do'"),
+    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_ids": ["spiffe://Example.org/a"]}]}, "trust domain must be lowercase"),
+    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_ids": ["spiffe://example.org/*"]}]}, "put globs under 'spiffe_id_patterns'"),
+    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_id_patterns": ["spiffe://*.org/a"]}]}, "trust domain cannot be a glob"),
+    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_id_patterns": ["spiffe://example.org/a*"]}]}, "must be a whole segment"),
+    ({"allow": [{"name": "r", "methods": ["*"], "subject_patterns": ["CN=(a"]}]}, "not a valid regular expression"),
+    ({"allow": [{"name": "r", "methods": ["*"], "subject_patterns": ["a" * 2000]}]}, "longer than 1024"),
+    ({"allow": [{"name": "r", "methods": ["*"], "thumbprints": ["abc"]}]}, "not a SHA-256 hex digest"),
+    ({"allow": [{"name": "r", "methods": ["*"], "trust_domains": ["Example.org"]}]}, "lowercase"),
+    ({"allow": [{"name": "r", "methods": ["*"], "dns_names": ["bad name"]}]}, "not a valid host name"),
+    ({"allow": [{"name": "r", "methods": ["*"], "any_peer": "yes"}]}, "'any_peer' must be true or false"),
+    ({"allow": [{"name": "r", "methods": "*", "any_peer": True}]}, "'methods' must be a list of strings"),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "any_peer": True}, {"name": "r", "methods": ["*"], "any_peer": True}]},
+        "the name is used by another rule",
+    ),
+    ({"deny": [{"name": "d", "methods": ["*"], "any_peer": True}]}, "has no allow rule"),
+    ({"allow": [], "extra": 1}, "unknown top-level key(s) 'extra'"),
+    ({"allow": [{"name": "r", "methods": ["*"], "any_peer": True}], "require_pq_key_exchange": "yes"}, "must be true or false"),
+]
+
+
+@pytest.mark.parametrize(("doc", "message"), INVALID)
+def test_invalid_policies_are_rejected_with_origin_rule_and_reason(doc, message) -> None:
+    with pytest.raises(meshid.InvalidPolicyError) as info:
+        meshid.AuthorizationPolicy.from_dict(doc, origin="p.yaml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("policy p.yaml")
+
+
+def test_load_reads_yaml_and_json_and_reports_syntax_errors(tmp_path) -> None:
+    good = tmp_path / "p.yaml"
+    good.write_text("name: x\nallow:\n  - name: r\n    methods: ['*']\n    trust_domains: [example.org]\n")
+    assert meshid.AuthorizationPolicy.load(good).name == "x"
+    as_json = tmp_path / "p.json"
+    as_json.write_text('{"allow": [{"name": "r", "methods": ["*"], "trust_domains": ["example.org"]}]}')
+    assert meshid.AuthorizationPolicy.load(as_json).rules[0].name == "r"
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("allow: [\n")
+    with pytest.raises(meshid.InvalidPolicyError, match=r"broken.yaml: invalid YAML"):
+        meshid.AuthorizationPolicy.load(broken_yaml)
+    broken_json = tmp_path / "broken.json"
+    broken_json.write_text('{"allow": ')
+    with pytest.raises(meshid.InvalidPolicyError, match=r"broken.json: invalid JSON at line 1"):
+        meshid.AuthorizationPolicy.load(broken_json)
+    not_mapping = tmp_path / "list.yaml"
+    not_mapping.write_text("- a\n")
+    with pytest.raises(meshid.InvalidPolicyError, match="top level must be a mapping"):
+        meshid.AuthorizationPolicy.load(not_mapping)
+    with pytest.raises(meshid.InvalidPolicyError, match="cannot read"):
+        meshid.AuthorizationPolicy.load(tmp_path / "missing.yaml")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(meshid.InvalidPolicyError, match="not UTF-8"):
+        meshid.AuthorizationPolicy.load(binary)
