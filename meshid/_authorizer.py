@@ -22,6 +22,9 @@ from meshid.sources import Source
 
 log = logging.getLogger("meshid.authz")
 
+#: Decisions remembered per (peer certificate, method) before the memo starts over.
+MEMO_SIZE = 65536
+
 PolicyInput = AuthorizationPolicy | str | os.PathLike[str]
 TrustInput = Source | BundleSet | TrustBundle
 
@@ -64,6 +67,8 @@ class Authorizer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.revoked: Callable[[PeerIdentity], bool] | None = None
+        self._memo: dict[tuple[int, str], tuple[PeerIdentity, Decision]] = {}
+        self._memo_policy: AuthorizationPolicy | None = None
 
     @property
     def policy(self) -> AuthorizationPolicy:
@@ -124,6 +129,24 @@ class Authorizer:
             if self._file_stamp() != self._stamp:
                 self.reload()
 
+    def _memo_decide(self, policy: AuthorizationPolicy, identity: PeerIdentity, method: str) -> Decision:
+        # The verifier hands out one PeerIdentity object per certificate, so (that object,
+        # method) names a decision exactly; the entry holds the object, so its id() cannot be
+        # reused while the entry lives. The memo belongs to one policy and dies with it.
+        memo = self._memo
+        if self._memo_policy is not policy:
+            memo = self._memo = {}
+            self._memo_policy = policy
+        key = (id(identity), method)
+        hit = memo.get(key)
+        if hit is not None and hit[0] is identity:
+            return hit[1]
+        decision = policy.decide(identity, method)
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[key] = (identity, decision)
+        return decision
+
     def authorize(
         self,
         auth_context: Mapping[str, Sequence[bytes]],
@@ -136,14 +159,18 @@ class Authorizer:
         try:
             identity = self._verifier.identify(auth_context, allow_non_spiffe=policy.allow_non_spiffe_peers)
         except VerificationError as err:
-            audit.record(policy, Decision(False, None, "unauthenticated"), method, None, peer_address=peer_address, error=str(err))
+            denied = Decision(False, None, "unauthenticated")
+            audit.record(policy, denied, method, None, peer_address=peer_address, error=str(err))
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
         if self.revoked is not None and self.revoked(identity):
             message = f"peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
-            audit.record(policy, Decision(False, None, "revoked"), method, identity, peer_address=peer_address, error=message)
+            denied = Decision(False, None, "revoked")
+            audit.record(policy, denied, method, identity, peer_address=peer_address, error=message)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
-        headers = collect_headers(metadata or ()) if policy.uses_headers else None
-        decision = policy.decide(identity, method, headers)
+        if policy.uses_headers:
+            decision = policy.decide(identity, method, collect_headers(metadata or ()))
+        else:
+            decision = self._memo_decide(policy, identity, method)
         audit.record(policy, decision, method, identity, peer_address=peer_address)
         if decision.allowed:
             return identity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -23,10 +24,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
@@ -35,7 +34,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
         os.close(dir_fd)
 
 
-def write_svid_files(folder: str | os.PathLike[str], chain_pem: bytes, key_pem: bytes, bundle_pem: bytes | None) -> None:
+def write_svid_files(
+    folder: str | os.PathLike[str], chain_pem: bytes, key_pem: bytes, bundle_pem: bytes | None
+) -> None:
     """Write ``svid.key`` (0600), then ``svid.pem`` and ``bundle.pem``, each atomically.
 
     The key goes first so a watcher that sees a new certificate always finds its key.

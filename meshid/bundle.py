@@ -90,7 +90,9 @@ class TrustBundle:
             try:
                 cert = x509.load_pem_x509_certificate(block)
             except ValueError as err:
-                raise InvalidBundleError(f"trust bundle for {td}: block {index} is not a valid certificate: {err}") from err
+                raise InvalidBundleError(
+                    f"trust bundle for {td}: block {index} is not a valid certificate: {err}"
+                ) from err
             if not _x509.is_ca(cert):
                 raise InvalidBundleError(f"trust bundle for {td}: certificate {index} is not a CA")
             roots.append(cert)
@@ -126,7 +128,9 @@ class TrustBundle:
             try:
                 cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
             except (ValueError, TypeError) as err:
-                raise InvalidBundleError(f"trust bundle for {td}: key {index} x5c[0] is not a DER certificate: {err}") from err
+                raise InvalidBundleError(
+                    f"trust bundle for {td}: key {index} x5c[0] is not a DER certificate: {err}"
+                ) from err
             roots.append(cert)
         if not roots:
             raise InvalidBundleError(f"trust bundle for {td}: no 'x509-svid' key with a certificate")
@@ -246,7 +250,9 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
             raise VerificationError(f"peer certificate: {err}") from err
         store = self._stores.get(spiffe_id.trust_domain)
         if store is None:
-            raise VerificationError(f"peer certificate: no trust bundle for trust domain {spiffe_id.trust_domain} ({spiffe_id})")
+            raise VerificationError(
+                f"peer certificate: no trust bundle for trust domain {spiffe_id.trust_domain} ({spiffe_id})"
+            )
         self.verify_chain(store, leaf, intermediates, now=now, what=str(spiffe_id))
         return spiffe_id
 
@@ -268,7 +274,9 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
             except VerificationError:
                 continue
             return td
-        raise VerificationError(f"peer certificate {leaf.subject.rfc4514_string()!r}: no trust bundle verifies its chain")
+        raise VerificationError(
+            f"peer certificate {leaf.subject.rfc4514_string()!r}: no trust bundle verifies its chain"
+        )
 
     @staticmethod
     def verify_chain(
@@ -287,4 +295,6 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
         try:
             builder.build_client_verifier().verify(leaf, list(intermediates))
         except verification.VerificationError as err:
-            raise VerificationError(f"peer certificate {what}: chain does not verify against its trust domain's bundle: {err}") from err
+            raise VerificationError(
+                f"peer certificate {what}: chain does not verify against its trust domain's bundle: {err}"
+            ) from err

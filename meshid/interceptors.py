@@ -8,8 +8,8 @@ the context in hand before the servicer's code runs, for all four RPC shapes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -20,12 +20,19 @@ from meshid.peer import PeerIdentity
 
 __all__ = ["AuthorizationInterceptor"]
 
+# grpc-stubs declares the server-side classes generic in (request, response); grpc's runtime
+# classes are not subscriptable, so the parameterized base exists for the type checker only.
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.ServerInterceptor
+
 
 def _unknown_method(request: Any, context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
 
-class AuthorizationInterceptor(grpc.ServerInterceptor):
+class AuthorizationInterceptor(_ServerInterceptor):
     """Authorizes every call by the caller's verified identity and a policy.
 
     Args:
@@ -75,23 +82,24 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         self.close()
 
     def _check(self, context: grpc.ServicerContext, details: grpc.HandlerCallDetails) -> None:
-        result = self._authorizer.authorize(
-            context.auth_context(), details.method, details.invocation_metadata, context.peer()
-        )
+        # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
+        auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
+        result = self._authorizer.authorize(auth, details.method, details.invocation_metadata, context.peer())
         if isinstance(result, Refusal):
             context.abort(result.code, result.message)
         _peer.attach(context, result)
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = continuation(handler_call_details)
         if handler is None:
             handler = grpc.stream_stream_rpc_method_handler(_unknown_method)
         check = self._check
         details = handler_call_details
+        deser, ser = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
@@ -99,7 +107,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
                 check(context, details)
                 return inner_uu(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
@@ -107,7 +115,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
                 check(context, details)
                 return inner_us(request, context)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deser, ser)
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
@@ -115,11 +123,12 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
                 check(context, details)
                 return inner_su(request_iterator, context)
 
-            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
         inner_ss = handler.stream_stream
 
         def stream_stream(request_iterator: Any, context: grpc.ServicerContext) -> Any:
             check(context, details)
+            assert inner_ss is not None, "a grpc method handler carries one behaviour; none is set"
             return inner_ss(request_iterator, context)
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(stream_stream, deser, ser)

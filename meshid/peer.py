@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import datetime
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -105,11 +103,13 @@ class PeerVerifier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._bundles = bundles
-        self._cache: OrderedDict[tuple[bytes, ...], PeerIdentity | VerificationError] = OrderedDict()
+        # Verdicts per certificate: a PeerIdentity, or the reason it was refused. Reads and
+        # writes are single dict operations (atomic under the GIL), so the per-call path
+        # takes no lock; when full, the cache simply starts over.
+        self._cache: dict[tuple[bytes, ...], PeerIdentity | str] = {}
         self._cache_bundles: BundleSet | None = None
         self._cache_size = cache_size
         self._clock = clock
-        self._lock = threading.Lock()
 
     def identify(self, auth: Mapping[str, Sequence[bytes]], *, allow_non_spiffe: bool = False) -> PeerIdentity:
         """The verified identity of a call's peer, from its auth context.
@@ -124,25 +124,21 @@ class PeerVerifier:
         chain = tuple(auth.get("x509_pem_cert_chain", ()))
         key = (pems[0], *chain, *auth.get("ssl_tls_version", ()), *auth.get("ssl_negotiated_key_exchange_group", ()))
         bundles = self._bundles()
-        with self._lock:
-            if self._cache_bundles is not bundles:
-                self._cache.clear()
-                self._cache_bundles = bundles
-            result = self._cache.get(key)
-            if result is not None:
-                self._cache.move_to_end(key)
+        cache = self._cache
+        if self._cache_bundles is not bundles:  # a new bundle set: every verdict is stale
+            cache = self._cache = {}
+            self._cache_bundles = bundles
+        result = cache.get(key)
         if result is None:
             try:
                 result = self._verify(auth, pems[0], chain, bundles)
             except VerificationError as err:
-                result = err
-            with self._lock:
-                if self._cache_bundles is bundles:
-                    self._cache[key] = result
-                    if len(self._cache) > self._cache_size:
-                        self._cache.popitem(last=False)
-        if isinstance(result, VerificationError):
-            raise result
+                result = str(err)  # cache the verdict, not the exception (its traceback would grow)
+            if len(cache) >= self._cache_size:
+                cache.clear()
+            cache[key] = result
+        if isinstance(result, str):
+            raise VerificationError(result)
         if result.not_after.timestamp() < self._clock():
             raise VerificationError(f"peer {result.describe()}: certificate expired at {result.not_after.isoformat()}")
         if result.spiffe_id is None and not allow_non_spiffe:

@@ -171,7 +171,9 @@ class X509Svid:
         return cls.from_parts(certs, key)  # type: ignore[arg-type]
 
     @classmethod
-    def from_parts(cls, chain: list[x509.Certificate] | tuple[x509.Certificate, ...], private_key: PrivateKey) -> X509Svid:
+    def from_parts(
+        cls, chain: list[x509.Certificate] | tuple[x509.Certificate, ...], private_key: PrivateKey
+    ) -> X509Svid:
         """Build an SVID from parsed objects, applying every X509-SVID rule.
 
         Raises:

@@ -131,14 +131,16 @@ def test_reload_swaps_policy_and_a_broken_one_keeps_the_old(ca, bundles, server_
 
     async def run():
         interceptor = meshid.aio.AuthorizationInterceptor(policy, source=server_source)
-        async with aio_server(server_source, interceptor) as port:
-            async with meshid.aio.secure_channel(f"127.0.0.1:{port}", intruder, server_id=SERVER_ID) as channel:
-                before = (await _call(channel))[0]
-                interceptor.reload(intruder_allowed)
-                after = (await _call(channel))[0]
-                with pytest.raises(meshid.InvalidPolicyError):
-                    interceptor.reload("/nonexistent/policy.yaml")
-                kept = (await _call(channel))[0]
+        async with (
+            aio_server(server_source, interceptor) as port,
+            meshid.aio.secure_channel(f"127.0.0.1:{port}", intruder, server_id=SERVER_ID) as channel,
+        ):
+            before = (await _call(channel))[0]
+            interceptor.reload(intruder_allowed)
+            after = (await _call(channel))[0]
+            with pytest.raises(meshid.InvalidPolicyError):
+                interceptor.reload("/nonexistent/policy.yaml")
+            kept = (await _call(channel))[0]
         return before, after, kept
 
     assert asyncio.run(run()) == ("PERMISSION_DENIED", "OK", "OK")

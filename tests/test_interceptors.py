@@ -15,7 +15,9 @@ from support import SAY_HELLO, call, hello, stub, sync_server
 
 
 @pytest.fixture
-def interceptor(policy: meshid.AuthorizationPolicy, server_source: meshid.StaticSource) -> meshid.AuthorizationInterceptor:
+def interceptor(
+    policy: meshid.AuthorizationPolicy, server_source: meshid.StaticSource
+) -> meshid.AuthorizationInterceptor:
     return meshid.AuthorizationInterceptor(policy, source=server_source)
 
 
@@ -45,9 +47,11 @@ def _pin():
 
 def test_no_client_certificate_fails_the_handshake(bundles, server_source, interceptor) -> None:
     roots = bundles[meshid.TrustDomain.parse("example.org")].to_pem()
-    with sync_server(server_source, interceptor) as port:
-        with grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(roots), options=_pin()) as channel:
-            code, _ = call(channel)
+    with (
+        sync_server(server_source, interceptor) as port,
+        grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(roots), options=_pin()) as channel,
+    ):
+        code, _ = call(channel)
     assert code == "UNAVAILABLE"
 
 
@@ -78,9 +82,11 @@ def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, intercep
 
 def test_denial_names_method_and_caller_but_not_the_policy(ca, bundles, server_source, interceptor) -> None:
     denied = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
-    with sync_server(server_source, interceptor) as port:
-        with meshid.secure_channel(f"127.0.0.1:{port}", denied, server_id=SERVER_ID) as channel:
-            code, details = call(channel)
+    with (
+        sync_server(server_source, interceptor) as port,
+        meshid.secure_channel(f"127.0.0.1:{port}", denied, server_id=SERVER_ID) as channel,
+    ):
+        code, details = call(channel)
     assert code == "PERMISSION_DENIED"
     assert SAY_HELLO in details and INTRUDER_ID in details
     for secret in ("frontend", "other-org-hello", FRONTEND_ID, "other.org"):
@@ -120,9 +126,12 @@ def test_handler_reads_the_verified_identity(ca, bundles, server_source) -> None
 
     support.Greeter.SayHello = spying
     try:
-        with sync_server(server_source, interceptor) as port:
-            with meshid.secure_channel(f"127.0.0.1:{port}", meshid.StaticSource(caller_svid, bundles), server_id=SERVER_ID) as ch:
-                assert call(ch)[0] == "OK"
+        caller = meshid.StaticSource(caller_svid, bundles)
+        with (
+            sync_server(server_source, interceptor) as port,
+            meshid.secure_channel(f"127.0.0.1:{port}", caller, server_id=SERVER_ID) as ch,
+        ):
+            assert call(ch)[0] == "OK"
     finally:
         support.Greeter.SayHello = original
     (identity,) = seen
@@ -161,7 +170,8 @@ def test_every_decision_is_one_audit_record(ca, bundles, server_source, intercep
     caplog.set_level(logging.INFO, logger="meshid.audit")
     with sync_server(server_source, interceptor) as port:
         for sid in (FRONTEND_ID, INTRUDER_ID):
-            with meshid.secure_channel(f"127.0.0.1:{port}", meshid.StaticSource(ca.issue_svid(sid), bundles), server_id=SERVER_ID) as ch:
+            caller = meshid.StaticSource(ca.issue_svid(sid), bundles)
+            with meshid.secure_channel(f"127.0.0.1:{port}", caller, server_id=SERVER_ID) as ch:
                 call(ch)
     records = [r.meshid_audit for r in caplog.records if r.name == "meshid.audit"]
     assert [(r["caller"], r["method"], r["decision"], r["rule"]) for r in records] == [

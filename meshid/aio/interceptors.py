@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import grpc.aio
@@ -17,12 +17,19 @@ from meshid.peer import PeerIdentity
 
 __all__ = ["AuthorizationInterceptor"]
 
+# grpc-stubs declares the interceptor generic in (request, response); grpc's runtime class is
+# not subscriptable, so the parameterized base exists for the type checker only.
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
 
 async def _unknown_method(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
 
-class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
+class AuthorizationInterceptor(_ServerInterceptor):
     """Authorizes every call of a ``grpc.aio`` server; see :class:`meshid.AuthorizationInterceptor`.
 
     The caller's identity is available to handlers through :func:`meshid.peer_identity`.
@@ -49,10 +56,12 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
     def close(self) -> None:
         self._authorizer.close()
 
-    async def _check(self, context: grpc.aio.ServicerContext[Any, Any], details: grpc.HandlerCallDetails) -> PeerIdentity:
-        result = self._authorizer.authorize(
-            context.auth_context(), details.method, details.invocation_metadata, context.peer()
-        )
+    async def _check(
+        self, context: grpc.aio.ServicerContext[Any, Any], details: grpc.HandlerCallDetails
+    ) -> PeerIdentity:
+        # grpc returns each auth property as a list of bytes; grpc-stubs declares an Iterable.
+        auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
+        result = self._authorizer.authorize(auth, details.method, details.invocation_metadata, context.peer())
         if isinstance(result, Refusal):
             await context.abort(result.code, result.message)
             raise AssertionError("unreachable: abort raises")
@@ -60,9 +69,9 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
             handler = grpc.stream_stream_rpc_method_handler(_unknown_method)
@@ -76,7 +85,8 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 token = _peer.set_current(await check(context, details))
                 try:
-                    return await inner_uu(request, context)
+                    # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
+                    return await inner_uu(request, context)  # type: ignore[arg-type]
                 finally:
                     _peer.reset_current(token)
 
@@ -87,7 +97,8 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
             async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 token = _peer.set_current(await check(context, details))
                 try:
-                    return await inner_su(request_iterator, context)
+                    # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
+                    return await inner_su(request_iterator, context)  # type: ignore[arg-type]
                 finally:
                     _peer.reset_current(token)
 

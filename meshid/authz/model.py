@@ -6,8 +6,8 @@ what no rule allows is denied. Rules are compiled once, when the policy is built
 * dict indexes from the exact keys a peer carries (SPIFFE ID, thumbprint, trust domain, and
   for gRPC authz principals its URI SANs, DNS SANs or subject) to the rules naming them, so a
   decision costs O(1) in the number of exact rules;
-* per-method buckets of the remaining (pattern) rules, so only rules that can apply to the
-  called method are scanned.
+* per-method and per-service buckets of the remaining (pattern) rules, so only rules that
+  can apply to the called method are scanned (rules for "*" or a suffix are always scanned).
 """
 
 from __future__ import annotations
@@ -112,6 +112,15 @@ class Decision:
         return "allow" if self.allowed else "deny"
 
 
+def _method_bucket(kind: str, text: str) -> str | None:
+    """The bucket a pattern rule is filed under: its exact method, or its service ("/pkg.Svc/")."""
+    if kind == "exact":
+        return text
+    if kind == "prefix" and text.startswith("/") and text.endswith("/") and text.count("/") == 2:
+        return text
+    return None
+
+
 @dataclass(slots=True)
 class _Index:
     """Rules of one action, compiled for lookup."""
@@ -133,10 +142,10 @@ class _Index:
             for key in keys:
                 index.by_key.setdefault(key, []).append(i)
             if rule.needs_scan:
-                exact = [text for kind, text in rule.methods if kind == "exact"]
-                if len(exact) == len(rule.methods):
-                    for method in exact:
-                        index.scan_by_method.setdefault(method, []).append(i)
+                buckets = [_method_bucket(kind, text) for kind, text in rule.methods]
+                if all(b is not None for b in buckets):
+                    for bucket in dict.fromkeys(buckets):
+                        index.scan_by_method.setdefault(bucket, []).append(i)  # type: ignore[arg-type]
                 else:
                     index.scan_any_method.append(i)
         return index
@@ -153,9 +162,11 @@ class _Index:
                 candidates.update(by_key.get(("dns", name), ()))
             for name in principal_names(peer):
                 candidates.update(by_key.get(("principal", name), ()))
+        by_method = self.scan_by_method
+        service = method[: method.rfind("/") + 1]
         scanned = [
             i
-            for bucket in (self.scan_by_method.get(method, ()), self.scan_any_method)
+            for bucket in (by_method.get(method, ()), by_method.get(service, ()), self.scan_any_method)
             for i in bucket
             if i not in candidates and self.rules[i].peer_matches_by_scan(peer)
         ]

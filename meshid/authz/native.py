@@ -79,7 +79,9 @@ def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rul
     seen.add(name)
     unknown = sorted(set(raw) - _RULE_KEYS)
     if unknown:
-        raise InvalidPolicyError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(_RULE_KEYS))}")
+        raise InvalidPolicyError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(_RULE_KEYS))}"
+        )
     if "methods" not in raw:
         raise InvalidPolicyError(f"{where}: needs 'methods' (use ['*'] for every method)")
     methods = _strings(raw["methods"], where, "methods")
@@ -133,7 +135,8 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise InvalidPolicyError(
-            f"policy {origin}: unknown top-level key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(_TOP_KEYS))}"
+            f"policy {origin}: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(_TOP_KEYS))}"
         )
     name = data.get("name", "policy")
     if not isinstance(name, str):

@@ -37,7 +37,9 @@ def compile_spiffe_id_pattern(pattern: str) -> re.Pattern[str]:
         )
     td = TrustDomain.parse(td_text)
     if not sep:
-        raise InvalidSpiffeIdError(f"SPIFFE ID pattern {pattern!r}: has no path; use trust_domains for a whole trust domain")
+        raise InvalidSpiffeIdError(
+            f"SPIFFE ID pattern {pattern!r}: has no path; use trust_domains for a whole trust domain"
+        )
     parts = []
     for segment in path.split("/"):
         if segment == "*":

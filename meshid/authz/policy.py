@@ -83,12 +83,17 @@ class AuthorizationPolicy:
             InvalidPolicyError: naming the origin, the rule and what is wrong.
         """
         policy = cls._from_dict(data, origin=origin)
-        overrides = {
-            k: v
-            for k, v in (("allow_non_spiffe_peers", allow_non_spiffe_peers), ("require_pq_key_exchange", require_pq_key_exchange))
-            if v is not None
-        }
-        return dataclasses.replace(policy, **overrides) if overrides else policy
+        if allow_non_spiffe_peers is None and require_pq_key_exchange is None:
+            return policy
+        return dataclasses.replace(
+            policy,
+            allow_non_spiffe_peers=(
+                policy.allow_non_spiffe_peers if allow_non_spiffe_peers is None else allow_non_spiffe_peers
+            ),
+            require_pq_key_exchange=(
+                policy.require_pq_key_exchange if require_pq_key_exchange is None else require_pq_key_exchange
+            ),
+        )
 
     @classmethod
     def _from_dict(cls, data: Mapping[str, Any], *, origin: str) -> AuthorizationPolicy:
@@ -141,12 +146,11 @@ class AuthorizationPolicy:
         except UnicodeDecodeError as err:
             raise InvalidPolicyError(f"policy {origin}: not UTF-8 text: {err}") from err
         try:
-            if origin.endswith(".json"):
-                data = json.loads(text)
-            else:
-                data = yaml.safe_load(text)
+            data = json.loads(text) if origin.endswith(".json") else yaml.safe_load(text)
         except json.JSONDecodeError as err:
-            raise InvalidPolicyError(f"policy {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+            raise InvalidPolicyError(
+                f"policy {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
+            ) from err
         except yaml.YAMLError as err:
             raise InvalidPolicyError(f"policy {origin}: invalid YAML: {err}") from err
         except RecursionError as err:
@@ -161,7 +165,9 @@ class AuthorizationPolicy:
     def decide(self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None = None) -> Decision:
         """Decide whether ``peer`` may call ``method``. Pure: no I/O, no logging."""
         if peer.spiffe_id is None and not self.allow_non_spiffe_peers:
-            return Decision(False, None, "the certificate carries no SPIFFE ID and the policy does not set allow_non_spiffe_peers")
+            return Decision(
+                False, None, "the certificate carries no SPIFFE ID and the policy does not set allow_non_spiffe_peers"
+            )
         if self.require_pq_key_exchange and not peer.post_quantum:
             group = peer.key_exchange_group or "unknown"
             return Decision(

@@ -79,7 +79,7 @@ def _build(
 ) -> x509.Certificate:
     issuer_name = subject if issuer is None else issuer.subject
     authority_key_id = (
-        x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key())  # type: ignore[arg-type]
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key())
         if issuer is None
         else x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
             issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -162,7 +162,7 @@ class Authority:
         now = now or _now()
         cert = _build(
             subject=_name(f"meshid root CA {td.name}", td.name),
-            public_key=key.public_key(),  # type: ignore[arg-type]
+            public_key=key.public_key(),
             issuer=None,
             signing_key=key,
             not_before=now - CLOCK_SKEW,
@@ -194,7 +194,7 @@ class Authority:
         not_after = min(now + ttl, upstream_certificate.not_valid_after_utc)
         cert = _build(
             subject=_name(f"meshid intermediate CA {td.name}", td.name),
-            public_key=key.public_key(),  # type: ignore[arg-type]
+            public_key=key.public_key(),
             issuer=upstream_certificate,
             signing_key=upstream_key,
             not_before=now - CLOCK_SKEW,
@@ -258,5 +258,5 @@ class Authority:
         """Generate a key and sign an SVID for it in one step (for tests, demos and the CLI's own admin SVID)."""
         sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
         key = generate_key(key_kind)
-        chain = self.sign_svid(sid, key.public_key(), ttl=ttl, dns_names=dns_names, now=now)  # type: ignore[arg-type]
+        chain = self.sign_svid(sid, key.public_key(), ttl=ttl, dns_names=dns_names, now=now)
         return X509Svid.from_parts(chain, key)

@@ -34,16 +34,16 @@ def register(groups: Any) -> None:
 
 def _peer(args: argparse.Namespace) -> PeerIdentity:
     if args.spiffe_id is not None:
-        sid = SpiffeId.parse(args.spiffe_id)
+        given = SpiffeId.parse(args.spiffe_id)
         return PeerIdentity(
-            spiffe_id=sid,
-            trust_domain=sid.trust_domain,
+            spiffe_id=given,
+            trust_domain=given.trust_domain,
             subject="",
             common_name=None,
             thumbprint="",
             certificate=None,
             not_after=datetime.datetime.max.replace(tzinfo=datetime.UTC),
-            uri_sans=(str(sid),),
+            uri_sans=(str(given),),
         )
     chain = load_chain(args.cert)
     leaf = chain[0]

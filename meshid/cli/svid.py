@@ -17,7 +17,9 @@ from meshid.svid import check_leaf
 def register(groups: Any) -> None:
     group = groups.add_parser("svid", help="inspect X509-SVIDs")
     commands = group.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="show an SVID's SPIFFE ID, subject, serial, validity, thumbprint and chain")
+    inspect = commands.add_parser(
+        "inspect", help="show an SVID's SPIFFE ID, subject, serial, validity, thumbprint and chain"
+    )
     inspect.add_argument("file", help="PEM certificate chain, leaf first")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=run_inspect)

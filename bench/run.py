@@ -1,0 +1,175 @@
+"""`make bench`: meshid's costs as ratios against baselines measured in the same run.
+
+Issue #2 (core):
+  * median latency of a unary RPC on an mTLS server with meshid's interceptor and a
+    1,000-rule policy, against the same server without the interceptor (target <= 1.05);
+  * the cost of one policy decision at 10 and at 10,000 rules (target: ratio <= 1.5).
+
+Servers run in their own processes on loopback; the client alternates between them in
+small blocks so that drift on the machine affects both the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+
+import grpc
+
+import meshid
+from meshid._files import write_svid_files
+from meshid._proto import greeter_pb2, greeter_pb2_grpc
+from meshid.ca import Authority
+
+CALLER = "spiffe://example.org/ns/prod/sa/frontend"
+SERVER = "spiffe://example.org/ns/prod/sa/greeter"
+METHOD = "/meshid.examples.v1.Greeter/SayHello"
+
+
+def synthetic_policy(n: int) -> dict[str, object]:
+    """``n`` rules shaped like a real fleet: mostly exact IDs on specific methods, some patterns.
+
+    Every hundredth rule is a namespace pattern for a service-wide method set; the rule that
+    allows the benchmark's caller is the last one.
+    """
+    rules: list[dict[str, object]] = []
+    for i in range(n - 1):
+        service = f"/svc{i % 50}.v1.Service{i % 7}"
+        if i % 100 == 99:
+            rules.append(
+                {
+                    "name": f"r{i}",
+                    "methods": [f"{service}/*"],
+                    "spiffe_id_patterns": [f"spiffe://example.org/ns/team{i}/**"],
+                }
+            )
+        else:
+            rules.append(
+                {
+                    "name": f"r{i}",
+                    "methods": [f"{service}/Get", f"{service}/List"],
+                    "spiffe_ids": [f"spiffe://example.org/ns/team{i}/sa/w{i}"],
+                }
+            )
+    rules.append({"name": "frontend", "methods": ["/meshid.examples.v1.Greeter/*"], "spiffe_ids": [CALLER]})
+    return {"name": f"synthetic-{n}", "allow": rules}
+
+
+class Greeter(greeter_pb2_grpc.GreeterServicer):
+    def SayHello(self, request, context):  # type: ignore[no-untyped-def]
+        return greeter_pb2.HelloReply(message="hi")
+
+
+def serve(folder: str, with_interceptor: bool) -> None:
+    files = [os.path.join(folder, "server", n) for n in ("svid.pem", "svid.key", "bundle.pem")]
+    source = meshid.FileSource(*files)
+    interceptors = []
+    if with_interceptor:
+        policy = meshid.AuthorizationPolicy.from_dict(synthetic_policy(1000))
+        interceptors.append(meshid.AuthorizationInterceptor(policy, source=source))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
+    server.start()
+    print(port, flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    server.stop(None)
+
+
+def start(folder: str, with_interceptor: bool) -> tuple[subprocess.Popen[str], int]:
+    args = [sys.executable, __file__, "--serve", folder] + (["--interceptor"] if with_interceptor else [])
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def rpc_latency(folder: str, calls: int, block: int) -> tuple[float, float]:
+    files = [os.path.join(folder, "client", n) for n in ("svid.pem", "svid.key", "bundle.pem")]
+    source = meshid.FileSource(*files)
+    bare, bare_port = start(folder, False)
+    guarded, guarded_port = start(folder, True)
+    try:
+        channels = [
+            meshid.secure_channel(f"127.0.0.1:{p}", source, server_id=SERVER) for p in (bare_port, guarded_port)
+        ]
+        stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]
+        request = greeter_pb2.HelloRequest(name="bench")
+        for s in stubs:  # connect and warm up
+            for _ in range(300):
+                s.SayHello(request, timeout=10)
+        samples: list[list[float]] = [[], []]
+        for _ in range(calls // block):
+            for which, s in enumerate(stubs):
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    s.SayHello(request, timeout=10)
+                    samples[which].append(time.perf_counter() - t0)
+        for c in channels:
+            c.close()
+        return statistics.median(samples[0]), statistics.median(samples[1])
+    finally:
+        for proc in (bare, guarded):
+            proc.communicate("", timeout=20)
+
+
+def decision_cost(authority: Authority, n: int, repeat: int) -> float:
+    policy = meshid.AuthorizationPolicy.from_dict(synthetic_policy(n))
+    svid = authority.issue_svid(CALLER)
+    peer = meshid.PeerIdentity.from_certificate(svid.leaf, spiffe_id=svid.spiffe_id)
+    assert policy.decide(peer, METHOD).allowed
+    best = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            policy.decide(peer, METHOD)
+        best.append((time.perf_counter() - t0) / repeat)
+    return statistics.median(best)
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f"(target <= {target}) {'OK' if ratio <= target else 'MISSED'}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--serve")
+    parser.add_argument("--interceptor", action="store_true")
+    parser.add_argument("--calls", type=int, default=6000)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.interceptor)
+        return 0
+
+    authority = Authority.create_root("example.org")
+    bundle = meshid.TrustBundle(authority.trust_domain, authority.roots).to_pem()
+    with tempfile.TemporaryDirectory() as folder:
+        for name, sid in (("server", SERVER), ("client", CALLER)):
+            svid = authority.issue_svid(sid)
+            write_svid_files(pathlib.Path(folder) / name, svid.chain_pem(), svid.key_pem(), bundle)
+        print(f"meshid bench (Python {sys.version.split()[0]}, grpcio {grpc.__version__}, {os.cpu_count()} CPUs)")
+        print("\n[core] unary RPC over mTLS on loopback, median of", args.calls, "calls each, interleaved blocks")
+        bare, guarded = rpc_latency(folder, args.calls, 200)
+        ratio = guarded / bare
+        print(f"  bare mTLS server                      {bare * 1e6:8.1f} us")
+        print(f"  + interceptor, 1,000-rule policy      {guarded * 1e6:8.1f} us")
+        print(f"  latency ratio                         {ratio:8.3f}   {verdict(ratio, 1.05)}")
+
+    print("\n[core] one policy decision (AuthorizationPolicy.decide), median of 7 runs")
+    small = decision_cost(authority, 10, 20000)
+    large = decision_cost(authority, 10_000, 20000)
+    dratio = large / small
+    print(f"  10 rules                              {small * 1e9:8.0f} ns")
+    print(f"  10,000 rules                          {large * 1e9:8.0f} ns")
+    print(f"  cost ratio 10,000 / 10                {dratio:8.3f}   {verdict(dratio, 1.5)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

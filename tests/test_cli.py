@@ -1,0 +1,102 @@
+"""The CLI as real processes: exit codes, output, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from meshid import TrustBundle
+from meshid.ca import Authority
+
+
+def meshid(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    ca = Authority.create_root("example.org")
+    svid = ca.issue_svid("spiffe://example.org/ns/prod/sa/frontend", dns_names=["frontend.local"])
+    (folder / "svid.pem").write_bytes(svid.chain_pem())
+    (folder / "bundle.pem").write_bytes(TrustBundle(ca.trust_domain, ca.roots).to_pem())
+    other = Authority.create_root("example.org").issue_svid("spiffe://example.org/ns/prod/sa/frontend")
+    (folder / "foreign.pem").write_bytes(other.chain_pem())
+    (folder / "policy.yaml").write_text(
+        "name: greeter\n"
+        "deny:\n  - name: no-dev\n    methods: ['*']\n    spiffe_id_patterns: ['spiffe://example.org/ns/dev/**']\n"
+        "allow:\n  - name: frontend-greets\n    methods: [/meshid.examples.v1.Greeter/SayHello]\n"
+        "    spiffe_ids: [spiffe://example.org/ns/prod/sa/frontend]\n"
+    )
+    (folder / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    return folder, svid
+
+
+def test_svid_inspect_prints_identity_serial_validity_thumbprint(files) -> None:
+    folder, svid = files
+    out = meshid("svid", "inspect", str(folder / "svid.pem"))
+    assert out.returncode == 0, out.stderr
+    assert "SPIFFE ID:   spiffe://example.org/ns/prod/sa/frontend" in out.stdout
+    assert f"Serial:      {svid.serial:x}" in out.stdout
+    assert f"Thumbprint:  {svid.thumbprint}" in out.stdout
+    assert "frontend.local" in out.stdout
+
+
+def test_svid_inspect_json(files) -> None:
+    folder, svid = files
+    out = meshid("svid", "inspect", str(folder / "svid.pem"), "--json")
+    info = json.loads(out.stdout)
+    assert info["spiffe_id"] == "spiffe://example.org/ns/prod/sa/frontend"
+    assert info["thumbprint"] == svid.thumbprint
+    assert info["not_after"] == svid.not_after.isoformat()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (["--spiffe-id", "spiffe://example.org/ns/prod/sa/frontend"], 0, "ALLOW"),
+        (["--spiffe-id", "spiffe://example.org/ns/dev/sa/frontend"], 1, "DENY"),
+        (["--spiffe-id", "spiffe://example.org/ns/prod/sa/other"], 1, "default deny"),
+        (["--spiffe-id", "spiffe://Example.org/x"], 2, "trust domain must be lowercase"),
+    ],
+)
+def test_policy_check_exit_codes(files, args, code, text) -> None:
+    folder, _ = files
+    out = meshid("policy", "check", str(folder / "policy.yaml"), *args, "--method", "/meshid.examples.v1.Greeter/SayHello")
+    assert out.returncode == code, out.stderr
+    assert text in out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_policy_check_with_a_certificate_and_its_bundle(files) -> None:
+    folder, _ = files
+    method = ["--method", "/meshid.examples.v1.Greeter/SayHello"]
+    out = meshid("policy", "check", str(folder / "policy.yaml"), "--cert", str(folder / "svid.pem"), "--bundle", str(folder / "bundle.pem"), *method)
+    assert (out.returncode, out.stdout.split()[0]) == (0, "ALLOW")
+    out = meshid("policy", "check", str(folder / "policy.yaml"), "--cert", str(folder / "foreign.pem"), "--bundle", str(folder / "bundle.pem"), *method)
+    assert out.returncode == 2
+    assert "does not verify" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["svid", "inspect", "{folder}/missing.pem"], "cannot read"),
+        (["svid", "inspect", "{folder}/garbage.pem"], "not a valid certificate"),
+        (["svid", "inspect", "{folder}/policy.yaml"], "no PEM certificate"),
+        (["policy", "check", "{folder}/svid.pem", "--spiffe-id", "spiffe://example.org/a", "--method", "/a.B/C"], "policy"),
+        (["policy", "check", "{folder}/policy.yaml", "--method", "/a.B/C"], "one of the arguments --spiffe-id --cert is required"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(files, args, text) -> None:
+    folder, _ = files
+    out = meshid(*[a.format(folder=folder) for a in args])
+    assert out.returncode == 2
+    assert text in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,66 @@
+"""Project-level promises: the public API is what __all__ says, and generated code is current."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import meshid
+import meshid.aio
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _public(module) -> list[str]:
+    return sorted(n for n in vars(module) if not n.startswith("_") and n not in {"annotations", "logging"})
+
+
+def test_all_is_sorted_and_complete() -> None:
+    for module in (meshid, meshid.aio):
+        assert module.__all__ == sorted(module.__all__), f"{module.__name__}.__all__ is not sorted"
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert not missing, f"{module.__name__}.__all__ names {missing} that do not exist"
+        exported_modules = {
+            "aio", "channel", "authz", "bundle", "credentials", "errors", "interceptors", "peer", "sources", "spiffeid",
+            "svid", "ca", "cli",
+        }
+        stray = [n for n in _public(module) if n not in module.__all__ and n not in exported_modules]
+        assert not stray, f"{module.__name__} has public names missing from __all__: {stray}"
+
+
+def test_errors_share_one_root() -> None:
+    for name in meshid.__all__:
+        obj = getattr(meshid, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, meshid.MeshIdError), name
+    for name in ("InvalidSpiffeIdError", "InvalidSvidError", "InvalidBundleError", "InvalidPolicyError"):
+        assert issubclass(getattr(meshid, name), ValueError)
+
+
+def test_py_typed_ships() -> None:
+    assert (ROOT / "meshid" / "py.typed").exists()
+
+
+def test_generated_code_is_current() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "genproto.py"), "--check"], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_stale_generated_code_is_detected(tmp_path) -> None:
+    # The check must be able to fail: a proto with one more field than the committed code.
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "protos", copy / "protos")
+    shutil.copytree(ROOT / "meshid" / "_proto", copy / "meshid" / "_proto")
+    shutil.copytree(ROOT / "scripts", copy / "scripts")
+    greeter = copy / "protos" / "meshid" / "examples" / "v1" / "greeter.proto"
+    greeter.write_text(greeter.read_text().replace("string name = 1;", "string name = 1;\n  string extra = 2;"))
+    out = subprocess.run(
+        [sys.executable, str(copy / "scripts" / "genproto.py"), "--check"], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 1
+    assert "greeter_pb2.py" in out.stdout
