@@ -20,8 +20,16 @@ _PEM_BLOCK = re.compile(
 
 
 def pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
-    """Split PEM text into ``(label, whole block)`` pairs, in order."""
-    return [(m.group(1).decode(), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
+    """Split PEM text into ``(label, whole block)`` pairs, in order.
+
+    Raises:
+        ValueError: a block begins but never ends (a truncated file).
+    """
+    blocks = [(m.group(1).decode(), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
+    begun = data.count(b"-----BEGIN ")
+    if begun != len(blocks):
+        raise ValueError(f"{begun - len(blocks)} PEM block(s) are truncated or malformed (BEGIN without matching END)")
+    return blocks
 
 
 def thumbprint(cert: x509.Certificate) -> str:

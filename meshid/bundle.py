@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
 
 from meshid import _x509
@@ -50,8 +50,11 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
     elif isinstance(key, rsa.RSAPublicKey):
         numbers_rsa = key.public_numbers()
         jwk.update(kty="RSA", n=_b64url(numbers_rsa.n), e=_b64url(numbers_rsa.e))
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        raw_key = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        jwk.update(kty="OKP", crv="Ed25519", x=base64.urlsafe_b64encode(raw_key).rstrip(b"=").decode())
     else:
-        jwk.update(kty="OKP")
+        raise InvalidBundleError(f"trust bundle: cannot express a {type(key).__name__} root as a JWK")
     jwk["x5c"] = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
     return jwk
 
@@ -84,7 +87,11 @@ class TrustBundle:
         if len(raw) > _x509.MAX_PEM_BYTES:
             raise InvalidBundleError(f"trust bundle for {td}: larger than {_x509.MAX_PEM_BYTES} bytes")
         roots = []
-        for index, (label, block) in enumerate(_x509.pem_blocks(raw)):
+        try:
+            blocks = _x509.pem_blocks(raw)
+        except ValueError as err:
+            raise InvalidBundleError(f"trust bundle for {td}: {err}") from err
+        for index, (label, block) in enumerate(blocks):
             if label != "CERTIFICATE":
                 raise InvalidBundleError(f"trust bundle for {td}: block {index} is a {label!r}, expected 'CERTIFICATE'")
             try:
@@ -131,6 +138,8 @@ class TrustBundle:
                 raise InvalidBundleError(
                     f"trust bundle for {td}: key {index} x5c[0] is not a DER certificate: {err}"
                 ) from err
+            if not _x509.is_ca(cert):
+                raise InvalidBundleError(f"trust bundle for {td}: key {index} holds a certificate that is not a CA")
             roots.append(cert)
         if not roots:
             raise InvalidBundleError(f"trust bundle for {td}: no 'x509-svid' key with a certificate")

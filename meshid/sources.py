@@ -99,7 +99,13 @@ class StaticSource:
         return self._notifier.subscribe(callback)
 
     def update(self, svid: X509Svid | None = None, bundles: BundleSet | TrustBundle | None = None) -> None:
-        """Replace the SVID and/or bundles atomically and notify subscribers."""
+        """Replace the SVID and/or bundles atomically and notify subscribers.
+
+        Raises:
+            TypeError: ``svid`` is not an X509Svid, or ``bundles`` not a BundleSet/TrustBundle.
+        """
+        if svid is not None and not isinstance(svid, X509Svid):
+            raise TypeError(f"svid must be an X509Svid, not {type(svid).__name__}")
         old_svid, old_bundles = self._state
         self._state = (svid or old_svid, old_bundles if bundles is None else _as_bundle_set(bundles))
         self._notifier.notify()

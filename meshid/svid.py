@@ -148,7 +148,11 @@ class X509Svid:
         key_bytes = key_pem.encode() if isinstance(key_pem, str) else key_pem
         if len(chain_bytes) > _x509.MAX_PEM_BYTES or len(key_bytes) > _x509.MAX_PEM_BYTES:
             raise InvalidSvidError(f"X509-SVID: input larger than {_x509.MAX_PEM_BYTES} bytes")
-        blocks = _x509.pem_blocks(chain_bytes)
+        try:
+            blocks = _x509.pem_blocks(chain_bytes)
+            key_blocks = _x509.pem_blocks(key_bytes)
+        except ValueError as err:
+            raise InvalidSvidError(f"X509-SVID: {err}") from err
         if not blocks:
             raise InvalidSvidError("X509-SVID: no PEM certificate found in the chain")
         certs = []
@@ -161,7 +165,6 @@ class X509Svid:
                 certs.append(x509.load_pem_x509_certificate(block))
             except ValueError as err:
                 raise InvalidSvidError(f"X509-SVID: chain block {index} is not a valid certificate: {err}") from err
-        key_blocks = _x509.pem_blocks(key_bytes)
         if len(key_blocks) != 1 or "PRIVATE KEY" not in key_blocks[0][0]:
             raise InvalidSvidError("X509-SVID: the key must hold exactly one PEM 'PRIVATE KEY' block")
         try:

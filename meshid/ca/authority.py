@@ -46,6 +46,14 @@ def generate_key(kind: str = "ec-p256") -> PrivateKey:
     raise ValueError(f"key kind {kind!r} is unknown; use ec-p256, ec-p384, rsa-2048, rsa-3072 or ed25519")
 
 
+def _check_ca_key(key: PrivateKey) -> None:
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        raise ValueError(
+            "CA: an EdDSA CA key cannot sign X509-SVIDs that peers can verify (RFC 5280 validators such as "
+            "cryptography's and the Web PKI's refuse it); use an ec-p256, ec-p384 or RSA key"
+        )
+
+
 def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         return None
@@ -159,6 +167,7 @@ class Authority:
         """Create a self-signed root CA for ``trust_domain``; its SPIFFE ID is the trust domain's ID."""
         td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
         key = key or generate_key()
+        _check_ca_key(key)
         now = now or _now()
         cert = _build(
             subject=_name(f"meshid root CA {td.name}", td.name),
@@ -190,6 +199,8 @@ class Authority:
         """
         td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
         key = key or generate_key()
+        _check_ca_key(key)
+        _check_ca_key(upstream_key)
         now = now or _now()
         not_after = min(now + ttl, upstream_certificate.not_valid_after_utc)
         cert = _build(

@@ -36,7 +36,10 @@ def load_chain(path: str) -> list[x509.Certificate]:
             data = f.read(_x509.MAX_PEM_BYTES + 1)
     except OSError as err:
         raise InvalidSvidError(f"X509-SVID: cannot read {path!r}: {err.strerror}") from err
-    blocks = _x509.pem_blocks(data)
+    try:
+        blocks = _x509.pem_blocks(data)
+    except ValueError as err:
+        raise InvalidSvidError(f"X509-SVID: {path!r}: {err}") from err
     if not blocks:
         raise InvalidSvidError(f"X509-SVID: no PEM certificate in {path!r}")
     chain = []

@@ -1,0 +1,505 @@
+"""TrustBundle (PEM and SPIFFE bundle JSON) and BundleSet verification.
+
+The JSON rules are those of the SPIFFE X509-SVID standard §6 (publishing and consuming bundle
+elements) and the Trust Domain and Bundle standard. BundleSet is checked for the rule that
+matters most: a chain is verified only against the bundle of its own SPIFFE ID's trust domain.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+import meshid
+from meshid.ca import Authority, generate_key
+from support import forge
+
+WORKLOAD = "spiffe://example.org/ns/prod/sa/greeter"
+PARTNER = "spiffe://other.org/ns/prod/sa/partner"
+EXAMPLE = meshid.TrustDomain.parse("example.org")
+OTHER = meshid.TrustDomain.parse("other.org")
+
+
+def _pem(certs: Any) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _der_b64(cert: x509.Certificate) -> str:
+    return base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+
+
+def _b64url_int(text: str) -> int:
+    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+
+
+def _write(path: Path, data: bytes | str) -> Path:
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def _bundle(authority: Authority, **kw: Any) -> meshid.TrustBundle:
+    return meshid.TrustBundle(authority.trust_domain, authority.roots, **kw)
+
+
+def _refused_json(doc: Any, fragment: str) -> str:
+    text = doc if isinstance(doc, str) else json.dumps(doc)
+    with pytest.raises(meshid.InvalidBundleError) as info:
+        meshid.TrustBundle.from_spiffe_json("example.org", text)
+    message = str(info.value)
+    assert message.startswith("trust bundle for example.org:"), message
+    assert fragment in message, message
+    return message
+
+
+def _refused_pem(data: bytes, fragment: str) -> str:
+    with pytest.raises(meshid.InvalidBundleError) as info:
+        meshid.TrustBundle.from_pem("example.org", data)
+    message = str(info.value)
+    assert message.startswith("trust bundle for example.org:"), message
+    assert fragment in message, message
+    return message
+
+
+# --- PEM -----------------------------------------------------------------------------------
+
+
+def test_pem_bundle_reads_every_root(ca: Authority, other_ca: Authority) -> None:
+    bundle = meshid.TrustBundle.from_pem("example.org", _pem([*ca.roots, *other_ca.roots]))
+    assert bundle.trust_domain == EXAMPLE
+    assert bundle.roots == (*ca.roots, *other_ca.roots)
+    assert bundle.to_pem() == _pem([*ca.roots, *other_ca.roots])
+
+
+def test_pem_bundle_accepts_text_and_a_trust_domain_object(ca: Authority) -> None:
+    by_text = meshid.TrustBundle.from_pem("example.org", _pem(ca.roots).decode())
+    by_object = meshid.TrustBundle.from_pem(EXAMPLE, _pem(ca.roots))
+    assert by_text == by_object == _bundle(ca)
+
+
+def test_non_ca_certificate_in_a_pem_bundle_is_refused(ca: Authority) -> None:
+    leaf = ca.issue_svid(WORKLOAD).leaf
+    _refused_pem(_pem([*ca.roots, leaf]), "certificate 1 is not a CA")
+
+
+def test_private_key_block_in_a_bundle_is_refused(ca: Authority) -> None:
+    key_pem = ca.issue_svid(WORKLOAD).key_pem()
+    _refused_pem(_pem(ca.roots) + key_pem, "block 1 is a 'PRIVATE KEY', expected 'CERTIFICATE'")
+
+
+def test_garbage_der_in_a_pem_bundle_is_refused() -> None:
+    garbage = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+    _refused_pem(garbage, "block 0 is not a valid certificate")
+
+
+def test_pem_bundle_with_no_certificate_is_refused() -> None:
+    _refused_pem(b"just some text\n", "no PEM certificate found")
+
+
+def test_oversized_pem_bundle_is_refused(ca: Authority) -> None:
+    _refused_pem(_pem(ca.roots) + b"\n" * (1 << 20), "larger than")
+
+
+def test_bundle_with_no_roots_is_refused() -> None:
+    with pytest.raises(meshid.InvalidBundleError, match="holds no root certificate"):
+        meshid.TrustBundle(EXAMPLE, ())
+
+
+def test_invalid_bundle_error_is_a_value_error_and_a_meshid_error() -> None:
+    assert issubclass(meshid.InvalidBundleError, ValueError)
+    assert issubclass(meshid.InvalidBundleError, meshid.MeshIdError)
+
+
+# --- load: PEM or JSON, told apart by content ----------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["pem", "json", "json-indented"])
+def test_load_tells_pem_and_json_apart_by_content(form: str, ca: Authority, tmp_path: Path) -> None:
+    bundle = _bundle(ca, sequence=4)
+    data = {
+        "pem": bundle.to_pem(),
+        "json": bundle.to_spiffe_json().encode(),
+        "json-indented": b"\n  \t" + bundle.to_spiffe_json().encode(),
+    }[form]
+    path = _write(tmp_path / "bundle", data)  # no file extension to go by
+    loaded = meshid.TrustBundle.load("example.org", path)
+    assert loaded.roots == ca.roots
+    assert loaded.sequence == (None if form == "pem" else 4)
+
+
+def test_load_of_a_missing_file_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(meshid.InvalidBundleError) as info:
+        meshid.TrustBundle.load("example.org", missing)
+    assert "cannot read" in str(info.value)
+    assert str(missing) in str(info.value)
+
+
+def test_load_of_malformed_json_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path / "bundle.json", '{"keys": [')
+    with pytest.raises(meshid.InvalidBundleError) as info:
+        meshid.TrustBundle.load("example.org", path)
+    assert "not valid JSON" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+# --- SPIFFE bundle JSON: publishing (X509-SVID §6.1) ---------------------------------------
+
+
+def test_spiffe_json_round_trip_keeps_sequence_and_refresh_hint(ca: Authority, other_ca: Authority) -> None:
+    bundle = meshid.TrustBundle(EXAMPLE, (*ca.roots, *other_ca.roots), sequence=42, refresh_hint=300)
+    again = meshid.TrustBundle.from_spiffe_json("example.org", bundle.to_spiffe_json())
+    assert again == bundle
+    assert again.roots == bundle.roots
+    assert again.sequence == 42
+    assert again.refresh_hint == 300
+    doc = json.loads(bundle.to_spiffe_json())
+    assert doc["spiffe_sequence"] == 42
+    assert doc["spiffe_refresh_hint"] == 300
+
+
+def test_spiffe_json_without_sequence_has_no_sequence_field(ca: Authority) -> None:
+    doc = json.loads(_bundle(ca).to_spiffe_json())
+    assert "spiffe_sequence" not in doc
+    assert meshid.TrustBundle.from_spiffe_json("example.org", json.dumps(doc)).sequence is None
+
+
+@pytest.mark.parametrize(("kind", "crv"), [("ec-p256", "P-256"), ("ec-p384", "P-384")])
+def test_spiffe_json_publishes_an_ec_root_as_an_x509_svid_jwk(kind: str, crv: str) -> None:
+    authority = Authority.create_root("example.org", key=generate_key(kind))
+    (key,) = json.loads(_bundle(authority).to_spiffe_json())["keys"]
+
+    assert key["use"] == "x509-svid"
+    assert "kid" not in key  # §6.1: kid MUST NOT be set
+    assert key["x5c"] == [_der_b64(authority.certificate)]  # exactly one CA certificate
+    assert key["kty"] == "EC"
+    assert key["crv"] == crv
+    public = authority.certificate.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    numbers = public.public_numbers()
+    assert _b64url_int(key["x"]) == numbers.x
+    assert _b64url_int(key["y"]) == numbers.y
+    size = (public.curve.key_size + 7) // 8
+    assert len(base64.urlsafe_b64decode(key["x"] + "==")) == size  # RFC 7518 §6.2.1.2: full length
+    assert "=" not in key["x"] + key["y"]  # base64url without padding
+
+
+def test_spiffe_json_publishes_an_rsa_root_as_an_x509_svid_jwk() -> None:
+    authority = Authority.create_root("example.org", key=generate_key("rsa-2048"))
+    (key,) = json.loads(_bundle(authority).to_spiffe_json())["keys"]
+    assert key["use"] == "x509-svid"
+    assert "kid" not in key
+    assert key["kty"] == "RSA"
+    public = authority.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert _b64url_int(key["n"]) == public.public_numbers().n
+    assert _b64url_int(key["e"]) == 65537
+    assert key["x5c"] == [_der_b64(authority.certificate)]
+
+
+def test_spiffe_json_publishes_an_ed25519_root_as_a_complete_okp_jwk() -> None:
+    # meshid's CA refuses EdDSA CA keys, but a bundle may carry another authority's Ed25519 root.
+    root = _self_signed_ca(generate_key("ed25519"))
+    (key,) = json.loads(meshid.TrustBundle(meshid.TrustDomain.parse("example.org"), (root,)).to_spiffe_json())["keys"]
+    assert key["kty"] == "OKP"
+    assert key["crv"] == "Ed25519"
+    raw = root.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert base64.urlsafe_b64decode(key["x"] + "=") == raw
+
+
+# --- SPIFFE bundle JSON: consuming (X509-SVID §6.2) ----------------------------------------
+
+
+def test_keys_with_another_use_are_skipped(ca: Authority) -> None:
+    x509_key = json.loads(_bundle(ca).to_spiffe_json())["keys"][0]
+    jwt_key = {"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": x509_key["x"], "y": x509_key["y"]}
+    with_x5c = {**x509_key, "use": "jwt-svid", "kid": "k2"}  # an x5c alone does not make it an X.509 root
+    bundle = meshid.TrustBundle.from_spiffe_json("example.org", json.dumps({"keys": [jwt_key, with_x5c, x509_key]}))
+    assert bundle.roots == ca.roots
+
+
+def test_x509_svid_key_without_x5c_is_ignored(ca: Authority) -> None:
+    good = json.loads(_bundle(ca).to_spiffe_json())["keys"][0]
+    no_x5c = {k: v for k, v in good.items() if k != "x5c"}
+    empty_x5c = {**good, "x5c": []}
+    bundle = meshid.TrustBundle.from_spiffe_json("example.org", json.dumps({"keys": [no_x5c, empty_x5c, good]}))
+    assert bundle.roots == ca.roots
+
+
+def test_x5c_values_after_the_first_are_ignored(ca: Authority, other_ca: Authority) -> None:
+    key = {"use": "x509-svid", "kty": "EC", "x5c": [_der_b64(ca.certificate), _der_b64(other_ca.certificate)]}
+    bundle = meshid.TrustBundle.from_spiffe_json("example.org", json.dumps({"keys": [key]}))
+    assert bundle.roots == (ca.certificate,)
+
+
+def test_bundle_with_no_x509_svid_key_is_refused(ca: Authority) -> None:
+    jwt_only = {"keys": [{"use": "jwt-svid", "kty": "EC", "kid": "k1", "x5c": [_der_b64(ca.certificate)]}]}
+    _refused_json(jwt_only, "no 'x509-svid' key with a certificate")
+
+
+def test_bundle_whose_only_x509_svid_key_has_no_x5c_is_refused() -> None:
+    _refused_json({"keys": [{"use": "x509-svid", "kty": "EC"}]}, "no 'x509-svid' key with a certificate")
+
+
+def test_malformed_json_is_refused() -> None:
+    _refused_json('{"keys": [', "not valid JSON")
+
+
+@pytest.mark.parametrize("text", ["[]", '"keys"', "3", "null", '{"keys": {}}', '{"no_keys": []}'])
+def test_json_that_is_not_an_object_with_a_keys_list_is_refused(text: str) -> None:
+    _refused_json(text, "a SPIFFE bundle is a JSON object with a 'keys' list")
+
+
+def test_key_that_is_not_an_object_is_refused(ca: Authority) -> None:
+    _refused_json({"keys": ["x509-svid"]}, "key 0 is not an object")
+
+
+def test_x5c_that_is_not_base64_is_refused() -> None:
+    _refused_json(
+        {"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["not base64!"]}]}, "x5c[0] is not a DER certificate"
+    )
+
+
+def test_x5c_that_is_not_a_der_certificate_is_refused() -> None:
+    key = {"use": "x509-svid", "kty": "EC", "x5c": [base64.b64encode(b"not a certificate").decode()]}
+    _refused_json({"keys": [key]}, "key 0 x5c[0] is not a DER certificate")
+
+
+def test_x5c_that_is_not_a_string_is_refused() -> None:
+    _refused_json({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": [42]}]}, "x5c[0] is not a DER certificate")
+
+
+def test_non_ca_certificate_in_a_json_bundle_is_refused(ca: Authority) -> None:
+    leaf = ca.issue_svid(WORKLOAD).leaf
+    _refused_json({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": [_der_b64(leaf)]}]}, "not a CA")
+
+
+def test_oversized_json_bundle_is_refused(ca: Authority) -> None:
+    _refused_json(_bundle(ca).to_spiffe_json() + " " * (1 << 20), "larger than")
+
+
+# --- the JSON format checked against py-spiffe ---------------------------------------------
+
+
+def test_py_spiffe_reads_the_same_roots_from_the_published_bundle(ca: Authority, other_ca: Authority) -> None:
+    """py-spiffe 0.3.x has no SPIFFE-bundle-JSON parser for X.509 (X509Bundle parses PEM or DER
+    only, and JwtBundle.parse insists on a 'kid' that §6.1 forbids on x509-svid keys). So the
+    x5c values are fed to X509Bundle.parse_raw, and the JWK set to PyJWT, which is the JWKS
+    parser JwtBundle.parse uses, to check that each JWK's key is its certificate's key."""
+    spiffe = pytest.importorskip("spiffe")
+    jwt = pytest.importorskip("jwt")
+    roots = (*ca.roots, *other_ca.roots)
+    published = meshid.TrustBundle(EXAMPLE, roots, sequence=1).to_spiffe_json()
+    keys = json.loads(published)["keys"]
+
+    ders = b"".join(base64.b64decode(k["x5c"][0]) for k in keys)
+    theirs = spiffe.X509Bundle.parse_raw(spiffe.TrustDomain("example.org"), ders)
+    assert theirs.x509_authorities == set(roots)
+
+    jwks = jwt.PyJWKSet.from_json(published)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    assert [k.key.public_bytes(serialization.Encoding.DER, spki) for k in jwks.keys] == [
+        r.public_key().public_bytes(serialization.Encoding.DER, spki) for r in roots
+    ]
+
+
+def test_py_spiffe_pem_bundle_matches(ca: Authority) -> None:
+    spiffe = pytest.importorskip("spiffe")
+    theirs = spiffe.X509Bundle.parse(spiffe.TrustDomain("example.org"), _bundle(ca).to_pem())
+    assert theirs.x509_authorities == set(ca.roots)
+
+
+# --- TrustBundle as a value ----------------------------------------------------------------
+
+
+def test_trust_bundles_are_equal_by_value_and_hashable(ca: Authority, other_ca: Authority) -> None:
+    a = _bundle(ca, sequence=1)
+    b = meshid.TrustBundle.from_spiffe_json("example.org", a.to_spiffe_json())
+    assert a == b
+    assert hash(a) == hash(b)
+    assert a != _bundle(ca, sequence=2)
+    assert a != _bundle(other_ca, sequence=1)
+    assert _bundle(ca, refresh_hint=10) == _bundle(ca, refresh_hint=20)  # a hint is not content
+    assert a != a.roots  # type: ignore[comparison-overlap]
+
+
+# --- BundleSet -----------------------------------------------------------------------------
+
+
+def test_verify_returns_the_spiffe_id_of_a_good_chain(ca: Authority, bundles: meshid.BundleSet) -> None:
+    svid = ca.issue_svid(WORKLOAD)
+    assert bundles.verify(svid.leaf, svid.chain[1:]) == meshid.SpiffeId.parse(WORKLOAD)
+
+
+def test_verify_accepts_a_federated_trust_domains_chain(other_ca: Authority, bundles: meshid.BundleSet) -> None:
+    svid = other_ca.issue_svid(PARTNER)
+    assert bundles.verify(svid.leaf) == meshid.SpiffeId.parse(PARTNER)
+
+
+def test_chain_signed_by_another_trust_domains_ca_is_refused(other_ca: Authority, bundles: meshid.BundleSet) -> None:
+    forged = forge(other_ca, uris=[WORKLOAD])  # an example.org ID signed by other.org's CA
+    assert isinstance(forged, meshid.X509Svid)
+    assert OTHER in bundles  # other.org's CA is trusted, but only for other.org's IDs
+    assert bundles.verify_any(forged.leaf) == OTHER  # the chain itself is sound
+    with pytest.raises(meshid.VerificationError) as info:
+        bundles.verify(forged.leaf)
+    assert WORKLOAD in str(info.value)
+    assert "does not verify against its trust domain's bundle" in str(info.value)
+
+
+def test_chain_for_a_trust_domain_with_no_bundle_is_refused(other_ca: Authority) -> None:
+    stranger = Authority.create_root("stranger.org")
+    svid = stranger.issue_svid("spiffe://stranger.org/w")
+    assert meshid.BundleSet.of(_bundle(other_ca), _bundle(stranger)).verify(svid.leaf) == svid.spiffe_id
+    without = meshid.BundleSet.of(_bundle(other_ca))
+    with pytest.raises(meshid.VerificationError) as info:
+        without.verify(svid.leaf)
+    assert "no trust bundle for trust domain stranger.org" in str(info.value)
+
+
+def test_chain_to_an_untrusted_root_of_the_same_trust_domain_is_refused(bundles: meshid.BundleSet) -> None:
+    impostor = Authority.create_root("example.org")
+    svid = impostor.issue_svid(WORKLOAD)
+    with pytest.raises(meshid.VerificationError, match="does not verify"):
+        bundles.verify(svid.leaf)
+
+
+def test_expired_certificate_is_refused(ca: Authority, bundles: meshid.BundleSet) -> None:
+    svid = ca.issue_svid(WORKLOAD, ttl=datetime.timedelta(hours=1))
+    assert bundles.verify(svid.leaf, now=svid.not_after - datetime.timedelta(seconds=1)) == svid.spiffe_id
+    with pytest.raises(meshid.VerificationError, match="not valid at validation time"):
+        bundles.verify(svid.leaf, now=svid.not_after + datetime.timedelta(seconds=1))
+
+
+def test_not_yet_valid_certificate_is_refused(ca: Authority, bundles: meshid.BundleSet) -> None:
+    svid = ca.issue_svid(WORKLOAD)
+    assert bundles.verify(svid.leaf, now=svid.not_before + datetime.timedelta(seconds=1)) == svid.spiffe_id
+    with pytest.raises(meshid.VerificationError, match="not valid at validation time"):
+        bundles.verify(svid.leaf, now=svid.not_before - datetime.timedelta(seconds=1))
+
+
+def test_leaf_that_is_a_ca_is_refused_by_verify(ca: Authority, bundles: meshid.BundleSet) -> None:
+    chain, _ = forge(ca, uris=[WORKLOAD], ca=True, key_cert_sign=True)  # type: ignore[misc]
+    with pytest.raises(meshid.VerificationError, match="the leaf certificate is a CA"):
+        bundles.verify(chain[0])
+
+
+def test_svid_from_an_intermediate_ca_verifies_against_the_upstream_root(
+    ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    intermediate = Authority.from_upstream("example.org", ca.certificate, ca.private_key)
+    assert intermediate.roots == ca.roots
+    svid = intermediate.issue_svid(WORKLOAD)
+    assert bundles.verify(svid.leaf, svid.chain[1:]) == svid.spiffe_id
+    with pytest.raises(meshid.VerificationError):
+        bundles.verify(svid.leaf)  # without the intermediate there is no path to the root
+
+
+def test_intermediate_of_another_trust_domain_does_not_vouch(other_ca: Authority, bundles: meshid.BundleSet) -> None:
+    # other.org's CA signs an intermediate that claims example.org, which then signs an example.org ID.
+    intermediate = Authority.from_upstream("example.org", other_ca.certificate, other_ca.private_key)
+    svid = intermediate.issue_svid(WORKLOAD)
+    with pytest.raises(meshid.VerificationError, match="does not verify"):
+        bundles.verify(svid.leaf, svid.chain[1:])
+
+
+def test_ca_with_an_eddsa_key_is_refused_up_front() -> None:
+    # RFC 5280 validators (cryptography's among them) refuse EdDSA in CA signatures, so an
+    # Ed25519 CA would issue SVIDs nobody can verify: meshid refuses to create one.
+    with pytest.raises(ValueError, match="EdDSA CA key"):
+        Authority.create_root("example.org", key=generate_key("ed25519"))
+    upstream = Authority.create_root("corp.example")
+    with pytest.raises(ValueError, match="EdDSA CA key"):
+        Authority.from_upstream("example.org", upstream.certificate, upstream.private_key, key=generate_key("ed25519"))
+
+
+def _self_signed_ca(key):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed25519 root")])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, None)
+    )
+
+
+def test_verify_any_vouches_for_a_certificate_without_a_spiffe_id(ca: Authority, bundles: meshid.BundleSet) -> None:
+    chain, _ = forge(ca, uris=[], subject_cn="legacy-client")  # type: ignore[misc]
+    with pytest.raises(meshid.VerificationError, match="no URI SAN"):
+        bundles.verify(chain[0])
+    assert bundles.verify_any(chain[0]) == EXAMPLE
+
+
+def test_verify_any_refuses_a_chain_no_bundle_verifies(bundles: meshid.BundleSet) -> None:
+    stranger = Authority.create_root("stranger.org")
+    chain, _ = forge(stranger, uris=[], subject_cn="legacy-client")  # type: ignore[misc]
+    with pytest.raises(meshid.VerificationError, match="no trust bundle verifies its chain"):
+        bundles.verify_any(chain[0])
+
+
+def test_verification_error_is_a_meshid_error_and_not_a_value_error() -> None:
+    assert issubclass(meshid.VerificationError, meshid.MeshIdError)
+    assert not issubclass(meshid.VerificationError, ValueError)
+
+
+def test_bundle_set_is_a_mapping_by_trust_domain(ca: Authority, other_ca: Authority, bundles: meshid.BundleSet) -> None:
+    assert len(bundles) == 2
+    assert set(bundles) == {EXAMPLE, OTHER}
+    assert bundles[EXAMPLE] == _bundle(ca)
+    assert meshid.TrustDomain.parse("stranger.org") not in bundles
+    assert bundles.all_roots_pem() == _pem(ca.roots) + _pem(other_ca.roots)
+
+
+def test_with_bundle_replaces_the_bundle_of_its_trust_domain(
+    ca: Authority, other_ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    new_root = Authority.create_root("other.org")
+    replaced = bundles.with_bundle(_bundle(new_root))
+
+    assert replaced[OTHER].roots == new_root.roots
+    assert replaced[EXAMPLE] == bundles[EXAMPLE]
+    assert len(replaced) == 2
+    assert bundles[OTHER].roots == other_ca.roots  # the original is untouched
+    new_svid = new_root.issue_svid(PARTNER)
+    old_svid = other_ca.issue_svid(PARTNER)
+    assert replaced.verify(new_svid.leaf) == new_svid.spiffe_id
+    with pytest.raises(meshid.VerificationError):
+        replaced.verify(old_svid.leaf)
+
+
+def test_later_bundle_wins_in_of(ca: Authority) -> None:
+    newer = Authority.create_root("example.org")
+    both = meshid.BundleSet.of(_bundle(ca), [_bundle(newer)])
+    assert len(both) == 1
+    assert both[EXAMPLE].roots == newer.roots
+
+
+def test_bundle_sets_are_equal_by_content_and_hashable(
+    ca: Authority, other_ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    same = meshid.BundleSet.of(_bundle(other_ca), _bundle(ca))  # order does not matter
+    assert same == bundles
+    assert hash(same) == hash(bundles)
+    assert len({same, bundles}) == 1
+    assert bundles != meshid.BundleSet.of(_bundle(ca))
+    assert bundles != bundles.with_bundle(_bundle(ca, sequence=9))
+    assert bundles != dict(bundles)  # equal only to its own type
