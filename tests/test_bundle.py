@@ -294,8 +294,8 @@ def test_py_spiffe_reads_the_same_roots_from_the_published_bundle(ca: Authority,
     only, and JwtBundle.parse insists on a 'kid' that §6.1 forbids on x509-svid keys). So the
     x5c values are fed to X509Bundle.parse_raw, and the JWK set to PyJWT, which is the JWKS
     parser JwtBundle.parse uses, to check that each JWK's key is its certificate's key."""
-    spiffe = pytest.importorskip("spiffe")
-    jwt = pytest.importorskip("jwt")
+    import jwt  # PyJWT: the key-set parser py-spiffe itself uses
+    import spiffe
     roots = (*ca.roots, *other_ca.roots)
     published = meshid.TrustBundle(EXAMPLE, roots, sequence=1).to_spiffe_json()
     keys = json.loads(published)["keys"]
@@ -312,7 +312,7 @@ def test_py_spiffe_reads_the_same_roots_from_the_published_bundle(ca: Authority,
 
 
 def test_py_spiffe_pem_bundle_matches(ca: Authority) -> None:
-    spiffe = pytest.importorskip("spiffe")
+    import spiffe
     theirs = spiffe.X509Bundle.parse(spiffe.TrustDomain("example.org"), _bundle(ca).to_pem())
     assert theirs.x509_authorities == set(ca.roots)
 
