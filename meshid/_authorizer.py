@@ -59,8 +59,18 @@ def _load(policy: PolicyInput) -> tuple[AuthorizationPolicy, str | None]:
 class Authorizer:
     """Holds the current policy and decides calls; the one place status codes are chosen."""
 
-    def __init__(self, policy: PolicyInput, *, source: TrustInput, poll_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        policy: PolicyInput,
+        *,
+        source: TrustInput,
+        poll_interval: float = 2.0,
+        unauthenticated_methods: Iterable[str] = (),
+    ) -> None:
         self._policy, self._path = _load(policy)
+        self._open_methods = frozenset(unauthenticated_methods)
+        if any(not isinstance(m, str) or not m.startswith("/") for m in self._open_methods):
+            raise ValueError("unauthenticated_methods must be full method names such as '/pkg.Service/Method'")
         self._verifier = PeerVerifier(_bundles_getter(source))
         self._poll_interval = poll_interval
         self._stamp = self._file_stamp()
@@ -147,15 +157,37 @@ class Authorizer:
         memo[key] = (identity, decision)
         return decision
 
+    def _open_call(
+        self,
+        policy: AuthorizationPolicy,
+        auth_context: Mapping[str, Sequence[bytes]],
+        method: str,
+        peer_address: str | None,
+    ) -> PeerIdentity | None:
+        # Open to every caller; a peer that does verify is still named to the handler.
+        try:
+            identity = self._verifier.identify(auth_context, allow_non_spiffe=policy.allow_non_spiffe_peers)
+        except VerificationError:
+            identity = None
+        if identity is not None and self.revoked is not None and self.revoked(identity):
+            identity = None
+        audit.record(policy, Decision(True, None, "unauthenticated method"), method, identity, peer_address=peer_address)
+        return identity
+
     def authorize(
         self,
         auth_context: Mapping[str, Sequence[bytes]],
         method: str,
         metadata: Iterable[tuple[str, str | bytes]] | None,
         peer_address: str | None = None,
-    ) -> PeerIdentity | Refusal:
-        """Decide one call: the verified peer when allowed, else the refusal to send."""
+    ) -> PeerIdentity | Refusal | None:
+        """Decide one call: the verified peer when allowed, else the refusal to send.
+
+        None means an unauthenticated method called by a peer that could not be verified.
+        """
         policy = self._policy  # one read: the whole call sees one policy
+        if method in self._open_methods:
+            return self._open_call(policy, auth_context, method, peer_address)
         try:
             identity = self._verifier.identify(auth_context, allow_non_spiffe=policy.allow_non_spiffe_peers)
         except VerificationError as err:

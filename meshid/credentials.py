@@ -34,11 +34,17 @@ ServerId = SpiffeId | TrustDomain | str
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
-class _ServerConfigs:
-    """Turns the source's current state into a grpc certificate configuration, once per change."""
+class ServerConfigs:
+    """Turns the source's current state into a grpc certificate configuration, once per change.
 
-    def __init__(self, source: Source) -> None:
+    ``extra_client_roots`` are added to the roots the TLS layer accepts client certificates
+    from, and never to the bundles meshid verifies peers against (the CA uses it; see
+    :mod:`meshid.ca.bootstrap`).
+    """
+
+    def __init__(self, source: Source, *, extra_client_roots: bytes = b"") -> None:
         self._source = source
+        self._extra_roots = extra_client_roots
         self._key: tuple[X509Svid, BundleSet] | None = None
         self._config: Any = None
 
@@ -47,7 +53,7 @@ class _ServerConfigs:
         key = (svid, bundles)
         if self._key is None or self._key[0] is not svid or self._key[1] is not bundles:
             self._config = grpc.ssl_server_certificate_configuration(
-                [(svid.key_pem(), svid.chain_pem())], root_certificates=bundles.all_roots_pem()
+                [(svid.key_pem(), svid.chain_pem())], root_certificates=bundles.all_roots_pem() + self._extra_roots
             )
             self._key = key
             return self._config
@@ -71,7 +77,7 @@ def server_credentials(source: Source) -> grpc.ServerCredentials:
         TypeError: ``source`` is not a source.
         SourceError: the source has no SVID yet.
     """
-    configs = _ServerConfigs(require_source(source))
+    configs = ServerConfigs(require_source(source))
     return grpc.dynamic_ssl_server_credentials(
         configs.current(), configs.fetch, require_client_authentication=True
     )

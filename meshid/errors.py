@@ -11,7 +11,16 @@ working::
     ├── InvalidBundleError (ValueError)     a trust bundle cannot be read
     ├── InvalidPolicyError (ValueError)     an authorization policy cannot be loaded
     ├── VerificationError                   a peer's chain does not verify against its bundle
-    └── SourceError                         an identity source has nothing to hand out
+    ├── SourceError                         an identity source has nothing to hand out
+    ├── RemoteError                         the CA answered a client with an error (``.code``)
+    └── IssuanceError                       the CA refused a request; one gRPC status code each:
+        ├── InvalidRequestError (ValueError)    malformed CSR or request          INVALID_ARGUMENT
+        ├── TokenError                          unknown, used or expired token    UNAUTHENTICATED
+        ├── NotAuthorizedError                  asks for what the caller may not  PERMISSION_DENIED
+        ├── NotFoundError                       no such entry or serial           NOT_FOUND
+        ├── AlreadyExistsError                  the entry exists                  ALREADY_EXISTS
+        ├── RateLimitedError                    too many creations per minute     RESOURCE_EXHAUSTED
+        └── StoreError                          the database cannot be used       UNAVAILABLE
 
 Messages start with the concept ("SPIFFE ID", "X509-SVID", "policy", ...), say
 what is wrong and, where possible, what to do.
@@ -20,12 +29,21 @@ what is wrong and, where possible, what to do.
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyExistsError",
     "InvalidBundleError",
     "InvalidPolicyError",
+    "InvalidRequestError",
     "InvalidSpiffeIdError",
     "InvalidSvidError",
+    "IssuanceError",
     "MeshIdError",
+    "NotAuthorizedError",
+    "NotFoundError",
+    "RateLimitedError",
+    "RemoteError",
     "SourceError",
+    "StoreError",
+    "TokenError",
     "VerificationError",
 ]
 
@@ -56,3 +74,43 @@ class VerificationError(MeshIdError):
 
 class SourceError(MeshIdError):
     """An identity source cannot hand out an SVID or bundle."""
+
+
+class IssuanceError(MeshIdError):
+    """The CA refused a request. Each subclass maps to exactly one gRPC status code."""
+
+
+class InvalidRequestError(IssuanceError, ValueError):
+    """A malformed CSR or request (INVALID_ARGUMENT). Nothing was written for it."""
+
+
+class TokenError(IssuanceError):
+    """A join token is unknown, already used or expired (UNAUTHENTICATED)."""
+
+
+class NotAuthorizedError(IssuanceError):
+    """The caller asks for something it may not have, e.g. another SPIFFE ID (PERMISSION_DENIED)."""
+
+
+class NotFoundError(IssuanceError):
+    """No such registration entry or serial (NOT_FOUND)."""
+
+
+class AlreadyExistsError(IssuanceError):
+    """The registration entry already exists (ALREADY_EXISTS)."""
+
+
+class RateLimitedError(IssuanceError):
+    """Too many entries or tokens created per minute by one admin (RESOURCE_EXHAUSTED)."""
+
+
+class StoreError(IssuanceError):
+    """The CA's database cannot be used: locked, full, corrupt (UNAVAILABLE)."""
+
+
+class RemoteError(MeshIdError):
+    """The CA refused or could not answer a client call; ``code`` is the gRPC status code name."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code

@@ -8,7 +8,7 @@ the context in hand before the servicer's code runs, for all four RPC shapes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -40,6 +40,10 @@ class AuthorizationInterceptor(_ServerInterceptor):
             :meth:`start` watches it and :meth:`reload` re-reads it).
         source: where the trust bundles come from (an identity source, a ``BundleSet`` or a
             ``TrustBundle``); each peer is verified against its own trust domain's bundle.
+        unauthenticated_methods: full method names open to every caller, verified or not
+            (for example a health check, or an issuer's first-issuance call). Only useful
+            on a server whose TLS layer admits such callers; the handler finds the caller in
+            :func:`meshid.peer_identity` only if it did verify.
 
     No verified certificate gives ``UNAUTHENTICATED``; a denial gives ``PERMISSION_DENIED``
     naming the method and the caller, never the policy's contents. An unknown method is
@@ -51,8 +55,17 @@ class AuthorizationInterceptor(_ServerInterceptor):
         InvalidPolicyError: the policy file cannot be loaded.
     """
 
-    def __init__(self, policy: PolicyInput, *, source: TrustInput, poll_interval: float = 2.0) -> None:
-        self._authorizer = Authorizer(policy, source=source, poll_interval=poll_interval)
+    def __init__(
+        self,
+        policy: PolicyInput,
+        *,
+        source: TrustInput,
+        poll_interval: float = 2.0,
+        unauthenticated_methods: Iterable[str] = (),
+    ) -> None:
+        self._authorizer = Authorizer(
+            policy, source=source, poll_interval=poll_interval, unauthenticated_methods=unauthenticated_methods
+        )
 
     @property
     def policy(self) -> AuthorizationPolicy:
@@ -87,7 +100,8 @@ class AuthorizationInterceptor(_ServerInterceptor):
         result = self._authorizer.authorize(auth, details.method, details.invocation_metadata, context.peer())
         if isinstance(result, Refusal):
             context.abort(result.code, result.message)
-        _peer.attach(context, result)
+        if result is not None:
+            _peer.attach(context, result)
 
     def intercept_service(
         self,

@@ -181,7 +181,7 @@ def attach(context: object, identity: PeerIdentity) -> None:
     setattr(context, _ATTR, identity)
 
 
-def set_current(identity: PeerIdentity) -> contextvars.Token[PeerIdentity | None]:
+def set_current(identity: PeerIdentity | None) -> contextvars.Token[PeerIdentity | None]:
     """Make ``identity`` the current task's peer (grpc.aio contexts take no attributes)."""
     return _CURRENT.set(identity)
 

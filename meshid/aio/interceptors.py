@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -35,8 +35,17 @@ class AuthorizationInterceptor(_ServerInterceptor):
     The caller's identity is available to handlers through :func:`meshid.peer_identity`.
     """
 
-    def __init__(self, policy: PolicyInput, *, source: TrustInput, poll_interval: float = 2.0) -> None:
-        self._authorizer = Authorizer(policy, source=source, poll_interval=poll_interval)
+    def __init__(
+        self,
+        policy: PolicyInput,
+        *,
+        source: TrustInput,
+        poll_interval: float = 2.0,
+        unauthenticated_methods: Iterable[str] = (),
+    ) -> None:
+        self._authorizer = Authorizer(
+            policy, source=source, poll_interval=poll_interval, unauthenticated_methods=unauthenticated_methods
+        )
 
     @property
     def policy(self) -> AuthorizationPolicy:
@@ -58,7 +67,7 @@ class AuthorizationInterceptor(_ServerInterceptor):
 
     async def _check(
         self, context: grpc.aio.ServicerContext[Any, Any], details: grpc.HandlerCallDetails
-    ) -> PeerIdentity:
+    ) -> PeerIdentity | None:
         # grpc returns each auth property as a list of bytes; grpc-stubs declares an Iterable.
         auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
         result = self._authorizer.authorize(auth, details.method, details.invocation_metadata, context.peer())
@@ -112,7 +121,7 @@ class AuthorizationInterceptor(_ServerInterceptor):
 
 def _wrap_streaming(
     inner: Any,
-    check: Callable[[Any, grpc.HandlerCallDetails], Awaitable[PeerIdentity]],
+    check: Callable[[Any, grpc.HandlerCallDetails], Awaitable[PeerIdentity | None]],
     details: grpc.HandlerCallDetails,
 ) -> Any:
     """Wrap a streaming-response behaviour, which is an async generator or a coroutine using context.write."""

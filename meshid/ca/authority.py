@@ -54,7 +54,7 @@ def _check_ca_key(key: PrivateKey) -> None:
         )
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         return None
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
@@ -128,7 +128,7 @@ def _build(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-    return builder.sign(signing_key, _hash_for(signing_key))  # type: ignore[arg-type]
+    return builder.sign(signing_key, hash_for(signing_key))  # type: ignore[arg-type]
 
 
 def _name(common_name: str, organization: str) -> x509.Name:

@@ -19,9 +19,7 @@ from meshid.svid import spiffe_id_from_certificate
 def register(groups: Any) -> None:
     group = groups.add_parser("policy", help="work with authorization policies")
     commands = group.add_subparsers(dest="command", required=True)
-    check = commands.add_parser(
-        "check", help="print the decision and deciding rule; exit 0 allow, 1 deny, 2 bad input"
-    )
+    check = commands.add_parser("check", help="print the decision and deciding rule; exit 0 allow, 1 deny, 2 bad input")
     check.add_argument("policy", help="policy file (native YAML/JSON or gRPC authz JSON)")
     who = check.add_mutually_exclusive_group(required=True)
     who.add_argument("--spiffe-id", help="the caller's SPIFFE ID")

@@ -10,6 +10,7 @@ from typing import Any
 from cryptography import x509
 
 from meshid import _x509
+from meshid.cli._common import add_admin_options
 from meshid.errors import InvalidSvidError
 from meshid.svid import check_leaf
 
@@ -23,6 +24,20 @@ def register(groups: Any) -> None:
     inspect.add_argument("file", help="PEM certificate chain, leaf first")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=run_inspect)
+    fetch = commands.add_parser("fetch", help="obtain an SVID from the CA with a join token")
+    fetch.add_argument("--server", required=True, metavar="HOST:PORT")
+    fetch.add_argument(
+        "--bundle", required=True, metavar="FILE", help="the CA's trust bundle (PEM), obtained out of band"
+    )
+    fetch.add_argument("--join-token", required=True, metavar="TOKEN")
+    fetch.add_argument("--out", required=True, metavar="DIR", help="writes svid.pem, svid.key (0600), bundle.pem")
+    fetch.set_defaults(run=run_fetch)
+    revoke = commands.add_parser("revoke", help="revoke SVIDs on the running CA")
+    add_admin_options(revoke)
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("--serial", help="one SVID, by serial (hex)")
+    target.add_argument("--spiffe-id", help="every unexpired SVID of this SPIFFE ID")
+    revoke.set_defaults(run=run_revoke)
 
 
 def load_chain(path: str) -> list[x509.Certificate]:
@@ -85,4 +100,25 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"DNS SANs:    {', '.join(info['dns_sans']) or '-'}")
     for index, cert in enumerate(info["chain"], start=1):
         print(f"Chain [{index}]:   {cert['subject']} (serial {cert['serial']}, until {cert['not_after']})")
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from meshid.ca.client import fetch_svid, write_fetched
+
+    svid, bundle = fetch_svid(args.server, args.bundle, args.join_token)
+    write_fetched(args.out, svid, bundle)
+    print(f"fetched {svid.spiffe_id} (serial {svid.serial:x}, until {svid.not_after.isoformat()}) into {args.out}")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    from meshid.ca.client import AdminClient
+
+    with AdminClient(args.server, args.data_dir) as admin:
+        serials = admin.revoke(serial=args.serial or "", spiffe_id=args.spiffe_id or "")
+    for serial in serials:
+        print(f"revoked {serial}")
+    if not serials:
+        print("nothing to revoke")
     return 0

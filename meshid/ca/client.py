@@ -1,0 +1,194 @@
+"""Talking to a meshid CA: first issuance with a join token, renewal, bundle, CRL, admin calls.
+
+Every call pins the CA's identity (``spiffe://<td>/meshid/ca``) and trusts only the roots it
+was given, so a join token or CSR never reaches another server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from cryptography import x509
+
+from meshid._proto import issuer_pb2, issuer_pb2_grpc, registration_pb2, registration_pb2_grpc
+from meshid.bundle import BundleSet, TrustBundle
+from meshid.ca.authority import generate_key
+from meshid.ca.bootstrap import anonymous_client
+from meshid.ca.csr import build_csr
+from meshid.ca.service import parse_token_trust_domain
+from meshid.credentials import merge_options
+from meshid.errors import InvalidSvidError, RemoteError
+from meshid.sources import FileSource
+from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.svid import X509Svid, identity_dns_name
+
+__all__ = ["AdminClient", "fetch_svid", "get_bundle", "get_crl", "renew_svid"]
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 10.0
+
+
+def ca_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
+    return SpiffeId.from_parts(trust_domain, "meshid", "ca")
+
+
+def _channel(
+    server: str, roots_pem: bytes, trust_domain: TrustDomain, key_pem: bytes, chain_pem: bytes
+) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(roots_pem, key_pem, chain_pem)
+    pin = [("grpc.ssl_target_name_override", identity_dns_name(ca_spiffe_id(trust_domain)))]
+    return grpc.secure_channel(server, creds, options=merge_options(pin, None))
+
+
+def _call(what: str, server: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as err:
+        code = err.code().name if err.code() is not None else "UNKNOWN"
+        details = err.details() or ""
+        if code == "UNAVAILABLE":
+            details = f"cannot reach the CA at {server} (is it running, and is this its bundle?): {details}"
+        raise RemoteError(f"{what}: {code}: {details}", code) from err
+
+
+def _svid_from(response: Any, key: Any) -> tuple[X509Svid, TrustBundle]:
+    try:
+        chain = [x509.load_der_x509_certificate(der) for der in response.chain]
+        roots = tuple(x509.load_der_x509_certificate(der) for der in response.bundle.roots)
+    except ValueError as err:
+        raise InvalidSvidError(f"X509-SVID: the CA returned an unreadable certificate: {err}") from err
+    svid = X509Svid.from_parts(chain, key)
+    bundle = TrustBundle(svid.spiffe_id.trust_domain, roots, response.bundle.sequence or None)
+    BundleSet.of(bundle).verify(svid.leaf, svid.chain[1:])
+    return svid, bundle
+
+
+def read_roots(bundle_file: str | os.PathLike[str]) -> bytes:
+    """The PEM roots a workload trusts the CA by, before it has a bundle of its own."""
+    return TrustBundle.load(TrustDomain("bootstrap"), bundle_file).to_pem()
+
+
+def fetch_svid(
+    server: str,
+    bundle_file: str | os.PathLike[str],
+    join_token: str,
+    *,
+    key_kind: str = "ec-p256",
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[X509Svid, TrustBundle]:
+    """First issuance: a new key, a CSR, a join token; returns the SVID and the CA's bundle.
+
+    Raises:
+        TokenError: the token is malformed. RemoteError: the CA refused (``.code``) or is unreachable.
+    """
+    td = TrustDomain.parse(parse_token_trust_domain(join_token))
+    key = generate_key(key_kind)
+    anon_key, anon_cert = anonymous_client()
+    with _channel(server, read_roots(bundle_file), td, anon_key, anon_cert) as channel:
+        stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
+        request = issuer_pb2.IssueWithTokenRequest(join_token=join_token, csr=build_csr(key))
+        response = _call("svid fetch", server, lambda: stub.IssueWithToken(request, timeout=timeout))
+    return _svid_from(response, key)
+
+
+def renew_svid(
+    server: str, svid: X509Svid, bundles: BundleSet, *, key_kind: str = "ec-p256", timeout: float = DEFAULT_TIMEOUT
+) -> tuple[X509Svid, TrustBundle]:
+    """Renewal over mTLS with the current SVID: a new key, same SPIFFE ID.
+
+    Raises:
+        RemoteError: the CA refused (``.code``) or is unreachable.
+    """
+    td = svid.spiffe_id.trust_domain
+    key = generate_key(key_kind)
+    with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
+        stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
+        request = issuer_pb2.RenewRequest(csr=build_csr(key), spiffe_id=str(svid.spiffe_id))
+        response = _call("svid renew", server, lambda: stub.Renew(request, timeout=timeout))
+    return _svid_from(response, key)
+
+
+def get_bundle(server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT) -> TrustBundle:
+    td = svid.spiffe_id.trust_domain
+    with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
+        stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
+        response = _call("bundle", server, lambda: stub.GetBundle(issuer_pb2.GetBundleRequest(), timeout=timeout))
+    roots = tuple(x509.load_der_x509_certificate(der) for der in response.roots)
+    return TrustBundle(td, roots, response.sequence or None)
+
+
+def get_crl(
+    server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT
+) -> tuple[bytes, list[x509.Certificate]]:
+    """The CA's current CRL (DER) and the chain of the CA certificate that signed it."""
+    td = svid.spiffe_id.trust_domain
+    with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
+        stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
+        response = _call("CRL", server, lambda: stub.GetCrl(issuer_pb2.GetCrlRequest(), timeout=timeout))
+    return response.der, [x509.load_der_x509_certificate(der) for der in response.issuer_chain]
+
+
+class AdminClient:
+    """Admin calls with the admin SVID that ``meshid ca init`` left in ``DIR/admin``."""
+
+    def __init__(self, server: str, data_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        folder = pathlib.Path(data_dir) / "admin"
+        source = FileSource(folder / "svid.pem", folder / "svid.key", folder / "bundle.pem")
+        svid = source.get_svid()
+        td = svid.spiffe_id.trust_domain
+        self._server = server
+        self._timeout = timeout
+        self._channel = _channel(server, source.get_bundles()[td].to_pem(), td, svid.key_pem(), svid.chain_pem())
+        self._stub = registration_pb2_grpc.RegistrationStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def _do(self, what: str, method: str, request: Any) -> Any:
+        return _call(what, self._server, lambda: getattr(self._stub, method)(request, timeout=self._timeout))
+
+    def create_entry(
+        self, spiffe_id: str, dns_names: list[str] | None = None, ttl: datetime.timedelta | None = None
+    ) -> Any:
+        request = registration_pb2.CreateEntryRequest(
+            spiffe_id=spiffe_id, dns_names=dns_names or [], ttl_seconds=int(ttl.total_seconds()) if ttl else 0
+        )
+        return self._do("entry create", "CreateEntry", request)
+
+    def list_entries(self) -> list[Any]:
+        return list(self._do("entry list", "ListEntries", registration_pb2.ListEntriesRequest()).entries)
+
+    def delete_entry(self, spiffe_id: str) -> None:
+        self._do("entry delete", "DeleteEntry", registration_pb2.DeleteEntryRequest(spiffe_id=spiffe_id))
+
+    def create_token(self, spiffe_id: str, ttl: datetime.timedelta | None = None) -> Any:
+        request = registration_pb2.CreateJoinTokenRequest(
+            spiffe_id=spiffe_id, ttl_seconds=int(ttl.total_seconds()) if ttl else 0
+        )
+        return self._do("token create", "CreateJoinToken", request)
+
+    def revoke(self, *, serial: str = "", spiffe_id: str = "") -> list[str]:
+        request = (
+            registration_pb2.RevokeSvidsRequest(serial=serial)
+            if serial
+            else registration_pb2.RevokeSvidsRequest(spiffe_id=spiffe_id)
+        )
+        return list(self._do("svid revoke", "RevokeSvids", request).serials)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_fetched(out: str | os.PathLike[str], svid: X509Svid, bundle: TrustBundle) -> None:
+    """Write ``svid.pem``, ``svid.key`` (0600) and ``bundle.pem`` atomically into ``out``."""
+    from meshid._files import write_svid_files
+
+    write_svid_files(out, svid.chain_pem(), svid.key_pem(), bundle.to_pem())

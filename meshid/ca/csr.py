@@ -1,0 +1,96 @@
+"""CSRs as the CA accepts them: a verified signature over an allowed key type, and nothing else.
+
+What a CSR asks for (SANs, the CA bit, extensions) is never copied into a certificate; the
+registration entry decides. :func:`parse_csr` still reports the URI SANs it asks for, so that
+a renewal that explicitly asks for another SPIFFE ID can be refused rather than silently
+rewritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from meshid.ca.authority import PublicKey
+from meshid.errors import InvalidRequestError
+
+__all__ = ["MAX_CSR_BYTES", "ParsedCsr", "build_csr", "parse_csr"]
+
+#: A CSR larger than this is refused before parsing (a P-384 or RSA-4096 CSR is well under 2 KiB).
+MAX_CSR_BYTES = 16 * 1024
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCsr:
+    public_key: PublicKey
+    requested_uris: tuple[str, ...]
+
+
+def _check_key(key: object) -> PublicKey:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _CURVES:
+            raise InvalidRequestError(f"CSR: EC curve {key.curve.name} is not allowed; use P-256 or P-384")
+        return key
+    if isinstance(key, rsa.RSAPublicKey):
+        if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
+            raise InvalidRequestError(
+                f"CSR: an RSA key of {key.key_size} bits is not allowed; use {MIN_RSA_BITS} to {MAX_RSA_BITS} bits"
+            )
+        return key
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key
+    raise InvalidRequestError(f"CSR: key type {type(key).__name__} is not allowed; use EC P-256/P-384, RSA or Ed25519")
+
+
+def parse_csr(der: bytes, *, max_bytes: int = MAX_CSR_BYTES) -> ParsedCsr:
+    """Parse and check a DER PKCS#10 request.
+
+    Raises:
+        InvalidRequestError: empty, oversized, malformed, a bad signature, or a refused key type.
+    """
+    if not isinstance(der, bytes | bytearray):
+        raise InvalidRequestError("CSR: must be DER bytes")
+    if not der:
+        raise InvalidRequestError("CSR: is empty")
+    if len(der) > max_bytes:
+        raise InvalidRequestError(f"CSR: {len(der)} bytes is larger than the limit of {max_bytes}")
+    try:
+        csr = x509.load_der_x509_csr(bytes(der))
+    except ValueError as err:
+        raise InvalidRequestError(f"CSR: not a DER PKCS#10 request: {err}") from err
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError) as err:
+        raise InvalidRequestError(f"CSR: its public key cannot be read: {err}") from err
+    checked = _check_key(key)
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, TypeError) as err:
+        raise InvalidRequestError(f"CSR: its signature cannot be checked: {err}") from err
+    if not valid:
+        raise InvalidRequestError("CSR: the signature does not verify; it was not made with the key it carries")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        uris = ()
+    except ValueError as err:
+        raise InvalidRequestError(f"CSR: its extensions cannot be read: {err}") from err
+    return ParsedCsr(checked, uris)
+
+
+def build_csr(private_key: object, *, uri: str | None = None) -> bytes:
+    """A minimal DER CSR over ``private_key`` (what workloads send). ``uri`` adds a URI SAN."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if uri is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), False)
+    algorithm = None if isinstance(private_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    csr = builder.sign(private_key, algorithm)  # type: ignore[arg-type]
+    return csr.public_bytes(serialization.Encoding.DER)

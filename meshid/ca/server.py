@@ -1,0 +1,161 @@
+"""``meshid ca serve``: the issuer and registration services on one mTLS port.
+
+The CA presents an SVID for ``spiffe://<td>/meshid/ca`` (issued by itself, refreshed while it
+runs) and guards every call with meshid's own interceptor and this policy: the admin SVID may
+call Registration; workloads of the trust domain may call Issuer. First issuance, the bundle
+and the CRL are open to callers without an SVID (see :mod:`meshid.ca.bootstrap` for how one
+port serves both).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pathlib
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from meshid._proto import issuer_pb2_grpc, registration_pb2_grpc
+from meshid.authz.policy import AuthorizationPolicy
+from meshid.bundle import BundleSet
+from meshid.ca.authority import generate_key
+from meshid.ca.bootstrap import anonymous_root_pem
+from meshid.ca.datadir import open_service, refresh_admin_svid
+from meshid.ca.service import IssuingService, admin_id, ca_id
+from meshid.ca.servicers import IssuerServicer, RegistrationServicer
+from meshid.credentials import ServerConfigs
+from meshid.interceptors import AuthorizationInterceptor
+from meshid.sources import StaticSource
+from meshid.svid import X509Svid
+
+__all__ = ["CaServer"]
+
+log = logging.getLogger("meshid.ca")
+
+ISSUER = "/meshid.v1.Issuer/"
+OPEN_METHODS = (f"{ISSUER}IssueWithToken", f"{ISSUER}GetBundle", f"{ISSUER}GetCrl")
+#: Requests larger than this are refused by grpc before any handler runs (a CSR is at most 16 KiB).
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+def ca_policy(service: IssuingService) -> AuthorizationPolicy:
+    return AuthorizationPolicy.from_dict(
+        {
+            "name": "meshid-ca",
+            "allow": [
+                {
+                    "name": "admins",
+                    "methods": ["/meshid.v1.Registration/*"],
+                    "spiffe_ids": [str(admin_id(service.authority))],
+                },
+                {
+                    "name": "workloads",
+                    "methods": [f"{ISSUER}*"],
+                    "trust_domains": [service.authority.trust_domain.name],
+                },
+            ],
+        },
+        origin="<meshid CA built-in policy>",
+    )
+
+
+class CaServer:
+    """The CA's gRPC server over a data folder. ``start()`` binds and serves; ``stop()`` ends it."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], listen: str, *, max_workers: int = 16) -> None:
+        self._data_dir = pathlib.Path(data_dir)
+        self._listen = listen
+        self._max_workers = max_workers
+        self.service = open_service(data_dir)
+        self._source: StaticSource | None = None
+        self._server: grpc.Server | None = None
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        self.port: int | None = None
+
+    def _own_svid(self) -> X509Svid:
+        key = generate_key()
+        chain = self.service.issue_internal(ca_id(self.service.authority), key.public_key())
+        return X509Svid.from_parts(chain, key)
+
+    def _bundles(self) -> BundleSet:
+        return BundleSet.of(self.service.bundle())
+
+    def start(self) -> int:
+        """Bind ``listen`` and serve. Returns the bound port.
+
+        Raises:
+            StoreError, DataDirError: the store or data folder is unusable.
+            RuntimeError: the address cannot be bound.
+        """
+        self._source = StaticSource(self._own_svid(), self._bundles())
+        refresh_admin_svid(self.service, self._data_dir / "admin")
+        interceptor = AuthorizationInterceptor(
+            ca_policy(self.service), source=self._source, unauthenticated_methods=OPEN_METHODS
+        )
+        interceptor.set_revocation_check(lambda peer: self.service.is_revoked(peer.serial))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="meshid-ca"),
+            interceptors=[interceptor],
+            options=[
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ],
+        )
+        issuer_pb2_grpc.add_IssuerServicer_to_server(IssuerServicer(self.service), server)  # type: ignore[no-untyped-call]
+        registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationServicer(self.service), server)  # type: ignore[no-untyped-call]
+        # The TLS layer also admits the anonymous bootstrap client (see meshid.ca.bootstrap);
+        # meshid's interceptor never trusts it.
+        configs = ServerConfigs(self._source, extra_client_roots=anonymous_root_pem())
+        creds = grpc.dynamic_ssl_server_credentials(
+            configs.current(), configs.fetch, require_client_authentication=True
+        )
+        try:
+            port = server.add_secure_port(self._listen, creds)
+        except RuntimeError as err:
+            raise RuntimeError(f"CA: cannot listen on {self._listen}: {err}") from err
+        server.start()
+        self._server, self.port = server, port
+        self._stop.clear()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="meshid-ca-refresh", daemon=True)
+        self._refresher.start()
+        log.info("CA: serving trust domain %s on %s", self.service.authority.trust_domain, self._listen)
+        return port
+
+    def _refresh_loop(self) -> None:
+        # The CA's own SVID and the admin's are re-issued at half their lifetime.
+        while not self._stop.wait(30):
+            assert self._source is not None
+            svid = self._source.get_svid()
+            now = datetime.datetime.now(datetime.UTC)
+            if now >= svid.not_before + (svid.not_after - svid.not_before) / 2:
+                try:
+                    self._source.update(self._own_svid(), self._bundles())
+                    refresh_admin_svid(self.service, self._data_dir / "admin")
+                except Exception:
+                    log.exception("CA: could not refresh its own SVIDs; will retry")
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        if self._refresher is not None:
+            self._refresher.join()
+            self._refresher = None
+        self.service.store.close()
+
+    def __enter__(self) -> CaServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,270 @@
+"""The issuing service's logic: no gRPC here. The servicers adapt it; the store keeps its records.
+
+Rules enforced here:
+
+* Leaves follow the X509-SVID standard (see :meth:`Authority.sign_svid`); NotAfter is
+  ``min(now + min(entry TTL, CA maximum), CA NotAfter)``; serials are random and never reused.
+* A CSR's signature must verify over an allowed key; what it asks for is ignored in favour of
+  the entry, except that a renewal that explicitly asks for another SPIFFE ID is refused.
+* Join tokens are 256-bit secrets, single use, expiring, stored only as SHA-256 hashes.
+* IDs under ``/meshid/`` (the CA's own and the admin's) cannot be registered or given tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from meshid.bundle import TrustBundle
+from meshid.ca.authority import Authority
+from meshid.ca.crl import build_crl
+from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
+from meshid.ca.store import Entry, Store
+from meshid.errors import (
+    InvalidRequestError,
+    InvalidSpiffeIdError,
+    NotAuthorizedError,
+    NotFoundError,
+    RateLimitedError,
+    TokenError,
+)
+from meshid.spiffeid import SpiffeId
+from meshid.svid import IDENTITY_DNS_ZONE
+
+__all__ = ["DEFAULT_TOKEN_TTL", "DEFAULT_TTL", "Issued", "IssuingService", "admin_id", "ca_id", "token_hash"]
+
+DEFAULT_TTL = datetime.timedelta(hours=1)
+DEFAULT_TOKEN_TTL = datetime.timedelta(minutes=10)
+MAX_TOKEN_TTL = datetime.timedelta(days=7)
+MAX_DNS_NAMES = 32
+RESERVED_PREFIX = "/meshid/"
+_DNS = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def ca_id(authority: Authority) -> SpiffeId:
+    """The SPIFFE ID the CA's own server presents."""
+    return SpiffeId.from_parts(authority.trust_domain, "meshid", "ca")
+
+
+def admin_id(authority: Authority) -> SpiffeId:
+    """The SPIFFE ID of the admin SVID ``meshid ca init`` writes for the CLI."""
+    return SpiffeId.from_parts(authority.trust_domain, "meshid", "admin")
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """What an issuance returns: the SVID's chain (leaf first) and the bundle to trust."""
+
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]
+    bundle: TrustBundle
+
+
+class _RateLimit:
+    """At most ``limit`` events per caller in any 60 s window."""
+
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._events: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def take(self, caller: str, what: str) -> None:
+        now = self._clock()
+        with self._lock:
+            events = self._events[caller]
+            while events and events[0] <= now - 60:
+                events.popleft()
+            if len(events) >= self._limit:
+                raise RateLimitedError(f"{what}: {caller} created {self._limit} in the last minute; try again later")
+            events.append(now)
+
+
+class IssuingService:
+    """Issues, renews and revokes X509-SVIDs for one trust domain."""
+
+    def __init__(
+        self,
+        authority: Authority,
+        store: Store,
+        *,
+        max_ttl: datetime.timedelta = datetime.timedelta(hours=24),
+        creations_per_minute: int = 60,
+        max_csr_bytes: int = MAX_CSR_BYTES,
+        clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self.authority = authority
+        self.store = store
+        self.max_ttl = max_ttl
+        self._max_csr_bytes = max_csr_bytes
+        self._clock = clock
+        self._limits = _RateLimit(creations_per_minute, time.monotonic)
+        self._crl_lock = threading.Lock()
+        self._crl: tuple[bytes, int, datetime.datetime] | None = None
+        self._revoked = {r.serial for r in store.revoked_unexpired(clock())}
+
+    # --- workloads -------------------------------------------------------------------------
+
+    def _sign(
+        self, public_key: object, now: datetime.datetime, *, capped: bool = True
+    ) -> Callable[[Entry], tuple[int, datetime.datetime, object]]:
+        def sign(entry: Entry) -> tuple[int, datetime.datetime, object]:
+            ttl = min(entry.ttl, self.max_ttl) if capped else entry.ttl
+            chain = self.authority.sign_svid(entry.spiffe_id, public_key, ttl=ttl, dns_names=entry.dns_names, now=now)  # type: ignore[arg-type]
+            return chain[0].serial_number, chain[0].not_valid_after_utc, chain
+
+        return sign
+
+    def issue_with_token(self, token: str, csr_der: bytes) -> Issued:
+        """First issuance: the token's entry gets an SVID for the CSR's key.
+
+        Raises:
+            InvalidRequestError: a bad CSR (checked first: nothing is consumed for it).
+            TokenError: unknown, used or expired token.
+        """
+        if not isinstance(token, str) or not token or len(token) > 512:
+            raise TokenError("join token: missing or malformed")
+        csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
+        now = self._clock()
+        entry, chain = self.store.issue_with_token(token_hash(token), now, self._sign(csr.public_key, now))
+        return Issued(entry.spiffe_id, chain, self.bundle())  # type: ignore[arg-type]
+
+    def renew(self, caller: SpiffeId, csr_der: bytes, requested: str = "") -> Issued:
+        """Renewal for an authenticated caller: same SPIFFE ID, new key.
+
+        Raises:
+            InvalidRequestError: a bad CSR.
+            NotAuthorizedError: asks for another SPIFFE ID, or the caller has no entry any more.
+        """
+        csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
+        for asked in (requested, *csr.requested_uris):
+            if asked and asked != str(caller):
+                raise NotAuthorizedError(f"renewal: {caller} may renew only its own SPIFFE ID, not {asked[:200]}")
+        if self.store.get_entry(caller) is None:
+            raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more")
+        now = self._clock()
+        entry, chain = self.store.record_issuance(caller, now, self._sign(csr.public_key, now))
+        return Issued(entry.spiffe_id, chain, self.bundle())  # type: ignore[arg-type]
+
+    def issue_internal(self, spiffe_id: SpiffeId, public_key: object) -> tuple[x509.Certificate, ...]:
+        """Sign for one of the CA's own entries (its server, the admin) and record it."""
+        now = self._clock()
+        _, chain = self.store.record_issuance(spiffe_id, now, self._sign(public_key, now, capped=False))
+        return chain  # type: ignore[return-value]
+
+    def bundle(self) -> TrustBundle:
+        return TrustBundle(self.authority.trust_domain, self.authority.roots, self.store.bundle_sequence())
+
+    def crl(self) -> tuple[bytes, int]:
+        """The current signed CRL (DER) and its number; rebuilt after a revocation or half-way to next update."""
+        now = self._clock()
+        with self._crl_lock:
+            if self._crl is None or now - self._crl[2] > datetime.timedelta(minutes=30):
+                number = self.store.next_crl_number()
+                der = build_crl(self.authority, self.store.revoked_unexpired(now), number=number, now=now)
+                self._crl = (der, number, now)
+            return self._crl[0], self._crl[1]
+
+    def is_revoked(self, serial: int | None) -> bool:
+        return serial is not None and serial in self._revoked
+
+    # --- admins ----------------------------------------------------------------------------
+
+    def _own(self, text: str, what: str) -> SpiffeId:
+        try:
+            sid = SpiffeId.parse(text)
+        except (InvalidSpiffeIdError, TypeError) as err:
+            raise InvalidRequestError(f"{what}: {err}") from err
+        if not sid.is_member_of(self.authority.trust_domain):
+            raise InvalidRequestError(f"{what}: {sid} is not in this CA's trust domain {self.authority.trust_domain}")
+        if not sid.path:
+            raise InvalidRequestError(f"{what}: {sid} has no path; an SVID must name a workload")
+        if (sid.path + "/").startswith(RESERVED_PREFIX):
+            raise NotAuthorizedError(f"{what}: {sid} is reserved for the CA itself")
+        return sid
+
+    def create_entry(
+        self, admin: str, spiffe_id: str, dns_names: Sequence[str] = (), ttl: datetime.timedelta | None = None
+    ) -> Entry:
+        """Register a SPIFFE ID. The TTL defaults to 1 hour and is capped by the CA's maximum."""
+        sid = self._own(spiffe_id, "registration entry")
+        if len(dns_names) > MAX_DNS_NAMES:
+            raise InvalidRequestError(f"registration entry: at most {MAX_DNS_NAMES} DNS names")
+        names = []
+        for name in dns_names:
+            lowered = name.lower()
+            if not _DNS.fullmatch(lowered):
+                raise InvalidRequestError(f"registration entry: DNS name {name[:100]!r} is not a valid host name")
+            if lowered == IDENTITY_DNS_ZONE or lowered.endswith("." + IDENTITY_DNS_ZONE):
+                raise InvalidRequestError(f"registration entry: DNS names under {IDENTITY_DNS_ZONE} are reserved")
+            names.append(lowered)
+        ttl = DEFAULT_TTL if ttl is None or ttl <= datetime.timedelta(0) else ttl
+        self._limits.take(admin, "registration entries")
+        entry = Entry(sid, tuple(dict.fromkeys(names)), min(ttl, self.max_ttl), self._clock().replace(microsecond=0))
+        self.store.create_entry(entry)
+        return entry
+
+    def delete_entry(self, spiffe_id: str) -> None:
+        sid = self._own(spiffe_id, "registration entry")
+        if not self.store.delete_entry(sid):
+            raise NotFoundError(f"registration entry: none for {sid}")
+
+    def list_entries(self) -> list[Entry]:
+        return self.store.list_entries()
+
+    def create_token(
+        self, admin: str, spiffe_id: str, ttl: datetime.timedelta | None = None
+    ) -> tuple[str, datetime.datetime]:
+        """A one-time join token for an entry: ``<trust domain>:<secret>``. Only its hash is stored."""
+        sid = self._own(spiffe_id, "join token")
+        ttl = DEFAULT_TOKEN_TTL if ttl is None or ttl <= datetime.timedelta(0) else min(ttl, MAX_TOKEN_TTL)
+        self._limits.take(admin, "join tokens")
+        token = f"{self.authority.trust_domain.name}:{secrets.token_urlsafe(32)}"
+        expires_at = self._clock().replace(microsecond=0) + ttl
+        self.store.add_token(token_hash(token), sid, expires_at)
+        return token, expires_at
+
+    def revoke(self, *, serial: str = "", spiffe_id: str = "") -> list[int]:
+        """Revoke one serial (hex) or every unexpired SVID of a SPIFFE ID; the next CRL lists them."""
+        now = self._clock()
+        if serial:
+            try:
+                number = int(serial, 16)
+            except ValueError as err:
+                raise InvalidRequestError(f"revocation: serial {serial[:80]!r} is not hexadecimal") from err
+            if not self.store.revoke_serial(number, now):
+                raise NotFoundError(f"revocation: no certificate with serial {serial[:80]} was issued here")
+            revoked = [number]
+        elif spiffe_id:
+            try:
+                sid = SpiffeId.parse(spiffe_id)
+            except InvalidSpiffeIdError as err:
+                raise InvalidRequestError(f"revocation: {err}") from err
+            revoked = self.store.revoke_spiffe_id(sid, now)
+        else:
+            raise InvalidRequestError("revocation: give a serial or a SPIFFE ID")
+        self._revoked.update(revoked)
+        with self._crl_lock:
+            self._crl = None  # the next CRL lists them
+        return revoked
+
+
+def parse_token_trust_domain(token: str) -> str:
+    """The trust domain a join token belongs to (the part before the last ':')."""
+    td, sep, secret = token.rpartition(":")
+    if not sep or not td or not secret:
+        raise TokenError("join token: malformed; expected '<trust domain>:<secret>' as `meshid token create` prints it")
+    return td

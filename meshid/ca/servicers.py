@@ -1,0 +1,177 @@
+"""The CA's gRPC servicers: thin adapters from protobuf to :class:`IssuingService`.
+
+Every refusal is an :class:`IssuanceError`; :func:`status_for` is the one place that maps
+them to gRPC status codes. Anything else is a bug: it is logged and answered ``INTERNAL``
+without details.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from meshid._proto import issuer_pb2, issuer_pb2_grpc, registration_pb2, registration_pb2_grpc
+from meshid.bundle import TrustBundle
+from meshid.ca.service import Issued, IssuingService
+from meshid.ca.store import Entry
+from meshid.errors import (
+    AlreadyExistsError,
+    InvalidRequestError,
+    IssuanceError,
+    NotAuthorizedError,
+    NotFoundError,
+    RateLimitedError,
+    StoreError,
+    TokenError,
+)
+from meshid.peer import peer_identity
+
+__all__ = ["IssuerServicer", "RegistrationServicer", "status_for"]
+
+log = logging.getLogger("meshid.ca")
+
+_STATUS: tuple[tuple[type[IssuanceError], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (TokenError, grpc.StatusCode.UNAUTHENTICATED),
+    (NotAuthorizedError, grpc.StatusCode.PERMISSION_DENIED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+)
+
+T = TypeVar("T")
+_DER = serialization.Encoding.DER
+
+
+def status_for(error: IssuanceError) -> grpc.StatusCode:
+    for kind, code in _STATUS:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _run(context: grpc.ServicerContext, what: str, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except IssuanceError as err:
+        context.abort(status_for(err), str(err))
+    except Exception:
+        log.exception("CA: %s failed", what)
+        context.abort(grpc.StatusCode.INTERNAL, f"CA: {what} failed; see the CA's log")
+    raise AssertionError("unreachable: abort raises")
+
+
+def bundle_message(bundle: TrustBundle) -> issuer_pb2.Bundle:
+    return issuer_pb2.Bundle(
+        trust_domain=bundle.trust_domain.name,
+        roots=[r.public_bytes(_DER) for r in bundle.roots],
+        sequence=bundle.sequence or 0,
+    )
+
+
+def _svid_response(issued: Issued) -> issuer_pb2.SvidResponse:
+    return issuer_pb2.SvidResponse(
+        spiffe_id=str(issued.spiffe_id),
+        chain=[c.public_bytes(_DER) for c in issued.chain],
+        bundle=bundle_message(issued.bundle),
+    )
+
+
+def _entry_message(entry: Entry) -> registration_pb2.Entry:
+    return registration_pb2.Entry(
+        spiffe_id=str(entry.spiffe_id),
+        dns_names=list(entry.dns_names),
+        ttl_seconds=int(entry.ttl.total_seconds()),
+        created_at=int(entry.created_at.timestamp()),
+    )
+
+
+class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
+    def __init__(self, service: IssuingService) -> None:
+        self._service = service
+
+    def IssueWithToken(self, request: Any, context: grpc.ServicerContext) -> Any:
+        issued = _run(context, "issuance", lambda: self._service.issue_with_token(request.join_token, request.csr))
+        log.info("CA: issued %s (serial %x) for a join token", issued.spiffe_id, issued.chain[0].serial_number)
+        return _svid_response(issued)
+
+    def Renew(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller = peer_identity(context).spiffe_id
+        if caller is None:  # the policy admits only SPIFFE peers here; belt and braces
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "renewal: an X509-SVID is required")
+        assert caller is not None
+        issued = _run(context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id))
+        log.info("CA: renewed %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
+        return _svid_response(issued)
+
+    def GetBundle(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return bundle_message(_run(context, "bundle", self._service.bundle))
+
+    def GetCrl(self, request: Any, context: grpc.ServicerContext) -> Any:
+        der, number = _run(context, "CRL", self._service.crl)
+        authority = self._service.authority
+        chain = (authority.certificate, *authority.chain[1:]) if authority.chain else (authority.certificate,)
+        return issuer_pb2.Crl(der=der, number=number, issuer_chain=[c.public_bytes(_DER) for c in chain])
+
+
+class RegistrationServicer(registration_pb2_grpc.RegistrationServicer):
+    def __init__(self, service: IssuingService) -> None:
+        self._service = service
+
+    @staticmethod
+    def _admin(context: grpc.ServicerContext) -> str:
+        return peer_identity(context).describe()
+
+    @staticmethod
+    def _ttl(seconds: int) -> datetime.timedelta | None:
+        return datetime.timedelta(seconds=seconds) if seconds else None
+
+    def CreateEntry(self, request: Any, context: grpc.ServicerContext) -> Any:
+        admin = self._admin(context)
+        entry = _run(
+            context,
+            "entry creation",
+            lambda: self._service.create_entry(
+                admin, request.spiffe_id, list(request.dns_names), self._ttl(request.ttl_seconds)
+            ),
+        )
+        log.info("CA: %s registered %s", admin, entry.spiffe_id)
+        return _entry_message(entry)
+
+    def ListEntries(self, request: Any, context: grpc.ServicerContext) -> Any:
+        entries = _run(context, "entry listing", self._service.list_entries)
+        return registration_pb2.ListEntriesResponse(entries=[_entry_message(e) for e in entries])
+
+    def DeleteEntry(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _run(context, "entry deletion", lambda: self._service.delete_entry(request.spiffe_id))
+        log.info("CA: %s deleted the entry of %s", self._admin(context), request.spiffe_id)
+        return registration_pb2.DeleteEntryResponse()
+
+    def CreateJoinToken(self, request: Any, context: grpc.ServicerContext) -> Any:
+        admin = self._admin(context)
+        token, expires_at = _run(
+            context,
+            "token creation",
+            lambda: self._service.create_token(admin, request.spiffe_id, self._ttl(request.ttl_seconds)),
+        )
+        log.info("CA: %s created a join token for %s", admin, request.spiffe_id)  # never the token itself
+        return registration_pb2.JoinToken(token=token, expires_at=int(expires_at.timestamp()))
+
+    def RevokeSvids(self, request: Any, context: grpc.ServicerContext) -> Any:
+        target = request.WhichOneof("target")
+        revoked = _run(
+            context,
+            "revocation",
+            lambda: self._service.revoke(
+                serial=request.serial if target == "serial" else "",
+                spiffe_id=request.spiffe_id if target == "spiffe_id" else "",
+            ),
+        )
+        log.info("CA: %s revoked %d SVID(s)", self._admin(context), len(revoked))
+        return registration_pb2.RevokeSvidsResponse(serials=[format(s, "x") for s in revoked])

@@ -1,0 +1,92 @@
+"""``meshid entry ...`` and ``meshid token create``: registration, through the running CA."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from typing import Any
+
+from meshid.cli._common import add_admin_options, duration
+
+
+def register(groups: Any) -> None:
+    group = groups.add_parser("entry", help="registration entries on the running CA")
+    commands = group.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create", help="register a SPIFFE ID")
+    add_admin_options(create)
+    create.add_argument("--spiffe-id", required=True)
+    create.add_argument(
+        "--dns", action="append", default=[], metavar="NAME", help="a DNS name for its SVIDs (repeatable)"
+    )
+    create.add_argument("--ttl", type=duration, help="SVID lifetime (default 1h, capped by the CA)")
+    create.set_defaults(run=run_create)
+    listing = commands.add_parser("list", help="list registration entries")
+    add_admin_options(listing)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=run_list)
+    delete = commands.add_parser("delete", help="delete a registration entry")
+    add_admin_options(delete)
+    delete.add_argument("--spiffe-id", required=True)
+    delete.set_defaults(run=run_delete)
+
+    tokens = groups.add_parser("token", help="join tokens on the running CA")
+    token_commands = tokens.add_subparsers(dest="command", required=True)
+    token = token_commands.add_parser("create", help="print a one-time join token for an entry")
+    add_admin_options(token)
+    token.add_argument("--spiffe-id", required=True)
+    token.add_argument(
+        "--ttl", type=duration, default=duration("10m"), help="how long the token is valid (default 10m)"
+    )
+    token.set_defaults(run=run_token)
+
+
+def _admin(args: argparse.Namespace) -> Any:
+    from meshid.ca.client import AdminClient
+
+    return AdminClient(args.server, args.data_dir)
+
+
+def run_create(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        entry = admin.create_entry(args.spiffe_id, args.dns, args.ttl)
+    print(
+        f"created {entry.spiffe_id} (ttl {entry.ttl_seconds}s{', dns ' + ', '.join(entry.dns_names) if entry.dns_names else ''})"
+    )
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        entries = admin.list_entries()
+    rows = [
+        {
+            "spiffe_id": e.spiffe_id,
+            "dns_names": list(e.dns_names),
+            "ttl_seconds": e.ttl_seconds,
+            "created_at": datetime.datetime.fromtimestamp(e.created_at, datetime.UTC).isoformat(),
+        }
+        for e in entries
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(
+                f"{row['spiffe_id']}  ttl={row['ttl_seconds']}s  dns={','.join(row['dns_names']) or '-'}  created={row['created_at']}"
+            )
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        admin.delete_entry(args.spiffe_id)
+    print(f"deleted {args.spiffe_id}")
+    return 0
+
+
+def run_token(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        token = admin.create_token(args.spiffe_id, args.ttl)
+    print(token.token)
+    return 0
