@@ -1,25 +1,24 @@
 """`make demo`: meshid end to end on loopback, with real processes.
 
-1. A CA for example.org (meshid's own CA code) issues SVIDs for three workloads.
-2. The greeter service starts over mTLS with meshid's interceptor and examples/greeter/policy.yaml.
-3. The frontend calls it (allowed); the intruder calls it (denied).
-4. `meshid svid inspect` and `meshid policy check` explain the files.
-5. The greeter's SVID is rotated on disk; the running server presents the new certificate
-   from the next handshake on, with no restart.
+1. `meshid ca init` creates a CA for example.org; `meshid ca serve` runs it.
+2. Three workloads are registered (`meshid entry create`), get one-time join tokens
+   (`meshid token create`) and fetch their SVIDs (`meshid svid fetch`): keys never leave them.
+3. The greeter service starts over mTLS with meshid's interceptor and examples/greeter/policy.yaml.
+4. The frontend calls it (allowed); the intruder calls it (denied).
+5. `meshid svid inspect` and `meshid policy check` explain the files.
+6. The greeter gets a new SVID while it runs; it presents the new certificate from the next
+   handshake on, with no restart.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
 import time
-
-from meshid import TrustBundle
-from meshid._files import write_svid_files
-from meshid.ca import Authority
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUN = ROOT / "demo-run"
@@ -43,12 +42,51 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return out
 
 
-def issue(ca: Authority, spiffe_id: str, folder: pathlib.Path, **kw: object) -> int:
-    svid = ca.issue_svid(spiffe_id, **kw)  # type: ignore[arg-type]
-    bundle = TrustBundle(ca.trust_domain, ca.roots).to_pem()
-    write_svid_files(folder, svid.chain_pem(), svid.key_pem(), bundle)
-    print(f"  {spiffe_id:45} serial {svid.serial:x}  -> {folder.relative_to(ROOT)}/")
-    return svid.serial
+def meshid(*args: str) -> str:
+    return run("-m", "meshid.cli", *args).stdout.strip()
+
+
+def enroll(server: str, spiffe_id: str, folder: pathlib.Path, *dns: str) -> None:
+    """Register a workload (once), give it a join token, and let it fetch its SVID."""
+    admin = ("--server", server, "--data-dir", str(RUN / "ca"))
+    token = subprocess.run(
+        [sys.executable, "-m", "meshid.cli", "token", "create", *admin, "--spiffe-id", spiffe_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    print(f"  join token for {spiffe_id}: {token[:24]}... (single use, stored hashed)")
+    meshid(
+        "svid",
+        "fetch",
+        "--server",
+        server,
+        "--bundle",
+        str(RUN / "ca" / "bundle.pem"),
+        "--join-token",
+        token,
+        "--out",
+        str(folder),
+    )
+
+
+def start(args: list[str], ready: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith(ready):
+        proc.kill()
+        raise SystemExit(f"demo: {' '.join(args[:3])} did not start: {line}")
+    return proc, line.split()[-1]
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def client(folder: pathlib.Path, port: int) -> subprocess.CompletedProcess[str]:
@@ -67,34 +105,30 @@ def client(folder: pathlib.Path, port: int) -> subprocess.CompletedProcess[str]:
 def main() -> int:
     shutil.rmtree(RUN, ignore_errors=True)
     RUN.mkdir()
-    step("A CA for trust domain example.org issues SVIDs")
-    ca = Authority.create_root("example.org")
-    issue(ca, GREETER, RUN / "greeter")
-    issue(ca, FRONTEND, RUN / "frontend")
-    issue(ca, INTRUDER, RUN / "intruder")
-    key_mode = oct(os.stat(RUN / "greeter" / "svid.key").st_mode & 0o777)
-    print(f"  private keys are written {key_mode}")
-
-    step(f"The greeter starts with policy {POLICY.relative_to(ROOT)}")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "greeter" / "server.py"),
-            "--dir",
-            str(RUN / "greeter"),
-            "--policy",
-            str(POLICY),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    step("meshid ca init / ca serve: a CA for trust domain example.org")
+    meshid("ca", "init", "--data-dir", str(RUN / "ca"), "--trust-domain", "example.org")
+    ca, server = start(
+        ["-m", "meshid.cli", "ca", "serve", "--data-dir", str(RUN / "ca"), "--listen", "127.0.0.1:0"], "CA serving on"
     )
+    print(f"  CA serving on {server}")
+    procs = [ca]
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if not line.startswith("listening on "):
-            raise SystemExit(f"demo: the greeter did not start: {line}{server.stdout.read()}")
-        port = int(line.split()[-1])
+        step("Register three workloads; each fetches its SVID with a one-time join token")
+        admin = ("--server", server, "--data-dir", str(RUN / "ca"))
+        for spiffe_id in (GREETER, FRONTEND, INTRUDER):
+            meshid("entry", "create", *admin, "--spiffe-id", spiffe_id)
+        for name, spiffe_id in (("greeter", GREETER), ("frontend", FRONTEND), ("intruder", INTRUDER)):
+            enroll(server, spiffe_id, RUN / name)
+        key_mode = oct(os.stat(RUN / "greeter" / "svid.key").st_mode & 0o777)
+        print(f"  private keys were made by the workloads and written {key_mode}")
+
+        step(f"The greeter starts with policy {POLICY.relative_to(ROOT)}")
+        greeter, port_text = start(
+            [str(ROOT / "examples" / "greeter" / "server.py"), "--dir", str(RUN / "greeter"), "--policy", str(POLICY)],
+            "listening on",
+        )
+        procs.append(greeter)
+        port = int(port_text)
         print(f"  greeter listening on 127.0.0.1:{port}")
 
         step("The frontend calls the greeter (allowed by rule frontend-greets)")
@@ -120,23 +154,28 @@ def main() -> int:
                 check=False,
             )
 
-        step("Rotation: the greeter's SVID is replaced on disk while it runs")
-        new_serial = issue(ca, GREETER, RUN / "greeter")
+        step("Rotation: the greeter fetches a new SVID from the CA while it runs")
+        enroll(server, GREETER, RUN / "greeter")
+        inspected = subprocess.run(
+            [sys.executable, "-m", "meshid.cli", "svid", "inspect", str(RUN / "greeter" / "svid.pem"), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        serial = json.loads(inspected)["serial"]
         deadline = time.monotonic() + 15
         while True:
             out = client(RUN / "frontend", port)
-            if f"serial {new_serial:x}" in out.stdout:
+            if f"serial {serial}" in out.stdout:
                 print("  the running greeter now presents its new certificate (no restart)")
                 break
             if time.monotonic() > deadline:
                 raise SystemExit("demo: the greeter did not pick up its new SVID within 15 s")
             time.sleep(0.3)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for proc in reversed(procs):
+            stop(proc)
     step("Demo complete")
     return 0
 

@@ -18,6 +18,7 @@ from meshid.errors import (
 )
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.peer import PeerIdentity, peer_identity
+from meshid.revocation import CrlWatcher, RevocationList
 from meshid.sources import FileSource, Source, StaticSource
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid, identity_dns_name
@@ -31,6 +32,7 @@ __all__ = [
     "AuthorizationInterceptor",
     "AuthorizationPolicy",
     "BundleSet",
+    "CrlWatcher",
     "Decision",
     "FileSource",
     "InvalidBundleError",
@@ -39,6 +41,7 @@ __all__ = [
     "InvalidSvidError",
     "MeshIdError",
     "PeerIdentity",
+    "RevocationList",
     "Source",
     "SourceError",
     "SpiffeId",
