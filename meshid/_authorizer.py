@@ -171,7 +171,8 @@ class Authorizer:
             identity = None
         if identity is not None and self.revoked is not None and self.revoked(identity):
             identity = None
-        audit.record(policy, Decision(True, None, "unauthenticated method"), method, identity, peer_address=peer_address)
+        opened = Decision(True, None, "unauthenticated method")
+        audit.record(policy, opened, method, identity, peer_address=peer_address)
         return identity
 
     def authorize(

@@ -50,9 +50,8 @@ def _admin(args: argparse.Namespace) -> Any:
 def run_create(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         entry = admin.create_entry(args.spiffe_id, args.dns, args.ttl)
-    print(
-        f"created {entry.spiffe_id} (ttl {entry.ttl_seconds}s{', dns ' + ', '.join(entry.dns_names) if entry.dns_names else ''})"
-    )
+    dns = f", dns {', '.join(entry.dns_names)}" if entry.dns_names else ""
+    print(f"created {entry.spiffe_id} (ttl {entry.ttl_seconds}s{dns})")
     return 0
 
 
@@ -72,9 +71,8 @@ def run_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            print(
-                f"{row['spiffe_id']}  ttl={row['ttl_seconds']}s  dns={','.join(row['dns_names']) or '-'}  created={row['created_at']}"
-            )
+            dns = ",".join(row["dns_names"]) or "-"
+            print(f"{row['spiffe_id']}  ttl={row['ttl_seconds']}s  dns={dns}  created={row['created_at']}")
     return 0
 
 
