@@ -6,7 +6,8 @@ import logging
 
 from meshid.authz import AuthorizationPolicy, Decision
 from meshid.bundle import BundleSet, TrustBundle
-from meshid.credentials import channel_credentials, secure_channel, server_credentials
+from meshid.channel import RotatingChannel, secure_channel
+from meshid.credentials import channel_credentials, server_credentials
 from meshid.errors import (
     InvalidBundleError,
     InvalidPolicyError,
@@ -42,6 +43,7 @@ __all__ = [
     "MeshIdError",
     "PeerIdentity",
     "RevocationList",
+    "RotatingChannel",
     "Source",
     "SourceError",
     "SpiffeId",

@@ -136,22 +136,3 @@ def merge_options(
     merged.update(dict(theirs or ()))
     merged.update(dict(ours))  # a server_id pin is never overridden by a caller's option
     return list(merged.items())
-
-
-def secure_channel(
-    target: str,
-    source: Source,
-    *,
-    server_id: ServerId | None = None,
-    options: Sequence[tuple[str, Any]] | None = None,
-) -> grpc.Channel:
-    """A channel that presents the source's SVID and verifies the server against the bundle.
-
-    With ``server_id`` (an exact SPIFFE ID, or a trust domain) the client refuses, at the
-    handshake and before any request is sent, a server that cannot prove that identity.
-
-    Raises:
-        SourceError, InvalidSpiffeIdError, ValueError, TypeError: see :func:`channel_credentials`.
-    """
-    creds, pins = channel_credentials(source, server_id=server_id)
-    return grpc.secure_channel(target, creds, options=merge_options(pins, options))

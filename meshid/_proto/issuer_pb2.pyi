@@ -24,14 +24,16 @@ class RenewRequest(_message.Message):
     def __init__(self, csr: _Optional[bytes] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
 class SvidResponse(_message.Message):
-    __slots__ = ("spiffe_id", "chain", "bundle")
+    __slots__ = ("spiffe_id", "chain", "bundle", "issued_at")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     chain: _containers.RepeatedScalarFieldContainer[bytes]
     bundle: Bundle
-    def __init__(self, spiffe_id: _Optional[str] = ..., chain: _Optional[_Iterable[bytes]] = ..., bundle: _Optional[_Union[Bundle, _Mapping]] = ...) -> None: ...
+    issued_at: float
+    def __init__(self, spiffe_id: _Optional[str] = ..., chain: _Optional[_Iterable[bytes]] = ..., bundle: _Optional[_Union[Bundle, _Mapping]] = ..., issued_at: _Optional[float] = ...) -> None: ...
 
 class GetBundleRequest(_message.Message):
     __slots__ = ()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshid.aio.channel import secure_channel
+from meshid.aio.channel import RotatingChannel, secure_channel
 from meshid.aio.interceptors import AuthorizationInterceptor
 
-__all__ = ["AuthorizationInterceptor", "secure_channel"]
+__all__ = ["AuthorizationInterceptor", "RotatingChannel", "secure_channel"]

@@ -10,6 +10,7 @@ import datetime
 import os
 import pathlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -27,7 +28,7 @@ from meshid.sources import FileSource
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid, identity_dns_name
 
-__all__ = ["AdminClient", "fetch_svid", "get_bundle", "get_crl", "renew_svid"]
+__all__ = ["AdminClient", "Issuance", "fetch_svid", "get_bundle", "get_crl", "issue_with_token", "renew", "renew_svid"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0
@@ -56,6 +57,25 @@ def _call(what: str, server: str, fn: Callable[[], T]) -> T:
         raise RemoteError(f"{what}: {code}: {details}", code) from err
 
 
+@dataclass(frozen=True, slots=True)
+class Issuance:
+    """An SVID from the CA, its bundle, and its lifetime measured on the CA's clock."""
+
+    svid: X509Svid
+    bundle: TrustBundle
+    lifetime: datetime.timedelta
+
+
+def _issuance(response: Any, key: Any) -> Issuance:
+    svid, bundle = _svid_from(response, key)
+    if response.issued_at:
+        issued_at = datetime.datetime.fromtimestamp(response.issued_at, datetime.UTC)
+        lifetime = svid.not_after - issued_at
+    else:  # an older CA: fall back on the certificate (NotBefore may be backdated)
+        lifetime = svid.not_after - svid.not_before
+    return Issuance(svid, bundle, max(lifetime, datetime.timedelta(0)))
+
+
 def _svid_from(response: Any, key: Any) -> tuple[X509Svid, TrustBundle]:
     try:
         chain = [x509.load_der_x509_certificate(der) for der in response.chain]
@@ -73,15 +93,10 @@ def read_roots(bundle_file: str | os.PathLike[str]) -> bytes:
     return TrustBundle.load(TrustDomain("bootstrap"), bundle_file).to_pem()
 
 
-def fetch_svid(
-    server: str,
-    bundle_file: str | os.PathLike[str],
-    join_token: str,
-    *,
-    key_kind: str = "ec-p256",
-    timeout: float = DEFAULT_TIMEOUT,
-) -> tuple[X509Svid, TrustBundle]:
-    """First issuance: a new key, a CSR, a join token; returns the SVID and the CA's bundle.
+def issue_with_token(
+    server: str, roots_pem: bytes, join_token: str, *, key_kind: str = "ec-p256", timeout: float = DEFAULT_TIMEOUT
+) -> Issuance:
+    """First issuance: a new key, a CSR, a join token; ``roots_pem`` are what the CA is trusted by.
 
     Raises:
         TokenError: the token is malformed. RemoteError: the CA refused (``.code``) or is unreachable.
@@ -89,16 +104,16 @@ def fetch_svid(
     td = TrustDomain.parse(parse_token_trust_domain(join_token))
     key = generate_key(key_kind)
     anon_key, anon_cert = anonymous_client()
-    with _channel(server, read_roots(bundle_file), td, anon_key, anon_cert) as channel:
+    with _channel(server, roots_pem, td, anon_key, anon_cert) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         request = issuer_pb2.IssueWithTokenRequest(join_token=join_token, csr=build_csr(key))
         response = _call("svid fetch", server, lambda: stub.IssueWithToken(request, timeout=timeout))
-    return _svid_from(response, key)
+    return _issuance(response, key)
 
 
-def renew_svid(
+def renew(
     server: str, svid: X509Svid, bundles: BundleSet, *, key_kind: str = "ec-p256", timeout: float = DEFAULT_TIMEOUT
-) -> tuple[X509Svid, TrustBundle]:
+) -> Issuance:
     """Renewal over mTLS with the current SVID: a new key, same SPIFFE ID.
 
     Raises:
@@ -110,7 +125,28 @@ def renew_svid(
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         request = issuer_pb2.RenewRequest(csr=build_csr(key), spiffe_id=str(svid.spiffe_id))
         response = _call("svid renew", server, lambda: stub.Renew(request, timeout=timeout))
-    return _svid_from(response, key)
+    return _issuance(response, key)
+
+
+def fetch_svid(
+    server: str,
+    bundle_file: str | os.PathLike[str],
+    join_token: str,
+    *,
+    key_kind: str = "ec-p256",
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[X509Svid, TrustBundle]:
+    """First issuance, the CA trusted by a bundle file; returns the SVID and the CA's bundle."""
+    issued = issue_with_token(server, read_roots(bundle_file), join_token, key_kind=key_kind, timeout=timeout)
+    return issued.svid, issued.bundle
+
+
+def renew_svid(
+    server: str, svid: X509Svid, bundles: BundleSet, *, key_kind: str = "ec-p256", timeout: float = DEFAULT_TIMEOUT
+) -> tuple[X509Svid, TrustBundle]:
+    """Renewal (see :func:`renew`); returns the new SVID and the bundle."""
+    issued = renew(server, svid, bundles, key_kind=key_kind, timeout=timeout)
+    return issued.svid, issued.bundle
 
 
 def get_bundle(server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT) -> TrustBundle:

@@ -71,6 +71,7 @@ class Issued:
     spiffe_id: SpiffeId
     chain: tuple[x509.Certificate, ...]
     bundle: TrustBundle
+    issued_at: datetime.datetime
 
 
 class _RateLimit:
@@ -140,7 +141,7 @@ class IssuingService:
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
         now = self._clock()
         entry, chain = self.store.issue_with_token(token_hash(token), now, self._sign(csr.public_key, now))
-        return Issued(entry.spiffe_id, chain, self.bundle())  # type: ignore[arg-type]
+        return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
 
     def renew(self, caller: SpiffeId, csr_der: bytes, requested: str = "") -> Issued:
         """Renewal for an authenticated caller: same SPIFFE ID, new key.
@@ -157,7 +158,7 @@ class IssuingService:
             raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more")
         now = self._clock()
         entry, chain = self.store.record_issuance(caller, now, self._sign(csr.public_key, now))
-        return Issued(entry.spiffe_id, chain, self.bundle())  # type: ignore[arg-type]
+        return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
 
     def issue_internal(self, spiffe_id: SpiffeId, public_key: object) -> tuple[x509.Certificate, ...]:
         """Sign for one of the CA's own entries (its server, the admin) and record it."""

@@ -80,6 +80,7 @@ def _svid_response(issued: Issued) -> issuer_pb2.SvidResponse:
         spiffe_id=str(issued.spiffe_id),
         chain=[c.public_bytes(_DER) for c in issued.chain],
         bundle=bundle_message(issued.bundle),
+        issued_at=issued.issued_at.timestamp(),
     )
 
 
