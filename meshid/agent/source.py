@@ -1,0 +1,334 @@
+"""IssuerSource: an identity source fed by a meshid CA, renewing before expiry.
+
+The loop: obtain an SVID (a still-valid one from ``svid_dir``, else with the join token);
+renew when ``renew_at`` of its lifetime has passed, minus a random jitter so a fleet does not
+renew at once; retry with capped exponential backoff while the CA is unreachable, presenting
+the current SVID until it expires; refresh the bundle and the CRL; notify subscribers. The
+lifetime is measured on the CA's clock (``issued_at`` to NotAfter) and waited out on the
+local monotonic clock, so a skewed workload clock does not move renewals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pathlib
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from meshid._files import write_svid_files
+from meshid.bundle import BundleSet, TrustBundle
+from meshid.errors import MeshIdError, SourceError
+from meshid.peer import PeerIdentity
+from meshid.revocation import RevocationList
+from meshid.sources import FileSource, Unsubscribe, _Notifier
+from meshid.svid import X509Svid
+
+__all__ = ["IssuerSource", "SourceState"]
+
+log = logging.getLogger("meshid.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceState:
+    """What an :class:`IssuerSource` is doing, for health checks and metrics."""
+
+    spiffe_id: str | None
+    serial: str | None
+    expires_at: datetime.datetime | None
+    last_renewal: datetime.datetime | None
+    next_attempt: datetime.datetime | None
+    last_error: str | None
+    renewals: int
+    failures: int
+    bundle_sequence: int | None
+    server: str | None
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= datetime.datetime.now(datetime.UTC)
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class IssuerSource:
+    """An identity source whose SVID comes from, and is renewed by, a meshid CA.
+
+    Args:
+        server: the CA's ``HOST:PORT``, or several to fail over between.
+        bundle_file: the CA's bundle (PEM), trusted for the first contact.
+        join_token: for the first issuance when ``svid_dir`` holds no valid SVID.
+        svid_dir: where the SVID is written (``svid.pem``, ``svid.key`` 0600, ``bundle.pem``)
+            and reused from after a restart.
+        renew_at: the fraction of the lifetime after which to renew (0 < renew_at < 1).
+        jitter: renewals come up to this fraction of the lifetime earlier, at random.
+        refresh_interval: seconds between bundle and CRL refreshes.
+
+    Nothing happens until :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        server: str | Sequence[str],
+        bundle_file: str | os.PathLike[str],
+        *,
+        join_token: str | None = None,
+        svid_dir: str | os.PathLike[str] | None = None,
+        renew_at: float = 0.5,
+        jitter: float = 0.1,
+        refresh_interval: float = 60.0,
+        key_kind: str = "ec-p256",
+        max_backoff: float = 30.0,
+        timeout: float = 10.0,
+    ) -> None:
+        servers = [server] if isinstance(server, str) else list(server)
+        if not servers or not all(isinstance(s, str) and s for s in servers):
+            raise ValueError("server must be a HOST:PORT or a non-empty list of them")
+        if not 0 < renew_at < 1:
+            raise ValueError("renew_at must be between 0 and 1")
+        if not 0 <= jitter < renew_at:
+            raise ValueError("jitter must be at least 0 and less than renew_at")
+        if join_token is None and svid_dir is None:
+            raise ValueError("give a join_token, or an svid_dir holding a still-valid SVID")
+        self._servers = servers
+        self._bundle_file = os.fspath(bundle_file)
+        self._join_token = join_token
+        self._svid_dir = pathlib.Path(svid_dir) if svid_dir is not None else None
+        self._renew_at = renew_at
+        self._jitter = jitter
+        self._refresh_interval = refresh_interval
+        self._key_kind = key_kind
+        self._max_backoff = max_backoff
+        self._timeout = timeout
+        self._notifier = _Notifier()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._svid: X509Svid | None = None
+        self._bundles: BundleSet | None = None
+        self._crl: RevocationList | None = None
+        self._server_index = 0
+        self._next_renewal = 0.0  # monotonic
+        self._next_refresh = 0.0
+        self._failures_in_row = 0
+        self._lifetime = 0.0
+        self._state = SourceState(None, None, None, None, None, None, 0, 0, None, None)
+
+    # --- the Source protocol -------------------------------------------------------------
+
+    def get_svid(self) -> X509Svid:
+        svid = self._svid
+        if svid is None:
+            raise SourceError("issuer source: no SVID yet; call start() first")
+        return svid
+
+    def get_bundles(self) -> BundleSet:
+        bundles = self._bundles
+        if bundles is None:
+            raise SourceError("issuer source: no bundle yet; call start() first")
+        return bundles
+
+    def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
+        return self._notifier.subscribe(callback)
+
+    @property
+    def state(self) -> SourceState:
+        return self._state
+
+    def is_revoked(self, peer: PeerIdentity) -> bool:
+        """Whether the CA's latest CRL lists ``peer`` (for ``interceptor.set_revocation_check``)."""
+        crl = self._crl
+        return crl is not None and crl.is_revoked(peer)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> IssuerSource:
+        """Obtain the first SVID (blocking), then renew in a background thread.
+
+        Raises:
+            SourceError: no reusable SVID and the join token did not work on any server.
+        """
+        if self._thread is not None:
+            return self
+        if not self._load_saved():
+            self._first_issuance()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="meshid-issuer-source", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> IssuerSource:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def renew_now(self) -> None:
+        """Ask the loop to renew at once (used at CA key rotation, and by tests)."""
+        self._next_renewal = 0.0
+        self._wake.set()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _load_saved(self) -> bool:
+        if self._svid_dir is None or not (self._svid_dir / "svid.pem").exists():
+            return False
+        try:
+            saved = FileSource(self._svid_dir / "svid.pem", self._svid_dir / "svid.key", self._svid_dir / "bundle.pem")
+        except MeshIdError as err:
+            log.warning("issuer source: cannot reuse the SVID in %s: %s", self._svid_dir, err)
+            return False
+        svid = saved.get_svid()
+        remaining = (svid.not_after - _utcnow()).total_seconds()
+        if remaining <= 5:
+            log.info("issuer source: the saved SVID of %s has expired; using the join token", svid.spiffe_id)
+            return False
+        self._lifetime = remaining
+        self._install(svid, saved.get_bundles()[svid.spiffe_id.trust_domain], remaining, renewed=False)
+        log.info("issuer source: reusing the saved SVID of %s (serial %x)", svid.spiffe_id, svid.serial)
+        return True
+
+    def _first_issuance(self) -> None:
+        from meshid.ca.client import issue_with_token, read_roots
+
+        if self._join_token is None:
+            raise SourceError("issuer source: no reusable SVID and no join token")
+        roots = read_roots(self._bundle_file)
+        errors = []
+        for server in self._servers:
+            try:
+                issued = issue_with_token(
+                    server, roots, self._join_token, key_kind=self._key_kind, timeout=self._timeout
+                )
+            except MeshIdError as err:
+                errors.append(str(err))
+                if getattr(err, "code", "") != "UNAVAILABLE":
+                    break  # the CA answered: another replica would answer the same
+                continue
+            self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=False)
+            return
+        raise SourceError("issuer source: first issuance failed: " + "; ".join(errors))
+
+    def _install(self, svid: X509Svid, bundle: TrustBundle, lifetime: float, *, renewed: bool) -> None:
+        with self._lock:
+            old = self._bundles
+            bundles = (old or BundleSet.of()).with_bundle(bundle)
+            if old is not None and dict(old) == dict(bundles):
+                bundles = old  # unchanged: keep the object, so nobody rebuilds for nothing
+            self._svid, self._bundles = svid, bundles
+            self._lifetime = lifetime
+            wait = lifetime * (self._renew_at - self._jitter * random.random())
+            self._next_renewal = time.monotonic() + wait
+            self._failures_in_row = 0
+        if self._svid_dir is not None:
+            write_svid_files(
+                self._svid_dir, svid.chain_pem(), svid.key_pem(), bundles[svid.spiffe_id.trust_domain].to_pem()
+            )
+        previous = self._state
+        self._state = SourceState(
+            spiffe_id=str(svid.spiffe_id),
+            serial=format(svid.serial, "x"),
+            expires_at=svid.not_after,
+            last_renewal=_utcnow() if renewed else previous.last_renewal,
+            next_attempt=_utcnow() + datetime.timedelta(seconds=wait),
+            last_error=None,
+            renewals=previous.renewals + (1 if renewed else 0),
+            failures=previous.failures,
+            bundle_sequence=bundle.sequence,
+            server=self._servers[self._server_index],
+        )
+        self._notifier.notify()
+
+    def _backoff(self) -> float:
+        base = min(1.0, max(self._lifetime / 20, 0.05))
+        cap = max(base, min(self._max_backoff, self._lifetime / 4 if self._lifetime else self._max_backoff))
+        delay = min(cap, base * 2 ** min(self._failures_in_row, 16))
+        return float(delay * (0.5 + random.random() / 2))
+
+    def _renew(self) -> None:
+        from meshid.ca.client import renew
+
+        svid, bundles = self.get_svid(), self.get_bundles()
+        server = self._servers[self._server_index]
+        try:
+            issued = renew(server, svid, bundles, key_kind=self._key_kind, timeout=self._timeout)
+        except MeshIdError as err:
+            self._failures_in_row += 1
+            self._server_index = (self._server_index + 1) % len(self._servers)  # fail over
+            delay = self._backoff()
+            self._next_renewal = time.monotonic() + delay
+            expired = svid.not_after <= _utcnow()
+            level = logging.ERROR if expired else logging.WARNING
+            what = (
+                f"the SVID of {svid.spiffe_id} EXPIRED at {svid.not_after.isoformat()}" if expired else "renewal failed"
+            )
+            log.log(level, "issuer source: %s: %s; retrying in %.2fs", what, err, delay)
+            previous = self._state
+            self._state = SourceState(
+                previous.spiffe_id,
+                previous.serial,
+                previous.expires_at,
+                previous.last_renewal,
+                _utcnow() + datetime.timedelta(seconds=delay),
+                str(err),
+                previous.renewals,
+                previous.failures + 1,
+                previous.bundle_sequence,
+                server,
+            )
+            return
+        log.info(
+            "issuer source: renewed %s (serial %x, until %s)",
+            issued.svid.spiffe_id,
+            issued.svid.serial,
+            issued.svid.not_after.isoformat(),
+        )
+        self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=True)
+
+    def _refresh(self) -> None:
+        from meshid.ca.client import get_bundle, get_crl
+
+        svid, bundles = self.get_svid(), self.get_bundles()
+        server = self._servers[self._server_index]
+        try:
+            bundle = get_bundle(server, svid, bundles, timeout=self._timeout)
+            der, chain = get_crl(server, svid, bundles, timeout=self._timeout)
+            crl = RevocationList.from_der(der, chain, bundles.with_bundle(bundle))
+        except MeshIdError as err:
+            log.warning("issuer source: bundle/CRL refresh failed: %s", err)
+            return
+        self._crl = crl
+        td = svid.spiffe_id.trust_domain
+        if bundles[td].roots != bundle.roots:
+            with self._lock:
+                self._bundles = bundles.with_bundle(bundle)
+            log.info("issuer source: trust bundle of %s changed (sequence %s)", td, bundle.sequence)
+            if self._svid_dir is not None:
+                write_svid_files(self._svid_dir, svid.chain_pem(), svid.key_pem(), bundle.to_pem())
+            self._notifier.notify()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= self._next_renewal:
+                self._renew()
+            if time.monotonic() >= self._next_refresh:
+                self._refresh()
+                self._next_refresh = time.monotonic() + min(self._refresh_interval, max(self._lifetime / 2, 0.5))
+            timeout = max(0.0, min(self._next_renewal, self._next_refresh) - time.monotonic())
+            self._wake.wait(timeout)
+            self._wake.clear()
