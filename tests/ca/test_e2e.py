@@ -352,7 +352,6 @@ def test_renewal_with_an_expired_svid_fails_the_handshake(running_ca: RunningCa)
     # handler or interceptor runs, so an expired SVID never gets a connection: the client sees
     # a failed handshake, which grpc reports as UNAVAILABLE rather than an application status.
     assert err.code == "UNAVAILABLE", err
-    print("OBSERVED", err)
 
 
 def test_renewal_with_a_revoked_svid_is_unauthenticated(running_ca: RunningCa) -> None:
