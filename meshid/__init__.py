@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from meshid.agent import IssuerSource, SourceState
 from meshid.authz import AuthorizationPolicy, Decision
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.channel import RotatingChannel, secure_channel
@@ -14,6 +15,7 @@ from meshid.errors import (
     InvalidSpiffeIdError,
     InvalidSvidError,
     MeshIdError,
+    RemoteError,
     SourceError,
     VerificationError,
 )
@@ -40,12 +42,15 @@ __all__ = [
     "InvalidPolicyError",
     "InvalidSpiffeIdError",
     "InvalidSvidError",
+    "IssuerSource",
     "MeshIdError",
     "PeerIdentity",
+    "RemoteError",
     "RevocationList",
     "RotatingChannel",
     "Source",
     "SourceError",
+    "SourceState",
     "SpiffeId",
     "StaticSource",
     "TrustBundle",

@@ -194,7 +194,7 @@ class IssuerSource:
             return False
         svid = saved.get_svid()
         remaining = (svid.not_after - _utcnow()).total_seconds()
-        if remaining <= 5:
+        if remaining <= 1:
             log.info("issuer source: the saved SVID of %s has expired; using the join token", svid.spiffe_id)
             return False
         self._lifetime = remaining

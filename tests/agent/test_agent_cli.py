@@ -1,0 +1,94 @@
+"""`meshid agent` as a real process: writes files, renews them, survives a restart, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import datetime
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+import meshid
+
+pytestmark = pytest.mark.timeout(90)
+WORKLOAD = "spiffe://example.org/ns/prod/sa/batch"
+
+
+def _agent(running_ca, out, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshid.cli",
+            "agent",
+            "--server",
+            running_ca.address,
+            "--bundle",
+            str(running_ca.bundle_file),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def _serial(out) -> int:
+    return meshid.X509Svid.load(out / "svid.pem", out / "svid.key").serial
+
+
+def test_agent_writes_renews_restarts_and_stops_cleanly(running_ca, tmp_path) -> None:
+    token = running_ca.enroll(WORKLOAD, datetime.timedelta(seconds=6))
+    out = tmp_path / "svid"
+    agent = _agent(running_ca, out, "--join-token", token)
+    try:
+        assert agent.stdout is not None
+        ready = agent.stdout.readline()
+        assert ready.startswith(f"agent: {WORKLOAD}"), ready + (agent.stderr.read() if agent.poll() is not None else "")
+        assert stat.S_IMODE((out / "svid.key").stat().st_mode) == 0o600
+        first = _serial(out)
+        seen = {first}
+        deadline = time.monotonic() + 20
+        while len(seen) < 3 and time.monotonic() < deadline:
+            seen.add(_serial(out))  # every read is a whole, matching pair: written atomically, key first
+            time.sleep(0.1)
+        assert len(seen) >= 3, "the agent did not renew the files"
+    finally:
+        code, _, err = _stop(agent)
+    assert code == 0, err
+    assert "Traceback" not in err
+
+    # Restarted without a token, it reuses the still-valid SVID, then renews it.
+    before = _serial(out)
+    again = _agent(running_ca, out)
+    try:
+        assert again.stdout is not None
+        line = again.stdout.readline()
+        assert f"serial {before:x}" in line, line
+    finally:
+        code, _, err = _stop(again)
+    assert code == 0, err
+    assert "reusing the saved SVID" in err
+
+
+def test_agent_without_token_or_saved_svid_fails_with_one_line(running_ca, tmp_path) -> None:
+    proc = _agent(running_ca, tmp_path / "empty")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "no reusable SVID and no join token" in err
+    assert "Traceback" not in err
