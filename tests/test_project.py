@@ -23,7 +23,7 @@ def test_all_is_sorted_and_complete() -> None:
         assert not missing, f"{module.__name__}.__all__ names {missing} that do not exist"
         exported_modules = {
             "aio", "channel", "authz", "bundle", "credentials", "errors", "interceptors", "peer", "sources", "spiffeid",
-            "svid", "ca", "cli", "revocation", "channel", "agent",
+            "svid", "ca", "cli", "revocation", "agent",
         }
         stray = [n for n in _public(module) if n not in module.__all__ and n not in exported_modules]
         assert not stray, f"{module.__name__} has public names missing from __all__: {stray}"

@@ -88,7 +88,7 @@ def test_agent_writes_renews_restarts_and_stops_cleanly(running_ca, tmp_path) ->
 
 def test_agent_without_token_or_saved_svid_fails_with_one_line(running_ca, tmp_path) -> None:
     proc = _agent(running_ca, tmp_path / "empty")
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert "no reusable SVID and no join token" in err
     assert "Traceback" not in err
