@@ -4,11 +4,7 @@ import pytest
 
 import meshid
 from meshid.ca import Authority
-
-TD = "example.org"
-SERVER_ID = "spiffe://example.org/ns/prod/sa/greeter"
-FRONTEND_ID = "spiffe://example.org/ns/prod/sa/frontend"
-INTRUDER_ID = "spiffe://example.org/ns/dev/sa/intruder"
+from support import FRONTEND_ID, SERVER_ID, TD
 
 
 @pytest.fixture(scope="session")

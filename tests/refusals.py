@@ -13,10 +13,7 @@ from typing import Any
 
 import meshid
 from meshid.ca import Authority
-from support import RawSource, forge
-
-FRONTEND_ID = "spiffe://example.org/ns/prod/sa/frontend"
-INTRUDER_ID = "spiffe://example.org/ns/dev/sa/intruder"
+from support import FRONTEND_ID, INTRUDER_ID, RawSource, forge
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,11 @@ import meshid
 import meshid.aio
 from meshid._proto import greeter_pb2, greeter_pb2_grpc
 
+TD = "example.org"
+SERVER_ID = "spiffe://example.org/ns/prod/sa/greeter"
+FRONTEND_ID = "spiffe://example.org/ns/prod/sa/frontend"
+INTRUDER_ID = "spiffe://example.org/ns/dev/sa/intruder"
+
 SERVICE = "meshid.examples.v1.Greeter"
 SAY_HELLO = f"/{SERVICE}/SayHello"
 

@@ -11,9 +11,8 @@ import pytest
 
 import meshid
 import meshid.aio
-from conftest import FRONTEND_ID, INTRUDER_ID, SERVER_ID
 from refusals import CASES, Case
-from support import SAY_HELLO, aio_server, hello, stub
+from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, aio_server, hello, stub
 
 
 async def _call(channel) -> tuple[str, str]:

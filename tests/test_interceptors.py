@@ -9,9 +9,8 @@ import grpc
 import pytest
 
 import meshid
-from conftest import FRONTEND_ID, INTRUDER_ID, SERVER_ID
 from refusals import CASES, Case
-from support import SAY_HELLO, call, hello, stub, sync_server
+from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, call, hello, stub, sync_server
 
 
 @pytest.fixture

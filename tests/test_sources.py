@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 import meshid
-from conftest import FRONTEND_ID, SERVER_ID
 from meshid.ca import Authority
-from support import call, sync_server
+from support import FRONTEND_ID, SERVER_ID, call, sync_server
 
 GREETER_V2 = "spiffe://example.org/ns/prod/sa/greeter-v2"
 PARTNER = "spiffe://other.org/ns/prod/sa/partner"

@@ -131,6 +131,10 @@ def _build(
     return builder.sign(signing_key, hash_for(signing_key))  # type: ignore[arg-type]
 
 
+def _key_id(key: PrivateKey) -> str:
+    return x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest.hex()[:8]
+
+
 def _name(common_name: str, organization: str) -> x509.Name:
     return x509.Name(
         [
@@ -170,7 +174,9 @@ class Authority:
         _check_ca_key(key)
         now = now or _now()
         cert = _build(
-            subject=_name(f"meshid root CA {td.name}", td.name),
+            # A key id in the name: after a key rotation, old and new roots have distinct
+            # subjects, so CRLs and chains name exactly one of them.
+            subject=_name(f"meshid root CA {td.name} {_key_id(key)}", td.name),
             public_key=key.public_key(),
             issuer=None,
             signing_key=key,
@@ -204,7 +210,7 @@ class Authority:
         now = now or _now()
         not_after = min(now + ttl, upstream_certificate.not_valid_after_utc)
         cert = _build(
-            subject=_name(f"meshid intermediate CA {td.name}", td.name),
+            subject=_name(f"meshid intermediate CA {td.name} {_key_id(key)}", td.name),
             public_key=key.public_key(),
             issuer=upstream_certificate,
             signing_key=upstream_key,

@@ -37,8 +37,8 @@ AFTER_RESTART = 40  # ... and after the restart
 DOWN_SECONDS = 1.0
 
 #: A workload: argv = address file, bundle file, join token, deadline (Unix time). Prints
-#: ``<serial hex> <SPIFFE ID>`` per SVID received, ``! <code> <message>`` for any refusal
-#: other than the CA being unreachable, and stops when stdin closes or at the deadline.
+#: ``<serial hex> <SPIFFE ID>`` per SVID received, ``~ <error>`` when the CA cannot be reached
+#: (it retries), ``! <error>`` for any other refusal, and stops when stdin closes or at the deadline.
 CLIENT = r"""
 import pathlib, sys, threading, time
 from meshid.bundle import BundleSet
@@ -62,8 +62,8 @@ def attempt(call):
     try:
         return call(pathlib.Path(address_file).read_text().strip())
     except RemoteError as err:
-        if err.code not in TRANSIENT:
-            print(f"! {err.code} {err}".replace("\n", " "), flush=True)
+        mark = "~" if err.code in TRANSIENT else "!"
+        print(f"{mark} {err}".replace("\n", " "), flush=True)
         time.sleep(0.02)
         return None
 
@@ -131,13 +131,17 @@ class Fleet:
         with self._lock:
             snapshot = [list(lines) for lines in self.lines]
         return [
-            [(int(s, 16), sid) for s, sid in (ln.split(" ", 1) for ln in ls if not ln.startswith("!"))]
-            for ls in snapshot
+            [(int(s, 16), sid) for s, sid in (ln.split(" ", 1) for ln in ls if ln[:1] not in "~!")] for ls in snapshot
         ]
 
     def refusals(self) -> list[str]:
         with self._lock:
             return [ln for ls in self.lines for ln in ls if ln.startswith("!")]
+
+    def last_errors(self) -> list[str]:
+        """Per client, the last time it could not reach the CA (for failure messages)."""
+        with self._lock:
+            return [next((ln for ln in reversed(ls) if ln.startswith("~")), "") for ls in self.lines]
 
     def total(self) -> int:
         return sum(len(r) for r in self.received())
@@ -148,7 +152,8 @@ class Fleet:
         while self.total() < total or min(len(r) for r in self.received()) < each:
             counts = [len(r) for r in self.received()]
             assert time.monotonic() < end, (
-                f"clients received {counts} SVIDs in {timeout}s; expected {total}, {each} each"
+                f"clients received {counts} SVIDs in {timeout}s; expected {total}, {each} each;"
+                f" last unreachable errors: {self.last_errors()}"
             )
             assert not self.refusals(), f"the CA refused: {self.refusals()}"
             time.sleep(0.02)
