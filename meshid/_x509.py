@@ -14,9 +14,7 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Pri
 # Inputs larger than this are refused before parsing: no sane chain or bundle is near it.
 MAX_PEM_BYTES = 1 << 20
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)\r?\n?-----END \1-----", re.DOTALL
-)
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)\r?\n?-----END \1-----", re.DOTALL)
 
 
 def pem_blocks(data: bytes) -> list[tuple[str, bytes]]:

@@ -296,8 +296,8 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
         now: datetime.datetime | None,
         what: str,
     ) -> None:
-        builder = verification.PolicyBuilder().store(store).extension_policies(
-            ca_policy=_CA_POLICY, ee_policy=_EE_POLICY
+        builder = (
+            verification.PolicyBuilder().store(store).extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
         )
         if now is not None:
             builder = builder.time(now)

@@ -78,9 +78,7 @@ def server_credentials(source: Source) -> grpc.ServerCredentials:
         SourceError: the source has no SVID yet.
     """
     configs = ServerConfigs(require_source(source))
-    return grpc.dynamic_ssl_server_credentials(
-        configs.current(), configs.fetch, require_client_authentication=True
-    )
+    return grpc.dynamic_ssl_server_credentials(configs.current(), configs.fetch, require_client_authentication=True)
 
 
 def _parse_server_id(server_id: ServerId) -> SpiffeId | TrustDomain:
@@ -125,9 +123,7 @@ def channel_credentials(
     return creds, options
 
 
-def merge_options(
-    ours: Sequence[tuple[str, Any]], theirs: Sequence[tuple[str, Any]] | None
-) -> list[tuple[str, Any]]:
+def merge_options(ours: Sequence[tuple[str, Any]], theirs: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
     """Channel options: meshid's defaults and pins, then the caller's (which win on a clash, except pins)."""
     merged = {
         "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,

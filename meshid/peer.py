@@ -201,7 +201,5 @@ def peer_identity(context: object) -> PeerIdentity:
     """
     identity = getattr(context, _ATTR, None) or _CURRENT.get()
     if identity is None:
-        raise MeshIdError(
-            "peer identity: none for this call; build the server with meshid's AuthorizationInterceptor"
-        )
+        raise MeshIdError("peer identity: none for this call; build the server with meshid's AuthorizationInterceptor")
     return identity

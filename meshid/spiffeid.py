@@ -21,9 +21,7 @@ MAX_SPIFFE_ID_LENGTH = 2048
 MAX_TRUST_DOMAIN_LENGTH = 255
 
 _TD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
-_PATH_CHARS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_"
-)
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
 def _check_trust_domain(name: str, text: str) -> None:
@@ -42,9 +40,7 @@ def _check_trust_domain(name: str, text: str) -> None:
     if "%" in name:
         raise InvalidSpiffeIdError(f"SPIFFE ID {text!r}: percent-encoding is not allowed")
     if name.isascii() and name.lower() != name and all(c in _TD_CHARS for c in name.lower()):
-        raise InvalidSpiffeIdError(
-            f"SPIFFE ID {text!r}: trust domain must be lowercase; use {name.lower()!r}"
-        )
+        raise InvalidSpiffeIdError(f"SPIFFE ID {text!r}: trust domain must be lowercase; use {name.lower()!r}")
     raise InvalidSpiffeIdError(
         f"SPIFFE ID {text!r}: trust domain characters are limited to lowercase letters, "
         "numbers, dots, dashes, and underscores"
@@ -138,16 +134,14 @@ class SpiffeId:
         if not text:
             raise InvalidSpiffeIdError("SPIFFE ID: cannot be empty")
         if len(text.encode("utf-8", "surrogatepass")) > MAX_SPIFFE_ID_LENGTH:
-            raise InvalidSpiffeIdError(
-                f"SPIFFE ID {text[:80]!r}...: longer than {MAX_SPIFFE_ID_LENGTH} bytes"
-            )
+            raise InvalidSpiffeIdError(f"SPIFFE ID {text[:80]!r}...: longer than {MAX_SPIFFE_ID_LENGTH} bytes")
         if not text.startswith(SCHEME_PREFIX):
             if text[:9].lower() == SCHEME_PREFIX:
                 raise InvalidSpiffeIdError(f"SPIFFE ID {text!r}: scheme must be lowercase 'spiffe'")
             raise InvalidSpiffeIdError(
                 f"SPIFFE ID {text!r}: scheme is missing or invalid; it must start with 'spiffe://'"
             )
-        rest = text[len(SCHEME_PREFIX):]
+        rest = text[len(SCHEME_PREFIX) :]
         slash = rest.find("/")
         name, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
         for mark, what in (("?", "a query"), ("#", "a fragment")):

@@ -51,9 +51,7 @@ def spiffe_id_from_certificate(cert: x509.Certificate) -> SpiffeId:
     if not uris:
         raise InvalidSvidError("X509-SVID: the certificate has no URI SAN; it must carry exactly one SPIFFE ID")
     if len(uris) > 1:
-        raise InvalidSvidError(
-            f"X509-SVID: the certificate has {len(uris)} URI SANs; it must carry exactly one"
-        )
+        raise InvalidSvidError(f"X509-SVID: the certificate has {len(uris)} URI SANs; it must carry exactly one")
     try:
         return SpiffeId.parse(uris[0])
     except InvalidSpiffeIdError as err:
@@ -68,9 +66,7 @@ def check_leaf(cert: x509.Certificate) -> SpiffeId:
     """
     spiffe_id = spiffe_id_from_certificate(cert)
     if not spiffe_id.path:
-        raise InvalidSvidError(
-            f"X509-SVID: leaf SPIFFE ID {spiffe_id} has no path; a leaf must identify a workload"
-        )
+        raise InvalidSvidError(f"X509-SVID: leaf SPIFFE ID {spiffe_id} has no path; a leaf must identify a workload")
     if _x509.is_ca(cert):
         raise InvalidSvidError("X509-SVID: the leaf certificate is a CA (basicConstraints CA:true)")
     try:
@@ -158,9 +154,7 @@ class X509Svid:
         certs = []
         for index, (label, block) in enumerate(blocks):
             if label != "CERTIFICATE":
-                raise InvalidSvidError(
-                    f"X509-SVID: chain block {index} is a {label!r}, expected 'CERTIFICATE'"
-                )
+                raise InvalidSvidError(f"X509-SVID: chain block {index} is a {label!r}, expected 'CERTIFICATE'")
             try:
                 certs.append(x509.load_pem_x509_certificate(block))
             except ValueError as err:

@@ -85,8 +85,10 @@ class Rule:
 
     @property
     def needs_scan(self) -> bool:
-        return self.any_peer or bool(self.spiffe_id_patterns or self.subject_patterns) or any(
-            kind != "exact" for kind, _ in self.principals
+        return (
+            self.any_peer
+            or bool(self.spiffe_id_patterns or self.subject_patterns)
+            or any(kind != "exact" for kind, _ in self.principals)
         )
 
 
@@ -190,9 +192,7 @@ class CompiledRules:
         self.allow = _Index.build(r for r in rules if r.action == "allow")
         self.uses_headers = any(r.headers for r in rules)
 
-    def decide(
-        self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None = None
-    ) -> Decision:
+    def decide(self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None = None) -> Decision:
         rule = self.deny.first_match(peer, method, headers)
         if rule is not None:
             return Decision(False, rule.name, f"denied by rule {rule.name!r}")

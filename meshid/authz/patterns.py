@@ -30,7 +30,7 @@ def compile_spiffe_id_pattern(pattern: str) -> re.Pattern[str]:
     prefix = "spiffe://"
     if not pattern.startswith(prefix):
         raise InvalidSpiffeIdError(f"SPIFFE ID pattern {pattern!r}: must start with 'spiffe://'")
-    td_text, sep, path = pattern[len(prefix):].partition("/")
+    td_text, sep, path = pattern[len(prefix) :].partition("/")
     if "*" in td_text:
         raise InvalidSpiffeIdError(
             f"SPIFFE ID pattern {pattern!r}: the trust domain cannot be a glob; use trust_domains instead"
@@ -84,9 +84,7 @@ def method_pattern(text: str) -> tuple[str, str]:
         return ("any", "")
     parts = text.split("/")
     if len(parts) != 3 or parts[0] or not parts[1] or not parts[2] or "*" in parts[1]:
-        raise InvalidPolicyError(
-            f"method {text!r}: write '/package.Service/Method', '/package.Service/*' or '*'"
-        )
+        raise InvalidPolicyError(f"method {text!r}: write '/package.Service/Method', '/package.Service/*' or '*'")
     if parts[2] == "*":
         return ("prefix", f"/{parts[1]}/")
     if "*" in parts[2]:

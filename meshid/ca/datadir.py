@@ -173,3 +173,132 @@ def open_service(folder: str | os.PathLike[str], **kwargs: object) -> IssuingSer
     authority, config = load_authority(folder)
     store = SqliteStore(_paths(folder)["db"])
     return IssuingService(authority, store, max_ttl=config.max_ttl, **kwargs)  # type: ignore[arg-type]
+
+
+# --- CA key rotation ---------------------------------------------------------------------
+#
+#   prepare   a new CA key and certificate go to DIR/next/; a new root joins bundle.pem (the
+#             bundle sequence grows), so workloads learn to trust it before anything uses it.
+#   activate  DIR/next/ becomes the signing CA; the old root is recorded in rotation.json to
+#             leave the bundle once every SVID it signed has expired (activation + max TTL).
+#   retire    done by `ca serve` when that time has passed (or `retire_due_roots` directly).
+
+
+def _rotation_file(folder: str | os.PathLike[str]) -> pathlib.Path:
+    return pathlib.Path(folder) / "rotation.json"
+
+
+def _read_rotation(folder: str | os.PathLike[str]) -> dict[str, list[dict[str, object]]]:
+    path = _rotation_file(folder)
+    if not path.exists():
+        return {"retiring": []}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataDirError(f"CA rotation: {path} is unreadable: {err}") from err
+    return data if isinstance(data, dict) and isinstance(data.get("retiring"), list) else {"retiring": []}
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return _x509.thumbprint(cert)
+
+
+def _bump_sequence(folder: str | os.PathLike[str]) -> int:
+    store = SqliteStore(_paths(folder)["db"])
+    try:
+        return store.bump_bundle_sequence()
+    finally:
+        store.close()
+
+
+def prepare_rotation(
+    folder: str | os.PathLike[str], *, upstream_cert: str | None = None, upstream_key: str | None = None
+) -> x509.Certificate:
+    """Create the next CA and publish its root in the bundle (signing does not change yet).
+
+    Raises:
+        DataDirError: a rotation is already prepared, or the upstream files are unusable.
+    """
+    authority, config = load_authority(folder)
+    paths = _paths(folder)
+    next_dir = pathlib.Path(folder) / "next"
+    if (next_dir / "ca.key").exists():
+        raise DataDirError("CA rotation: a next CA is already prepared; run `meshid ca rotate activate`")
+    if authority.chain and (upstream_cert is None or upstream_key is None):
+        raise DataDirError(
+            "CA rotation: this CA is chained under an upstream CA; give --upstream-cert and --upstream-key"
+        )
+    if upstream_cert is not None and upstream_key is not None:
+        certs, key = _read_upstream(upstream_cert, upstream_key)
+        new = Authority.from_upstream(config.trust_domain, certs[0], key, upstream_chain=certs[1:])  # type: ignore[arg-type]
+    else:
+        new = Authority.create_root(config.trust_domain)
+    next_dir.mkdir(exist_ok=True)
+    ca_chain = (new.certificate, *new.chain[1:]) if new.chain else (new.certificate,)
+    write_atomic(next_dir / "ca.key", _x509.key_pem(new.private_key), mode=0o600)
+    write_atomic(next_dir / "ca.pem", b"".join(_x509.cert_pem(c) for c in ca_chain))
+    roots = list(authority.roots)
+    for root in new.roots:
+        if all(_fingerprint(root) != _fingerprint(r) for r in roots):
+            roots.append(root)
+    if len(roots) != len(authority.roots):
+        write_atomic(paths["bundle"], TrustBundle(config.trust_domain, tuple(roots)).to_pem())
+        _bump_sequence(folder)
+    return new.certificate
+
+
+def activate_rotation(
+    folder: str | os.PathLike[str], *, grace: datetime.timedelta = datetime.timedelta(minutes=5)
+) -> None:
+    """Make the prepared CA the signing CA; schedule the old root's retirement.
+
+    The old root stays in the bundle until ``now + max TTL + grace``: by then every SVID the
+    old key signed has expired.
+
+    Raises:
+        DataDirError: nothing is prepared.
+    """
+    authority, config = load_authority(folder)
+    paths = _paths(folder)
+    next_dir = pathlib.Path(folder) / "next"
+    if not (next_dir / "ca.key").exists():
+        raise DataDirError("CA rotation: nothing prepared; run `meshid ca rotate prepare` first")
+    new_key, new_cert = (next_dir / "ca.key").read_bytes(), (next_dir / "ca.pem").read_bytes()
+    retired = pathlib.Path(folder) / "retired" / _fingerprint(authority.certificate)[:16]
+    retired.mkdir(parents=True, exist_ok=True)
+    write_atomic(retired / "ca.key", paths["key"].read_bytes(), mode=0o600)
+    write_atomic(retired / "ca.pem", paths["cert"].read_bytes())
+    # key first: a reader that sees the new key with the old certificate refuses the pair and retries
+    write_atomic(paths["key"], new_key, mode=0o600)
+    write_atomic(paths["cert"], new_cert)
+    old = authority.certificate
+    if old.issuer == old.subject:  # a self-signed CA was its own root; an upstream root stays
+        rotation = _read_rotation(folder)
+        retire_after = datetime.datetime.now(datetime.UTC) + config.max_ttl + grace
+        rotation["retiring"].append({"fingerprint": _fingerprint(old), "retire_after": retire_after.isoformat()})
+        write_atomic(_rotation_file(folder), json.dumps(rotation, indent=2).encode())
+    (next_dir / "ca.key").unlink()
+    (next_dir / "ca.pem").unlink()
+
+
+def retire_due_roots(folder: str | os.PathLike[str], now: datetime.datetime | None = None) -> list[str]:
+    """Drop roots whose retirement time has passed from the bundle; returns their fingerprints."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    rotation = _read_rotation(folder)
+    due = {
+        str(r["fingerprint"])
+        for r in rotation["retiring"]
+        if datetime.datetime.fromisoformat(str(r["retire_after"])) <= now
+    }
+    if not due:
+        return []
+    authority, config = load_authority(folder)
+    signing = {_fingerprint(authority.certificate)}
+    keep = tuple(r for r in authority.roots if _fingerprint(r) not in due or _fingerprint(r) in signing)
+    removed = [r for r in due if r not in signing]
+    if len(keep) != len(authority.roots):
+        write_atomic(_paths(folder)["bundle"], TrustBundle(config.trust_domain, keep).to_pem())
+        _bump_sequence(folder)
+    rotation["retiring"] = [r for r in rotation["retiring"] if str(r["fingerprint"]) not in due]
+    write_atomic(_rotation_file(folder), json.dumps(rotation, indent=2).encode())
+    return removed

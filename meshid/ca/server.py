@@ -24,10 +24,11 @@ from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet
 from meshid.ca.authority import generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
-from meshid.ca.datadir import open_service, refresh_admin_svid
+from meshid.ca.datadir import load_authority, open_service, refresh_admin_svid, retire_due_roots
 from meshid.ca.service import IssuingService, admin_id, ca_id
 from meshid.ca.servicers import IssuerServicer, RegistrationServicer
 from meshid.credentials import ServerConfigs
+from meshid.errors import MeshIdError
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.sources import StaticSource
 from meshid.svid import X509Svid
@@ -66,7 +67,10 @@ def ca_policy(service: IssuingService) -> AuthorizationPolicy:
 class CaServer:
     """The CA's gRPC server over a data folder. ``start()`` binds and serves; ``stop()`` ends it."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], listen: str, *, max_workers: int = 16) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], listen: str, *, max_workers: int = 16, poll_interval: float = 0.5
+    ) -> None:
+        self._poll_interval = poll_interval
         self._data_dir = pathlib.Path(data_dir)
         self._listen = listen
         self._max_workers = max_workers
@@ -126,18 +130,55 @@ class CaServer:
         log.info("CA: serving trust domain %s on %s", self.service.authority.trust_domain, self._listen)
         return port
 
+    def _stamp(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for name in ("ca.key", "ca.pem", "bundle.pem"):
+            try:
+                st = (self._data_dir / name).stat()
+            except OSError:
+                out.append((0, 0, 0))
+            else:
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def _reload(self) -> None:
+        """Pick up a CA key rotation or a bundle change made in the data folder."""
+        assert self._source is not None
+        try:
+            authority, _ = load_authority(self._data_dir)
+        except MeshIdError as err:  # e.g. mid-way through `ca rotate activate`: retry on the next poll
+            log.warning("CA: data folder changed but cannot be loaded yet: %s", err)
+            return
+        self.service.set_authority(authority)
+        self._source.update(self._own_svid(), self._bundles())
+        refresh_admin_svid(self.service, self._data_dir / "admin")
+        log.info(
+            "CA: now signing with %s; bundle holds %d root(s), sequence %s",
+            authority.certificate.subject.rfc4514_string(),
+            len(authority.roots),
+            self.service.bundle().sequence,
+        )
+
     def _refresh_loop(self) -> None:
-        # The CA's own SVID and the admin's are re-issued at half their lifetime.
-        while not self._stop.wait(30):
+        # Follow the data folder (key rotation, retirement of old roots) and re-issue the CA's
+        # own SVID and the admin's at half their lifetime.
+        stamp = self._stamp()
+        while not self._stop.wait(self._poll_interval):
             assert self._source is not None
-            svid = self._source.get_svid()
-            now = datetime.datetime.now(datetime.UTC)
-            if now >= svid.not_before + (svid.not_after - svid.not_before) / 2:
-                try:
+            try:
+                retire_due_roots(self._data_dir)
+                current = self._stamp()
+                if current != stamp:
+                    stamp = current
+                    self._reload()
+                    continue
+                svid = self._source.get_svid()
+                now = datetime.datetime.now(datetime.UTC)
+                if now >= svid.not_before + (svid.not_after - svid.not_before) / 2:
                     self._source.update(self._own_svid(), self._bundles())
                     refresh_admin_svid(self.service, self._data_dir / "admin")
-                except Exception:
-                    log.exception("CA: could not refresh its own SVIDs; will retry")
+            except Exception:
+                log.exception("CA: background refresh failed; will retry")
 
     def wait(self) -> None:
         if self._server is not None:

@@ -117,6 +117,14 @@ class IssuingService:
         self._crl: tuple[bytes, int, datetime.datetime] | None = None
         self._revoked = {r.serial for r in store.revoked_unexpired(clock())}
 
+    def set_authority(self, authority: Authority) -> None:
+        """Sign with ``authority`` from now on (after a key rotation); the next CRL is signed by it."""
+        if authority.trust_domain != self.authority.trust_domain:
+            raise ValueError("CA: a rotation cannot change the trust domain")
+        with self._crl_lock:
+            self.authority = authority
+            self._crl = None
+
     # --- workloads -------------------------------------------------------------------------
 
     def _sign(

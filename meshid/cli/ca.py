@@ -30,6 +30,22 @@ def register(groups: Any) -> None:
     serve.add_argument("--data-dir", required=True, metavar="DIR")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT")
     serve.set_defaults(run=run_serve)
+    rotate = commands.add_parser("rotate", help="rotate the CA's signing key with no failed handshake")
+    steps = rotate.add_subparsers(dest="step", required=True)
+    prepare = steps.add_parser("prepare", help="create the next CA and publish its root in the bundle")
+    prepare.add_argument("--data-dir", required=True, metavar="DIR")
+    prepare.add_argument("--upstream-cert", metavar="FILE")
+    prepare.add_argument("--upstream-key", metavar="FILE")
+    prepare.set_defaults(run=run_prepare)
+    activate = steps.add_parser("activate", help="sign with the prepared CA; the old root retires after the max TTL")
+    activate.add_argument("--data-dir", required=True, metavar="DIR")
+    activate.add_argument(
+        "--grace", type=duration, default=duration("5m"), help="extra time before the old root leaves"
+    )
+    activate.set_defaults(run=run_activate)
+    status = steps.add_parser("status", help="the roots in the bundle and what is retiring when")
+    status.add_argument("--data-dir", required=True, metavar="DIR")
+    status.set_defaults(run=run_status)
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -59,4 +75,42 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     server.stop()
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from meshid.ca.datadir import prepare_rotation
+
+    cert = prepare_rotation(args.data_dir, upstream_cert=args.upstream_cert, upstream_key=args.upstream_key)
+    print(f"prepared {cert.subject.rfc4514_string()}; its root is in {args.data_dir}/bundle.pem now.")
+    print("Activate once workloads have fetched the new bundle (one refresh interval): meshid ca rotate activate")
+    return 0
+
+
+def run_activate(args: argparse.Namespace) -> int:
+    from meshid.ca.datadir import activate_rotation
+
+    activate_rotation(args.data_dir, grace=args.grace)
+    print("activated: the CA signs with the new key; the old root leaves the bundle once its SVIDs have expired")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import json
+    import pathlib
+
+    from meshid import _x509
+    from meshid.ca.datadir import load_authority
+
+    authority, _ = load_authority(args.data_dir)
+    signing = _x509.thumbprint(authority.certificate)
+    for root in authority.roots:
+        mark = "signing" if _x509.thumbprint(root) == signing else ""
+        print(f"root {_x509.thumbprint(root)[:16]}  {root.subject.rfc4514_string()}  {mark}")
+    rotation = pathlib.Path(args.data_dir) / "rotation.json"
+    if rotation.exists():
+        for item in json.loads(rotation.read_text()).get("retiring", []):
+            print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
+    if (pathlib.Path(args.data_dir) / "next" / "ca.key").exists():
+        print("a next CA is prepared; run `meshid ca rotate activate`")
     return 0

@@ -14,9 +14,9 @@ from meshid.ca.server import CaServer
 class RunningCa:
     """A meshid CA on loopback, in process, that a test can stop and start again on the same port."""
 
-    def __init__(self, folder: pathlib.Path) -> None:
+    def __init__(self, folder: pathlib.Path, max_ttl: datetime.timedelta = datetime.timedelta(hours=1)) -> None:
         self.folder = folder
-        init_data_dir(folder, "example.org", max_ttl=datetime.timedelta(hours=1))
+        init_data_dir(folder, "example.org", max_ttl=max_ttl)
         self.server = CaServer(folder, "127.0.0.1:0")
         self.port = self.server.start()
         self.address = f"127.0.0.1:{self.port}"
