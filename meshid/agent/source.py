@@ -4,8 +4,9 @@ The loop: obtain an SVID (a still-valid one from ``svid_dir``, else with the joi
 renew when ``renew_at`` of its lifetime has passed, minus a random jitter so a fleet does not
 renew at once; retry with capped exponential backoff while the CA is unreachable, presenting
 the current SVID until it expires; refresh the bundle and the CRL; notify subscribers. The
-lifetime is measured on the CA's clock (``issued_at`` to NotAfter) and waited out on the
-local monotonic clock, so a skewed workload clock does not move renewals.
+lifetime is measured on the CA's clock (``issued_at`` to NotAfter), capped by what the local
+clock says is left, and waited out on the local monotonic clock: a few minutes of skew between
+workload and CA moves renewals neither past expiry nor needlessly early.
 """
 
 from __future__ import annotations
@@ -230,6 +231,10 @@ class IssuerSource:
             if old is not None and dict(old) == dict(bundles):
                 bundles = old  # unchanged: keep the object, so nobody rebuilds for nothing
             self._svid, self._bundles = svid, bundles
+            # The lifetime on the CA's clock, or what the local clock says is left, whichever is
+            # shorter: a CA whose clock runs ahead cannot make us wait too long, nor one behind.
+            local_remaining = (svid.not_after - _utcnow()).total_seconds()
+            lifetime = max(0.0, min(lifetime, local_remaining))
             self._lifetime = lifetime
             wait = lifetime * (self._renew_at - self._jitter * random.random())
             self._next_renewal = time.monotonic() + wait

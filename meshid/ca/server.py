@@ -14,6 +14,7 @@ import logging
 import os
 import pathlib
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -68,13 +69,20 @@ class CaServer:
     """The CA's gRPC server over a data folder. ``start()`` binds and serves; ``stop()`` ends it."""
 
     def __init__(
-        self, data_dir: str | os.PathLike[str], listen: str, *, max_workers: int = 16, poll_interval: float = 0.5
+        self,
+        data_dir: str | os.PathLike[str],
+        listen: str,
+        *,
+        max_workers: int = 16,
+        poll_interval: float = 0.5,
+        clock: Callable[[], datetime.datetime] | None = None,
     ) -> None:
         self._poll_interval = poll_interval
+        service_options = {} if clock is None else {"clock": clock}
         self._data_dir = pathlib.Path(data_dir)
         self._listen = listen
         self._max_workers = max_workers
-        self.service = open_service(data_dir)
+        self.service = open_service(data_dir, **service_options)
         self._source: StaticSource | None = None
         self._server: grpc.Server | None = None
         self._stop = threading.Event()

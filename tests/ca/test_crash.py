@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -43,7 +44,7 @@ CLIENT = r"""
 import pathlib, sys, threading, time
 from meshid.bundle import BundleSet
 from meshid.ca.client import fetch_svid, renew_svid
-from meshid.errors import RemoteError
+from meshid import RemoteError
 
 address_file, bundle_file, token, deadline = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
@@ -82,8 +83,8 @@ if got is not None:
 """
 
 
-def cli(*args: str, **kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "meshid.cli", *args], text=True, **kw)  # type: ignore[call-overload]
+def cli(*args: str, stdout: int | IO[str] | None = None, stderr: int | IO[str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "meshid.cli", *args], stdout=stdout, stderr=stderr, text=True)
 
 
 class Fleet:
