@@ -32,7 +32,7 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
         me = self._source.get_svid()
         return greeter_pb2.HelloReply(
             message=f"hello {request.name}, from {me.spiffe_id} (certificate serial {me.serial:x})",
-            caller=str(caller.spiffe_id),
+            caller=f"{caller.spiffe_id} serial {caller.serial:x}",
         )
 
 
@@ -45,9 +45,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="greeter: %(name)s %(levelname)s %(message)s")
 
     files = [os.path.join(args.dir, n) for n in ("svid.pem", "svid.key", "bundle.pem")]
-    with meshid.FileSource(*files, poll_interval=0.5) as source, meshid.AuthorizationInterceptor(
-        args.policy, source=source
-    ) as authz:
+    with (
+        meshid.FileSource(*files, poll_interval=0.5) as source,
+        meshid.AuthorizationInterceptor(args.policy, source=source) as authz,
+    ):
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[authz])
         greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(source), server)
         port = server.add_secure_port(f"127.0.0.1:{args.port}", meshid.server_credentials(source))
