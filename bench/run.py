@@ -1,5 +1,8 @@
 """`make bench`: meshid's costs as ratios against baselines measured in the same run.
 
+Sections: [core] (below), [ca] issuance throughput (bench/issuance.py), [rotation] latency and
+failures while SVIDs rotate (bench/rotation.py).
+
 Issue #2 (core):
   * median latency of a unary RPC on an mTLS server with meshid's interceptor and a
     1,000-rule policy, against the same server without the interceptor (target <= 1.05);
@@ -142,6 +145,7 @@ def main() -> int:
     parser.add_argument("--serve")
     parser.add_argument("--interceptor", action="store_true")
     parser.add_argument("--calls", type=int, default=6000)
+    parser.add_argument("--core-only", action="store_true", help="only the interceptor and decision figures")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.interceptor)
@@ -168,6 +172,13 @@ def main() -> int:
     print(f"  10 rules                              {small * 1e9:8.0f} ns")
     print(f"  10,000 rules                          {large * 1e9:8.0f} ns")
     print(f"  cost ratio 10,000 / 10                {dratio:8.3f}   {verdict(dratio, 1.5)}")
+
+    if not args.core_only:
+        import issuance  # bench/issuance.py: issue #3
+        import rotation  # bench/rotation.py: issue #4
+
+        issuance.run()
+        rotation.run()
     return 0
 
 

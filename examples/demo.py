@@ -18,7 +18,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUN = ROOT / "demo-run"
