@@ -71,11 +71,18 @@ def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, policy) 
                 async def drain(call):
                     return [r async for r in call]
 
+                async def no_requests():
+                    # The refusal comes at call start, before any message. Sending messages
+                    # into a call the server has already ended races in grpc.aio's client
+                    # (it may report INTERNAL "Failed execute_batch" instead of the status).
+                    return
+                    yield
+
                 attempts = [
                     s.SayHello(hello(), timeout=10),
                     drain(s.SayHelloStream(hello(), timeout=10)),
-                    s.CollectHellos(requests(), timeout=10),
-                    drain(s.Chat(requests(), timeout=10)),
+                    s.CollectHellos(no_requests(), timeout=10),
+                    drain(s.Chat(no_requests(), timeout=10)),
                 ]
                 for attempt in attempts:
                     with pytest.raises(grpc.RpcError) as info:

@@ -69,8 +69,8 @@ def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, intercep
             calls = [
                 lambda: s.SayHello(hello(), timeout=10),
                 lambda: list(s.SayHelloStream(hello(), timeout=10)),
-                lambda: s.CollectHellos(iter([hello()]), timeout=10),
-                lambda: list(s.Chat(iter([hello()]), timeout=10)),
+                lambda: s.CollectHellos(iter([]), timeout=10),  # refused at call start, before any message
+                lambda: list(s.Chat(iter([]), timeout=10)),
             ]
             for make_call in calls:
                 with pytest.raises(grpc.RpcError) as info:
