@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from meshid import metrics
 from meshid._files import write_svid_files
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.errors import MeshIdError, SourceError
@@ -160,6 +161,7 @@ class IssuerSource:
             return self
         if not self._load_saved():
             self._first_issuance()
+        metrics.watch_source(self)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="meshid-issuer-source", daemon=True)
         self._thread.start()
@@ -272,6 +274,7 @@ class IssuerSource:
         try:
             issued = renew(server, svid, bundles, key_kind=self._key_kind, timeout=self._timeout)
         except MeshIdError as err:
+            metrics.SVID_RENEWALS.labels(str(svid.spiffe_id), "error").inc()
             self._failures_in_row += 1
             self._server_index = (self._server_index + 1) % len(self._servers)  # fail over
             delay = self._backoff()
@@ -302,6 +305,7 @@ class IssuerSource:
             issued.svid.serial,
             issued.svid.not_after.isoformat(),
         )
+        metrics.SVID_RENEWALS.labels(str(svid.spiffe_id), "ok").inc()
         self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=True)
 
     def _refresh(self) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from meshid import metrics
 from meshid.authz.model import Decision
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.peer import PeerIdentity
@@ -26,7 +27,9 @@ def record(
     peer_address: str | None = None,
     error: str | None = None,
 ) -> None:
-    """Log one decision. Cheap when nobody listens: fields are built only if the record is kept."""
+    """Log and count one decision. Cheap when nobody listens: fields are built only if the record is kept."""
+    unauthenticated = peer is None and not decision.allowed or decision.reason == "revoked"
+    metrics.count_decision(method, "unauthenticated" if unauthenticated else decision.decision, decision.rule)
     level = logging.INFO if decision.allowed else logging.WARNING
     if audit_log.isEnabledFor(level):
         fields = {

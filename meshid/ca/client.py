@@ -52,7 +52,7 @@ def _call(what: str, server: str, fn: Callable[[], T]) -> T:
     except grpc.RpcError as err:
         code = err.code().name if err.code() is not None else "UNKNOWN"
         details = err.details() or ""
-        if code == "UNAVAILABLE":
+        if code == "UNAVAILABLE" and not details.startswith("CA"):  # not the CA's own answer
             details = f"cannot reach the CA at {server} (is it running, and is this its bundle?): {details}"
         raise RemoteError(f"{what}: {code}: {details}", code) from err
 

@@ -19,6 +19,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshid._proto import issuer_pb2_grpc, registration_pb2_grpc
 from meshid.authz.policy import AuthorizationPolicy
@@ -32,6 +33,7 @@ from meshid.credentials import ServerConfigs
 from meshid.errors import MeshIdError
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.sources import StaticSource
+from meshid.spiffeid import SpiffeId
 from meshid.svid import X509Svid
 
 __all__ = ["CaServer"]
@@ -39,7 +41,14 @@ __all__ = ["CaServer"]
 log = logging.getLogger("meshid.ca")
 
 ISSUER = "/meshid.v1.Issuer/"
-OPEN_METHODS = (f"{ISSUER}IssueWithToken", f"{ISSUER}GetBundle", f"{ISSUER}GetCrl")
+HEALTH = "/grpc.health.v1.Health/"
+OPEN_METHODS = (
+    f"{ISSUER}IssueWithToken",
+    f"{ISSUER}GetBundle",
+    f"{ISSUER}GetCrl",
+    f"{HEALTH}Check",
+    f"{HEALTH}Watch",
+)
 #: Requests larger than this are refused by grpc before any handler runs (a CSR is at most 16 KiB).
 MAX_REQUEST_BYTES = 64 * 1024
 
@@ -88,6 +97,7 @@ class CaServer:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self.port: int | None = None
+        self._healthy: bool | None = None
 
     def _own_svid(self) -> X509Svid:
         key = generate_key()
@@ -120,6 +130,9 @@ class CaServer:
         )
         issuer_pb2_grpc.add_IssuerServicer_to_server(IssuerServicer(self.service), server)  # type: ignore[no-untyped-call]
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationServicer(self.service), server)  # type: ignore[no-untyped-call]
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._check_health()
         # The TLS layer also admits the anonymous bootstrap client (see meshid.ca.bootstrap);
         # meshid's interceptor never trusts it.
         configs = ServerConfigs(self._source, extra_client_roots=anonymous_root_pem())
@@ -167,6 +180,26 @@ class CaServer:
             self.service.bundle().sequence,
         )
 
+    def _check_health(self) -> bool:
+        """SERVING when the store answers and the signing key signs; NOT_SERVING otherwise."""
+        try:
+            self.service.store.check()
+            self.service.authority.issue_svid(
+                SpiffeId.from_parts(self.service.authority.trust_domain, "meshid", "probe")
+            )
+        except Exception as err:
+            if self._healthy is not False:
+                log.error("CA: not serving: %s", err)
+            self._healthy = False
+        else:
+            if self._healthy is False:
+                log.info("CA: serving again")
+            self._healthy = True
+        status = health_pb2.HealthCheckResponse.SERVING if self._healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "meshid.v1.Issuer", "meshid.v1.Registration"):
+            self.health.set(service, status)
+        return self._healthy
+
     def _refresh_loop(self) -> None:
         # Follow the data folder (key rotation, retirement of old roots) and re-issue the CA's
         # own SVID and the admin's at half their lifetime.
@@ -174,6 +207,7 @@ class CaServer:
         while not self._stop.wait(self._poll_interval):
             assert self._source is not None
             try:
+                self._check_health()
                 retire_due_roots(self._data_dir)
                 current = self._stamp()
                 if current != stamp:

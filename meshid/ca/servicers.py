@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from meshid import metrics
 from meshid._proto import issuer_pb2, issuer_pb2_grpc, registration_pb2, registration_pb2_grpc
 from meshid.bundle import TrustBundle
 from meshid.ca.service import Issued, IssuingService
@@ -60,6 +61,7 @@ def _run(context: grpc.ServicerContext, what: str, call: Callable[[], T]) -> T:
     try:
         return call()
     except IssuanceError as err:
+        metrics.CA_REFUSALS.labels(type(err).__name__.removesuffix("Error").lower()).inc()
         context.abort(status_for(err), str(err))
     except Exception:
         log.exception("CA: %s failed", what)
@@ -99,6 +101,7 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
 
     def IssueWithToken(self, request: Any, context: grpc.ServicerContext) -> Any:
         issued = _run(context, "issuance", lambda: self._service.issue_with_token(request.join_token, request.csr))
+        metrics.CA_ISSUANCES.labels("token").inc()
         log.info("CA: issued %s (serial %x) for a join token", issued.spiffe_id, issued.chain[0].serial_number)
         return _svid_response(issued)
 
@@ -108,6 +111,7 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "renewal: an X509-SVID is required")
         assert caller is not None
         issued = _run(context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id))
+        metrics.CA_ISSUANCES.labels("renewal").inc()
         log.info("CA: renewed %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
         return _svid_response(issued)
 

@@ -29,6 +29,7 @@ def register(groups: Any) -> None:
     serve = commands.add_parser("serve", help="serve the issuer and registration APIs over mTLS")
     serve.add_argument("--data-dir", required=True, metavar="DIR")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT")
+    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     serve.set_defaults(run=run_serve)
     rotate = commands.add_parser("rotate", help="rotate the CA's signing key with no failed handshake")
     steps = rotate.add_subparsers(dest="step", required=True)
@@ -70,6 +71,11 @@ def run_serve(args: argparse.Namespace) -> int:
     server = CaServer(args.data_dir, args.listen)
     port = server.start()
     print(f"CA serving on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    if args.metrics:
+        from meshid.metrics import serve_metrics
+
+        metrics_port = serve_metrics(args.metrics)
+        print(f"CA metrics on http://{args.metrics.rsplit(':', 1)[0]}:{metrics_port}/metrics", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
