@@ -28,7 +28,7 @@ def record(
     error: str | None = None,
 ) -> None:
     """Log and count one decision. Cheap when nobody listens: fields are built only if the record is kept."""
-    unauthenticated = peer is None and not decision.allowed or decision.reason == "revoked"
+    unauthenticated = (peer is None and not decision.allowed) or decision.reason == "revoked"
     metrics.count_decision(method, "unauthenticated" if unauthenticated else decision.decision, decision.rule)
     level = logging.INFO if decision.allowed else logging.WARNING
     if audit_log.isEnabledFor(level):
