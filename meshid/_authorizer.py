@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -13,12 +14,14 @@ import grpc
 
 from meshid.authz import audit
 from meshid.authz.grpc_json import collect_headers
+from meshid.forwarded import XFCC_HEADER, ForwardedIdentities
 from meshid.authz.model import Decision
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.errors import MeshIdError, VerificationError
 from meshid.peer import PeerIdentity, PeerVerifier
 from meshid.sources import Source
+from meshid.spiffeid import SpiffeId
 
 log = logging.getLogger("meshid.authz")
 
@@ -66,12 +69,17 @@ class Authorizer:
         source: TrustInput,
         poll_interval: float = 2.0,
         unauthenticated_methods: Iterable[str] = (),
+        trusted_proxies: Iterable[SpiffeId | str] = (),
+        forwarded_header: str = XFCC_HEADER,
     ) -> None:
         self._policy, self._path = _load(policy)
         self._open_methods = frozenset(unauthenticated_methods)
         if any(not isinstance(m, str) or not m.startswith("/") for m in self._open_methods):
             raise ValueError("unauthenticated_methods must be full method names such as '/pkg.Service/Method'")
-        self._verifier = PeerVerifier(_bundles_getter(source))
+        bundles = _bundles_getter(source)
+        self._verifier = PeerVerifier(bundles)
+        proxies = list(trusted_proxies)
+        self._forwarded = ForwardedIdentities(proxies, bundles, header=forwarded_header) if proxies else None
         self._poll_interval = poll_interval
         self._stamp = self._file_stamp()
         self._stop = threading.Event()
@@ -200,6 +208,20 @@ class Authorizer:
             denied = Decision(False, None, "revoked")
             audit.record(policy, denied, method, identity, peer_address=peer_address, error=message)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
+        if self._forwarded is not None and self._forwarded.from_proxy(identity):
+            proxy = identity
+            try:
+                forwarded = self._forwarded.identify(metadata, time.time())
+            except VerificationError as err:
+                denied = Decision(False, None, "unauthenticated")
+                audit.record(policy, denied, method, None, peer_address=peer_address, error=f"via {proxy.describe()}: {err}")
+                return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
+            if forwarded is not None:
+                identity = forwarded
+                if self.revoked is not None and self.revoked(identity):
+                    message = f"forwarded peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
+                    audit.record(policy, Decision(False, None, "revoked"), method, identity, error=message)
+                    return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if policy.uses_headers:
             decision = policy.decide(identity, method, collect_headers(metadata or ()))
         else:

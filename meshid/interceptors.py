@@ -16,7 +16,9 @@ import grpc
 from meshid import peer as _peer
 from meshid._authorizer import Authorizer, PolicyInput, Refusal, TrustInput
 from meshid.authz.policy import AuthorizationPolicy
+from meshid.forwarded import XFCC_HEADER
 from meshid.peer import PeerIdentity
+from meshid.spiffeid import SpiffeId
 
 __all__ = ["AuthorizationInterceptor"]
 
@@ -44,6 +46,12 @@ class AuthorizationInterceptor(_ServerInterceptor):
             (for example a health check, or an issuer's first-issuance call). Only useful
             on a server whose TLS layer admits such callers; the handler finds the caller in
             :func:`meshid.peer_identity` only if it did verify.
+        trusted_proxies: SPIFFE IDs of TLS-terminating proxies (nginx, Envoy). From such a
+            peer, the client certificate forwarded in ``forwarded_header`` is verified
+            against its trust domain's bundle and decides the call; from any other peer the
+            header is ignored. A proxy that forwards no certificate is itself the caller.
+        forwarded_header: ``x-forwarded-client-cert`` (Envoy's XFCC, the default) or the
+            header an nginx ``grpc_set_header`` fills with ``$ssl_client_escaped_cert``.
 
     No verified certificate gives ``UNAUTHENTICATED``; a denial gives ``PERMISSION_DENIED``
     naming the method and the caller, never the policy's contents. An unknown method is
@@ -62,9 +70,16 @@ class AuthorizationInterceptor(_ServerInterceptor):
         source: TrustInput,
         poll_interval: float = 2.0,
         unauthenticated_methods: Iterable[str] = (),
+        trusted_proxies: Iterable[SpiffeId | str] = (),
+        forwarded_header: str = XFCC_HEADER,
     ) -> None:
         self._authorizer = Authorizer(
-            policy, source=source, poll_interval=poll_interval, unauthenticated_methods=unauthenticated_methods
+            policy,
+            source=source,
+            poll_interval=poll_interval,
+            unauthenticated_methods=unauthenticated_methods,
+            trusted_proxies=trusted_proxies,
+            forwarded_header=forwarded_header,
         )
 
     @property

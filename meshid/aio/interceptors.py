@@ -13,7 +13,9 @@ import grpc.aio
 from meshid import peer as _peer
 from meshid._authorizer import Authorizer, PolicyInput, Refusal, TrustInput
 from meshid.authz.policy import AuthorizationPolicy
+from meshid.forwarded import XFCC_HEADER
 from meshid.peer import PeerIdentity
+from meshid.spiffeid import SpiffeId
 
 __all__ = ["AuthorizationInterceptor"]
 
@@ -42,9 +44,16 @@ class AuthorizationInterceptor(_ServerInterceptor):
         source: TrustInput,
         poll_interval: float = 2.0,
         unauthenticated_methods: Iterable[str] = (),
+        trusted_proxies: Iterable[SpiffeId | str] = (),
+        forwarded_header: str = XFCC_HEADER,
     ) -> None:
         self._authorizer = Authorizer(
-            policy, source=source, poll_interval=poll_interval, unauthenticated_methods=unauthenticated_methods
+            policy,
+            source=source,
+            poll_interval=poll_interval,
+            unauthenticated_methods=unauthenticated_methods,
+            trusted_proxies=trusted_proxies,
+            forwarded_header=forwarded_header,
         )
 
     @property
