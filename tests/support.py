@@ -204,10 +204,10 @@ class _Raw:
         return self._key
 
 
-def call(channel: Any) -> tuple[str, str]:
+def call(channel: Any, metadata: Any = None) -> tuple[str, str]:
     """One SayHello: ("OK", caller) or (status code name, details)."""
     try:
-        reply = stub(channel).SayHello(hello(), timeout=10)
+        reply = stub(channel).SayHello(hello(), metadata=metadata, timeout=10)
     except grpc.RpcError as err:
         return err.code().name, err.details() or ""
     return "OK", reply.caller

@@ -1,0 +1,59 @@
+"""Envoy's x-forwarded-client-cert, read the same way as nginx's header (nginx itself: test_nginx.py)."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+import meshid
+from meshid.ca import Authority
+from meshid.forwarded import XFCC_HEADER, ForwardedIdentities
+from support import FRONTEND_ID, INTRUDER_ID, SERVER_ID, call, sync_server
+
+PROXY_ID = "spiffe://example.org/ns/edge/sa/envoy"
+
+
+def _xfcc(svid: meshid.X509Svid, *, hops: int = 1) -> str:
+    cert = urllib.parse.quote(svid.leaf.public_bytes(Encoding.PEM).decode())
+    element = f'By=spiffe://example.org/ns/edge/sa/envoy;Hash=abc;Cert="{cert}";Subject="CN=x,O=y";URI={svid.spiffe_id}'
+    earlier = 'By=spiffe://a/b;Hash=def;Subject="CN=earlier, hop";URI=spiffe://example.org/earlier'
+    return ",".join([earlier] * (hops - 1) + [element])
+
+
+def test_xfcc_last_element_decides_and_is_verified(ca: Authority, bundles) -> None:
+    reader = ForwardedIdentities([PROXY_ID], lambda: bundles)
+    frontend = ca.issue_svid(FRONTEND_ID)
+    identity = reader.identify([(XFCC_HEADER, _xfcc(frontend, hops=3))], time.time())
+    assert identity is not None and identity.spiffe_id == frontend.spiffe_id
+    assert identity.thumbprint == frontend.thumbprint
+    assert reader.identify([("other", "x")], time.time()) is None
+    stranger = Authority.create_root("example.org").issue_svid(FRONTEND_ID)
+    with pytest.raises(meshid.VerificationError, match="does not verify"):
+        reader.identify([(XFCC_HEADER, _xfcc(stranger))], time.time())
+    with pytest.raises(meshid.VerificationError, match="not a PEM certificate"):
+        reader.identify([(XFCC_HEADER, 'Cert="garbage"')], time.time())
+    with pytest.raises(meshid.VerificationError, match="larger than"):
+        reader.identify([(XFCC_HEADER, "x" * 40_000)], time.time())
+
+
+def test_interceptor_decides_on_the_forwarded_identity_only_from_the_proxy(ca, bundles, server_source) -> None:
+    policy = meshid.AuthorizationPolicy.from_dict(
+        {"allow": [{"name": "fe", "methods": ["*"], "spiffe_ids": [FRONTEND_ID]}]}
+    )
+    interceptor = meshid.AuthorizationInterceptor(policy, source=server_source, trusted_proxies=[PROXY_ID])
+    header = [(XFCC_HEADER, _xfcc(ca.issue_svid(FRONTEND_ID)))]
+    with sync_server(server_source, interceptor) as port:
+        outcomes = {}
+        for direct in (PROXY_ID, INTRUDER_ID):
+            source = meshid.StaticSource(ca.issue_svid(direct), bundles)
+            with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+                outcomes[direct] = call(channel, metadata=header)
+        assert outcomes[PROXY_ID] == ("OK", FRONTEND_ID)  # the forwarded caller decides
+        assert outcomes[INTRUDER_ID][0] == "PERMISSION_DENIED"  # the header from a non-proxy is ignored
+        assert INTRUDER_ID in outcomes[INTRUDER_ID][1]
+        proxy = meshid.StaticSource(ca.issue_svid(PROXY_ID), bundles)
+        with meshid.secure_channel(f"127.0.0.1:{port}", proxy, server_id=SERVER_ID) as channel:
+            assert call(channel)[0] == "PERMISSION_DENIED"  # a proxy forwarding nothing is itself the caller
