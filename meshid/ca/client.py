@@ -28,7 +28,17 @@ from meshid.sources import FileSource
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid, identity_dns_name
 
-__all__ = ["AdminClient", "Issuance", "fetch_svid", "get_bundle", "get_crl", "issue_with_token", "renew", "renew_svid"]
+__all__ = [
+    "AdminClient",
+    "Issuance",
+    "fetch_bundle",
+    "fetch_svid",
+    "get_bundle",
+    "get_crl",
+    "issue_with_token",
+    "renew",
+    "renew_svid",
+]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0
@@ -150,12 +160,27 @@ def renew_svid(
 
 
 def get_bundle(server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT) -> TrustBundle:
+    """The CA's current bundle, asked over mTLS with the caller's SVID."""
     td = svid.spiffe_id.trust_domain
-    with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
+    return _get_bundle(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem(), timeout)
+
+
+def fetch_bundle(
+    server: str, roots_pem: bytes, trust_domain: TrustDomain, *, timeout: float = DEFAULT_TIMEOUT
+) -> TrustBundle:
+    """The CA's current bundle for anyone who already trusts one of its roots (no SVID needed)."""
+    anon_key, anon_cert = anonymous_client()
+    return _get_bundle(server, roots_pem, trust_domain, anon_key, anon_cert, timeout)
+
+
+def _get_bundle(
+    server: str, roots: bytes, td: TrustDomain, key_pem: bytes, chain_pem: bytes, timeout: float
+) -> TrustBundle:
+    with _channel(server, roots, td, key_pem, chain_pem) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         response = _call("bundle", server, lambda: stub.GetBundle(issuer_pb2.GetBundleRequest(), timeout=timeout))
-    roots = tuple(x509.load_der_x509_certificate(der) for der in response.roots)
-    return TrustBundle(td, roots, response.sequence or None)
+    roots_found = tuple(x509.load_der_x509_certificate(der) for der in response.roots)
+    return TrustBundle(td, roots_found, response.sequence or None)
 
 
 def get_crl(

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from meshid.cli import agent, ca, entry, policy, svid
+from meshid.cli import agent, bundle, ca, entry, policy, svid
 from meshid.errors import MeshIdError
 
 __all__ = ["main"]
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", required=True, parser_class=_Parser)
     ca.register(groups)
     agent.register(groups)
+    bundle.register(groups)
     entry.register(groups)
     svid.register(groups)
     policy.register(groups)
