@@ -14,11 +14,11 @@ import grpc
 
 from meshid.authz import audit
 from meshid.authz.grpc_json import collect_headers
-from meshid.forwarded import XFCC_HEADER, ForwardedIdentities
 from meshid.authz.model import Decision
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.errors import MeshIdError, VerificationError
+from meshid.forwarded import XFCC_HEADER, ForwardedIdentities
 from meshid.peer import PeerIdentity, PeerVerifier
 from meshid.sources import Source
 from meshid.spiffeid import SpiffeId
@@ -214,7 +214,9 @@ class Authorizer:
                 forwarded = self._forwarded.identify(metadata, time.time())
             except VerificationError as err:
                 denied = Decision(False, None, "unauthenticated")
-                audit.record(policy, denied, method, None, peer_address=peer_address, error=f"via {proxy.describe()}: {err}")
+                audit.record(
+                    policy, denied, method, None, peer_address=peer_address, error=f"via {proxy.describe()}: {err}"
+                )
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
             if forwarded is not None:
                 identity = forwarded

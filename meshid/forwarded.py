@@ -20,7 +20,7 @@ from meshid.errors import VerificationError
 from meshid.peer import PeerIdentity
 from meshid.spiffeid import SpiffeId
 
-__all__ = ["ForwardedIdentities", "XFCC_HEADER"]
+__all__ = ["XFCC_HEADER", "ForwardedIdentities"]
 
 XFCC_HEADER = "x-forwarded-client-cert"
 #: Longest forwarded header meshid reads (a PEM chain of a few certificates, URL-encoded).
@@ -94,7 +94,9 @@ class ForwardedIdentities:
         if value is None:
             return None
         if len(value) > MAX_HEADER_BYTES:
-            raise VerificationError(f"forwarded certificate: header {self.header} is larger than {MAX_HEADER_BYTES} bytes")
+            raise VerificationError(
+                f"forwarded certificate: header {self.header} is larger than {MAX_HEADER_BYTES} bytes"
+            )
         bundles = self._bundles()
         if self._cache_bundles is not bundles:
             self._cache, self._cache_bundles = {}, bundles
@@ -110,7 +112,9 @@ class ForwardedIdentities:
         if isinstance(result, str):
             raise VerificationError(result)
         if result.not_after.timestamp() < now:
-            raise VerificationError(f"forwarded certificate of {result.describe()}: expired at {result.not_after.isoformat()}")
+            raise VerificationError(
+                f"forwarded certificate of {result.describe()}: expired at {result.not_after.isoformat()}"
+            )
         return result
 
     def _verify(self, value: str, bundles: BundleSet) -> PeerIdentity:
