@@ -18,6 +18,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUN = ROOT / "demo-run"
@@ -140,9 +141,20 @@ def main() -> int:
 
         step(f"The greeter starts with policy {POLICY.relative_to(ROOT)}")
         greeter, port_text = start(
-            [str(ROOT / "examples" / "greeter" / "server.py"), "--dir", str(RUN / "greeter"), "--policy", str(POLICY)],
-            "listening on",
+            [
+                str(ROOT / "examples" / "greeter" / "server.py"),
+                "--dir",
+                str(RUN / "greeter"),
+                "--policy",
+                str(POLICY),
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+            "metrics on",
         )
+        metrics_port = int(port_text)
+        assert greeter.stdout is not None
+        port_text = greeter.stdout.readline().split()[-1]
         procs.append(greeter)
         port = int(port_text)
         print(f"  greeter listening on 127.0.0.1:{port}")
@@ -180,6 +192,12 @@ def main() -> int:
         print(
             f"  greeter rotated {len(server_serials) - 1}x and frontend {len(client_serials) - 1}x, with no failed call"
         )
+
+        step(f"The greeter's Prometheus metrics (http://127.0.0.1:{metrics_port}/metrics), a few lines")
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        for line in scraped.splitlines():
+            if line.startswith(("meshid_authz_decisions_total", "meshid_svid_expiry_seconds")):
+                print(f"  {line}")
     finally:
         for proc in reversed(procs):
             stop(proc)

@@ -18,8 +18,10 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import meshid
+from meshid import metrics
 from meshid._proto import greeter_pb2, greeter_pb2_grpc
 
 
@@ -41,6 +43,7 @@ def main() -> int:
     parser.add_argument("--dir", required=True, help="folder with svid.pem, svid.key, bundle.pem")
     parser.add_argument("--policy", required=True)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="greeter: %(name)s %(levelname)s %(message)s")
 
@@ -51,8 +54,15 @@ def main() -> int:
     ):
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[authz])
         greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(source), server)
+        # Standard health checking; the policy decides who may ask, like any other method.
+        health_servicer = health.HealthServicer()
+        health_servicer.set("meshid.examples.v1.Greeter", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        metrics.watch_source(source)
         port = server.add_secure_port(f"127.0.0.1:{args.port}", meshid.server_credentials(source))
         server.start()
+        if args.metrics:
+            print(f"metrics on {metrics.serve_metrics(args.metrics)}", flush=True)
         print(f"listening on {port}", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
