@@ -203,6 +203,15 @@ class Authorizer:
             denied = Decision(False, None, "unauthenticated")
             audit.record(policy, denied, method, None, peer_address=peer_address, error=str(err))
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
+        if identity.tls_version not in (None, "TLSv1.3") and not policy.allow_tls12:
+            message = (
+                f"peer {identity.describe()}: the connection negotiated {identity.tls_version}; this server "
+                "requires TLS 1.3 (a policy may set allow_tls12 to admit TLS 1.2)"
+            )
+            audit.record(
+                policy, Decision(False, None, "unauthenticated"), method, None, peer_address=peer_address, error=message
+            )
+            return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if self.revoked is not None and self.revoked(identity):
             message = f"peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
             denied = Decision(False, None, "revoked")

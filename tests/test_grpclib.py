@@ -74,3 +74,22 @@ def test_classical_key_exchange_is_denied_when_the_policy_requires_pq(ca, bundle
     assert status == Status.PERMISSION_DENIED
     assert "is classical" in message and "post-quantum" in message
     assert "X25519" in message or "secp" in message.lower()  # the group Python's OpenSSL chose
+
+
+def test_tls12_is_refused_unless_the_policy_allows_it(ca, bundles, server_source, tmp_path) -> None:
+    def tls12_only() -> ssl.SSLContext:
+        ctx = _context(ca.issue_svid(FRONTEND_ID), bundles, tmp_path)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # a client that offers only TLS 1.2
+        return ctx
+
+    with sync_server(server_source, meshid.AuthorizationInterceptor(_policy(), source=server_source)) as port:
+        refused = asyncio.run(_say_hello(port, tls12_only()))
+        tls13 = asyncio.run(_say_hello(port, _context(ca.issue_svid(FRONTEND_ID), bundles, tmp_path)))
+    with sync_server(
+        server_source, meshid.AuthorizationInterceptor(_policy(allow_tls12=True), source=server_source)
+    ) as port:
+        admitted = asyncio.run(_say_hello(port, tls12_only()))
+    assert refused[0] == Status.UNAUTHENTICATED
+    assert "negotiated TLSv1.2" in refused[1] and "requires TLS 1.3" in refused[1]
+    assert tls13 == (Status.OK, FRONTEND_ID)
+    assert admitted == (Status.OK, FRONTEND_ID)

@@ -210,5 +210,6 @@ class ParsedPolicy:
     rules: list[Rule]
     allow_non_spiffe_peers: bool = False
     require_pq_key_exchange: bool = False
+    allow_tls12: bool = False
     audit_condition: str = "NONE"
     audit_loggers: list[str] = field(default_factory=list)

@@ -5,6 +5,7 @@
     name: greeter
     allow_non_spiffe_peers: false      # optional
     require_pq_key_exchange: false     # optional
+    allow_tls12: false                 # optional: admit peers that negotiated TLS 1.2
     deny:                              # consulted first
       - name: no-legacy
         methods: ["*"]
@@ -36,7 +37,7 @@ from meshid.spiffeid import SpiffeId, TrustDomain
 
 __all__ = ["parse"]
 
-_TOP_KEYS = {"name", "allow", "deny", "allow_non_spiffe_peers", "require_pq_key_exchange"}
+_TOP_KEYS = {"name", "allow", "deny", "allow_non_spiffe_peers", "require_pq_key_exchange", "allow_tls12"}
 _WHO_KEYS = ("spiffe_ids", "spiffe_id_patterns", "trust_domains", "subject_patterns", "thumbprints", "dns_names")
 _RULE_KEYS = {"name", "methods", "any_peer", *_WHO_KEYS}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -157,4 +158,5 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
         rules=rules,
         allow_non_spiffe_peers=_flag(data, "allow_non_spiffe_peers", origin),
         require_pq_key_exchange=_flag(data, "require_pq_key_exchange", origin),
+        allow_tls12=_flag(data, "allow_tls12", origin),
     )

@@ -44,7 +44,8 @@ class AuthorizationPolicy:
     """Who may call which gRPC method. Build it with :meth:`load` or :meth:`from_dict`.
 
     ``allow_non_spiffe_peers`` admits verified client certificates without a SPIFFE ID
-    (matched by subject pattern, DNS SAN or thumbprint only); ``require_pq_key_exchange``
+    (matched by subject pattern, DNS SAN or thumbprint only); ``allow_tls12`` admits peers
+    whose connection negotiated TLS 1.2 (by default only TLS 1.3); ``require_pq_key_exchange``
     denies peers whose connection negotiated a classical key exchange.
     """
 
@@ -53,6 +54,7 @@ class AuthorizationPolicy:
     allow_non_spiffe_peers: bool = False
     require_pq_key_exchange: bool = False
     audit: AuditOptions = AuditOptions()
+    allow_tls12: bool = False
     origin: str = "<dict>"
     _compiled: CompiledRules = field(init=False, repr=False)
 
@@ -72,28 +74,25 @@ class AuthorizationPolicy:
         origin: str = "<dict>",
         allow_non_spiffe_peers: bool | None = None,
         require_pq_key_exchange: bool | None = None,
+        allow_tls12: bool | None = None,
     ) -> AuthorizationPolicy:
         """Build a policy from parsed YAML/JSON: gRPC authz format when it has ``allow_rules``, else native.
 
-        ``allow_non_spiffe_peers`` and ``require_pq_key_exchange``, when given, override the
-        file: a gRPC authz policy has no field for them (grpc rejects unknown fields), so this
-        is how such a policy admits peers named by DNS SAN or subject.
+        The keyword options, when given, override the file: a gRPC authz policy has no field
+        for them (grpc rejects unknown fields), so this is how such a policy admits peers named
+        by DNS SAN or subject, requires a post-quantum key exchange, or admits TLS 1.2.
 
         Raises:
             InvalidPolicyError: naming the origin, the rule and what is wrong.
         """
         policy = cls._from_dict(data, origin=origin)
-        if allow_non_spiffe_peers is None and require_pq_key_exchange is None:
-            return policy
-        return dataclasses.replace(
-            policy,
-            allow_non_spiffe_peers=(
-                policy.allow_non_spiffe_peers if allow_non_spiffe_peers is None else allow_non_spiffe_peers
-            ),
-            require_pq_key_exchange=(
-                policy.require_pq_key_exchange if require_pq_key_exchange is None else require_pq_key_exchange
-            ),
-        )
+        given = {
+            "allow_non_spiffe_peers": allow_non_spiffe_peers,
+            "require_pq_key_exchange": require_pq_key_exchange,
+            "allow_tls12": allow_tls12,
+        }
+        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        return dataclasses.replace(policy, **overrides) if overrides else policy
 
     @classmethod
     def _from_dict(cls, data: Mapping[str, Any], *, origin: str) -> AuthorizationPolicy:
@@ -115,6 +114,7 @@ class AuthorizationPolicy:
             rules=tuple(parsed_native.rules),
             allow_non_spiffe_peers=parsed_native.allow_non_spiffe_peers,
             require_pq_key_exchange=parsed_native.require_pq_key_exchange,
+            allow_tls12=parsed_native.allow_tls12,
             origin=origin,
         )
 
@@ -125,6 +125,7 @@ class AuthorizationPolicy:
         *,
         allow_non_spiffe_peers: bool | None = None,
         require_pq_key_exchange: bool | None = None,
+        allow_tls12: bool | None = None,
     ) -> AuthorizationPolicy:
         """Load a policy file: ``.json`` is read as JSON, anything else as YAML.
 
@@ -160,6 +161,7 @@ class AuthorizationPolicy:
             origin=origin,
             allow_non_spiffe_peers=allow_non_spiffe_peers,
             require_pq_key_exchange=require_pq_key_exchange,
+            allow_tls12=allow_tls12,
         )
 
     def decide(self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None = None) -> Decision:
