@@ -220,19 +220,16 @@ class Authorizer:
         if self._forwarded is not None and self._forwarded.from_proxy(identity):
             proxy = identity
             try:
-                forwarded = self._forwarded.identify(metadata, time.time())
+                identity = self._forwarded.identify(metadata, proxy, time.time())
             except VerificationError as err:
                 denied = Decision(False, None, "unauthenticated")
-                audit.record(
-                    policy, denied, method, None, peer_address=peer_address, error=f"via {proxy.describe()}: {err}"
-                )
+                error = f"via {proxy.describe()}: {err}"
+                audit.record(policy, denied, method, None, peer_address=peer_address, error=error)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
-            if forwarded is not None:
-                identity = forwarded
-                if self.revoked is not None and self.revoked(identity):
-                    message = f"forwarded peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
-                    audit.record(policy, Decision(False, None, "revoked"), method, identity, error=message)
-                    return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
+            if self.revoked is not None and self.revoked(identity):
+                message = f"forwarded peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
+                audit.record(policy, Decision(False, None, "revoked"), method, identity, error=message)
+                return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if policy.uses_headers:
             decision = policy.decide(identity, method, collect_headers(metadata or ()))
         else:

@@ -5,11 +5,13 @@ nginx as ``$ssl_client_escaped_cert`` (URL-encoded PEM) in a header of your choo
 in ``x-forwarded-client-cert`` (``Cert="<url-encoded PEM>";Chain="...";...``, one element per
 hop). meshid believes such a header only when the *direct* peer is one of the configured proxy
 SPIFFE IDs, and only after the forwarded certificate verifies against the bundle of its own
-trust domain; from any other peer the header is ignored.
+trust domain; from any other peer the header is ignored. A trusted proxy that forwards no
+certificate is refused, not taken as the caller.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 
@@ -61,7 +63,14 @@ def _xfcc_certificate(value: str) -> tuple[str, str]:
 
 
 class ForwardedIdentities:
-    """Reads and verifies forwarded client certificates from trusted proxies; caches per header value."""
+    """Reads and verifies forwarded client certificates from trusted proxies; caches per header value.
+
+    A trusted proxy must forward exactly one certificate: a call from it without the header
+    (Envoy omits it when the client presented none) or with the header twice is refused, never
+    decided as the proxy itself. The forwarded identity carries the TLS version and key
+    exchange group of the proxy's connection to this server: that is the hop meshid sees, so
+    ``require_pq_key_exchange`` and the TLS 1.3 floor apply to it.
+    """
 
     def __init__(
         self,
@@ -74,41 +83,57 @@ class ForwardedIdentities:
         self.proxies = frozenset(p if isinstance(p, SpiffeId) else SpiffeId.parse(p) for p in proxies)
         self.header = header.lower()
         self._bundles = bundles
-        self._cache: dict[str, PeerIdentity | str] = {}
-        self._cache_bundles: BundleSet | None = None
+        # (the bundle set the verdicts were made against, the verdicts): swapped as one object
+        self._cache: tuple[BundleSet | None, dict[tuple[str, str | None, str | None], PeerIdentity | str]] = (None, {})
         self._cache_size = cache_size
 
     def from_proxy(self, peer: PeerIdentity) -> bool:
         return peer.spiffe_id is not None and peer.spiffe_id in self.proxies
 
-    def identify(self, metadata: Iterable[tuple[str, str | bytes]] | None, now: float) -> PeerIdentity | None:
-        """The verified forwarded identity, or None if the proxy forwarded none.
+    def identify(
+        self, metadata: Iterable[tuple[str, str | bytes]] | None, proxy: PeerIdentity, now: float
+    ) -> PeerIdentity:
+        """The verified identity ``proxy`` forwarded.
 
         Raises:
-            VerificationError: a forwarded certificate that is malformed, expired or unverified.
+            VerificationError: no forwarded certificate, more than one, or one that is
+                malformed, expired or does not verify against its trust domain's bundle.
         """
-        value = None
-        for key, item in metadata or ():
-            if key.lower() == self.header:
-                value = item.decode("latin-1") if isinstance(item, bytes) else item
-        if value is None:
-            return None
+        values = [
+            item.decode("latin-1") if isinstance(item, bytes) else item
+            for key, item in metadata or ()
+            if key.lower() == self.header
+        ]
+        if not values:
+            raise VerificationError(
+                f"forwarded certificate: proxy {proxy.describe()} forwarded no client certificate in {self.header}"
+            )
+        if len(values) > 1:
+            raise VerificationError(f"forwarded certificate: header {self.header} appears {len(values)} times")
+        value = values[0]
         if len(value) > MAX_HEADER_BYTES:
             raise VerificationError(
                 f"forwarded certificate: header {self.header} is larger than {MAX_HEADER_BYTES} bytes"
             )
         bundles = self._bundles()
-        if self._cache_bundles is not bundles:
-            self._cache, self._cache_bundles = {}, bundles
-        result = self._cache.get(value)
+        cached_for, cache = self._cache
+        if cached_for is not bundles:
+            cache = {}
+            self._cache = (bundles, cache)
+        key = (value, proxy.tls_version, proxy.key_exchange_group)
+        result = cache.get(key)
         if result is None:
             try:
-                result = self._verify(value, bundles)
+                result = dataclasses.replace(
+                    self._verify(value, bundles),
+                    tls_version=proxy.tls_version,
+                    key_exchange_group=proxy.key_exchange_group,
+                )
             except VerificationError as err:
                 result = str(err)
-            if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-            self._cache[value] = result
+            if len(cache) >= self._cache_size:
+                cache.clear()
+            cache[key] = result
         if isinstance(result, str):
             raise VerificationError(result)
         if result.not_after.timestamp() < now:
@@ -129,6 +154,8 @@ class ForwardedIdentities:
             )
         except ValueError as err:
             raise VerificationError(f"forwarded certificate: not a PEM certificate in {self.header}: {err}") from err
-        intermediates = [c for c in chain if c != leaf]
-        spiffe_id = bundles.verify(leaf, intermediates)
-        return PeerIdentity.from_certificate(leaf, spiffe_id=spiffe_id)
+        try:
+            spiffe_id = bundles.verify(leaf, [c for c in chain if c != leaf])
+            return PeerIdentity.from_certificate(leaf, spiffe_id=spiffe_id)
+        except ValueError as err:  # a malformed extension, found while reading SANs
+            raise VerificationError(f"forwarded certificate: unreadable: {err}") from err

@@ -49,7 +49,7 @@ class AuthorizationInterceptor(_ServerInterceptor):
         trusted_proxies: SPIFFE IDs of TLS-terminating proxies (nginx, Envoy). From such a
             peer, the client certificate forwarded in ``forwarded_header`` is verified
             against its trust domain's bundle and decides the call; from any other peer the
-            header is ignored. A proxy that forwards no certificate is itself the caller.
+            header is ignored. A proxy that forwards no certificate is refused (fail closed).
         forwarded_header: ``x-forwarded-client-cert`` (Envoy's XFCC, the default) or the
             header an nginx ``grpc_set_header`` fills with ``$ssl_client_escaped_cert``.
 

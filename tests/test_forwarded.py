@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.parse
 
@@ -23,20 +24,32 @@ def _xfcc(svid: meshid.X509Svid, *, hops: int = 1) -> str:
     return ",".join([earlier] * (hops - 1) + [element])
 
 
+def _proxy(ca: Authority, group: str = "X25519MLKEM768") -> meshid.PeerIdentity:
+    svid = ca.issue_svid(PROXY_ID)
+    peer = meshid.PeerIdentity.from_certificate(svid.leaf, spiffe_id=svid.spiffe_id)
+    return dataclasses.replace(peer, tls_version="TLSv1.3", key_exchange_group=group)
+
+
 def test_xfcc_last_element_decides_and_is_verified(ca: Authority, bundles) -> None:
     reader = ForwardedIdentities([PROXY_ID], lambda: bundles)
     frontend = ca.issue_svid(FRONTEND_ID)
-    identity = reader.identify([(XFCC_HEADER, _xfcc(frontend, hops=3))], time.time())
-    assert identity is not None and identity.spiffe_id == frontend.spiffe_id
+    proxy = _proxy(ca)
+    identity = reader.identify([(XFCC_HEADER, _xfcc(frontend, hops=3))], proxy, time.time())
+    assert identity.spiffe_id == frontend.spiffe_id
     assert identity.thumbprint == frontend.thumbprint
-    assert reader.identify([("other", "x")], time.time()) is None
+    # the hop meshid sees is the proxy's: its TLS parameters are what policies check
+    assert (identity.tls_version, identity.key_exchange_group) == ("TLSv1.3", "X25519MLKEM768")
     stranger = Authority.create_root("example.org").issue_svid(FRONTEND_ID)
-    with pytest.raises(meshid.VerificationError, match="does not verify"):
-        reader.identify([(XFCC_HEADER, _xfcc(stranger))], time.time())
-    with pytest.raises(meshid.VerificationError, match="not a PEM certificate"):
-        reader.identify([(XFCC_HEADER, 'Cert="garbage"')], time.time())
-    with pytest.raises(meshid.VerificationError, match="larger than"):
-        reader.identify([(XFCC_HEADER, "x" * 40_000)], time.time())
+    cases = [
+        ([("other", "x")], "forwarded no client certificate"),
+        ([(XFCC_HEADER, _xfcc(frontend)), (XFCC_HEADER, _xfcc(frontend))], "appears 2 times"),
+        ([(XFCC_HEADER, _xfcc(stranger))], "does not verify"),
+        ([(XFCC_HEADER, 'Cert="garbage"')], "not a PEM certificate"),
+        ([(XFCC_HEADER, "x" * 40_000)], "larger than"),
+    ]
+    for metadata, message in cases:
+        with pytest.raises(meshid.VerificationError, match=message):
+            reader.identify(metadata, proxy, time.time())
 
 
 def test_interceptor_decides_on_the_forwarded_identity_only_from_the_proxy(ca, bundles, server_source) -> None:
@@ -56,4 +69,6 @@ def test_interceptor_decides_on_the_forwarded_identity_only_from_the_proxy(ca, b
         assert INTRUDER_ID in outcomes[INTRUDER_ID][1]
         proxy = meshid.StaticSource(ca.issue_svid(PROXY_ID), bundles)
         with meshid.secure_channel(f"127.0.0.1:{port}", proxy, server_id=SERVER_ID) as channel:
-            assert call(channel)[0] == "PERMISSION_DENIED"  # a proxy forwarding nothing is itself the caller
+            code, details = call(channel)
+        assert code == "UNAUTHENTICATED"  # a trusted proxy that forwards nothing is refused, never the caller
+        assert "forwarded no client certificate" in details
