@@ -50,8 +50,14 @@ def _chains_to(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certifica
 
 @dataclass(frozen=True, slots=True)
 class RevocationList:
-    """The serials one CA has revoked, from a CRL whose signature was verified."""
+    """The serials a trust domain's CA has revoked, from a CRL whose signature was verified.
 
+    A meshid CA lists every revoked, unexpired serial of its store, whichever of its keys
+    signed it (after a key rotation, the old key's SVIDs too); serials are random and unique
+    per CA, so a peer is matched by trust domain and serial, not by issuer name.
+    """
+
+    trust_domain: TrustDomain
     issuer: x509.Name
     serials: frozenset[int]
     number: int | None
@@ -84,11 +90,15 @@ class RevocationList:
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
         except x509.ExtensionNotFound:
             number = None
-        return cls(crl.issuer, frozenset(r.serial_number for r in crl), number, crl.next_update_utc)
+        return cls(td, crl.issuer, frozenset(r.serial_number for r in crl), number, crl.next_update_utc)
+
+    def supersedes(self, other: RevocationList | None) -> bool:
+        """Whether this list may replace ``other``: CRL numbers never go backwards."""
+        return other is None or other.number is None or self.number is None or self.number >= other.number
 
     def is_revoked(self, peer: PeerIdentity) -> bool:
         cert = peer.certificate
-        return cert is not None and cert.issuer == self.issuer and cert.serial_number in self.serials
+        return cert is not None and peer.trust_domain == self.trust_domain and cert.serial_number in self.serials
 
 
 class CrlWatcher:
@@ -124,8 +134,7 @@ class CrlWatcher:
             self.last_error = str(err)
             log.warning("CRL: keeping the previous list: %s", err)
             return False
-        previous = self._current
-        if previous is None or previous.number is None or fetched.number is None or fetched.number >= previous.number:
+        if fetched.supersedes(self._current):
             self._current = fetched
         self.last_error = None
         return True

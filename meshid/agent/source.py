@@ -320,7 +320,8 @@ class IssuerSource:
         except MeshIdError as err:
             log.warning("issuer source: bundle/CRL refresh failed: %s", err)
             return
-        self._crl = crl
+        if crl.supersedes(self._crl):
+            self._crl = crl
         td = svid.spiffe_id.trust_domain
         if bundles[td].roots != bundle.roots:
             with self._lock:

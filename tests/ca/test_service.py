@@ -191,3 +191,17 @@ def test_revocation_reaches_the_next_crl(service) -> None:
     assert serial in listed.serials
     with pytest.raises(meshid.errors.NotFoundError):
         service.revoke(serial="abcdef")
+
+
+def test_revocation_of_an_old_key_svid_survives_a_ca_key_rotation(service) -> None:
+    issued, _ = _issue(service)
+    old_root = service.authority
+    new = Authority.create_root("example.org")
+    service.set_authority(new)
+    serial = issued.chain[0].serial_number
+    service.revoke(serial=format(serial, "x"))
+    der, _ = service.crl()
+    both = meshid.BundleSet.of(meshid.TrustBundle(old_root.trust_domain, (*old_root.roots, *new.roots)))
+    listed = meshid.RevocationList.from_der(der, [new.certificate], both)  # signed by the new key
+    peer = meshid.PeerIdentity.from_certificate(issued.chain[0], spiffe_id=issued.spiffe_id)
+    assert listed.is_revoked(peer)  # matched by trust domain and serial, not by the old issuer's name
