@@ -140,11 +140,11 @@ class AuthorizationInterceptor(_ServerInterceptor):
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
+            def unary_stream(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
                 check(context, details)
-                return inner_us(request, context)
+                return inner_us(request, context, *callback)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, deser, ser)
+            return grpc.unary_stream_rpc_method_handler(_keep_non_blocking(unary_stream, inner_us), deser, ser)
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
@@ -155,9 +155,18 @@ class AuthorizationInterceptor(_ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
         inner_ss = handler.stream_stream
 
-        def stream_stream(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        def stream_stream(request_iterator: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
             check(context, details)
             assert inner_ss is not None, "a grpc method handler carries one behaviour; none is set"
-            return inner_ss(request_iterator, context)
+            return inner_ss(request_iterator, context, *callback)
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, deser, ser)
+        return grpc.stream_stream_rpc_method_handler(_keep_non_blocking(stream_stream, inner_ss), deser, ser)
+
+
+def _keep_non_blocking(wrapper: Callable[..., Any], inner: Any) -> Callable[..., Any]:
+    """Carry grpc's experimental non-blocking marks over, so a behaviour that answers through
+    ``send_response_callback`` (grpc's own health Watch) does not hold a worker thread."""
+    if getattr(inner, "experimental_non_blocking", False):
+        wrapper.experimental_non_blocking = True  # type: ignore[attr-defined]
+        wrapper.experimental_thread_pool = getattr(inner, "experimental_thread_pool", None)  # type: ignore[attr-defined]
+    return wrapper

@@ -105,3 +105,25 @@ def test_ca_health_turns_not_serving_when_its_store_is_unusable(tmp_path) -> Non
         server.stop()
     assert info.value.code == "UNAVAILABLE"
     assert "CA store" in str(info.value) and "closed" in str(info.value)
+
+
+def test_health_watch_streams_do_not_tie_up_the_ca(tmp_path) -> None:
+    """Watch answers through grpc's non-blocking callback even behind meshid's interceptor, so
+    more open Watch streams than worker threads leave the CA answering."""
+    init_data_dir(tmp_path / "ca", "example.org")
+    server = CaServer(tmp_path / "ca", "127.0.0.1:0", max_workers=4)
+    port = server.start()
+    admin = tmp_path / "ca" / "admin"
+    source = meshid.FileSource(admin / "svid.pem", admin / "svid.key", admin / "bundle.pem")
+    try:
+        with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id="spiffe://example.org/meshid/ca") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(12)]
+            first = [next(w).status for w in watches]
+            assert first == [health_pb2.HealthCheckResponse.SERVING] * 12
+            with AdminClient(f"127.0.0.1:{port}", tmp_path / "ca", timeout=5) as client:
+                assert len(client.list_entries()) == 2  # the CA's own entries; it still answers
+            for w in watches:
+                w.cancel()
+    finally:
+        server.stop()

@@ -46,11 +46,12 @@ OPEN_METHODS = (
     f"{ISSUER}IssueWithToken",
     f"{ISSUER}GetBundle",
     f"{ISSUER}GetCrl",
-    f"{HEALTH}Check",
-    f"{HEALTH}Watch",
+    f"{HEALTH}Check",  # not Watch: a stream per anonymous caller would be a cheap way to tie the CA up
 )
 #: Requests larger than this are refused by grpc before any handler runs (a CSR is at most 16 KiB).
 MAX_REQUEST_BYTES = 64 * 1024
+#: Calls beyond this many at once are refused with RESOURCE_EXHAUSTED rather than queued.
+MAX_CONCURRENT_RPCS = 512
 
 
 def ca_policy(service: IssuingService) -> AuthorizationPolicy:
@@ -65,7 +66,7 @@ def ca_policy(service: IssuingService) -> AuthorizationPolicy:
                 },
                 {
                     "name": "workloads",
-                    "methods": [f"{ISSUER}*"],
+                    "methods": [f"{ISSUER}*", f"{HEALTH}*"],
                     "trust_domains": [service.authority.trust_domain.name],
                 },
             ],
@@ -123,6 +124,7 @@ class CaServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="meshid-ca"),
             interceptors=[interceptor],
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
