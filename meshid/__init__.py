@@ -25,6 +25,7 @@ from meshid.revocation import CrlWatcher, RevocationList
 from meshid.sources import FileSource, Source, StaticSource
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid, identity_dns_name
+from meshid.workload import WorkloadApiSource
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "TrustBundle",
     "TrustDomain",
     "VerificationError",
+    "WorkloadApiSource",
     "X509Svid",
     "channel_credentials",
     "identity_dns_name",

@@ -21,7 +21,7 @@ from meshid.errors import MeshIdError, VerificationError
 from meshid.forwarded import XFCC_HEADER, ForwardedIdentities
 from meshid.peer import PeerIdentity, PeerVerifier
 from meshid.sources import Source
-from meshid.spiffeid import SpiffeId
+from meshid.spiffeid import SpiffeId, TrustDomain
 
 log = logging.getLogger("meshid.authz")
 
@@ -77,6 +77,7 @@ class Authorizer:
         if any(not isinstance(m, str) or not m.startswith("/") for m in self._open_methods):
             raise ValueError("unauthenticated_methods must be full method names such as '/pkg.Service/Method'")
         bundles = _bundles_getter(source)
+        self._trust, self._bundles = source, bundles
         self._verifier = PeerVerifier(bundles)
         proxies = list(trusted_proxies)
         self._forwarded = ForwardedIdentities(proxies, bundles, header=forwarded_header) if proxies else None
@@ -85,8 +86,8 @@ class Authorizer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.revoked: Callable[[PeerIdentity], bool] | None = None
-        self._memo: dict[tuple[int, str], tuple[PeerIdentity, Decision]] = {}
-        self._memo_policy: AuthorizationPolicy | None = None
+        self._memo: tuple[AuthorizationPolicy | None, dict[tuple[int, str], tuple[PeerIdentity, Decision]]] = (None, {})
+        self._own_td_set: tuple[TrustDomain | None, frozenset[TrustDomain]] | None = None
 
     @property
     def policy(self) -> AuthorizationPolicy:
@@ -150,11 +151,12 @@ class Authorizer:
     def _memo_decide(self, policy: AuthorizationPolicy, identity: PeerIdentity, method: str) -> Decision:
         # The verifier hands out one PeerIdentity object per certificate, so (that object,
         # method) names a decision exactly; the entry holds the object, so its id() cannot be
-        # reused while the entry lives. The memo belongs to one policy and dies with it.
-        memo = self._memo
-        if self._memo_policy is not policy:
-            memo = self._memo = {}
-            self._memo_policy = policy
+        # reused while the entry lives. The memo belongs to one policy: (policy, memo) is read
+        # and replaced as one object, so no call files a decision under another policy.
+        memo_policy, memo = self._memo
+        if memo_policy is not policy:
+            memo = {}
+            self._memo = (policy, memo)
         key = (id(identity), method)
         hit = memo.get(key)
         if hit is not None and hit[0] is identity:
@@ -165,6 +167,27 @@ class Authorizer:
         memo[key] = (identity, decision)
         return decision
 
+    def _non_spiffe_from(self, policy: AuthorizationPolicy) -> frozenset[TrustDomain] | None:
+        """Whose bundles may vouch for a certificate without a SPIFFE ID under ``policy``."""
+        if not policy.allow_non_spiffe_peers:
+            return None
+        if policy.non_spiffe_trust_domains:
+            return policy.non_spiffe_trust_domains
+        own = self._own_trust_domain()
+        cached = self._own_td_set
+        if cached is None or cached[0] != own:
+            cached = self._own_td_set = (own, frozenset() if own is None else frozenset({own}))
+        return cached[1]
+
+    def _own_trust_domain(self) -> TrustDomain | None:
+        if isinstance(self._trust, Source):
+            try:
+                return self._trust.get_svid().spiffe_id.trust_domain
+            except MeshIdError:
+                return None
+        bundles = self._bundles()
+        return next(iter(bundles)) if len(bundles) == 1 else None
+
     def _open_call(
         self,
         policy: AuthorizationPolicy,
@@ -174,7 +197,7 @@ class Authorizer:
     ) -> PeerIdentity | None:
         # Open to every caller; a peer that does verify is still named to the handler.
         try:
-            identity = self._verifier.identify(auth_context, allow_non_spiffe=policy.allow_non_spiffe_peers)
+            identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
         except VerificationError:
             identity = None
         if identity is not None and self.revoked is not None and self.revoked(identity):
@@ -198,7 +221,7 @@ class Authorizer:
         if method in self._open_methods:
             return self._open_call(policy, auth_context, method, peer_address)
         try:
-            identity = self._verifier.identify(auth_context, allow_non_spiffe=policy.allow_non_spiffe_peers)
+            identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
         except VerificationError as err:
             denied = Decision(False, None, "unauthenticated")
             audit.record(policy, denied, method, None, peer_address=peer_address, error=str(err))

@@ -12,7 +12,7 @@ import base64
 import datetime
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,13 +271,17 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
         intermediates: Sequence[x509.Certificate] = (),
         *,
         now: datetime.datetime | None = None,
+        trust_domains: Collection[TrustDomain] | None = None,
     ) -> TrustDomain:
-        """Verify a chain that carries no SPIFFE ID against each bundle; return the trust domain that vouches.
+        """Verify a chain that carries no SPIFFE ID against each bundle (or only those of
+        ``trust_domains``); return the trust domain that vouches.
 
         Raises:
             VerificationError: no bundle verifies the chain.
         """
         for td, store in self._stores.items():
+            if trust_domains is not None and td not in trust_domains:
+                continue
             try:
                 self.verify_chain(store, leaf, intermediates, now=now, what=leaf.subject.rfc4514_string())
             except VerificationError:

@@ -106,34 +106,46 @@ class PeerVerifier:
         # Verdicts per certificate: a PeerIdentity, or the reason it was refused. Reads and
         # writes are single dict operations (atomic under the GIL), so the per-call path
         # takes no lock; when full, the cache simply starts over.
-        self._cache: dict[tuple[bytes, ...], PeerIdentity | str] = {}
-        self._cache_bundles: BundleSet | None = None
+        self._cache: tuple[BundleSet | None, dict[tuple[object, ...], PeerIdentity | str]] = (None, {})
         self._cache_size = cache_size
         self._clock = clock
 
-    def identify(self, auth: Mapping[str, Sequence[bytes]], *, allow_non_spiffe: bool = False) -> PeerIdentity:
+    def identify(
+        self, auth: Mapping[str, Sequence[bytes]], *, non_spiffe_from: frozenset[TrustDomain] | None = None
+    ) -> PeerIdentity:
         """The verified identity of a call's peer, from its auth context.
+
+        A certificate without a SPIFFE ID is admitted only when ``non_spiffe_from`` names the
+        trust domains whose bundles may vouch for it.
 
         Raises:
             VerificationError: no client certificate, it does not verify, it is expired, or it
-                carries no SPIFFE ID and ``allow_non_spiffe`` is False.
+                carries no SPIFFE ID and no bundle of ``non_spiffe_from`` vouches for it.
         """
         pems = auth.get("x509_pem_cert")
         if not pems:
             raise VerificationError("peer: no verified client certificate on this connection")
         chain = tuple(auth.get("x509_pem_cert_chain", ()))
-        key = (pems[0], *chain, *auth.get("ssl_tls_version", ()), *auth.get("ssl_negotiated_key_exchange_group", ()))
+        key = (
+            pems[0],
+            *chain,
+            *auth.get("ssl_tls_version", ()),
+            *auth.get("ssl_negotiated_key_exchange_group", ()),
+            non_spiffe_from,
+        )
         bundles = self._bundles()
-        cache = self._cache
-        if self._cache_bundles is not bundles:  # a new bundle set: every verdict is stale
-            cache = self._cache = {}
-            self._cache_bundles = bundles
+        cached_for, cache = self._cache
+        if cached_for is not bundles:  # a new bundle set: every verdict is stale
+            cache = {}
+            self._cache = (bundles, cache)  # one store: no call can file a verdict under the wrong set
         result = cache.get(key)
         if result is None:
             try:
-                result = self._verify(auth, pems[0], chain, bundles)
+                result = self._verify(auth, pems[0], chain, bundles, non_spiffe_from)
             except VerificationError as err:
                 result = str(err)  # cache the verdict, not the exception (its traceback would grow)
+            except ValueError as err:  # a malformed extension, met while reading the certificate
+                result = f"peer: certificate cannot be read: {err}"
             if len(cache) >= self._cache_size:
                 cache.clear()
             cache[key] = result
@@ -141,15 +153,15 @@ class PeerVerifier:
             raise VerificationError(result)
         if result.not_after.timestamp() < self._clock():
             raise VerificationError(f"peer {result.describe()}: certificate expired at {result.not_after.isoformat()}")
-        if result.spiffe_id is None and not allow_non_spiffe:
-            raise VerificationError(
-                f"peer {result.subject!r}: certificate carries no SPIFFE ID; "
-                "a policy must set allow_non_spiffe_peers to admit it"
-            )
         return result
 
     def _verify(
-        self, auth: Mapping[str, Sequence[bytes]], leaf_pem: bytes, chain: tuple[bytes, ...], bundles: BundleSet
+        self,
+        auth: Mapping[str, Sequence[bytes]],
+        leaf_pem: bytes,
+        chain: tuple[bytes, ...],
+        bundles: BundleSet,
+        non_spiffe_from: frozenset[TrustDomain] | None,
     ) -> PeerIdentity:
         try:
             leaf = x509.load_pem_x509_certificate(leaf_pem)
@@ -162,9 +174,14 @@ class PeerVerifier:
         if uris:
             spiffe_id = bundles.verify(leaf, intermediates, now=now)
             trust_domain = spiffe_id.trust_domain
+        elif non_spiffe_from is None:
+            raise VerificationError(
+                f"peer {leaf.subject.rfc4514_string()!r}: certificate carries no SPIFFE ID; "
+                "a policy must set allow_non_spiffe_peers to admit it"
+            )
         else:
             spiffe_id = None
-            trust_domain = bundles.verify_any(leaf, intermediates, now=now)
+            trust_domain = bundles.verify_any(leaf, intermediates, now=now, trust_domains=non_spiffe_from)
         return dataclasses.replace(
             PeerIdentity.from_certificate(leaf, trust_domain, spiffe_id=spiffe_id),
             tls_version=_one(auth, "ssl_tls_version"),

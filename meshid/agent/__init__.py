@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from meshid.agent.source import IssuerSource, SourceState
+from meshid.agent.workload_api import WorkloadApiServer
 
-__all__ = ["IssuerSource", "SourceState"]
+__all__ = ["IssuerSource", "SourceState", "WorkloadApiServer"]

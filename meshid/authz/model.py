@@ -160,12 +160,16 @@ class _Index:
                 candidates.update(by_key.get(("id", str(peer.spiffe_id)), ()))
                 candidates.update(by_key.get(("td", peer.trust_domain.name), ()))
             candidates.update(by_key.get(("thumb", peer.thumbprint), ()))
-            for name in peer.dns_sans:
-                candidates.update(by_key.get(("dns", name), ()))
+            if peer.spiffe_id is None:  # dns_names rules are for certificates without a SPIFFE ID
+                for name in peer.dns_sans:
+                    candidates.update(by_key.get(("dns", name), ()))
             for name in principal_names(peer):
                 candidates.update(by_key.get(("principal", name), ()))
         by_method = self.scan_by_method
-        service = method[: method.rfind("/") + 1]
+        # The service is everything up to the second '/': for odd names such as
+        # "/pkg.Admin/Drop/x" or "/pkg.Admin//Drop" the "/pkg.Admin/*" rules must still be consulted.
+        second = method.find("/", 1)
+        service = method[: second + 1] if second > 0 else method
         scanned = [
             i
             for bucket in (by_method.get(method, ()), by_method.get(service, ()), self.scan_any_method)
@@ -209,6 +213,7 @@ class ParsedPolicy:
     name: str
     rules: list[Rule]
     allow_non_spiffe_peers: bool = False
+    non_spiffe_trust_domains: frozenset[TrustDomain] = frozenset()
     require_pq_key_exchange: bool = False
     allow_tls12: bool = False
     audit_condition: str = "NONE"

@@ -3,7 +3,7 @@
 ::
 
     name: greeter
-    allow_non_spiffe_peers: false      # optional
+    allow_non_spiffe_peers: false      # optional: true (this server's trust domain) or [trust domains]
     require_pq_key_exchange: false     # optional
     allow_tls12: false                 # optional: admit peers that negotiated TLS 1.2
     deny:                              # consulted first
@@ -78,7 +78,7 @@ def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rul
     if name in seen:
         raise InvalidPolicyError(f"{where}: the name is used by another rule")
     seen.add(name)
-    unknown = sorted(set(raw) - _RULE_KEYS)
+    unknown = sorted((set(raw) - _RULE_KEYS), key=str)  # YAML keys may be ints or None too
     if unknown:
         raise InvalidPolicyError(
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(_RULE_KEYS))}"
@@ -104,7 +104,7 @@ def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rul
             methods=tuple(method_pattern(m) for m in methods),
             spiffe_ids=frozenset(_each(lists["spiffe_ids"], _spiffe_id)),
             spiffe_id_patterns=tuple(_each(lists["spiffe_id_patterns"], compile_spiffe_id_pattern)),
-            trust_domains=frozenset(_each(lists["trust_domains"], TrustDomain.parse)),
+            trust_domains=frozenset(_each(lists["trust_domains"], _trust_domain)),
             subject_patterns=tuple(_each(lists["subject_patterns"], compile_subject_pattern)),
             thumbprints=frozenset(_each(lists["thumbprints"], _thumbprint)),
             dns_names=frozenset(_each(lists["dns_names"], _dns)),
@@ -120,6 +120,32 @@ def _spiffe_id(text: str) -> SpiffeId:
     return SpiffeId.parse(text)
 
 
+def _non_spiffe(value: Any, origin: str) -> bool | list[TrustDomain]:
+    """``allow_non_spiffe_peers``: false, true (the bundle of this server's own trust domain may
+    vouch), or the list of trust domains whose bundles may vouch for such certificates."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        try:
+            return [_trust_domain(v) for v in value]
+        except (InvalidPolicyError, InvalidSpiffeIdError) as err:
+            raise InvalidPolicyError(f"policy {origin}: allow_non_spiffe_peers: {err}") from err
+    raise InvalidPolicyError(
+        f"policy {origin}: 'allow_non_spiffe_peers' must be true, false, or a list of trust domains"
+    )
+
+
+def _trust_domain(text: str) -> TrustDomain:
+    """A bare trust domain name. A SPIFFE ID here is refused: it would silently widen to its
+    whole trust domain."""
+    if "/" in text or ":" in text:
+        raise InvalidPolicyError(
+            f"trust domain {text!r} must be a bare name such as 'example.org'; "
+            "put SPIFFE IDs under spiffe_ids or spiffe_id_patterns"
+        )
+    return TrustDomain.parse(text)
+
+
 def _flag(data: Mapping[str, Any], key: str, origin: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
@@ -133,7 +159,7 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
     Raises:
         InvalidPolicyError: naming the origin, the rule and what is wrong.
     """
-    unknown = sorted(set(data) - _TOP_KEYS)
+    unknown = sorted((set(data) - _TOP_KEYS), key=str)
     if unknown:
         raise InvalidPolicyError(
             f"policy {origin}: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
@@ -142,6 +168,7 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
     name = data.get("name", "policy")
     if not isinstance(name, str):
         raise InvalidPolicyError(f"policy {origin}: 'name' must be a string")
+    non_spiffe = _non_spiffe(data.get("allow_non_spiffe_peers", False), origin)
     seen: set[str] = set()
     rules = []
     for action in ("deny", "allow"):
@@ -156,7 +183,8 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
     return ParsedPolicy(
         name=name,
         rules=rules,
-        allow_non_spiffe_peers=_flag(data, "allow_non_spiffe_peers", origin),
+        allow_non_spiffe_peers=bool(non_spiffe),
+        non_spiffe_trust_domains=frozenset(non_spiffe) if isinstance(non_spiffe, list) else frozenset(),
         require_pq_key_exchange=_flag(data, "require_pq_key_exchange", origin),
         allow_tls12=_flag(data, "allow_tls12", origin),
     )

@@ -68,7 +68,7 @@ def compile_subject_pattern(pattern: str) -> re.Pattern[str]:
         raise InvalidPolicyError(f"subject pattern is longer than {MAX_SUBJECT_PATTERN} characters")
     try:
         return re.compile(pattern)
-    except re.error as err:
+    except (re.error, OverflowError, RecursionError) as err:
         raise InvalidPolicyError(f"subject pattern {pattern!r} is not a valid regular expression: {err}") from err
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from meshid.authz import grpc_json, native
 from meshid.authz.model import CompiledRules, Decision, Rule
 from meshid.errors import InvalidPolicyError
 from meshid.peer import PeerIdentity
+from meshid.spiffeid import TrustDomain
 
 __all__ = ["AuditOptions", "AuthorizationPolicy"]
 
@@ -54,6 +55,9 @@ class AuthorizationPolicy:
     allow_non_spiffe_peers: bool = False
     require_pq_key_exchange: bool = False
     audit: AuditOptions = AuditOptions()
+    #: Whose bundles may vouch for a certificate without a SPIFFE ID; empty means the trust
+    #: domain of the server's own SVID.
+    non_spiffe_trust_domains: frozenset[TrustDomain] = frozenset()
     allow_tls12: bool = False
     origin: str = "<dict>"
     _compiled: CompiledRules = field(init=False, repr=False)
@@ -72,7 +76,7 @@ class AuthorizationPolicy:
         data: Mapping[str, Any],
         *,
         origin: str = "<dict>",
-        allow_non_spiffe_peers: bool | None = None,
+        allow_non_spiffe_peers: bool | Collection[str | TrustDomain] | None = None,
         require_pq_key_exchange: bool | None = None,
         allow_tls12: bool | None = None,
     ) -> AuthorizationPolicy:
@@ -86,12 +90,13 @@ class AuthorizationPolicy:
             InvalidPolicyError: naming the origin, the rule and what is wrong.
         """
         policy = cls._from_dict(data, origin=origin)
-        given = {
-            "allow_non_spiffe_peers": allow_non_spiffe_peers,
-            "require_pq_key_exchange": require_pq_key_exchange,
-            "allow_tls12": allow_tls12,
-        }
+        given = {"require_pq_key_exchange": require_pq_key_exchange, "allow_tls12": allow_tls12}
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if isinstance(allow_non_spiffe_peers, bool):
+            overrides["allow_non_spiffe_peers"] = allow_non_spiffe_peers
+        elif allow_non_spiffe_peers is not None:
+            tds = frozenset(t if isinstance(t, TrustDomain) else TrustDomain.parse(t) for t in allow_non_spiffe_peers)
+            overrides.update(allow_non_spiffe_peers=bool(tds), non_spiffe_trust_domains=tds)
         return dataclasses.replace(policy, **overrides) if overrides else policy
 
     @classmethod
@@ -113,6 +118,7 @@ class AuthorizationPolicy:
             name=parsed_native.name,
             rules=tuple(parsed_native.rules),
             allow_non_spiffe_peers=parsed_native.allow_non_spiffe_peers,
+            non_spiffe_trust_domains=parsed_native.non_spiffe_trust_domains,
             require_pq_key_exchange=parsed_native.require_pq_key_exchange,
             allow_tls12=parsed_native.allow_tls12,
             origin=origin,
@@ -123,7 +129,7 @@ class AuthorizationPolicy:
         cls,
         path: str | os.PathLike[str],
         *,
-        allow_non_spiffe_peers: bool | None = None,
+        allow_non_spiffe_peers: bool | Collection[str | TrustDomain] | None = None,
         require_pq_key_exchange: bool | None = None,
         allow_tls12: bool | None = None,
     ) -> AuthorizationPolicy:

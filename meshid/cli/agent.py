@@ -1,4 +1,5 @@
-"""``meshid agent``: the rotation loop as a sidecar that keeps SVID files current."""
+"""``meshid agent``: the rotation loop as a sidecar that keeps SVID files current and/or serves them
+over the SPIFFE Workload API."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ import threading
 from typing import Any
 
 
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode; write e.g. 0600 or 0660")
+    return mode
+
+
 def register(groups: Any) -> None:
-    agent = groups.add_parser("agent", help="keep a workload's SVID files renewed (sidecar)")
+    agent = groups.add_parser(
+        "agent", help="keep a workload's SVID renewed: in files (--out) and/or over the Workload API (sidecar)"
+    )
     agent.add_argument(
         "--server", required=True, action="append", metavar="HOST:PORT", help="the CA (repeat to fail over)"
     )
@@ -19,8 +32,15 @@ def register(groups: Any) -> None:
     agent.add_argument(
         "--join-token", metavar="TOKEN", help="for the first issuance; not needed once --out holds a valid SVID"
     )
+    agent.add_argument("--out", metavar="DIR", help="svid.pem, svid.key (0600), bundle.pem, written atomically")
     agent.add_argument(
-        "--out", required=True, metavar="DIR", help="svid.pem, svid.key (0600), bundle.pem, written atomically"
+        "--workload-api",
+        metavar="unix:///PATH",
+        help="serve the SVID over the SPIFFE Workload API on this Unix socket (no attestation: "
+        "whoever can connect gets the SVID and its key, so the socket's mode is the access control)",
+    )
+    agent.add_argument(
+        "--workload-api-mode", type=_mode, default=0o600, metavar="MODE", help="the socket's file mode (default 0600)"
     )
     agent.add_argument("--renew-at", type=float, default=0.5, help="fraction of the lifetime after which to renew")
     agent.set_defaults(run=run_agent)
@@ -28,21 +48,43 @@ def register(groups: Any) -> None:
 
 def run_agent(args: argparse.Namespace) -> int:
     from meshid.agent import IssuerSource
+    from meshid.agent.workload_api import WorkloadApiServer
 
+    if not args.out and not args.workload_api:
+        print("meshid: agent: give --out DIR, --workload-api unix:///PATH, or both", file=sys.stderr)
+        return 2
+    if not args.join_token and not args.out:
+        print("meshid: agent: without --out holding a saved SVID, give --join-token", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    source = IssuerSource(
-        args.server, args.bundle, join_token=args.join_token, svid_dir=args.out, renew_at=args.renew_at
-    )
-    source.start()
-    state = source.state
-    print(f"agent: {state.spiffe_id} (serial {state.serial}) in {args.out}; renewing", flush=True)
     try:
+        source = IssuerSource(
+            args.server, args.bundle, join_token=args.join_token, svid_dir=args.out, renew_at=args.renew_at
+        )
+        server = (
+            WorkloadApiServer(source, args.workload_api, mode=args.workload_api_mode) if args.workload_api else None
+        )
+    except ValueError as err:
+        print(f"meshid: agent: {err}", file=sys.stderr)
+        return 2
+    source.start()
+    try:
+        places = []
+        if args.out:
+            places.append(f"in {args.out}")
+        if server is not None:
+            server.start()
+            places.append(f"on unix://{server.path}")
+        state = source.state
+        print(f"agent: {state.spiffe_id} (serial {state.serial}) {' and '.join(places)}; renewing", flush=True)
         stop.wait()
     finally:
+        if server is not None:
+            server.stop()
         source.close()
     print("agent: stopped", flush=True)
     return 0

@@ -1,0 +1,293 @@
+"""The SPIFFE Workload API, served: any identity source, on a Unix socket, to any SPIFFE client.
+
+:class:`WorkloadApiServer` answers ``FetchX509SVID`` and ``FetchX509Bundles`` from a
+:class:`~meshid.Source` (normally the agent's :class:`~meshid.agent.IssuerSource`) and streams a
+new response whenever the source changes, so SPIRE-era clients (go-spiffe, py-spiffe,
+:class:`meshid.WorkloadApiSource`) follow rotations without reading files. The JWT-SVID methods
+answer UNIMPLEMENTED.
+
+Access control is the socket's file mode. meshid does no workload attestation: whoever can
+connect gets the SVID *and its private key*. The socket is therefore narrowed to ``mode``
+(0600 by default: the agent's own user) right after grpc binds it and before the server starts
+answering; a connection made in that instant would still need write permission under the
+process umask. Put the socket in a directory only the intended workloads can reach.
+
+As SPIRE does, every call must carry the metadata ``workload.spiffe.io: true`` (so that a
+browser or an SSRF-able proxy cannot be made to call the socket), else INVALID_ARGUMENT with
+SPIRE's message ``security header missing from request``.
+
+Each open stream holds one server thread until it ends, so at most ``max_streams`` streams are
+served at once; the next call is refused with RESOURCE_EXHAUSTED instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from meshid._proto import workload_pb2, workload_pb2_grpc
+from meshid.bundle import BundleSet
+from meshid.errors import MeshIdError, SourceError
+from meshid.sources import Source, Unsubscribe, require_source
+from meshid.svid import X509Svid
+from meshid.workload import HEADER_KEY, HEADER_VALUE, socket_path
+
+__all__ = ["WorkloadApiServer"]
+
+log = logging.getLogger("meshid.agent")
+
+# The status codes this server answers with, in one place (the first is SPIRE's, word for word).
+_NO_HEADER = (grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
+_NO_JWT = (
+    grpc.StatusCode.UNIMPLEMENTED,
+    "meshid's Workload API serves X509-SVIDs only; JWT-SVIDs are not supported",
+)
+_NOT_READY = grpc.StatusCode.UNAVAILABLE  # the source has nothing to hand out (yet): retry
+_SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, "the Workload API server is shutting down; reconnect")
+
+
+def _der(svid: X509Svid) -> tuple[bytes, bytes]:
+    chain = b"".join(c.public_bytes(serialization.Encoding.DER) for c in svid.chain)
+    key = svid.private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return chain, key
+
+
+def _roots_der(bundles: BundleSet) -> dict[str, bytes]:
+    """Every trust domain's roots, DER concatenated, keyed by the trust domain's SPIFFE ID."""
+    return {
+        str(td.id()): b"".join(c.public_bytes(serialization.Encoding.DER) for c in bundle.roots)
+        for td, bundle in bundles.items()
+    }
+
+
+def _x509_svid_response(svid: X509Svid, bundles: BundleSet) -> Any:
+    """The ``X509SVIDResponse`` for one SVID: its own trust domain's bundle inline, others federated.
+
+    Raises:
+        SourceError: ``bundles`` holds no bundle for the SVID's trust domain.
+    """
+    own = svid.spiffe_id.trust_domain
+    if own not in bundles:
+        raise SourceError(f"Workload API: the source has no trust bundle for {own}, the SVID's trust domain")
+    roots = _roots_der(bundles)
+    chain, key = _der(svid)
+    return workload_pb2.X509SVIDResponse(
+        svids=[
+            workload_pb2.X509SVID(
+                spiffe_id=str(svid.spiffe_id), x509_svid=chain, x509_svid_key=key, bundle=roots.pop(str(own.id()))
+            )
+        ],
+        federated_bundles=roots,
+    )
+
+
+def _x509_bundles_response(svid: X509Svid, bundles: BundleSet) -> Any:
+    return workload_pb2.X509BundlesResponse(bundles=_roots_der(bundles))
+
+
+class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
+    """The five Workload API methods over one source; streams wait on the server's change signal."""
+
+    def __init__(self, server: WorkloadApiServer) -> None:
+        self._server = server
+
+    @staticmethod
+    def _require_header(context: grpc.ServicerContext) -> None:
+        values = [v for k, v in context.invocation_metadata() if k == HEADER_KEY]
+        if values != [HEADER_VALUE]:
+            context.abort(*_NO_HEADER)
+
+    def _follow(self, context: grpc.ServicerContext, build: Callable[[X509Svid, BundleSet], Any]) -> Iterator[Any]:
+        if not context.add_callback(self._server._wake):  # a client that goes away wakes its stream
+            return  # it has gone already
+        seen, last = -1, None
+        while True:
+            version = self._server._wait_for_change(seen, context)
+            if version is None:
+                if context.is_active():
+                    context.abort(*_SHUTTING_DOWN)
+                return
+            seen = version
+            source = self._server.source
+            try:
+                response = build(source.get_svid(), source.get_bundles())
+            except MeshIdError as err:
+                context.abort(_NOT_READY, f"Workload API: no identity to serve: {err}")
+            if response != last:  # e.g. a new SVID changes nothing FetchX509Bundles sends
+                last = response
+                yield response
+
+    def FetchX509SVID(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self._require_header(context)
+        return self._follow(context, _x509_svid_response)
+
+    def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self._require_header(context)
+        return self._follow(context, _x509_bundles_response)
+
+    def FetchJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_header(context)
+        context.abort(*_NO_JWT)
+
+    def FetchJWTBundles(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_header(context)
+        context.abort(*_NO_JWT)
+
+    def ValidateJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_header(context)
+        context.abort(*_NO_JWT)
+
+
+def _check_free(path: str) -> None:
+    """Refuse a path held by a live server or by something that is not a socket.
+
+    grpc unlinks whatever socket is at the path before binding, even one a running agent is
+    serving on; a stale socket (nobody listening) is left for grpc to replace.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise MeshIdError(f"Workload API: {path} exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return  # stale: nobody listens
+    except OSError as err:
+        raise MeshIdError(f"Workload API: cannot tell whether {path} is in use: {err.strerror}") from err
+    finally:
+        probe.close()
+    raise MeshIdError(f"Workload API: another server is listening on {path}; stop it or choose another path")
+
+
+class WorkloadApiServer:
+    """Serves ``source`` over the SPIFFE Workload API on a Unix socket.
+
+    Args:
+        source: any identity source; every change it notifies is streamed to every client.
+        socket: ``unix:///path``, ``unix:/path`` or a plain path.
+        mode: the socket's file mode, set right after binding (default 0600: this user only).
+        max_streams: how many calls are served at once (each stream holds a thread).
+
+    Nothing happens until :meth:`start`; :meth:`stop` ends every stream and removes the socket.
+
+    Raises:
+        ValueError: ``socket`` is not a Unix socket address.
+        TypeError: ``source`` is not a source.
+    """
+
+    def __init__(self, source: Source, socket: str, *, mode: int = 0o600, max_streams: int = 64) -> None:
+        if not isinstance(source, Source):
+            raise TypeError(
+                f"source must provide get_svid(), get_bundles() and subscribe(), not {type(source).__name__}"
+            )
+        if max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be a file mode such as 0o600, not {mode:#o}")
+        self.source = source
+        self.path = socket_path(socket)
+        self._mode = mode
+        self._max_streams = max_streams
+        self._changed = threading.Condition()
+        self._version = 0
+        self._closing = False
+        self._server: grpc.Server | None = None
+        self._executor: futures.ThreadPoolExecutor | None = None
+        self._unsubscribe: Unsubscribe | None = None
+        self._inode: int | None = None
+
+    # --- the change signal every stream waits on -----------------------------------------
+
+    def _on_change(self) -> None:
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    def _wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait_for_change(self, seen: int, context: grpc.ServicerContext) -> int | None:
+        """The new version once it differs from ``seen``; None when the stream should end."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._closing or not context.is_active() or self._version != seen)
+            if self._closing or not context.is_active():
+                return None
+            return self._version
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> WorkloadApiServer:
+        """Bind the socket, narrow its mode, and begin serving. Returns self.
+
+        Raises:
+            SourceError: the source has no SVID to serve.
+            MeshIdError: the path is held by a live server or is not a socket, or the socket
+                cannot be bound or its mode set.
+            OSError: the socket's directory cannot be created.
+        """
+        if self._server is not None:
+            return self
+        require_source(self.source)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        _check_free(self.path)
+        self._closing = False
+        executor = futures.ThreadPoolExecutor(max_workers=self._max_streams, thread_name_prefix="meshid-workload-api")
+        server = grpc.server(executor, maximum_concurrent_rpcs=self._max_streams)
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(_Servicer(self), server)  # type: ignore[no-untyped-call]
+        try:
+            if not server.add_insecure_port("unix:" + self.path):
+                raise OSError("grpc bound no address")
+            os.chmod(self.path, self._mode)  # before start(): nothing is served with a wider mode
+            self._inode = os.stat(self.path).st_ino
+        except (RuntimeError, OSError) as err:
+            server.stop(None)
+            executor.shutdown(wait=False)
+            raise MeshIdError(f"Workload API: cannot serve on {self.path}: {err}") from err
+        self._unsubscribe = self.source.subscribe(self._on_change)
+        server.start()
+        self._server, self._executor = server, executor
+        log.info("Workload API: serving on unix:%s (mode %o)", self.path, self._mode)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """End every stream (UNAVAILABLE: clients reconnect), stop serving, remove the socket."""
+        server, executor = self._server, self._executor
+        if server is None:
+            return
+        self._server = self._executor = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        server.stop(grace).wait()
+        if executor is not None:
+            executor.shutdown(wait=True)
+        try:  # grpc removes it; a path some other server took over since is not ours to remove
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        log.info("Workload API: stopped serving on unix:%s", self.path)
+
+    def __enter__(self) -> WorkloadApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
