@@ -10,7 +10,7 @@ import pytest
 
 import meshid
 from refusals import CASES, Case
-from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, call, hello, stub, sync_server
+from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, RawSource, call, forge, hello, stub, sync_server
 
 
 @pytest.fixture
@@ -182,9 +182,7 @@ def test_every_decision_is_one_audit_record(ca, bundles, server_source, intercep
 
 def test_reload_swaps_policy_and_a_broken_file_keeps_the_old(ca, bundles, server_source, tmp_path) -> None:
     path = tmp_path / "policy.yaml"
-    path.write_text(
-        "allow:\n  - name: frontend\n    methods: ['*']\n    spiffe_ids: [" + FRONTEND_ID + "]\n"
-    )
+    path.write_text("allow:\n  - name: frontend\n    methods: ['*']\n    spiffe_ids: [" + FRONTEND_ID + "]\n")
     interceptor = meshid.AuthorizationInterceptor(str(path), source=server_source)
     frontend = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
     intruder = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
@@ -211,3 +209,27 @@ def test_reload_swaps_policy_and_a_broken_file_keeps_the_old(ca, bundles, server
 def test_interceptor_needs_trust_material(policy) -> None:
     with pytest.raises(TypeError, match="source must be"):
         meshid.AuthorizationInterceptor(policy, source="bundle.pem")  # type: ignore[arg-type]
+
+
+def test_non_spiffe_client_certificates_are_vouched_for_only_by_the_servers_trust_domain(
+    ca, other_ca, bundles, server_source
+) -> None:
+    policy = meshid.AuthorizationPolicy.from_dict(
+        {
+            "allow_non_spiffe_peers": True,
+            "allow": [{"name": "legacy", "methods": ["*"], "subject_patterns": ["CN=legacy-billing"]}],
+        }
+    )
+    interceptor = meshid.AuthorizationInterceptor(policy, source=server_source)
+    ours = RawSource(*forge(ca, uris=[], subject_cn="legacy-billing"), bundles)
+    federated = RawSource(*forge(other_ca, uris=[], subject_cn="legacy-billing"), bundles)
+    with sync_server(server_source, interceptor) as port:
+        outcomes = []
+        for source in (ours, federated):
+            svid = source.get_svid()
+            roots = bundles[meshid.TrustDomain.parse("example.org")].to_pem()
+            creds = grpc.ssl_channel_credentials(roots, svid.key_pem(), svid.chain_pem())
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=_pin()) as channel:
+                outcomes.append(call(channel))
+    assert outcomes[0] == ("OK", "CN=legacy-billing")
+    assert outcomes[1][0] == "UNAUTHENTICATED"  # other.org's CA may not vouch for certificates without a SPIFFE ID

@@ -57,9 +57,21 @@ DECISIONS = [
     ({"spiffe_ids": ["spiffe://example.org/a"]}, "*", "spiffe://example.org/a", METHOD, True),
     ({"spiffe_ids": ["spiffe://example.org/a"]}, "*", "spiffe://example.org/a/b", METHOD, False),
     ({"spiffe_ids": ["spiffe://example.org/a"]}, "*", "spiffe://example.org/b", METHOD, False),
-    ({"spiffe_id_patterns": ["spiffe://example.org/ns/*/sa/web"]}, "*", "spiffe://example.org/ns/prod/sa/web", METHOD, True),
+    (
+        {"spiffe_id_patterns": ["spiffe://example.org/ns/*/sa/web"]},
+        "*",
+        "spiffe://example.org/ns/prod/sa/web",
+        METHOD,
+        True,
+    ),
     # a one-segment glob must not match a longer path
-    ({"spiffe_id_patterns": ["spiffe://example.org/ns/*/sa/web"]}, "*", "spiffe://example.org/ns/prod/x/sa/web", METHOD, False),
+    (
+        {"spiffe_id_patterns": ["spiffe://example.org/ns/*/sa/web"]},
+        "*",
+        "spiffe://example.org/ns/prod/x/sa/web",
+        METHOD,
+        False,
+    ),
     ({"spiffe_id_patterns": ["spiffe://example.org/ns/*"]}, "*", "spiffe://example.org/ns/prod/sa/web", METHOD, False),
     ({"spiffe_id_patterns": ["spiffe://example.org/ns/**"]}, "*", "spiffe://example.org/ns/prod/sa/web", METHOD, True),
     ({"spiffe_id_patterns": ["spiffe://example.org/ns/**"]}, "*", "spiffe://example.org/nsx/prod", METHOD, False),
@@ -156,14 +168,32 @@ INVALID = [
     ({"allow": [{"name": "r", "any_peer": True}]}, "allow rule 'r': needs 'methods'"),
     ({"allow": [{"name": "r", "methods": [], "any_peer": True}]}, "'methods' is empty"),
     ({"allow": [{"name": "r", "methods": ["*"]}]}, "allow rule 'r': names nobody"),
-    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_id": ["spiffe://example.org/a"]}]}, "unknown key(s) 'spiffe_id'"),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "spiffe_id": ["spiffe://example.org/a"]}]},
+        "unknown key(s) 'spiffe_id'",
+    ),
     ({"allow": [{"name": "r", "methods": ["pkg.Svc/Do"], "any_peer": True}]}, "method 'pkg.Svc/Do'"),
-    ({"allow": [{"name": "r", "methods": ["/pkg.Svc/Do*"], "any_peer": True}]}, "'*' must stand for the whole method name"),
+    (
+        {"allow": [{"name": "r", "methods": ["/pkg.Svc/Do*"], "any_peer": True}]},
+        "'*' must stand for the whole method name",
+    ),
     ({"allow": [{"name": "r", "methods": ["/pkg.*/Do"], "any_peer": True}]}, "method '/pkg.*/Do'"),
-    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_ids": ["spiffe://Example.org/a"]}]}, "trust domain must be lowercase"),
-    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_ids": ["spiffe://example.org/*"]}]}, "put globs under 'spiffe_id_patterns'"),
-    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_id_patterns": ["spiffe://*.org/a"]}]}, "trust domain cannot be a glob"),
-    ({"allow": [{"name": "r", "methods": ["*"], "spiffe_id_patterns": ["spiffe://example.org/a*"]}]}, "must be a whole segment"),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "spiffe_ids": ["spiffe://Example.org/a"]}]},
+        "trust domain must be lowercase",
+    ),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "spiffe_ids": ["spiffe://example.org/*"]}]},
+        "put globs under 'spiffe_id_patterns'",
+    ),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "spiffe_id_patterns": ["spiffe://*.org/a"]}]},
+        "trust domain cannot be a glob",
+    ),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "spiffe_id_patterns": ["spiffe://example.org/a*"]}]},
+        "must be a whole segment",
+    ),
     ({"allow": [{"name": "r", "methods": ["*"], "subject_patterns": ["CN=(a"]}]}, "not a valid regular expression"),
     ({"allow": [{"name": "r", "methods": ["*"], "subject_patterns": ["a" * 2000]}]}, "longer than 1024"),
     ({"allow": [{"name": "r", "methods": ["*"], "thumbprints": ["abc"]}]}, "not a SHA-256 hex digest"),
@@ -172,12 +202,20 @@ INVALID = [
     ({"allow": [{"name": "r", "methods": ["*"], "any_peer": "yes"}]}, "'any_peer' must be true or false"),
     ({"allow": [{"name": "r", "methods": "*", "any_peer": True}]}, "'methods' must be a list of strings"),
     (
-        {"allow": [{"name": "r", "methods": ["*"], "any_peer": True}, {"name": "r", "methods": ["*"], "any_peer": True}]},
+        {
+            "allow": [
+                {"name": "r", "methods": ["*"], "any_peer": True},
+                {"name": "r", "methods": ["*"], "any_peer": True},
+            ]
+        },
         "the name is used by another rule",
     ),
     ({"deny": [{"name": "d", "methods": ["*"], "any_peer": True}]}, "has no allow rule"),
     ({"allow": [], "extra": 1}, "unknown top-level key(s) 'extra'"),
-    ({"allow": [{"name": "r", "methods": ["*"], "any_peer": True}], "require_pq_key_exchange": "yes"}, "must be true or false"),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "any_peer": True}], "require_pq_key_exchange": "yes"},
+        "must be true or false",
+    ),
 ]
 
 
@@ -214,3 +252,42 @@ def test_load_reads_yaml_and_json_and_reports_syntax_errors(tmp_path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(meshid.InvalidPolicyError, match="not UTF-8"):
         meshid.AuthorizationPolicy.load(binary)
+
+
+def test_a_spiffe_id_under_trust_domains_is_refused_not_widened() -> None:
+    with pytest.raises(meshid.InvalidPolicyError, match="must be a bare name"):
+        policy({"name": "r", "methods": ["*"], "trust_domains": ["spiffe://example.org/ns/prod/sa/payments"]})
+
+
+@pytest.mark.parametrize("method", ["/pkg.Admin/Drop/x", "/pkg.Admin//Drop", "/pkg.Admin/Drop/"])
+def test_odd_method_names_still_meet_service_wide_deny_rules(authority, method) -> None:
+    p = policy(
+        {"name": "all", "methods": ["*"], "trust_domains": [TD]},
+        deny=[{"name": "no-admin", "methods": ["/pkg.Admin/*"], "spiffe_id_patterns": ["spiffe://example.org/**"]}],
+    )
+    assert p.decide(peer(authority, "spiffe://example.org/x"), method).rule == "no-admin"
+
+
+def test_dns_rules_do_not_match_spiffe_peers(authority) -> None:
+    svid = authority.issue_svid("spiffe://example.org/a", dns_names=["billing.corp"])
+    spiffe_peer = meshid.PeerIdentity.from_certificate(svid.leaf, spiffe_id=svid.spiffe_id)
+    p = policy({"name": "legacy", "methods": ["*"], "dns_names": ["billing.corp"]}, allow_non_spiffe_peers=True)
+    assert not p.decide(spiffe_peer, METHOD).allowed
+
+
+def test_allow_non_spiffe_peers_takes_a_list_of_trust_domains() -> None:
+    p = policy(
+        {"name": "legacy", "methods": ["*"], "subject_patterns": ["CN=x"]}, allow_non_spiffe_peers=["example.org"]
+    )
+    assert p.allow_non_spiffe_peers and p.non_spiffe_trust_domains == {meshid.TrustDomain.parse("example.org")}
+    with pytest.raises(meshid.InvalidPolicyError, match="true, false, or a list of trust domains"):
+        policy({"name": "legacy", "methods": ["*"], "subject_patterns": ["CN=x"]}, allow_non_spiffe_peers="yes")
+
+
+def test_yaml_keys_of_other_types_are_reported_not_crashed(tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("allow:\n  - name: r\n    methods: ['*']\n    any_peer: true\n    1: x\n    null: y\n")
+    with pytest.raises(meshid.InvalidPolicyError, match="unknown key"):
+        meshid.AuthorizationPolicy.load(path)
+    with pytest.raises(meshid.InvalidPolicyError, match="not a valid regular expression"):
+        policy({"name": "r", "methods": ["*"], "subject_patterns": ["a{4294967296}"]})
