@@ -146,7 +146,10 @@ class Authorizer:
     def _watch(self) -> None:
         while not self._stop.wait(self._poll_interval):
             if self._file_stamp() != self._stamp:
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # the watch must survive anything a bad file can do
+                    log.exception("policy: keeping policy %r in force", self._policy.name)
 
     def _memo_decide(self, policy: AuthorizationPolicy, identity: PeerIdentity, method: str) -> Decision:
         # The verifier hands out one PeerIdentity object per certificate, so (that object,

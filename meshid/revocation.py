@@ -153,7 +153,11 @@ class CrlWatcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as err:  # keep the last good list and keep trying
+                self.last_error = f"unexpected: {err}"
+                log.exception("CRL: refresh failed")
 
     def close(self) -> None:
         self._stop.set()

@@ -11,6 +11,7 @@ workload and CA moves renewals neither past expiry nor needlessly early.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -241,10 +242,15 @@ class IssuerSource:
             wait = lifetime * (self._renew_at - self._jitter * random.random())
             self._next_renewal = time.monotonic() + wait
             self._failures_in_row = 0
+        file_error = None
         if self._svid_dir is not None:
-            write_svid_files(
-                self._svid_dir, svid.chain_pem(), svid.key_pem(), bundles[svid.spiffe_id.trust_domain].to_pem()
-            )
+            try:
+                write_svid_files(
+                    self._svid_dir, svid.chain_pem(), svid.key_pem(), bundles[svid.spiffe_id.trust_domain].to_pem()
+                )
+            except OSError as err:  # present the new SVID anyway; say the files are stale
+                file_error = f"cannot write {self._svid_dir}: {err}"
+                log.error("issuer source: %s", file_error)
         previous = self._state
         self._state = SourceState(
             spiffe_id=str(svid.spiffe_id),
@@ -252,7 +258,7 @@ class IssuerSource:
             expires_at=svid.not_after,
             last_renewal=_utcnow() if renewed else previous.last_renewal,
             next_attempt=_utcnow() + datetime.timedelta(seconds=wait),
-            last_error=None,
+            last_error=file_error,
             renewals=previous.renewals + (1 if renewed else 0),
             failures=previous.failures,
             bundle_sequence=bundle.sequence,
@@ -273,7 +279,7 @@ class IssuerSource:
         server = self._servers[self._server_index]
         try:
             issued = renew(server, svid, bundles, key_kind=self._key_kind, timeout=self._timeout)
-        except MeshIdError as err:
+        except (MeshIdError, ValueError) as err:
             metrics.SVID_RENEWALS.labels(str(svid.spiffe_id), "error").inc()
             self._failures_in_row += 1
             self._server_index = (self._server_index + 1) % len(self._servers)  # fail over
@@ -333,12 +339,19 @@ class IssuerSource:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= self._next_renewal:
-                self._renew()
-            if time.monotonic() >= self._next_refresh:
-                self._refresh()
-                self._next_refresh = time.monotonic() + min(self._refresh_interval, max(self._lifetime / 2, 0.5))
+            try:
+                if time.monotonic() >= self._next_renewal:
+                    self._renew()
+                if time.monotonic() >= self._next_refresh:
+                    self._next_refresh = time.monotonic() + min(self._refresh_interval, max(self._lifetime / 2, 0.5))
+                    self._refresh()
+            except Exception as err:  # the loop must outlive any one failure: the SVID depends on it
+                log.exception("issuer source: unexpected failure; retrying")
+                self._failures_in_row += 1
+                self._next_renewal = time.monotonic() + self._backoff()
+                self._state = dataclasses.replace(
+                    self._state, last_error=f"unexpected: {err}", failures=self._state.failures + 1
+                )
             timeout = max(0.0, min(self._next_renewal, self._next_refresh) - time.monotonic())
             self._wake.wait(timeout)
             self._wake.clear()

@@ -23,7 +23,7 @@ from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.csr import build_csr
 from meshid.ca.service import parse_token_trust_domain
 from meshid.credentials import merge_options
-from meshid.errors import InvalidSvidError, RemoteError
+from meshid.errors import InvalidBundleError, InvalidSvidError, RemoteError, VerificationError
 from meshid.sources import FileSource
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid, identity_dns_name
@@ -179,8 +179,11 @@ def _get_bundle(
     with _channel(server, roots, td, key_pem, chain_pem) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         response = _call("bundle", server, lambda: stub.GetBundle(issuer_pb2.GetBundleRequest(), timeout=timeout))
-    roots_found = tuple(x509.load_der_x509_certificate(der) for der in response.roots)
-    return TrustBundle(td, roots_found, response.sequence or None)
+    try:
+        roots_found = tuple(x509.load_der_x509_certificate(der) for der in response.roots)
+        return TrustBundle(td, roots_found, response.sequence or None)
+    except ValueError as err:
+        raise InvalidBundleError(f"trust bundle: the CA returned an unreadable root: {err}") from err
 
 
 def get_crl(
@@ -191,7 +194,10 @@ def get_crl(
     with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         response = _call("CRL", server, lambda: stub.GetCrl(issuer_pb2.GetCrlRequest(), timeout=timeout))
-    return response.der, [x509.load_der_x509_certificate(der) for der in response.issuer_chain]
+    try:
+        return response.der, [x509.load_der_x509_certificate(der) for der in response.issuer_chain]
+    except ValueError as err:
+        raise VerificationError(f"CRL: the CA returned an unreadable issuer certificate: {err}") from err
 
 
 class AdminClient:
