@@ -86,6 +86,7 @@ class RotatingChannel(grpc.Channel):
         self._options = list(options or ())
         self._drain_timeout = drain_timeout
         self._lock = threading.Lock()
+        self._change_lock = threading.Lock()
         self._closed = False
         self._state = (source.get_svid(), source.get_bundles())
         self._current = _Generation(self._build())
@@ -98,21 +99,23 @@ class RotatingChannel(grpc.Channel):
         return grpc.secure_channel(self._target, creds, options=merge_options(pins, self._options))
 
     def _on_change(self) -> None:
-        state = (self._source.get_svid(), self._source.get_bundles())
-        if state[0] is self._state[0] and state[1] is self._state[1]:
-            return
-        try:
-            new = _Generation(self._build())
-        except Exception:
-            log.exception("channel to %s: cannot use the new identity; keeping the current one", self._target)
-            return
-        with self._lock:
-            if self._closed:
-                new.close()
+        # One change at a time: with two at once, a slower build could replace a newer one.
+        with self._change_lock:
+            state = (self._source.get_svid(), self._source.get_bundles())
+            if state[0] is self._state[0] and state[1] is self._state[1]:
                 return
-            old, self._current, self._state = self._current, new, state
-            self.rotations += 1
-        old.retire(self._drain_timeout)
+            try:
+                new = _Generation(self._build())
+            except Exception:
+                log.exception("channel to %s: cannot use the new identity; keeping the current one", self._target)
+                return
+            with self._lock:
+                if self._closed:
+                    new.close()
+                    return
+                old, self._current, self._state = self._current, new, state
+                self.rotations += 1
+            old.retire(self._drain_timeout)
 
     def _begin(self) -> _Generation:
         with self._lock:

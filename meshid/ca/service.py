@@ -151,12 +151,17 @@ class IssuingService:
         entry, chain = self.store.issue_with_token(token_hash(token), now, self._sign(csr.public_key, now))
         return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
 
-    def renew(self, caller: SpiffeId, csr_der: bytes, requested: str = "") -> Issued:
+    def renew(self, caller: SpiffeId, csr_der: bytes, requested: str = "", caller_serial: int | None = None) -> Issued:
         """Renewal for an authenticated caller: same SPIFFE ID, new key.
+
+        ``caller_serial`` is the serial of the SVID the caller authenticated with. It is
+        checked against the store before and after signing: a revocation that lands while
+        the renewal runs (or on another CA replica) revokes the new SVID too.
 
         Raises:
             InvalidRequestError: a bad CSR.
-            NotAuthorizedError: asks for another SPIFFE ID, or the caller has no entry any more.
+            NotAuthorizedError: asks for another SPIFFE ID, the caller has no entry any more, or
+                its SVID was revoked.
         """
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
         for asked in (requested, *csr.requested_uris):
@@ -164,8 +169,15 @@ class IssuingService:
                 raise NotAuthorizedError(f"renewal: {caller} may renew only its own SPIFFE ID, not {asked[:200]}")
         if self.store.get_entry(caller) is None:
             raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more")
+        if self.is_revoked(caller_serial):
+            raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} is revoked")
         now = self._clock()
         entry, chain = self.store.record_issuance(caller, now, self._sign(csr.public_key, now))
+        new_serial = chain[0].serial_number  # type: ignore[index]
+        if self.is_revoked(caller_serial):  # revoked while we signed: the new one goes too
+            self.store.revoke_serial(new_serial, self._clock())
+            self._revoked.add(new_serial)
+            raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} was revoked meanwhile")
         return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
 
     def issue_internal(self, spiffe_id: SpiffeId, public_key: object) -> tuple[x509.Certificate, ...]:
@@ -188,7 +200,16 @@ class IssuingService:
             return self._crl[0], self._crl[1]
 
     def is_revoked(self, serial: int | None) -> bool:
-        return serial is not None and serial in self._revoked
+        """Whether ``serial`` is revoked, by this process or any other on the same store."""
+        if serial is None:
+            return False
+        if serial in self._revoked:
+            return True
+        record = self.store.get_issued(serial)
+        if record is not None and record.revoked_at is not None:
+            self._revoked.add(serial)
+            return True
+        return False
 
     # --- admins ----------------------------------------------------------------------------
 

@@ -110,7 +110,8 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
         if caller is None:  # the policy admits only SPIFFE peers here; belt and braces
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "renewal: an X509-SVID is required")
         assert caller is not None
-        issued = _run(context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id))
+        serial = peer_identity(context).serial
+        issued = _run(context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id, serial))
         metrics.CA_ISSUANCES.labels("renewal").inc()
         log.info("CA: renewed %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
         return _svid_response(issued)

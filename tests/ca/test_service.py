@@ -205,3 +205,14 @@ def test_revocation_of_an_old_key_svid_survives_a_ca_key_rotation(service) -> No
     listed = meshid.RevocationList.from_der(der, [new.certificate], both)  # signed by the new key
     peer = meshid.PeerIdentity.from_certificate(issued.chain[0], spiffe_id=issued.spiffe_id)
     assert listed.is_revoked(peer)  # matched by trust domain and serial, not by the old issuer's name
+
+
+def test_a_revoked_caller_cannot_renew_even_past_the_interceptor(service) -> None:
+    issued, _ = _issue(service)
+    serial = issued.chain[0].serial_number
+    service.revoke(serial=format(serial, "x"))
+    with pytest.raises(meshid.errors.NotAuthorizedError, match="is revoked"):
+        service.renew(issued.spiffe_id, build_csr(generate_key()), caller_serial=serial)
+    # another CA process on the same store sees it too: a fresh service has no memory of it
+    other = IssuingService(service.authority, service.store)
+    assert other.is_revoked(serial)
