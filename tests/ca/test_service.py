@@ -213,6 +213,13 @@ def test_a_revoked_caller_cannot_renew_even_past_the_interceptor(service) -> Non
     service.revoke(serial=format(serial, "x"))
     with pytest.raises(meshid.errors.NotAuthorizedError, match="is revoked"):
         service.renew(issued.spiffe_id, build_csr(generate_key()), caller_serial=serial)
-    # another CA process on the same store sees it too: a fresh service has no memory of it
-    other = IssuingService(service.authority, service.store)
-    assert other.is_revoked(serial)
+    # a revocation made by another CA process on the same store is seen too
+    renewed = _issue_again(service)
+    assert not service.is_revoked(renewed)
+    service.store.revoke_serial(renewed, datetime.datetime.now(datetime.UTC))  # not through this service
+    assert service.is_revoked(renewed)
+
+
+def _issue_again(service: IssuingService) -> int:
+    token, _ = service.create_token("admin", WEB)
+    return service.issue_with_token(token, build_csr(generate_key())).chain[0].serial_number
