@@ -14,10 +14,13 @@ Every file is written atomically; everything is checked before anything is writt
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import pathlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -211,40 +214,78 @@ def _bump_sequence(folder: str | os.PathLike[str]) -> int:
         store.close()
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """One rotation step at a time: the CLI and a running `ca serve` both edit bundle.pem and
+    rotation.json, so each step holds an exclusive lock on DIR/.lock."""
+    fd = os.open(pathlib.Path(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_config(folder: str | os.PathLike[str]) -> CaConfig:
+    try:
+        raw = json.loads(_paths(folder)["config"].read_text())
+        return CaConfig(TrustDomain.parse(raw["trust_domain"]), datetime.timedelta(seconds=int(raw["max_ttl_seconds"])))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataDirError(f"CA: {os.fspath(folder)}/config.json is unreadable: {err}") from err
+
+
+def _first_cert(path: pathlib.Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError) as err:
+        raise DataDirError(f"CA rotation: {what} {path} is unreadable: {err}") from err
+
+
+def _publish_root(folder: str | os.PathLike[str], config: CaConfig, root: x509.Certificate) -> bool:
+    """Add ``root`` to bundle.pem if it is not there yet (and grow the sequence). True if added."""
+    bundle = TrustBundle.load(config.trust_domain, _paths(folder)["bundle"])
+    if any(_fingerprint(root) == _fingerprint(r) for r in bundle.roots):
+        return False
+    write_atomic(_paths(folder)["bundle"], TrustBundle(config.trust_domain, (*bundle.roots, root)).to_pem())
+    _bump_sequence(folder)
+    return True
+
+
 def prepare_rotation(
     folder: str | os.PathLike[str], *, upstream_cert: str | None = None, upstream_key: str | None = None
 ) -> x509.Certificate:
     """Create the next CA and publish its root in the bundle (signing does not change yet).
 
+    Safe to run again after a crash: a complete next CA whose root is not yet published is
+    published; a half-written one is made anew.
+
     Raises:
         DataDirError: a rotation is already prepared, or the upstream files are unusable.
     """
-    authority, config = load_authority(folder)
-    paths = _paths(folder)
-    next_dir = pathlib.Path(folder) / "next"
-    if (next_dir / "ca.key").exists():
-        raise DataDirError("CA rotation: a next CA is already prepared; run `meshid ca rotate activate`")
-    if authority.chain and (upstream_cert is None or upstream_key is None):
-        raise DataDirError(
-            "CA rotation: this CA is chained under an upstream CA; give --upstream-cert and --upstream-key"
-        )
-    if upstream_cert is not None and upstream_key is not None:
-        certs, key = _read_upstream(upstream_cert, upstream_key)
-        new = Authority.from_upstream(config.trust_domain, certs[0], key, upstream_chain=certs[1:])  # type: ignore[arg-type]
-    else:
-        new = Authority.create_root(config.trust_domain)
-    next_dir.mkdir(exist_ok=True)
-    ca_chain = (new.certificate, *new.chain[1:]) if new.chain else (new.certificate,)
-    write_atomic(next_dir / "ca.key", _x509.key_pem(new.private_key), mode=0o600)
-    write_atomic(next_dir / "ca.pem", b"".join(_x509.cert_pem(c) for c in ca_chain))
-    roots = list(authority.roots)
-    for root in new.roots:
-        if all(_fingerprint(root) != _fingerprint(r) for r in roots):
-            roots.append(root)
-    if len(roots) != len(authority.roots):
-        write_atomic(paths["bundle"], TrustBundle(config.trust_domain, tuple(roots)).to_pem())
-        _bump_sequence(folder)
-    return new.certificate
+    with _folder_lock(folder):
+        authority, config = load_authority(folder)
+        next_dir = pathlib.Path(folder) / "next"
+        if (next_dir / "ca.key").exists() and (next_dir / "ca.pem").exists():
+            prepared = _first_cert(next_dir / "ca.pem", "next CA certificate")
+            if prepared.issuer == prepared.subject and _publish_root(folder, config, prepared):
+                return prepared  # an interrupted prepare, finished
+            raise DataDirError("CA rotation: a next CA is already prepared; run `meshid ca rotate activate`")
+        if authority.chain and (upstream_cert is None or upstream_key is None):
+            raise DataDirError(
+                "CA rotation: this CA is chained under an upstream CA; give --upstream-cert and --upstream-key"
+            )
+        if upstream_cert is not None and upstream_key is not None:
+            certs, key = _read_upstream(upstream_cert, upstream_key)
+            new = Authority.from_upstream(config.trust_domain, certs[0], key, upstream_chain=certs[1:])  # type: ignore[arg-type]
+        else:
+            new = Authority.create_root(config.trust_domain)
+        next_dir.mkdir(exist_ok=True)
+        ca_chain = (new.certificate, *new.chain[1:]) if new.chain else (new.certificate,)
+        write_atomic(next_dir / "ca.key", _x509.key_pem(new.private_key), mode=0o600)
+        write_atomic(next_dir / "ca.pem", b"".join(_x509.cert_pem(c) for c in ca_chain))
+        for root in new.roots:
+            _publish_root(folder, config, root)
+        return new.certificate
 
 
 def activate_rotation(
@@ -253,52 +294,72 @@ def activate_rotation(
     """Make the prepared CA the signing CA; schedule the old root's retirement.
 
     The old root stays in the bundle until ``now + max TTL + grace``: by then every SVID the
-    old key signed has expired.
+    old key signed has expired. Each step is idempotent, so after a crash running it again
+    finishes the job.
 
     Raises:
-        DataDirError: nothing is prepared.
+        DataDirError: nothing (or something incomplete) is prepared, or its root is not published.
     """
-    authority, config = load_authority(folder)
-    paths = _paths(folder)
-    next_dir = pathlib.Path(folder) / "next"
-    if not (next_dir / "ca.key").exists():
-        raise DataDirError("CA rotation: nothing prepared; run `meshid ca rotate prepare` first")
-    new_key, new_cert = (next_dir / "ca.key").read_bytes(), (next_dir / "ca.pem").read_bytes()
-    retired = pathlib.Path(folder) / "retired" / _fingerprint(authority.certificate)[:16]
-    retired.mkdir(parents=True, exist_ok=True)
-    write_atomic(retired / "ca.key", paths["key"].read_bytes(), mode=0o600)
-    write_atomic(retired / "ca.pem", paths["cert"].read_bytes())
-    # key first: a reader that sees the new key with the old certificate refuses the pair and retries
-    write_atomic(paths["key"], new_key, mode=0o600)
-    write_atomic(paths["cert"], new_cert)
-    old = authority.certificate
-    if old.issuer == old.subject:  # a self-signed CA was its own root; an upstream root stays
-        rotation = _read_rotation(folder)
-        retire_after = datetime.datetime.now(datetime.UTC) + config.max_ttl + grace
-        rotation["retiring"].append({"fingerprint": _fingerprint(old), "retire_after": retire_after.isoformat()})
-        write_atomic(_rotation_file(folder), json.dumps(rotation, indent=2).encode())
-    (next_dir / "ca.key").unlink()
-    (next_dir / "ca.pem").unlink()
+    with _folder_lock(folder):
+        config = _read_config(folder)
+        paths = _paths(folder)
+        next_dir = pathlib.Path(folder) / "next"
+        if not (next_dir / "ca.key").exists():
+            raise DataDirError("CA rotation: nothing prepared; run `meshid ca rotate prepare` first")
+        if not (next_dir / "ca.pem").exists():
+            raise DataDirError("CA rotation: the prepared CA is incomplete; run `meshid ca rotate prepare` again")
+        new_key, new_cert_pem = (next_dir / "ca.key").read_bytes(), (next_dir / "ca.pem").read_bytes()
+        new_cert = _first_cert(next_dir / "ca.pem", "next CA certificate")
+        bundle = TrustBundle.load(config.trust_domain, paths["bundle"])
+        new_roots = [new_cert] if new_cert.issuer == new_cert.subject else []
+        if any(all(_fingerprint(r) != _fingerprint(b) for b in bundle.roots) for r in new_roots):
+            raise DataDirError(
+                "CA rotation: the next CA's root is not in bundle.pem; run `meshid ca rotate prepare` again"
+            )
+        old = _first_cert(paths["cert"], "CA certificate")
+        if _fingerprint(old) != _fingerprint(new_cert):
+            rotation = _read_rotation(folder)
+            if old.issuer == old.subject and all(r["fingerprint"] != _fingerprint(old) for r in rotation["retiring"]):
+                retire_after = datetime.datetime.now(datetime.UTC) + config.max_ttl + grace
+                rotation["retiring"].append(
+                    {"fingerprint": _fingerprint(old), "retire_after": retire_after.isoformat()}
+                )
+                write_atomic(_rotation_file(folder), json.dumps(rotation, indent=2).encode())
+            retired = pathlib.Path(folder) / "retired" / _fingerprint(old)[:16]
+            if not (retired / "ca.pem").exists():
+                retired.mkdir(parents=True, exist_ok=True)
+                write_atomic(retired / "ca.key", paths["key"].read_bytes(), mode=0o600)
+                write_atomic(retired / "ca.pem", paths["cert"].read_bytes())
+            # key first: a reader that sees the new key with the old certificate refuses the
+            # pair and retries; a crash here is finished by running activate again
+            write_atomic(paths["key"], new_key, mode=0o600)
+            write_atomic(paths["cert"], new_cert_pem)
+        (next_dir / "ca.key").unlink(missing_ok=True)
+        (next_dir / "ca.pem").unlink(missing_ok=True)
 
 
 def retire_due_roots(folder: str | os.PathLike[str], now: datetime.datetime | None = None) -> list[str]:
     """Drop roots whose retirement time has passed from the bundle; returns their fingerprints."""
     now = now or datetime.datetime.now(datetime.UTC)
-    rotation = _read_rotation(folder)
-    due = {
-        str(r["fingerprint"])
-        for r in rotation["retiring"]
-        if datetime.datetime.fromisoformat(str(r["retire_after"])) <= now
-    }
-    if not due:
+    if not _rotation_file(folder).exists():
         return []
-    authority, config = load_authority(folder)
-    signing = {_fingerprint(authority.certificate)}
-    keep = tuple(r for r in authority.roots if _fingerprint(r) not in due or _fingerprint(r) in signing)
-    removed = [r for r in due if r not in signing]
-    if len(keep) != len(authority.roots):
-        write_atomic(_paths(folder)["bundle"], TrustBundle(config.trust_domain, keep).to_pem())
-        _bump_sequence(folder)
-    rotation["retiring"] = [r for r in rotation["retiring"] if str(r["fingerprint"]) not in due]
-    write_atomic(_rotation_file(folder), json.dumps(rotation, indent=2).encode())
-    return removed
+    with _folder_lock(folder):
+        rotation = _read_rotation(folder)
+        due = {
+            str(r["fingerprint"])
+            for r in rotation["retiring"]
+            if datetime.datetime.fromisoformat(str(r["retire_after"])) <= now
+        }
+        if not due:
+            return []
+        config = _read_config(folder)
+        signing = {_fingerprint(_first_cert(_paths(folder)["cert"], "CA certificate"))}
+        bundle = TrustBundle.load(config.trust_domain, _paths(folder)["bundle"])
+        keep = tuple(r for r in bundle.roots if _fingerprint(r) not in due or _fingerprint(r) in signing)
+        removed = [r for r in due if r not in signing]
+        if len(keep) != len(bundle.roots):
+            write_atomic(_paths(folder)["bundle"], TrustBundle(config.trust_domain, keep).to_pem())
+            _bump_sequence(folder)
+        rotation["retiring"] = [r for r in rotation["retiring"] if str(r["fingerprint"]) not in due]
+        write_atomic(_rotation_file(folder), json.dumps(rotation, indent=2).encode())
+        return removed

@@ -28,6 +28,7 @@ from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
+from meshid._x509 import public_key_der
 from meshid.ca.store import Entry, Store
 from meshid.errors import (
     InvalidRequestError,
@@ -151,12 +152,21 @@ class IssuingService:
         entry, chain = self.store.issue_with_token(token_hash(token), now, self._sign(csr.public_key, now))
         return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
 
-    def renew(self, caller: SpiffeId, csr_der: bytes, requested: str = "", caller_serial: int | None = None) -> Issued:
+    def renew(
+        self,
+        caller: SpiffeId,
+        csr_der: bytes,
+        requested: str = "",
+        caller_serial: int | None = None,
+        caller_key: bytes | None = None,
+    ) -> Issued:
         """Renewal for an authenticated caller: same SPIFFE ID, new key.
 
         ``caller_serial`` is the serial of the SVID the caller authenticated with. It is
         checked against the store before and after signing: a revocation that lands while
-        the renewal runs (or on another CA replica) revokes the new SVID too.
+        the renewal runs (or on another CA replica) revokes the new SVID too. ``caller_key`` is
+        that SVID's public key (DER SubjectPublicKeyInfo): a renewal must bring a new key, so
+        a key that might have leaked is not carried into the next certificate.
 
         Raises:
             InvalidRequestError: a bad CSR.
@@ -164,6 +174,10 @@ class IssuingService:
                 its SVID was revoked.
         """
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
+        if caller_key is not None and public_key_der(csr.public_key) == caller_key:
+            raise InvalidRequestError(
+                "renewal: the CSR reuses the key of the current SVID; make a new key for each renewal"
+            )
         for asked in (requested, *csr.requested_uris):
             if asked and asked != str(caller):
                 raise NotAuthorizedError(f"renewal: {caller} may renew only its own SPIFFE ID, not {asked[:200]}")

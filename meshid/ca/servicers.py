@@ -16,6 +16,7 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from meshid import metrics
+from meshid._x509 import public_key_der
 from meshid._proto import issuer_pb2, issuer_pb2_grpc, registration_pb2, registration_pb2_grpc
 from meshid.bundle import TrustBundle
 from meshid.ca.service import Issued, IssuingService
@@ -110,8 +111,11 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
         if caller is None:  # the policy admits only SPIFFE peers here; belt and braces
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "renewal: an X509-SVID is required")
         assert caller is not None
-        serial = peer_identity(context).serial
-        issued = _run(context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id, serial))
+        peer = peer_identity(context)
+        key = public_key_der(peer.certificate.public_key()) if peer.certificate is not None else None
+        issued = _run(
+            context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id, peer.serial, key)
+        )
         metrics.CA_ISSUANCES.labels("renewal").inc()
         log.info("CA: renewed %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
         return _svid_response(issued)
