@@ -60,7 +60,7 @@ def test_prepare_interrupted_before_publishing_is_finished_by_a_rerun(folder) ->
     before = (folder / "bundle.pem").read_bytes()
     new = prepare_rotation(folder)
     (folder / "bundle.pem").write_bytes(before)  # the crash: next CA written, its root not published
-    with pytest.raises(DataDirError, match="not in bundle.pem"):
+    with pytest.raises(DataDirError, match=r"not in bundle\.pem"):
         activate_rotation(folder)
     assert prepare_rotation(folder) == new  # finishes publishing instead of refusing
     assert new.subject.rfc4514_string() in _roots(folder)
