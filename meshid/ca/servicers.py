@@ -16,8 +16,8 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from meshid import metrics
-from meshid._x509 import public_key_der
 from meshid._proto import issuer_pb2, issuer_pb2_grpc, registration_pb2, registration_pb2_grpc
+from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
 from meshid.ca.service import Issued, IssuingService
 from meshid.ca.store import Entry
