@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
-from meshid._x509 import public_key_der
 from meshid.ca.store import Entry, Store
 from meshid.errors import (
     InvalidRequestError,
