@@ -197,12 +197,24 @@ class IssuerSource:
             log.warning("issuer source: cannot reuse the SVID in %s: %s", self._svid_dir, err)
             return False
         svid = saved.get_svid()
+        saved_bundle = saved.get_bundles()[svid.spiffe_id.trust_domain]
         remaining = (svid.not_after - _utcnow()).total_seconds()
         if remaining <= 1:
             log.info("issuer source: the saved SVID of %s has expired; using the join token", svid.spiffe_id)
             return False
+        # The configured bundle stays the anchor: if the operator replaced the CA's root (after
+        # a compromise, say), a saved SVID and bundle that share no root with it are not reused.
+        try:
+            anchor = TrustBundle.load(svid.spiffe_id.trust_domain, self._bundle_file)
+            BundleSet.of(saved_bundle).verify(svid.leaf, svid.chain[1:])
+        except MeshIdError as err:
+            log.warning("issuer source: not reusing the saved SVID: %s", err)
+            return False
+        if not set(anchor.roots) & set(saved_bundle.roots):
+            log.warning("issuer source: the saved bundle shares no root with %s; not reusing it", self._bundle_file)
+            return False
         self._lifetime = remaining
-        self._install(svid, saved.get_bundles()[svid.spiffe_id.trust_domain], remaining, renewed=False)
+        self._install(svid, saved_bundle, remaining, renewed=False)
         log.info("issuer source: reusing the saved SVID of %s (serial %x)", svid.spiffe_id, svid.serial)
         return True
 

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
+from meshid import SourceError, TrustBundle, TrustDomain
 from meshid.agent import IssuerSource
+from meshid.ca import Authority
 
 pytestmark = pytest.mark.timeout(60)
 WORKLOAD = "spiffe://example.org/ns/prod/sa/stubborn"
@@ -31,3 +33,21 @@ def test_an_unwritable_svid_dir_does_not_stop_renewal(running_ca, tmp_path) -> N
         assert source.get_svid().not_after > datetime.datetime.now(datetime.UTC)
     finally:
         source.close()
+
+
+def test_a_saved_svid_is_not_reused_once_the_configured_root_changed(running_ca, tmp_path) -> None:
+    token = running_ca.enroll(WORKLOAD, datetime.timedelta(minutes=5))
+    out = tmp_path / "svid"
+    with IssuerSource(running_ca.address, running_ca.bundle_file, join_token=token, svid_dir=out) as source:
+        saved_serial = source.get_svid().serial
+    # Restarted with the same (good) bundle and no token: the saved SVID is reused.
+    with IssuerSource(running_ca.address, running_ca.bundle_file, svid_dir=out) as again:
+        assert again.get_svid().serial == saved_serial
+    # The operator replaced the root it trusts the CA by: the saved SVID is no longer reused,
+    # and with no token there is nothing to start from.
+    other_root = tmp_path / "other-root.pem"
+    other_root.write_bytes(
+        TrustBundle(TrustDomain.parse("example.org"), Authority.create_root("example.org").roots).to_pem()
+    )
+    with pytest.raises(SourceError, match="no reusable SVID and no join token"):
+        IssuerSource(running_ca.address, other_root, svid_dir=out).start()
