@@ -72,6 +72,10 @@ class TrustBundle:
     refresh_hint: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.trust_domain, str):  # a name given as str: parse it rather than never match
+            object.__setattr__(self, "trust_domain", TrustDomain.parse(self.trust_domain))
+        if not isinstance(self.trust_domain, TrustDomain):
+            raise TypeError(f"trust_domain must be a TrustDomain, not {type(self.trust_domain).__name__}")
         if not self.roots:
             raise InvalidBundleError(f"trust bundle for {self.trust_domain}: holds no root certificate")
 

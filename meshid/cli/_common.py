@@ -21,3 +21,37 @@ def duration(text: str) -> datetime.timedelta:
 def add_admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the running CA")
     parser.add_argument("--data-dir", required=True, metavar="DIR", help="where `meshid ca init` left the admin SVID")
+
+
+def add_join_token_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """--join-token, or --join-token-file, or $MESHID_JOIN_TOKEN: a token on the command line is
+    visible in `ps` and shell history, so the file and the variable are the safer ways."""
+    parser.add_argument(
+        "--join-token", metavar="TOKEN", help="a one-time join token (visible in `ps`; prefer the next two)"
+    )
+    parser.add_argument("--join-token-file", metavar="FILE", help="read the join token from FILE")
+    parser.set_defaults(join_token_required=required)
+
+
+def join_token(args: argparse.Namespace) -> str | None:
+    """The join token from --join-token, --join-token-file or $MESHID_JOIN_TOKEN.
+
+    Raises:
+        TokenError: required and missing, or the file cannot be read.
+    """
+    import os
+
+    from meshid.errors import TokenError
+
+    token: str | None = args.join_token
+    if token is None and args.join_token_file:
+        try:
+            with open(args.join_token_file, encoding="utf-8") as f:
+                token = f.read(1024).strip()
+        except OSError as err:
+            raise TokenError(f"join token: cannot read {args.join_token_file!r}: {err.strerror}") from err
+    if token is None:
+        token = os.environ.get("MESHID_JOIN_TOKEN") or None
+    if token is None and args.join_token_required:
+        raise TokenError("join token: give --join-token, --join-token-file or $MESHID_JOIN_TOKEN")
+    return token

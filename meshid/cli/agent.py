@@ -10,6 +10,8 @@ import sys
 import threading
 from typing import Any
 
+from meshid.cli._common import add_join_token_options, join_token
+
 
 def _mode(text: str) -> int:
     try:
@@ -29,9 +31,7 @@ def register(groups: Any) -> None:
         "--server", required=True, action="append", metavar="HOST:PORT", help="the CA (repeat to fail over)"
     )
     agent.add_argument("--bundle", required=True, metavar="FILE", help="the CA's trust bundle (PEM)")
-    agent.add_argument(
-        "--join-token", metavar="TOKEN", help="for the first issuance; not needed once --out holds a valid SVID"
-    )
+    add_join_token_options(agent, required=False)  # not needed once --out holds a valid SVID
     agent.add_argument("--out", metavar="DIR", help="svid.pem, svid.key (0600), bundle.pem, written atomically")
     agent.add_argument(
         "--workload-api",
@@ -53,8 +53,11 @@ def run_agent(args: argparse.Namespace) -> int:
     if not args.out and not args.workload_api:
         print("meshid: agent: give --out DIR, --workload-api unix:///PATH, or both", file=sys.stderr)
         return 2
-    if not args.join_token and not args.out:
-        print("meshid: agent: without --out holding a saved SVID, give --join-token", file=sys.stderr)
+    token = join_token(args)
+    if not token and not args.out:
+        print(
+            "meshid: agent: without --out holding a saved SVID, give --join-token or --join-token-file", file=sys.stderr
+        )
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
@@ -62,9 +65,7 @@ def run_agent(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        source = IssuerSource(
-            args.server, args.bundle, join_token=args.join_token, svid_dir=args.out, renew_at=args.renew_at
-        )
+        source = IssuerSource(args.server, args.bundle, join_token=token, svid_dir=args.out, renew_at=args.renew_at)
         server = (
             WorkloadApiServer(source, args.workload_api, mode=args.workload_api_mode) if args.workload_api else None
         )

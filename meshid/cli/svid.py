@@ -10,7 +10,7 @@ from typing import Any
 from cryptography import x509
 
 from meshid import _x509
-from meshid.cli._common import add_admin_options
+from meshid.cli._common import add_admin_options, add_join_token_options, join_token
 from meshid.errors import InvalidSvidError
 from meshid.svid import check_leaf
 
@@ -29,7 +29,7 @@ def register(groups: Any) -> None:
     fetch.add_argument(
         "--bundle", required=True, metavar="FILE", help="the CA's trust bundle (PEM), obtained out of band"
     )
-    fetch.add_argument("--join-token", required=True, metavar="TOKEN")
+    add_join_token_options(fetch, required=True)
     fetch.add_argument("--out", required=True, metavar="DIR", help="writes svid.pem, svid.key (0600), bundle.pem")
     fetch.set_defaults(run=run_fetch)
     revoke = commands.add_parser("revoke", help="revoke SVIDs on the running CA")
@@ -106,7 +106,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from meshid.ca.client import fetch_svid, write_fetched
 
-    svid, bundle = fetch_svid(args.server, args.bundle, args.join_token)
+    svid, bundle = fetch_svid(args.server, args.bundle, join_token(args) or "")
     write_fetched(args.out, svid, bundle)
     print(f"fetched {svid.spiffe_id} (serial {svid.serial:x}, until {svid.not_after.isoformat()}) into {args.out}")
     return 0

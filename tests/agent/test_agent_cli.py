@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import stat
 import subprocess
@@ -92,3 +93,62 @@ def test_agent_without_token_or_saved_svid_fails_with_one_line(running_ca, tmp_p
     assert proc.returncode == 2
     assert "no reusable SVID and no join token" in err
     assert "Traceback" not in err
+
+
+def test_join_token_can_come_from_a_file_or_the_environment(running_ca, tmp_path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(
+        running_ca.enroll("spiffe://example.org/ns/prod/sa/from-file", datetime.timedelta(minutes=5)) + "\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshid.cli",
+            "svid",
+            "fetch",
+            "--server",
+            running_ca.address,
+            "--bundle",
+            str(running_ca.bundle_file),
+            "--join-token-file",
+            str(token_file),
+            "--out",
+            str(tmp_path / "a"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    env = {
+        **os.environ,
+        "MESHID_JOIN_TOKEN": running_ca.enroll(
+            "spiffe://example.org/ns/prod/sa/from-env", datetime.timedelta(minutes=5)
+        ),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshid.cli",
+            "svid",
+            "fetch",
+            "--server",
+            running_ca.address,
+            "--bundle",
+            str(running_ca.bundle_file),
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert meshid.X509Svid.load(
+        tmp_path / "b" / "svid.pem", tmp_path / "b" / "svid.key"
+    ).spiffe_id == meshid.SpiffeId.parse("spiffe://example.org/ns/prod/sa/from-env")

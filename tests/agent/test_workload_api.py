@@ -235,7 +235,8 @@ def test_a_source_keeps_its_identity_while_the_server_is_gone_and_reconnects(
     running_ca, start_agent, closing, tmp_path
 ) -> None:
     socket, out = tmp_path / "agent.sock", tmp_path / "svid"
-    first = start_agent(socket, "--join-token", running_ca.enroll(WORKLOAD, TTL), "--out", str(out))
+    # a lifetime long enough that the saved SVID is still valid when the agent comes back
+    first = start_agent(socket, "--join-token", running_ca.enroll(WORKLOAD, 3 * TTL), "--out", str(out))
     source = closing(WorkloadApiSource(f"unix://{socket}", max_backoff=0.5).start())
     changes = []
     source.subscribe(lambda: changes.append(source.get_svid().serial))
