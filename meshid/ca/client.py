@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -139,16 +139,32 @@ def renew(
 
 
 def fetch_svid(
-    server: str,
+    server: str | Sequence[str],
     bundle_file: str | os.PathLike[str],
     join_token: str,
     *,
     key_kind: str = "ec-p256",
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[X509Svid, TrustBundle]:
-    """First issuance, the CA trusted by a bundle file; returns the SVID and the CA's bundle."""
-    issued = issue_with_token(server, read_roots(bundle_file), join_token, key_kind=key_kind, timeout=timeout)
-    return issued.svid, issued.bundle
+    """First issuance, the CA trusted by a bundle file; returns the SVID and the CA's bundle.
+
+    With several CA addresses (replicas), an unreachable one is skipped for the next; a
+    refusal (a used token, say) is final, since every replica would answer the same.
+    """
+    servers = [server] if isinstance(server, str) else list(server)
+    roots = read_roots(bundle_file)
+    last: RemoteError | None = None
+    for address in servers:
+        try:
+            issued = issue_with_token(address, roots, join_token, key_kind=key_kind, timeout=timeout)
+        except RemoteError as err:
+            if err.code != "UNAVAILABLE":
+                raise
+            last = err
+            continue
+        return issued.svid, issued.bundle
+    assert last is not None, "fetch_svid needs at least one server"
+    raise last
 
 
 def renew_svid(

@@ -15,6 +15,7 @@ Every file is written atomically; everything is checked before anything is writt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -31,8 +32,7 @@ from meshid._files import write_atomic, write_svid_files
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority, generate_key
 from meshid.ca.service import IssuingService, admin_id, ca_id
-from meshid.ca.sqlite import SqliteStore
-from meshid.ca.store import Entry
+from meshid.ca.store import Entry, Store, open_store
 from meshid.errors import MeshIdError
 from meshid.spiffeid import TrustDomain
 
@@ -50,6 +50,12 @@ class DataDirError(MeshIdError):
 class CaConfig:
     trust_domain: TrustDomain
     max_ttl: datetime.timedelta
+    #: ``postgresql://...`` when replicas share a PostgreSQL database; None: DIR/meshid.db.
+    datastore: str | None = None
+
+
+def _store(folder: str | os.PathLike[str], config: CaConfig) -> Store:
+    return open_store(config.datastore or _paths(folder)["db"])
 
 
 def _paths(folder: str | os.PathLike[str]) -> dict[str, pathlib.Path]:
@@ -87,8 +93,15 @@ def init_data_dir(
     max_ttl: datetime.timedelta = datetime.timedelta(hours=24),
     upstream_cert: str | None = None,
     upstream_key: str | None = None,
+    datastore: str | None = None,
 ) -> CaConfig:
     """Create a CA: key, certificate, bundle, database, and the admin SVID.
+
+    With ``datastore="postgresql://..."`` this CA is one replica of several sharing that
+    database. Each replica is then an intermediate CA of its own under one upstream root kept
+    by the operator (``upstream_cert``/``upstream_key``, required): the bundle workloads trust is
+    that root, so it does not change when a replica is added or removed, and losing a replica
+    loses nothing (its records are in the database; its key signs nothing else).
 
     Raises:
         DataDirError: the folder already holds a CA, or the upstream files are unusable.
@@ -100,6 +113,11 @@ def init_data_dir(
         raise DataDirError(f"CA init: {os.fspath(folder)!r} already holds a CA; choose an empty folder")
     if (upstream_cert is None) != (upstream_key is None):
         raise DataDirError("CA init: give both --upstream-cert and --upstream-key, or neither")
+    if datastore is not None and upstream_cert is None:
+        raise DataDirError(
+            "CA init: with a shared --datastore, each replica is an intermediate under one upstream root; "
+            "give --upstream-cert and --upstream-key"
+        )
     if max_ttl <= datetime.timedelta(0):
         raise DataDirError("CA init: --ttl must be positive")
     if upstream_cert is not None and upstream_key is not None:
@@ -112,16 +130,20 @@ def init_data_dir(
     write_atomic(paths["key"], _x509.key_pem(authority.private_key), mode=0o600)
     write_atomic(paths["cert"], b"".join(_x509.cert_pem(c) for c in ca_chain))
     write_atomic(paths["bundle"], TrustBundle(td, authority.roots).to_pem())
-    config = CaConfig(td, max_ttl)
-    write_atomic(
-        paths["config"],
-        json.dumps({"version": 1, "trust_domain": td.name, "max_ttl_seconds": int(max_ttl.total_seconds())}).encode(),
-    )
-    store = SqliteStore(paths["db"])
+    config = CaConfig(td, max_ttl, datastore)
+    document = {
+        "version": 1,
+        "trust_domain": td.name,
+        "max_ttl_seconds": int(max_ttl.total_seconds()),
+        "datastore": datastore,
+    }
+    write_atomic(paths["config"], json.dumps(document).encode(), mode=0o600)  # a DSN may hold a password
+    store = _store(folder, config)
     try:
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         for sid in (ca_id(authority), admin_id(authority)):
-            store.create_entry(Entry(sid, (), INTERNAL_TTL, now))
+            if store.get_entry(sid) is None:  # another replica may have made them already
+                store.create_entry(Entry(sid, (), INTERNAL_TTL, now))
         if store.bundle_sequence() == 0:
             store.bump_bundle_sequence()
         service = IssuingService(authority, store, max_ttl=max_ttl)
@@ -151,10 +173,7 @@ def load_authority(folder: str | os.PathLike[str]) -> tuple[Authority, CaConfig]
     """
     paths = _paths(folder)
     try:
-        raw = json.loads(paths["config"].read_text())
-        config = CaConfig(
-            TrustDomain.parse(raw["trust_domain"]), datetime.timedelta(seconds=int(raw["max_ttl_seconds"]))
-        )
+        config = _read_config(folder)
         certs = x509.load_pem_x509_certificates(paths["cert"].read_bytes())
         key = serialization.load_pem_private_key(paths["key"].read_bytes(), password=None)
         roots = TrustBundle.load(config.trust_domain, paths["bundle"]).roots
@@ -171,10 +190,15 @@ def load_authority(folder: str | os.PathLike[str]) -> tuple[Authority, CaConfig]
     return Authority(config.trust_domain, certs[0], key, chain, roots), config  # type: ignore[arg-type]
 
 
-def open_service(folder: str | os.PathLike[str], **kwargs: object) -> IssuingService:
-    """The issuing service over a data folder (its store stays open until ``service.store.close()``)."""
+def open_service(folder: str | os.PathLike[str], datastore: str | None = None, **kwargs: object) -> IssuingService:
+    """The issuing service over a data folder (its store stays open until ``service.store.close()``).
+
+    ``datastore`` overrides the one ``ca init`` recorded.
+    """
     authority, config = load_authority(folder)
-    store = SqliteStore(_paths(folder)["db"])
+    if datastore is not None:
+        config = dataclasses.replace(config, datastore=datastore)
+    store = _store(folder, config)
     return IssuingService(authority, store, max_ttl=config.max_ttl, **kwargs)  # type: ignore[arg-type]
 
 
@@ -207,7 +231,7 @@ def _fingerprint(cert: x509.Certificate) -> str:
 
 
 def _bump_sequence(folder: str | os.PathLike[str]) -> int:
-    store = SqliteStore(_paths(folder)["db"])
+    store = _store(folder, _read_config(folder))
     try:
         return store.bump_bundle_sequence()
     finally:
@@ -227,11 +251,19 @@ def _folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
 
 
 def _read_config(folder: str | os.PathLike[str]) -> CaConfig:
+    path = _paths(folder)["config"]
     try:
-        raw = json.loads(_paths(folder)["config"].read_text())
-        return CaConfig(TrustDomain.parse(raw["trust_domain"]), datetime.timedelta(seconds=int(raw["max_ttl_seconds"])))
+        raw = json.loads(path.read_text())
+        datastore = raw.get("datastore")
+        return CaConfig(
+            TrustDomain.parse(raw["trust_domain"]),
+            datetime.timedelta(seconds=int(raw["max_ttl_seconds"])),
+            str(datastore) if datastore else None,
+        )
+    except FileNotFoundError as err:
+        raise DataDirError(f"CA: {path} is missing; run `meshid ca init --data-dir {os.fspath(folder)}` first") from err
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataDirError(f"CA: {os.fspath(folder)}/config.json is unreadable: {err}") from err
+        raise DataDirError(f"CA: {path} is unreadable: {err}") from err
 
 
 def _first_cert(path: pathlib.Path, what: str) -> x509.Certificate:

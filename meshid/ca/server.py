@@ -86,13 +86,14 @@ class CaServer:
         max_workers: int = 16,
         poll_interval: float = 0.5,
         clock: Callable[[], datetime.datetime] | None = None,
+        datastore: str | None = None,
     ) -> None:
         self._poll_interval = poll_interval
-        service_options = {} if clock is None else {"clock": clock}
+        service_options: dict[str, Any] = {} if clock is None else {"clock": clock}
         self._data_dir = pathlib.Path(data_dir)
         self._listen = listen
         self._max_workers = max_workers
-        self.service = open_service(data_dir, **service_options)
+        self.service = open_service(data_dir, datastore, **service_options)
         self._source: StaticSource | None = None
         self._server: grpc.Server | None = None
         self._stop = threading.Event()

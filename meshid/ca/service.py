@@ -115,7 +115,7 @@ class IssuingService:
         self._clock = clock
         self._limits = _RateLimit(creations_per_minute, time.monotonic)
         self._crl_lock = threading.Lock()
-        self._crl: tuple[bytes, int, datetime.datetime] | None = None
+        self._crl: tuple[bytes, int, datetime.datetime, frozenset[int]] | None = None
         self._revoked = {r.serial for r in store.revoked_unexpired(clock())}
 
     def set_authority(self, authority: Authority) -> None:
@@ -207,11 +207,16 @@ class IssuingService:
         """The current signed CRL (DER) and its number; rebuilt after a revocation or half-way to next update."""
         now = self._clock()
         with self._crl_lock:
-            if self._crl is None or now - self._crl[2] > datetime.timedelta(minutes=30):
+            # Read from the store each time: another replica on the same database may have
+            # revoked something; the CRL is rebuilt (with the next number) when the list differs.
+            revoked = self.store.revoked_unexpired(now)
+            listed = frozenset(r.serial for r in revoked)
+            cached = self._crl
+            if cached is None or cached[3] != listed or now - cached[2] > datetime.timedelta(minutes=30):
                 number = self.store.next_crl_number()
-                der = build_crl(self.authority, self.store.revoked_unexpired(now), number=number, now=now)
-                self._crl = (der, number, now)
-            return self._crl[0], self._crl[1]
+                der = build_crl(self.authority, revoked, number=number, now=now)
+                cached = self._crl = (der, number, now, listed)
+            return cached[0], cached[1]
 
     def is_revoked(self, serial: int | None) -> bool:
         """Whether ``serial`` is revoked, by this process or any other on the same store."""

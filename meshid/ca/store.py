@@ -10,13 +10,14 @@ the *same* transaction, so a crash leaves either both or neither.
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from meshid.spiffeid import SpiffeId
 
-__all__ = ["Entry", "IssuedRecord", "Store"]
+__all__ = ["Entry", "IssuedRecord", "Store", "open_store"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +117,20 @@ class Store(Protocol):
 
 def serials_hex(serials: Sequence[int]) -> list[str]:
     return [format(s, "x") for s in serials]
+
+
+def open_store(datastore: str | os.PathLike[str]) -> Store:
+    """The store a datastore names: ``postgresql://...`` (PostgreSQL, shared by CA replicas) or
+    the path of an SQLite file (the embedded default).
+
+    Raises:
+        StoreError: the store cannot be opened.
+    """
+    text = os.fspath(datastore)
+    if text.startswith(("postgresql://", "postgres://")):
+        from meshid.ca.postgres import PostgresStore
+
+        return PostgresStore(text)
+    from meshid.ca.sqlite import SqliteStore
+
+    return SqliteStore(text)

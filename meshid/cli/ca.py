@@ -25,10 +25,16 @@ def register(groups: Any) -> None:
         "--upstream-cert", metavar="FILE", help="an existing CA to chain under (PEM, its chain may follow)"
     )
     init.add_argument("--upstream-key", metavar="FILE", help="the upstream CA's private key (PEM)")
+    init.add_argument(
+        "--datastore",
+        metavar="postgresql://...",
+        help="a PostgreSQL database shared by CA replicas (default: DIR/meshid.db, SQLite); needs --upstream-*",
+    )
     init.set_defaults(run=run_init)
     serve = commands.add_parser("serve", help="serve the issuer and registration APIs over mTLS")
     serve.add_argument("--data-dir", required=True, metavar="DIR")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT")
+    serve.add_argument("--datastore", metavar="postgresql://...", help="override the datastore `ca init` recorded")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     serve.set_defaults(run=run_serve)
     rotate = commands.add_parser("rotate", help="rotate the CA's signing key with no failed handshake")
@@ -58,6 +64,7 @@ def run_init(args: argparse.Namespace) -> int:
         max_ttl=args.ttl,
         upstream_cert=args.upstream_cert,
         upstream_key=args.upstream_key,
+        datastore=args.datastore,
     )
     print(f"CA for trust domain {config.trust_domain} created in {args.data_dir}")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
@@ -68,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from meshid.ca.server import CaServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    server = CaServer(args.data_dir, args.listen)
+    server = CaServer(args.data_dir, args.listen, datastore=args.datastore)
     port = server.start()
     print(f"CA serving on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
     if args.metrics:

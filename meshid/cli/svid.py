@@ -25,7 +25,9 @@ def register(groups: Any) -> None:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=run_inspect)
     fetch = commands.add_parser("fetch", help="obtain an SVID from the CA with a join token")
-    fetch.add_argument("--server", required=True, metavar="HOST:PORT")
+    fetch.add_argument(
+        "--server", required=True, action="append", metavar="HOST:PORT", help="the CA (repeat: replicas, tried in turn)"
+    )
     fetch.add_argument(
         "--bundle", required=True, metavar="FILE", help="the CA's trust bundle (PEM), obtained out of band"
     )
