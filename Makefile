@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench proto lint clean
+.PHONY: demo test bench soak proto lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,20 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
+# Not part of `make test`: a server and several clients with SVIDs rotating every ~2 s, for
+# MINUTES (default 10), loopback only; prints requests, failures, rotations and memory growth.
+MINUTES ?= 10
+soak: $(STAMP)
+	$(PY) bench/soak.py --minutes $(MINUTES)
+
 proto: $(STAMP)
 	$(PY) scripts/genproto.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshid tests examples bench scripts
 	$(VENV)/bin/mypy meshid
+	# known-vulnerable dependency versions (asks PyPI's advisory data; needs the network)
+	$(VENV)/bin/pip-audit --skip-editable --progress-spinner off
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import tempfile
 
 
@@ -34,15 +36,62 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
         os.close(dir_fd)
 
 
+_NAMES = ("svid.pem", "svid.key", "bundle.pem")
+_CURRENT = "current"
+
+
+def _fsync_dir(folder: str) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _replace_symlink(target: str, link: str) -> None:
+    tmp = f"{link}.tmp-{secrets.token_hex(4)}"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
 def write_svid_files(
     folder: str | os.PathLike[str], chain_pem: bytes, key_pem: bytes, bundle_pem: bytes | None
 ) -> None:
-    """Write ``svid.key`` (0600), then ``svid.pem`` and ``bundle.pem``, each atomically.
+    """Replace ``svid.pem``, ``svid.key`` (0600) and ``bundle.pem`` in ``folder`` as one unit.
 
-    The key goes first so a watcher that sees a new certificate always finds its key.
+    The three files are written (and fsynced) into a new version folder; then one atomic
+    rename of the ``current`` symlink switches to it. ``svid.pem``, ``svid.key`` and
+    ``bundle.pem`` are symlinks through ``current``, so the files on disk are always a matching
+    certificate and key, even if the process is killed at any instant. Readers that open the
+    two files one after the other can still straddle a switch; meshid's FileSource then sees a
+    mismatch, keeps its SVID and reloads on its next poll.
     """
+    folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    write_atomic(os.path.join(folder, "svid.key"), key_pem, mode=0o600)
-    write_atomic(os.path.join(folder, "svid.pem"), chain_pem)
+    current = os.path.join(folder, _CURRENT)
+    if bundle_pem is None:  # keep the bundle of the current version
+        try:
+            with open(os.path.join(current, "bundle.pem"), "rb") as f:
+                bundle_pem = f.read()
+        except OSError:
+            bundle_pem = None
+    version = tempfile.mkdtemp(dir=folder, prefix=".svid-")
+    os.chmod(version, 0o755)
+    write_atomic(os.path.join(version, "svid.key"), key_pem, mode=0o600)
+    write_atomic(os.path.join(version, "svid.pem"), chain_pem)
     if bundle_pem is not None:
-        write_atomic(os.path.join(folder, "bundle.pem"), bundle_pem)
+        write_atomic(os.path.join(version, "bundle.pem"), bundle_pem)
+    previous = os.path.realpath(current) if os.path.islink(current) else None
+    _replace_symlink(os.path.basename(version), current)
+    for name in _NAMES:
+        path = os.path.join(folder, name)
+        wanted = os.path.join(_CURRENT, name)
+        if not (os.path.islink(path) and os.readlink(path) == wanted):
+            _replace_symlink(wanted, path)  # also turns an older layout's plain files into links
+    _fsync_dir(folder)
+    for entry in os.listdir(folder):  # older versions are no longer reachable
+        full = os.path.join(folder, entry)
+        if entry.startswith(".svid-") and full != version and os.path.realpath(full) != previous:
+            shutil.rmtree(full, ignore_errors=True)
+    if previous is not None and previous != os.path.realpath(version):
+        shutil.rmtree(previous, ignore_errors=True)

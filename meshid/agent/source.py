@@ -200,7 +200,8 @@ class IssuerSource:
         saved_bundle = saved.get_bundles()[svid.spiffe_id.trust_domain]
         remaining = (svid.not_after - _utcnow()).total_seconds()
         if remaining <= 1:
-            log.info("issuer source: the saved SVID of %s has expired; using the join token", svid.spiffe_id)
+            state = "has expired" if remaining <= 0 else f"expires in {remaining:.1f}s, too soon to renew it"
+            log.info("issuer source: the saved SVID of %s %s; using the join token", svid.spiffe_id, state)
             return False
         # The configured bundle stays the anchor: if the operator replaced the CA's root (after
         # a compromise, say), a saved SVID and bundle that share no root with it are not reused.

@@ -5,12 +5,9 @@ Durability: WAL journal with ``synchronous=FULL``, so a transaction that has com
 writes) on one connection guarded by a lock, so grpc may call it from any thread.
 
 The schema is versioned: ``schema_version`` holds one row per applied migration, and
-``_MIGRATIONS`` lists them in order; opening a file applies the missing ones in one transaction.
-Their SQL is kept portable (plain ``CREATE TABLE`` with TEXT/INTEGER/BLOB) so that another SQL
-database can share them later. Times are integer Unix seconds (UTC); serials are lowercase hex.
-
-No table has a foreign key on purpose: certificate rows and used tokens outlive their entry (a
-deleted entry's certificates must still be revocable, its spent tokens still refused).
+:mod:`meshid.ca.migrations` (shared with the PostgreSQL store) lists them in order; opening a file
+applies the missing ones in one transaction. Times are integer Unix seconds (UTC); serials are
+lowercase hex.
 """
 
 from __future__ import annotations
@@ -25,44 +22,12 @@ import threading
 from collections.abc import Iterator
 from types import TracebackType
 
+from meshid.ca import migrations
 from meshid.ca.store import Entry, IssuedRecord, Signer
 from meshid.errors import AlreadyExistsError, NotFoundError, StoreError, TokenError
 from meshid.spiffeid import SpiffeId
 
 __all__ = ["SqliteStore"]
-
-#: Each migration is a list of statements; version N is ``_MIGRATIONS[N - 1]``. Append only.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE entries (
-            spiffe_id TEXT NOT NULL PRIMARY KEY,
-            dns_names TEXT NOT NULL,
-            ttl_seconds INTEGER NOT NULL,
-            created_at INTEGER NOT NULL
-        )""",
-        """CREATE TABLE tokens (
-            hash BLOB NOT NULL PRIMARY KEY,
-            spiffe_id TEXT NOT NULL,
-            expires_at INTEGER NOT NULL,
-            used_at INTEGER
-        )""",
-        "CREATE INDEX tokens_spiffe_id ON tokens (spiffe_id)",
-        """CREATE TABLE certificates (
-            serial TEXT NOT NULL PRIMARY KEY,
-            spiffe_id TEXT NOT NULL,
-            not_after INTEGER NOT NULL,
-            issued_at INTEGER NOT NULL,
-            revoked_at INTEGER
-        )""",
-        "CREATE INDEX certificates_spiffe_id ON certificates (spiffe_id)",
-        """CREATE TABLE counters (
-            name TEXT NOT NULL PRIMARY KEY,
-            value INTEGER NOT NULL
-        )""",
-        "INSERT INTO counters (name, value) VALUES ('crl_number', 0)",
-        "INSERT INTO counters (name, value) VALUES ('bundle_sequence', 0)",
-    ),
-)
 
 #: How many times ``sign`` is called in all when its serial is already taken.
 _SIGN_ATTEMPTS = 3
@@ -381,18 +346,14 @@ class SqliteStore:
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         with self._transaction(write=True, conn=conn):
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL PRIMARY KEY, applied_at INTEGER)"
-            )
+            conn.execute(migrations.schema_version_table("sqlite"))
             current = int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
-            if current > len(_MIGRATIONS):
-                raise StoreError(
-                    f"CA store {self._path}: schema version {current} is newer than this meshid"
-                    f" (which knows up to {len(_MIGRATIONS)}); upgrade meshid"
-                )
+            if current > migrations.latest_version():
+                raise StoreError(f"CA store {self._path}: {migrations.newer_schema_message(current)}")
             now_s = math.floor(datetime.datetime.now(datetime.UTC).timestamp())
-            for version in range(current + 1, len(_MIGRATIONS) + 1):
-                for statement in _MIGRATIONS[version - 1]:
+            pending = migrations.statements("sqlite")[current:]
+            for version, statements in enumerate(pending, start=current + 1):
+                for statement in statements:
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now_s))
 
