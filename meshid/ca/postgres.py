@@ -369,6 +369,9 @@ class PostgresStore:
 
     def _connect(self) -> _Connection:
         conn = psycopg.connect(self._dsn, autocommit=False, connect_timeout=self._connect_timeout)
+        # Whatever the server's default: the locking above is designed for READ COMMITTED, where a
+        # statement that waited for a row lock reads the row as the other transaction left it.
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         try:
             conn.execute(
                 "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (_IDLE_IN_TRANSACTION_TIMEOUT,)
@@ -381,7 +384,7 @@ class PostgresStore:
 
     def _migrate(self, cur: _Cursor) -> None:
         # Replicas starting together queue here; each then sees what the one before applied.
-        pass
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         # Checked before CREATE ... IF NOT EXISTS, which needs the CREATE privilege even when the
         # table exists: a user that may only read and write meshid's tables can still open the store.
         if _one(cur.execute("SELECT to_regclass('schema_version')"))[0] is None:
