@@ -203,7 +203,7 @@ def test_one_join_token_at_two_replicas_at_once_issues_exactly_once(replicas: Re
             barrier = threading.Barrier(2)
             outcomes: list[str] = []
 
-            def attempt(address: str) -> None:
+            def attempt(address: str, barrier: threading.Barrier = barrier, token: str = token, outcomes: list[str] = outcomes) -> None:
                 barrier.wait()
                 try:
                     issue_with_token(address, roots, token)
