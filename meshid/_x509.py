@@ -6,6 +6,7 @@ import hashlib
 import re
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
@@ -14,20 +15,50 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Pri
 # Inputs larger than this are refused before parsing: no sane chain or bundle is near it.
 MAX_PEM_BYTES = 1 << 20
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)\r?\n?-----END \1-----", re.DOTALL)
+#: What ``cryptography`` may raise while parsing a certificate, key or CSR, or reading its
+#: extensions lazily: loaders turn any of these into meshid's own errors.
+PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
+#: The same, plus the errors of reading a file or decoding a name.
+READ_ERRORS: tuple[type[Exception], ...] = (OSError, UnicodeError, *PARSE_ERRORS)
+
+_BEGIN = b"-----BEGIN "
+_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,64})-----")
 
 
 def pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
-    """Split PEM text into ``(label, whole block)`` pairs, in order.
+    """Split PEM text into ``(label, whole block)`` pairs, in order; one pass, linear in the input.
 
     Raises:
-        ValueError: a block begins but never ends (a truncated file).
+        ValueError: a block begins but never ends (a truncated file), or has a malformed label.
     """
-    blocks = [(m.group(1).decode(), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
-    begun = data.count(b"-----BEGIN ")
-    if begun != len(blocks):
-        raise ValueError(f"{begun - len(blocks)} PEM block(s) are truncated or malformed (BEGIN without matching END)")
+    blocks = []
+    position = data.find(_BEGIN)
+    while position >= 0:
+        label = _LABEL.match(data, position)
+        if label is None:
+            raise ValueError("a PEM block has a malformed BEGIN line")
+        end_marker = b"-----END " + label.group(1) + b"-----"
+        end = data.find(end_marker, label.end())
+        next_begin = data.find(_BEGIN, label.end())
+        if end < 0 or 0 <= next_begin < end:
+            raise ValueError(f"a PEM {label.group(1).decode()!r} block is truncated (BEGIN without matching END)")
+        stop = end + len(end_marker)
+        blocks.append((label.group(1).decode(), data[position:stop]))
+        position = data.find(_BEGIN, stop)
     return blocks
+
+
+def as_bytes(data: bytes | str) -> bytes:
+    """PEM given as str, as bytes; characters UTF-8 cannot carry (lone surrogates) become '?'."""
+    return data.encode("utf-8", "replace") if isinstance(data, str) else data
 
 
 def thumbprint(cert: x509.Certificate) -> str:

@@ -87,7 +87,7 @@ class TrustBundle:
             InvalidBundleError: no certificate, a block that is not a certificate, or a non-CA.
         """
         td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
-        raw = data.encode() if isinstance(data, str) else data
+        raw = _x509.as_bytes(data)
         if len(raw) > _x509.MAX_PEM_BYTES:
             raise InvalidBundleError(f"trust bundle for {td}: larger than {_x509.MAX_PEM_BYTES} bytes")
         roots = []
@@ -100,11 +100,12 @@ class TrustBundle:
                 raise InvalidBundleError(f"trust bundle for {td}: block {index} is a {label!r}, expected 'CERTIFICATE'")
             try:
                 cert = x509.load_pem_x509_certificate(block)
-            except ValueError as err:
+                is_ca = _x509.is_ca(cert)
+            except _x509.PARSE_ERRORS as err:
                 raise InvalidBundleError(
                     f"trust bundle for {td}: block {index} is not a valid certificate: {err}"
                 ) from err
-            if not _x509.is_ca(cert):
+            if not is_ca:
                 raise InvalidBundleError(f"trust bundle for {td}: certificate {index} is not a CA")
             roots.append(cert)
         if not roots:
@@ -123,6 +124,8 @@ class TrustBundle:
             raise InvalidBundleError(f"trust bundle for {td}: larger than {_x509.MAX_PEM_BYTES} bytes")
         try:
             doc = json.loads(data)
+        except RecursionError as err:
+            raise InvalidBundleError(f"trust bundle for {td}: JSON nested too deeply") from err
         except (ValueError, UnicodeDecodeError) as err:
             raise InvalidBundleError(f"trust bundle for {td}: not valid JSON: {err}") from err
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
@@ -138,11 +141,12 @@ class TrustBundle:
                 continue  # the standard says such an entry MUST be ignored
             try:
                 cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
-            except (ValueError, TypeError) as err:
+                is_ca = _x509.is_ca(cert)
+            except _x509.PARSE_ERRORS as err:
                 raise InvalidBundleError(
                     f"trust bundle for {td}: key {index} x5c[0] is not a DER certificate: {err}"
                 ) from err
-            if not _x509.is_ca(cert):
+            if not is_ca:
                 raise InvalidBundleError(f"trust bundle for {td}: key {index} holds a certificate that is not a CA")
             roots.append(cert)
         if not roots:
@@ -261,6 +265,8 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
             spiffe_id = check_leaf(leaf)
         except (InvalidSvidError, InvalidSpiffeIdError) as err:
             raise VerificationError(f"peer certificate: {err}") from err
+        except _x509.PARSE_ERRORS as err:
+            raise VerificationError(f"peer certificate: cannot be read: {err}") from err
         store = self._stores.get(spiffe_id.trust_domain)
         if store is None:
             raise VerificationError(

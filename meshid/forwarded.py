@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from cryptography import x509
 
+from meshid import _x509
 from meshid.bundle import BundleSet
 from meshid.errors import VerificationError
 from meshid.peer import PeerIdentity
@@ -152,10 +153,10 @@ class ForwardedIdentities:
             chain: Sequence[x509.Certificate] = (
                 x509.load_pem_x509_certificates(urllib.parse.unquote(chain_text).encode()) if chain_text else ()
             )
-        except ValueError as err:
+        except _x509.PARSE_ERRORS as err:
             raise VerificationError(f"forwarded certificate: not a PEM certificate in {self.header}: {err}") from err
         try:
             spiffe_id = bundles.verify(leaf, [c for c in chain if c != leaf])
             return PeerIdentity.from_certificate(leaf, spiffe_id=spiffe_id)
-        except ValueError as err:  # a malformed extension, found while reading SANs
+        except _x509.PARSE_ERRORS as err:  # a malformed extension, found while reading SANs
             raise VerificationError(f"forwarded certificate: unreadable: {err}") from err

@@ -144,7 +144,7 @@ class PeerVerifier:
                 result = self._verify(auth, pems[0], chain, bundles, non_spiffe_from)
             except VerificationError as err:
                 result = str(err)  # cache the verdict, not the exception (its traceback would grow)
-            except ValueError as err:  # a malformed extension, met while reading the certificate
+            except _x509.PARSE_ERRORS as err:  # a malformed extension, met while reading the certificate
                 result = f"peer: certificate cannot be read: {err}"
             if len(cache) >= self._cache_size:
                 cache.clear()
@@ -166,7 +166,7 @@ class PeerVerifier:
         try:
             leaf = x509.load_pem_x509_certificate(leaf_pem)
             intermediates = [c for pem in chain for c in x509.load_pem_x509_certificates(pem)]
-        except ValueError as err:
+        except _x509.PARSE_ERRORS as err:
             raise VerificationError(f"peer: certificate cannot be parsed: {err}") from err
         now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
         uris = _x509.uri_sans(leaf)

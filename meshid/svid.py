@@ -140,8 +140,7 @@ class X509Svid:
         Raises:
             InvalidSvidError: the chain or key is malformed or breaks an X509-SVID rule.
         """
-        chain_bytes = chain_pem.encode() if isinstance(chain_pem, str) else chain_pem
-        key_bytes = key_pem.encode() if isinstance(key_pem, str) else key_pem
+        chain_bytes, key_bytes = _x509.as_bytes(chain_pem), _x509.as_bytes(key_pem)
         if len(chain_bytes) > _x509.MAX_PEM_BYTES or len(key_bytes) > _x509.MAX_PEM_BYTES:
             raise InvalidSvidError(f"X509-SVID: input larger than {_x509.MAX_PEM_BYTES} bytes")
         try:
@@ -157,13 +156,13 @@ class X509Svid:
                 raise InvalidSvidError(f"X509-SVID: chain block {index} is a {label!r}, expected 'CERTIFICATE'")
             try:
                 certs.append(x509.load_pem_x509_certificate(block))
-            except ValueError as err:
+            except _x509.PARSE_ERRORS as err:
                 raise InvalidSvidError(f"X509-SVID: chain block {index} is not a valid certificate: {err}") from err
         if len(key_blocks) != 1 or "PRIVATE KEY" not in key_blocks[0][0]:
             raise InvalidSvidError("X509-SVID: the key must hold exactly one PEM 'PRIVATE KEY' block")
         try:
             key = serialization.load_pem_private_key(key_blocks[0][1], password=None)
-        except (ValueError, TypeError) as err:
+        except _x509.PARSE_ERRORS as err:
             raise InvalidSvidError(f"X509-SVID: the private key cannot be read: {err}") from err
         return cls.from_parts(certs, key)  # type: ignore[arg-type]
 
@@ -178,12 +177,15 @@ class X509Svid:
         """
         if not chain:
             raise InvalidSvidError("X509-SVID: the chain is empty")
-        spiffe_id = check_leaf(chain[0])
-        for index, cert in enumerate(chain[1:], start=1):
-            if not _x509.is_ca(cert):
-                raise InvalidSvidError(f"X509-SVID: chain certificate {index} is not a CA")
-        if _x509.public_key_der(private_key.public_key()) != _x509.public_key_der(chain[0].public_key()):
-            raise InvalidSvidError("X509-SVID: the private key does not match the leaf certificate")
+        try:  # cryptography reads extensions and keys lazily: any of them may be malformed
+            spiffe_id = check_leaf(chain[0])
+            for index, cert in enumerate(chain[1:], start=1):
+                if not _x509.is_ca(cert):
+                    raise InvalidSvidError(f"X509-SVID: chain certificate {index} is not a CA")
+            if _x509.public_key_der(private_key.public_key()) != _x509.public_key_der(chain[0].public_key()):
+                raise InvalidSvidError("X509-SVID: the private key does not match the leaf certificate")
+        except _x509.PARSE_ERRORS as err:
+            raise InvalidSvidError(f"X509-SVID: a certificate cannot be read: {err}") from err
         return cls(spiffe_id, tuple(chain), private_key)
 
     @classmethod

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from meshid.authz.model import HeaderMatch, ParsedPolicy, Rule, StringMatch
+from meshid.authz.patterns import show
 from meshid.errors import InvalidPolicyError
 
 __all__ = ["AUDIT_CONDITIONS", "BUILTIN_AUDIT_LOGGERS", "collect_headers", "parse"]
@@ -238,7 +239,7 @@ def _audit(raw: Any, origin: str) -> tuple[str, list[str]]:
     if condition is None or condition == "":  # grpc-go leaves the condition at NONE for ""
         condition = "NONE"
     elif not isinstance(condition, str) or condition not in AUDIT_CONDITIONS:
-        raise _fail(where, f"audit_condition {condition!r} is not one of {', '.join(AUDIT_CONDITIONS)}")
+        raise _fail(where, f"audit_condition {show(condition)} is not one of {', '.join(AUDIT_CONDITIONS)}")
     raw_loggers = options.get("audit_loggers")
     if raw_loggers is None:
         raw_loggers = []
@@ -261,7 +262,7 @@ def _audit(raw: Any, origin: str) -> tuple[str, list[str]]:
         elif not optional:
             raise _fail(
                 at,
-                f"audit logger {name!r} is not supported (built in: {', '.join(sorted(BUILTIN_AUDIT_LOGGERS))}); "
+                f"audit logger {show(name)} is not supported (built in: {', '.join(sorted(BUILTIN_AUDIT_LOGGERS))}); "
                 'set "is_optional": true to skip it',
             )
     return condition, loggers

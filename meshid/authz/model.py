@@ -12,12 +12,11 @@ what no rule allows is denied. Rules are compiled once, when the policy is built
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from meshid.authz.patterns import string_matches
+from meshid.authz.patterns import Matcher, string_matches
 from meshid.peer import PeerIdentity
 from meshid.spiffeid import SpiffeId, TrustDomain
 
@@ -55,9 +54,9 @@ class Rule:
     action: Action
     methods: tuple[StringMatch, ...] = (("any", ""),)
     spiffe_ids: frozenset[SpiffeId] = frozenset()
-    spiffe_id_patterns: tuple[re.Pattern[str], ...] = ()
+    spiffe_id_patterns: tuple[Matcher, ...] = ()
     trust_domains: frozenset[TrustDomain] = frozenset()
-    subject_patterns: tuple[re.Pattern[str], ...] = ()
+    subject_patterns: tuple[Matcher, ...] = ()
     thumbprints: frozenset[str] = frozenset()
     dns_names: frozenset[str] = frozenset()
     principals: tuple[StringMatch, ...] = ()

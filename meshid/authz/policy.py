@@ -158,10 +158,13 @@ class AuthorizationPolicy:
             raise InvalidPolicyError(
                 f"policy {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
             ) from err
-        except yaml.YAMLError as err:
-            raise InvalidPolicyError(f"policy {origin}: invalid YAML: {err}") from err
+        except yaml.YAMLError as err:  # PyYAML's message spans lines (a snippet): keep it on one
+            raise InvalidPolicyError(f"policy {origin}: invalid YAML: {' '.join(str(err).split())}") from err
         except RecursionError as err:
             raise InvalidPolicyError(f"policy {origin}: nested too deeply") from err
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:
+            # YAML tags and scalars (`!!timestamp x`, a 5,000-digit number, ...) fail as plain errors
+            raise InvalidPolicyError(f"policy {origin}: a value cannot be read: {type(err).__name__}: {err}") from err
         return cls.from_dict(
             data,
             origin=origin,

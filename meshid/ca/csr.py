@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from meshid import _x509
 from meshid.ca.authority import PublicKey
 from meshid.errors import InvalidRequestError
 
@@ -60,7 +61,14 @@ def parse_csr(der: bytes, *, max_bytes: int = MAX_CSR_BYTES) -> ParsedCsr:
     if len(der) > max_bytes:
         raise InvalidRequestError(f"CSR: {len(der)} bytes is larger than the limit of {max_bytes}")
     try:
-        csr = x509.load_der_x509_csr(bytes(der))
+        return _parse(bytes(der))
+    except _x509.PARSE_ERRORS as err:  # cryptography reads a CSR's parts lazily; any may be malformed
+        raise InvalidRequestError(f"CSR: not a well-formed PKCS#10 request: {err}") from err
+
+
+def _parse(der: bytes) -> ParsedCsr:
+    try:
+        csr = x509.load_der_x509_csr(der)
     except ValueError as err:
         raise InvalidRequestError(f"CSR: not a DER PKCS#10 request: {err}") from err
     try:

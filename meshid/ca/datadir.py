@@ -73,15 +73,23 @@ def _paths(folder: str | os.PathLike[str]) -> dict[str, pathlib.Path]:
 def _read_upstream(cert_file: str, key_file: str) -> tuple[list[x509.Certificate], object]:
     try:
         certs = x509.load_pem_x509_certificates(pathlib.Path(cert_file).read_bytes())
-    except (OSError, ValueError) as err:
+    except _x509.READ_ERRORS as err:
         raise DataDirError(f"CA init: cannot read the upstream certificate {cert_file!r}: {err}") from err
-    if not _x509.is_ca(certs[0]):
+    try:
+        upstream_is_ca = _x509.is_ca(certs[0])
+    except _x509.PARSE_ERRORS as err:
+        raise DataDirError(f"CA init: the upstream certificate {cert_file!r} cannot be read: {err}") from err
+    if not upstream_is_ca:
         raise DataDirError(f"CA init: the upstream certificate {cert_file!r} is not a CA")
     try:
         key = serialization.load_pem_private_key(pathlib.Path(key_file).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as err:
+    except _x509.READ_ERRORS as err:
         raise DataDirError(f"CA init: cannot read the upstream key {key_file!r}: {err}") from err
-    if _x509.public_key_der(key.public_key()) != _x509.public_key_der(certs[0].public_key()):
+    try:
+        matches = _x509.public_key_der(key.public_key()) == _x509.public_key_der(certs[0].public_key())
+    except _x509.PARSE_ERRORS as err:
+        raise DataDirError(f"CA init: the upstream key or certificate cannot be read: {err}") from err
+    if not matches:
         raise DataDirError("CA init: the upstream key does not match the upstream certificate")
     return certs, key
 

@@ -65,7 +65,7 @@ def load_chain(path: str) -> list[x509.Certificate]:
             raise InvalidSvidError(f"X509-SVID: block {index} of {path!r} is a {label!r}, expected 'CERTIFICATE'")
         try:
             chain.append(x509.load_pem_x509_certificate(block))
-        except ValueError as err:
+        except _x509.PARSE_ERRORS as err:
             raise InvalidSvidError(f"X509-SVID: block {index} of {path!r} is not a valid certificate: {err}") from err
     return chain
 
@@ -86,9 +86,12 @@ def describe(cert: x509.Certificate) -> dict[str, Any]:
 
 def run_inspect(args: argparse.Namespace) -> int:
     chain = load_chain(args.file)
-    spiffe_id = check_leaf(chain[0])
-    info = {"file": os.fspath(args.file), "spiffe_id": str(spiffe_id), **describe(chain[0])}
-    info["chain"] = [describe(c) for c in chain[1:]]
+    try:  # cryptography reads names and extensions lazily: any of them may be malformed
+        spiffe_id = check_leaf(chain[0])
+        info = {"file": os.fspath(args.file), "spiffe_id": str(spiffe_id), **describe(chain[0])}
+        info["chain"] = [describe(c) for c in chain[1:]]
+    except _x509.READ_ERRORS as err:
+        raise InvalidSvidError(f"X509-SVID: a certificate in {args.file!r} cannot be read: {err}") from err
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
