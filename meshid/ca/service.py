@@ -36,6 +36,7 @@ from meshid.errors import (
     NotAuthorizedError,
     NotFoundError,
     RateLimitedError,
+    StoreError,
     TokenError,
 )
 from meshid.spiffeid import SpiffeId
@@ -224,7 +225,12 @@ class IssuingService:
             return False
         if serial in self._revoked:
             return True
-        record = self.store.get_issued(serial)
+        try:
+            record = self.store.get_issued(serial)
+        except StoreError:
+            # The store is down: what this process knows still holds, and every call that
+            # issues anything fails on the store anyway (UNAVAILABLE).
+            return False
         if record is not None and record.revoked_at is not None:
             self._revoked.add(serial)
             return True
