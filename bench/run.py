@@ -1,7 +1,8 @@
 """`make bench`: meshid's costs as ratios against baselines measured in the same run.
 
 Sections: [core] (below), [ca] issuance throughput (bench/issuance.py), [rotation] latency and
-failures while SVIDs rotate (bench/rotation.py).
+failures while SVIDs rotate (bench/rotation.py), [replicas] issuance on PostgreSQL with one and
+two CA replicas next to SQLite (bench/replicas.py).
 
 Issue #2 (core):
   * median latency of a unary RPC on an mTLS server with meshid's interceptor and a
@@ -175,10 +176,12 @@ def main() -> int:
 
     if not args.core_only:
         import issuance  # bench/issuance.py: issue #3
+        import replicas  # bench/replicas.py: issue #7
         import rotation  # bench/rotation.py: issue #4
 
         issuance.run()
         rotation.run()
+        replicas.run()
     return 0
 
 
