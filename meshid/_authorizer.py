@@ -29,6 +29,14 @@ log = logging.getLogger("meshid.authz")
 MEMO_SIZE = 65536
 
 PolicyInput = AuthorizationPolicy | str | os.PathLike[str]
+#: A call's metadata, or a function that fetches it (only called if a policy or proxy needs it).
+Metadata = Iterable[tuple[str, str | bytes]] | Callable[[], Iterable[tuple[str, str | bytes]] | None] | None
+
+
+def _materialize(metadata: Metadata) -> Iterable[tuple[str, str | bytes]] | None:
+    return metadata() if callable(metadata) else metadata
+
+
 TrustInput = Source | BundleSet | TrustBundle
 
 
@@ -196,7 +204,7 @@ class Authorizer:
         policy: AuthorizationPolicy,
         auth_context: Mapping[str, Sequence[bytes]],
         method: str,
-        peer_address: str | None,
+        peer_address: str | Callable[[], str] | None,
     ) -> PeerIdentity | None:
         # Open to every caller; a peer that does verify is still named to the handler.
         try:
@@ -213,8 +221,8 @@ class Authorizer:
         self,
         auth_context: Mapping[str, Sequence[bytes]],
         method: str,
-        metadata: Iterable[tuple[str, str | bytes]] | None,
-        peer_address: str | None = None,
+        metadata: Metadata,
+        peer_address: str | Callable[[], str] | None = None,
     ) -> PeerIdentity | Refusal | None:
         """Decide one call: the verified peer when allowed, else the refusal to send.
 
@@ -246,7 +254,7 @@ class Authorizer:
         if self._forwarded is not None and self._forwarded.from_proxy(identity):
             proxy = identity
             try:
-                identity = self._forwarded.identify(metadata, proxy, time.time())
+                identity = self._forwarded.identify(_materialize(metadata), proxy, time.time())
             except VerificationError as err:
                 denied = Decision(False, None, "unauthenticated")
                 error = f"via {proxy.describe()}: {err}"
@@ -257,7 +265,7 @@ class Authorizer:
                 audit.record(policy, Decision(False, None, "revoked"), method, identity, error=message)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if policy.uses_headers:
-            decision = policy.decide(identity, method, collect_headers(metadata or ()))
+            decision = policy.decide(identity, method, collect_headers(_materialize(metadata) or ()))
         else:
             decision = self._memo_decide(policy, identity, method)
         audit.record(policy, decision, method, identity, peer_address=peer_address)

@@ -81,6 +81,7 @@ class AuthorizationInterceptor(_ServerInterceptor):
             trusted_proxies=trusted_proxies,
             forwarded_header=forwarded_header,
         )
+        self._wrapped: dict[tuple[int, str], tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     @property
     def policy(self) -> AuthorizationPolicy:
@@ -109,10 +110,11 @@ class AuthorizationInterceptor(_ServerInterceptor):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check(self, context: grpc.ServicerContext, details: grpc.HandlerCallDetails) -> None:
+    def _check(self, context: grpc.ServicerContext, method: str) -> None:
         # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
         auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
-        result = self._authorizer.authorize(auth, details.method, details.invocation_metadata, context.peer())
+        # metadata and the peer address are fetched only if the policy or the audit log needs them
+        result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer)
         if isinstance(result, Refusal):
             context.abort(result.code, result.message)
         if result is not None:
@@ -123,44 +125,62 @@ class AuthorizationInterceptor(_ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            handler = grpc.stream_stream_rpc_method_handler(_unknown_method)
-        check = self._check
-        details = handler_call_details
-        deser, ser = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        handler = continuation(handler_call_details) or _UNKNOWN
+        method = handler_call_details.method
+        # One wrapped handler per (handler, method), made once: the per-call cost is a lookup.
+        key = (id(handler), method)
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, method, self._check)
+        if len(self._wrapped) >= _WRAPPED_CACHE:  # unknown method names are the caller's to choose
+            self._wrapped.clear()
+        self._wrapped[key] = (handler, wrapped)
+        return wrapped
 
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                check(context, details)
-                return inner_uu(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
+#: Wrapped handlers kept per interceptor (registered methods; unknown names only until it fills).
+_WRAPPED_CACHE = 4096
+_UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)
 
-            def unary_stream(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
-                check(context, details)
-                return inner_us(request, context, *callback)
 
-            return grpc.unary_stream_rpc_method_handler(_keep_non_blocking(unary_stream, inner_us), deser, ser)
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
+def _wrap(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, check: Callable[[grpc.ServicerContext, str], None]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The handler with ``check`` run first, for each of the four RPC shapes."""
+    deser, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
 
-            def stream_unary(request_iterator: Any, context: grpc.ServicerContext) -> Any:
-                check(context, details)
-                return inner_su(request_iterator, context)
+        def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+            check(context, method)
+            return inner_uu(request, context)
 
-            return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
-        inner_ss = handler.stream_stream
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
 
-        def stream_stream(request_iterator: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
-            check(context, details)
-            assert inner_ss is not None, "a grpc method handler carries one behaviour; none is set"
-            return inner_ss(request_iterator, context, *callback)
+        def unary_stream(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+            check(context, method)
+            return inner_us(request, context, *callback)
 
-        return grpc.stream_stream_rpc_method_handler(_keep_non_blocking(stream_stream, inner_ss), deser, ser)
+        return grpc.unary_stream_rpc_method_handler(_keep_non_blocking(unary_stream, inner_us), deser, ser)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        def stream_unary(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+            check(context, method)
+            return inner_su(request_iterator, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
+    inner_ss = handler.stream_stream
+
+    def stream_stream(request_iterator: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+        check(context, method)
+        assert inner_ss is not None, "a grpc method handler carries one behaviour; none is set"
+        return inner_ss(request_iterator, context, *callback)
+
+    return grpc.stream_stream_rpc_method_handler(_keep_non_blocking(stream_stream, inner_ss), deser, ser)
 
 
 def _keep_non_blocking(wrapper: Callable[..., Any], inner: Any) -> Callable[..., Any]:

@@ -184,6 +184,8 @@ class X509Svid:
                     raise InvalidSvidError(f"X509-SVID: chain certificate {index} is not a CA")
             if _x509.public_key_der(private_key.public_key()) != _x509.public_key_der(chain[0].public_key()):
                 raise InvalidSvidError("X509-SVID: the private key does not match the leaf certificate")
+        except InvalidSvidError:
+            raise  # meshid's own verdict (also a ValueError): as it is
         except _x509.PARSE_ERRORS as err:
             raise InvalidSvidError(f"X509-SVID: a certificate cannot be read: {err}") from err
         return cls(spiffe_id, tuple(chain), private_key)

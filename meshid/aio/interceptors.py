@@ -55,6 +55,7 @@ class AuthorizationInterceptor(_ServerInterceptor):
             trusted_proxies=trusted_proxies,
             forwarded_header=forwarded_header,
         )
+        self._wrapped: dict[tuple[int, str], tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     @property
     def policy(self) -> AuthorizationPolicy:
@@ -74,12 +75,10 @@ class AuthorizationInterceptor(_ServerInterceptor):
     def close(self) -> None:
         self._authorizer.close()
 
-    async def _check(
-        self, context: grpc.aio.ServicerContext[Any, Any], details: grpc.HandlerCallDetails
-    ) -> PeerIdentity | None:
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> PeerIdentity | None:
         # grpc returns each auth property as a list of bytes; grpc-stubs declares an Iterable.
         auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
-        result = self._authorizer.authorize(auth, details.method, details.invocation_metadata, context.peer())
+        result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer)
         if isinstance(result, Refusal):
             await context.abort(result.code, result.message)
             raise AssertionError("unreachable: abort raises")
@@ -90,54 +89,63 @@ class AuthorizationInterceptor(_ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            handler = grpc.stream_stream_rpc_method_handler(_unknown_method)
-        check = self._check
-        details = handler_call_details
-        ser, deser = handler.response_serializer, handler.request_deserializer
-
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                token = _peer.set_current(await check(context, details))
-                try:
-                    # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
-                    return await inner_uu(request, context)  # type: ignore[arg-type]
-                finally:
-                    _peer.reset_current(token)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                token = _peer.set_current(await check(context, details))
-                try:
-                    # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
-                    return await inner_su(request_iterator, context)  # type: ignore[arg-type]
-                finally:
-                    _peer.reset_current(token)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
-        if handler.unary_stream is not None:
-            wrapped = _wrap_streaming(handler.unary_stream, check, details)
-            return grpc.unary_stream_rpc_method_handler(wrapped, deser, ser)
-        wrapped = _wrap_streaming(handler.stream_stream, check, details)
-        return grpc.stream_stream_rpc_method_handler(wrapped, deser, ser)
+        handler = await continuation(handler_call_details) or _UNKNOWN
+        method = handler_call_details.method
+        # One wrapped handler per (handler, method), made once: the per-call cost is a lookup.
+        key = (id(handler), method)
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, method, self._check)
+        if len(self._wrapped) >= _WRAPPED_CACHE:  # unknown method names are the caller's to choose
+            self._wrapped.clear()
+        self._wrapped[key] = (handler, wrapped)
+        return wrapped
 
 
-def _wrap_streaming(
-    inner: Any,
-    check: Callable[[Any, grpc.HandlerCallDetails], Awaitable[PeerIdentity | None]],
-    details: grpc.HandlerCallDetails,
-) -> Any:
+_WRAPPED_CACHE = 4096
+_UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)
+Check = Callable[[Any, str], Awaitable[PeerIdentity | None]]
+
+
+def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str, check: Check) -> grpc.RpcMethodHandler[Any, Any]:
+    """The handler with ``check`` run first, for each of the four RPC shapes."""
+    ser, deser = handler.response_serializer, handler.request_deserializer
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            token = _peer.set_current(await check(context, method))
+            try:
+                # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
+                return await inner_uu(request, context)  # type: ignore[arg-type]
+            finally:
+                _peer.reset_current(token)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            token = _peer.set_current(await check(context, method))
+            try:
+                # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
+                return await inner_su(request_iterator, context)  # type: ignore[arg-type]
+            finally:
+                _peer.reset_current(token)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_wrap_streaming(handler.unary_stream, check, method), deser, ser)
+    return grpc.stream_stream_rpc_method_handler(_wrap_streaming(handler.stream_stream, check, method), deser, ser)
+
+
+def _wrap_streaming(inner: Any, check: Check, method: str) -> Any:
     """Wrap a streaming-response behaviour, which is an async generator or a coroutine using context.write."""
     if inspect.isasyncgenfunction(inner):
 
         async def as_generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            token = _peer.set_current(await check(context, details))
+            token = _peer.set_current(await check(context, method))
             try:
                 async for response in inner(request, context):
                     yield response
@@ -147,7 +155,7 @@ def _wrap_streaming(
         return as_generator
 
     async def as_coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        token = _peer.set_current(await check(context, details))
+        token = _peer.set_current(await check(context, method))
         try:
             return await inner(request, context)
         finally:

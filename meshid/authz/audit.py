@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import sys
+from collections.abc import Callable
 
 from meshid import metrics
 from meshid.authz.model import Decision
@@ -24,7 +25,7 @@ def record(
     method: str,
     peer: PeerIdentity | None,
     *,
-    peer_address: str | None = None,
+    peer_address: str | Callable[[], str] | None = None,
     error: str | None = None,
 ) -> None:
     """Log and count one decision. Cheap when nobody listens: fields are built only if the record is kept."""
@@ -40,7 +41,7 @@ def record(
             "policy": policy.name,
             "reason": decision.reason if error is None else error,
             "serial": format(peer.serial, "x") if peer is not None and peer.serial is not None else None,
-            "peer_address": peer_address,
+            "peer_address": peer_address() if callable(peer_address) else peer_address,
         }
         audit_log.log(level, "authz %s", json.dumps(fields, sort_keys=True), extra={"meshid_audit": fields})
     if policy.audit.loggers and policy.audit.wants(decision.allowed):

@@ -37,6 +37,7 @@ def show(value: object, limit: int = 80) -> str:
         return text if len(text) <= limit else text[:limit] + "..."
     return f"a {type(value).__name__}"
 
+
 #: Subject patterns longer than this are refused; they are regular expressions run on every new peer.
 MAX_SUBJECT_PATTERN = 1024
 

@@ -62,6 +62,8 @@ def parse_csr(der: bytes, *, max_bytes: int = MAX_CSR_BYTES) -> ParsedCsr:
         raise InvalidRequestError(f"CSR: {len(der)} bytes is larger than the limit of {max_bytes}")
     try:
         return _parse(bytes(der))
+    except InvalidRequestError:
+        raise  # meshid's own verdict (also a ValueError): as it is
     except _x509.PARSE_ERRORS as err:  # cryptography reads a CSR's parts lazily; any may be malformed
         raise InvalidRequestError(f"CSR: not a well-formed PKCS#10 request: {err}") from err
 

@@ -90,6 +90,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         spiffe_id = check_leaf(chain[0])
         info = {"file": os.fspath(args.file), "spiffe_id": str(spiffe_id), **describe(chain[0])}
         info["chain"] = [describe(c) for c in chain[1:]]
+    except InvalidSvidError:
+        raise  # meshid's own verdict (also a ValueError): as it is
     except _x509.READ_ERRORS as err:
         raise InvalidSvidError(f"X509-SVID: a certificate in {args.file!r} cannot be read: {err}") from err
     if args.json:
