@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Self
 
 import grpc
 
@@ -276,3 +277,75 @@ class Authorizer:
             grpc.StatusCode.PERMISSION_DENIED,
             f"meshid: {identity.describe()} may not call {method}{detail}",
         )
+
+
+class InterceptorBase:
+    """What the sync and aio interceptors share: the decision path, policy management, and the
+    cache of wrapped handlers (one per handler and method, made once)."""
+
+    #: Wrapped handlers kept (registered methods; unknown names only until it fills).
+    WRAPPED_CACHE = 4096
+
+    def __init__(
+        self,
+        policy: PolicyInput,
+        *,
+        source: TrustInput,
+        poll_interval: float = 2.0,
+        unauthenticated_methods: Iterable[str] = (),
+        trusted_proxies: Iterable[SpiffeId | str] = (),
+        forwarded_header: str = XFCC_HEADER,
+    ) -> None:
+        self._authorizer = Authorizer(
+            policy,
+            source=source,
+            poll_interval=poll_interval,
+            unauthenticated_methods=unauthenticated_methods,
+            trusted_proxies=trusted_proxies,
+            forwarded_header=forwarded_header,
+        )
+        self._wrapped: dict[tuple[int, str], tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    @property
+    def policy(self) -> AuthorizationPolicy:
+        """The policy in force now."""
+        return self._authorizer.policy
+
+    def reload(self, policy: PolicyInput | None = None) -> bool:
+        """Replace the policy atomically (or re-read the file); a broken one keeps the old in force."""
+        return self._authorizer.reload(policy)
+
+    def set_revocation_check(self, revoked: Callable[[PeerIdentity], bool] | None) -> None:
+        """Refuse peers for which ``revoked(peer)`` is true with ``UNAUTHENTICATED``."""
+        self._authorizer.revoked = revoked
+
+    def start(self) -> Self:
+        """Watch the policy file and reload it when it changes."""
+        self._authorizer.start()
+        return self
+
+    def close(self) -> None:
+        self._authorizer.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wrapped_handler(
+        self,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        method: str,
+        wrap: Callable[[grpc.RpcMethodHandler[Any, Any], str], grpc.RpcMethodHandler[Any, Any]],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        # The entry holds the handler, so its id() cannot be reused while the entry lives.
+        key = (id(handler), method)
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap(handler, method)
+        if len(self._wrapped) >= self.WRAPPED_CACHE:  # unknown method names are the caller's to choose
+            self._wrapped.clear()
+        self._wrapped[key] = (handler, wrapped)
+        return wrapped

@@ -7,18 +7,13 @@ the context in hand before the servicer's code runs, for all four RPC shapes.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
 from meshid import peer as _peer
-from meshid._authorizer import Authorizer, PolicyInput, Refusal, TrustInput
-from meshid.authz.policy import AuthorizationPolicy
-from meshid.forwarded import XFCC_HEADER
-from meshid.peer import PeerIdentity
-from meshid.spiffeid import SpiffeId
+from meshid._authorizer import InterceptorBase, Refusal
 
 __all__ = ["AuthorizationInterceptor"]
 
@@ -34,7 +29,7 @@ def _unknown_method(request: Any, context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
 
-class AuthorizationInterceptor(_ServerInterceptor):
+class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     """Authorizes every call by the caller's verified identity and a policy.
 
     Args:
@@ -63,53 +58,6 @@ class AuthorizationInterceptor(_ServerInterceptor):
         InvalidPolicyError: the policy file cannot be loaded.
     """
 
-    def __init__(
-        self,
-        policy: PolicyInput,
-        *,
-        source: TrustInput,
-        poll_interval: float = 2.0,
-        unauthenticated_methods: Iterable[str] = (),
-        trusted_proxies: Iterable[SpiffeId | str] = (),
-        forwarded_header: str = XFCC_HEADER,
-    ) -> None:
-        self._authorizer = Authorizer(
-            policy,
-            source=source,
-            poll_interval=poll_interval,
-            unauthenticated_methods=unauthenticated_methods,
-            trusted_proxies=trusted_proxies,
-            forwarded_header=forwarded_header,
-        )
-        self._wrapped: dict[tuple[int, str], tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
-
-    @property
-    def policy(self) -> AuthorizationPolicy:
-        """The policy in force now."""
-        return self._authorizer.policy
-
-    def reload(self, policy: AuthorizationPolicy | str | os.PathLike[str] | None = None) -> bool:
-        """Replace the policy atomically (or re-read the file); a broken one keeps the old in force."""
-        return self._authorizer.reload(policy)
-
-    def set_revocation_check(self, revoked: Callable[[PeerIdentity], bool] | None) -> None:
-        """Refuse peers for which ``revoked(peer)`` is true with ``UNAUTHENTICATED``."""
-        self._authorizer.revoked = revoked
-
-    def start(self) -> AuthorizationInterceptor:
-        """Watch the policy file and reload it when it changes."""
-        self._authorizer.start()
-        return self
-
-    def close(self) -> None:
-        self._authorizer.close()
-
-    def __enter__(self) -> AuthorizationInterceptor:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _check(self, context: grpc.ServicerContext, method: str) -> None:
         # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
         auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
@@ -126,21 +74,13 @@ class AuthorizationInterceptor(_ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = continuation(handler_call_details) or _UNKNOWN
-        method = handler_call_details.method
         # One wrapped handler per (handler, method), made once: the per-call cost is a lookup.
-        key = (id(handler), method)
-        cached = self._wrapped.get(key)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _wrap(handler, method, self._check)
-        if len(self._wrapped) >= _WRAPPED_CACHE:  # unknown method names are the caller's to choose
-            self._wrapped.clear()
-        self._wrapped[key] = (handler, wrapped)
-        return wrapped
+        return self._wrapped_handler(handler, handler_call_details.method, self._wrap)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        return _wrap(handler, method, self._check)
 
 
-#: Wrapped handlers kept per interceptor (registered methods; unknown names only until it fills).
-_WRAPPED_CACHE = 4096
 _UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)
 
 

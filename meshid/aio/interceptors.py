@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import inspect
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import grpc.aio
 
 from meshid import peer as _peer
-from meshid._authorizer import Authorizer, PolicyInput, Refusal, TrustInput
-from meshid.authz.policy import AuthorizationPolicy
-from meshid.forwarded import XFCC_HEADER
+from meshid._authorizer import InterceptorBase, Refusal
 from meshid.peer import PeerIdentity
-from meshid.spiffeid import SpiffeId
 
 __all__ = ["AuthorizationInterceptor"]
 
@@ -31,49 +27,11 @@ async def _unknown_method(request_iterator: Any, context: grpc.aio.ServicerConte
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
 
-class AuthorizationInterceptor(_ServerInterceptor):
+class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     """Authorizes every call of a ``grpc.aio`` server; see :class:`meshid.AuthorizationInterceptor`.
 
     The caller's identity is available to handlers through :func:`meshid.peer_identity`.
     """
-
-    def __init__(
-        self,
-        policy: PolicyInput,
-        *,
-        source: TrustInput,
-        poll_interval: float = 2.0,
-        unauthenticated_methods: Iterable[str] = (),
-        trusted_proxies: Iterable[SpiffeId | str] = (),
-        forwarded_header: str = XFCC_HEADER,
-    ) -> None:
-        self._authorizer = Authorizer(
-            policy,
-            source=source,
-            poll_interval=poll_interval,
-            unauthenticated_methods=unauthenticated_methods,
-            trusted_proxies=trusted_proxies,
-            forwarded_header=forwarded_header,
-        )
-        self._wrapped: dict[tuple[int, str], tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
-
-    @property
-    def policy(self) -> AuthorizationPolicy:
-        return self._authorizer.policy
-
-    def reload(self, policy: AuthorizationPolicy | str | os.PathLike[str] | None = None) -> bool:
-        """Replace the policy atomically (or re-read the file); a broken one keeps the old in force."""
-        return self._authorizer.reload(policy)
-
-    def set_revocation_check(self, revoked: Callable[[PeerIdentity], bool] | None) -> None:
-        self._authorizer.revoked = revoked
-
-    def start(self) -> AuthorizationInterceptor:
-        self._authorizer.start()
-        return self
-
-    def close(self) -> None:
-        self._authorizer.close()
 
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> PeerIdentity | None:
         # grpc returns each auth property as a list of bytes; grpc-stubs declares an Iterable.
@@ -90,20 +48,13 @@ class AuthorizationInterceptor(_ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details) or _UNKNOWN
-        method = handler_call_details.method
         # One wrapped handler per (handler, method), made once: the per-call cost is a lookup.
-        key = (id(handler), method)
-        cached = self._wrapped.get(key)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _wrap(handler, method, self._check)
-        if len(self._wrapped) >= _WRAPPED_CACHE:  # unknown method names are the caller's to choose
-            self._wrapped.clear()
-        self._wrapped[key] = (handler, wrapped)
-        return wrapped
+        return self._wrapped_handler(handler, handler_call_details.method, self._wrap)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        return _wrap(handler, method, self._check)
 
 
-_WRAPPED_CACHE = 4096
 _UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)
 Check = Callable[[Any, str], Awaitable[PeerIdentity | None]]
 
