@@ -34,8 +34,9 @@ from psycopg import conninfo, errors, pq
 from psycopg.rows import TupleRow
 
 from meshid.ca import migrations
+from meshid.ca.rows import RowCodec, hex_serial, to_unix
 from meshid.ca.store import Entry, IssuedRecord, Signer
-from meshid.errors import AlreadyExistsError, NotFoundError, StoreError, TokenError
+from meshid.errors import AlreadyExistsError, NotFoundError, StoreError
 from meshid.spiffeid import SpiffeId
 
 __all__ = ["PostgresStore"]
@@ -106,6 +107,7 @@ class PostgresStore:
             raise ValueError(f"CA store: pool_size must be a positive int, not {pool_size!r}")
         self._dsn = dsn
         self._name, self._secrets = _redact(dsn)
+        self._rows = RowCodec(self._name)
         self._connect_timeout = max(1, math.ceil(connect_timeout))
         self._pool = _Pool(self._connect, pool_size)
         try:
@@ -118,7 +120,7 @@ class PostgresStore:
 
     def create_entry(self, entry: Entry) -> None:
         """Add an entry. Raises AlreadyExistsError if the SPIFFE ID has one."""
-        created_at = _to_unix(entry.created_at, "created_at")
+        created_at = to_unix(entry.created_at, "created_at")
 
         def work(cur: _Cursor) -> None:
             cur.execute(
@@ -143,7 +145,7 @@ class PostgresStore:
     def list_entries(self) -> list[Entry]:
         """Every entry, ordered by SPIFFE ID (byte order, whatever the server's locale)."""
         rows = self._run(lambda cur: cur.execute(_SELECT_ENTRY + " ORDER BY spiffe_id").fetchall())
-        return [self._entry(row) for row in rows]
+        return [self._rows.entry(row) for row in rows]
 
     def delete_entry(self, spiffe_id: SpiffeId) -> bool:
         """Remove an entry and its unused tokens. Returns False if there was none.
@@ -173,7 +175,7 @@ class PostgresStore:
             NotFoundError: no entry for ``spiffe_id``.
             AlreadyExistsError: a token with this hash is already stored.
         """
-        expires = _to_unix(expires_at, "expires_at")
+        expires = to_unix(expires_at, "expires_at")
 
         def work(cur: _Cursor) -> None:
             # FOR SHARE: a replica deleting the entry meanwhile waits, then deletes this token too.
@@ -206,22 +208,14 @@ class PostgresStore:
             NotFoundError: the token's entry was deleted.
             StoreError: the database failed, or ``sign`` kept returning recorded serials.
         """
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
         token = bytes(token_hash)
 
         def work(cur: _Cursor) -> tuple[Entry, object]:
             row = cur.execute(
                 "SELECT spiffe_id, expires_at, used_at FROM tokens WHERE hash = %s FOR UPDATE", (token,)
             ).fetchone()
-            # The messages never carry the token, its hash or its SPIFFE ID: the caller is not yet
-            # authenticated.
-            if row is None:
-                raise TokenError("join token: unknown; ask an administrator for a new one")
-            if row[2] is not None:
-                raise TokenError("join token: already used; a token is good for one issuance, ask for a new one")
-            if now_s >= row[1]:
-                raise TokenError("join token: expired; ask an administrator for a new one")
-            spiffe_id = self._spiffe_id(row[0])
+            spiffe_id = self._rows.usable_token(row, now_s)
             entry = self._fetch_entry(cur, spiffe_id)
             if entry is None:
                 raise NotFoundError(f"registration entry: {spiffe_id} was deleted; its join token cannot be used")
@@ -240,7 +234,7 @@ class PostgresStore:
             NotFoundError: no entry for ``spiffe_id``.
             StoreError: the database failed, or ``sign`` kept returning recorded serials.
         """
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
 
         def work(cur: _Cursor) -> tuple[Entry, object]:
             entry = self._fetch_entry(cur, spiffe_id)
@@ -262,7 +256,7 @@ class PostgresStore:
             cur.execute(
                 "INSERT INTO certificates (serial, spiffe_id, not_after, issued_at, revoked_at)"
                 " VALUES (%s, %s, %s, %s, NULL) ON CONFLICT (serial) DO NOTHING",
-                (_hex(serial), str(entry.spiffe_id), _to_unix(not_after, "not_after"), now_s),
+                (hex_serial(serial), str(entry.spiffe_id), to_unix(not_after, "not_after"), now_s),
             )
             if cur.rowcount == 1:
                 return result
@@ -275,26 +269,31 @@ class PostgresStore:
 
     def get_issued(self, serial: int) -> IssuedRecord | None:
         """The record of certificate ``serial``, or None."""
-        row = self._run(lambda cur: cur.execute(_SELECT_ISSUED + " WHERE serial = %s", (_hex(serial),)).fetchone())
-        return None if row is None else self._issued(row)
+        row = self._run(
+            lambda cur: cur.execute(_SELECT_ISSUED + " WHERE serial = %s", (hex_serial(serial),)).fetchone()
+        )
+        return None if row is None else self._rows.issued(row)
 
     def list_issued(self) -> list[IssuedRecord]:
         """Every issued certificate, oldest first."""
         rows = self._run(lambda cur: cur.execute(_SELECT_ISSUED + " ORDER BY issued_at, serial").fetchall())
-        return [self._issued(row) for row in rows]
+        return [self._rows.issued(row) for row in rows]
 
     def revoke_serial(self, serial: int, now: datetime.datetime) -> bool:
         """Mark one certificate revoked. False if unknown; revoking twice keeps the first time."""
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
 
         def work(cur: _Cursor) -> bool:
             cur.execute(
                 "UPDATE certificates SET revoked_at = %s WHERE serial = %s AND revoked_at IS NULL",
-                (now_s, _hex(serial)),
+                (now_s, hex_serial(serial)),
             )
             if cur.rowcount > 0:
                 return True
-            return cur.execute("SELECT 1 FROM certificates WHERE serial = %s", (_hex(serial),)).fetchone() is not None
+            return (
+                cur.execute("SELECT 1 FROM certificates WHERE serial = %s", (hex_serial(serial),)).fetchone()
+                is not None
+            )
 
         return self._run(work)
 
@@ -303,7 +302,7 @@ class PostgresStore:
 
         A certificate is unexpired while ``now`` is at or before its not_after.
         """
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
         rows = self._run(
             lambda cur: cur.execute(
                 "UPDATE certificates SET revoked_at = %s"
@@ -315,14 +314,14 @@ class PostgresStore:
 
     def revoked_unexpired(self, now: datetime.datetime) -> list[IssuedRecord]:
         """What the next CRL must list: revoked certificates whose not_after is not before ``now``."""
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
         rows = self._run(
             lambda cur: cur.execute(
                 _SELECT_ISSUED + " WHERE revoked_at IS NOT NULL AND not_after >= %s ORDER BY issued_at, serial",
                 (now_s,),
             ).fetchall()
         )
-        return [self._issued(row) for row in rows]
+        return [self._rows.issued(row) for row in rows]
 
     # -- counters ------------------------------------------------------------------------------
 
@@ -450,29 +449,7 @@ class PostgresStore:
 
     def _fetch_entry(self, cur: _Cursor, spiffe_id: SpiffeId) -> Entry | None:
         row = cur.execute(_SELECT_ENTRY + " WHERE spiffe_id = %s", (str(spiffe_id),)).fetchone()
-        return None if row is None else self._entry(row)
-
-    def _spiffe_id(self, text: str) -> SpiffeId:
-        try:
-            return SpiffeId.parse(text)
-        except ValueError as err:
-            raise StoreError(f"CA store {self._name}: holds a malformed SPIFFE ID {text!r}") from err
-
-    def _entry(self, row: TupleRow) -> Entry:
-        try:
-            dns_names = tuple(str(name) for name in json.loads(row[1]))
-        except (ValueError, TypeError) as err:
-            raise StoreError(f"CA store {self._name}: entry {row[0]} has malformed DNS names") from err
-        return Entry(self._spiffe_id(row[0]), dns_names, datetime.timedelta(seconds=row[2]), _from_unix(row[3]))
-
-    def _issued(self, row: TupleRow) -> IssuedRecord:
-        return IssuedRecord(
-            serial=int(row[0], 16),
-            spiffe_id=self._spiffe_id(row[1]),
-            not_after=_from_unix(row[2]),
-            issued_at=_from_unix(row[3]),
-            revoked_at=None if row[4] is None else _from_unix(row[4]),
-        )
+        return None if row is None else self._rows.entry(row)
 
 
 class _PoolClosedError(Exception):
@@ -572,19 +549,3 @@ def _redact(dsn: str) -> tuple[str, list[str]]:
         kept = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k != "password"]
         tail = path + ("?" + urllib.parse.urlencode(kept) if kept else "")
     return f"{scheme}://{netloc}{tail}", [s for s in secrets if s]
-
-
-def _hex(serial: int) -> str:
-    return format(serial, "x")
-
-
-def _to_unix(value: datetime.datetime, name: str) -> int:
-    if not isinstance(value, datetime.datetime):
-        raise TypeError(f"CA store: {name} must be a datetime, not {type(value).__name__}")
-    if value.utcoffset() is None:
-        raise ValueError(f"CA store: {name} must be timezone-aware, e.g. datetime.now(datetime.UTC)")
-    return math.floor(value.timestamp())
-
-
-def _from_unix(value: int) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(value, datetime.UTC)

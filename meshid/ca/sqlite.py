@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from meshid.ca import migrations
+from meshid.ca.rows import RowCodec, hex_serial, to_unix
 from meshid.ca.store import Entry, IssuedRecord, Signer
-from meshid.errors import AlreadyExistsError, NotFoundError, StoreError, TokenError
+from meshid.errors import AlreadyExistsError, NotFoundError, StoreError
 from meshid.spiffeid import SpiffeId
 
 __all__ = ["SqliteStore"]
@@ -63,6 +64,7 @@ class SqliteStore:
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         self._path = os.fspath(path)
+        self._rows = RowCodec(self._path)
         if self._path in ("", ":memory:"):
             raise ValueError("CA store: needs a file; an in-memory database would lose every record on exit")
         self._busy_timeout = busy_timeout
@@ -90,7 +92,7 @@ class SqliteStore:
 
     def create_entry(self, entry: Entry) -> None:
         """Add an entry. Raises AlreadyExistsError if the SPIFFE ID has one."""
-        created_at = _to_unix(entry.created_at, "created_at")
+        created_at = to_unix(entry.created_at, "created_at")
         with self._transaction(write=True) as conn:
             if self._fetch_entry(conn, entry.spiffe_id) is not None:
                 raise AlreadyExistsError(f"registration entry: {entry.spiffe_id} already exists")
@@ -115,7 +117,7 @@ class SqliteStore:
             rows = conn.execute(
                 "SELECT spiffe_id, dns_names, ttl_seconds, created_at FROM entries ORDER BY spiffe_id"
             ).fetchall()
-        return [self._entry(row) for row in rows]
+        return [self._rows.entry(row) for row in rows]
 
     def delete_entry(self, spiffe_id: SpiffeId) -> bool:
         """Remove an entry and its unused tokens. Returns False if there was none.
@@ -140,7 +142,7 @@ class SqliteStore:
             NotFoundError: no entry for ``spiffe_id``.
             AlreadyExistsError: a token with this hash is already stored.
         """
-        expires = _to_unix(expires_at, "expires_at")
+        expires = to_unix(expires_at, "expires_at")
         with self._transaction(write=True) as conn:
             if self._fetch_entry(conn, spiffe_id) is None:
                 raise NotFoundError(f"registration entry: {spiffe_id} not found; create it before its join token")
@@ -163,20 +165,12 @@ class SqliteStore:
             NotFoundError: the token's entry was deleted.
             StoreError: the database failed, or ``sign`` kept returning recorded serials.
         """
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
         with self._transaction(write=True) as conn:
             row = conn.execute(
                 "SELECT spiffe_id, expires_at, used_at FROM tokens WHERE hash = ?", (bytes(token_hash),)
             ).fetchone()
-            # The messages never carry the token, its hash or its SPIFFE ID: the caller is not yet
-            # authenticated.
-            if row is None:
-                raise TokenError("join token: unknown; ask an administrator for a new one")
-            if row[2] is not None:
-                raise TokenError("join token: already used; a token is good for one issuance, ask for a new one")
-            if now_s >= row[1]:
-                raise TokenError("join token: expired; ask an administrator for a new one")
-            spiffe_id = self._spiffe_id(row[0])
+            spiffe_id = self._rows.usable_token(row, now_s)
             entry = self._fetch_entry(conn, spiffe_id)
             if entry is None:
                 raise NotFoundError(f"registration entry: {spiffe_id} was deleted; its join token cannot be used")
@@ -193,7 +187,7 @@ class SqliteStore:
             NotFoundError: no entry for ``spiffe_id``.
             StoreError: the database failed, or ``sign`` kept returning recorded serials.
         """
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
         with self._transaction(write=True) as conn:
             entry = self._fetch_entry(conn, spiffe_id)
             if entry is None:
@@ -210,12 +204,12 @@ class SqliteStore:
                 raise ValueError(f"CA store: the signer returned serial {serial:x}, not a positive 160-bit number")
             # Checked before inserting, not by catching the constraint error, because a failed
             # statement aborts the whole transaction on other databases.
-            if conn.execute("SELECT 1 FROM certificates WHERE serial = ?", (_hex(serial),)).fetchone():
+            if conn.execute("SELECT 1 FROM certificates WHERE serial = ?", (hex_serial(serial),)).fetchone():
                 continue
             conn.execute(
                 "INSERT INTO certificates (serial, spiffe_id, not_after, issued_at, revoked_at)"
                 " VALUES (?, ?, ?, ?, NULL)",
-                (_hex(serial), str(entry.spiffe_id), _to_unix(not_after, "not_after"), now_s),
+                (hex_serial(serial), str(entry.spiffe_id), to_unix(not_after, "not_after"), now_s),
             )
             return result
         raise StoreError(
@@ -228,30 +222,34 @@ class SqliteStore:
     def get_issued(self, serial: int) -> IssuedRecord | None:
         """The record of certificate ``serial``, or None."""
         with self._transaction(write=False) as conn:
-            row = conn.execute(_SELECT_ISSUED + " WHERE serial = ?", (_hex(serial),)).fetchone()
-        return None if row is None else self._issued(row)
+            row = conn.execute(_SELECT_ISSUED + " WHERE serial = ?", (hex_serial(serial),)).fetchone()
+        return None if row is None else self._rows.issued(row)
 
     def list_issued(self) -> list[IssuedRecord]:
         """Every issued certificate, oldest first."""
         with self._transaction(write=False) as conn:
             rows = conn.execute(_SELECT_ISSUED + " ORDER BY issued_at, serial").fetchall()
-        return [self._issued(row) for row in rows]
+        return [self._rows.issued(row) for row in rows]
 
     def revoke_serial(self, serial: int, now: datetime.datetime) -> bool:
         """Mark one certificate revoked. False if unknown; revoking twice keeps the first time."""
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
         with self._transaction(write=True) as conn:
             conn.execute(
-                "UPDATE certificates SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL", (now_s, _hex(serial))
+                "UPDATE certificates SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL",
+                (now_s, hex_serial(serial)),
             )
-            return conn.execute("SELECT 1 FROM certificates WHERE serial = ?", (_hex(serial),)).fetchone() is not None
+            return (
+                conn.execute("SELECT 1 FROM certificates WHERE serial = ?", (hex_serial(serial),)).fetchone()
+                is not None
+            )
 
     def revoke_spiffe_id(self, spiffe_id: SpiffeId, now: datetime.datetime) -> list[int]:
         """Revoke every unexpired, unrevoked certificate of ``spiffe_id``; returns their serials, sorted.
 
         A certificate is unexpired while ``now`` is at or before its not_after.
         """
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
         where = " WHERE spiffe_id = ? AND revoked_at IS NULL AND not_after >= ?"
         with self._transaction(write=True) as conn:
             rows = conn.execute("SELECT serial FROM certificates" + where, (str(spiffe_id), now_s)).fetchall()
@@ -260,13 +258,13 @@ class SqliteStore:
 
     def revoked_unexpired(self, now: datetime.datetime) -> list[IssuedRecord]:
         """What the next CRL must list: revoked certificates whose not_after is not before ``now``."""
-        now_s = _to_unix(now, "now")
+        now_s = to_unix(now, "now")
         with self._transaction(write=False) as conn:
             rows = conn.execute(
                 _SELECT_ISSUED + " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY issued_at, serial",
                 (now_s,),
             ).fetchall()
-        return [self._issued(row) for row in rows]
+        return [self._rows.issued(row) for row in rows]
 
     # -- counters ------------------------------------------------------------------------------
 
@@ -391,45 +389,7 @@ class SqliteStore:
         row = conn.execute(
             "SELECT spiffe_id, dns_names, ttl_seconds, created_at FROM entries WHERE spiffe_id = ?", (str(spiffe_id),)
         ).fetchone()
-        return None if row is None else self._entry(row)
-
-    def _spiffe_id(self, text: str) -> SpiffeId:
-        try:
-            return SpiffeId.parse(text)
-        except ValueError as err:
-            raise StoreError(f"CA store {self._path}: holds a malformed SPIFFE ID {text!r}") from err
-
-    def _entry(self, row: tuple[str, str, int, int]) -> Entry:
-        try:
-            dns_names = tuple(str(name) for name in json.loads(row[1]))
-        except (ValueError, TypeError) as err:
-            raise StoreError(f"CA store {self._path}: entry {row[0]} has malformed DNS names") from err
-        return Entry(self._spiffe_id(row[0]), dns_names, datetime.timedelta(seconds=row[2]), _from_unix(row[3]))
-
-    def _issued(self, row: tuple[str, str, int, int, int | None]) -> IssuedRecord:
-        return IssuedRecord(
-            serial=int(row[0], 16),
-            spiffe_id=self._spiffe_id(row[1]),
-            not_after=_from_unix(row[2]),
-            issued_at=_from_unix(row[3]),
-            revoked_at=None if row[4] is None else _from_unix(row[4]),
-        )
+        return None if row is None else self._rows.entry(row)
 
 
 _SELECT_ISSUED = "SELECT serial, spiffe_id, not_after, issued_at, revoked_at FROM certificates"
-
-
-def _hex(serial: int) -> str:
-    return format(serial, "x")
-
-
-def _to_unix(value: datetime.datetime, name: str) -> int:
-    if not isinstance(value, datetime.datetime):
-        raise TypeError(f"CA store: {name} must be a datetime, not {type(value).__name__}")
-    if value.utcoffset() is None:
-        raise ValueError(f"CA store: {name} must be timezone-aware, e.g. datetime.now(datetime.UTC)")
-    return math.floor(value.timestamp())
-
-
-def _from_unix(value: int) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(value, datetime.UTC)
