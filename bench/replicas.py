@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import issuance  # bench/issuance.py: the client workload and process helpers
+
 from meshid import TrustBundle
 from meshid.ca import Authority
 from meshid.ca.client import AdminClient
@@ -41,7 +42,14 @@ def _init(folder: Path, replicas: int, datastore: str | None) -> list[Path]:
         data_dir = folder / f"replica{i}"
         args = ["ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD]
         if datastore is not None:
-            args += ["--datastore", datastore, "--upstream-cert", str(folder / "root.pem"), "--upstream-key", str(folder / "root.key")]
+            args += [
+                "--datastore",
+                datastore,
+                "--upstream-cert",
+                str(folder / "root.pem"),
+                "--upstream-key",
+                str(folder / "root.key"),
+            ]
         subprocess.run([sys.executable, "-m", "meshid.cli", *args], check=True, capture_output=True)
         dirs.append(data_dir)
     return dirs
@@ -67,7 +75,9 @@ def measure(folder: Path, replicas: int, datastore: str | None, seconds: float) 
         for i, token in enumerate(tokens):
             bundle = folder / "root.pem" if datastore is not None else dirs[0] / "bundle.pem"
             args = [addresses[i % len(addresses)], str(bundle), token, str(seconds)]
-            proc = subprocess.Popen([sys.executable, "-c", issuance.CLIENT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", issuance.CLIENT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
             procs.append(proc)
             clients.append(proc)
         for proc in clients:
@@ -90,7 +100,9 @@ def measure(folder: Path, replicas: int, datastore: str | None, seconds: float) 
 
 
 def run(print: Callable[..., object] = print, seconds: float = 5.0) -> None:
-    print(f"\n[replicas] issuance throughput, {issuance.CLIENTS} client processes renewing over mTLS for {seconds:.0f} s, durable writes")
+    print(
+        f"\n[replicas] issuance throughput, {issuance.CLIENTS} client processes renewing over mTLS for {seconds:.0f} s, durable writes"
+    )
     rows: list[tuple[str, int, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -109,7 +121,12 @@ def run(print: Callable[..., object] = print, seconds: float = 5.0) -> None:
                         sub = folder / f"pg{replicas}"
                         sub.mkdir()
                         db = create_database(dsn, f"bench{replicas}")
-                        rows.append((f"PostgreSQL, {replicas} replica{'s' if replicas > 1 else ''}", *measure(sub, replicas, db, seconds)))
+                        rows.append(
+                            (
+                                f"PostgreSQL, {replicas} replica{'s' if replicas > 1 else ''}",
+                                *measure(sub, replicas, db, seconds),
+                            )
+                        )
             except BaseException as err:  # pytest's skip when PostgreSQL is not installed
                 if type(err).__name__ not in ("Skipped", "Failed"):
                     raise

@@ -9,8 +9,8 @@ Issue #2 (core):
     1,000-rule policy, against the same server without the interceptor (target <= 1.05);
   * the cost of one policy decision at 10 and at 10,000 rules (target: ratio <= 1.5).
 
-Servers run in their own processes on loopback; the client alternates between them in
-small blocks so that drift on the machine affects both the same way.
+Both servers run in one process on loopback (the same interpreter and scheduling for both); the
+client alternates between them in small blocks so that drift on the machine affects both alike.
 """
 
 from __future__ import annotations
@@ -71,34 +71,33 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
         return greeter_pb2.HelloReply(message="hi")
 
 
-def serve(folder: str, with_interceptor: bool) -> None:
+def serve(folder: str) -> None:
+    """Both servers in one process: the same interpreter, scheduling and CPU for the two, so the
+    only difference between them is the interceptor."""
     files = [os.path.join(folder, "server", n) for n in ("svid.pem", "svid.key", "bundle.pem")]
     source = meshid.FileSource(*files)
-    interceptors = []
-    if with_interceptor:
-        policy = meshid.AuthorizationPolicy.from_dict(synthetic_policy(1000))
-        interceptors.append(meshid.AuthorizationInterceptor(policy, source=source))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
-    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
-    server.start()
-    print(port, flush=True)
+    policy = meshid.AuthorizationPolicy.from_dict(synthetic_policy(1000))
+    servers, ports = [], []
+    for interceptors in ([], [meshid.AuthorizationInterceptor(policy, source=source)]):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
+        greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+        ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
+        server.start()
+        servers.append(server)
+    print(*ports, flush=True)
     sys.stdin.read()  # until the parent closes our stdin
-    server.stop(None)
-
-
-def start(folder: str, with_interceptor: bool) -> tuple[subprocess.Popen[str], int]:
-    args = [sys.executable, __file__, "--serve", folder] + (["--interceptor"] if with_interceptor else [])
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
+    for server in servers:
+        server.stop(None)
 
 
 def rpc_latency(folder: str, calls: int, block: int) -> tuple[float, float]:
     files = [os.path.join(folder, "client", n) for n in ("svid.pem", "svid.key", "bundle.pem")]
     source = meshid.FileSource(*files)
-    bare, bare_port = start(folder, False)
-    guarded, guarded_port = start(folder, True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    bare_port, guarded_port = (int(p) for p in proc.stdout.readline().split())
     try:
         channels = [
             meshid.secure_channel(f"127.0.0.1:{p}", source, server_id=SERVER) for p in (bare_port, guarded_port)
@@ -119,8 +118,7 @@ def rpc_latency(folder: str, calls: int, block: int) -> tuple[float, float]:
             c.close()
         return statistics.median(samples[0]), statistics.median(samples[1])
     finally:
-        for proc in (bare, guarded):
-            proc.communicate("", timeout=20)
+        proc.communicate("", timeout=20)
 
 
 def decision_cost(authority: Authority, n: int, repeat: int) -> float:
@@ -144,12 +142,11 @@ def verdict(ratio: float, target: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve")
-    parser.add_argument("--interceptor", action="store_true")
-    parser.add_argument("--calls", type=int, default=6000)
+    parser.add_argument("--calls", type=int, default=10000)
     parser.add_argument("--core-only", action="store_true", help="only the interceptor and decision figures")
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.interceptor)
+        serve(args.serve)
         return 0
 
     authority = Authority.create_root("example.org")
@@ -160,7 +157,7 @@ def main() -> int:
             write_svid_files(pathlib.Path(folder) / name, svid.chain_pem(), svid.key_pem(), bundle)
         print(f"meshid bench (Python {sys.version.split()[0]}, grpcio {grpc.__version__}, {os.cpu_count()} CPUs)")
         print("\n[core] unary RPC over mTLS on loopback, median of", args.calls, "calls each, interleaved blocks")
-        bare, guarded = rpc_latency(folder, args.calls, 200)
+        bare, guarded = rpc_latency(folder, args.calls, 50)
         ratio = guarded / bare
         print(f"  bare mTLS server                      {bare * 1e6:8.1f} us")
         print(f"  + interceptor, 1,000-rule policy      {guarded * 1e6:8.1f} us")

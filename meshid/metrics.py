@@ -12,40 +12,52 @@ untouched); :func:`serve_metrics` exposes it over HTTP, or add it to your own ex
 from __future__ import annotations
 
 import datetime
+import itertools
 import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["REGISTRY", "serve_metrics", "watch_source"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-AUTHZ_DECISIONS = Counter(
-    "meshid_authz_decisions", "Authorization decisions.", ["method", "decision", "rule"], registry=REGISTRY
-)
 SVID_RENEWALS = Counter(
     "meshid_svid_renewals", "SVID renewals by IssuerSource.", ["spiffe_id", "result"], registry=REGISTRY
 )
 CA_ISSUANCES = Counter("meshid_ca_issuances", "SVIDs issued by the CA.", ["kind"], registry=REGISTRY)
 CA_REFUSALS = Counter("meshid_ca_refusals", "Requests the CA refused.", ["reason"], registry=REGISTRY)
 
-_children: dict[tuple[str, str, str], Any] = {}
+# Decisions are counted on every call, so not through prometheus_client's Counter (a lock and
+# a few calls per increment): an itertools.count per label set, whose next() is atomic in
+# CPython, read by a collector at scrape time.
+_decisions: dict[tuple[str, str, str], itertools.count[int]] = {}
 
 
 def count_decision(method: str, decision: str, rule: str | None) -> None:
-    """One decision. The labelled child is cached, so the per-call cost is a dict lookup."""
+    """One decision: a dict lookup and an atomic increment."""
     key = (method, decision, rule or "")
-    child = _children.get(key)
-    if child is None:
-        if len(_children) > 10_000:  # bound label cardinality against method-name probing
+    counter = _decisions.get(key)
+    if counter is None:
+        if len(_decisions) > 10_000:  # bound label cardinality against method-name probing
             key = ("(other)", decision, rule or "")
-        child = _children.setdefault(key, AUTHZ_DECISIONS.labels(*key))
-    child.inc()
+        counter = _decisions.setdefault(key, itertools.count(1))
+    next(counter)
+
+
+class _Decisions(Collector):
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "meshid_authz_decisions", "Authorization decisions.", labels=["method", "decision", "rule"]
+        )
+        for labels, counter in list(_decisions.items()):
+            next_value = counter.__reduce__()[1][0]  # count(N) pickles as (count, (N,))
+            family.add_metric(list(labels), int(next_value) - 1)
+        yield family
 
 
 class _Expiry(Collector):
@@ -75,6 +87,7 @@ class _Expiry(Collector):
 
 _EXPIRY = _Expiry()
 REGISTRY.register(_EXPIRY)
+REGISTRY.register(_Decisions())
 
 
 def watch_source(source: Any) -> None:

@@ -126,9 +126,11 @@ class PeerVerifier:
         if not pems:
             raise VerificationError("peer: no verified client certificate on this connection")
         chain = tuple(auth.get("x509_pem_cert_chain", ()))
+        # Keyed by the leaf alone, not the intermediates sent with it: the handshake already
+        # verified whatever chain came, and a leaf is signed by one key, so a verdict that it
+        # chains to its trust domain's roots holds for any chain it arrives with.
         key = (
             pems[0],
-            *chain,
             *auth.get("ssl_tls_version", ()),
             *auth.get("ssl_negotiated_key_exchange_group", ()),
             non_spiffe_from,
