@@ -100,9 +100,8 @@ def measure(folder: Path, replicas: int, datastore: str | None, seconds: float) 
 
 
 def run(print: Callable[..., object] = print, seconds: float = 5.0) -> None:
-    print(
-        f"\n[replicas] issuance throughput, {issuance.CLIENTS} client processes renewing over mTLS for {seconds:.0f} s, durable writes"
-    )
+    shape = f"{issuance.CLIENTS} client processes renewing over mTLS for {seconds:.0f} s, durable writes"
+    print(f"\n[replicas] issuance throughput, {shape}")
     rows: list[tuple[str, int, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
