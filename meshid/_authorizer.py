@@ -272,7 +272,7 @@ class Authorizer:
         audit.record(policy, decision, method, identity, peer_address=peer_address)
         if decision.allowed:
             return identity
-        detail = "" if decision.rule is not None or decision.reason.startswith("no rule") else f": {decision.reason}"
+        detail = f": {decision.reason}" if decision.explained else ""  # never the policy's contents
         return Refusal(
             grpc.StatusCode.PERMISSION_DENIED,
             f"meshid: {identity.describe()} may not call {method}{detail}",

@@ -181,11 +181,6 @@ class IssuerSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def renew_now(self) -> None:
-        """Ask the loop to renew at once (used at CA key rotation, and by tests)."""
-        self._next_renewal = 0.0
-        self._wake.set()
-
     # --- internals -----------------------------------------------------------------------
 
     def _load_saved(self) -> bool:

@@ -102,11 +102,16 @@ def principal_names(peer: PeerIdentity) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome of one authorization decision."""
+    """The outcome of one authorization decision.
+
+    ``explained``: the reason may be shown to the caller (it is about the caller's connection,
+    not the policy's contents), e.g. a classical key exchange under ``require_pq_key_exchange``.
+    """
 
     allowed: bool
     rule: str | None
     reason: str
+    explained: bool = False
 
     @property
     def decision(self) -> str:

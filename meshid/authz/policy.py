@@ -177,7 +177,10 @@ class AuthorizationPolicy:
         """Decide whether ``peer`` may call ``method``. Pure: no I/O, no logging."""
         if peer.spiffe_id is None and not self.allow_non_spiffe_peers:
             return Decision(
-                False, None, "the certificate carries no SPIFFE ID and the policy does not set allow_non_spiffe_peers"
+                False,
+                None,
+                "the certificate carries no SPIFFE ID and the policy does not set allow_non_spiffe_peers",
+                explained=True,
             )
         if self.require_pq_key_exchange and not peer.post_quantum:
             group = peer.key_exchange_group or "unknown"
@@ -186,5 +189,6 @@ class AuthorizationPolicy:
                 None,
                 f"the connection's key exchange ({group}) is classical; this policy requires a "
                 "post-quantum hybrid such as X25519MLKEM768",
+                explained=True,
             )
         return self._compiled.decide(peer, method, headers)

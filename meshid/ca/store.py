@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,10 +113,6 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def serials_hex(serials: Sequence[int]) -> list[str]:
-    return [format(s, "x") for s in serials]
 
 
 def open_store(datastore: str | os.PathLike[str]) -> Store:
