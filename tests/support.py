@@ -103,6 +103,7 @@ def forge(
     uris: list[str],
     ca: bool = False,
     key_cert_sign: bool = False,
+    digital_signature: bool = True,
     not_before: Any = None,
     not_after: Any = None,
     subject_cn: str = "forged",
@@ -136,7 +137,7 @@ def forge(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True,
+                digital_signature=digital_signature,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
