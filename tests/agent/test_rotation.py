@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 SERVER_ID = "spiffe://example.org/ns/prod/sa/greeter"
 CLIENT_ID = "spiffe://example.org/ns/prod/sa/frontend"
-LIFETIME = datetime.timedelta(seconds=2)
+LIFETIME = datetime.timedelta(seconds=3)  # short, with room for a loaded CI machine
 
 
 class Reporter(greeter_pb2_grpc.GreeterServicer):
