@@ -7,15 +7,23 @@ hop). meshid believes such a header only when the *direct* peer is one of the co
 SPIFFE IDs, and only after the forwarded certificate verifies against the bundle of its own
 trust domain; from any other peer the header is ignored. A trusted proxy that forwards no
 certificate is refused, not taken as the caller.
+
+Both headers are parsed strictly, since a lenient parser lets a client smuggle a value past
+the one the proxy appended: XFCC by Envoy's grammar (:func:`parse_xfcc`), of which only the
+last element (the trusted proxy's own) counts; a ``Cert`` and the nginx header must decode to
+exactly one PEM certificate and nothing else, and a ``Hash``, where present, must be the
+SHA-256 of that certificate's DER.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from meshid import _x509
 from meshid.bundle import BundleSet
@@ -30,37 +38,111 @@ XFCC_HEADER = "x-forwarded-client-cert"
 MAX_HEADER_BYTES = 32 * 1024
 
 
-def _xfcc_certificate(value: str) -> tuple[str, str]:
-    """The last element's ``Cert`` and ``Chain`` fields (quoted values may hold ; and ,)."""
-    elements: list[dict[str, str]] = [{}]
-    key, buf, quoted, i = "", "", False, 0
-    while i < len(value):
-        ch = value[i]
-        if quoted:
-            if ch == '"':
-                quoted = False
-            elif ch == "\\" and i + 1 < len(value):
-                i += 1
-                buf += value[i]
-            else:
-                buf += ch
-        elif ch == '"':
-            quoted = True
-        elif ch == "=" and not key:
-            key, buf = buf.strip(), ""
-        elif ch in ";,":
-            if key:
-                elements[-1][key.lower()] = buf
-            key, buf = "", ""
-            if ch == ",":
-                elements.append({})
+#: The keys Envoy writes in an XFCC element; URI and DNS repeat, one pair per SAN.
+_XFCC_KEYS = frozenset({"by", "hash", "cert", "chain", "subject", "uri", "dns"})
+_XFCC_REPEATABLE = frozenset({"uri", "dns"})
+_UNQUOTED_FORBIDDEN = frozenset('"=')
+
+
+def parse_xfcc(value: str) -> list[dict[str, list[str]]]:
+    """Parse an XFCC header strictly, by Envoy's grammar: elements split by ``,``, pairs by
+    ``;``, ``key=value`` with case-insensitive keys, and values that hold ``,``, ``;`` or ``=``
+    double-quoted with ``\\"`` for a quote inside.
+
+    Returns each element as a dict from lower-case key to its values (URI and DNS may repeat).
+
+    Raises:
+        VerificationError: an unbalanced quote, text after a closing quote, an empty element,
+            pair or key, a key Envoy does not write, a key that repeats, or a value that
+            needed quotes.
+    """
+    elements: list[dict[str, list[str]]] = []
+    pairs: dict[str, list[str]] = {}
+    i, n = 0, len(value)
+    while True:
+        eq = value.find("=", i)
+        stop = min((p for p in (value.find(";", i), value.find(",", i)) if p >= 0), default=n)
+        if eq < 0 or eq > stop:
+            raise VerificationError(f"forwarded certificate: XFCC pair {i}: not key=value")
+        key = value[i:eq].strip().lower()
+        if not key:
+            raise VerificationError(f"forwarded certificate: XFCC pair {i}: empty key")
+        if key not in _XFCC_KEYS:
+            raise VerificationError(f"forwarded certificate: XFCC key {key[:32]!r} is not one Envoy writes")
+        if key in pairs and key not in _XFCC_REPEATABLE:
+            raise VerificationError(f"forwarded certificate: XFCC key {key!r} appears twice in one element")
+        i = eq + 1
+        if i < n and value[i] == '"':
+            chars: list[str] = []
+            i += 1
+            while True:
+                if i >= n:
+                    raise VerificationError("forwarded certificate: XFCC value has an unbalanced quote")
+                ch = value[i]
+                if ch == "\\" and i + 1 < n and value[i + 1] in '"\\':
+                    chars.append(value[i + 1])
+                    i += 2
+                elif ch == '"':
+                    i += 1
+                    break
+                else:
+                    chars.append(ch)
+                    i += 1
+            text = "".join(chars)
+            if i < n and value[i] not in ";,":
+                raise VerificationError(f"forwarded certificate: XFCC text after a closing quote at offset {i}")
         else:
-            buf += ch
+            end = min((p for p in (value.find(";", i), value.find(",", i)) if p >= 0), default=n)
+            text = value[i:end]
+            if any(ch in _UNQUOTED_FORBIDDEN for ch in text):
+                raise VerificationError(f"forwarded certificate: XFCC value of {key!r} holds '\"' or '=' unquoted")
+            i = end
+        pairs.setdefault(key, []).append(text)
+        if i >= n:
+            elements.append(pairs)
+            return elements
+        sep = value[i]
         i += 1
-    if key:
-        elements[-1][key.lower()] = buf
-    last = elements[-1]
-    return last.get("cert", ""), last.get("chain", "")
+        if sep == ",":
+            elements.append(pairs)
+            pairs = {}
+        if i >= n or value[i] in ";,":
+            raise VerificationError(f"forwarded certificate: XFCC has an empty {'element' if sep == ',' else 'pair'}")
+
+
+def _one_pem_certificate(text: str, header: str) -> x509.Certificate:
+    """Exactly one PEM certificate and nothing else (but white space) in ``text``."""
+    certs = _pem_certificates(text, header, "Cert")
+    if len(certs) != 1:
+        raise VerificationError(
+            f"forwarded certificate: {header} must carry exactly one PEM certificate, found {len(certs)}"
+        )
+    return certs[0]
+
+
+def _pem_certificates(text: str, header: str, field: str) -> list[x509.Certificate]:
+    data = _x509.as_bytes(text)
+    try:
+        blocks = _x509.pem_blocks(data)
+    except ValueError as err:
+        raise VerificationError(f"forwarded certificate: not a PEM certificate in {header} {field}: {err}") from err
+    if not blocks:
+        raise VerificationError(f"forwarded certificate: not a PEM certificate in {header} {field}")
+    rest = data
+    certs = []
+    for label, block in blocks:
+        if label != "CERTIFICATE":
+            raise VerificationError(f"forwarded certificate: {header} {field} holds a PEM {label!r} block")
+        before, _, rest = rest.partition(block)
+        if before.strip():
+            raise VerificationError(f"forwarded certificate: {header} {field} holds text outside its PEM blocks")
+        try:
+            certs.append(x509.load_pem_x509_certificate(block))
+        except _x509.PARSE_ERRORS as err:
+            raise VerificationError(f"forwarded certificate: not a PEM certificate in {header} {field}: {err}") from err
+    if rest.strip():
+        raise VerificationError(f"forwarded certificate: {header} {field} holds text outside its PEM blocks")
+    return certs
 
 
 class ForwardedIdentities:
@@ -144,17 +226,26 @@ class ForwardedIdentities:
         return result
 
     def _verify(self, value: str, bundles: BundleSet) -> PeerIdentity:
+        if not value.strip():
+            raise VerificationError(f"forwarded certificate: not a PEM certificate in {self.header}: it is empty")
+        chain: Sequence[x509.Certificate] = ()
         if self.header == XFCC_HEADER:
-            cert_text, chain_text = _xfcc_certificate(value)
+            last = parse_xfcc(value)[-1]  # only the element the trusted proxy appended counts
+            if "cert" not in last:
+                raise VerificationError(
+                    f"forwarded certificate: not a PEM certificate in {self.header}: the proxy's element has no Cert"
+                )
+            leaf = _one_pem_certificate(urllib.parse.unquote(last["cert"][0]), self.header)
+            if "chain" in last:
+                chain = _pem_certificates(urllib.parse.unquote(last["chain"][0]), self.header, "Chain")
+            if "hash" in last:
+                digest = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+                if last["hash"][0].lower() != digest:
+                    raise VerificationError(
+                        f"forwarded certificate: {self.header} Hash is not the SHA-256 of the forwarded Cert"
+                    )
         else:
-            cert_text, chain_text = value, ""
-        try:
-            leaf = x509.load_pem_x509_certificate(urllib.parse.unquote(cert_text).encode())
-            chain: Sequence[x509.Certificate] = (
-                x509.load_pem_x509_certificates(urllib.parse.unquote(chain_text).encode()) if chain_text else ()
-            )
-        except _x509.PARSE_ERRORS as err:
-            raise VerificationError(f"forwarded certificate: not a PEM certificate in {self.header}: {err}") from err
+            leaf = _one_pem_certificate(urllib.parse.unquote(value), self.header)
         try:
             spiffe_id = bundles.verify(leaf, [c for c in chain if c != leaf])
             return PeerIdentity.from_certificate(leaf, spiffe_id=spiffe_id)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import urllib.parse
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import meshid
 from meshid.ca import Authority
-from meshid.forwarded import XFCC_HEADER, ForwardedIdentities
+from meshid.forwarded import XFCC_HEADER, ForwardedIdentities, parse_xfcc
 from support import FRONTEND_ID, INTRUDER_ID, SERVER_ID, call, sync_server
 
 PROXY_ID = "spiffe://example.org/ns/edge/sa/envoy"
@@ -19,7 +22,8 @@ PROXY_ID = "spiffe://example.org/ns/edge/sa/envoy"
 
 def _xfcc(svid: meshid.X509Svid, *, hops: int = 1) -> str:
     cert = urllib.parse.quote(svid.leaf.public_bytes(Encoding.PEM).decode())
-    element = f'By=spiffe://example.org/ns/edge/sa/envoy;Hash=abc;Cert="{cert}";Subject="CN=x,O=y";URI={svid.spiffe_id}'
+    digest = hashlib.sha256(svid.leaf.public_bytes(Encoding.DER)).hexdigest()
+    element = f'By=spiffe://example.org/ns/edge/sa/envoy;Hash={digest};Cert="{cert}";Subject="CN=x,O=y";URI={svid.spiffe_id}'
     earlier = 'By=spiffe://a/b;Hash=def;Subject="CN=earlier, hop";URI=spiffe://example.org/earlier'
     return ",".join([earlier] * (hops - 1) + [element])
 
@@ -72,3 +76,61 @@ def test_interceptor_decides_on_the_forwarded_identity_only_from_the_proxy(ca, b
             code, details = call(channel)
         assert code == "UNAUTHENTICATED"  # a trusted proxy that forwards nothing is refused, never the caller
         assert "forwarded no client certificate" in details
+
+
+# --- the XFCC grammar, strictly (issue #10) ---------------------------------------------------------
+
+_KEYS = st.sampled_from(["By", "Hash", "Cert", "Chain", "Subject", "URI", "DNS"])
+_VALUES = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(_KEYS, _VALUES, min_size=1, max_size=7), min_size=1, max_size=4))
+def test_xfcc_round_trips_what_envoy_writes(elements: list[dict[str, str]]) -> None:
+    header = ",".join(";".join(f"{k}={_quote(v)}" for k, v in element.items()) for element in elements)
+    parsed = parse_xfcc(header)
+    assert parsed == [{k.lower(): [v] for k, v in element.items()} for element in elements]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet='By=Cert;,"\\ x', max_size=60))
+def test_xfcc_parser_returns_or_refuses_never_crashes(header: str) -> None:
+    try:
+        parsed = parse_xfcc(header)
+    except meshid.VerificationError as err:
+        assert str(err).startswith("forwarded certificate: XFCC")
+    else:
+        assert parsed and all(parsed)
+
+
+def test_xfcc_grammar_table() -> None:
+    ok = {
+        'By=a;URI=spiffe://x/1;URI=spiffe://x/2;DNS=a;DNS=b': [{"by": ["a"], "uri": ["spiffe://x/1", "spiffe://x/2"], "dns": ["a", "b"]}],
+        'Subject="CN=a\\"b, O=c;d"': [{"subject": ['CN=a"b, O=c;d']}],
+        'By=a,By=b': [{"by": ["a"]}, {"by": ["b"]}],
+        'hash=ab; cert=""': [{"hash": ["ab"], "cert": [""]}],
+    }
+    for header, expected in ok.items():
+        assert parse_xfcc(header) == expected, header
+    refused = {
+        'Cert="abc': "unbalanced quote",
+        'Cert="a"b': "text after a closing quote",
+        "Cert=a;;By=b": "empty pair",
+        "Cert=a,,By=b": "empty element",
+        "Cert=a,": "empty element",
+        "Cert=a;": "empty pair",
+        "=a": "empty key",
+        "Cert=a;cert=b": "appears twice",
+        "Evil=1": "not one Envoy writes",
+        'By=a"b': "unquoted",
+        "By=a=b": "unquoted",
+        "": "not key=value",
+        "Cert": "not key=value",
+    }
+    for header, message in refused.items():
+        with pytest.raises(meshid.VerificationError, match=message):
+            parse_xfcc(header)

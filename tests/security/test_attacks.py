@@ -329,7 +329,24 @@ def pem(cert: x509.Certificate) -> str:
 
 def xfcc(cert: x509.Certificate, uri: str = "") -> str:
     """One element of an Envoy x-forwarded-client-cert header carrying ``cert``."""
-    return f'Hash=00;Cert="{urllib.parse.quote(pem(cert))}"' + (f";URI={uri}" if uri else "")
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return f'Hash={digest};Cert="{urllib.parse.quote(pem(cert))}"' + (f";URI={uri}" if uri else "")
+
+
+def envoy_appends(w: World, client_supplied: str) -> tuple[str, str]:
+    """Envoy in APPEND_FORWARD mode: the intruder's own header, then the proxy's element for the
+    certificate the intruder really presented. Only the last element may count."""
+    header = client_supplied + "," + f"By={SERVER_ID};" + xfcc(w.svids[INTRUDER_ID].leaf, INTRUDER_ID)
+    return greet_as(w, PROXY_ID, metadata=[(XFCC, header)])
+
+
+def proxy_forwards(w: World, header: str, value: str) -> tuple[str, str]:
+    port = w.greeter if header == XFCC else w.nginx_greeter
+    return greet_as(w, PROXY_ID, port=port, metadata=[(header, value)])
+
+
+def quoted_pems(*certs: x509.Certificate, extra: str = "") -> str:
+    return urllib.parse.quote("".join(pem(c) for c in certs) + extra)
 
 
 def ca_pin() -> list[tuple[str, str]]:
@@ -643,6 +660,24 @@ GREETER_ATTACKS = [
     Attack("proxy-forwards-garbage", lambda w: greet_as(w, PROXY_ID, metadata=[(XFCC, 'Cert="not%20a%20certificate"')]), "UNAUTHENTICATED", "not a PEM certificate"),
     # Envoy appends its own element; the client-supplied one before it must not count.
     Attack("client-supplied-xfcc-element-before-the-proxys", lambda w: greet_as(w, PROXY_ID, metadata=[(XFCC, xfcc(_frontend_leaf(w)) + "," + xfcc(w.svids[INTRUDER_ID].leaf))]), "PERMISSION_DENIED", f"{INTRUDER_ID} may not call"),
+    # Smuggling (issue #10): a public certificate (the frontend's) presented as the intruder's own.
+    Attack("xfcc-unbalanced-quote-swallows-the-proxys-element", lambda w: envoy_appends(w, f'Cert="{quoted_pems(_frontend_leaf(w))}'), "UNAUTHENTICATED", "forwarded certificate: XFCC"),
+    Attack("xfcc-unbalanced-quote-with-the-frontends-hash", lambda w: envoy_appends(w, xfcc(_frontend_leaf(w), FRONTEND_ID)[:-1] + ';URI="x'), "UNAUTHENTICATED", "forwarded certificate: XFCC"),
+    Attack("xfcc-escaped-quote-never-closes", lambda w: envoy_appends(w, f'Subject="CN=x\\";Cert="{quoted_pems(_frontend_leaf(w))}'), "UNAUTHENTICATED", "forwarded certificate: XFCC"),
+    Attack("xfcc-cert-with-two-pem-blocks", lambda w: proxy_forwards(w, XFCC, f'Cert="{quoted_pems(_frontend_leaf(w), w.svids[INTRUDER_ID].leaf)}"'), "UNAUTHENTICATED", "exactly one PEM certificate, found 2"),
+    Attack("xfcc-cert-with-trailing-text", lambda w: proxy_forwards(w, XFCC, f'Cert="{quoted_pems(_frontend_leaf(w), extra="junk")}"'), "UNAUTHENTICATED", "text outside its PEM blocks"),
+    Attack("xfcc-cert-with-leading-text", lambda w: proxy_forwards(w, XFCC, 'Cert="junk' + quoted_pems(_frontend_leaf(w)) + '"'), "UNAUTHENTICATED", "text outside its PEM blocks"),
+    Attack("xfcc-hash-of-another-certificate", lambda w: proxy_forwards(w, XFCC, xfcc(_frontend_leaf(w)).replace("Hash=", "Hash=0", 1)), "UNAUTHENTICATED", "Hash is not the SHA-256"),
+    Attack("xfcc-cert-key-twice-in-one-element", lambda w: proxy_forwards(w, XFCC, xfcc(_frontend_leaf(w)) + f';Cert="{quoted_pems(w.svids[INTRUDER_ID].leaf)}"'), "UNAUTHENTICATED", "appears twice"),
+    Attack("xfcc-key-in-another-case-twice", lambda w: proxy_forwards(w, XFCC, xfcc(_frontend_leaf(w)) + f';CERT="{quoted_pems(w.svids[INTRUDER_ID].leaf)}"'), "UNAUTHENTICATED", "appears twice"),
+    Attack("xfcc-empty-key", lambda w: proxy_forwards(w, XFCC, xfcc(_frontend_leaf(w)) + ';=x'), "UNAUTHENTICATED", "empty key"),
+    Attack("xfcc-unknown-key", lambda w: proxy_forwards(w, XFCC, xfcc(_frontend_leaf(w)) + ';Admin=1'), "UNAUTHENTICATED", "not one Envoy writes"),
+    Attack("xfcc-text-after-the-closing-quote", lambda w: proxy_forwards(w, XFCC, 'Subject="CN=x"y;' + xfcc(_frontend_leaf(w))), "UNAUTHENTICATED", "text after a closing quote"),
+    Attack("xfcc-empty-last-element", lambda w: proxy_forwards(w, XFCC, xfcc(_frontend_leaf(w)) + ","), "UNAUTHENTICATED", "empty element"),
+    Attack("xfcc-quote-inside-an-unquoted-value", lambda w: proxy_forwards(w, XFCC, 'URI=a"b;' + xfcc(_frontend_leaf(w))), "UNAUTHENTICATED", "unquoted"),
+    Attack("nginx-header-with-two-certificates", lambda w: proxy_forwards(w, NGINX_HEADER, quoted_pems(_frontend_leaf(w), w.svids[INTRUDER_ID].leaf)), "UNAUTHENTICATED", "exactly one PEM certificate, found 2"),
+    Attack("nginx-header-with-a-key-block-after-the-certificate", lambda w: proxy_forwards(w, NGINX_HEADER, quoted_pems(_frontend_leaf(w), extra=w.svids[INTRUDER_ID].key_pem().decode())), "UNAUTHENTICATED", "PEM 'PRIVATE KEY' block"),
+    Attack("nginx-header-with-trailing-text", lambda w: proxy_forwards(w, NGINX_HEADER, quoted_pems(_frontend_leaf(w), extra="\nx")), "UNAUTHENTICATED", "text outside its PEM blocks"),
     # --- the client's side: a server that cannot prove the pinned identity ---
     Attack("server-impersonates-the-pinned-server-id", lambda w: greet_as(w, FRONTEND_ID, port=w.impostor_greeter), "HANDSHAKE"),
     Attack("federated-ca-vouches-for-the-pinned-identity-dns-name", lambda w: greet_as(w, FRONTEND_ID, port=w.federated_impostor), "HANDSHAKE"),
