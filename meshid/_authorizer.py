@@ -95,7 +95,9 @@ class Authorizer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.revoked: Callable[[PeerIdentity], bool] | None = None
-        self._memo: tuple[AuthorizationPolicy | None, dict[tuple[int, str], tuple[PeerIdentity, Decision]]] = (None, {})
+        self._memo: tuple[
+            tuple[AuthorizationPolicy, TrustDomain | None] | None, dict[tuple[int, str], tuple[PeerIdentity, Decision]]
+        ] = (None, {})
         self._own_td_set: tuple[TrustDomain | None, frozenset[TrustDomain]] | None = None
 
     @property
@@ -160,20 +162,23 @@ class Authorizer:
                 except Exception:  # the watch must survive anything a bad file can do
                     log.exception("policy: keeping policy %r in force", self._policy.name)
 
-    def _memo_decide(self, policy: AuthorizationPolicy, identity: PeerIdentity, method: str) -> Decision:
+    def _memo_decide(
+        self, policy: AuthorizationPolicy, identity: PeerIdentity, method: str, local: TrustDomain | None
+    ) -> Decision:
         # The verifier hands out one PeerIdentity object per certificate, so (that object,
         # method) names a decision exactly; the entry holds the object, so its id() cannot be
-        # reused while the entry lives. The memo belongs to one policy: (policy, memo) is read
-        # and replaced as one object, so no call files a decision under another policy.
-        memo_policy, memo = self._memo
-        if memo_policy is not policy:
+        # reused while the entry lives. The memo belongs to one policy and one local trust domain
+        # (the scope of subject and DNS rules): ((policy, local), memo) is read and replaced as one
+        # object, so no call files a decision under another policy or trust domain.
+        memo_for, memo = self._memo
+        if memo_for is None or memo_for[0] is not policy or memo_for[1] != local:
             memo = {}
-            self._memo = (policy, memo)
+            self._memo = ((policy, local), memo)
         key = (id(identity), method)
         hit = memo.get(key)
         if hit is not None and hit[0] is identity:
             return hit[1]
-        decision = policy.decide(identity, method)
+        decision = policy.decide(identity, method, local_trust_domain=local)
         if len(memo) >= MEMO_SIZE:
             memo.clear()
         memo[key] = (identity, decision)
@@ -265,10 +270,12 @@ class Authorizer:
                 message = f"forwarded peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
                 audit.record(policy, Decision(False, None, "revoked"), method, identity, error=message)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
+        local = self._own_trust_domain()  # one read: the whole call sees one local trust domain
         if policy.uses_headers:
-            decision = policy.decide(identity, method, collect_headers(_materialize(metadata) or ()))
+            headers = collect_headers(_materialize(metadata) or ())
+            decision = policy.decide(identity, method, headers, local_trust_domain=local)
         else:
-            decision = self._memo_decide(policy, identity, method)
+            decision = self._memo_decide(policy, identity, method, local)
         audit.record(policy, decision, method, identity, peer_address=peer_address)
         if decision.allowed:
             return identity

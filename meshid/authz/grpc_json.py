@@ -29,6 +29,11 @@ The translation follows grpc-go's ``authz/rbac_translator.go`` and gRPC core's
   ``*`` (``*abc*``, ``**``) is refused: grpc-go reads it as a prefix, gRPC core as a suffix.
 * Principals are matched against the peer's URI SANs; only when it has none, its DNS SANs;
   only when it has neither, its subject (:func:`meshid.authz.model.principal_names`).
+  Matched against DNS SANs or the subject, they match only a peer vouched for by a trust
+  domain in the policy's scope: those given as ``allow_non_spiffe_peers=[...]`` to
+  :meth:`meshid.AuthorizationPolicy.load`, else the server's own trust domain (a federated CA
+  can write any DNS name or subject). This format has no field for a rule's own scope (native
+  ``vouched_by``): grpc rejects unknown fields, so every rule here uses the policy's.
 * Header keys are lowercased; pseudo-headers, ``host``, hop-by-hop headers and ``grpc-``
   headers are refused; ``values`` must be a non-empty list. A header sent several times is
   matched as its values joined with ``,`` (see :func:`collect_headers`).

@@ -8,6 +8,19 @@ what no rule allows is denied. Rules are compiled once, when the policy is built
   decision costs O(1) in the number of exact rules;
 * per-method and per-service buckets of the remaining (pattern) rules, so only rules that
   can apply to the called method are scanned (rules for "*" or a suffix are always scanned).
+
+Trust is scoped to a trust domain. A federated CA may write any subject or DNS name it likes,
+so a rule's ``subject_patterns`` and ``dns_names``, and gRPC authz principals whenever they are
+matched against a peer's DNS SANs or subject, match only a peer whose ``trust_domain`` (the
+trust domain whose bundle vouched for its certificate) is in the rule's *scope*: the rule's
+``vouched_by`` if it names any, else the policy's ``non_spiffe_trust_domains`` if it names any,
+else the server's own trust domain (``local_trust_domain``; when that is unknown, such
+conditions match nobody). SPIFFE IDs, SPIFFE ID patterns, trust domains and thumbprints are not
+scoped: a SPIFFE ID is verified against its own trust domain's bundle, and a thumbprint names
+one certificate. The scope is checked per condition, after the index lookup, in O(1).
+
+A deny rule's ``trust_domains`` also matches a peer without a SPIFFE ID that a listed trust
+domain's bundle vouched for; an allow rule's ``trust_domains`` matches SPIFFE peers only.
 """
 
 from __future__ import annotations
@@ -48,6 +61,10 @@ class Rule:
 
     ``principals`` are gRPC authz principals (A43): matched against the peer's URI SANs, or
     when it has none its DNS SANs, or when it has neither its subject.
+
+    ``vouched_by`` is the scope of the rule's subject, DNS and (non-URI) principal conditions:
+    the trust domains whose bundles may vouch for a peer matched by them. Empty means the
+    policy's default scope (see the module docstring).
     """
 
     name: str
@@ -62,20 +79,30 @@ class Rule:
     principals: tuple[StringMatch, ...] = ()
     any_peer: bool = False
     headers: tuple[HeaderMatch, ...] = ()
+    vouched_by: frozenset[TrustDomain] = frozenset()
 
     def method_matches(self, method: str) -> bool:
         return any(string_matches(kind, text, method) for kind, text in self.methods)
 
-    def peer_matches_by_scan(self, peer: PeerIdentity) -> bool:
-        """The conditions the indexes do not cover: patterns and non-exact principals."""
+    def vouches(self, trust_domain: TrustDomain, default: bool) -> bool:
+        """Whether ``trust_domain`` is in this rule's scope; ``default``: whether it is in the policy's."""
+        return trust_domain in self.vouched_by if self.vouched_by else default
+
+    def peer_matches_by_scan(self, peer: PeerIdentity, *, vouched: bool) -> bool:
+        """The conditions the indexes do not cover: patterns and non-exact principals.
+
+        ``vouched``: whether the peer's trust domain is in this rule's scope (:meth:`vouches`);
+        without it, subject patterns and principals matched against DNS SANs or the subject
+        do not match.
+        """
         if self.any_peer:
             return True
         sid = str(peer.spiffe_id) if peer.spiffe_id is not None else None
         if sid is not None and any(p.fullmatch(sid) for p in self.spiffe_id_patterns):
             return True
-        if any(p.fullmatch(peer.subject) for p in self.subject_patterns):
+        if vouched and any(p.fullmatch(peer.subject) for p in self.subject_patterns):
             return True
-        if self.principals:
+        if self.principals and (vouched or peer.uri_sans):
             names = principal_names(peer)
             for kind, text in self.principals:
                 if kind != "exact" and any(string_matches(kind, text, n) for n in names):
@@ -129,24 +156,34 @@ def _method_bucket(kind: str, text: str) -> str | None:
 
 @dataclass(slots=True)
 class _Index:
-    """Rules of one action, compiled for lookup."""
+    """Rules of one action, compiled for lookup.
+
+    ``by_key`` holds keys that match whoever carries them ("id", "td", "thumb"); ``by_scoped_key``
+    those that match only a peer vouched for by a trust domain in the rule's scope ("dns", and
+    "principal" when the peer has no URI SAN).
+    """
 
     rules: list[Rule] = field(default_factory=list)
     by_key: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    by_scoped_key: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     scan_by_method: dict[str, list[int]] = field(default_factory=dict)
     scan_any_method: list[int] = field(default_factory=list)
+    #: Whether trust_domains rules also match peers without a SPIFFE ID (deny rules do).
+    td_covers_non_spiffe: bool = False
 
     @classmethod
-    def build(cls, rules: Iterable[Rule]) -> _Index:
-        index = cls(list(rules))
+    def build(cls, rules: Iterable[Rule], *, td_covers_non_spiffe: bool = False) -> _Index:
+        index = cls(list(rules), td_covers_non_spiffe=td_covers_non_spiffe)
         for i, rule in enumerate(index.rules):
             keys = [("id", str(s)) for s in rule.spiffe_ids]
             keys += [("td", t.name) for t in rule.trust_domains]
             keys += [("thumb", t) for t in rule.thumbprints]
-            keys += [("dns", d) for d in rule.dns_names]
-            keys += [("principal", text) for kind, text in rule.principals if kind == "exact"]
             for key in keys:
                 index.by_key.setdefault(key, []).append(i)
+            scoped = [("dns", d) for d in rule.dns_names]
+            scoped += [("principal", text) for kind, text in rule.principals if kind == "exact"]
+            for key in scoped:
+                index.by_scoped_key.setdefault(key, []).append(i)
             if rule.needs_scan:
                 buckets = [_method_bucket(kind, text) for kind, text in rule.methods]
                 if all(b is not None for b in buckets):
@@ -156,19 +193,35 @@ class _Index:
                     index.scan_any_method.append(i)
         return index
 
-    def first_match(self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None) -> Rule | None:
+    def first_match(
+        self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None, *, default_scope: bool
+    ) -> Rule | None:
+        """The first rule (in file order) that matches; ``default_scope``: whether the peer's trust
+        domain is in the policy's default scope (for rules without ``vouched_by``)."""
         candidates: set[int] = set()
         by_key = self.by_key
+        td = peer.trust_domain
         if by_key:
-            if peer.spiffe_id is not None:  # trust_domains rules match SPIFFE peers only
+            if peer.spiffe_id is not None:
                 candidates.update(by_key.get(("id", str(peer.spiffe_id)), ()))
-                candidates.update(by_key.get(("td", peer.trust_domain.name), ()))
+            if peer.spiffe_id is not None or self.td_covers_non_spiffe:
+                candidates.update(by_key.get(("td", td.name), ()))
             candidates.update(by_key.get(("thumb", peer.thumbprint), ()))
+        by_scoped = self.by_scoped_key
+        if by_scoped:
+            rules = self.rules
             if peer.spiffe_id is None:  # dns_names rules are for certificates without a SPIFFE ID
                 for name in peer.dns_sans:
-                    candidates.update(by_key.get(("dns", name), ()))
-            for name in principal_names(peer):
-                candidates.update(by_key.get(("principal", name), ()))
+                    candidates.update(
+                        i for i in by_scoped.get(("dns", name), ()) if rules[i].vouches(td, default_scope)
+                    )
+            names = principal_names(peer)
+            for name in names:
+                hits = by_scoped.get(("principal", name), ())
+                if peer.uri_sans:  # matched against URI SANs: a SPIFFE ID, verified by its own bundle
+                    candidates.update(hits)
+                else:
+                    candidates.update(i for i in hits if rules[i].vouches(td, default_scope))
         by_method = self.scan_by_method
         # The service is everything up to the second '/': for odd names such as
         # "/pkg.Admin/Drop/x" or "/pkg.Admin//Drop" the "/pkg.Admin/*" rules must still be consulted.
@@ -178,7 +231,8 @@ class _Index:
             i
             for bucket in (by_method.get(method, ()), by_method.get(service, ()), self.scan_any_method)
             for i in bucket
-            if i not in candidates and self.rules[i].peer_matches_by_scan(peer)
+            if i not in candidates
+            and self.rules[i].peer_matches_by_scan(peer, vouched=self.rules[i].vouches(td, default_scope))
         ]
         for i in sorted((*candidates, *scanned)):
             rule = self.rules[i]
@@ -190,21 +244,40 @@ class _Index:
 
 
 class CompiledRules:
-    """Deny and allow rules compiled for :func:`decide`."""
+    """Deny and allow rules compiled for :meth:`decide`.
 
-    __slots__ = ("allow", "deny", "uses_headers")
+    ``non_spiffe_trust_domains`` is the policy's default scope for subject, DNS and principal
+    conditions; empty means the server's own trust domain, given to :meth:`decide`.
+    """
 
-    def __init__(self, rules: Iterable[Rule]) -> None:
+    __slots__ = ("allow", "deny", "non_spiffe_trust_domains", "uses_headers")
+
+    def __init__(self, rules: Iterable[Rule], non_spiffe_trust_domains: frozenset[TrustDomain] = frozenset()) -> None:
         rules = list(rules)
-        self.deny = _Index.build(r for r in rules if r.action == "deny")
+        self.deny = _Index.build((r for r in rules if r.action == "deny"), td_covers_non_spiffe=True)
         self.allow = _Index.build(r for r in rules if r.action == "allow")
         self.uses_headers = any(r.headers for r in rules)
+        self.non_spiffe_trust_domains = non_spiffe_trust_domains
 
-    def decide(self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None = None) -> Decision:
-        rule = self.deny.first_match(peer, method, headers)
+    def decide(
+        self,
+        peer: PeerIdentity,
+        method: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        local_trust_domain: TrustDomain | None = None,
+    ) -> Decision:
+        """Deny rules first, then allow rules, else deny. ``local_trust_domain``: the server's own
+        trust domain, the default scope when the policy names none (None: the default scope is empty)."""
+        scope = self.non_spiffe_trust_domains
+        if scope:
+            default_scope = peer.trust_domain in scope
+        else:
+            default_scope = local_trust_domain is not None and peer.trust_domain == local_trust_domain
+        rule = self.deny.first_match(peer, method, headers, default_scope=default_scope)
         if rule is not None:
             return Decision(False, rule.name, f"denied by rule {rule.name!r}")
-        rule = self.allow.first_match(peer, method, headers)
+        rule = self.allow.first_match(peer, method, headers, default_scope=default_scope)
         if rule is not None:
             return Decision(True, rule.name, f"allowed by rule {rule.name!r}")
         return Decision(False, None, "no rule allows it (default deny)")

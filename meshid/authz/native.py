@@ -19,9 +19,20 @@
         thumbprints: [<sha-256 hex>]
         dns_names: [frontend.example.org]   # for non-SPIFFE peers
         any_peer: false
+      - name: partner-batch
+        methods: ["*"]
+        subject_patterns: ['CN=batch,O=Partner']
+        vouched_by: [partner.example.org]   # whose CA may vouch for these subjects and DNS names
 
 Every rule needs a ``name``, ``methods`` and at least one "who" key (or ``any_peer: true``).
 Unknown keys are errors: a misspelt key must never silently widen or narrow a rule.
+
+``subject_patterns`` and ``dns_names`` match only peers whose certificate was vouched for by a
+trust domain in the rule's scope (a federated CA can write any subject or DNS name): the
+rule's ``vouched_by``, else the trust domains ``allow_non_spiffe_peers`` lists, else the
+server's own trust domain. ``vouched_by`` is refused on a rule with neither condition, where
+it would scope nothing. A deny rule's ``trust_domains`` also covers certificates without a
+SPIFFE ID vouched for by those trust domains; an allow rule's matches SPIFFE peers only.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ __all__ = ["parse"]
 
 _TOP_KEYS = {"name", "allow", "deny", "allow_non_spiffe_peers", "require_pq_key_exchange", "allow_tls12"}
 _WHO_KEYS = ("spiffe_ids", "spiffe_id_patterns", "trust_domains", "subject_patterns", "thumbprints", "dns_names")
-_RULE_KEYS = {"name", "methods", "any_peer", *_WHO_KEYS}
+_RULE_KEYS = {"name", "methods", "any_peer", "vouched_by", *_WHO_KEYS}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DNS = re.compile(r"(?=.{1,253}$)(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -97,6 +108,13 @@ def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rul
             f"{where}: names nobody; give spiffe_ids, spiffe_id_patterns, trust_domains, "
             "subject_patterns, thumbprints or dns_names (or any_peer: true)"
         )
+    vouched_by = _strings(raw["vouched_by"], where, "vouched_by") if "vouched_by" in raw else None
+    if vouched_by is not None and not vouched_by:
+        raise InvalidPolicyError(f"{where}: 'vouched_by' is empty; omit it for the default scope")
+    if vouched_by and not (lists["subject_patterns"] or lists["dns_names"]):
+        raise InvalidPolicyError(
+            f"{where}: 'vouched_by' scopes subject_patterns and dns_names, and this rule has neither"
+        )
     try:
         return Rule(
             name=name,
@@ -109,6 +127,7 @@ def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rul
             thumbprints=frozenset(_each(lists["thumbprints"], _thumbprint)),
             dns_names=frozenset(_each(lists["dns_names"], _dns)),
             any_peer=any_peer,
+            vouched_by=frozenset(_each(vouched_by or [], _trust_domain)),
         )
     except (InvalidPolicyError, InvalidSpiffeIdError) as err:
         raise InvalidPolicyError(f"{where}: {err}") from err

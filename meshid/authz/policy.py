@@ -48,6 +48,12 @@ class AuthorizationPolicy:
     (matched by subject pattern, DNS SAN or thumbprint only); ``allow_tls12`` admits peers
     whose connection negotiated TLS 1.2 (by default only TLS 1.3); ``require_pq_key_exchange``
     denies peers whose connection negotiated a classical key exchange.
+
+    Subject patterns, DNS names and principals matched against DNS SANs or the subject match
+    only peers vouched for by a trust domain in scope: the rule's ``vouched_by``, else
+    ``non_spiffe_trust_domains``, else the server's own trust domain (the ``local_trust_domain``
+    given to :meth:`decide`). A federated CA can write any subject or DNS name it likes; this
+    is what keeps it from naming itself into a rule meant for this trust domain.
     """
 
     name: str
@@ -55,15 +61,15 @@ class AuthorizationPolicy:
     allow_non_spiffe_peers: bool = False
     require_pq_key_exchange: bool = False
     audit: AuditOptions = AuditOptions()
-    #: Whose bundles may vouch for a certificate without a SPIFFE ID; empty means the trust
-    #: domain of the server's own SVID.
+    #: Whose bundles may vouch for a certificate without a SPIFFE ID, and the default scope of
+    #: subject, DNS and principal conditions; empty means the trust domain of the server's own SVID.
     non_spiffe_trust_domains: frozenset[TrustDomain] = frozenset()
     allow_tls12: bool = False
     origin: str = "<dict>"
     _compiled: CompiledRules = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", CompiledRules(self.rules))
+        object.__setattr__(self, "_compiled", CompiledRules(self.rules, self.non_spiffe_trust_domains))
 
     @property
     def uses_headers(self) -> bool:
@@ -173,8 +179,21 @@ class AuthorizationPolicy:
             allow_tls12=allow_tls12,
         )
 
-    def decide(self, peer: PeerIdentity, method: str, headers: Mapping[str, str] | None = None) -> Decision:
-        """Decide whether ``peer`` may call ``method``. Pure: no I/O, no logging."""
+    def decide(
+        self,
+        peer: PeerIdentity,
+        method: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        local_trust_domain: TrustDomain | None = None,
+    ) -> Decision:
+        """Decide whether ``peer`` may call ``method``. Pure: no I/O, no logging.
+
+        ``local_trust_domain`` is the server's own trust domain: the scope of subject, DNS and
+        principal conditions when neither the rule (``vouched_by``) nor the policy
+        (``non_spiffe_trust_domains``) names one. None (unknown) leaves that scope empty, so
+        such conditions then match nobody.
+        """
         if peer.spiffe_id is None and not self.allow_non_spiffe_peers:
             return Decision(
                 False,
@@ -191,4 +210,4 @@ class AuthorizationPolicy:
                 "post-quantum hybrid such as X25519MLKEM768",
                 explained=True,
             )
-        return self._compiled.decide(peer, method, headers)
+        return self._compiled.decide(peer, method, headers, local_trust_domain=local_trust_domain)

@@ -12,7 +12,7 @@ from meshid.bundle import BundleSet, TrustBundle
 from meshid.cli.svid import load_chain
 from meshid.errors import InvalidPolicyError, InvalidSvidError
 from meshid.peer import PeerIdentity
-from meshid.spiffeid import SpiffeId
+from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import spiffe_id_from_certificate
 
 
@@ -25,12 +25,18 @@ def register(groups: Any) -> None:
     who.add_argument("--spiffe-id", help="the caller's SPIFFE ID")
     who.add_argument("--cert", help="the caller's certificate (PEM, leaf first)")
     check.add_argument("--bundle", help="verify --cert against this trust bundle (PEM) first")
+    check.add_argument(
+        "--trust-domain",
+        help="the server's own trust domain, the default scope of subject and DNS rules (default: the "
+        "caller's SPIFFE ID's); a certificate without a SPIFFE ID is taken as vouched for by this trust "
+        "domain (and --bundle as its bundle)",
+    )
     check.add_argument("--method", required=True, help="the full method, /package.Service/Method")
     check.add_argument("--header", action="append", default=[], metavar="KEY=VALUE", help="a request header")
     check.set_defaults(run=run_check)
 
 
-def _peer(args: argparse.Namespace) -> PeerIdentity:
+def _peer(args: argparse.Namespace, local: TrustDomain | None) -> PeerIdentity:
     if args.spiffe_id is not None:
         given = SpiffeId.parse(args.spiffe_id)
         return PeerIdentity(
@@ -47,10 +53,27 @@ def _peer(args: argparse.Namespace) -> PeerIdentity:
     leaf = chain[0]
     sid = spiffe_id_from_certificate(leaf) if _x509.uri_sans(leaf) else None
     if args.bundle:
-        if sid is None:
-            raise InvalidSvidError("--bundle: the certificate carries no SPIFFE ID to pick a trust domain by")
-        BundleSet.of(TrustBundle.load(sid.trust_domain, args.bundle)).verify(leaf, chain[1:])
-    return PeerIdentity.from_certificate(leaf, spiffe_id=sid)
+        if sid is not None:
+            BundleSet.of(TrustBundle.load(sid.trust_domain, args.bundle)).verify(leaf, chain[1:])
+        elif local is not None:
+            BundleSet.of(TrustBundle.load(local, args.bundle)).verify_any(leaf, chain[1:])
+        else:
+            raise InvalidSvidError(
+                "--bundle: the certificate carries no SPIFFE ID to pick a trust domain by; pass --trust-domain"
+            )
+    return PeerIdentity.from_certificate(leaf, None if sid is not None else local, spiffe_id=sid)
+
+
+def _scope(policy: AuthorizationPolicy, local: TrustDomain | None, given: bool) -> str:
+    """Which trust domains scoped subject and DNS rules (those without their own vouched_by)."""
+    if policy.non_spiffe_trust_domains:
+        names = ", ".join(sorted(t.name for t in policy.non_spiffe_trust_domains))
+        return f"{names} (the policy's allow_non_spiffe_peers)"
+    if local is None:
+        return "none, so they match nobody (pass --trust-domain, the server's trust domain)"
+    if given:
+        return f"{local.name} (--trust-domain)"
+    return f"{local.name} (the caller's trust domain; pass --trust-domain to give the server's)"
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -61,7 +84,10 @@ def run_check(args: argparse.Namespace) -> int:
         if not sep:
             raise InvalidPolicyError(f"--header {item!r}: write KEY=VALUE")
         headers[key.lower()] = value
-    peer = _peer(args)
-    decision = policy.decide(peer, args.method, headers)
+    given = TrustDomain.parse(args.trust_domain) if args.trust_domain is not None else None
+    peer = _peer(args, given)
+    local = given or (peer.trust_domain if peer.spiffe_id is not None else None)
+    decision = policy.decide(peer, args.method, headers, local_trust_domain=local)
     print(f"{decision.decision.upper()} {peer.describe()} {args.method}: {decision.reason}")
+    print(f"subject and DNS rules scoped to: {_scope(policy, local, given is not None)}")
     return 0 if decision.allowed else 1

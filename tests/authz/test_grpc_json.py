@@ -25,9 +25,10 @@ from meshid.authz.policy import AuditOptions, AuthorizationPolicy
 from meshid.ca import Authority
 from meshid.errors import InvalidPolicyError
 from meshid.peer import PeerIdentity
-from meshid.spiffeid import SpiffeId
+from meshid.spiffeid import SpiffeId, TrustDomain
 
 ORIGIN = "greeter-authz.json"
+LOCAL = TrustDomain.parse("example.org")  # the server's own trust domain, as the interceptor passes it
 WEB = "spiffe://example.org/ns/prod/sa/web"
 ADMIN = "spiffe://example.org/ns/prod/sa/admin"
 SNEAKY = "spiffe://example.org/ns/dev/sa/sneaky"
@@ -104,6 +105,11 @@ def peers(ca: Authority, other_ca: Authority) -> dict[str, PeerIdentity]:
         "other-web": svid(other_ca, OTHER_WEB),
         "dns-only": _identity(_non_spiffe_leaf(ca, "dns-only", ["admin.example.org", "api.example.org"]), ca),
         "subject-only": _identity(_non_spiffe_leaf(ca, "legacy-client"), ca),
+        # The same names, written by a federated partner's CA (which may write any name it likes).
+        "partner-dns-only": _identity(
+            _non_spiffe_leaf(other_ca, "dns-only", ["admin.example.org", "api.example.org"]), other_ca
+        ),
+        "partner-subject-only": _identity(_non_spiffe_leaf(other_ca, "legacy-client"), other_ca),
     }
     assert found["sneaky"].uri_sans == (SNEAKY,) and "admin.example.org" in found["sneaky"].dns_sans
     assert found["dns-only"].uri_sans == () and found["dns-only"].subject == DNS_ONLY_SUBJECT
@@ -169,6 +175,21 @@ DECISIONS = [
     ("subject-ignored-with-dns", _policy(_rule("subj", [DNS_ONLY_SUBJECT])), "dns-only", GET, [], False, None),
     ("subject-ignored-with-uri", _policy(_rule("subj", ["CN=web,O=example.org"])), "web", GET, [], False, None),
     ("uri-principal-not-dns-peer", _policy(_rule("uri", ["spiffe://*"])), "dns-only", GET, [], False, None),
+    # DNS SANs and subjects count only when a trust domain in scope vouched for them (by
+    # default the server's own): a partner's CA can write the same names
+    ("dns-principal-partner", _policy(_rule("dns", ["admin.example.org"])), "partner-dns-only", GET, [], False, None),
+    ("dns-prefix-partner", _policy(_rule("dns", ["api.*"])), "partner-dns-only", GET, [], False, None),
+    (
+        "subject-principal-partner",
+        _policy(_rule("legacy", [LEGACY_SUBJECT])),
+        "partner-subject-only",
+        GET,
+        [],
+        False,
+        None,
+    ),
+    ("principal-any-partner-subject", _policy(_rule("anyone", ["*"])), "partner-subject-only", GET, [], False, None),
+    ("absent-source-partner", _policy(_rule("everyone")), "partner-dns-only", GET, [], True, "everyone"),
     # paths: exact, prefix, suffix, presence
     ("path-exact", _policy(_rule("get", paths=[GET])), "web", GET, [], True, "get"),
     ("path-exact-miss", _policy(_rule("get", paths=[GET])), "web", "/pkg.Store/Put", [], False, None),
@@ -326,7 +347,7 @@ def test_decision(
         # gRPC matches DNS SANs and subjects of any verified certificate; meshid admits such a
         # peer only when the operator opts in (a gRPC-format policy cannot say so itself).
         authz = dataclasses.replace(authz, allow_non_spiffe_peers=True)
-    decision = authz.decide(peers[peer], method, collect_headers(metadata))
+    decision = authz.decide(peers[peer], method, collect_headers(metadata), local_trust_domain=LOCAL)
     assert (decision.allowed, decision.rule) == (allowed, rule), decision.reason
 
 
@@ -334,9 +355,25 @@ def test_decision(
 def test_non_spiffe_peer_refused_unless_admitted(peers: dict[str, PeerIdentity], peer: str) -> None:
     policy = AuthorizationPolicy.from_dict(_policy(_rule("dns", ["admin.example.org", LEGACY_SUBJECT])), origin=ORIGIN)
     assert not policy.allow_non_spiffe_peers
-    refused = policy.decide(peers[peer], GET, {})
+    refused = policy.decide(peers[peer], GET, {}, local_trust_domain=LOCAL)
     assert not refused.allowed and "no SPIFFE ID" in refused.reason
-    assert dataclasses.replace(policy, allow_non_spiffe_peers=True).decide(peers[peer], GET, {}).rule == "dns"
+    admitted = dataclasses.replace(policy, allow_non_spiffe_peers=True)
+    assert admitted.decide(peers[peer], GET, {}, local_trust_domain=LOCAL).rule == "dns"
+
+
+def test_principals_on_dns_sans_and_subjects_use_the_policys_scope(peers: dict[str, PeerIdentity]) -> None:
+    doc = _policy(_rule("dns", ["admin.example.org"]), _rule("legacy", [LEGACY_SUBJECT]), _rule("uri", ["*/sa/web"]))
+    # A gRPC authz file has no field for a rule's scope: the loader's allow_non_spiffe_peers gives it.
+    partners = AuthorizationPolicy.from_dict(doc, origin=ORIGIN, allow_non_spiffe_peers=["other.org"])
+    assert partners.decide(peers["partner-dns-only"], GET, {}, local_trust_domain=LOCAL).rule == "dns"
+    assert partners.decide(peers["partner-subject-only"], GET, {}, local_trust_domain=LOCAL).rule == "legacy"
+    assert not partners.decide(peers["dns-only"], GET, {}, local_trust_domain=LOCAL).allowed
+    # The server's trust domain unknown: names matched against DNS SANs or subjects match nobody;
+    # URI SANs (SPIFFE IDs, verified by their own trust domain's bundle) still count.
+    ours = AuthorizationPolicy.from_dict(doc, origin=ORIGIN, allow_non_spiffe_peers=True)
+    assert not ours.decide(peers["dns-only"], GET, {}, local_trust_domain=None).allowed
+    assert not ours.decide(peers["subject-only"], GET, {}, local_trust_domain=None).allowed
+    assert ours.decide(peers["other-web"], GET, {}, local_trust_domain=None).rule == "uri"
 
 
 # --- invalid policies -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import pytest
@@ -10,6 +11,7 @@ import meshid
 from meshid.ca import Authority
 
 TD = "example.org"
+LOCAL = meshid.TrustDomain.parse(TD)  # the server's own trust domain, as the interceptor passes it
 METHOD = "/pkg.Svc/Do"
 
 
@@ -96,7 +98,7 @@ DECISIONS = [
 @pytest.mark.parametrize(("who", "methods", "caller", "method", "allowed"), DECISIONS)
 def test_decisions(authority, who, methods, caller, method, allowed) -> None:
     p = policy({"name": "r", "methods": [methods], **who})
-    assert p.decide(peer(authority, caller), method).allowed is allowed
+    assert p.decide(peer(authority, caller), method, local_trust_domain=LOCAL).allowed is allowed
 
 
 def test_thumbprint_rule_matches_only_that_certificate(authority) -> None:
@@ -137,13 +139,13 @@ def test_first_matching_rule_in_file_order_decides(authority) -> None:
 def test_non_spiffe_peers_need_explicit_opt_in(authority) -> None:
     legacy = non_spiffe_peer(authority, "billing", dns=("billing.corp",))
     rule = {"name": "legacy", "methods": ["*"], "subject_patterns": ["CN=billing,O=Legacy"]}
-    assert not policy(rule).decide(legacy, METHOD).allowed
-    assert policy(rule, allow_non_spiffe_peers=True).decide(legacy, METHOD).allowed
+    assert not policy(rule).decide(legacy, METHOD, local_trust_domain=LOCAL).allowed
+    assert policy(rule, allow_non_spiffe_peers=True).decide(legacy, METHOD, local_trust_domain=LOCAL).allowed
     by_dns = {"name": "legacy", "methods": ["*"], "dns_names": ["billing.corp"]}
-    assert policy(by_dns, allow_non_spiffe_peers=True).decide(legacy, METHOD).allowed
-    # a trust_domains rule never admits a certificate without a SPIFFE ID
+    assert policy(by_dns, allow_non_spiffe_peers=True).decide(legacy, METHOD, local_trust_domain=LOCAL).allowed
+    # an allow rule's trust_domains never admits a certificate without a SPIFFE ID
     by_td = {"name": "td", "methods": ["*"], "trust_domains": [TD]}
-    assert not policy(by_td, allow_non_spiffe_peers=True).decide(legacy, METHOD).allowed
+    assert not policy(by_td, allow_non_spiffe_peers=True).decide(legacy, METHOD, local_trust_domain=LOCAL).allowed
 
 
 def test_require_pq_key_exchange_denies_classical_groups_with_reason(authority) -> None:
@@ -211,6 +213,27 @@ INVALID = [
         "the name is used by another rule",
     ),
     ({"deny": [{"name": "d", "methods": ["*"], "any_peer": True}]}, "has no allow rule"),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "subject_patterns": ["CN=a"], "vouched_by": "other.org"}]},
+        "'vouched_by' must be a list of strings",
+    ),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "subject_patterns": ["CN=a"], "vouched_by": []}]},
+        "'vouched_by' is empty; omit it for the default scope",
+    ),
+    (
+        {"allow": [{"name": "r", "methods": ["*"], "spiffe_ids": ["spiffe://example.org/a"], "vouched_by": [TD]}]},
+        "'vouched_by' scopes subject_patterns and dns_names, and this rule has neither",
+    ),
+    (
+        {
+            "allow": [
+                {"name": "r", "methods": ["*"], "subject_patterns": ["CN=a"], "vouched_by": ["spiffe://other.org"]}
+            ]
+        },
+        "must be a bare name",
+    ),
+    ({"allow": [{"name": "r", "methods": ["*"], "vouched_by": [TD]}]}, "allow rule 'r': names nobody"),
     ({"allow": [], "extra": 1}, "unknown top-level key(s) 'extra'"),
     (
         {"allow": [{"name": "r", "methods": ["*"], "any_peer": True}], "require_pq_key_exchange": "yes"},
@@ -272,7 +295,7 @@ def test_dns_rules_do_not_match_spiffe_peers(authority) -> None:
     svid = authority.issue_svid("spiffe://example.org/a", dns_names=["billing.corp"])
     spiffe_peer = meshid.PeerIdentity.from_certificate(svid.leaf, spiffe_id=svid.spiffe_id)
     p = policy({"name": "legacy", "methods": ["*"], "dns_names": ["billing.corp"]}, allow_non_spiffe_peers=True)
-    assert not p.decide(spiffe_peer, METHOD).allowed
+    assert not p.decide(spiffe_peer, METHOD, local_trust_domain=LOCAL).allowed
 
 
 def test_allow_non_spiffe_peers_takes_a_list_of_trust_domains() -> None:
@@ -291,3 +314,108 @@ def test_yaml_keys_of_other_types_are_reported_not_crashed(tmp_path) -> None:
         meshid.AuthorizationPolicy.load(path)
     with pytest.raises(meshid.InvalidPolicyError, match="not a valid regular expression"):
         policy({"name": "r", "methods": ["*"], "subject_patterns": ["a{4294967296}"]})
+
+
+# --- trust is scoped to a trust domain ----------------------------------------------------------
+
+PARTNER = meshid.TrustDomain.parse("other.org")
+CORP_SUBJECT = "CN=batch,O=Example Corp"
+
+
+def crafted_peer(trust_domain: str, *, spiffe: bool, subject: str = CORP_SUBJECT, dns: tuple[str, ...] = ()):
+    """A peer whose CA wrote the subject and DNS names it liked (any CA can)."""
+    td = meshid.TrustDomain.parse(trust_domain)
+    sid = meshid.SpiffeId.parse(f"spiffe://{trust_domain}/ns/prod/sa/batch") if spiffe else None
+    return meshid.PeerIdentity(
+        spiffe_id=sid,
+        trust_domain=td,
+        subject=subject,
+        common_name="batch",
+        thumbprint=("cd" if spiffe else "ef") * 32,
+        certificate=None,
+        not_after=datetime.datetime.now(datetime.UTC),
+        uri_sans=(str(sid),) if sid is not None else (),
+        dns_sans=dns,
+    )
+
+
+BATCH = {"name": "batch", "methods": ["*"], "subject_patterns": [CORP_SUBJECT]}
+BILLING = {"name": "billing", "methods": ["*"], "dns_names": ["billing.example.org"]}
+
+# (policy keywords, rule, peer (trust domain, SPIFFE?), local trust domain, allowed rule or None)
+SCOPED = [
+    # the README's subject rule: this trust domain's batch, not a partner's that says the same
+    ({}, BATCH, (TD, True), LOCAL, "batch"),
+    ({}, BATCH, ("other.org", True), LOCAL, None),
+    ({"allow_non_spiffe_peers": True}, BATCH, (TD, False), LOCAL, "batch"),
+    ({"allow_non_spiffe_peers": True}, BATCH, ("other.org", False), LOCAL, None),
+    # the rule's own scope
+    ({}, {**BATCH, "vouched_by": ["other.org"]}, ("other.org", True), LOCAL, "batch"),
+    ({}, {**BATCH, "vouched_by": ["other.org"]}, (TD, True), LOCAL, None),
+    ({}, {**BATCH, "vouched_by": ["other.org", TD]}, (TD, True), LOCAL, "batch"),
+    # the policy's scope: the trust domains allow_non_spiffe_peers lists
+    ({"allow_non_spiffe_peers": ["other.org"]}, BATCH, ("other.org", False), LOCAL, "batch"),
+    ({"allow_non_spiffe_peers": ["other.org"]}, BATCH, (TD, True), LOCAL, None),
+    ({"allow_non_spiffe_peers": ["other.org"]}, {**BATCH, "vouched_by": [TD]}, ("other.org", False), LOCAL, None),
+    # DNS names, for certificates without a SPIFFE ID
+    ({"allow_non_spiffe_peers": True}, BILLING, (TD, False), LOCAL, "billing"),
+    ({"allow_non_spiffe_peers": True}, BILLING, ("other.org", False), LOCAL, None),
+    ({"allow_non_spiffe_peers": [TD, "other.org"]}, {**BILLING, "vouched_by": [TD]}, ("other.org", False), LOCAL, None),
+    ({"allow_non_spiffe_peers": [TD, "other.org"]}, BILLING, ("other.org", False), LOCAL, "billing"),
+    # the server's trust domain unknown: subject and DNS rules match nobody (fail closed)
+    ({}, BATCH, (TD, True), None, None),
+    ({"allow_non_spiffe_peers": True}, BILLING, (TD, False), None, None),
+    ({}, {**BATCH, "vouched_by": [TD]}, (TD, True), None, "batch"),
+]
+
+
+@pytest.mark.parametrize(("top", "rule", "who", "local", "expected"), SCOPED)
+def test_subject_and_dns_rules_match_only_peers_vouched_for_by_a_trust_domain_in_scope(
+    top, rule, who, local, expected
+) -> None:
+    td, spiffe = who
+    p = policy(rule, **top)
+    decision = p.decide(crafted_peer(td, spiffe=spiffe, dns=("billing.example.org",)), METHOD, local_trust_domain=local)
+    assert (decision.allowed, decision.rule) == (expected is not None, expected), decision.reason
+
+
+def test_a_rule_is_scoped_per_condition_not_as_a_whole() -> None:
+    # The partner matches by its SPIFFE ID (verified by its own bundle), never by the subject.
+    both = {**BATCH, "spiffe_ids": ["spiffe://other.org/ns/prod/sa/web"]}
+    p = policy(both, {"name": "pin", "methods": ["*"], "thumbprints": ["cd" * 32]})
+    assert p.decide(crafted_peer("other.org", spiffe=True), METHOD, local_trust_domain=LOCAL).rule == "pin"
+    p = policy(both)
+    assert not p.decide(crafted_peer("other.org", spiffe=True), METHOD, local_trust_domain=LOCAL).allowed
+    web = dataclasses.replace(
+        crafted_peer("other.org", spiffe=True),
+        spiffe_id=meshid.SpiffeId.parse("spiffe://other.org/ns/prod/sa/web"),
+        uri_sans=("spiffe://other.org/ns/prod/sa/web",),
+    )
+    assert p.decide(web, METHOD, local_trust_domain=LOCAL).rule == "batch"
+
+
+def test_a_deny_on_trust_domains_covers_certificates_without_a_spiffe_id_it_vouched_for() -> None:
+    p = policy(
+        BATCH,
+        deny=[{"name": "no-partner", "methods": ["*"], "trust_domains": ["other.org"]}],
+        allow_non_spiffe_peers=[TD, "other.org"],
+    )
+    partner = p.decide(crafted_peer("other.org", spiffe=False), METHOD, local_trust_domain=LOCAL)
+    assert (partner.allowed, partner.rule) == (False, "no-partner")
+    ours = p.decide(crafted_peer(TD, spiffe=False), METHOD, local_trust_domain=LOCAL)
+    assert (ours.allowed, ours.rule) == (True, "batch")
+    # an allow rule on trust_domains still matches SPIFFE peers only
+    p = policy(
+        {"name": "partners", "methods": ["*"], "trust_domains": ["other.org"]}, allow_non_spiffe_peers=["other.org"]
+    )
+    assert not p.decide(crafted_peer("other.org", spiffe=False), METHOD, local_trust_domain=LOCAL).allowed
+    assert p.decide(crafted_peer("other.org", spiffe=True), METHOD, local_trust_domain=LOCAL).rule == "partners"
+
+
+def test_vouched_by_is_read_from_the_file(tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "allow:\n  - name: partner-batch\n    methods: ['*']\n    subject_patterns: ['CN=batch,O=Example Corp']\n"
+        "    vouched_by: [other.org]\n"
+    )
+    assert meshid.AuthorizationPolicy.load(path).rules[0].vouched_by == {PARTNER}
