@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import grpc
 
+from meshid._cache import BoundedCache
 from meshid.authz import audit
 from meshid.authz.grpc_json import collect_headers
 from meshid.authz.model import Decision
@@ -26,8 +27,10 @@ from meshid.spiffeid import SpiffeId, TrustDomain
 
 log = logging.getLogger("meshid.authz")
 
-#: Decisions remembered per (peer certificate, method) before the memo starts over.
+#: Decisions remembered per (peer certificate, implemented method) before the memo starts over.
 MEMO_SIZE = 65536
+MEMO_BYTES = 16 << 20
+
 
 PolicyInput = AuthorizationPolicy | str | os.PathLike[str]
 #: A call's metadata, or a function that fetches it (only called if a policy or proxy needs it).
@@ -95,9 +98,13 @@ class Authorizer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.revoked: Callable[[PeerIdentity], bool] | None = None
-        self._memo: tuple[
-            tuple[AuthorizationPolicy, TrustDomain | None] | None, dict[tuple[int, str], tuple[PeerIdentity, Decision]]
-        ] = (None, {})
+        # ((policy, local trust domain, verifier generation, forwarded generation), memo): read
+        # and replaced as one object. The memo holds PeerIdentity objects the verifier's cache
+        # handed out; when that cache starts over, so does the memo (it never outlives them).
+        self._memo: tuple[tuple[object, ...] | None, BoundedCache[tuple[int, str], tuple[PeerIdentity, Decision]]] = (
+            None,
+            BoundedCache(max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES),
+        )
         self._own_td_set: tuple[TrustDomain | None, frozenset[TrustDomain]] | None = None
 
     @property
@@ -167,21 +174,26 @@ class Authorizer:
     ) -> Decision:
         # The verifier hands out one PeerIdentity object per certificate, so (that object,
         # method) names a decision exactly; the entry holds the object, so its id() cannot be
-        # reused while the entry lives. The memo belongs to one policy and one local trust domain
-        # (the scope of subject and DNS rules): ((policy, local), memo) is read and replaced as one
-        # object, so no call files a decision under another policy or trust domain.
+        # reused while the entry lives. The memo belongs to one policy, one local trust domain
+        # (the scope of subject and DNS rules) and one generation of the identity caches, so no
+        # call files a decision under another policy or trust domain, and no entry keeps an
+        # identity the verifier has already dropped.
+        generation = (
+            policy,
+            local,
+            self._verifier.generation,
+            self._forwarded.generation if self._forwarded is not None else 0,
+        )
         memo_for, memo = self._memo
-        if memo_for is None or memo_for[0] is not policy or memo_for[1] != local:
-            memo = {}
-            self._memo = ((policy, local), memo)
+        if memo_for != generation:
+            memo = BoundedCache(max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES)
+            self._memo = (generation, memo)
         key = (id(identity), method)
         hit = memo.get(key)
         if hit is not None and hit[0] is identity:
             return hit[1]
         decision = policy.decide(identity, method, local_trust_domain=local)
-        if len(memo) >= MEMO_SIZE:
-            memo.clear()
-        memo[key] = (identity, decision)
+        memo.put(key, (identity, decision), 256 + len(method))
         return decision
 
     def _non_spiffe_from(self, policy: AuthorizationPolicy) -> frozenset[TrustDomain] | None:
@@ -211,6 +223,7 @@ class Authorizer:
         auth_context: Mapping[str, Sequence[bytes]],
         method: str,
         peer_address: str | Callable[[], str] | None,
+        known: bool,
     ) -> PeerIdentity | None:
         # Open to every caller; a peer that does verify is still named to the handler.
         try:
@@ -220,8 +233,21 @@ class Authorizer:
         if identity is not None and self.revoked is not None and self.revoked(identity):
             identity = None
         opened = Decision(True, None, "unauthenticated method")
-        audit.record(policy, opened, method, identity, peer_address=peer_address)
+        audit.record(policy, opened, method, identity, peer_address=peer_address, known=known)
         return identity
+
+    def recheck(self, identity: PeerIdentity) -> Refusal | None:
+        """Re-check a streaming call's peer at a later message: its certificate may have
+        expired, or been revoked, since the call was authorized."""
+        if identity.not_after.timestamp() < time.time():
+            expired = identity.not_after.isoformat()
+            message = f"peer {identity.describe()}: certificate expired at {expired}, during the call"
+            return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
+        if self.revoked is not None and self.revoked(identity):
+            message = f"peer {identity.describe()}: certificate serial {identity.serial:x} was revoked during the call"
+            log.warning("authz: ending a stream: %s", message)
+            return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
+        return None
 
     def authorize(
         self,
@@ -229,33 +255,36 @@ class Authorizer:
         method: str,
         metadata: Metadata,
         peer_address: str | Callable[[], str] | None = None,
+        *,
+        known: bool = True,
     ) -> PeerIdentity | Refusal | None:
         """Decide one call: the verified peer when allowed, else the refusal to send.
 
+        ``known`` says whether the server implements ``method``: an unknown method's name is
+        the caller's to choose, so it is decided without the memo and counted as ``(unknown)``.
         None means an unauthenticated method called by a peer that could not be verified.
         """
         policy = self._policy  # one read: the whole call sees one policy
         if method in self._open_methods:
-            return self._open_call(policy, auth_context, method, peer_address)
+            return self._open_call(policy, auth_context, method, peer_address, known)
         try:
             identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
         except VerificationError as err:
             denied = Decision(False, None, "unauthenticated")
-            audit.record(policy, denied, method, None, peer_address=peer_address, error=str(err))
+            audit.record(policy, denied, method, None, peer_address=peer_address, error=str(err), known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
         if identity.tls_version not in (None, "TLSv1.3") and not policy.allow_tls12:
             message = (
                 f"peer {identity.describe()}: the connection negotiated {identity.tls_version}; this server "
                 "requires TLS 1.3 (a policy may set allow_tls12 to admit TLS 1.2)"
             )
-            audit.record(
-                policy, Decision(False, None, "unauthenticated"), method, None, peer_address=peer_address, error=message
-            )
+            denied = Decision(False, None, "unauthenticated")
+            audit.record(policy, denied, method, None, peer_address=peer_address, error=message, known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if self.revoked is not None and self.revoked(identity):
             message = f"peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
             denied = Decision(False, None, "revoked")
-            audit.record(policy, denied, method, identity, peer_address=peer_address, error=message)
+            audit.record(policy, denied, method, identity, peer_address=peer_address, error=message, known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if self._forwarded is not None and self._forwarded.from_proxy(identity):
             proxy = identity
@@ -264,25 +293,27 @@ class Authorizer:
             except VerificationError as err:
                 denied = Decision(False, None, "unauthenticated")
                 error = f"via {proxy.describe()}: {err}"
-                audit.record(policy, denied, method, None, peer_address=peer_address, error=error)
+                audit.record(policy, denied, method, None, peer_address=peer_address, error=error, known=known)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
             if self.revoked is not None and self.revoked(identity):
                 message = f"forwarded peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
-                audit.record(policy, Decision(False, None, "revoked"), method, identity, error=message)
+                audit.record(policy, Decision(False, None, "revoked"), method, identity, error=message, known=known)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         local = self._own_trust_domain()  # one read: the whole call sees one local trust domain
         if policy.uses_headers:
             headers = collect_headers(_materialize(metadata) or ())
             decision = policy.decide(identity, method, headers, local_trust_domain=local)
-        else:
+        elif known:
             decision = self._memo_decide(policy, identity, method, local)
-        audit.record(policy, decision, method, identity, peer_address=peer_address)
+        else:
+            decision = policy.decide(identity, method, local_trust_domain=local)
+        audit.record(policy, decision, method, identity, peer_address=peer_address, known=known)
         if decision.allowed:
             return identity
         detail = f": {decision.reason}" if decision.explained else ""  # never the policy's contents
         return Refusal(
             grpc.StatusCode.PERMISSION_DENIED,
-            f"meshid: {identity.describe()} may not call {method}{detail}",
+            f"meshid: {identity.describe()} may not call {audit.shown(method, known)}{detail}",
         )
 
 
@@ -290,8 +321,9 @@ class InterceptorBase:
     """What the sync and aio interceptors share: the decision path, policy management, and the
     cache of wrapped handlers (one per handler and method, made once)."""
 
-    #: Wrapped handlers kept (registered methods; unknown names only until it fills).
+    #: Wrapped handlers kept, one per implemented (handler, method); unknown methods are never kept.
     WRAPPED_CACHE = 4096
+    WRAPPED_BYTES = 8 << 20
 
     def __init__(
         self,
@@ -311,7 +343,9 @@ class InterceptorBase:
             trusted_proxies=trusted_proxies,
             forwarded_header=forwarded_header,
         )
-        self._wrapped: dict[tuple[int, str], tuple[object, grpc.RpcMethodHandler[Any, Any]]] = {}
+        self._wrapped: BoundedCache[tuple[int, str], tuple[object, grpc.RpcMethodHandler[Any, Any]]] = BoundedCache(
+            max_entries=self.WRAPPED_CACHE, max_bytes=self.WRAPPED_BYTES
+        )
 
     @property
     def policy(self) -> AuthorizationPolicy:
@@ -352,7 +386,5 @@ class InterceptorBase:
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = wrap(handler, method)
-        if len(self._wrapped) >= self.WRAPPED_CACHE:  # unknown method names are the caller's to choose
-            self._wrapped.clear()
-        self._wrapped[key] = (handler, wrapped)
+        self._wrapped.put(key, (handler, wrapped), 1024 + len(method))
         return wrapped

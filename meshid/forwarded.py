@@ -26,9 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshid import _x509
+from meshid._cache import BoundedCache
 from meshid.bundle import BundleSet
 from meshid.errors import VerificationError
-from meshid.peer import PeerIdentity
+from meshid.peer import PeerIdentity, entry_size
 from meshid.spiffeid import SpiffeId
 
 __all__ = ["XFCC_HEADER", "ForwardedIdentities"]
@@ -162,13 +163,22 @@ class ForwardedIdentities:
         *,
         header: str = XFCC_HEADER,
         cache_size: int = 4096,
+        cache_bytes: int = 16 << 20,
     ) -> None:
         self.proxies = frozenset(p if isinstance(p, SpiffeId) else SpiffeId.parse(p) for p in proxies)
         self.header = header.lower()
         self._bundles = bundles
-        # (the bundle set the verdicts were made against, the verdicts): swapped as one object
-        self._cache: tuple[BundleSet | None, dict[tuple[str, str | None, str | None], PeerIdentity | str]] = (None, {})
-        self._cache_size = cache_size
+        # Verdicts keyed by a digest of the header (never the caller's text itself), bounded by
+        # entries and bytes, for the bundle set they were made against.
+        self._cache: BoundedCache[tuple[bytes, str | None, str | None], PeerIdentity | str] = BoundedCache(
+            max_entries=cache_size, max_bytes=cache_bytes
+        )
+        self._cache_for: BundleSet | None = None
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the cached verdicts are dropped (see :class:`meshid.peer.PeerVerifier`)."""
+        return self._cache.generation
 
     def from_proxy(self, peer: PeerIdentity) -> bool:
         return peer.spiffe_id is not None and peer.spiffe_id in self.proxies
@@ -199,11 +209,12 @@ class ForwardedIdentities:
                 f"forwarded certificate: header {self.header} is larger than {MAX_HEADER_BYTES} bytes"
             )
         bundles = self._bundles()
-        cached_for, cache = self._cache
-        if cached_for is not bundles:
-            cache = {}
-            self._cache = (bundles, cache)
-        key = (value, proxy.tls_version, proxy.key_exchange_group)
+        cache = self._cache
+        if self._cache_for is not bundles:
+            cache.clear()
+            self._cache_for = bundles
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+        key = (digest, proxy.tls_version, proxy.key_exchange_group)
         result = cache.get(key)
         if result is None:
             try:
@@ -213,10 +224,9 @@ class ForwardedIdentities:
                     key_exchange_group=proxy.key_exchange_group,
                 )
             except VerificationError as err:
-                result = str(err)
-            if len(cache) >= self._cache_size:
-                cache.clear()
-            cache[key] = result
+                result = str(err)[:1024]
+            if self._cache_for is bundles:
+                cache.put(key, result, entry_size(len(value)))
         if isinstance(result, str):
             raise VerificationError(result)
         if result.not_after.timestamp() < now:

@@ -7,13 +7,14 @@ the context in hand before the servicer's code runs, for all four RPC shapes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
 from meshid import peer as _peer
 from meshid._authorizer import InterceptorBase, Refusal
+from meshid.peer import PeerIdentity
 
 __all__ = ["AuthorizationInterceptor"]
 
@@ -58,36 +59,61 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         InvalidPolicyError: the policy file cannot be loaded.
     """
 
-    def _check(self, context: grpc.ServicerContext, method: str) -> None:
+    def _check(self, context: grpc.ServicerContext, method: str, known: bool) -> PeerIdentity | None:
         # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
         auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
         # metadata and the peer address are fetched only if the policy or the audit log needs them
-        result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer)
+        result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
         if isinstance(result, Refusal):
             context.abort(result.code, result.message)
         if result is not None:
             _peer.attach(context, result)
+        return result
+
+    def _recheck(self, context: grpc.ServicerContext, identity: PeerIdentity) -> None:
+        refusal = self._authorizer.recheck(identity)
+        if refusal is not None:
+            context.abort(refusal.code, refusal.message)
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = continuation(handler_call_details) or _UNKNOWN
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:  # the caller chose this name: wrapped for this call only, never cached
+            return _wrap(_UNKNOWN, method, lambda context, m: self._check(context, m, False), self._recheck)
         # One wrapped handler per (handler, method), made once: the per-call cost is a lookup.
-        return self._wrapped_handler(handler, handler_call_details.method, self._wrap)
+        return self._wrapped_handler(handler, method, self._wrap)
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
-        return _wrap(handler, method, self._check)
+        return _wrap(handler, method, lambda context, m: self._check(context, m, True), self._recheck)
 
 
 _UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)
+Check = Callable[[grpc.ServicerContext, str], "PeerIdentity | None"]
+Recheck = Callable[[grpc.ServicerContext, PeerIdentity], None]
+
+
+def _rechecked(
+    items: Iterator[Any], context: grpc.ServicerContext, identity: PeerIdentity | None, recheck: Recheck
+) -> Iterator[Any]:
+    """``items`` (a request or response stream), with the peer re-checked before each message:
+    a stream outlives neither the peer's certificate nor its revocation."""
+    if identity is None:  # an unauthenticated method called by an unverified peer
+        yield from items
+        return
+    for item in items:
+        recheck(context, identity)
+        yield item
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, check: Callable[[grpc.ServicerContext, str], None]
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, check: Check, recheck: Recheck
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """The handler with ``check`` run first, for each of the four RPC shapes."""
+    """The handler with ``check`` run first, for each of the four RPC shapes; streams re-check
+    the peer at every message."""
     deser, ser = handler.request_deserializer, handler.response_serializer
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
@@ -101,24 +127,27 @@ def _wrap(
         inner_us = handler.unary_stream
 
         def unary_stream(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
-            check(context, method)
-            return inner_us(request, context, *callback)
+            identity = check(context, method)
+            responses = inner_us(request, context, *callback)
+            return responses if callback else _rechecked(responses, context, identity, recheck)
 
         return grpc.unary_stream_rpc_method_handler(_keep_non_blocking(unary_stream, inner_us), deser, ser)
     if handler.stream_unary is not None:
         inner_su = handler.stream_unary
 
         def stream_unary(request_iterator: Any, context: grpc.ServicerContext) -> Any:
-            check(context, method)
-            return inner_su(request_iterator, context)
+            identity = check(context, method)
+            return inner_su(_rechecked(request_iterator, context, identity, recheck), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
     inner_ss = handler.stream_stream
 
     def stream_stream(request_iterator: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
-        check(context, method)
+        identity = check(context, method)
         assert inner_ss is not None, "a grpc method handler carries one behaviour; none is set"
-        return inner_ss(request_iterator, context, *callback)
+        requests = _rechecked(request_iterator, context, identity, recheck)
+        responses = inner_ss(requests, context, *callback)
+        return responses if callback else _rechecked(responses, context, identity, recheck)
 
     return grpc.stream_stream_rpc_method_handler(_keep_non_blocking(stream_stream, inner_ss), deser, ser)
 

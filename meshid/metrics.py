@@ -38,13 +38,22 @@ CA_REFUSALS = Counter("meshid_ca_refusals", "Requests the CA refused.", ["reason
 _decisions: dict[tuple[str, str, str], itertools.count[int]] = {}
 
 
+#: Label sets kept for decisions; past it (a generic handler that takes any method name) new
+#: methods count under "(unknown)", as unimplemented ones always do.
+MAX_DECISION_LABELS = 4096
+
+
 def count_decision(method: str, decision: str, rule: str | None) -> None:
-    """One decision: a dict lookup and an atomic increment."""
+    """One decision: a dict lookup and an atomic increment.
+
+    ``method`` must be a method the server implements, or ``(unknown)``: the interceptor never
+    passes a name the caller chose.
+    """
     key = (method, decision, rule or "")
     counter = _decisions.get(key)
     if counter is None:
-        if len(_decisions) > 10_000:  # bound label cardinality against method-name probing
-            key = ("(other)", decision, rule or "")
+        if len(_decisions) >= MAX_DECISION_LABELS:
+            key = ("(unknown)", decision, rule or "")
         counter = _decisions.setdefault(key, itertools.count(1))
     next(counter)
 

@@ -18,11 +18,23 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from meshid import _x509
+from meshid._cache import BoundedCache
 from meshid.bundle import BundleSet
 from meshid.errors import MeshIdError, VerificationError
 from meshid.spiffeid import SpiffeId, TrustDomain
 
 __all__ = ["PeerIdentity", "PeerVerifier", "peer_identity"]
+
+#: Longest refusal reason a cache keeps (a parser's message can quote what it choked on).
+_MAX_REASON = 1024
+
+
+def entry_size(pem_bytes: int) -> int:
+    """About what a cached verdict holds: the PEM key, and a PeerIdentity whose parsed
+    certificate costs several times its DER (measured with tracemalloc: ~5.5 KB for a 920-byte
+    PEM, plus what cryptography allocates outside Python's heap)."""
+    return 3 * pem_bytes + 6144
+
 
 #: Key exchange groups that include a post-quantum KEM (the hybrids OpenSSL and BoringSSL name).
 _PQ_MARKERS = ("MLKEM", "KYBER")
@@ -100,15 +112,24 @@ class PeerVerifier:
         bundles: Callable[[], BundleSet],
         *,
         cache_size: int = 4096,
+        cache_bytes: int = 16 << 20,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._bundles = bundles
-        # Verdicts per certificate: a PeerIdentity, or the reason it was refused. Reads and
-        # writes are single dict operations (atomic under the GIL), so the per-call path
-        # takes no lock; when full, the cache simply starts over.
-        self._cache: tuple[BundleSet | None, dict[tuple[object, ...], PeerIdentity | str]] = (None, {})
-        self._cache_size = cache_size
+        # Verdicts per certificate: a PeerIdentity, or the reason it was refused, for the bundle
+        # set they were made against. Reads and writes are single dict operations (atomic under
+        # the GIL), so the per-call path takes no lock; the cache is bounded by entries and by
+        # bytes (a PeerIdentity with its certificate is several KB) and starts over when full.
+        self._cache: BoundedCache[tuple[object, ...], PeerIdentity | str] = BoundedCache(
+            max_entries=cache_size, max_bytes=cache_bytes
+        )
+        self._cache_for: BundleSet | None = None
         self._clock = clock
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the cached verdicts are dropped: what is derived from them must go too."""
+        return self._cache.generation
 
     def identify(
         self, auth: Mapping[str, Sequence[bytes]], *, non_spiffe_from: frozenset[TrustDomain] | None = None
@@ -136,21 +157,20 @@ class PeerVerifier:
             non_spiffe_from,
         )
         bundles = self._bundles()
-        cached_for, cache = self._cache
-        if cached_for is not bundles:  # a new bundle set: every verdict is stale
-            cache = {}
-            self._cache = (bundles, cache)  # one store: no call can file a verdict under the wrong set
+        cache = self._cache
+        if self._cache_for is not bundles:  # a new bundle set: every verdict is stale
+            cache.clear()
+            self._cache_for = bundles
         result = cache.get(key)
         if result is None:
             try:
                 result = self._verify(auth, pems[0], chain, bundles, non_spiffe_from)
             except VerificationError as err:
-                result = str(err)  # cache the verdict, not the exception (its traceback would grow)
+                result = str(err)[:_MAX_REASON]  # the verdict, not the exception (its traceback would grow)
             except _x509.PARSE_ERRORS as err:  # a malformed extension, met while reading the certificate
-                result = f"peer: certificate cannot be read: {err}"
-            if len(cache) >= self._cache_size:
-                cache.clear()
-            cache[key] = result
+                result = f"peer: certificate cannot be read: {err}"[:_MAX_REASON]
+            if self._cache_for is bundles:  # not a verdict made against a set replaced meanwhile
+                cache.put(key, result, entry_size(len(pems[0])))
         if isinstance(result, str):
             raise VerificationError(result)
         if result.not_after.timestamp() < self._clock():

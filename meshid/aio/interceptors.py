@@ -33,34 +33,58 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     The caller's identity is available to handlers through :func:`meshid.peer_identity`.
     """
 
-    async def _check(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> PeerIdentity | None:
+    async def _check(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, known: bool
+    ) -> PeerIdentity | None:
         # grpc returns each auth property as a list of bytes; grpc-stubs declares an Iterable.
         auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
-        result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer)
+        result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
         if isinstance(result, Refusal):
             await context.abort(result.code, result.message)
             raise AssertionError("unreachable: abort raises")
         return result
+
+    async def _recheck(self, context: grpc.aio.ServicerContext[Any, Any], identity: PeerIdentity) -> None:
+        refusal = self._authorizer.recheck(identity)
+        if refusal is not None:
+            await context.abort(refusal.code, refusal.message)
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details) or _UNKNOWN
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:  # the caller chose this name: wrapped for this call only, never cached
+            return _wrap(_UNKNOWN, method, lambda context, m: self._check(context, m, False), self._recheck)
         # One wrapped handler per (handler, method), made once: the per-call cost is a lookup.
-        return self._wrapped_handler(handler, handler_call_details.method, self._wrap)
+        return self._wrapped_handler(handler, method, self._wrap)
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
-        return _wrap(handler, method, self._check)
+        return _wrap(handler, method, lambda context, m: self._check(context, m, True), self._recheck)
 
 
 _UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)
 Check = Callable[[Any, str], Awaitable[PeerIdentity | None]]
+Recheck = Callable[[Any, PeerIdentity], Awaitable[None]]
 
 
-def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str, check: Check) -> grpc.RpcMethodHandler[Any, Any]:
-    """The handler with ``check`` run first, for each of the four RPC shapes."""
+async def _rechecked(items: Any, context: Any, identity: PeerIdentity | None, recheck: Recheck) -> AsyncIterator[Any]:
+    """``items`` (a request or response stream), with the peer re-checked before each message:
+    a stream outlives neither the peer's certificate nor its revocation."""
+    async for item in items:
+        if identity is not None:
+            await recheck(context, identity)
+        yield item
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, check: Check, recheck: Recheck
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The handler with ``check`` run first, for each of the four RPC shapes. Streams given as
+    iterators (a request iterator, an async-generator response) re-check the peer at every
+    message; a handler that uses ``context.read()``/``context.write()`` is checked at the start."""
     ser, deser = handler.response_serializer, handler.request_deserializer
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
@@ -78,27 +102,34 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str, check: Check) -
         inner_su = handler.stream_unary
 
         async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            token = _peer.set_current(await check(context, method))
+            identity = await check(context, method)
+            token = _peer.set_current(identity)
             try:
+                requests = _rechecked(request_iterator, context, identity, recheck)
                 # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
-                return await inner_su(request_iterator, context)  # type: ignore[arg-type]
+                return await inner_su(requests, context)  # type: ignore[arg-type]
             finally:
                 _peer.reset_current(token)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(_wrap_streaming(handler.unary_stream, check, method), deser, ser)
-    return grpc.stream_stream_rpc_method_handler(_wrap_streaming(handler.stream_stream, check, method), deser, ser)
+        behaviour = _wrap_streaming(handler.unary_stream, check, recheck, method, streaming_requests=False)
+        return grpc.unary_stream_rpc_method_handler(behaviour, deser, ser)
+    behaviour = _wrap_streaming(handler.stream_stream, check, recheck, method, streaming_requests=True)
+    return grpc.stream_stream_rpc_method_handler(behaviour, deser, ser)
 
 
-def _wrap_streaming(inner: Any, check: Check, method: str) -> Any:
+def _wrap_streaming(inner: Any, check: Check, recheck: Recheck, method: str, *, streaming_requests: bool) -> Any:
     """Wrap a streaming-response behaviour, which is an async generator or a coroutine using context.write."""
     if inspect.isasyncgenfunction(inner):
 
         async def as_generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            token = _peer.set_current(await check(context, method))
+            identity = await check(context, method)
+            token = _peer.set_current(identity)
             try:
-                async for response in inner(request, context):
+                if streaming_requests:
+                    request = _rechecked(request, context, identity, recheck)
+                async for response in _rechecked(inner(request, context), context, identity, recheck):
                     yield response
             finally:
                 _peer.reset_current(token)
@@ -106,8 +137,11 @@ def _wrap_streaming(inner: Any, check: Check, method: str) -> Any:
         return as_generator
 
     async def as_coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        token = _peer.set_current(await check(context, method))
+        identity = await check(context, method)
+        token = _peer.set_current(identity)
         try:
+            if streaming_requests and request is not None:
+                request = _rechecked(request, context, identity, recheck)
             return await inner(request, context)
         finally:
             _peer.reset_current(token)

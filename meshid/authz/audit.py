@@ -18,6 +18,18 @@ __all__ = ["record"]
 
 audit_log = logging.getLogger("meshid.audit")
 
+#: The one metric label of every method the server does not implement.
+UNKNOWN_METHOD = "(unknown)"
+#: How much of an unknown method's name records and refusals show.
+SHOWN_UNKNOWN = 256
+
+
+def shown(method: str, known: bool) -> str:
+    """A method name as records show it: an unknown one cut to ``SHOWN_UNKNOWN`` characters."""
+    if known or len(method) <= SHOWN_UNKNOWN:
+        return method
+    return f"{method[:SHOWN_UNKNOWN]}...({len(method)} characters)"
+
 
 def record(
     policy: AuthorizationPolicy,
@@ -27,10 +39,18 @@ def record(
     *,
     peer_address: str | Callable[[], str] | None = None,
     error: str | None = None,
+    known: bool = True,
 ) -> None:
-    """Log and count one decision. Cheap when nobody listens: fields are built only if the record is kept."""
+    """Log and count one decision. Cheap when nobody listens: fields are built only if the record is kept.
+
+    ``known`` is False for a method the server does not implement: its name is the caller's to
+    choose, so it is counted under ``(unknown)`` and shortened in records.
+    """
     unauthenticated = (peer is None and not decision.allowed) or decision.reason == "revoked"
-    metrics.count_decision(method, "unauthenticated" if unauthenticated else decision.decision, decision.rule)
+    metrics.count_decision(
+        method if known else UNKNOWN_METHOD, "unauthenticated" if unauthenticated else decision.decision, decision.rule
+    )
+    method = shown(method, known)
     level = logging.INFO if decision.allowed else logging.WARNING
     if audit_log.isEnabledFor(level):
         fields = {

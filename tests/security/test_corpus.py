@@ -227,7 +227,8 @@ def _load(kind: str, target: str, fx: Fixtures) -> None:
         # Accepted: it must then at least decide in time, even for the regex bomb's trigger peer.
         leaf = x509.load_pem_x509_certificates(fx.bomb_peer.read_bytes())[0]
         peer = PeerIdentity.from_certificate(leaf, spiffe_id=SpiffeId.parse(f"spiffe://{TD}/" + "a" * BOMB_AS))
-        policy.decide(peer, METHOD)
+        # decided as a server of the bomb peer's own trust domain, so its subject rules apply
+        policy.decide(peer, METHOD, local_trust_domain=peer.trust_domain)
     elif kind == "spiffe-id":
         SpiffeId.parse(target)
     elif kind == "trust-domain":

@@ -1,0 +1,55 @@
+"""A cache bounded by entries and bytes, for the per-call path.
+
+Reads are one dict lookup (atomic under the GIL, no lock). When a write would pass either
+bound, the cache starts over with a new dict and its ``generation`` moves on, so whatever is
+derived from its entries (the decision memo) can tell that they are gone and drop its own.
+Starting over, rather than evicting one entry, keeps writes O(1) and lock-free; the callers'
+keys are verified certificates and known method names, so a full cache is rare in practice.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+_generations = itertools.count(1)
+
+
+class BoundedCache(Generic[K, V]):
+    """``get``/``put`` with at most ``max_entries`` entries and about ``max_bytes`` bytes."""
+
+    __slots__ = ("_bytes", "_entries", "generation", "max_bytes", "max_entries")
+
+    def __init__(self, *, max_entries: int, max_bytes: int) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("a cache needs room for at least one entry")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: dict[K, V] = {}
+        self._bytes = 0
+        self.generation = next(_generations)
+
+    def get(self, key: K) -> V | None:
+        return self._entries.get(key)
+
+    def put(self, key: K, value: V, size: int) -> None:
+        """Store ``value``; ``size`` is the caller's estimate of what the entry holds, in bytes."""
+        if len(self._entries) >= self.max_entries or self._bytes + size > self.max_bytes:
+            self.clear()
+        self._entries[key] = value
+        self._bytes += size
+
+    def clear(self) -> None:
+        self._entries = {}
+        self._bytes = 0
+        self.generation = next(_generations)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
