@@ -109,3 +109,65 @@ def serve_metrics(address: str) -> int:
     host, _, port = address.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
     return int(server.server_port)
+
+
+# --- the CRL in force, per trust domain (meshid.revocation) -----------------------------------------
+# * ``meshid_crl_stale{trust_domain}``: 1 while the CRL in force is past its nextUpdate (it is
+#   still enforced: fail-static), else 0.
+# * ``meshid_crl_next_update_seconds{trust_domain}``: seconds until that nextUpdate (negative once past).
+# Read at scrape time from every CrlWatcher and IssuerSource that holds a list (held weakly); when
+# several hold one for the same trust domain, the one due soonest is reported.
+
+
+class _CrlFreshness(Collector):
+    def __init__(self) -> None:
+        # holder -> (its list in force, its clock), both called with the holder
+        self._holders: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def add(self, holder: Any, current: Any, now: Any) -> None:
+        with self._lock:
+            self._holders[holder] = (current, now)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stale = GaugeMetricFamily(
+            "meshid_crl_stale",
+            "1 while the CRL in force is past its nextUpdate (it is still enforced).",
+            labels=["trust_domain"],
+        )
+        until = GaugeMetricFamily(
+            "meshid_crl_next_update_seconds",
+            "Seconds until the nextUpdate of the CRL in force (negative once past).",
+            labels=["trust_domain"],
+        )
+        with self._lock:
+            holders = list(self._holders.items())
+        soonest: dict[str, float] = {}
+        for holder, (current, now) in holders:
+            try:
+                crl = current(holder)
+                if crl is None:  # nothing fetched yet: nothing to report
+                    continue
+                left = (crl.next_update - now(holder)).total_seconds()
+            except Exception:
+                continue
+            td = str(crl.trust_domain)
+            soonest[td] = min(left, soonest.get(td, left))
+        for td, left in sorted(soonest.items()):
+            stale.add_metric([td], 1.0 if left <= 0 else 0.0)
+            until.add_metric([td], left)
+        yield stale
+        yield until
+
+
+_CRL_FRESHNESS = _CrlFreshness()
+REGISTRY.register(_CRL_FRESHNESS)
+
+
+def watch_revocation(holder: Any, current: Any, now: Any) -> None:
+    """Report ``meshid_crl_stale`` and ``meshid_crl_next_update_seconds`` for ``holder`` (held weakly).
+
+    ``current(holder)`` returns its RevocationList in force (or None) and ``now(holder)`` the
+    time on its clock; both take the holder as argument, so they do not keep it alive.
+    """
+    _CRL_FRESHNESS.add(holder, current, now)

@@ -27,7 +27,7 @@ from meshid._files import write_svid_files
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.errors import MeshIdError, SourceError
 from meshid.peer import PeerIdentity
-from meshid.revocation import RevocationList
+from meshid.revocation import RevocationList, _warn_if_stale
 from meshid.sources import FileSource, Unsubscribe, _Notifier
 from meshid.svid import X509Svid
 
@@ -163,6 +163,7 @@ class IssuerSource:
         if not self._load_saved():
             self._first_issuance()
         metrics.watch_source(self)
+        metrics.watch_revocation(self, lambda source: source._crl, lambda source: _utcnow())
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="meshid-issuer-source", daemon=True)
         self._thread.start()
@@ -323,19 +324,36 @@ class IssuerSource:
         self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=True)
 
     def _refresh(self) -> None:
-        from meshid.ca.client import get_bundle, get_crl
+        from meshid.ca.client import get_bundle
 
         svid, bundles = self.get_svid(), self.get_bundles()
         server = self._servers[self._server_index]
         try:
             bundle = get_bundle(server, svid, bundles, timeout=self._timeout)
-            der, chain = get_crl(server, svid, bundles, timeout=self._timeout)
-            crl = RevocationList.from_der(der, chain, bundles.with_bundle(bundle))
-        except MeshIdError as err:
-            log.warning("issuer source: bundle/CRL refresh failed: %s", err)
+        except MeshIdError as err:  # the CA is unreachable: do not wait for it a second time
+            log.warning("issuer source: bundle refresh failed: %s", err)
+            _warn_if_stale(self._crl, _utcnow(), "issuer source")
             return
-        if crl.supersedes(self._crl):
-            self._crl = crl
+        self._take_bundle(svid, bundles, bundle)
+        # After the bundle (a CRL signed by a new root verifies against it), and on its own: a
+        # refused CRL must not hold back a bundle change.
+        self._refresh_crl(server)
+
+    def _refresh_crl(self, server: str) -> None:
+        """Fetch the CRL; the same acceptance rules as :class:`~meshid.CrlWatcher` (see meshid.revocation)."""
+        from meshid.ca.client import get_crl
+
+        svid, bundles = self.get_svid(), self.get_bundles()
+        try:
+            der, chain = get_crl(server, svid, bundles, timeout=self._timeout)
+            crl = RevocationList.from_der(der, chain, bundles)
+            if crl.supersedes(self._crl):
+                self._crl = crl
+        except MeshIdError as err:
+            log.warning("issuer source: CRL refused or unavailable; keeping the list in force: %s", err)
+        _warn_if_stale(self._crl, _utcnow(), "issuer source")
+
+    def _take_bundle(self, svid: X509Svid, bundles: BundleSet, bundle: TrustBundle) -> None:
         td = svid.spiffe_id.trust_domain
         if bundles[td].roots != bundle.roots:
             with self._lock:
