@@ -4,6 +4,12 @@ A :class:`TrustBundle` is loaded from PEM or from the SPIFFE bundle JSON format 
 ``x509-svid`` keys carry one CA certificate each in ``x5c``). A :class:`BundleSet` holds the
 bundles of several trust domains and verifies a peer's chain only against the bundle of the
 peer's own trust domain, so a CA trusted for one trust domain never vouches for another's IDs.
+
+That alone does not scope a CA when two trust domains' bundles hold one root (each CA an
+intermediate under a corporate root): the path to that root is sound for either. So every CA
+between the root and the leaf must also belong to the leaf's trust domain (see
+:func:`_check_ca_scope`): an intermediate that names another trust domain in a SPIFFE ID URI
+SAN never vouches, and the CA that signed a SPIFFE ID must name that ID's trust domain.
 """
 
 from __future__ import annotations
@@ -207,6 +213,54 @@ _CA_POLICY = verification.ExtensionPolicy.permit_all().require_present(
 )
 
 
+def ca_trust_domains(cert: x509.Certificate) -> frozenset[str]:
+    """The trust domains a CA certificate names in SPIFFE ID URI SANs (a URI that does not parse as itself)."""
+    named: set[str] = set()
+    for uri in _x509.uri_sans(cert):
+        if uri[:7].lower() != "spiffe:":
+            continue
+        try:
+            named.add(SpiffeId.parse(uri).trust_domain.name)
+        except InvalidSpiffeIdError:
+            named.add(uri)
+    return frozenset(named)
+
+
+def _check_ca_scope(chain: Sequence[x509.Certificate], trust_domain: TrustDomain, *, what: str, spiffe: bool) -> None:
+    """Refuse a built chain (leaf first, trust anchor last) whose CAs do not all belong to ``trust_domain``.
+
+    The anchor is exempt: being in the trust domain's bundle is what binds it. Between anchor
+    and leaf, a CA that names a trust domain (a SPIFFE ID URI SAN, as meshid's CAs and SPIRE's
+    carry) must name ``trust_domain`` only. With ``spiffe`` (the leaf carries a SPIFFE ID), the
+    CA that signed the leaf must name it too: under a root shared with other trust domains, a
+    CA that names none could be any of theirs. Above that CA, CAs that name nothing (an
+    organisation's own intermediates under its root) are allowed.
+
+    Raises:
+        VerificationError: a CA belongs to another trust domain, or the leaf's CA to none.
+    """
+    for depth, cert in enumerate(chain[1:-1]):
+        try:
+            named = ca_trust_domains(cert)
+        except _x509.PARSE_ERRORS as err:
+            raise VerificationError(f"peer certificate {what}: a CA in its chain cannot be read: {err}") from err
+        ca = cert.subject.rfc4514_string()
+        if named and named != {trust_domain.name}:
+            others = ", ".join(sorted(named - {trust_domain.name}))
+            raise VerificationError(
+                f"peer certificate {what}: CA {ca!r} in its chain belongs to trust domain {others}, "
+                f"not {trust_domain}; a CA vouches only for its own trust domain, even under a root "
+                "that several trust domains' bundles share"
+            )
+        if spiffe and depth == 0 and not named:
+            raise VerificationError(
+                f"peer certificate {what}: its issuing CA {ca!r} names no trust domain (no SPIFFE ID URI SAN), "
+                f"so nothing binds it to {trust_domain}: under a root shared with other trust domains it could "
+                f"be any of theirs; give that CA the URI SAN {trust_domain.id()} (as meshid's CAs have), "
+                f"or put it in {trust_domain}'s bundle"
+            )
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class BundleSet(Mapping[TrustDomain, TrustBundle]):
     """The trust bundles of one or more trust domains, keyed by trust domain."""
@@ -259,7 +313,8 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
 
         Raises:
             VerificationError: the leaf breaks an X509-SVID rule, its trust domain has no
-                bundle here, or the chain does not verify to one of that bundle's roots.
+                bundle here, the chain does not verify to one of that bundle's roots, or a CA
+                between that root and the leaf does not belong to the leaf's trust domain.
         """
         try:
             spiffe_id = check_leaf(leaf)
@@ -272,7 +327,8 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
             raise VerificationError(
                 f"peer certificate: no trust bundle for trust domain {spiffe_id.trust_domain} ({spiffe_id})"
             )
-        self.verify_chain(store, leaf, intermediates, now=now, what=str(spiffe_id))
+        chain = self.verify_chain(store, leaf, intermediates, now=now, what=str(spiffe_id))
+        _check_ca_scope(chain, spiffe_id.trust_domain, what=str(spiffe_id), spiffe=True)
         return spiffe_id
 
     def verify_any(
@@ -286,14 +342,20 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
         """Verify a chain that carries no SPIFFE ID against each bundle (or only those of
         ``trust_domains``); return the trust domain that vouches.
 
+        A bundle vouches only if no CA between its root and the leaf names another trust
+        domain; CAs that name none (an ordinary corporate CA) are allowed, as such a
+        certificate rarely comes from a SPIFFE CA.
+
         Raises:
             VerificationError: no bundle verifies the chain.
         """
+        what = leaf.subject.rfc4514_string()
         for td, store in self._stores.items():
             if trust_domains is not None and td not in trust_domains:
                 continue
             try:
-                self.verify_chain(store, leaf, intermediates, now=now, what=leaf.subject.rfc4514_string())
+                chain = self.verify_chain(store, leaf, intermediates, now=now, what=what)
+                _check_ca_scope(chain, td, what=what, spiffe=False)
             except VerificationError:
                 continue
             return td
@@ -309,15 +371,21 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
         *,
         now: datetime.datetime | None,
         what: str,
-    ) -> None:
+    ) -> list[x509.Certificate]:
+        """RFC 5280 path validation of ``leaf`` to a root in ``store``; returns the path built, leaf first.
+
+        Raises:
+            VerificationError: no valid path.
+        """
         builder = (
             verification.PolicyBuilder().store(store).extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
         )
         if now is not None:
             builder = builder.time(now)
         try:
-            builder.build_client_verifier().verify(leaf, list(intermediates))
+            verified = builder.build_client_verifier().verify(leaf, list(intermediates))
         except verification.VerificationError as err:
             raise VerificationError(
                 f"peer certificate {what}: chain does not verify against its trust domain's bundle: {err}"
             ) from err
+        return list(verified.chain)

@@ -8,6 +8,7 @@ matters most: a chain is verified only against the bundle of its own SPIFFE ID's
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import json
 from pathlib import Path
@@ -409,6 +410,74 @@ def test_intermediate_of_another_trust_domain_does_not_vouch(other_ca: Authority
     svid = intermediate.issue_svid(WORKLOAD)
     with pytest.raises(meshid.VerificationError, match="does not verify"):
         bundles.verify(svid.leaf, svid.chain[1:])
+
+
+@pytest.fixture(scope="module")
+def shared_root() -> tuple[Authority, Authority, Authority, meshid.BundleSet]:
+    """A corporate root, example.org's and other.org's CAs as intermediates under it, and both bundles = the root."""
+    corp = Authority.create_root("corp.example")
+    example = Authority.from_upstream(EXAMPLE, corp.certificate, corp.private_key)
+    other = Authority.from_upstream(OTHER, corp.certificate, corp.private_key)
+    both = meshid.BundleSet.of(meshid.TrustBundle(EXAMPLE, corp.roots), meshid.TrustBundle(OTHER, corp.roots))
+    return corp, example, other, both
+
+
+def test_intermediates_under_a_shared_root_vouch_for_their_own_trust_domain(shared_root: Any) -> None:
+    _, example, other, both = shared_root
+    mine, theirs = example.issue_svid(WORKLOAD), other.issue_svid(PARTNER)
+    assert both.verify(mine.leaf, mine.chain[1:]) == mine.spiffe_id
+    assert both.verify(theirs.leaf, theirs.chain[1:]) == theirs.spiffe_id
+
+
+def test_intermediate_of_another_trust_domain_under_a_shared_root_does_not_vouch(shared_root: Any) -> None:
+    _, _, other, both = shared_root
+    minted = dataclasses.replace(other, trust_domain=EXAMPLE).issue_svid(WORKLOAD)  # other.org's key, example.org's ID
+    with pytest.raises(meshid.VerificationError) as info:
+        both.verify(minted.leaf, minted.chain[1:])
+    message = str(info.value)
+    assert message.startswith(f"peer certificate {WORKLOAD}: CA "), message
+    assert "belongs to trust domain other.org, not example.org" in message, message
+
+
+def test_issuing_ca_that_names_no_trust_domain_does_not_vouch_for_a_spiffe_id(shared_root: Any) -> None:
+    corp, _, _, both = shared_root
+    chain, key = forge(corp, uris=[], ca=True, key_cert_sign=True, subject_cn="corp web CA")  # type: ignore[misc]
+    outsider = Authority(EXAMPLE, chain[0], key, (chain[0],), corp.roots)
+    minted = outsider.issue_svid(WORKLOAD)
+    with pytest.raises(meshid.VerificationError, match="its issuing CA 'CN=corp web CA' names no trust domain"):
+        both.verify(minted.leaf, minted.chain[1:])
+    # The same CA as a trust anchor of example.org's bundle is bound by being there.
+    anchored = meshid.BundleSet.of(meshid.TrustBundle(EXAMPLE, (chain[0],)))
+    assert anchored.verify(minted.leaf) == minted.spiffe_id
+
+
+def test_ca_that_names_no_trust_domain_above_the_issuing_ca_is_allowed(shared_root: Any) -> None:
+    corp, _, _, both = shared_root
+    chain, key = forge(corp, uris=[], ca=True, key_cert_sign=True, subject_cn="corp issuing CA")  # type: ignore[misc]
+    under = Authority.from_upstream(EXAMPLE, chain[0], key, upstream_chain=corp.roots)
+    svid = under.issue_svid(WORKLOAD)
+    assert len(svid.chain) == 3
+    assert both.verify(svid.leaf, svid.chain[1:]) == svid.spiffe_id
+
+
+def test_verify_any_does_not_let_another_trust_domains_ca_vouch_under_a_shared_root(shared_root: Any) -> None:
+    corp, _, other, both = shared_root
+    chain, _ = forge(other, uris=[], subject_cn="legacy-client")  # type: ignore[misc]
+    assert both.verify_any(chain[0], [other.certificate]) == OTHER  # not EXAMPLE, whose bundle comes first
+    with pytest.raises(meshid.VerificationError, match="no trust bundle verifies its chain"):
+        both.verify_any(chain[0], [other.certificate], trust_domains={EXAMPLE})
+    # An intermediate that names no trust domain (an ordinary corporate CA) still vouches for
+    # a certificate without a SPIFFE ID, as before.
+    ca_chain, ca_key = forge(corp, uris=[], ca=True, key_cert_sign=True, subject_cn="corp CA")  # type: ignore[misc]
+    plain_ca = Authority(EXAMPLE, ca_chain[0], ca_key, (ca_chain[0],), corp.roots)
+    plain, _ = forge(plain_ca, uris=[], subject_cn="legacy-client")  # type: ignore[misc]
+    assert both.verify_any(plain[0], [plain_ca.certificate], trust_domains={EXAMPLE}) == EXAMPLE
+
+
+def test_upstream_intermediate_of_another_trust_domain_is_refused_up_front(shared_root: Any) -> None:
+    _, _, other, _ = shared_root
+    with pytest.raises(ValueError, match=r"upstream CA .* belongs to trust domain other\.org; peers refuse"):
+        Authority.from_upstream(EXAMPLE, other.certificate, other.private_key)
 
 
 def test_ca_with_an_eddsa_key_is_refused_up_front() -> None:

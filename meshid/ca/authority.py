@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshid._x509 import PrivateKey
+from meshid.bundle import ca_trust_domains
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid, identity_dns_names
 
@@ -202,11 +203,28 @@ class Authority:
         """Create an intermediate CA for ``trust_domain`` signed by an existing (upstream) CA.
 
         The upstream certificate's NotAfter caps the intermediate's. Peers trust the upstream root.
+        The intermediate carries the trust domain's SPIFFE ID as its URI SAN, and a path length
+        of 0: that SAN is what binds it to its trust domain when the upstream root is shared with
+        other trust domains, for peers refuse an SVID whose CAs belong to another trust domain
+        (see :meth:`meshid.BundleSet.verify`). It carries no URI name constraint, which
+        BoringSSL would enforce but cryptography's verifier refuses outright.
+
+        Raises:
+            ValueError: a key is an EdDSA key, or an upstream intermediate belongs to another
+                trust domain (peers would refuse every SVID under it).
         """
         td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
         key = key or generate_key()
         _check_ca_key(key)
         _check_ca_key(upstream_key)
+        for upstream in (upstream_certificate, *upstream_chain):
+            named = ca_trust_domains(upstream) if upstream.issuer != upstream.subject else frozenset()
+            if named and named != {td.name}:
+                raise ValueError(
+                    f"CA: the upstream CA {upstream.subject.rfc4514_string()!r} belongs to trust domain "
+                    f"{', '.join(sorted(named - {td.name}))}; peers refuse {td} SVIDs under it, as a CA vouches "
+                    f"only for its own trust domain; sign {td}'s CA with a root or with an intermediate of {td}"
+                )
         now = now or _now()
         not_after = min(now + ttl, upstream_certificate.not_valid_after_utc)
         cert = _build(
