@@ -9,12 +9,11 @@ value of the wrong Python type, always with a non-empty message; nothing else es
 nothing hangs (a hypothesis deadline per example, a pytest-timeout per test).
 
 BUGs found. Each defect these properties found has a minimal reproducer below (the
-``test_regression_*`` tests); all are fixed. While a bug waits for its fix, a :class:`KnownBug`
-signature (exception types and the meshid module they escape through) in ``KNOWN_BUGS`` lets
-the properties count it as a "known bug" instead of failing, so they keep guarding against
-every *other* escape; ``MESHID_FUZZ_STRICT=1`` disables that allowance. ``KNOWN_BUGS`` is empty.
+``test_regression_*`` tests); all are fixed. There is one mode, strict: any exception that
+is not meshid's (or a promised ``TypeError``) fails the property, and the running CA must
+answer every bad CSR with ``INVALID_ARGUMENT`` (never ``INTERNAL``).
 
-The figures (cases tried per target, meshid errors, known-bug and other exceptions) are
+The figures (cases tried per target, meshid errors, accepted inputs and other exceptions) are
 printed when the module finishes (run with ``-s`` to see them).
 """
 
@@ -26,9 +25,7 @@ import copy
 import datetime
 import io
 import json
-import os
 import re
-import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +37,6 @@ import grpc
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, assume, given, settings
@@ -76,7 +72,6 @@ pytestmark = pytest.mark.timeout(120)
 
 TD = "example.org"
 WEB_ID = f"spiffe://{TD}/ns/prod/sa/web"
-STRICT = os.environ.get("MESHID_FUZZ_STRICT") == "1"
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -95,108 +90,14 @@ def fuzz_settings(examples: int) -> settings:
     )
 
 
-# --- known bugs and the bookkeeping of outcomes ----------------------------------------------------
-
-_LAZY_X509 = (
-    ValueError,
-    x509.DuplicateExtension,
-    x509.InvalidVersion,
-    UnsupportedAlgorithm,
-    x509.UnsupportedGeneralNameType,
-)
-
-
-@dataclass(frozen=True)
-class KnownBug:
-    """An exception that is not meshid's, escaping through ``through`` (a meshid source file)."""
-
-    id: str
-    reason: str
-    types: tuple[type[BaseException], ...]
-    through: str
-    #: When the type alone is too broad: a frame the exception must come from, or a message regex.
-    origin: str = ""
-    message: str = ""
-
-    def matches(self, err: BaseException) -> bool:
-        if isinstance(err, MeshIdError) or not isinstance(err, self.types):
-            return False
-        files = [frame.filename for frame in traceback.extract_tb(err.__traceback__)]
-        if not any(self.through in f for f in files):
-            return False
-        if not (self.origin or self.message):
-            return True
-        from_origin = bool(self.origin) and any(self.origin in f for f in files)
-        return from_origin or bool(self.message and re.search(self.message, str(err)))
-
-
-SVID_SURROGATES = KnownBug(
-    "svid-str-surrogates",
-    "BUG: X509Svid.from_pem(str) encodes with .encode(): a str with a lone surrogate raises UnicodeEncodeError",
-    (UnicodeEncodeError,),
-    "meshid/svid.py",
-)
-SVID_LAZY_X509 = KnownBug(
-    "svid-lazy-x509",
-    "BUG: X509Svid.from_pem lets cryptography's lazy-parse errors out: ValueError from cert.extensions "
-    "(_x509.uri_sans/is_ca via check_leaf) and leaf.public_key() (from_parts), x509.DuplicateExtension, "
-    "x509.InvalidVersion from load_pem_x509_certificate (not a ValueError), UnsupportedAlgorithm from "
-    "load_pem_private_key and public_key()",
-    _LAZY_X509,
-    "meshid/svid.py",
-)
-BUNDLE_SURROGATES = KnownBug(
-    "bundle-str-surrogates",
-    "BUG: TrustBundle.from_pem(str) encodes with .encode(): a str with a lone surrogate raises UnicodeEncodeError",
-    (UnicodeEncodeError,),
-    "meshid/bundle.py",
-)
-BUNDLE_LAZY_X509 = KnownBug(
-    "bundle-lazy-x509",
-    "BUG: TrustBundle.from_pem/from_spiffe_json let cryptography's lazy-parse errors out: ValueError and "
-    "x509.DuplicateExtension from cert.extensions in _x509.is_ca, x509.InvalidVersion from the certificate loaders",
-    _LAZY_X509,
-    "meshid/bundle.py",
-)
-BUNDLE_JSON_RECURSION = KnownBug(
-    "bundle-json-recursion",
-    "BUG: TrustBundle.from_spiffe_json does not catch the RecursionError json.loads raises on deep nesting",
-    (RecursionError,),
-    "meshid/bundle.py",
-)
-CSR_LAZY_X509 = KnownBug(
-    "csr-lazy-x509",
-    "BUG: parse_csr lets x509.InvalidVersion (load_der_x509_csr), UnsupportedAlgorithm (csr.public_key() on an "
-    "unknown key OID) and x509.DuplicateExtension (csr.extensions) out; the CA answers INTERNAL, not INVALID_ARGUMENT",
-    (UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType),
-    "meshid/ca/csr.py",
-)
-POLICY_PARSER_ERRORS = KnownBug(
-    "policy-parser-errors",
-    "BUG: AuthorizationPolicy.load catches only YAMLError/JSONDecodeError/RecursionError, but PyYAML's "
-    "safe_load constructors raise ValueError ('name: 2024-13-45', '!!int x', '!!float x'), AttributeError "
-    "('!!timestamp x'), KeyError ('!!bool x'), IndexError (\"!!int ''\"), and int() beyond "
-    "sys.get_int_max_str_digits() raises ValueError in YAML and in JSON (not a JSONDecodeError)",
-    (ValueError, AttributeError, KeyError, IndexError),
-    "meshid/authz/policy.py",
-    origin="/yaml/constructor.py",
-    message="integer string conversion",
-)
-CLI_INSPECT_LAZY_X509 = KnownBug(
-    "cli-inspect-lazy-x509",
-    "BUG: `meshid svid inspect` prints a traceback when cryptography's lazy parsing fails: check_leaf "
-    "(extensions) and describe() (issuer/subject rfc4514_string) raise ValueError, DuplicateExtension, ...",
-    _LAZY_X509,
-    "meshid/cli/svid.py",
-)
-KNOWN_BUGS: tuple[KnownBug, ...] = ()  # every bug these properties found is fixed; see the regressions below
+# --- the bookkeeping of outcomes -------------------------------------------------------------
 
 STATS: dict[str, Counter[str]] = defaultdict(Counter)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "accepted" | "meshid" | "type" | "known"
+    status: str  # "accepted" | "meshid" | "type"
     value: Any  # the result, or the exception
 
 
@@ -204,7 +105,6 @@ def outcome(
     target: str,
     call: Callable[[], Any],
     *,
-    bugs: tuple[KnownBug, ...] = (),
     type_error: bool = False,
 ) -> Outcome:
     """Run ``call`` once and hold it to the property; count the case under ``target``."""
@@ -222,12 +122,7 @@ def outcome(
         assert str(err).strip(), f"{target}: TypeError with an empty message"
         STATS[target]["type"] += 1
         return Outcome("type", err)
-    except Exception as err:
-        for bug in bugs:
-            if not STRICT and bug.matches(err):
-                STATS[target]["known"] += 1
-                STATS[target][f"known:{bug.id}"] += 1
-                return Outcome("known", err)
+    except Exception:
         STATS[target]["other"] += 1
         raise
     STATS[target]["accepted"] += 1
@@ -237,23 +132,15 @@ def outcome(
 @pytest.fixture(scope="module", autouse=True)
 def _print_figures() -> Iterator[None]:
     yield
-    rows = [f"{'target':44} {'tried':>6} {'meshid':>7} {'accepted':>8} {'TypeError':>9} {'known-bug':>9} {'other':>6}"]
+    rows = [f"{'target':44} {'tried':>6} {'meshid':>7} {'accepted':>8} {'TypeError':>9} {'other':>6}"]
     for target, c in STATS.items():
-        rows.append(
-            f"{target:44} {c['tried']:>6} {c['meshid']:>7} {c['accepted']:>8} {c['type']:>9} {c['known']:>9} {c['other']:>6}"
-        )
+        rows.append(f"{target:44} {c['tried']:>6} {c['meshid']:>7} {c['accepted']:>8} {c['type']:>9} {c['other']:>6}")
     total = sum((c for c in STATS.values()), Counter())
     rows.append(
         f"{'total':44} {total['tried']:>6} {total['meshid']:>7} {total['accepted']:>8} {total['type']:>9} "
-        f"{total['known']:>9} {total['other']:>6}"
+        f"{total['other']:>6}"
     )
-    hits = Counter({k.removeprefix("known:"): v for k, v in total.items() if k.startswith("known:")})
     print("\n[fuzz] " + "\n[fuzz] ".join(rows))
-    if hits:
-        print(
-            "[fuzz] known BUGs hit (reproducers xfail strict): "
-            + ", ".join(f"{k} x{v}" for k, v in sorted(hits.items()))
-        )
     print(f"[fuzz] other exceptions: {total['other']} (must be 0)")
 
 
@@ -654,7 +541,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_policy_load_on_random_and_mutated_files(scratch: Path, data: bytes, suffix: str) -> None:
     path = scratch / f"policy{suffix}"
     path.write_bytes(data)
-    result = outcome("AuthorizationPolicy.load", lambda: AuthorizationPolicy.load(path), bugs=(POLICY_PARSER_ERRORS,))
+    result = outcome("AuthorizationPolicy.load", lambda: AuthorizationPolicy.load(path))
     if result.status == "accepted":
         _check_decide(result.value, "/a.B/C")
 
@@ -682,7 +569,7 @@ def svid_inputs(draw: st.DrawFn) -> tuple[bytes | str, bytes | str]:
 @fuzz_settings(400)
 @given(pair=svid_inputs())
 def test_x509svid_from_pem_on_random_and_mutated_chains_and_keys(pair: tuple[bytes | str, bytes | str]) -> None:
-    result = outcome("X509Svid.from_pem", lambda: X509Svid.from_pem(*pair), bugs=(SVID_SURROGATES, SVID_LAZY_X509))
+    result = outcome("X509Svid.from_pem", lambda: X509Svid.from_pem(*pair))
     if result.status == "accepted":
         assert result.value.spiffe_id.path  # a leaf names a workload
 
@@ -717,8 +604,7 @@ def bundle_json_inputs(draw: st.DrawFn) -> bytes | str:
 @fuzz_settings(300)
 @given(data=st.one_of(st.binary(max_size=600), st.sampled_from(seeds().bundles_pem).flatmap(mutated_pem), ANY_TEXT))
 def test_trust_bundle_from_pem_on_random_and_mutated_input(data: bytes | str) -> None:
-    bugs = (BUNDLE_SURROGATES, BUNDLE_LAZY_X509)
-    result = outcome("TrustBundle.from_pem", lambda: TrustBundle.from_pem(TD, data), bugs=bugs)
+    result = outcome("TrustBundle.from_pem", lambda: TrustBundle.from_pem(TD, data))
     if result.status == "accepted":
         assert result.value.roots
 
@@ -726,8 +612,7 @@ def test_trust_bundle_from_pem_on_random_and_mutated_input(data: bytes | str) ->
 @fuzz_settings(300)
 @given(data=bundle_json_inputs())
 def test_trust_bundle_from_spiffe_json_on_random_and_mutated_input(data: bytes | str) -> None:
-    bugs = (BUNDLE_LAZY_X509, BUNDLE_JSON_RECURSION)
-    result = outcome("TrustBundle.from_spiffe_json", lambda: TrustBundle.from_spiffe_json(TD, data), bugs=bugs)
+    result = outcome("TrustBundle.from_spiffe_json", lambda: TrustBundle.from_spiffe_json(TD, data))
     if result.status == "accepted":
         assert result.value.roots
 
@@ -748,22 +633,18 @@ csr_bytes = st.one_of(
 
 
 def _locally(csr: bytes) -> str:
-    """How parse_csr itself answers: "meshid", "known" (a csr-lazy-x509 BUG) or "accepted"."""
+    """How parse_csr itself answers: "meshid" or "accepted" (anything else escapes and fails the test)."""
     try:
         parse_csr(csr)
     except MeshIdError:
         return "meshid"
-    except Exception as err:
-        if CSR_LAZY_X509.matches(err) and not STRICT:
-            return "known"
-        raise
     return "accepted"
 
 
 @fuzz_settings(400)
 @given(csr=csr_bytes)
 def test_parse_csr_on_random_and_mutated_requests(csr: bytes) -> None:
-    result = outcome("ca.csr.parse_csr", lambda: parse_csr(csr), bugs=(CSR_LAZY_X509,))
+    result = outcome("ca.csr.parse_csr", lambda: parse_csr(csr))
     if result.status == "meshid":
         assert isinstance(result.value, InvalidRequestError)
 
@@ -780,7 +661,7 @@ def test_issuing_service_refuses_bad_csrs_and_never_consumes_the_token(tmp_path:
         def fuzz(csr: bytes) -> None:
             assume(_locally(csr) != "accepted")  # a valid CSR would (rightly) spend the token
             result = outcome(
-                "IssuingService.issue_with_token", lambda: service.issue_with_token(token, csr), bugs=(CSR_LAZY_X509,)
+                "IssuingService.issue_with_token", lambda: service.issue_with_token(token, csr)
             )
             if result.status == "meshid":
                 assert isinstance(result.value, InvalidRequestError), result.value
@@ -850,10 +731,6 @@ def test_running_ca_answers_invalid_argument_to_bad_csrs_and_keeps_serving(runni
             assume(local != "accepted")
             STATS["CA IssueWithToken over gRPC"]["tried"] += 1
             code, details = issue(token, csr)
-            if local == "known" and code == grpc.StatusCode.INTERNAL:  # csr-lazy-x509, seen on the wire
-                STATS["CA IssueWithToken over gRPC"]["known"] += 1
-                STATS["CA IssueWithToken over gRPC"][f"known:{CSR_LAZY_X509.id}"] += 1
-                return
             if code != grpc.StatusCode.INVALID_ARGUMENT or not details.startswith("CSR"):
                 STATS["CA IssueWithToken over gRPC"]["other"] += 1
                 raise AssertionError(f"{code.name}: {details!r} for a CSR of {len(csr)} bytes")
@@ -880,7 +757,7 @@ def test_cli_svid_inspect_on_mutated_chains(scratch: Path, chain: bytes) -> None
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             return cli_main(["svid", "inspect", str(path)])
 
-    result = outcome("meshid svid inspect", inspect, bugs=(CLI_INSPECT_LAZY_X509,))
+    result = outcome("meshid svid inspect", inspect)
     if result.status == "accepted":
         assert result.value in (0, 2), result.value
         if result.value == 2:  # the CLI's refusal: count it as the meshid error it printed
