@@ -22,7 +22,6 @@ import grpc
 import pytest
 
 import meshid
-from conftest import client_source
 from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
@@ -96,7 +95,7 @@ def test_denied_callers_flood_of_unknown_methods_is_not_kept(ca, bundles, server
     rules = [{"name": "not-the-intruder", "methods": [f"/{SERVICE}/*"], "spiffe_ids": [SERVER_ID]}]
     policy = meshid.AuthorizationPolicy.from_dict({"allow": rules})
     interceptor = meshid.AuthorizationInterceptor(policy, source=server_source)
-    intruder = client_source(ca, INTRUDER_ID, bundles)
+    intruder = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
     with sync_server(server_source, interceptor) as port:
         creds, _ = meshid.channel_credentials(intruder)
         server_name = meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID))
