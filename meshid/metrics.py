@@ -105,9 +105,26 @@ def watch_source(source: Any) -> None:
 
 
 def serve_metrics(address: str) -> int:
-    """Expose ``REGISTRY`` at ``http://HOST:PORT/metrics``; returns the bound port (0 picks one)."""
+    """Expose ``REGISTRY`` at ``http://HOST:PORT/metrics``; returns the bound port (0 picks one).
+
+    Raises:
+        ValueError: ``address`` is not ``HOST:PORT``.
+        MeshIdError: the address is in use (another process serves there) or cannot be bound.
+    """
+    import errno
+
+    from meshid.errors import MeshIdError
+
     host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics: {address!r} is not HOST:PORT")
+    try:
+        # http.server sets SO_REUSEADDR only, never SO_REUSEPORT: on Linux a second bind of a
+        # port someone listens on fails (EADDRINUSE) instead of sharing its connections.
+        server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=REGISTRY)
+    except OSError as err:
+        why = "the address is in use by another process" if err.errno == errno.EADDRINUSE else err.strerror or err
+        raise MeshIdError(f"metrics: cannot listen on {address}: {why}") from err
     return int(server.server_port)
 
 

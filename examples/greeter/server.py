@@ -52,17 +52,30 @@ def main() -> int:
         meshid.FileSource(*files, poll_interval=0.5) as source,
         meshid.AuthorizationInterceptor(args.policy, source=source) as authz,
     ):
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[authz])
+        # grpc would otherwise set SO_REUSEPORT: a second server on the same port would start and
+        # silently take a share of its connections. Without it, a port in use fails to bind.
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8), interceptors=[authz], options=[("grpc.so_reuseport", 0)]
+        )
         greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(source), server)
         # Standard health checking; the policy decides who may ask, like any other method.
         health_servicer = health.HealthServicer()
         health_servicer.set("meshid.examples.v1.Greeter", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         metrics.watch_source(source)
-        port = server.add_secure_port(f"127.0.0.1:{args.port}", meshid.server_credentials(source))
+        address = f"127.0.0.1:{args.port}"
+        try:
+            port = server.add_secure_port(address, meshid.server_credentials(source))
+            metrics_port = metrics.serve_metrics(args.metrics) if args.metrics else None
+        except RuntimeError:
+            print(f"greeter: cannot listen on {address}: the address is in use, or cannot be bound", file=sys.stderr)
+            return 2
+        except meshid.MeshIdError as err:
+            print(f"greeter: {err}", file=sys.stderr)
+            return 2
         server.start()
-        if args.metrics:
-            print(f"metrics on {metrics.serve_metrics(args.metrics)}", flush=True)
+        if metrics_port is not None:
+            print(f"metrics on {metrics_port}", flush=True)
         print(f"listening on {port}", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

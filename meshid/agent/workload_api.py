@@ -231,6 +231,18 @@ class WorkloadApiServer:
 
     # --- lifecycle -----------------------------------------------------------------------
 
+    def check_free(self) -> None:
+        """Refuse the socket path now if a live server holds it or it is not a socket.
+
+        :meth:`start` checks again; calling this first lets a caller fail before it does
+        anything that cannot be undone (the agent: before it spends a one-time join token).
+        A stale socket file (nobody listening) is free: :meth:`start` replaces it.
+
+        Raises:
+            MeshIdError: another server is listening on the path, or the path is not a socket.
+        """
+        _check_free(self.path)
+
     def start(self) -> WorkloadApiServer:
         """Bind the socket, narrow its mode, and begin serving. Returns self.
 

@@ -10,9 +10,11 @@ port serves both).
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import os
 import pathlib
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -52,6 +54,38 @@ OPEN_METHODS = (
 MAX_REQUEST_BYTES = 64 * 1024
 #: Calls beyond this many at once are refused with RESOURCE_EXHAUSTED rather than queued.
 MAX_CONCURRENT_RPCS = 512
+
+
+def _refuse_if_in_use(listen: str) -> None:
+    """Refuse, in one line, an address some process already listens on.
+
+    grpc would say so only in a log line of its own followed by a generic error (its server is
+    also told not to set SO_REUSEPORT, which would let it share the port instead): this probe
+    binds each address ``listen`` resolves to, as grpc will, and reports the one in use.
+
+    Raises:
+        MeshIdError: an address is in use.
+    """
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return  # port 0 is never in use; anything else unusual is grpc's to report
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError):
+        return
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no conflict
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise MeshIdError(
+                        f"CA: cannot listen on {listen}: the address is in use by another process "
+                        "(another `meshid ca serve`?); stop it or choose another --listen address"
+                    ) from err
 
 
 def ca_policy(service: IssuingService) -> AuthorizationPolicy:
@@ -114,8 +148,10 @@ class CaServer:
 
         Raises:
             StoreError, DataDirError: the store or data folder is unusable.
-            RuntimeError: the address cannot be bound.
+            MeshIdError: the address is in use by another process, or cannot be bound; checked
+                before anything is signed or written.
         """
+        _refuse_if_in_use(self._listen)
         self._source = StaticSource(self._own_svid(), self._bundles())
         refresh_admin_svid(self.service, self._data_dir / "admin")
         interceptor = AuthorizationInterceptor(
@@ -129,6 +165,9 @@ class CaServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                # Without it grpc sets SO_REUSEPORT and a second CA on this port starts and
+                # silently takes a share of the connections.
+                ("grpc.so_reuseport", 0),
             ],
         )
         issuer_pb2_grpc.add_IssuerServicer_to_server(IssuerServicer(self.service), server)  # type: ignore[no-untyped-call]
@@ -144,8 +183,8 @@ class CaServer:
         )
         try:
             port = server.add_secure_port(self._listen, creds)
-        except RuntimeError as err:
-            raise RuntimeError(f"CA: cannot listen on {self._listen}: {err}") from err
+        except RuntimeError as err:  # in use since the probe, or not an address grpc can bind
+            raise MeshIdError(f"CA: cannot listen on {self._listen}: {err}") from err
         server.start()
         self._server, self.port = server, port
         self._stop.clear()

@@ -42,8 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MeshIdError as err:
         print(f"meshid: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        print(f"meshid: {err.filename or ''}: {err.strerror}", file=sys.stderr)
+    except OSError as err:  # a file (named) or a socket (no name) that cannot be used
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"meshid: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

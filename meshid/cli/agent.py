@@ -72,6 +72,8 @@ def run_agent(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"meshid: agent: {err}", file=sys.stderr)
         return 2
+    if server is not None:
+        server.check_free()  # before the join token is spent: a socket another agent serves is refused
     source.start()
     try:
         places = []

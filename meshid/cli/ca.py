@@ -76,12 +76,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     server = CaServer(args.data_dir, args.listen, datastore=args.datastore)
-    port = server.start()
-    print(f"CA serving on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
-    if args.metrics:
+    metrics_port = None
+    if args.metrics:  # bound first: an address in use is refused before the CA does anything
         from meshid.metrics import serve_metrics
 
         metrics_port = serve_metrics(args.metrics)
+    port = server.start()  # MeshIdError (one line, exit 2) if --listen is in use
+    print(f"CA serving on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    if metrics_port is not None:
         print(f"CA metrics on http://{args.metrics.rsplit(':', 1)[0]}:{metrics_port}/metrics", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,0 +1,265 @@
+"""Issue #10, item 7: no listener meshid opens starts on an address another process holds.
+
+grpc sets SO_REUSEPORT by default, so a second server on a port in use would start and take a
+share of the connections. Each listener (the CA, its metrics, the example greeter, the
+Workload API socket) must refuse instead, with one line saying so; the CLI exits 2. The CLI
+and the example run as real processes; the servers holding the addresses are real too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+import meshid
+from meshid.ca import Authority
+from meshid.ca.client import AdminClient, fetch_svid
+from meshid.ca.datadir import init_data_dir
+from meshid.ca.server import CaServer
+from support import FRONTEND_ID, SERVER_ID
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+TD = "example.org"
+WORKLOAD_ID = f"spiffe://{TD}/ns/prod/sa/workload"
+#: How long a process that should refuse at once may take to exit before it counts as started.
+EXIT_DEADLINE = 30.0
+
+
+def meshid_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshid.cli", *args]
+
+
+def read_line(proc: subprocess.Popen[str], pattern: str, what: str) -> re.Match[str]:
+    """The first line of ``proc``'s stdout matching ``pattern`` (fails if it exits or stalls first)."""
+    assert proc.stdout is not None
+    give_up = time.monotonic() + EXIT_DEADLINE
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < give_up:
+            if not selector.select(give_up - time.monotonic()):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                pytest.fail(f"{what} exited with {proc.wait()} before printing {pattern!r}")
+            match = re.search(pattern, line)
+            if match:
+                return match
+    pytest.fail(f"{what} printed no {pattern!r} within {EXIT_DEADLINE} s")
+
+
+@contextlib.contextmanager
+def running(args: list[str], *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """A long-running process (stderr discarded); always ended."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def refused(args: list[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a process that must refuse to start: it has to exit on its own within the deadline."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=EXIT_DEADLINE, env=env, check=False)
+    except subprocess.TimeoutExpired as err:  # run() has killed it
+        pytest.fail(f"{' '.join(args[1:])} started on an address in use instead of refusing; stderr: {err.stderr!r}")
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], prefix: str, *words: str) -> str:
+    """Exit code 2 and exactly one line on stderr, never a traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(prefix), lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("listeners") / "ca"
+    init = subprocess.run(
+        meshid_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD), capture_output=True, text=True
+    )
+    assert init.returncode == 0, init.stderr
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ca(data_dir: Path) -> Iterator[tuple[str, int]]:
+    """`meshid ca serve` with metrics, as a real process: (its address, its metrics port)."""
+    args = ["ca", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+    with running(meshid_cli(*args)) as proc:
+        port = int(read_line(proc, r"^CA serving on 127\.0\.0\.1:(\d+)$", "the first CA").group(1))
+        metrics_port = int(
+            read_line(proc, r"^CA metrics on http://127\.0\.0\.1:(\d+)/metrics$", "the first CA").group(1)
+        )
+        yield f"127.0.0.1:{port}", metrics_port
+
+
+def answers(address: str, data_dir: Path) -> bool:
+    with AdminClient(address, data_dir) as admin:
+        admin.list_entries()
+    return True
+
+
+# --- what the code relies on ---------------------------------------------------------------------
+
+
+def test_grpc_refuses_a_second_bind_once_so_reuseport_is_off() -> None:
+    first = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # grpc's default: SO_REUSEPORT set
+    port = first.add_insecure_port("127.0.0.1:0")
+    first.start()
+    try:
+        sharing = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        assert sharing.add_insecure_port(f"127.0.0.1:{port}") == port  # what the option is for
+        refusing = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=[("grpc.so_reuseport", 0)])
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            refusing.add_insecure_port(f"127.0.0.1:{port}")
+    finally:
+        first.stop(None).wait()
+
+
+# --- the CA ---------------------------------------------------------------------------------------
+
+
+def test_second_ca_serve_on_the_port_in_use_exits_2_with_one_line(ca: tuple[str, int], data_dir: Path) -> None:
+    address, _ = ca
+    result = refused(meshid_cli("ca", "serve", "--data-dir", str(data_dir), "--listen", address))
+    assert_one_line(result, f"meshid: CA: cannot listen on {address}: ", "in use")
+    assert answers(address, data_dir)  # the first CA still serves, alone
+
+
+def test_ca_serve_with_metrics_on_a_port_in_use_exits_2_with_one_line(ca: tuple[str, int], data_dir: Path) -> None:
+    address, metrics_port = ca
+    args = ["ca", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--metrics"]
+    result = refused(meshid_cli(*args, f"127.0.0.1:{metrics_port}"))
+    assert_one_line(result, f"meshid: metrics: cannot listen on 127.0.0.1:{metrics_port}: ", "in use")
+    assert answers(address, data_dir)
+
+
+def test_ca_server_refuses_a_port_a_grpc_server_shares(tmp_path: Path) -> None:
+    # The holder sets SO_REUSEPORT (grpc's default, as meshid's own servers did): sharing is
+    # refused all the same, since it takes both sockets to ask for it.
+    holder = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    init_data_dir(tmp_path / "ca", TD)
+    server = CaServer(tmp_path / "ca", f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(meshid.MeshIdError, match=rf"^CA: cannot listen on 127\.0\.0\.1:{port}: .*in use"):
+            server.start()
+    finally:
+        server.stop(None)
+        holder.stop(None).wait()
+
+
+def test_ca_server_refuses_the_port_of_another_ca_server(tmp_path: Path) -> None:
+    init_data_dir(tmp_path / "one", TD)
+    init_data_dir(tmp_path / "two", TD)
+    first = CaServer(tmp_path / "one", "127.0.0.1:0")
+    port = first.start()
+    second = CaServer(tmp_path / "two", f"127.0.0.1:{port}")
+    admin_svid = (tmp_path / "two" / "admin" / "svid.pem").read_bytes()
+    try:
+        with pytest.raises(meshid.MeshIdError, match="in use by another process"):
+            second.start()
+        # Refused before it signed anything: the second CA's admin SVID was not rewritten.
+        assert (tmp_path / "two" / "admin" / "svid.pem").read_bytes() == admin_svid
+        assert answers(f"127.0.0.1:{port}", tmp_path / "one")
+    finally:
+        second.stop(None)
+        first.stop(None)
+
+
+# --- the example greeter --------------------------------------------------------------------------
+
+
+def test_example_greeter_on_a_port_in_use_exits_2(tmp_path: Path) -> None:
+    authority = Authority.create_root(TD)
+    svid = authority.issue_svid(SERVER_ID)
+    (tmp_path / "svid.pem").write_bytes(svid.chain_pem())
+    (tmp_path / "svid.key").write_bytes(svid.key_pem())
+    (tmp_path / "bundle.pem").write_bytes(meshid.TrustBundle(authority.trust_domain, authority.roots).to_pem())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"allow:\n  - name: all\n    methods: ['*']\n    spiffe_ids: [{FRONTEND_ID}]\n")
+    holder = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    try:
+        script = str(ROOT / "examples" / "greeter" / "server.py")
+        result = refused([sys.executable, script, "--dir", str(tmp_path), "--policy", str(policy), "--port", str(port)])
+    finally:
+        holder.stop(None).wait()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    # grpc's C core logs its own line first; the greeter's is the last.
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"greeter: cannot listen on 127.0.0.1:{port}: the address is in use"), last
+
+
+# --- the Workload API socket ----------------------------------------------------------------------
+
+
+def test_agent_on_a_socket_another_agent_serves_exits_2_and_keeps_its_join_token(
+    ca: tuple[str, int], data_dir: Path, tmp_path: Path
+) -> None:
+    address, _ = ca
+    bundle = str(data_dir / "bundle.pem")
+    with AdminClient(address, data_dir) as admin:
+        admin.create_entry(WORKLOAD_ID)
+        first_token = str(admin.create_token(WORKLOAD_ID).token)
+        second_token = str(admin.create_token(WORKLOAD_ID, ttl=datetime.timedelta(minutes=5)).token)
+    sock = tmp_path / "api.sock"
+    env = {**os.environ, "MESHID_JOIN_TOKEN": first_token}
+    agent = ["agent", "--server", address, "--bundle", bundle, "--workload-api", f"unix://{sock}"]
+    with running(meshid_cli(*agent), env=env) as first:
+        read_line(first, r"^agent: ", "the first agent")
+        result = refused(meshid_cli(*agent), env={**os.environ, "MESHID_JOIN_TOKEN": second_token})
+        assert_one_line(result, f"meshid: Workload API: another server is listening on {sock}")
+        # The first agent still serves on its socket...
+        with meshid.WorkloadApiSource(f"unix:{sock}") as served:
+            assert str(served.get_svid().spiffe_id) == WORKLOAD_ID
+    # ...and the refused one never spent its one-time token.
+    svid, _ = fetch_svid(address, bundle, second_token)
+    assert str(svid.spiffe_id) == WORKLOAD_ID
+
+
+def test_agent_replaces_a_stale_socket_file(ca: tuple[str, int], data_dir: Path, tmp_path: Path) -> None:
+    address, _ = ca
+    with AdminClient(address, data_dir) as admin:
+        admin.create_entry(f"{WORKLOAD_ID}-stale")
+        token = str(admin.create_token(f"{WORKLOAD_ID}-stale").token)
+    sock = tmp_path / "api.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:  # bound, never listening, then closed
+        dead.bind(str(sock))
+    assert sock.is_socket()
+    agent = ["agent", "--server", address, "--bundle", str(data_dir / "bundle.pem"), "--workload-api", f"unix://{sock}"]
+    with running(meshid_cli(*agent), env={**os.environ, "MESHID_JOIN_TOKEN": token}) as proc:
+        read_line(proc, r"^agent: ", "the agent")
+        with meshid.WorkloadApiSource(f"unix:{sock}") as served:
+            assert str(served.get_svid().spiffe_id) == f"{WORKLOAD_ID}-stale"
