@@ -2,7 +2,8 @@
 
 Sections: [core] (below), [ca] issuance throughput (bench/issuance.py), [rotation] latency and
 failures while SVIDs rotate (bench/rotation.py), [replicas] issuance on PostgreSQL with one and
-two CA replicas next to SQLite (bench/replicas.py).
+two CA replicas next to SQLite (bench/replicas.py), [memory] server and CA memory under floods of
+long method names and under renewals (bench/memory.py).
 
 Issue #2 (core):
   * median latency of a unary RPC on an mTLS server with meshid's interceptor and a
@@ -173,12 +174,14 @@ def main() -> int:
 
     if not args.core_only:
         import issuance  # bench/issuance.py: issue #3
+        import memory  # bench/memory.py: issue #10
         import replicas  # bench/replicas.py: issue #7
         import rotation  # bench/rotation.py: issue #4
 
         issuance.run()
         rotation.run()
         replicas.run()
+        memory.run()
     return 0
 
 
