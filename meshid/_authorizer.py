@@ -44,6 +44,17 @@ def _materialize(metadata: Metadata) -> Iterable[tuple[str, str | bytes]] | None
 TrustInput = Source | BundleSet | TrustBundle
 
 
+def _stamp_of(path: str | os.PathLike[str] | None) -> tuple[int, int, int] | None:
+    """What tells a policy file's versions apart: inode (an atomic rename), size and mtime."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A call refused: the status code and the message the caller sees."""
@@ -95,6 +106,7 @@ class Authorizer:
         self._forwarded = ForwardedIdentities(proxies, bundles, header=forwarded_header) if proxies else None
         self._poll_interval = poll_interval
         self._stamp = self._file_stamp()
+        self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.revoked: Callable[[PeerIdentity], bool] | None = None
@@ -112,13 +124,7 @@ class Authorizer:
         return self._policy
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
-        if self._path is None:
-            return None
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return _stamp_of(self._path)
 
     def reload(self, policy: PolicyInput | None = None) -> bool:
         """Swap in a new policy atomically; with no argument, re-read the policy file.
@@ -126,24 +132,33 @@ class Authorizer:
         A policy that fails to load leaves the current one in force; the error is logged and
         re-raised for a direct call with an argument. Returns True when a new policy took effect.
         """
-        if policy is None:
-            if self._path is None:
-                raise ValueError("reload() without a policy needs an interceptor built from a policy file")
-            self._stamp = self._file_stamp()
-            try:
-                new, _ = _load(self._path)
-            except MeshIdError as err:
-                log.error("policy: keeping policy %r in force: %s", self._policy.name, err)
-                return False
-        else:
-            try:
-                new, path = _load(policy)
-            except MeshIdError as err:
-                log.error("policy: keeping policy %r in force: %s", self._policy.name, err)
-                raise
-            if path is not None:
-                self._path, self._stamp = path, self._file_stamp()
-        self._policy = new
+        # One reload at a time: a slow load of an older file must never finish after (and so
+        # replace) the load of a newer one, leaving the older policy in force under the newer
+        # file's stamp, where the watcher would never look again.
+        with self._reload_lock:
+            if policy is None:
+                if self._path is None:
+                    raise ValueError("reload() without a policy needs an interceptor built from a policy file")
+                # The stamp is taken before the read: a change made during the load is seen
+                # by the next poll, never lost.
+                stamp = self._file_stamp()
+                try:
+                    new, _ = _load(self._path)
+                except MeshIdError as err:
+                    self._stamp = stamp  # a broken file is reported once, not at every poll
+                    log.error("policy: keeping policy %r in force: %s", self._policy.name, err)
+                    return False
+                self._stamp = stamp
+            else:
+                stamp = _stamp_of(policy) if isinstance(policy, str | os.PathLike) else None
+                try:
+                    new, path = _load(policy)
+                except MeshIdError as err:
+                    log.error("policy: keeping policy %r in force: %s", self._policy.name, err)
+                    raise
+                if path is not None:
+                    self._path, self._stamp = path, stamp
+            self._policy = new
         log.info("policy: now enforcing %r (%d rules) from %s", new.name, len(new.rules), new.origin)
         return True
 

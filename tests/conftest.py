@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Iterator
+
 import pytest
 
 import meshid
@@ -48,3 +53,43 @@ def policy() -> meshid.AuthorizationPolicy:
 
 def client_source(authority: Authority, spiffe_id: str, bundles: meshid.BundleSet, **kw: object) -> meshid.StaticSource:
     return meshid.StaticSource(authority.issue_svid(spiffe_id, **kw), bundles)  # type: ignore[arg-type]
+
+
+# --- every test cleans up after itself: the threads and processes it started end with it ------------
+
+def _children() -> set[int]:
+    pids = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return {pid for pid in pids if _alive(pid)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _meshid_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("meshid")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads_or_processes() -> Iterator[None]:
+    """Fail a test that leaves a meshid background thread (watchers, renewal loops) or a child
+    process running: a leak makes later tests flaky and CI hang."""
+    threads, children = _meshid_threads(), _children()
+    yield
+    leaked_threads = lambda: _meshid_threads() - threads  # noqa: E731
+    leaked_children = lambda: _children() - children  # noqa: E731
+    deadline = time.monotonic() + 10
+    while (leaked_threads() or leaked_children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not leaked_threads(), f"threads left running: {sorted(t.name for t in leaked_threads())}"
+    assert not leaked_children(), f"child processes left running: {sorted(leaked_children())}"

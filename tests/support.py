@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -204,6 +205,12 @@ class _Raw:
         return self._key
 
 
+def handshake_failed(code: str, details: str) -> bool:
+    """Whether a call failed because a *listening* server refused the TLS handshake: grpc says
+    UNAVAILABLE for that and for a dead server alike, but a dead one refuses the connection."""
+    return code == "UNAVAILABLE" and "failed to connect to all addresses" in details and "Connection refused" not in details
+
+
 def call(channel: Any, metadata: Any = None) -> tuple[str, str]:
     """One SayHello: ("OK", caller) or (status code name, details)."""
     try:
@@ -228,3 +235,16 @@ def require_program(name: str, *fallbacks: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+def eventually(predicate: Callable[[], object], timeout: float, what: str, *, interval: float = 0.02) -> object:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``
+    seconds saying ``what`` was awaited. The one way tests wait: never sleep-then-assert."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

@@ -10,7 +10,19 @@ import pytest
 
 import meshid
 from refusals import CASES, Case
-from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, RawSource, call, forge, hello, stub, sync_server
+from support import (
+    FRONTEND_ID,
+    INTRUDER_ID,
+    SAY_HELLO,
+    SERVER_ID,
+    RawSource,
+    call,
+    forge,
+    handshake_failed,
+    hello,
+    stub,
+    sync_server,
+)
 
 
 @pytest.fixture
@@ -28,7 +40,7 @@ def test_caller_matrix(case: Case, ca, other_ca, bundles, server_source, interce
         with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=_pin()) as channel:
             code, details = call(channel)
     if case.outcome == "HANDSHAKE":
-        assert code == "UNAVAILABLE", details
+        assert handshake_failed(code, details), (code, details)
     else:
         assert code == case.outcome, details
         assert case.detail in details
@@ -50,8 +62,8 @@ def test_no_client_certificate_fails_the_handshake(bundles, server_source, inter
         sync_server(server_source, interceptor) as port,
         grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(roots), options=_pin()) as channel,
     ):
-        code, _ = call(channel)
-    assert code == "UNAVAILABLE"
+        code, details = call(channel)
+    assert handshake_failed(code, details), (code, details)
 
 
 def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, interceptor) -> None:
@@ -150,13 +162,13 @@ def test_server_id_mismatch_is_refused_before_any_request(ca, bundles, server_so
         with meshid.secure_channel(
             f"127.0.0.1:{port}", allowed, server_id="spiffe://example.org/ns/prod/sa/impostor"
         ) as channel:
-            code, _ = call(channel)
-        assert code == "UNAVAILABLE"
+            code, details = call(channel)
+        assert handshake_failed(code, details), (code, details)
         assert not [r for r in caplog.records if r.name == "meshid.audit"], "the server saw a request"
         with meshid.secure_channel(f"127.0.0.1:{port}", allowed, server_id="example.org") as channel:
             assert call(channel) == ("OK", FRONTEND_ID)
         with meshid.secure_channel(f"127.0.0.1:{port}", allowed, server_id="other.org") as channel:
-            assert call(channel)[0] == "UNAVAILABLE"
+            assert handshake_failed(*call(channel))
 
 
 def test_server_id_pattern_is_refused_with_reason(ca, bundles) -> None:

@@ -18,6 +18,7 @@ from conftest import RunningCa
 from meshid._proto import greeter_pb2, greeter_pb2_grpc  # the example service's messages
 from meshid.agent import IssuerSource
 from meshid.ca.datadir import activate_rotation, prepare_rotation
+from support import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,14 +30,6 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
     def SayHello(self, request: Any, context: Any) -> Any:
         peer = meshid.peer_identity(context)
         return greeter_pb2.HelloReply(message="hi", caller=peer.certificate.issuer.rfc4514_string())
-
-
-def _wait(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _roots(source: IssuerSource) -> set[str]:
@@ -82,17 +75,19 @@ def test_ca_key_rotation_under_load_has_zero_failed_rpcs(tmp_path) -> None:
         callers = [threading.Thread(target=caller) for _ in range(4)]
         for t in callers:
             t.start()
-        time.sleep(1)
+        eventually(lambda: ok >= 20, 30, "calls on the old root before the rotation")
 
         new_ca = prepare_rotation(ca.folder).subject.rfc4514_string()
-        _wait(lambda: all(len(_roots(s)) == 2 for s in sources), "workloads to fetch the two-root bundle")
+        eventually(lambda: all(len(_roots(s)) == 2 for s in sources), 30, "workloads to fetch the two-root bundle")
         activate_rotation(ca.folder, grace=datetime.timedelta(seconds=1))
-        _wait(
+        eventually(
             lambda: all(s.get_svid().leaf.issuer.rfc4514_string() == new_ca for s in sources),
+            30,
             "workloads to hold SVIDs from the new CA",
         )
-        _wait(lambda: all(_roots(s) == {new_ca} for s in sources), "the old root to leave every bundle")
-        time.sleep(1.5)  # keep calling on the new root alone
+        eventually(lambda: all(_roots(s) == {new_ca} for s in sources), 30, "the old root to leave every bundle")
+        on_new_root_alone = ok
+        eventually(lambda: ok >= on_new_root_alone + 40, 30, "calls on the new root alone")
         stop.set()
         for t in callers:
             t.join()

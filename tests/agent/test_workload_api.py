@@ -25,7 +25,7 @@ import spiffe
 import meshid
 from meshid.agent.workload_api import WorkloadApiServer
 from meshid.workload import WorkloadApiSource
-from support import FRONTEND_ID, SERVER_ID, call, sync_server
+from support import FRONTEND_ID, SERVER_ID, call, eventually, sync_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,13 +112,6 @@ def closing(request) -> Callable[[object], object]:
     return register
 
 
-def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_py_spiffe_fetches_the_svid_and_bundle_and_follows_rotations(
     running_ca, start_agent, closing, tmp_path
 ) -> None:
@@ -146,7 +139,7 @@ def test_py_spiffe_fetches_the_svid_and_bundle_and_follows_rotations(
         serials.add(context.default_svid.leaf.serial_number)
         return len(serials) >= 3
 
-    _until(rotated_twice, 15, "py-spiffe's X509Source to see two rotations")
+    eventually(rotated_twice, 15, "py-spiffe's X509Source to see two rotations")
 
     code, err = agent.stop()
     assert code == 0, err
@@ -244,12 +237,11 @@ def test_a_source_keeps_its_identity_while_the_server_is_gone_and_reconnects(
     code, err = first.stop()
     assert code == 0, err
     held = source.get_svid()
-    time.sleep(1.0)  # the stream is broken and reconnection attempts fail meanwhile
-    assert source.get_svid() is held
-    assert source.last_error is not None
+    eventually(lambda: source.last_error is not None, 10, "the broken stream to be noticed")
+    assert source.get_svid() is held  # reconnection attempts fail meanwhile; the SVID is kept
 
     start_agent(socket, "--out", str(out))  # reuses the saved SVID, then renews it
-    _until(lambda: source.get_svid().serial != held.serial, 10, "the source to follow the restarted agent")
+    eventually(lambda: source.get_svid().serial != held.serial, 10, "the source to follow the restarted agent")
     assert source.last_error is None
     assert changes and changes[-1] == source.get_svid().serial
 
@@ -289,11 +281,11 @@ def test_a_response_that_does_not_parse_leaves_the_previous_identity(
     source = closing(WorkloadApiSource(f"unix://{tmp_path}/replay.sock").start())
     held = source.get_svid()
     replies.put(broken)
-    _until(lambda: source.last_error is not None, 5, "the broken response to be rejected")
+    eventually(lambda: source.last_error is not None, 5, "the broken response to be rejected")
     assert "X509-SVID" in source.last_error
     assert source.get_svid() is held
     replies.put(after)
-    _until(lambda: source.get_svid().serial != held.serial, 5, "the next good response to take effect")
+    eventually(lambda: source.get_svid().serial != held.serial, 5, "the next good response to take effect")
     assert source.last_error is None
 
 
@@ -313,7 +305,7 @@ def test_federated_bundles_are_served_and_a_live_socket_is_never_taken_over(
 
     rotated = ca.issue_svid(WORKLOAD)
     source.update(svid=rotated)
-    _until(lambda: consumer.get_svid() == rotated, 5, "the update to be streamed")
+    eventually(lambda: consumer.get_svid() == rotated, 5, "the update to be streamed")
 
     with pytest.raises(meshid.MeshIdError, match="another server is listening on"):
         WorkloadApiServer(source, str(socket)).start()
