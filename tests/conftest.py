@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -57,6 +58,9 @@ def client_source(authority: Authority, spiffe_id: str, bundles: meshid.BundleSe
 
 # --- every test cleans up after itself: the threads and processes it started end with it ------------
 
+_POOL_WORKER = re.compile(r"_\d+$")
+
+
 def _children() -> set[int]:
     pids = set()
     for task in os.listdir("/proc/self/task"):
@@ -77,7 +81,9 @@ def _alive(pid: int) -> bool:
 
 
 def _meshid_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("meshid")}
+    # meshid's background loops, named meshid-<what>; not the workers of a server's thread pool
+    # (meshid-ca_3), which grpc starts on demand and a module-scoped server keeps.
+    return {t for t in threading.enumerate() if t.name.startswith("meshid") and not _POOL_WORKER.search(t.name)}
 
 
 @pytest.fixture(autouse=True)

@@ -24,14 +24,18 @@ import meshid.aio
 from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.datadir import init_data_dir, load_authority
 from meshid.ca.server import CaServer
-from support import FRONTEND_ID, SERVER_ID, SERVICE, aio_server, hello, stub, sync_server
+from support import FRONTEND_ID, SERVER_ID, SERVICE, aio_server, call, eventually, hello, stub, sync_server
 
 pytestmark = pytest.mark.timeout(90)
 
 TD = "example.org"
 CHATTY_ID = f"spiffe://{TD}/ns/prod/sa/chatty"  # revoked while its stream is open
 AIO_CHATTY_ID = f"spiffe://{TD}/ns/prod/sa/aio-chatty"
-POLICY = {"allow": [{"name": "all", "methods": [f"/{SERVICE}/*"], "spiffe_ids": [FRONTEND_ID, CHATTY_ID, AIO_CHATTY_ID]}]}
+CONNECTED_ID = f"spiffe://{TD}/ns/prod/sa/connected"  # revoked while connected, seen by a started CrlWatcher
+ISSUED_ID = f"spiffe://{TD}/ns/prod/sa/issued"  # revoked while connected, seen by the server's IssuerSource
+SERVER2_ID = f"spiffe://{TD}/ns/prod/sa/greeter-on-an-issuer-source"
+CALLERS = [FRONTEND_ID, CHATTY_ID, AIO_CHATTY_ID, CONNECTED_ID, ISSUED_ID]
+POLICY = {"allow": [{"name": "all", "methods": [f"/{SERVICE}/*"], "spiffe_ids": CALLERS}]}
 
 
 @dataclass
@@ -54,7 +58,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         bundle_file = folder / "bundle.pem"
         svids = {}
         with AdminClient(address, folder) as admin:
-            for sid in (SERVER_ID, FRONTEND_ID, CHATTY_ID, AIO_CHATTY_ID):
+            for sid in (SERVER_ID, *CALLERS):
                 admin.create_entry(sid)
                 svids[sid], _ = fetch_svid(address, bundle_file, str(admin.create_token(sid).token))
         bundles = meshid.BundleSet.of(meshid.TrustBundle.load(TD, bundle_file))
@@ -174,3 +178,55 @@ def test_revocation_ends_an_open_aio_stream(world: World) -> None:
     assert code == "UNAUTHENTICATED", details
     assert "was revoked during the call" in details
 
+
+
+def test_expired_certificate_is_refused_on_a_long_lived_connection(world: World) -> None:
+    authority, _ = load_authority(world.folder)
+    short = authority.issue_svid(FRONTEND_ID, ttl=datetime.timedelta(seconds=3))
+    with sync_server(world.server_source, _interceptor(world)) as port:
+        source = meshid.StaticSource(short, world.bundles)
+        with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+            assert call(channel) == ("OK", FRONTEND_ID)
+            eventually(
+                lambda: datetime.datetime.now(datetime.UTC) > short.not_after + datetime.timedelta(milliseconds=50),
+                10,
+                "the client certificate to expire",
+            )
+            # the same channel, so the same TLS connection: the handshake is not redone
+            code, details = call(channel)
+    assert code == "UNAUTHENTICATED", details
+    assert "expired" in details
+
+
+def test_connected_peer_is_refused_once_a_started_crl_watcher_sees_its_revocation(world: World) -> None:
+    watcher = meshid.CrlWatcher(world.ca, world.server_source, interval=0.2).start()
+    try:
+        interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=world.server_source)
+        interceptor.set_revocation_check(watcher.is_revoked)
+        with sync_server(world.server_source, interceptor) as port:
+            source = meshid.StaticSource(world.svids[CONNECTED_ID], world.bundles)
+            with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+                assert call(channel) == ("OK", CONNECTED_ID)
+                with AdminClient(world.ca, world.folder) as admin:
+                    admin.revoke(serial=f"{world.svids[CONNECTED_ID].serial:x}")
+                code, details = eventually(lambda: (r := call(channel))[0] != "OK" and r, 10, "the revocation to take effect")
+    finally:
+        watcher.close()
+    assert code == "UNAUTHENTICATED" and "is revoked" in details, (code, details)
+
+
+def test_connected_peer_is_refused_once_the_servers_issuer_source_sees_its_revocation(world: World) -> None:
+    with AdminClient(world.ca, world.folder) as admin:
+        admin.create_entry(SERVER2_ID, ttl=datetime.timedelta(seconds=4))
+        token = str(admin.create_token(SERVER2_ID).token)
+    with meshid.IssuerSource(world.ca, world.folder / "bundle.pem", join_token=token, refresh_interval=0.5) as server_source:
+        interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server_source)
+        interceptor.set_revocation_check(server_source.is_revoked)
+        with sync_server(server_source, interceptor) as port:
+            source = meshid.StaticSource(world.svids[ISSUED_ID], world.bundles)
+            with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER2_ID) as channel:
+                assert call(channel) == ("OK", ISSUED_ID)
+                with AdminClient(world.ca, world.folder) as admin:
+                    admin.revoke(serial=f"{world.svids[ISSUED_ID].serial:x}")
+                code, details = eventually(lambda: (r := call(channel))[0] != "OK" and r, 10, "the revocation to take effect")
+    assert code == "UNAUTHENTICATED" and "is revoked" in details, (code, details)
