@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -248,3 +253,70 @@ def eventually(predicate: Callable[[], object], timeout: float, what: str, *, in
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def aio_server_in_a_thread(source: meshid.Source, interceptor: grpc.aio.ServerInterceptor | None) -> Iterator[int]:
+    """:func:`aio_server` on an event loop of its own thread, so sync clients and the same test
+    bodies as :func:`sync_server` can exercise the aio interceptor; always stopped."""
+    started: concurrent.futures.Future[tuple[int, asyncio.Event, asyncio.AbstractEventLoop]] = concurrent.futures.Future()
+
+    async def serve() -> None:
+        try:
+            async with aio_server(source, interceptor) as port:
+                stop = asyncio.Event()
+                started.set_result((port, stop, asyncio.get_running_loop()))
+                await stop.wait()
+        except BaseException as err:
+            if not started.done():
+                started.set_exception(err)
+            raise
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="test-aio-server")
+    thread.start()
+    try:
+        port, stop, loop = started.result(timeout=30)
+        yield port
+    finally:
+        if started.done() and started.exception() is None:
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+
+
+def grpclib_context(svid: meshid.X509Svid, bundles: meshid.BundleSet, folder: Path) -> ssl.SSLContext:
+    """A Python ``ssl`` client context presenting ``svid`` (for grpclib, an independent gRPC stack)."""
+    cert, key = folder / f"{svid.serial:x}.pem", folder / f"{svid.serial:x}.key"
+    cert.write_bytes(svid.chain_pem())
+    key.write_bytes(svid.key_pem())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=bundles.all_roots_pem().decode())
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def grpclib_say_hello(port: int, ctx: ssl.SSLContext) -> tuple[str, str]:
+    """One SayHello from grpclib: ("OK", caller) or (status name, message)."""
+    from grpclib.client import Channel
+    from grpclib.config import Configuration
+    from grpclib.const import Cardinality
+    from grpclib.exceptions import GRPCError
+
+    async def run() -> tuple[str, str]:
+        # grpclib checks the server's name like grpcio: pin the greeter's identity DNS name.
+        pin = Configuration(ssl_target_name_override=meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID)))
+        channel = Channel("127.0.0.1", port, ssl=ctx, config=pin)
+        try:
+            async with channel.request(
+                SAY_HELLO, Cardinality.UNARY_UNARY, greeter_pb2.HelloRequest, greeter_pb2.HelloReply
+            ) as stream:
+                await stream.send_message(greeter_pb2.HelloRequest(name="grpclib"), end=True)
+                reply = await stream.recv_message()
+                await stream.recv_trailing_metadata()
+            return "OK", reply.caller if reply is not None else ""
+        except GRPCError as err:
+            return err.status.name, err.message or ""
+        finally:
+            channel.close()
+
+    return asyncio.run(run())
