@@ -64,3 +64,43 @@ def test_stale_generated_code_is_detected(tmp_path) -> None:
     )
     assert out.returncode == 1
     assert "greeter_pb2.py" in out.stdout
+
+
+def test_import_meshid_loads_only_what_is_used() -> None:
+    # `import meshid` is cheap; using the interceptor does not load the agent, the Workload API
+    # or the CA; and `meshid.aio` comes with `import meshid`, as grpc.aio with grpc.
+    probe = (
+        "import sys, meshid\n"
+        "bare = sorted(m for m in sys.modules if m.startswith(('grpc', 'meshid.')))\n"
+        "meshid.AuthorizationInterceptor, meshid.server_credentials, meshid.secure_channel, meshid.StaticSource\n"
+        "server = sorted(m for m in sys.modules if m.startswith('meshid.'))\n"
+        "print(bare, server, meshid.aio.AuthorizationInterceptor.__module__, sep='\\n')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "[]", out[0]
+    loaded = eval(out[1])
+    assert not [m for m in loaded if m.startswith(("meshid.agent", "meshid.workload", "meshid.ca"))], loaded
+    assert out[2] == "meshid.aio.interceptors"
+
+
+def test_python_dash_m_meshid_and_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "meshid", "--version"], capture_output=True, text=True, check=False)
+    assert (out.returncode, out.stdout.strip()) == (0, f"meshid {meshid.__version__}")
+
+
+def test_type_checkers_see_every_lazily_loaded_name() -> None:
+    # meshid/__init__.py loads names on use; its TYPE_CHECKING imports are what mypy and IDEs
+    # read. Both lists must name the same things, from the same modules.
+    import ast
+
+    tree = ast.parse((ROOT / "meshid" / "__init__.py").read_text())
+    seen = {
+        alias.asname or alias.name: f"{node.module}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("meshid")
+        for alias in node.names
+    }
+    seen.pop("aio")
+    assert sorted(seen) == meshid.__all__
+    for name, home in seen.items():
+        assert getattr(meshid, name) is getattr(__import__(home, fromlist=[name]), name), name

@@ -6,10 +6,18 @@ Errors are one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import os
+
+# grpc's C core logs each failed TLS handshake on stderr (at INFO, through absl), which would
+# turn a command's one-line error into several; it reads the setting when grpc is first
+# imported, so this comes before anything that imports grpc. An operator's own value wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import sys
 from collections.abc import Sequence
 
+import meshid
 from meshid.cli import agent, bundle, ca, entry, policy, svid
 from meshid.errors import MeshIdError
 
@@ -25,6 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshid", description="SPIFFE identities and authorization for gRPC services.")
+    parser.add_argument("--version", action="version", version=f"meshid {meshid.__version__}")
     groups = parser.add_subparsers(dest="group", required=True, parser_class=_Parser)
     ca.register(groups)
     agent.register(groups)

@@ -495,3 +495,78 @@ def test_ca_init_refuses_a_folder_that_already_holds_a_ca(tmp_path: Path) -> Non
     again = meshid("ca", "init", "--data-dir", str(data_dir), "--trust-domain", "other.org")
     assert_refused(again, "already holds a CA")
     assert {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()} == before
+
+
+# --- CLI exit codes against the running CA (issue #19: claims with no test) --------------------------
+
+
+def _dead_address() -> str:
+    """A loopback port nobody listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_bundle_show_exit_codes(running_ca: RunningCa, tmp_path: Path) -> None:
+    args = ("bundle", "show", "--server", running_ca.server, "--bundle", str(running_ca.bundle_file))
+    shown = meshid(*args, "--trust-domain", TD)
+    assert shown.returncode == 0, shown.stderr
+    published = TrustBundle.from_spiffe_json(TD, shown.stdout)
+    assert published.roots == running_ca.bundles[published.trust_domain].roots
+    as_pem = meshid(*args, "--trust-domain", TD, "--format", "pem")
+    assert as_pem.returncode == 0 and TrustBundle.from_pem(TD, as_pem.stdout).roots == published.roots
+    hinted = meshid(*args, "--trust-domain", TD, "--refresh-hint", "300")
+    assert json.loads(hinted.stdout)["spiffe_refresh_hint"] == 300
+    stranger = tmp_path / "stranger.pem"
+    from meshid.ca import Authority
+
+    stranger.write_bytes(TrustBundle(*(lambda a: (a.trust_domain, a.roots))(Authority.create_root(TD))).to_pem())
+    assert_refused(meshid("bundle", "show", "--server", running_ca.server, "--bundle", str(stranger), "--trust-domain", TD))
+    assert_refused(meshid(*args[:3], _dead_address(), *args[4:], "--trust-domain", TD), "UNAVAILABLE")
+    assert_refused(meshid("bundle", "show", "--server", running_ca.server, "--bundle", str(tmp_path / "none.pem"), "--trust-domain", TD), "none.pem")
+    assert_refused(meshid(*args, "--trust-domain", "Not A Domain"), "trust domain")
+
+
+def test_ca_serve_start_up_failures_are_one_line(tmp_path: Path) -> None:
+    assert_refused(meshid("ca", "serve", "--data-dir", str(tmp_path / "nothing-here"), "--listen", "127.0.0.1:0"))
+    (tmp_path / "not-a-ca").mkdir()
+    assert_refused(meshid("ca", "serve", "--data-dir", str(tmp_path / "not-a-ca"), "--listen", "127.0.0.1:0"))
+
+
+def test_svid_revoke_by_spiffe_id_revokes_every_unexpired_svid(running_ca: RunningCa) -> None:
+    first, second = running_ca.enroll("ns/prod/sa/revoke-all"), None
+    with running_ca.admin() as admin:
+        token = str(admin.create_token(f"spiffe://{TD}/ns/prod/sa/revoke-all").token)
+    second, _ = fetch_svid(running_ca.server, running_ca.bundle_file, token)
+    revoked = meshid("svid", "revoke", *running_ca.admin_args(), "--spiffe-id", f"spiffe://{TD}/ns/prod/sa/revoke-all")
+    assert revoked.returncode == 0, revoked.stderr
+    assert sorted(revoked.stdout.split()) == sorted(["revoked", f"{first.serial:x}", "revoked", f"{second.serial:x}"])
+    again = meshid("svid", "revoke", *running_ca.admin_args(), "--spiffe-id", f"spiffe://{TD}/ns/prod/sa/revoke-all")
+    assert (again.returncode, again.stdout.strip()) == (0, "nothing to revoke")
+    der, _ = get_crl(running_ca.server, running_ca.enroll("ns/prod/sa/crl-reader"), running_ca.bundles)
+    listed = {r.serial_number for r in x509.load_der_x509_crl(der)}
+    assert {first.serial, second.serial} <= listed
+    assert_refused(meshid("svid", "revoke", *running_ca.admin_args(), "--spiffe-id", "not a spiffe id"))
+
+
+def test_svid_fetch_fails_over_across_several_servers(running_ca: RunningCa, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(running_ca.token_for("ns/prod/sa/fail-over"))
+    token_file.chmod(0o600)
+    out = tmp_path / "out"
+    fetched = meshid(
+        "svid", "fetch", "--server", _dead_address(), "--server", running_ca.server,
+        "--bundle", str(running_ca.bundle_file), "--join-token-file", str(token_file), "--out", str(out),
+    )  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    assert str(X509Svid.load(out / "svid.pem", out / "svid.key").spiffe_id) == f"spiffe://{TD}/ns/prod/sa/fail-over"
+    with running_ca.admin() as admin:
+        token_file.write_text(str(admin.create_token(f"spiffe://{TD}/ns/prod/sa/fail-over").token))
+    nobody = meshid(
+        "svid", "fetch", "--server", _dead_address(), "--server", _dead_address(),
+        "--bundle", str(running_ca.bundle_file), "--join-token-file", str(token_file), "--out", str(tmp_path / "none"),
+    )  # fmt: skip
+    assert_refused(nobody, "UNAVAILABLE")
+    assert not (tmp_path / "none" / "svid.key").exists()
