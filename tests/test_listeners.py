@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import queue
 import re
-import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -44,30 +45,48 @@ def meshid_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshid.cli", *args]
 
 
-def read_line(proc: subprocess.Popen[str], pattern: str, what: str) -> re.Match[str]:
-    """The first line of ``proc``'s stdout matching ``pattern`` (fails if it exits or stalls first)."""
-    assert proc.stdout is not None
-    give_up = time.monotonic() + EXIT_DEADLINE
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < give_up:
-            if not selector.select(give_up - time.monotonic()):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                pytest.fail(f"{what} exited with {proc.wait()} before printing {pattern!r}")
-            match = re.search(pattern, line)
-            if match:
+class Lines:
+    """The stdout lines of a running process, read by a thread (a pipe read can take several lines at once)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._proc, self._lines = proc, queue.Queue[str | None]()
+        self._reader = threading.Thread(target=self._read, name="test-stdout-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # end of output: the process exited
+
+    def wait_for(self, pattern: str, what: str) -> re.Match[str]:
+        """The next line matching ``pattern`` (fails if the process exits or stalls first)."""
+        give_up = time.monotonic() + EXIT_DEADLINE
+        while (left := give_up - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"{what} exited with {self._proc.wait()} before printing {pattern!r}")
+            if match := re.search(pattern, line):
                 return match
-    pytest.fail(f"{what} printed no {pattern!r} within {EXIT_DEADLINE} s")
+        pytest.fail(f"{what} printed no {pattern!r} within {EXIT_DEADLINE} s")
+
+    def close(self) -> None:
+        """After the process has ended: the reader sees the end of its output, then the pipe closes."""
+        self._reader.join(10)
+        assert self._proc.stdout is not None
+        self._proc.stdout.close()
 
 
 @contextlib.contextmanager
-def running(args: list[str], *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
-    """A long-running process (stderr discarded); always ended."""
+def running(args: list[str], *, env: dict[str, str] | None = None) -> Iterator[Lines]:
+    """A long-running process (stderr discarded) and its stdout lines; always ended."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    lines = Lines(proc)
     try:
-        yield proc
+        yield lines
     finally:
         proc.terminate()
         try:
@@ -75,8 +94,7 @@ def running(args: list[str], *, env: dict[str, str] | None = None) -> Iterator[s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        lines.close()
 
 
 def refused(args: list[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -113,11 +131,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ca(data_dir: Path) -> Iterator[tuple[str, int]]:
     """`meshid ca serve` with metrics, as a real process: (its address, its metrics port)."""
     args = ["ca", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
-    with running(meshid_cli(*args)) as proc:
-        port = int(read_line(proc, r"^CA serving on 127\.0\.0\.1:(\d+)$", "the first CA").group(1))
-        metrics_port = int(
-            read_line(proc, r"^CA metrics on http://127\.0\.0\.1:(\d+)/metrics$", "the first CA").group(1)
-        )
+    with running(meshid_cli(*args)) as lines:
+        port = int(lines.wait_for(r"^CA serving on 127\.0\.0\.1:(\d+)$", "the first CA").group(1))
+        metrics_port = int(lines.wait_for(r"^CA metrics on http://127\.0\.0\.1:(\d+)/metrics$", "the CA").group(1))
         yield f"127.0.0.1:{port}", metrics_port
 
 
@@ -238,7 +254,7 @@ def test_agent_on_a_socket_another_agent_serves_exits_2_and_keeps_its_join_token
     env = {**os.environ, "MESHID_JOIN_TOKEN": first_token}
     agent = ["agent", "--server", address, "--bundle", bundle, "--workload-api", f"unix://{sock}"]
     with running(meshid_cli(*agent), env=env) as first:
-        read_line(first, r"^agent: ", "the first agent")
+        first.wait_for(r"^agent: ", "the first agent")
         result = refused(meshid_cli(*agent), env={**os.environ, "MESHID_JOIN_TOKEN": second_token})
         assert_one_line(result, f"meshid: Workload API: another server is listening on {sock}")
         # The first agent still serves on its socket...
@@ -259,7 +275,7 @@ def test_agent_replaces_a_stale_socket_file(ca: tuple[str, int], data_dir: Path,
         dead.bind(str(sock))
     assert sock.is_socket()
     agent = ["agent", "--server", address, "--bundle", str(data_dir / "bundle.pem"), "--workload-api", f"unix://{sock}"]
-    with running(meshid_cli(*agent), env={**os.environ, "MESHID_JOIN_TOKEN": token}) as proc:
-        read_line(proc, r"^agent: ", "the agent")
+    with running(meshid_cli(*agent), env={**os.environ, "MESHID_JOIN_TOKEN": token}) as agent_lines:
+        agent_lines.wait_for(r"^agent: ", "the agent")
         with meshid.WorkloadApiSource(f"unix:{sock}") as served:
             assert str(served.get_svid().spiffe_id) == f"{WORKLOAD_ID}-stale"
