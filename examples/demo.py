@@ -34,8 +34,8 @@ def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60, check=False)
+def run(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60, check=False, env=env)
     print(out.stdout.rstrip())
     if out.stderr.strip():
         print(out.stderr.rstrip())
@@ -44,12 +44,16 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return out
 
 
-def meshid(*args: str) -> str:
-    return run("-m", "meshid.cli", *args).stdout.strip()
+def meshid(*args: str, env: dict[str, str] | None = None) -> str:
+    return run("-m", "meshid.cli", *args, env=env).stdout.strip()
 
 
-def token(server: str, spiffe_id: str) -> str:
-    """A one-time join token for ``spiffe_id`` (the CA keeps only its hash)."""
+def token(server: str, spiffe_id: str) -> dict[str, str]:
+    """An environment holding a one-time join token for ``spiffe_id`` (the CA keeps only its hash).
+
+    The token goes to the workload in $MESHID_JOIN_TOKEN, not on its command line, where
+    every local user could read it in the process list.
+    """
     admin = ("--server", server, "--data-dir", str(RUN / "ca"))
     out = subprocess.run(
         [sys.executable, "-m", "meshid.cli", "token", "create", *admin, "--spiffe-id", spiffe_id],
@@ -58,12 +62,14 @@ def token(server: str, spiffe_id: str) -> str:
         timeout=60,
         check=True,
     ).stdout.strip()
-    print(f"  join token for {spiffe_id}: {out[:24]}... (single use)")
-    return out
+    print(f"  join token for {spiffe_id}: {out[:24]}... (single use, handed over in $MESHID_JOIN_TOKEN)")
+    return {**os.environ, "MESHID_JOIN_TOKEN": out}
 
 
-def start(args: list[str], ready: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def start(args: list[str], ready: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith(ready):
@@ -114,12 +120,11 @@ def main() -> int:
                     server,
                     "--bundle",
                     str(RUN / "ca" / "bundle.pem"),
-                    "--join-token",
-                    token(server, spiffe_id),
                     "--out",
                     str(RUN / name),
                 ],
                 "agent:",
+                env=token(server, spiffe_id),
             )
             procs.append(agent)
             print(f"  agent for {name} running; files in {(RUN / name).relative_to(ROOT)}/")
@@ -131,10 +136,9 @@ def main() -> int:
             server,
             "--bundle",
             str(RUN / "ca" / "bundle.pem"),
-            "--join-token",
-            token(server, INTRUDER),
             "--out",
             str(RUN / "intruder"),
+            env=token(server, INTRUDER),
         )
         key_mode = oct(os.stat(RUN / "greeter" / "svid.key").st_mode & 0o777)
         print(f"  private keys were made by the workloads and written {key_mode}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,9 @@ from meshid import TrustBundle
 from meshid.ca import Authority
 
 
-def meshid(*args: str) -> subprocess.CompletedProcess[str]:
+def meshid(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False, env=env
     )
 
 
@@ -100,3 +101,24 @@ def test_bad_input_exits_2_with_one_line(files, args, text) -> None:
     assert out.returncode == 2
     assert text in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_join_token_on_the_command_line_warns_and_the_file_or_environment_does_not(files, tmp_path) -> None:
+    folder, _ = files
+    token = "example.org:not-a-real-secret"
+    (tmp_path / "token").write_text(token)
+    # Nothing listens on port 1: each run reads its token, then fails to reach the CA.
+    fetch = ["svid", "fetch", "--server", "127.0.0.1:1", "--bundle", str(folder / "bundle.pem"), "--out", str(tmp_path)]
+    on_the_line = meshid(*fetch, "--join-token", token)
+    first, *rest = on_the_line.stderr.strip().splitlines()
+    assert first.startswith("meshid: warning: --join-token"), on_the_line.stderr
+    for words in ("process list", "every local user", "--join-token-file", "$MESHID_JOIN_TOKEN"):
+        assert words in first, first
+    assert on_the_line.returncode == 2 and len(rest) == 1 and "cannot reach the CA" in rest[0], on_the_line.stderr
+    quiet = [
+        meshid(*fetch, env={**os.environ, "MESHID_JOIN_TOKEN": token}),
+        meshid(*fetch, "--join-token-file", str(tmp_path / "token")),
+    ]
+    for run in quiet:
+        assert run.returncode == 2 and "cannot reach the CA" in run.stderr, run.stderr
+        assert "warning" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -27,7 +27,10 @@ def add_join_token_options(parser: argparse.ArgumentParser, *, required: bool) -
     """--join-token, or --join-token-file, or $MESHID_JOIN_TOKEN: a token on the command line is
     visible in `ps` and shell history, so the file and the variable are the safer ways."""
     parser.add_argument(
-        "--join-token", metavar="TOKEN", help="a one-time join token (visible in `ps`; prefer the next two)"
+        "--join-token",
+        metavar="TOKEN",
+        help="a one-time join token (every local user can read it in the process list; "
+        "prefer --join-token-file or $MESHID_JOIN_TOKEN)",
     )
     parser.add_argument("--join-token-file", metavar="FILE", help="read the join token from FILE")
     parser.set_defaults(join_token_required=required)
@@ -36,14 +39,25 @@ def add_join_token_options(parser: argparse.ArgumentParser, *, required: bool) -
 def join_token(args: argparse.Namespace) -> str | None:
     """The join token from --join-token, --join-token-file or $MESHID_JOIN_TOKEN.
 
+    --join-token still works, with a warning on stderr: by the time it is read, the token has
+    been in the process list (``ps``, ``/proc/PID/cmdline``) where every local user can see it.
+
     Raises:
         TokenError: required and missing, or the file cannot be read.
     """
     import os
+    import sys
 
     from meshid.errors import TokenError
 
     token: str | None = args.join_token
+    if token is not None:
+        print(
+            "meshid: warning: --join-token puts the token in the process list, where every local user can read it; "
+            "use --join-token-file FILE or $MESHID_JOIN_TOKEN instead",
+            file=sys.stderr,
+            flush=True,
+        )
     if token is None and args.join_token_file:
         try:
             with open(args.join_token_file, encoding="utf-8") as f:

@@ -56,7 +56,8 @@ def run_agent(args: argparse.Namespace) -> int:
     token = join_token(args)
     if not token and not args.out:
         print(
-            "meshid: agent: without --out holding a saved SVID, give --join-token or --join-token-file", file=sys.stderr
+            "meshid: agent: without --out holding a saved SVID, give --join-token-file FILE or $MESHID_JOIN_TOKEN",
+            file=sys.stderr,
         )
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
