@@ -26,14 +26,22 @@ def identity_dns_name(identity: SpiffeId | TrustDomain) -> str:
     """The DNS name that stands for a SPIFFE ID (or a whole trust domain) in a server's certificate.
 
     grpcio's client checks a server's DNS SANs against the target name, never its URI SAN, so
-    meshid's CA adds ``<hash>.id.meshid.invalid`` and ``<hash>.td.meshid.invalid`` to every SVID
-    and :func:`meshid.secure_channel` checks them with ``grpc.ssl_target_name_override`` when
-    given ``server_id``. The hash is the first 160 bits of SHA-256 of the canonical form, base32.
+    meshid's CA adds both names to every SVID and :func:`meshid.secure_channel` checks one of
+    them with ``grpc.ssl_target_name_override`` when given ``server_id``. A trust domain's name
+    is ``<td-hash>.td.meshid.invalid``; a SPIFFE ID's lies under its trust domain's,
+    ``<id-hash>.<td-hash>.td.meshid.invalid``, so that one DNS name constraint on a CA
+    (:meth:`meshid.ca.Authority.from_upstream`) confines it to its own trust domain's names.
+    Each hash is the first 160 bits of SHA-256 of the canonical form, in lowercase base32
+    (32 characters: 83 in all, within DNS's 63 per label and 253 per name).
     """
-    kind = "td" if isinstance(identity, TrustDomain) else "id"
+    trust_domain = identity if isinstance(identity, TrustDomain) else identity.trust_domain
+    zone = f"{_hash_label(trust_domain)}.td.{IDENTITY_DNS_ZONE}"
+    return zone if isinstance(identity, TrustDomain) else f"{_hash_label(identity)}.{zone}"
+
+
+def _hash_label(identity: SpiffeId | TrustDomain) -> str:
     digest = hashlib.sha256(str(identity).encode()).digest()[:20]
-    label = base64.b32encode(digest).decode().lower()
-    return f"{label}.{kind}.{IDENTITY_DNS_ZONE}"
+    return base64.b32encode(digest).decode().lower()
 
 
 def identity_dns_names(spiffe_id: SpiffeId) -> tuple[str, str]:

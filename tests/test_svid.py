@@ -225,12 +225,35 @@ def test_svid_is_equal_only_to_svids(ca: Authority) -> None:
 # --- the identity DNS names the CA pins an ID with -----------------------------------------
 
 
+def _b32(text: str) -> str:
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:20]).decode().lower()
+
+
 def test_identity_dns_name_is_stable() -> None:
     sid = meshid.SpiffeId.parse(WORKLOAD)
-    digest = hashlib.sha256(WORKLOAD.encode()).digest()[:20]
-    expected = base64.b32encode(digest).decode().lower() + ".id.meshid.invalid"
-    assert meshid.identity_dns_name(sid) == expected
+    assert meshid.identity_dns_name(sid.trust_domain) == f"{_b32('example.org')}.td.meshid.invalid"
+    assert meshid.identity_dns_name(sid) == f"{_b32(WORKLOAD)}.{_b32('example.org')}.td.meshid.invalid"
     assert meshid.identity_dns_name(meshid.SpiffeId.parse(WORKLOAD)) == meshid.identity_dns_name(sid)
+
+
+def test_identity_dns_name_of_an_id_lies_under_its_trust_domains_name() -> None:
+    # What lets one DNS name constraint on a CA (its trust domain's name) cover every ID it signs.
+    sid = meshid.SpiffeId.parse(WORKLOAD)
+    zone = meshid.identity_dns_name(sid.trust_domain)
+    assert meshid.identity_dns_name(sid).endswith("." + zone)
+    other = meshid.SpiffeId.parse("spiffe://other.org/ns/prod/sa/greeter")
+    assert not meshid.identity_dns_name(other).endswith("." + zone)
+
+
+@pytest.mark.parametrize(
+    "spiffe_id",
+    ["spiffe://example.org/a", "spiffe://" + "d" * 63 + "." + "e" * 63 + "." + "f" * 63 + ".org/" + "p" * 1800],
+    ids=["short", "longest-trust-domain-and-path"],
+)
+def test_identity_dns_name_fits_dns_limits(spiffe_id: str) -> None:
+    name = meshid.identity_dns_name(meshid.SpiffeId.parse(spiffe_id))
+    assert len(name) == 83 <= 253  # fixed length, whatever the ID
+    assert all(1 <= len(label) <= 63 for label in name.split("."))
 
 
 def test_identity_dns_name_differs_between_ids() -> None:
