@@ -18,13 +18,13 @@ import os
 import pathlib
 import random
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meshid import metrics
 from meshid._files import write_svid_files
 from meshid.bundle import BundleSet, TrustBundle
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, SourceError
 from meshid.peer import PeerIdentity
 from meshid.revocation import RevocationList, _warn_if_stale
@@ -56,10 +56,6 @@ class SourceState:
         return self.expires_at is not None and self.expires_at <= datetime.datetime.now(datetime.UTC)
 
 
-def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
 class IssuerSource:
     """An identity source whose SVID comes from, and is renewed by, a meshid CA.
 
@@ -72,6 +68,8 @@ class IssuerSource:
         renew_at: the fraction of the lifetime after which to renew (0 < renew_at < 1).
         jitter: renewals come up to this fraction of the lifetime earlier, at random.
         refresh_interval: seconds between bundle and CRL refreshes.
+        clock: where the time comes from and how the loop waits (:class:`meshid.clock.ManualClock`
+            steps a renewal schedule in tests without waiting out real seconds).
 
     Nothing happens until :meth:`start`.
     """
@@ -89,6 +87,7 @@ class IssuerSource:
         key_kind: str = "ec-p256",
         max_backoff: float = 30.0,
         timeout: float = 10.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         servers = [server] if isinstance(server, str) else list(server)
         if not servers or not all(isinstance(s, str) and s for s in servers):
@@ -109,6 +108,7 @@ class IssuerSource:
         self._key_kind = key_kind
         self._max_backoff = max_backoff
         self._timeout = timeout
+        self._clock = clock
         self._notifier = _Notifier()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -163,7 +163,7 @@ class IssuerSource:
         if not self._load_saved():
             self._first_issuance()
         metrics.watch_source(self)
-        metrics.watch_revocation(self, lambda source: source._crl, lambda source: _utcnow())
+        metrics.watch_revocation(self, lambda source: source._crl, lambda source: source._clock.now())
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="meshid-issuer-source", daemon=True)
         self._thread.start()
@@ -194,7 +194,7 @@ class IssuerSource:
             return False
         svid = saved.get_svid()
         saved_bundle = saved.get_bundles()[svid.spiffe_id.trust_domain]
-        remaining = (svid.not_after - _utcnow()).total_seconds()
+        remaining = (svid.not_after - self._clock.now()).total_seconds()
         if remaining <= 1:
             state = "has expired" if remaining <= 0 else f"expires in {remaining:.1f}s, too soon to renew it"
             log.info("issuer source: the saved SVID of %s %s; using the join token", svid.spiffe_id, state)
@@ -245,11 +245,11 @@ class IssuerSource:
             self._svid, self._bundles = svid, bundles
             # The lifetime on the CA's clock, or what the local clock says is left, whichever is
             # shorter: a CA whose clock runs ahead cannot make us wait too long, nor one behind.
-            local_remaining = (svid.not_after - _utcnow()).total_seconds()
+            local_remaining = (svid.not_after - self._clock.now()).total_seconds()
             lifetime = max(0.0, min(lifetime, local_remaining))
             self._lifetime = lifetime
             wait = lifetime * (self._renew_at - self._jitter * random.random())
-            self._next_renewal = time.monotonic() + wait
+            self._next_renewal = self._clock.monotonic() + wait
             self._failures_in_row = 0
         file_error = None
         if self._svid_dir is not None:
@@ -265,8 +265,8 @@ class IssuerSource:
             spiffe_id=str(svid.spiffe_id),
             serial=format(svid.serial, "x"),
             expires_at=svid.not_after,
-            last_renewal=_utcnow() if renewed else previous.last_renewal,
-            next_attempt=_utcnow() + datetime.timedelta(seconds=wait),
+            last_renewal=self._clock.now() if renewed else previous.last_renewal,
+            next_attempt=self._clock.now() + datetime.timedelta(seconds=wait),
             last_error=file_error,
             renewals=previous.renewals + (1 if renewed else 0),
             failures=previous.failures,
@@ -293,8 +293,8 @@ class IssuerSource:
             self._failures_in_row += 1
             self._server_index = (self._server_index + 1) % len(self._servers)  # fail over
             delay = self._backoff()
-            self._next_renewal = time.monotonic() + delay
-            expired = svid.not_after <= _utcnow()
+            self._next_renewal = self._clock.monotonic() + delay
+            expired = svid.not_after <= self._clock.now()
             level = logging.ERROR if expired else logging.WARNING
             what = (
                 f"the SVID of {svid.spiffe_id} EXPIRED at {svid.not_after.isoformat()}" if expired else "renewal failed"
@@ -306,7 +306,7 @@ class IssuerSource:
                 previous.serial,
                 previous.expires_at,
                 previous.last_renewal,
-                _utcnow() + datetime.timedelta(seconds=delay),
+                self._clock.now() + datetime.timedelta(seconds=delay),
                 str(err),
                 previous.renewals,
                 previous.failures + 1,
@@ -332,7 +332,7 @@ class IssuerSource:
             bundle = get_bundle(server, svid, bundles, timeout=self._timeout)
         except MeshIdError as err:  # the CA is unreachable: do not wait for it a second time
             log.warning("issuer source: bundle refresh failed: %s", err)
-            _warn_if_stale(self._crl, _utcnow(), "issuer source")
+            _warn_if_stale(self._crl, self._clock.now(), "issuer source")
             return
         self._take_bundle(svid, bundles, bundle)
         # After the bundle (a CRL signed by a new root verifies against it), and on its own: a
@@ -351,7 +351,7 @@ class IssuerSource:
                 self._crl = crl
         except MeshIdError as err:
             log.warning("issuer source: CRL refused or unavailable; keeping the list in force: %s", err)
-        _warn_if_stale(self._crl, _utcnow(), "issuer source")
+        _warn_if_stale(self._crl, self._clock.now(), "issuer source")
 
     def _take_bundle(self, svid: X509Svid, bundles: BundleSet, bundle: TrustBundle) -> None:
         td = svid.spiffe_id.trust_domain
@@ -366,18 +366,19 @@ class IssuerSource:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if time.monotonic() >= self._next_renewal:
+                if self._clock.monotonic() >= self._next_renewal:
                     self._renew()
-                if time.monotonic() >= self._next_refresh:
-                    self._next_refresh = time.monotonic() + min(self._refresh_interval, max(self._lifetime / 2, 0.5))
+                if self._clock.monotonic() >= self._next_refresh:
+                    every = min(self._refresh_interval, max(self._lifetime / 2, 0.5))
+                    self._next_refresh = self._clock.monotonic() + every
                     self._refresh()
             except Exception as err:  # the loop must outlive any one failure: the SVID depends on it
                 log.exception("issuer source: unexpected failure; retrying")
                 self._failures_in_row += 1
-                self._next_renewal = time.monotonic() + self._backoff()
+                self._next_renewal = self._clock.monotonic() + self._backoff()
                 self._state = dataclasses.replace(
                     self._state, last_error=f"unexpected: {err}", failures=self._state.failures + 1
                 )
-            timeout = max(0.0, min(self._next_renewal, self._next_refresh) - time.monotonic())
-            self._wake.wait(timeout)
+            timeout = max(0.0, min(self._next_renewal, self._next_refresh) - self._clock.monotonic())
+            self._clock.wait(self._wake, timeout)
             self._wake.clear()
