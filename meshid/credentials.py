@@ -10,7 +10,9 @@ What is verified where:
   certificate has a DNS SAN matching the target name. grpcio never looks at URI SANs, so with
   ``server_id`` meshid narrows the roots to that ID's trust domain and pins the identity DNS
   name meshid's CA puts in every SVID (:func:`meshid.identity_dns_name`) with
-  ``grpc.ssl_target_name_override``.
+  ``grpc.ssl_target_name_override``. Under a root that several trust domains share, the pin
+  still holds because each meshid intermediate carries a DNS name constraint permitting only
+  its own trust domain's identity names, which grpcio's BoringSSL enforces in the handshake.
 """
 
 from __future__ import annotations

@@ -3,11 +3,19 @@
 One builder (:func:`_build`) sets what every certificate needs: subject and authority key
 identifiers, a random serial with 159 bits of entropy, critical basic constraints, and a
 critical key usage with every flag spelled out.
+
+An intermediate made under an upstream CA also carries a critical DNS name constraint: the
+identity DNS names of its own trust domain (:func:`meshid.identity_dns_name`) and the DNS
+suffixes its operator lists. Under a root that several trust domains share, that is what keeps
+one trust domain's CA key from writing another's identity names, which is all that a client's
+``server_id`` pin checks (grpcio's BoringSSL enforces the constraint during the handshake, and
+``cryptography``'s verifier, meshid's, does too).
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,12 +28,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from meshid._x509 import PrivateKey
 from meshid.bundle import ca_trust_domains
 from meshid.spiffeid import SpiffeId, TrustDomain
-from meshid.svid import X509Svid, identity_dns_names
+from meshid.svid import IDENTITY_DNS_ZONE, X509Svid, identity_dns_name, identity_dns_names
 
-__all__ = ["Authority", "generate_key"]
+__all__ = ["Authority", "check_dns_suffixes", "generate_key"]
 
 #: NotBefore is set this far in the past so that a peer whose clock is slightly behind accepts it.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+_HOST_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 
@@ -53,6 +63,40 @@ def _check_ca_key(key: PrivateKey) -> None:
             "CA: an EdDSA CA key cannot sign X509-SVIDs that peers can verify (RFC 5280 validators such as "
             "cryptography's and the Web PKI's refuse it); use an ec-p256, ec-p384 or RSA key"
         )
+
+
+def _under(name: str, subtree: str) -> bool:
+    """RFC 5280 DNS name matching: ``name`` is ``subtree`` or a host below it (whole labels)."""
+    name, subtree = name.lower(), subtree.lower()
+    return name == subtree or name.endswith("." + subtree)
+
+
+def check_dns_suffixes(suffixes: Iterable[str]) -> tuple[str, ...]:
+    """Check the DNS suffixes an intermediate may sign for; returns them lowercased, without repeats.
+
+    A suffix permits itself and every host below it (``example.com``: ``example.com`` and
+    ``api.example.com``), as in RFC 5280; it is written without a leading dot, which
+    ``cryptography``'s verifier refuses as a malformed constraint.
+
+    Raises:
+        ValueError: a suffix is not a host name, or overlaps meshid's identity names.
+    """
+    checked = []
+    for suffix in suffixes:
+        if not isinstance(suffix, str):
+            raise ValueError(f"CA: a DNS suffix must be a string, not {type(suffix).__name__}")
+        lowered = suffix.lower()
+        if lowered.startswith("."):
+            raise ValueError(f"CA: DNS suffix {suffix[:100]!r}: write it without the leading dot; it covers subdomains")
+        if not _HOST_NAME.fullmatch(lowered):
+            raise ValueError(f"CA: DNS suffix {suffix[:100]!r} is not a host name, such as internal.example.com")
+        if _under(lowered, IDENTITY_DNS_ZONE) or _under(IDENTITY_DNS_ZONE, lowered):
+            raise ValueError(
+                f"CA: DNS suffix {suffix[:100]!r} covers meshid's identity names ({IDENTITY_DNS_ZONE}), which would "
+                "let this CA write other trust domains' names; each CA gets its own trust domain's names already"
+            )
+        checked.append(lowered)
+    return tuple(dict.fromkeys(checked))
 
 
 def hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
@@ -84,6 +128,7 @@ def _build(
     path_length: int | None = None,
     uris: Sequence[str] = (),
     dns_names: Sequence[str] = (),
+    permitted_dns: Sequence[str] | None = None,
     rsa_leaf: bool = False,
 ) -> x509.Certificate:
     issuer_name = subject if issuer is None else issuer.subject
@@ -124,6 +169,10 @@ def _build(
     names += [x509.DNSName(d) for d in dns_names]
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if permitted_dns is not None:
+        # DNS names only: cryptography's verifier refuses every chain with a URI name constraint.
+        permitted: list[x509.GeneralName] = [x509.DNSName(d) for d in permitted_dns]
+        builder = builder.add_extension(x509.NameConstraints(permitted, None), critical=True)
     if not ca:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -143,6 +192,17 @@ def _name(common_name: str, organization: str) -> x509.Name:
             x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
         ]
     )
+
+
+def _dns_constraints(cert: x509.Certificate) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+    """A CA certificate's permitted DNS subtrees (None: it permits any DNS name) and its excluded ones."""
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None, ()
+    permitted = tuple(str(g.value) for g in constraints.permitted_subtrees or () if isinstance(g, x509.DNSName))
+    excluded = tuple(str(g.value) for g in constraints.excluded_subtrees or () if isinstance(g, x509.DNSName))
+    return permitted or None, excluded
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +256,7 @@ class Authority:
         upstream_key: PrivateKey,
         *,
         upstream_chain: Iterable[x509.Certificate] = (),
+        dns_suffixes: Iterable[str] = (),
         ttl: datetime.timedelta = datetime.timedelta(days=90),
         key: PrivateKey | None = None,
         now: datetime.datetime | None = None,
@@ -203,20 +264,27 @@ class Authority:
         """Create an intermediate CA for ``trust_domain`` signed by an existing (upstream) CA.
 
         The upstream certificate's NotAfter caps the intermediate's. Peers trust the upstream root.
-        The intermediate carries the trust domain's SPIFFE ID as its URI SAN, and a path length
-        of 0: that SAN is what binds it to its trust domain when the upstream root is shared with
-        other trust domains, for peers refuse an SVID whose CAs belong to another trust domain
-        (see :meth:`meshid.BundleSet.verify`). It carries no URI name constraint, which
-        BoringSSL would enforce but cryptography's verifier refuses outright.
+        When that root is shared with other trust domains, two things bind the intermediate to
+        its own. Its URI SAN is the trust domain's SPIFFE ID, and meshid's verifier refuses an
+        SVID whose CAs belong to another trust domain (see :meth:`meshid.BundleSet.verify`).
+        And it carries a critical name constraint permitting only the DNS names under the trust
+        domain's identity name (:func:`meshid.identity_dns_name`) and under ``dns_suffixes``, so
+        that BoringSSL, which checks a client's ``server_id`` pin, refuses another trust domain's
+        identity names under it. Its SVIDs may carry DNS names only below these; its path
+        length is 0. There is no URI name constraint: cryptography's verifier refuses one.
+        (The identity names and suffixes must be permitted by the upstream CAs' own constraints.)
 
         Raises:
-            ValueError: a key is an EdDSA key, or an upstream intermediate belongs to another
-                trust domain (peers would refuse every SVID under it).
+            ValueError: a key is an EdDSA key, an upstream intermediate belongs to another
+                trust domain (peers would refuse every SVID under it), a DNS suffix is not a host
+                name or covers meshid's identity names (see :func:`check_dns_suffixes`), or an
+                upstream CA's name constraint does not permit the identity names or a suffix.
         """
         td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
         key = key or generate_key()
         _check_ca_key(key)
         _check_ca_key(upstream_key)
+        suffixes = check_dns_suffixes(dns_suffixes)
         for upstream in (upstream_certificate, *upstream_chain):
             named = ca_trust_domains(upstream) if upstream.issuer != upstream.subject else frozenset()
             if named and named != {td.name}:
@@ -237,11 +305,41 @@ class Authority:
             ca=True,
             path_length=0,
             uris=[str(td.id())],
+            permitted_dns=[identity_dns_name(td), *suffixes],
         )
         above = (upstream_certificate, *upstream_chain)
         intermediates = tuple(c for c in above if c.issuer != c.subject)
         roots = tuple(c for c in above if c.issuer == c.subject) or (upstream_certificate,)
-        return cls(td, cert, key, (cert, *intermediates), roots)
+        authority = cls(td, cert, key, (cert, *intermediates), roots)
+        for name in (identity_dns_name(td), *suffixes):
+            if not authority.permits_dns_name(name):
+                raise ValueError(
+                    f"CA: a name constraint of the upstream CA does not permit DNS name {name}; peers would refuse "
+                    f"{td} SVIDs that carry it; sign {td}'s CA with an upstream CA that permits it"
+                )
+        return authority
+
+    @property
+    def dns_suffixes(self) -> tuple[str, ...] | None:
+        """The DNS suffixes this CA's certificate permits besides its identity names; None: any name."""
+        permitted, _ = _dns_constraints(self.certificate)
+        return None if permitted is None else tuple(d for d in permitted if not _under(d, IDENTITY_DNS_ZONE))
+
+    def permits_dns_name(self, name: str) -> bool:
+        """Whether the DNS name constraints of this CA's chain let an SVID it signs carry ``name``.
+
+        Every CA from the root that issued the chain down to this CA counts, as it does for a
+        verifier: an SVID with a name outside any of them verifies nowhere.
+        """
+        top = self.chain[-1] if self.chain else self.certificate
+        anchors = [r for r in self.roots if r.subject == top.issuer]
+        for cert in (*self.chain, *anchors):
+            permitted, excluded = _dns_constraints(cert)
+            if permitted is not None and not any(_under(name, subtree) for subtree in permitted):
+                return False
+            if any(_under(name, subtree) for subtree in excluded):
+                return False
+        return True
 
     def sign_svid(
         self,

@@ -2,7 +2,7 @@
 
 ::
 
-    DIR/config.json      trust domain, maximum SVID TTL
+    DIR/config.json      trust domain, maximum SVID TTL, datastore, DNS suffixes (upstream mode)
     DIR/ca.key           the CA's private key (0600)
     DIR/ca.pem           the CA's certificate, then any intermediates above it
     DIR/bundle.pem       the roots peers trust (the CA itself, or the upstream root)
@@ -21,7 +21,7 @@ import fcntl
 import json
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from meshid import _x509
 from meshid._files import write_atomic, write_svid_files
 from meshid.bundle import TrustBundle
-from meshid.ca.authority import Authority, generate_key
+from meshid.ca.authority import Authority, check_dns_suffixes, generate_key
 from meshid.ca.service import IssuingService, admin_id, ca_id
 from meshid.ca.store import Entry, Store, open_store
 from meshid.errors import MeshIdError
@@ -52,6 +52,10 @@ class CaConfig:
     max_ttl: datetime.timedelta
     #: ``postgresql://...`` when replicas share a PostgreSQL database; None: DIR/meshid.db.
     datastore: str | None = None
+    #: Under an upstream CA: the DNS suffixes the intermediate's name constraint permits besides
+    #: the trust domain's identity names (``ca init --dns-suffix``); every rotation reuses them
+    #: (to change them, edit the list in config.json, then rotate).
+    dns_suffixes: tuple[str, ...] = ()
 
 
 def _store(folder: str | os.PathLike[str], config: CaConfig) -> Store:
@@ -102,6 +106,7 @@ def init_data_dir(
     upstream_cert: str | None = None,
     upstream_key: str | None = None,
     datastore: str | None = None,
+    dns_suffixes: Sequence[str] = (),
 ) -> CaConfig:
     """Create a CA: key, certificate, bundle, database, and the admin SVID.
 
@@ -111,8 +116,16 @@ def init_data_dir(
     that root, so it does not change when a replica is added or removed, and losing a replica
     loses nothing (its records are in the database; its key signs nothing else).
 
+    Under an upstream CA, the intermediate permits only DNS names under the trust domain's
+    identity names and under ``dns_suffixes`` (see :meth:`Authority.from_upstream`), so that a
+    root shared with other trust domains does not let their CAs write this one's names; the
+    CA then refuses an entry with a DNS name outside them. The suffixes are recorded in
+    config.json, which each rotation reads; replicas on one datastore need the same ones.
+    A self-signed CA takes no suffix: its root is in no other trust domain's bundle.
+
     Raises:
-        DataDirError: the folder already holds a CA, or the upstream files are unusable.
+        DataDirError: the folder already holds a CA, the upstream files are unusable, a DNS
+            suffix is malformed or given without an upstream CA.
         InvalidSpiffeIdError: the trust domain is malformed.
     """
     td = TrustDomain.parse(trust_domain)
@@ -128,9 +141,20 @@ def init_data_dir(
         )
     if max_ttl <= datetime.timedelta(0):
         raise DataDirError("CA init: --ttl must be positive")
+    if isinstance(dns_suffixes, str):
+        raise DataDirError("CA init: dns_suffixes is a list of DNS suffixes, not one string")
+    if dns_suffixes and upstream_cert is None:
+        raise DataDirError(
+            "CA init: --dns-suffix constrains an intermediate under --upstream-cert; a self-signed CA needs none, "
+            "as no other trust domain's bundle holds its root"
+        )
+    try:
+        suffixes = check_dns_suffixes(dns_suffixes)
+    except ValueError as err:
+        raise DataDirError(f"CA init: {err}") from err
     if upstream_cert is not None and upstream_key is not None:
         certs, key = _read_upstream(upstream_cert, upstream_key)
-        authority = Authority.from_upstream(td, certs[0], key, upstream_chain=certs[1:])  # type: ignore[arg-type]
+        authority = _from_upstream("CA init", td, certs, key, suffixes)
     else:
         authority = Authority.create_root(td, key=generate_key())
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
@@ -138,12 +162,13 @@ def init_data_dir(
     write_atomic(paths["key"], _x509.key_pem(authority.private_key), mode=0o600)
     write_atomic(paths["cert"], b"".join(_x509.cert_pem(c) for c in ca_chain))
     write_atomic(paths["bundle"], TrustBundle(td, authority.roots).to_pem())
-    config = CaConfig(td, max_ttl, datastore)
+    config = CaConfig(td, max_ttl, datastore, suffixes)
     document = {
         "version": 1,
         "trust_domain": td.name,
         "max_ttl_seconds": int(max_ttl.total_seconds()),
         "datastore": datastore,
+        "dns_suffixes": list(suffixes),
     }
     write_atomic(paths["config"], json.dumps(document).encode(), mode=0o600)  # a DSN may hold a password
     store = _store(folder, config)
@@ -159,6 +184,30 @@ def init_data_dir(
     finally:
         store.close()
     return config
+
+
+def _check_entries_fit(folder: str | os.PathLike[str], config: CaConfig, new: Authority) -> None:
+    """Refuse a next CA that may not sign a DNS name an entry has: its SVIDs would verify nowhere."""
+    store = _store(folder, config)
+    try:
+        misfits = [(e.spiffe_id, n) for e in store.list_entries() for n in e.dns_names if not new.permits_dns_name(n)]
+    finally:
+        store.close()
+    if misfits:
+        shown = ", ".join(f"{name} ({sid})" for sid, name in misfits[:5]) + (" ..." if len(misfits) > 5 else "")
+        raise DataDirError(
+            f"CA rotation: the next CA may sign only DNS names under dns_suffixes {list(config.dns_suffixes)} in "
+            f"config.json, and entries carry others: {shown}; add their suffixes there, or re-create those entries"
+        )
+
+
+def _from_upstream(
+    what: str, td: TrustDomain, certs: list[x509.Certificate], key: object, suffixes: tuple[str, ...]
+) -> Authority:
+    try:
+        return Authority.from_upstream(td, certs[0], key, upstream_chain=certs[1:], dns_suffixes=suffixes)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise DataDirError(f"{what}: {err}") from err
 
 
 def refresh_admin_svid(service: IssuingService, folder: pathlib.Path) -> None:
@@ -263,10 +312,14 @@ def _read_config(folder: str | os.PathLike[str]) -> CaConfig:
     try:
         raw = json.loads(path.read_text())
         datastore = raw.get("datastore")
+        suffixes = raw.get("dns_suffixes") or []  # absent in a folder made before --dns-suffix
+        if not isinstance(suffixes, list):
+            raise TypeError(f"dns_suffixes must be a list, not {type(suffixes).__name__}")
         return CaConfig(
             TrustDomain.parse(raw["trust_domain"]),
             datetime.timedelta(seconds=int(raw["max_ttl_seconds"])),
             str(datastore) if datastore else None,
+            check_dns_suffixes(suffixes),
         )
     except FileNotFoundError as err:
         raise DataDirError(f"CA: {path} is missing; run `meshid ca init --data-dir {os.fspath(folder)}` first") from err
@@ -316,7 +369,8 @@ def prepare_rotation(
             )
         if upstream_cert is not None and upstream_key is not None:
             certs, key = _read_upstream(upstream_cert, upstream_key)
-            new = Authority.from_upstream(config.trust_domain, certs[0], key, upstream_chain=certs[1:])  # type: ignore[arg-type]
+            new = _from_upstream("CA rotation", config.trust_domain, certs, key, config.dns_suffixes)
+            _check_entries_fit(folder, config, new)
         else:
             new = Authority.create_root(config.trust_domain)
         next_dir.mkdir(exist_ok=True)

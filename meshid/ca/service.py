@@ -265,6 +265,13 @@ class IssuingService:
                 raise InvalidRequestError(f"registration entry: DNS name {name[:100]!r} is not a valid host name")
             if lowered == IDENTITY_DNS_ZONE or lowered.endswith("." + IDENTITY_DNS_ZONE):
                 raise InvalidRequestError(f"registration entry: DNS names under {IDENTITY_DNS_ZONE} are reserved")
+            if not self.authority.permits_dns_name(lowered):  # its SVIDs would verify nowhere
+                permitted = ", ".join(self.authority.dns_suffixes or ()) or "none"
+                raise InvalidRequestError(
+                    f"registration entry: DNS name {lowered!r} is outside the DNS suffixes this CA's certificate "
+                    f"permits ({permitted}); list its suffix with `meshid ca init --dns-suffix` (an existing CA: "
+                    "add it to dns_suffixes in config.json, then rotate the CA)"
+                )
             names.append(lowered)
         ttl = DEFAULT_TTL if ttl is None or ttl <= datetime.timedelta(0) else ttl
         self._limits.take(admin, "registration entries")

@@ -30,6 +30,13 @@ def register(groups: Any) -> None:
         metavar="postgresql://...",
         help="a PostgreSQL database shared by CA replicas (default: DIR/meshid.db, SQLite); needs --upstream-*",
     )
+    init.add_argument(
+        "--dns-suffix",
+        action="append",
+        default=[],
+        metavar="SUFFIX",
+        help="with --upstream-*: a DNS suffix entries' DNS names may end in (repeatable; none by default)",
+    )
     init.set_defaults(run=run_init)
     serve = commands.add_parser("serve", help="serve the issuer and registration APIs over mTLS")
     serve.add_argument("--data-dir", required=True, metavar="DIR")
@@ -65,6 +72,7 @@ def run_init(args: argparse.Namespace) -> int:
         upstream_cert=args.upstream_cert,
         upstream_key=args.upstream_key,
         datastore=args.datastore,
+        dns_suffixes=args.dns_suffix,
     )
     print(f"CA for trust domain {config.trust_domain} created in {args.data_dir}")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")

@@ -1,21 +1,25 @@
 """Issue #10 item 3: one upstream root shared by two trust domains.
 
 The world: a corporate root, and two meshid CAs made the way ``meshid ca init --upstream-cert``
-makes them (``init_data_dir``), ``a.org`` and ``b.org``, each an intermediate under that root,
-so both trust domains' bundles are that one root. A greeter of a.org behind
+makes them, ``a.org`` (by the CLI, with ``--dns-suffix a.example``) and ``b.org`` (by
+``init_data_dir``, with ``b.example``), each an intermediate under that root, so both trust
+domains' bundles are that one root. A greeter of a.org behind
 :class:`meshid.AuthorizationInterceptor` trusts both bundles, and a.org's CA serves on loopback.
 Every row is a real TLS connection; its outcome is ``OK``, ``HANDSHAKE`` (the TLS handshake
 failed), ``DOWN`` (nothing listens), or the status code of the refusal.
 
-What holds the line is meshid's verifier: a CA between the shared root and a leaf must belong
-to the leaf's trust domain (it names that trust domain in a SPIFFE ID URI SAN, as meshid's
-intermediates do). That guards every server that verifies its callers with meshid, the CA
-among them. A client's ``server_id`` pin is checked by grpcio alone, which sees only the roots
-and the identity DNS name; under a shared root it cannot tell a.org's server from one that
-b.org's CA key minted. The rows that show it are ``xfail(strict=True)``; the remedy is a
-bundle that holds the trust domain's own CA rather than the shared root. The last test shows
-why meshid's intermediates carry no URI name constraint, which would close it: BoringSSL
-enforces one, cryptography's verifier refuses any chain that has one.
+Two things bind each meshid intermediate to its trust domain. It carries a critical DNS name
+constraint permitting only its own trust domain's identity names
+(``<id-hash>.<td-hash>.td.meshid.invalid`` lie under ``<td-hash>.td.meshid.invalid``) and its
+operator's DNS suffixes: BoringSSL (grpcio) enforces it during the handshake on both sides, so
+a client's ``server_id`` pin, which grpcio checks alone, refuses a server (or a CA) that
+b.org's CA key minted for a.org; cryptography, meshid's verifier, enforces it too. And meshid's
+verifier requires every CA between the shared root and a leaf to name the leaf's trust domain,
+which still guards servers against a b.org intermediate without the constraint (one made before
+it existed). What remains: the shared root's own key, a CA outside meshid under that root that
+carries no constraint, and such an old b.org intermediate, against a client's pin. The last
+test shows why the constraint is on DNS names and not on URIs: BoringSSL enforces a URI
+constraint, but cryptography's verifier refuses every chain that has one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -42,8 +47,9 @@ import meshid
 from meshid._proto import issuer_pb2
 from meshid.ca import Authority
 from meshid.ca.client import AdminClient, fetch_svid
-from meshid.ca.datadir import init_data_dir, load_authority
+from meshid.ca.datadir import DataDirError, init_data_dir, load_authority
 from meshid.ca.server import CaServer
+from meshid.cli import main as meshid_cli
 from support import SAY_HELLO, SERVICE, hello, stub, sync_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,8 +57,10 @@ pytestmark = pytest.mark.timeout(120)
 A, B = meshid.TrustDomain.parse("a.org"), meshid.TrustDomain.parse("b.org")
 A_SERVER = "spiffe://a.org/ns/prod/sa/greeter"
 A_FRONTEND = "spiffe://a.org/ns/prod/sa/frontend"
+A_WEB = "spiffe://a.org/ns/prod/sa/web"
 A_ADMIN = "spiffe://a.org/meshid/admin"
 A_CA = "spiffe://a.org/meshid/ca"
+B_SERVER = "spiffe://b.org/ns/prod/sa/greeter"
 B_PARTNER = "spiffe://b.org/ns/prod/sa/partner"
 
 POLICY = {
@@ -62,13 +70,6 @@ POLICY = {
         {"name": "b-org-hello", "methods": [SAY_HELLO], "trust_domains": ["b.org"]},
     ],
 }
-
-NO_FIX_FOR_PINS = (
-    "LIMIT, not fixed: grpcio checks a server_id pin against the identity DNS name and the bundle's roots "
-    "only, and under a root two trust domains share, b.org's CA key can write a.org's identity DNS names. "
-    "A URI name constraint in b.org's intermediate would make BoringSSL refuse it, but cryptography's "
-    "verifier refuses every chain that has one (last test). Remedy: a bundle of the trust domain's own CA"
-)
 
 
 def _now() -> datetime.datetime:
@@ -81,8 +82,10 @@ def _key_pem(key: Any) -> bytes:
     )
 
 
-def _plain_ca(issuer: Authority, name: str, *, constraint: x509.NameConstraints | None = None) -> Authority:
-    """A CA under ``issuer`` that meshid did not make: no SPIFFE ID, optionally a name constraint.
+def _plain_ca(
+    issuer: Authority, name: str, *, constraint: x509.NameConstraints | None = None, uri: str | None = None
+) -> Authority:
+    """A CA under ``issuer`` that meshid did not make: no name constraint unless given, a URI SAN if given.
 
     Returned as an Authority of trust domain a.org so that it can sign a.org SVIDs, as its
     key's holder could.
@@ -120,6 +123,8 @@ def _plain_ca(issuer: Authority, name: str, *, constraint: x509.NameConstraints 
     )
     if constraint is not None:
         builder = builder.add_extension(constraint, critical=True)
+    if uri is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), False)
     cert = builder.sign(signer, hashes.SHA256())
     return Authority(A, cert, key, (cert, *issuer.chain), issuer.roots)
 
@@ -134,6 +139,7 @@ class World:
     corp: Authority  # the corporate root both trust domains' bundles hold
     a_ca: Authority  # a.org's CA, an intermediate under corp (from its data folder)
     b_ca: Authority  # b.org's CA, the same
+    old_b_ca: Authority  # a b.org intermediate without a name constraint, as meshid made them before
     bundles: meshid.BundleSet  # a.org and b.org, each the corporate root
     a_folder: Path
     ca: str  # the address of a.org's CA
@@ -150,10 +156,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     corp = Authority.create_root("corp.example")
     (tmp / "corp.pem").write_bytes(corp.certificate.public_bytes(serialization.Encoding.PEM))
     (tmp / "corp.key").write_bytes(_key_pem(corp.private_key))
-    for td in ("a.org", "b.org"):  # what `meshid ca init --upstream-cert corp.pem --upstream-key corp.key` does
-        init_data_dir(tmp / td[0], td, upstream_cert=str(tmp / "corp.pem"), upstream_key=str(tmp / "corp.key"))
+    upstream = ["--upstream-cert", str(tmp / "corp.pem"), "--upstream-key", str(tmp / "corp.key")]
+    init_a = ["ca", "init", "--data-dir", str(tmp / "a"), "--trust-domain", "a.org", *upstream]
+    assert meshid_cli([*init_a, "--dns-suffix", "a.example"]) == 0
+    init_data_dir(
+        tmp / "b", "b.org", upstream_cert=str(tmp / "corp.pem"), upstream_key=str(tmp / "corp.key"),
+        dns_suffixes=["b.example"],
+    )  # fmt: skip
     a_ca, _ = load_authority(tmp / "a")
     b_ca, _ = load_authority(tmp / "b")
+    old_b_ca = _plain_ca(corp, "meshid intermediate CA b.org (no name constraint)", uri="spiffe://b.org")
     bundles = meshid.BundleSet.of(
         meshid.TrustBundle.load(A, tmp / "a" / "bundle.pem"), meshid.TrustBundle.load(B, tmp / "b" / "bundle.pem")
     )
@@ -167,7 +179,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         source = meshid.StaticSource(a_ca.issue_svid(A_SERVER), bundles)
         interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=source)
         greeter = stack.enter_context(sync_server(source, interceptor))
-        yield World(corp, a_ca, b_ca, bundles, tmp / "a", address, greeter, tmp)
+        yield World(corp, a_ca, b_ca, old_b_ca, bundles, tmp / "a", address, greeter, tmp)
 
 
 def outcome(attempt: Callable[[], object]) -> tuple[str, str]:
@@ -187,17 +199,77 @@ def outcome(attempt: Callable[[], object]) -> tuple[str, str]:
     return code, details
 
 
-def greet(port: int, source: Any, *, server_id: str = A_SERVER) -> tuple[str, str]:
-    """One SayHello with the server's identity pinned: ("OK", the caller the server saw) or the refusal."""
+def greet(port: int, source: Any, *, server_id: str | None = A_SERVER, host_name: str | None = None) -> tuple[str, str]:
+    """One SayHello, pinning the server's identity or DNS name: ("OK", the caller the server saw) or the refusal."""
+    options = [("grpc.ssl_target_name_override", host_name)] if host_name else None
+    pin = {"server_id": server_id} if server_id else {}
 
     def attempt() -> str:
-        with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=server_id) as channel:
+        with meshid.secure_channel(f"127.0.0.1:{port}", source, options=options, **pin) as channel:  # type: ignore[arg-type]
             return str(stub(channel).SayHello(hello(), timeout=10).caller)
 
     return outcome(attempt)
 
 
-# --- the greeter: meshid's verifier refuses a CA of another trust domain ----------------------------
+@contextlib.contextmanager
+def serving(svid: meshid.X509Svid, bundles: meshid.BundleSet) -> Iterator[int]:
+    """A greeter presenting ``svid`` behind meshid's interceptor (the a.org policy)."""
+    source = meshid.StaticSource(svid, bundles)
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=source)
+    with sync_server(source, interceptor) as port:
+        yield port
+
+
+# --- the intermediates meshid makes under the shared root -------------------------------------------
+
+
+def test_each_intermediate_permits_only_its_trust_domains_names_and_suffixes(world: World) -> None:
+    for ca, td, suffix in ((world.a_ca, A, "a.example"), (world.b_ca, B, "b.example")):
+        constraint = ca.certificate.extensions.get_extension_for_class(x509.NameConstraints)
+        assert constraint.critical
+        assert constraint.value.permitted_subtrees == [
+            x509.DNSName(meshid.identity_dns_name(td)),
+            x509.DNSName(suffix),
+        ]
+        assert constraint.value.excluded_subtrees is None
+        assert ca.dns_suffixes == (suffix,)
+    assert json.loads((world.a_folder / "config.json").read_text())["dns_suffixes"] == ["a.example"]
+    # Every SVID's identity names lie under its trust domain's permitted name.
+    leaf = world.a_ca.issue_svid(A_SERVER).leaf
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == [meshid.identity_dns_name(meshid.SpiffeId.parse(A_SERVER)), meshid.identity_dns_name(A)]
+    assert all(n.endswith(meshid.identity_dns_name(A)) for n in names)
+
+
+@pytest.mark.parametrize(
+    "suffix",
+    [".a.example", "*.a.example", "a..example", "a.example.", "", "meshid.invalid", "invalid", "x.td.meshid.invalid"],
+    ids=["leading-dot", "wildcard", "empty-label", "trailing-dot", "empty", "identity-zone", "its-parent", "inside"],
+)
+def test_dns_suffix_that_is_no_host_name_or_covers_identity_names_is_refused(world: World, suffix: str) -> None:
+    folder = world.tmp / "refused"
+    with pytest.raises(DataDirError, match="DNS suffix"):
+        init_data_dir(
+            folder, "c.org", upstream_cert=str(world.tmp / "corp.pem"), upstream_key=str(world.tmp / "corp.key"),
+            dns_suffixes=[suffix],
+        )  # fmt: skip
+    assert not (folder / "ca.key").exists()
+
+
+def test_dns_suffix_for_a_self_signed_ca_is_refused(world: World) -> None:
+    with pytest.raises(DataDirError, match="a self-signed CA needs none"):
+        init_data_dir(world.tmp / "self-signed", "c.org", dns_suffixes=["c.example"])
+
+
+def test_upstream_ca_whose_name_constraint_leaves_out_the_identity_names_is_refused(world: World) -> None:
+    corp_web = _plain_ca(
+        world.corp, "corp web CA", constraint=x509.NameConstraints([x509.DNSName("corp.example")], None)
+    )
+    with pytest.raises(ValueError, match=r"does not permit DNS name .*\.td\.meshid\.invalid"):
+        Authority.from_upstream(A, corp_web.certificate, corp_web.private_key, upstream_chain=[world.corp.certificate])
+
+
+# --- the greeter: a CA of another trust domain cannot vouch for a.org -------------------------------
 
 
 def test_a_org_svid_from_a_org_ca_is_allowed(world: World) -> None:
@@ -210,7 +282,17 @@ def test_b_org_svid_from_b_org_ca_is_allowed_for_b_org(world: World) -> None:
 
 def test_b_org_ca_key_signing_an_a_org_svid_is_refused(world: World) -> None:
     minted = as_trust_domain(world.b_ca, A).issue_svid(A_FRONTEND)
-    # The chain is sound up to the root both bundles hold: the TLS layer admits it.
+    # b.org's name constraint does not permit a.org's identity names: BoringSSL refuses the
+    # client certificate during the handshake, and meshid's verifier (cryptography's) refuses it.
+    assert greet(world.greeter, world.client(minted))[0] == "HANDSHAKE"
+    with pytest.raises(meshid.VerificationError, match="no permitted name constraints matched"):
+        world.bundles.verify(minted.leaf, minted.chain[1:])
+
+
+def test_b_org_intermediate_without_a_name_constraint_cannot_sign_for_a_org(world: World) -> None:
+    # A b.org intermediate made before meshid wrote name constraints: the TLS layer admits the
+    # chain, and meshid's verifier refuses it, since the CA names another trust domain.
+    minted = world.old_b_ca.issue_svid(A_FRONTEND)
     assert greet(world.greeter, world.client(minted))[0] == "UNAUTHENTICATED"
     with pytest.raises(meshid.VerificationError, match=r"belongs to trust domain b\.org, not a\.org"):
         world.bundles.verify(minted.leaf, minted.chain[1:])
@@ -260,31 +342,55 @@ def test_a_org_admin_creates_a_join_token(world: World) -> None:
         assert outcome(lambda: admin.create_token(A_FRONTEND).token)[0] == "OK"
 
 
-def test_b_org_minted_a_org_admin_cannot_create_entries_or_join_tokens(world: World) -> None:
-    minted = as_trust_domain(world.b_ca, A).issue_svid(A_ADMIN)
-    folder = _admin_folder(world.tmp / "minted-admin", minted, world.bundles[A])
+@pytest.mark.parametrize("minter", ["b-org-ca", "b-org-ca-without-name-constraint"])
+def test_b_org_minted_a_org_admin_cannot_create_entries_or_join_tokens(world: World, minter: str) -> None:
+    # b.org's CA today: refused at the handshake (the name constraint); one made before the
+    # constraint existed: refused by meshid's verifier (the CA names b.org).
+    ca, expected = (
+        (as_trust_domain(world.b_ca, A), "HANDSHAKE") if minter == "b-org-ca" else (world.old_b_ca, "UNAUTHENTICATED")
+    )
+    minted = ca.issue_svid(A_ADMIN)
+    folder = _admin_folder(world.tmp / f"minted-admin-{minter}", minted, world.bundles[A])
     with AdminClient(world.ca, folder) as admin:
-        assert outcome(lambda: admin.create_token(A_FRONTEND))[0] == "UNAUTHENTICATED"
-        assert outcome(lambda: admin.create_entry("spiffe://a.org/ns/prod/sa/planted"))[0] == "UNAUTHENTICATED"
+        assert outcome(lambda: admin.create_token(A_FRONTEND))[0] == expected
+        assert outcome(lambda: admin.create_entry("spiffe://a.org/ns/prod/sa/planted"))[0] == expected
 
 
-# --- a.org's clients: a server_id pin cannot tell (what remains) --------------------------------------
+# --- a.org's clients: a server_id pin holds under the shared root -----------------------------------
+
+PINS = pytest.mark.parametrize("pin", ["id", "trust-domain"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=NO_FIX_FOR_PINS)
-@pytest.mark.parametrize("server_id", [A_SERVER, "a.org"], ids=["id-pin", "trust-domain-pin"])
-def test_b_org_minted_a_org_server_fails_an_a_org_clients_pin(world: World, server_id: str) -> None:
-    minted = meshid.StaticSource(as_trust_domain(world.b_ca, A).issue_svid(A_SERVER), world.bundles)
-    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=minted)
-    with sync_server(minted, interceptor) as impostor:
-        result = greet(impostor, world.client(world.a_ca.issue_svid(A_FRONTEND)), server_id=server_id)
+@PINS
+def test_a_org_server_passes_an_a_org_clients_pin(world: World, pin: str) -> None:
+    client = world.client(world.a_ca.issue_svid(A_FRONTEND))
+    assert greet(world.greeter, client, server_id=A_SERVER if pin == "id" else "a.org") == ("OK", A_FRONTEND)
+
+
+@PINS
+def test_b_org_server_passes_a_b_org_pin(world: World, pin: str) -> None:
+    client = world.client(world.a_ca.issue_svid(A_FRONTEND))
+    with serving(world.b_ca.issue_svid(B_SERVER), world.bundles) as b_server:
+        assert greet(b_server, client, server_id=B_SERVER if pin == "id" else "b.org") == ("OK", A_FRONTEND)
+
+
+@PINS
+def test_b_org_minted_a_org_server_fails_an_a_org_clients_pin(world: World, pin: str) -> None:
+    client = world.client(world.a_ca.issue_svid(A_FRONTEND))
+    with serving(as_trust_domain(world.b_ca, A).issue_svid(A_SERVER), world.bundles) as impostor:
+        result = greet(impostor, client, server_id=A_SERVER if pin == "id" else "a.org")
     assert result[0] == "HANDSHAKE", result
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=NO_FIX_FOR_PINS)
-def test_b_org_minted_a_org_ca_receives_no_a_org_join_token(world: World) -> None:
-    minted = as_trust_domain(world.b_ca, A).issue_svid(A_CA)
-    stolen: list[str] = []
+def test_a_server_that_is_gone_is_down_not_a_failed_handshake(world: World) -> None:
+    # What tells the rows above apart from a dead server: a closed port is "DOWN".
+    with serving(world.a_ca.issue_svid(A_SERVER), world.bundles) as port:
+        pass
+    assert greet(port, world.client(world.a_ca.issue_svid(A_FRONTEND)))[0] == "DOWN"
+
+
+def _token_thief(minted: meshid.X509Svid, stolen: list[str]) -> grpc.Server:
+    """A CA impostor presenting ``minted`` that records every join token sent to it."""
 
     def steal(request: Any, context: grpc.ServicerContext) -> Any:
         stolen.append(request.join_token)
@@ -300,7 +406,17 @@ def test_b_org_minted_a_org_ca_receives_no_a_org_join_token(world: World) -> Non
             )
         },
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+
+
+@pytest.mark.parametrize("minter", ["b-org-ca", "a-org-ca"])
+def test_b_org_minted_a_org_ca_receives_no_a_org_join_token(world: World, minter: str) -> None:
+    # The "a-org-ca" row is the control: the same thief with a.org's own CA key gets the token,
+    # so the b.org row fails at the name constraint and for no other reason.
+    ca = as_trust_domain(world.b_ca, A) if minter == "b-org-ca" else world.a_ca
+    minted = ca.issue_svid(A_CA)
+    stolen: list[str] = []
+    server = _token_thief(minted, stolen)
     port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(minted.key_pem(), minted.chain_pem())]))
     server.start()
     try:
@@ -309,22 +425,77 @@ def test_b_org_minted_a_org_ca_receives_no_a_org_join_token(world: World) -> Non
         result = outcome(lambda: fetch_svid(f"127.0.0.1:{port}", world.a_folder / "bundle.pem", token))
     finally:
         server.stop(None).wait()
-    assert stolen == [] and result[0] == "HANDSHAKE", (stolen, result)
+    if minter == "b-org-ca":
+        assert stolen == [] and result[0] == "HANDSHAKE", (stolen, result)
+    else:
+        assert stolen == [token] and result[0] == "INTERNAL", (stolen, result)
 
 
-def test_a_bundle_of_a_org_own_intermediate_makes_the_pin_hold(world: World) -> None:
-    # The remedy for clients: a.org's bundle holds a.org's own CA certificate, not the shared
-    # root. BoringSSL (in grpcio) and cryptography both accept a trust anchor that is not self-signed.
+def test_a_org_ca_issues_for_an_a_org_join_token(world: World) -> None:
+    with AdminClient(world.ca, world.a_folder) as admin:
+        token = str(admin.create_token(A_FRONTEND).token)
+    svid, bundle = fetch_svid(world.ca, world.a_folder / "bundle.pem", token)
+    assert (str(svid.spiffe_id), bundle.roots) == (A_FRONTEND, (world.corp.certificate,))
+
+
+def test_b_org_intermediate_without_a_name_constraint_still_passes_an_a_org_pin(world: World) -> None:
+    # What remains on the client side: a b.org intermediate made before meshid wrote name
+    # constraints (rotate b.org's CA to get one), like the root key and an unconstrained
+    # corporate CA under the root, can still write a.org's identity names.
+    client = world.client(world.a_ca.issue_svid(A_FRONTEND))
+    with serving(world.old_b_ca.issue_svid(A_SERVER), world.bundles) as impostor:
+        assert greet(impostor, client)[0] == "OK"
+
+
+def test_a_bundle_of_a_org_own_intermediate_makes_the_pin_hold_against_any_other_ca(world: World) -> None:
+    # The remedy for what remains: a.org's bundle holds a.org's own CA certificate, not the
+    # shared root. BoringSSL (in grpcio) and cryptography both accept a trust anchor that is not self-signed.
     narrowed = meshid.BundleSet.of(meshid.TrustBundle(A, (world.a_ca.certificate,)), world.bundles[B])
     client = meshid.StaticSource(world.a_ca.issue_svid(A_FRONTEND), narrowed)
-    minted = meshid.StaticSource(as_trust_domain(world.b_ca, A).issue_svid(A_SERVER), world.bundles)
-    policy = meshid.AuthorizationPolicy.from_dict(POLICY)
-    with sync_server(minted, meshid.AuthorizationInterceptor(policy, source=minted)) as impostor:
+    with serving(world.old_b_ca.issue_svid(A_SERVER), world.bundles) as impostor:
         assert greet(impostor, client)[0] == "HANDSHAKE"
     assert greet(world.greeter, client) == ("OK", A_FRONTEND)
 
 
-# --- why meshid's intermediates carry no URI name constraint ----------------------------------------
+# --- entries' DNS names: only under the suffixes the intermediate permits ---------------------------
+
+
+def test_entry_with_dns_names_under_a_suffix_is_issued_and_verified(world: World) -> None:
+    with AdminClient(world.ca, world.a_folder) as admin:
+        admin.create_entry(A_WEB, ["web.a.example", "A.Example"])
+        token = str(admin.create_token(A_WEB).token)
+    svid, _ = fetch_svid(world.ca, world.a_folder / "bundle.pem", token)
+    san = svid.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName)[:2] == ["web.a.example", "a.example"]
+    # meshid's verifier (cryptography's) ...
+    assert world.bundles.verify(svid.leaf, svid.chain[1:]) == meshid.SpiffeId.parse(A_WEB)
+    # ... and BoringSSL, in a real handshake: a client that checks the DNS name, and one that pins the ID.
+    client = world.client(world.a_ca.issue_svid(A_FRONTEND))
+    with serving(svid, world.bundles) as web:
+        assert greet(web, client, server_id=None, host_name="web.a.example") == ("OK", A_FRONTEND)
+        assert greet(web, client, server_id=A_WEB) == ("OK", A_FRONTEND)
+
+
+@pytest.mark.parametrize("name", ["web.b.example", "b.example", "web.example", "weba.example", "a.example.evil.test"])
+def test_entry_with_a_dns_name_outside_the_suffixes_is_refused(world: World, name: str) -> None:
+    with AdminClient(world.ca, world.a_folder) as admin:
+        code, details = outcome(lambda: admin.create_entry(A_WEB + "-outside", [name]))
+    assert code == "INVALID_ARGUMENT" and "outside the DNS suffixes" in details and "--dns-suffix" in details, details
+
+
+def test_svid_with_a_dns_name_outside_the_suffixes_verifies_nowhere(world: World) -> None:
+    # Why the CA refuses such an entry: signed anyway (the CA's key can), the SVID fails
+    # BoringSSL's handshake, whatever the client checks, and meshid's verifier.
+    svid = world.a_ca.issue_svid(A_WEB, dns_names=["web.b.example"])
+    client = world.client(world.a_ca.issue_svid(A_FRONTEND))
+    with serving(svid, world.bundles) as web:
+        assert greet(web, client, server_id=None, host_name="web.b.example")[0] == "HANDSHAKE"
+        assert greet(web, client, server_id=A_WEB)[0] == "HANDSHAKE"
+    with pytest.raises(meshid.VerificationError, match="no permitted name constraints matched"):
+        world.bundles.verify(svid.leaf, svid.chain[1:])
+
+
+# --- why the name constraint is on DNS names, not URIs ----------------------------------------------
 
 
 def test_uri_name_constraint_is_enforced_by_boringssl_but_refused_by_cryptography(world: World) -> None:
