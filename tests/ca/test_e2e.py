@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import re
 import secrets
 import selectors
@@ -56,10 +57,12 @@ WEB_ID = f"spiffe://{TD}/ns/prod/sa/web"
 SERVE_DEADLINE = 30.0
 
 
-def meshid(*args: str) -> subprocess.CompletedProcess[str]:
-    """The ``meshid`` CLI as a real process."""
+def meshid(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The ``meshid`` CLI as a real process; ``token`` is handed over in $MESHID_JOIN_TOKEN, as
+    the README says to (never on the command line, where every local user can read it)."""
+    env = None if token is None else {**os.environ, "MESHID_JOIN_TOKEN": token}
     return subprocess.run(
-        [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False, env=env
     )
 
 
@@ -209,7 +212,7 @@ def test_fetched_svid_is_accepted_by_openssl_and_py_spiffe(running_ca: RunningCa
     out = tmp_path / "out"
     fetched = meshid(
         "svid", "fetch", "--server", ca.server, "--bundle", str(ca.bundle_file),
-        "--join-token", token.stdout.strip(), "--out", str(out),
+        "--out", str(out), token=token.stdout.strip(),
     )  # fmt: skip
     assert fetched.returncode == 0, fetched.stderr
     assert stat.S_IMODE((out / "svid.key").stat().st_mode) == 0o600
@@ -240,10 +243,10 @@ def test_fetched_svid_is_accepted_by_openssl_and_py_spiffe(running_ca: RunningCa
 def test_join_token_is_single_use(running_ca: RunningCa, tmp_path: Path) -> None:
     ca = running_ca
     token = ca.token_for("ns/prod/sa/reuse")
-    fetch = ("svid", "fetch", "--server", ca.server, "--bundle", str(ca.bundle_file), "--join-token", token)
-    first = meshid(*fetch, "--out", str(tmp_path / "first"))
+    fetch = ("svid", "fetch", "--server", ca.server, "--bundle", str(ca.bundle_file))
+    first = meshid(*fetch, "--out", str(tmp_path / "first"), token=token)
     assert first.returncode == 0, first.stderr
-    assert_refused(meshid(*fetch, "--out", str(tmp_path / "second")), "UNAUTHENTICATED", "already used")
+    assert_refused(meshid(*fetch, "--out", str(tmp_path / "second"), token=token), "UNAUTHENTICATED", "already used")
     assert not (tmp_path / "second").exists()
     err = remote_error(lambda: fetch_svid(ca.server, ca.bundle_file, token))
     assert err.code == "UNAUTHENTICATED" and "already used" in str(err)
@@ -263,7 +266,7 @@ def test_expired_join_token_is_unauthenticated(running_ca: RunningCa, tmp_path: 
     assert err.code == "UNAUTHENTICATED" and "expired" in str(err)
     fetched = meshid(
         "svid", "fetch", "--server", ca.server, "--bundle", str(ca.bundle_file),
-        "--join-token", token, "--out", str(tmp_path / "out"),
+        "--out", str(tmp_path / "out"), token=token,
     )  # fmt: skip
     assert_refused(fetched, "UNAUTHENTICATED", "expired")
 
@@ -275,7 +278,7 @@ def test_unknown_join_token_is_unauthenticated(running_ca: RunningCa, tmp_path: 
     assert err.code == "UNAUTHENTICATED" and "unknown" in str(err)
     fetched = meshid(
         "svid", "fetch", "--server", ca.server, "--bundle", str(ca.bundle_file),
-        "--join-token", guessed, "--out", str(tmp_path / "out"),
+        "--out", str(tmp_path / "out"), token=guessed,
     )  # fmt: skip
     assert_refused(fetched, "UNAUTHENTICATED")
 
@@ -471,7 +474,7 @@ def test_upstream_ca_chains_svids_to_the_org_root(tmp_path: Path) -> None:
         out = tmp_path / "out"
         fetched = meshid(
             "svid", "fetch", "--server", server, "--bundle", str(ca.bundle_file),
-            "--join-token", token, "--out", str(out),
+            "--out", str(out), token=token,
         )  # fmt: skip
         assert fetched.returncode == 0, fetched.stderr
 
