@@ -430,8 +430,16 @@ def test_intermediates_under_a_shared_root_vouch_for_their_own_trust_domain(shar
 
 
 def test_intermediate_of_another_trust_domain_under_a_shared_root_does_not_vouch(shared_root: Any) -> None:
-    _, _, other, both = shared_root
+    corp, _, other, both = shared_root
     minted = dataclasses.replace(other, trust_domain=EXAMPLE).issue_svid(WORKLOAD)  # other.org's key, example.org's ID
+    # other.org's DNS name constraint does not permit example.org's identity names.
+    with pytest.raises(meshid.VerificationError, match="no permitted name constraints matched"):
+        both.verify(minted.leaf, minted.chain[1:])
+    # An other.org intermediate without that constraint (made before meshid wrote one) names
+    # other.org, and a CA of another trust domain does not vouch.
+    chain, key = forge(corp, uris=["spiffe://other.org"], ca=True, key_cert_sign=True, subject_cn="other.org CA")  # type: ignore[misc]
+    unconstrained = Authority(EXAMPLE, chain[0], key, (chain[0],), corp.roots)
+    minted = unconstrained.issue_svid(WORKLOAD)
     with pytest.raises(meshid.VerificationError) as info:
         both.verify(minted.leaf, minted.chain[1:])
     message = str(info.value)
