@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -37,6 +37,7 @@ from cryptography.x509 import verification
 
 from meshid import _x509, metrics
 from meshid.bundle import BundleSet
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, VerificationError
 from meshid.peer import PeerIdentity
 from meshid.sources import Source
@@ -46,10 +47,6 @@ from meshid.svid import spiffe_id_from_certificate
 __all__ = ["CrlWatcher", "RevocationList"]
 
 log = logging.getLogger("meshid.revocation")
-
-
-def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 def _check_crl_signer(signer: x509.Certificate, what: str) -> None:
@@ -197,8 +194,8 @@ class CrlWatcher:
     ``start()`` fetches now and every ``interval`` seconds; ``refresh()`` fetches once. A failed
     or refused fetch keeps the last good list (and is logged, and kept in ``last_error``); until
     the first success nothing is revoked. A list past its nextUpdate stays in force and is
-    reported (:attr:`stale`, a warning per refresh, ``meshid_crl_stale``). ``clock`` returns
-    the current time (UTC), for staleness and for the signer's validity.
+    reported (:attr:`stale`, a warning per refresh, ``meshid_crl_stale``). ``clock`` gives the
+    time for staleness and for the signer's validity, and paces the refreshes.
     """
 
     def __init__(
@@ -207,7 +204,7 @@ class CrlWatcher:
         source: Source,
         *,
         interval: float = 60.0,
-        clock: Callable[[], datetime.datetime] = _utcnow,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -219,7 +216,7 @@ class CrlWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
-        metrics.watch_revocation(self, lambda watcher: watcher._current, lambda watcher: watcher._clock())
+        metrics.watch_revocation(self, lambda watcher: watcher._current, lambda watcher: watcher._clock.now())
 
     @property
     def current(self) -> RevocationList | None:
@@ -230,7 +227,7 @@ class CrlWatcher:
     def stale(self) -> bool:
         """Whether the list in force is past its nextUpdate (it is still enforced)."""
         current = self._current
-        return current is not None and current.is_stale(self._clock())
+        return current is not None and current.is_stale(self._clock.now())
 
     def refresh(self) -> bool:
         """Fetch and verify the CRL now. Returns True if it is in force: newer, or the same again.
@@ -242,7 +239,7 @@ class CrlWatcher:
 
         try:
             der, chain = get_crl(self._server, self._source.get_svid(), self._source.get_bundles())
-            fetched = RevocationList.from_der(der, chain, self._source.get_bundles(), now=self._clock())
+            fetched = RevocationList.from_der(der, chain, self._source.get_bundles(), now=self._clock.now())
             if fetched.supersedes(self._current):
                 self._current = fetched
         except MeshIdError as err:
@@ -252,7 +249,7 @@ class CrlWatcher:
         else:
             self.last_error = None
             ok = True
-        _warn_if_stale(self._current, self._clock(), "CRL watcher")
+        _warn_if_stale(self._current, self._clock.now(), "CRL watcher")
         return ok
 
     def is_revoked(self, peer: PeerIdentity) -> bool:
@@ -268,7 +265,7 @@ class CrlWatcher:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._clock.wait(self._stop, self._interval):
             try:
                 self.refresh()
             except Exception as err:  # keep the last good list and keep trying

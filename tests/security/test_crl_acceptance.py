@@ -35,6 +35,7 @@ from meshid.ca import Authority
 from meshid.ca.client import AdminClient, fetch_svid, get_crl
 from meshid.ca.datadir import init_data_dir, load_authority
 from meshid.ca.server import CaServer
+from meshid.clock import ManualClock
 from meshid.metrics import REGISTRY
 from support import FRONTEND_ID, SERVER_ID, SERVICE, call, sync_server
 
@@ -304,15 +305,15 @@ def test_older_crl_number_after_a_newer_one_is_refused(
 def test_crl_past_next_update_is_reported_stale_and_still_enforced(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
-    now = [_now()]
-    watcher = meshid.CrlWatcher(world.ca, world.source(SERVER_ID), clock=lambda: now[0])
+    clock = ManualClock()
+    watcher = meshid.CrlWatcher(world.ca, world.source(SERVER_ID), clock=clock)
     assert watcher.refresh(), watcher.last_error
     assert watcher.current is not None and REGISTRY.get_sample_value("meshid_crl_stale", {"trust_domain": TD}) == 0
     assert not watcher.stale
     with greeter(world, watcher) as port:
         assert_revoked(greet(world, port, REVOKED_ID))
         # The CA signs CRLs for an hour; two hours on, the one it still hands out is stale.
-        now[0] += datetime.timedelta(hours=2)
+        clock.advance(2 * 3600)
         assert watcher.stale
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="meshid.revocation"):
@@ -328,12 +329,12 @@ def test_crl_past_next_update_is_reported_stale_and_still_enforced(
 
 
 def test_stale_crl_stays_enforced_while_the_ca_is_unreachable(world: World, endpoint: CrlEndpoint) -> None:
-    now = [_now()]
-    watcher = meshid.CrlWatcher(endpoint.address, world.source(SERVER_ID), clock=lambda: now[0])
+    clock = ManualClock()
+    watcher = meshid.CrlWatcher(endpoint.address, world.source(SERVER_ID), clock=clock)
     endpoint.serve(world.crl_after)
     assert watcher.refresh(), watcher.last_error
     endpoint.serve((b"", []))  # the endpoint now answers with nothing usable
-    now[0] += datetime.timedelta(hours=2)
+    clock.advance(2 * 3600)
     with greeter(world, watcher) as port:
         assert watcher.refresh() is False
         assert watcher.stale
