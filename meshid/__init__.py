@@ -43,7 +43,7 @@ _HOMES = {
     "TrustBundle": "meshid.bundle",
     "TrustDomain": "meshid.spiffeid",
     "VerificationError": "meshid.errors",
-    "WorkloadApiSource": "meshid.workload",
+    "WorkloadApiSource": "meshid.workloadapi",
     "X509Svid": "meshid.svid",
     "channel_credentials": "meshid.credentials",
     "identity_dns_name": "meshid.svid",
@@ -102,4 +102,4 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
     from meshid.spiffeid import TrustDomain as TrustDomain
     from meshid.svid import X509Svid as X509Svid
     from meshid.svid import identity_dns_name as identity_dns_name
-    from meshid.workload import WorkloadApiSource as WorkloadApiSource
+    from meshid.workloadapi import WorkloadApiSource as WorkloadApiSource

@@ -79,7 +79,7 @@ def test_import_meshid_loads_only_what_is_used() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == "[]", out[0]
     loaded = eval(out[1])
-    assert not [m for m in loaded if m.startswith(("meshid.agent", "meshid.workload", "meshid.ca"))], loaded
+    assert not [m for m in loaded if m.startswith(("meshid.agent", "meshid.workloadapi", "meshid.ca"))], loaded
     assert out[2] == "meshid.aio.interceptors"
 
 

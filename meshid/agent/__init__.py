@@ -1,8 +1,8 @@
-"""The rotation loop (IssuerSource) and the ``meshid agent`` sidecar built on it."""
+"""The rotation loop (IssuerSource) that the ``meshid agent`` sidecar runs; the Workload API it
+serves lives in :mod:`meshid.workloadapi`."""
 
 from __future__ import annotations
 
 from meshid.agent.source import IssuerSource, SourceState
-from meshid.agent.workload_api import WorkloadApiServer
 
-__all__ = ["IssuerSource", "SourceState", "WorkloadApiServer"]
+__all__ = ["IssuerSource", "SourceState"]

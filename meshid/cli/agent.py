@@ -48,7 +48,7 @@ def register(groups: Any) -> None:
 
 def run_agent(args: argparse.Namespace) -> int:
     from meshid.agent import IssuerSource
-    from meshid.agent.workload_api import WorkloadApiServer
+    from meshid.workloadapi import WorkloadApiServer
 
     if not args.out and not args.workload_api:
         print("meshid: agent: give --out DIR, --workload-api unix:///PATH, or both", file=sys.stderr)

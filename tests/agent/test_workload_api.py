@@ -23,8 +23,7 @@ import pytest
 import spiffe
 
 import meshid
-from meshid.agent.workload_api import WorkloadApiServer
-from meshid.workload import WorkloadApiSource
+from meshid.workloadapi import WorkloadApiServer, WorkloadApiSource
 from support import FRONTEND_ID, SERVER_ID, call, eventually, sync_server
 
 pytestmark = pytest.mark.timeout(120)

@@ -19,130 +19,22 @@ import logging
 import os
 import random
 import threading
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 
-from meshid import _x509
 from meshid._proto import workload_pb2, workload_pb2_grpc
-from meshid.bundle import BundleSet, TrustBundle
-from meshid.errors import InvalidBundleError, InvalidSvidError, MeshIdError, SourceError
+from meshid.bundle import BundleSet
+from meshid.errors import MeshIdError, SourceError
 from meshid.sources import Unsubscribe, _Notifier
-from meshid.spiffeid import SpiffeId, TrustDomain
+from meshid.spiffeid import SpiffeId
 from meshid.svid import X509Svid
+from meshid.workloadapi import wire
 
-__all__ = ["ENDPOINT_SOCKET_ENV", "HEADER_KEY", "HEADER_VALUE", "WorkloadApiSource", "socket_path"]
+__all__ = ["WorkloadApiSource"]
 
 log = logging.getLogger("meshid.workload")
-
-#: The environment variable that names the Workload API endpoint (SPIFFE Workload Endpoint standard).
-ENDPOINT_SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
-#: Every Workload API call carries this metadata header, and servers refuse calls without it.
-HEADER_KEY = "workload.spiffe.io"
-HEADER_VALUE = "true"
-_METADATA = ((HEADER_KEY, HEADER_VALUE),)
-
-
-def socket_path(endpoint: str) -> str:
-    """The filesystem path of a Workload API endpoint: ``unix:///path``, ``unix:/path`` or a plain path.
-
-    Raises:
-        ValueError: not a Unix socket address, or a ``unix:`` URI with an authority, query,
-            fragment or relative path.
-    """
-    if not isinstance(endpoint, str) or not endpoint:
-        raise ValueError("Workload API endpoint: give a Unix socket, e.g. unix:///run/meshid/agent.sock")
-    if endpoint.startswith("unix:"):
-        uri = urllib.parse.urlsplit(endpoint)
-        if uri.netloc:
-            raise ValueError(f"Workload API endpoint {endpoint!r}: a host is not allowed; write unix:///absolute/path")
-        if uri.query or uri.fragment:
-            raise ValueError(f"Workload API endpoint {endpoint!r}: a query or fragment is not allowed")
-        if not uri.path.startswith("/"):
-            raise ValueError(f"Workload API endpoint {endpoint!r}: the path must be absolute (unix:///path)")
-        return uri.path
-    if "://" in endpoint or endpoint.startswith("tcp:"):
-        raise ValueError(f"Workload API endpoint {endpoint!r}: only Unix sockets are supported (unix:///path)")
-    return os.path.abspath(endpoint)
-
-
-def _split_der(data: bytes) -> list[bytes]:
-    """Split concatenated DER values (certificates, as the Workload API sends them)."""
-    out, i = [], 0
-    while i < len(data):
-        if data[i] != 0x30 or i + 2 > len(data):
-            raise ValueError(f"byte {i} does not start a DER SEQUENCE")
-        first = data[i + 1]
-        if first < 0x80:
-            length, head = first, 2
-        else:
-            size = first & 0x7F
-            if not 0 < size <= 4 or i + 2 + size > len(data):
-                raise ValueError(f"bad DER length at byte {i}")
-            length, head = int.from_bytes(data[i + 2 : i + 2 + size], "big"), 2 + size
-        end = i + head + length
-        if end > len(data):
-            raise ValueError(f"DER value at byte {i} is truncated")
-        out.append(data[i:end])
-        i = end
-    return out
-
-
-def _certificates(data: bytes) -> list[x509.Certificate]:
-    return [x509.load_der_x509_certificate(der) for der in _split_der(data)]
-
-
-def _bundle(td: TrustDomain, data: bytes) -> TrustBundle:
-    try:
-        roots = _certificates(data)
-    except ValueError as err:
-        raise InvalidBundleError(f"trust bundle for {td} from the Workload API: not DER certificates: {err}") from err
-    if not roots:
-        raise InvalidBundleError(f"trust bundle for {td} from the Workload API: empty")
-    for index, root in enumerate(roots):
-        if not _x509.is_ca(root):
-            raise InvalidBundleError(f"trust bundle for {td} from the Workload API: certificate {index} is not a CA")
-    return TrustBundle(td, tuple(roots))
-
-
-def _parse(response: Any, want: SpiffeId | None) -> tuple[X509Svid, BundleSet]:
-    """The chosen SVID of an ``X509SVIDResponse`` and the bundles it carries.
-
-    Raises:
-        MeshIdError: the response holds no (such) SVID, or an SVID or bundle that does not parse.
-    """
-    ids = [s.spiffe_id for s in response.svids]
-    if not ids:
-        raise SourceError("Workload API: the response holds no X509-SVID; is the workload registered?")
-    if want is None:
-        chosen = response.svids[0]
-    elif str(want) in ids:
-        chosen = response.svids[ids.index(str(want))]
-    else:
-        raise SourceError(f"Workload API: no X509-SVID for {want} in the response (it holds {', '.join(ids)})")
-    try:
-        chain = _certificates(chosen.x509_svid)
-        key = serialization.load_der_private_key(chosen.x509_svid_key, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise InvalidSvidError(f"X509-SVID {chosen.spiffe_id} from the Workload API: {err}") from err
-    svid = X509Svid.from_parts(chain, key)  # type: ignore[arg-type]
-    if str(svid.spiffe_id) != chosen.spiffe_id:
-        raise InvalidSvidError(
-            f"X509-SVID from the Workload API: labelled {chosen.spiffe_id} but the certificate says {svid.spiffe_id}"
-        )
-    own = svid.spiffe_id.trust_domain
-    bundles = []
-    for name, der in response.federated_bundles.items():
-        td = TrustDomain.parse(name)
-        if td != own:  # the SVID's own bundle is authoritative for its trust domain
-            bundles.append(_bundle(td, der))
-    bundles.append(_bundle(own, chosen.bundle))
-    return svid, BundleSet.of(bundles)
 
 
 class WorkloadApiSource:
@@ -170,13 +62,13 @@ class WorkloadApiSource:
         timeout: float = 10.0,
         max_backoff: float = 5.0,
     ) -> None:
-        endpoint = socket if socket is not None else os.environ.get(ENDPOINT_SOCKET_ENV)
+        endpoint = socket if socket is not None else os.environ.get(wire.ENDPOINT_SOCKET_ENV)
         if not endpoint:
-            raise ValueError(f"Workload API source: no socket given and {ENDPOINT_SOCKET_ENV} is not set")
+            raise ValueError(f"Workload API source: no socket given and {wire.ENDPOINT_SOCKET_ENV} is not set")
         if timeout <= 0 or max_backoff <= 0:
             raise ValueError("timeout and max_backoff must be positive")
         self.endpoint = endpoint
-        self._path = socket_path(endpoint)
+        self._path = wire.socket_path(endpoint)
         if spiffe_id is not None and not isinstance(spiffe_id, SpiffeId | str):
             raise TypeError(f"spiffe_id must be a SpiffeId or str, not {type(spiffe_id).__name__}")
         self._want = SpiffeId.parse(spiffe_id) if isinstance(spiffe_id, str) else spiffe_id
@@ -265,7 +157,7 @@ class WorkloadApiSource:
 
     def _apply(self, response: Any) -> None:
         try:
-            state = _parse(response, self._want)
+            state = wire.parse_x509_svid_response(response, self._want)
         except Exception as err:  # MeshIdError, or worse: either way it must not end the stream thread
             self.last_error = str(err)
             current = self._state
@@ -289,7 +181,7 @@ class WorkloadApiSource:
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
         failures = 0
         while not self._stop.is_set():
-            call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=_METADATA)
+            call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=wire.METADATA)
             with self._lock:
                 if self._stop.is_set():
                     call.cancel()

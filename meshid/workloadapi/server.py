@@ -32,14 +32,13 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives import serialization
 
-from meshid._proto import workload_pb2, workload_pb2_grpc
+from meshid._proto import workload_pb2_grpc
 from meshid.bundle import BundleSet
-from meshid.errors import MeshIdError, SourceError
+from meshid.errors import MeshIdError
 from meshid.sources import Source, Unsubscribe, require_source
 from meshid.svid import X509Svid
-from meshid.workload import HEADER_KEY, HEADER_VALUE, socket_path
+from meshid.workloadapi import wire
 
 __all__ = ["WorkloadApiServer"]
 
@@ -55,47 +54,6 @@ _NOT_READY = grpc.StatusCode.UNAVAILABLE  # the source has nothing to hand out (
 _SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, "the Workload API server is shutting down; reconnect")
 
 
-def _der(svid: X509Svid) -> tuple[bytes, bytes]:
-    chain = b"".join(c.public_bytes(serialization.Encoding.DER) for c in svid.chain)
-    key = svid.private_key.private_bytes(
-        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return chain, key
-
-
-def _roots_der(bundles: BundleSet) -> dict[str, bytes]:
-    """Every trust domain's roots, DER concatenated, keyed by the trust domain's SPIFFE ID."""
-    return {
-        str(td.id()): b"".join(c.public_bytes(serialization.Encoding.DER) for c in bundle.roots)
-        for td, bundle in bundles.items()
-    }
-
-
-def _x509_svid_response(svid: X509Svid, bundles: BundleSet) -> Any:
-    """The ``X509SVIDResponse`` for one SVID: its own trust domain's bundle inline, others federated.
-
-    Raises:
-        SourceError: ``bundles`` holds no bundle for the SVID's trust domain.
-    """
-    own = svid.spiffe_id.trust_domain
-    if own not in bundles:
-        raise SourceError(f"Workload API: the source has no trust bundle for {own}, the SVID's trust domain")
-    roots = _roots_der(bundles)
-    chain, key = _der(svid)
-    return workload_pb2.X509SVIDResponse(
-        svids=[
-            workload_pb2.X509SVID(
-                spiffe_id=str(svid.spiffe_id), x509_svid=chain, x509_svid_key=key, bundle=roots.pop(str(own.id()))
-            )
-        ],
-        federated_bundles=roots,
-    )
-
-
-def _x509_bundles_response(svid: X509Svid, bundles: BundleSet) -> Any:
-    return workload_pb2.X509BundlesResponse(bundles=_roots_der(bundles))
-
-
 class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     """The five Workload API methods over one source; streams wait on the server's change signal."""
 
@@ -104,8 +62,8 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
     @staticmethod
     def _require_header(context: grpc.ServicerContext) -> None:
-        values = [v for k, v in context.invocation_metadata() if k == HEADER_KEY]
-        if values != [HEADER_VALUE]:
+        values = [v for k, v in context.invocation_metadata() if k == wire.HEADER_KEY]
+        if values != [wire.HEADER_VALUE]:
             context.abort(*_NO_HEADER)
 
     def _follow(self, context: grpc.ServicerContext, build: Callable[[X509Svid, BundleSet], Any]) -> Iterator[Any]:
@@ -130,11 +88,11 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
     def FetchX509SVID(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)
-        return self._follow(context, _x509_svid_response)
+        return self._follow(context, wire.x509_svid_response)
 
     def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)
-        return self._follow(context, _x509_bundles_response)
+        return self._follow(context, wire.x509_bundles_response)
 
     def FetchJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._require_header(context)
@@ -199,7 +157,7 @@ class WorkloadApiServer:
         if not 0 <= mode <= 0o777:
             raise ValueError(f"mode must be a file mode such as 0o600, not {mode:#o}")
         self.source = source
-        self.path = socket_path(socket)
+        self.path = wire.socket_path(socket)
         self._mode = mode
         self._max_streams = max_streams
         self._changed = threading.Condition()
