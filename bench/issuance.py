@@ -32,8 +32,7 @@ from meshid.ca.authority import Authority, generate_key
 from meshid.ca.client import AdminClient
 from meshid.ca.csr import build_csr, parse_csr
 from meshid.ca.datadir import init_data_dir
-from meshid.ca.sqlite import SqliteStore
-from meshid.ca.store import Entry
+from meshid.ca.store import Entry, SqliteStore
 from meshid.spiffeid import SpiffeId
 
 TD = "example.org"

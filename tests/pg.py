@@ -1,7 +1,8 @@
 """A real PostgreSQL server for tests: started on a free loopback port, always stopped.
 
 ``running_postgres(folder)`` yields the DSN of a superuser ``meshid`` on a database ``meshid``;
-``create_database(dsn, name)`` makes another database on the same server (one per test is cheap).
+``create_database(dsn, name)`` makes another database on the same server (one per test is cheap),
+``new_database(dsn)`` one with a name not used before; ``query(dsn, ...)`` runs one statement.
 PostgreSQL refuses to run as root, so under root the server runs as the ``postgres`` user.
 No PostgreSQL installed: the test is skipped, or fails under MESHID_REQUIRE_INTEROP=1.
 """
@@ -9,6 +10,7 @@ No PostgreSQL installed: the test is skipped, or fails under MESHID_REQUIRE_INTE
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import pwd
 import re
@@ -30,6 +32,7 @@ from support import require_program
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+_databases = itertools.count()
 
 
 def postgres_bin_dir() -> Path:
@@ -81,6 +84,18 @@ def create_database(dsn: str, name: str) -> str:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return dsn.rsplit("/", 1)[0] + "/" + name
+
+
+def new_database(dsn: str) -> str:
+    """A new, empty database on the server of ``dsn`` (``test_0``, ``test_1``...); returns its DSN."""
+    return create_database(dsn, f"test_{next(_databases)}")
+
+
+def query(dsn: str, statement: str, *params: object) -> list[tuple[Any, ...]]:
+    """Run one statement (``%s`` placeholders) in its own autocommitted connection; its rows, if any."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(statement, params or None)
+        return cur.fetchall() if cur.description else []
 
 
 @contextlib.contextmanager

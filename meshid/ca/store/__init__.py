@@ -1,48 +1,33 @@
-"""The CA's records behind a small interface, so that another SQL database can serve later.
+"""The CA's records behind one small interface, on SQLite (embedded) or PostgreSQL (shared by replicas).
 
 What is kept: registration entries, join-token hashes (never tokens), every issued
 certificate (serial, SPIFFE ID, not_after, revoked_at), the CRL number and the bundle
 sequence. Every method is one transaction; a method that returns has made its change
 durable. ``issue_with_token`` consumes a token and records the certificate signed for it in
 the *same* transaction, so a crash leaves either both or neither.
+
+The store is written once (:mod:`~meshid.ca.store.sql`) against a small dialect: how a
+database runs a transaction and names its failures, its placeholders, its row locks and how
+it inserts a row only if its key is absent. :mod:`~meshid.ca.store.sqlite` and
+:mod:`~meshid.ca.store.postgres` are the two dialects; :mod:`~meshid.ca.store.migrations`
+is the schema both create. ``PostgresStore`` is imported on first use: it needs psycopg
+(``pip install meshid[postgres]``), which nothing else in meshid does.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from meshid.ca.store.records import Entry, IssuedRecord, Signer
+from meshid.ca.store.sqlite import SqliteStore
 from meshid.spiffeid import SpiffeId
 
-__all__ = ["Entry", "IssuedRecord", "Store", "open_store"]
+if TYPE_CHECKING:
+    from meshid.ca.store.postgres import PostgresStore
 
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A registration entry: a SPIFFE ID a workload may hold and what its SVIDs carry."""
-
-    spiffe_id: SpiffeId
-    dns_names: tuple[str, ...]
-    ttl: datetime.timedelta
-    created_at: datetime.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedRecord:
-    """One issued certificate as the store keeps it."""
-
-    serial: int
-    spiffe_id: SpiffeId
-    not_after: datetime.datetime
-    issued_at: datetime.datetime
-    revoked_at: datetime.datetime | None = None
-
-
-#: Signs for an entry and returns (serial, not_after) of what it signed, plus an opaque result.
-Signer = Callable[[Entry], tuple[int, datetime.datetime, object]]
+__all__ = ["Entry", "IssuedRecord", "PostgresStore", "Signer", "SqliteStore", "Store", "open_store"]
 
 
 class Store(Protocol):
@@ -124,9 +109,16 @@ def open_store(datastore: str | os.PathLike[str]) -> Store:
     """
     text = os.fspath(datastore)
     if text.startswith(("postgresql://", "postgres://")):
-        from meshid.ca.postgres import PostgresStore
+        from meshid.ca.store.postgres import PostgresStore
 
         return PostgresStore(text)
-    from meshid.ca.sqlite import SqliteStore
-
     return SqliteStore(text)
+
+
+def __getattr__(name: str) -> Any:
+    # PostgresStore on first use, so that importing the store does not import psycopg.
+    if name == "PostgresStore":
+        from meshid.ca.store.postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

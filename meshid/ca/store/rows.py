@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from meshid.ca.store import Entry, IssuedRecord
+from meshid.ca.store.records import Entry, IssuedRecord
 from meshid.errors import StoreError, TokenError
 from meshid.spiffeid import SpiffeId
 
