@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import grpc
 
+from meshid._background import FileStamp, Worker, file_stamp
 from meshid._cache import BoundedCache
 from meshid.authz import audit
 from meshid.authz.grpc_json import collect_headers
@@ -42,17 +43,6 @@ def _materialize(metadata: Metadata) -> Iterable[tuple[str, str | bytes]] | None
 
 
 TrustInput = Source | BundleSet | TrustBundle
-
-
-def _stamp_of(path: str | os.PathLike[str] | None) -> tuple[int, int, int] | None:
-    """What tells a policy file's versions apart: inode (an atomic rename), size and mtime."""
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +97,7 @@ class Authorizer:
         self._poll_interval = poll_interval
         self._stamp = self._file_stamp()
         self._reload_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("meshid-policy-watch", self._watch)
         self.revoked: Callable[[PeerIdentity], bool] | None = None
         # ((policy, local trust domain, verifier generation, forwarded generation), memo): read
         # and replaced as one object. The memo holds PeerIdentity objects the verifier's cache
@@ -123,8 +112,8 @@ class Authorizer:
     def policy(self) -> AuthorizationPolicy:
         return self._policy
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        return _stamp_of(self._path)
+    def _file_stamp(self) -> FileStamp | None:
+        return file_stamp(self._path) if self._path is not None else None
 
     def reload(self, policy: PolicyInput | None = None) -> bool:
         """Swap in a new policy atomically; with no argument, re-read the policy file.
@@ -150,7 +139,7 @@ class Authorizer:
                     return False
                 self._stamp = stamp
             else:
-                stamp = _stamp_of(policy) if isinstance(policy, str | os.PathLike) else None
+                stamp = file_stamp(policy) if isinstance(policy, str | os.PathLike) else None
                 try:
                     new, path = _load(policy)
                 except MeshIdError as err:
@@ -165,19 +154,13 @@ class Authorizer:
     def start(self) -> None:
         if self._path is None:
             raise ValueError("start() watches a policy file; this interceptor was given a policy object")
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._watch, name="meshid-policy-watch", daemon=True)
-            self._thread.start()
+        self._worker.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._worker.close()
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self._poll_interval):
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self._poll_interval):
             if self._file_stamp() != self._stamp:
                 try:
                     self.reload()

@@ -36,6 +36,7 @@ from cryptography import x509
 from cryptography.x509 import verification
 
 from meshid import _x509, metrics
+from meshid._background import Worker
 from meshid.bundle import BundleSet
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, VerificationError
@@ -213,8 +214,7 @@ class CrlWatcher:
         self._interval = interval
         self._clock = clock
         self._current: RevocationList | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("meshid-crl", self._run)
         self.last_error: str | None = None
         metrics.watch_revocation(self, lambda watcher: watcher._current, lambda watcher: watcher._clock.now())
 
@@ -257,15 +257,13 @@ class CrlWatcher:
         return current is not None and current.is_revoked(peer)
 
     def start(self) -> CrlWatcher:
-        if self._thread is None:
+        if not self._worker.running:
             self.refresh()
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="meshid-crl", daemon=True)
-            self._thread.start()
+            self._worker.start()
         return self
 
-    def _run(self) -> None:
-        while not self._clock.wait(self._stop, self._interval):
+    def _run(self, stop: threading.Event) -> None:
+        while not self._clock.wait(stop, self._interval):
             try:
                 self.refresh()
             except Exception as err:  # keep the last good list and keep trying
@@ -273,10 +271,7 @@ class CrlWatcher:
                 log.exception("CRL: refresh failed")
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._worker.close()
 
     def __enter__(self) -> CrlWatcher:
         return self.start()

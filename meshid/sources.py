@@ -1,9 +1,10 @@
 """Identity sources: where credentials get the current SVID and trust bundles.
 
 Any object with ``get_svid()``, ``get_bundles()`` and ``subscribe(callback)`` is a source
-(:class:`Source`), so a static pair, files on disk and (later) the issuing service are
-interchangeable. No source starts a thread in its constructor: call ``start()`` (or use it as
-a context manager) to begin watching, ``close()`` to stop.
+(:class:`Source`), so a static pair, files on disk, the issuing service (an
+:class:`~meshid.IssuerSource`) or a Workload API are interchangeable. No source starts a
+thread in its constructor: call ``start()`` (or use it as a context manager) to begin
+watching, ``close()`` to stop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from meshid._background import FileStamp, Notifier, Unsubscribe, Worker, file_stamp
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.errors import MeshIdError, SourceError
 from meshid.svid import X509Svid
@@ -22,7 +24,6 @@ __all__ = ["FileSource", "Source", "StaticSource"]
 
 log = logging.getLogger("meshid.sources")
 
-Unsubscribe = Callable[[], None]
 
 
 @runtime_checkable
@@ -42,36 +43,6 @@ class Source(Protocol):
         ...
 
 
-class _Notifier:
-    """The subscriber list every source shares."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] = []
-
-    def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
-        if not callable(callback):
-            raise TypeError("subscribe() needs a callable")
-        with self._lock:
-            self._callbacks.append(callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._callbacks:
-                    self._callbacks.remove(callback)
-
-        return unsubscribe
-
-    def notify(self) -> None:
-        with self._lock:
-            callbacks = list(self._callbacks)
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # a broken subscriber must not stop the others
-                log.exception("identity source subscriber failed")
-
-
 def _as_bundle_set(bundles: BundleSet | TrustBundle) -> BundleSet:
     if isinstance(bundles, BundleSet):
         return bundles
@@ -87,7 +58,7 @@ class StaticSource:
         if not isinstance(svid, X509Svid):
             raise TypeError(f"svid must be an X509Svid, not {type(svid).__name__}")
         self._state = (svid, _as_bundle_set(bundles))
-        self._notifier = _Notifier()
+        self._notifier = Notifier()
 
     def get_svid(self) -> X509Svid:
         return self._state[0]
@@ -111,16 +82,8 @@ class StaticSource:
         self._notifier.notify()
 
 
-def _stamp(*paths: str) -> tuple[tuple[int, int, int], ...]:
-    out = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append((0, 0, 0))
-        else:
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
+def _stamp(*paths: str) -> tuple[FileStamp, ...]:
+    return tuple(file_stamp(path) for path in paths)
 
 
 class FileSource:
@@ -149,10 +112,9 @@ class FileSource:
         self._paths = (os.fspath(cert_file), os.fspath(key_file), os.fspath(bundle_file))
         self._federated = federated or BundleSet.of()
         self._poll_interval = poll_interval
-        self._notifier = _Notifier()
+        self._notifier = Notifier()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("meshid-file-source", self._run)
         self._stamp = _stamp(*self._paths)
         self._state = self._read()
         #: The last load error, or None after a good load. For health checks.
@@ -196,21 +158,15 @@ class FileSource:
 
     def start(self) -> FileSource:
         """Begin polling the files in a daemon thread. Returns self."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="meshid-file-source", daemon=True)
-            self._thread.start()
+        self._worker.start()
         return self
 
     def close(self) -> None:
         """Stop polling."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._worker.close()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._poll_interval):
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self._poll_interval):
             self.reload()
 
     def __enter__(self) -> FileSource:

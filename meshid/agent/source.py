@@ -22,13 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meshid import metrics
+from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, SourceError
 from meshid.peer import PeerIdentity
 from meshid.revocation import RevocationList, _warn_if_stale
-from meshid.sources import FileSource, Unsubscribe, _Notifier
+from meshid.sources import FileSource
 from meshid.svid import X509Svid
 
 __all__ = ["IssuerSource", "SourceState"]
@@ -109,11 +110,10 @@ class IssuerSource:
         self._max_backoff = max_backoff
         self._timeout = timeout
         self._clock = clock
-        self._notifier = _Notifier()
+        self._notifier = Notifier()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("meshid-issuer-source", self._run, wake=self._wake.set)
         self._svid: X509Svid | None = None
         self._bundles: BundleSet | None = None
         self._crl: RevocationList | None = None
@@ -158,23 +158,17 @@ class IssuerSource:
         Raises:
             SourceError: no reusable SVID and the join token did not work on any server.
         """
-        if self._thread is not None:
+        if self._worker.running:
             return self
         if not self._load_saved():
             self._first_issuance()
         metrics.watch_source(self)
         metrics.watch_revocation(self, lambda source: source._crl, lambda source: source._clock.now())
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="meshid-issuer-source", daemon=True)
-        self._thread.start()
+        self._worker.start()
         return self
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._worker.close()
 
     def __enter__(self) -> IssuerSource:
         return self.start()
@@ -363,8 +357,8 @@ class IssuerSource:
                 write_svid_files(self._svid_dir, svid.chain_pem(), svid.key_pem(), bundle.to_pem())
             self._notifier.notify()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
                 if self._clock.monotonic() >= self._next_renewal:
                     self._renew()

@@ -24,10 +24,10 @@ from typing import Any
 
 import grpc
 
+from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._proto import workload_pb2, workload_pb2_grpc
 from meshid.bundle import BundleSet
 from meshid.errors import MeshIdError, SourceError
-from meshid.sources import Unsubscribe, _Notifier
 from meshid.spiffeid import SpiffeId
 from meshid.svid import X509Svid
 from meshid.workloadapi import wire
@@ -74,11 +74,10 @@ class WorkloadApiSource:
         self._want = SpiffeId.parse(spiffe_id) if isinstance(spiffe_id, str) else spiffe_id
         self._timeout = timeout
         self._max_backoff = max_backoff
-        self._notifier = _Notifier()
+        self._notifier = Notifier()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._worker = Worker("meshid-workload-api-source", self._run, wake=self._cancel_call)
         self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self._state: tuple[X509Svid, BundleSet] | None = None
@@ -110,9 +109,8 @@ class WorkloadApiSource:
         Raises:
             SourceError: no usable response within ``timeout`` seconds (the message says why).
         """
-        if self._thread is not None:
+        if self._worker.running:
             return self
-        self._stop.clear()
         self._ready.clear()
         self._channel = grpc.insecure_channel(
             "unix:" + self._path,
@@ -123,8 +121,7 @@ class WorkloadApiSource:
                 ("grpc.max_reconnect_backoff_ms", int(self._max_backoff * 1000)),
             ],
         )
-        self._thread = threading.Thread(target=self._run, name="meshid-workload-api-source", daemon=True)
-        self._thread.start()
+        self._worker.start()
         if not self._ready.wait(self._timeout):
             why = self.last_error or "no answer"
             self.close()
@@ -135,14 +132,7 @@ class WorkloadApiSource:
 
     def close(self) -> None:
         """Stop following the stream and close the connection."""
-        self._stop.set()
-        with self._lock:
-            call = self._call
-        if call is not None:
-            call.cancel()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._worker.close()
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -177,13 +167,19 @@ class WorkloadApiSource:
             log.info("Workload API source: now presenting %s (serial %x)", state[0].spiffe_id, state[0].serial)
             self._notifier.notify()
 
-    def _run(self) -> None:
+    def _cancel_call(self) -> None:
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _run(self, stop: threading.Event) -> None:
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
         failures = 0
-        while not self._stop.is_set():
+        while not stop.is_set():
             call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=wire.METADATA)
             with self._lock:
-                if self._stop.is_set():
+                if stop.is_set():
                     call.cancel()
                     return
                 self._call = call
@@ -199,11 +195,11 @@ class WorkloadApiSource:
             finally:
                 with self._lock:
                     self._call = None
-            if self._stop.is_set():
+            if stop.is_set():
                 return
             failures += 1
             delay = min(self._max_backoff, 0.1 * 2 ** min(failures - 1, 16)) * (0.5 + random.random() / 2)
             self.last_error = why
             level = logging.WARNING if self._state is not None else logging.DEBUG
             log.log(level, "Workload API source: %s at %s; reconnecting in %.2fs", why, self.endpoint, delay)
-            self._stop.wait(delay)
+            stop.wait(delay)

@@ -33,10 +33,11 @@ from typing import Any
 
 import grpc
 
+from meshid._background import Unsubscribe
 from meshid._proto import workload_pb2_grpc
 from meshid.bundle import BundleSet
 from meshid.errors import MeshIdError
-from meshid.sources import Source, Unsubscribe, require_source
+from meshid.sources import Source, require_source
 from meshid.svid import X509Svid
 from meshid.workloadapi import wire
 
