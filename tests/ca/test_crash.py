@@ -26,7 +26,7 @@ from typing import IO
 import pytest
 
 from meshid.ca.client import AdminClient
-from meshid.ca.sqlite import SqliteStore
+from meshid.ca.store import SqliteStore
 from meshid.spiffeid import SpiffeId
 
 pytestmark = pytest.mark.timeout(120)

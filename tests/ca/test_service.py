@@ -15,7 +15,7 @@ import meshid
 from meshid.ca import Authority, generate_key
 from meshid.ca.csr import build_csr
 from meshid.ca.service import IssuingService, token_hash
-from meshid.ca.sqlite import SqliteStore
+from meshid.ca.store import SqliteStore
 
 WEB = "spiffe://example.org/ns/prod/sa/web"
 

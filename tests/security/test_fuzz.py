@@ -64,7 +64,7 @@ from meshid.ca.csr import MAX_CSR_BYTES, build_csr, parse_csr
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
 from meshid.ca.service import IssuingService
-from meshid.ca.sqlite import SqliteStore
+from meshid.ca.store import SqliteStore
 from meshid.cli import main as cli_main
 from meshid.errors import InvalidRequestError
 
