@@ -19,9 +19,11 @@ when stale) and ``meshid_crl_next_update_seconds`` (negative once past) show it 
 The watcher has no health service of its own: ``stale``, ``last_error`` and ``current`` are its
 health, for the application's own health check.
 
-:class:`CrlWatcher` fetches the CRL from a meshid CA periodically and keeps the last good one
-when a fetch fails or is refused; hand its ``is_revoked`` to ``interceptor.set_revocation_check``
-and a revoked peer gets ``UNAUTHENTICATED``.
+:class:`CrlWatcher` fetches the CRL periodically (from a meshid CA, or through any fetch
+function it is given) and keeps the last good one when a fetch fails or is refused; hand its
+``is_revoked`` to ``interceptor.set_revocation_check`` and a revoked peer gets
+``UNAUTHENTICATED``. Both it and :class:`~meshid.IssuerSource` hold their list in a
+:class:`CrlKeeper`: the acceptance rules above are applied in that one place.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -45,7 +47,7 @@ from meshid.sources import Source
 from meshid.spiffeid import TrustDomain
 from meshid.svid import spiffe_id_from_certificate
 
-__all__ = ["CrlWatcher", "RevocationList"]
+__all__ = ["CrlFetch", "CrlKeeper", "CrlWatcher", "RevocationList"]
 
 log = logging.getLogger("meshid.revocation")
 
@@ -189,6 +191,43 @@ def _warn_if_stale(crl: RevocationList | None, now: datetime.datetime, who: str)
     return True
 
 
+#: Fetches a CRL: its DER and the chain of the certificate that signed it, signer first.
+CrlFetch = Callable[[], tuple[bytes, Sequence[x509.Certificate]]]
+
+
+class CrlKeeper:
+    """The list in force, and the one way a fetched CRL gets there (for :class:`CrlWatcher` and
+    :class:`~meshid.IssuerSource` alike): fetched through the function it is given, verified by
+    :meth:`RevocationList.from_der`, taken only if it :meth:`~RevocationList.supersedes` the
+    list in force; otherwise the list in force stays, and ``last_error`` says why."""
+
+    def __init__(self, who: str) -> None:
+        self._who = who
+        self.current: RevocationList | None = None
+        self.last_error: str | None = None
+
+    def refresh(self, fetch: CrlFetch, bundles: BundleSet, now: datetime.datetime) -> bool:
+        """Fetch and offer a CRL. Returns True if it is in force: newer, or the same again."""
+        try:
+            der, chain = fetch()
+            fetched = RevocationList.from_der(der, chain, bundles, now=now)
+            if fetched.supersedes(self.current):
+                self.current = fetched
+        except MeshIdError as err:
+            self.last_error = str(err)
+            log.warning("%s: CRL refused or unavailable; keeping the list in force: %s", self._who, err)
+            ok = False
+        else:
+            self.last_error = None
+            ok = True
+        _warn_if_stale(self.current, now, self._who)
+        return ok
+
+    def is_revoked(self, peer: PeerIdentity) -> bool:
+        current = self.current
+        return current is not None and current.is_revoked(peer)
+
+
 class CrlWatcher:
     """Keeps a meshid CA's CRL current for an interceptor.
 
@@ -201,32 +240,47 @@ class CrlWatcher:
 
     def __init__(
         self,
-        server: str,
+        server: str | None,
         source: Source,
         *,
         interval: float = 60.0,
         clock: Clock = SYSTEM_CLOCK,
+        fetch: CrlFetch | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
-        self._server = server
+        if (server is None) == (fetch is None):
+            raise ValueError("CRL watcher: give a meshid CA's address, or a fetch function, not both")
         self._source = source
+        self._fetch = fetch if fetch is not None else self._from_ca(server or "")
         self._interval = interval
         self._clock = clock
-        self._current: RevocationList | None = None
+        self._keeper = CrlKeeper("CRL watcher")
         self._worker = Worker("meshid-crl", self._run)
-        self.last_error: str | None = None
-        metrics.watch_revocation(self, lambda watcher: watcher._current, lambda watcher: watcher._clock.now())
+        metrics.watch_revocation(self, lambda watcher: watcher.current, lambda watcher: watcher._clock.now())
+
+    def _from_ca(self, server: str) -> CrlFetch:
+        def fetch() -> tuple[bytes, Sequence[x509.Certificate]]:
+            from meshid.ca.client import get_crl  # the CA's client, only for a watcher of a meshid CA
+
+            return get_crl(server, self._source.get_svid(), self._source.get_bundles())
+
+        return fetch
 
     @property
     def current(self) -> RevocationList | None:
         """The list in force, or None before the first successful fetch."""
-        return self._current
+        return self._keeper.current
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last refresh did not take a list, or None after one that did."""
+        return self._keeper.last_error
 
     @property
     def stale(self) -> bool:
         """Whether the list in force is past its nextUpdate (it is still enforced)."""
-        current = self._current
+        current = self._keeper.current
         return current is not None and current.is_stale(self._clock.now())
 
     def refresh(self) -> bool:
@@ -235,26 +289,10 @@ class CrlWatcher:
         False when the fetch failed or the CRL was refused (older, unsigned by a CA, ...): the
         previous list stays in force and ``last_error`` says why.
         """
-        from meshid.ca.client import get_crl
-
-        try:
-            der, chain = get_crl(self._server, self._source.get_svid(), self._source.get_bundles())
-            fetched = RevocationList.from_der(der, chain, self._source.get_bundles(), now=self._clock.now())
-            if fetched.supersedes(self._current):
-                self._current = fetched
-        except MeshIdError as err:
-            self.last_error = str(err)
-            log.warning("CRL: keeping the previous list: %s", err)
-            ok = False
-        else:
-            self.last_error = None
-            ok = True
-        _warn_if_stale(self._current, self._clock.now(), "CRL watcher")
-        return ok
+        return self._keeper.refresh(self._fetch, self._source.get_bundles(), self._clock.now())
 
     def is_revoked(self, peer: PeerIdentity) -> bool:
-        current = self._current
-        return current is not None and current.is_revoked(peer)
+        return self._keeper.is_revoked(peer)
 
     def start(self) -> CrlWatcher:
         if not self._worker.running:
@@ -267,7 +305,7 @@ class CrlWatcher:
             try:
                 self.refresh()
             except Exception as err:  # keep the last good list and keep trying
-                self.last_error = f"unexpected: {err}"
+                self._keeper.last_error = f"unexpected: {err}"
                 log.exception("CRL: refresh failed")
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, SourceError
 from meshid.peer import PeerIdentity
-from meshid.revocation import RevocationList, _warn_if_stale
+from meshid.revocation import CrlKeeper, _warn_if_stale
 from meshid.sources import FileSource
 from meshid.svid import X509Svid
 
@@ -116,7 +116,7 @@ class IssuerSource:
         self._worker = Worker("meshid-issuer-source", self._run, wake=self._wake.set)
         self._svid: X509Svid | None = None
         self._bundles: BundleSet | None = None
-        self._crl: RevocationList | None = None
+        self._crl = CrlKeeper("issuer source")
         self._server_index = 0
         self._next_renewal = 0.0  # monotonic
         self._next_refresh = 0.0
@@ -147,8 +147,7 @@ class IssuerSource:
 
     def is_revoked(self, peer: PeerIdentity) -> bool:
         """Whether the CA's latest CRL lists ``peer`` (for ``interceptor.set_revocation_check``)."""
-        crl = self._crl
-        return crl is not None and crl.is_revoked(peer)
+        return self._crl.is_revoked(peer)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -163,7 +162,7 @@ class IssuerSource:
         if not self._load_saved():
             self._first_issuance()
         metrics.watch_source(self)
-        metrics.watch_revocation(self, lambda source: source._crl, lambda source: source._clock.now())
+        metrics.watch_revocation(self, lambda source: source._crl.current, lambda source: source._clock.now())
         self._worker.start()
         return self
 
@@ -326,7 +325,7 @@ class IssuerSource:
             bundle = get_bundle(server, svid, bundles, timeout=self._timeout)
         except MeshIdError as err:  # the CA is unreachable: do not wait for it a second time
             log.warning("issuer source: bundle refresh failed: %s", err)
-            _warn_if_stale(self._crl, self._clock.now(), "issuer source")
+            _warn_if_stale(self._crl.current, self._clock.now(), "issuer source")
             return
         self._take_bundle(svid, bundles, bundle)
         # After the bundle (a CRL signed by a new root verifies against it), and on its own: a
@@ -334,18 +333,11 @@ class IssuerSource:
         self._refresh_crl(server)
 
     def _refresh_crl(self, server: str) -> None:
-        """Fetch the CRL; the same acceptance rules as :class:`~meshid.CrlWatcher` (see meshid.revocation)."""
+        """Fetch the CRL; the same acceptance rules as :class:`~meshid.CrlWatcher` (a CrlKeeper)."""
         from meshid.ca.client import get_crl
 
         svid, bundles = self.get_svid(), self.get_bundles()
-        try:
-            der, chain = get_crl(server, svid, bundles, timeout=self._timeout)
-            crl = RevocationList.from_der(der, chain, bundles)
-            if crl.supersedes(self._crl):
-                self._crl = crl
-        except MeshIdError as err:
-            log.warning("issuer source: CRL refused or unavailable; keeping the list in force: %s", err)
-        _warn_if_stale(self._crl, self._clock.now(), "issuer source")
+        self._crl.refresh(lambda: get_crl(server, svid, bundles, timeout=self._timeout), bundles, self._clock.now())
 
     def _take_bundle(self, svid: X509Svid, bundles: BundleSet, bundle: TrustBundle) -> None:
         td = svid.spiffe_id.trust_domain

@@ -1,4 +1,5 @@
-"""Certificate revocation lists: built and signed by the CA, read back by verifiers."""
+"""Certificate revocation lists, built and signed by the CA. Verifiers read and check them with
+:mod:`meshid.revocation` (:class:`~meshid.RevocationList`, :class:`~meshid.CrlWatcher`)."""
 
 from __future__ import annotations
 
