@@ -1,4 +1,8 @@
-"""CA key rotation (prepare, activate, old root retired) under continuous load: zero failed RPCs."""
+"""CA key rotation (prepare, activate, old root retired) under continuous load: zero failed RPCs.
+
+The CA and the workloads' sources run on the test's ManualClock (tests/agent/conftest.py): the
+renewals and bundle refreshes that carry the rotation are stepped, while the calls flow in real
+time over real handshakes."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -14,14 +19,16 @@ import grpc
 import pytest
 
 import meshid
-from conftest import RunningCa
+from conftest import CLOCKED_LIFETIME, RunningCa, step
 from meshid._proto import greeter_pb2, greeter_pb2_grpc  # the example service's messages
 from meshid.agent import IssuerSource
-from meshid.ca.datadir import activate_rotation, prepare_rotation
+from meshid.ca.datadir import activate_rotation, prepare_rotation, retire_due_roots
+from meshid.clock import ManualClock
 from support import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
+TD = meshid.TrustDomain.parse("example.org")
 SERVER_ID = "spiffe://example.org/ns/prod/sa/greeter"
 CLIENT_ID = "spiffe://example.org/ns/prod/sa/frontend"
 
@@ -33,19 +40,29 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
 
 
 def _roots(source: IssuerSource) -> set[str]:
-    return {r.subject.rfc4514_string() for r in source.get_bundles()[meshid.TrustDomain.parse("example.org")].roots}
+    return {r.subject.rfc4514_string() for r in source.get_bundles()[TD].roots}
 
 
-def test_ca_key_rotation_under_load_has_zero_failed_rpcs(tmp_path) -> None:
-    ca = RunningCa(tmp_path / "ca", max_ttl=datetime.timedelta(seconds=3))
+def _step_until(clock: ManualClock, done: Callable[[], bool], what: str, limit: int = 40) -> None:
+    """Step both sources' schedule until ``done()``."""
+    for _ in range(limit):
+        if done():
+            return
+        step(clock, waiters=2)
+    raise AssertionError(f"not within {limit} steps ({clock.monotonic():.0f} s of clock): {what}")
+
+
+def test_ca_key_rotation_under_load_has_zero_failed_rpcs(tmp_path, clock) -> None:
+    ca = RunningCa(tmp_path / "ca", max_ttl=CLOCKED_LIFETIME, clock=clock)
     sources: list[IssuerSource] = []
     server = None
     stop = threading.Event()
     ok, failures, issuers_seen = 0, [], set()
     try:
         for sid in (SERVER_ID, CLIENT_ID):
-            token = ca.enroll(sid, datetime.timedelta(seconds=2))
-            sources.append(IssuerSource(ca.address, ca.bundle_file, join_token=token, refresh_interval=0.3).start())
+            token = ca.enroll(sid, CLOCKED_LIFETIME)
+            source = IssuerSource(ca.address, ca.bundle_file, join_token=token, refresh_interval=5, clock=clock)
+            sources.append(source.start())
         server_source, client_source = sources
         old_root = next(iter(_roots(client_source)))
         policy = meshid.AuthorizationPolicy.from_dict(
@@ -77,15 +94,32 @@ def test_ca_key_rotation_under_load_has_zero_failed_rpcs(tmp_path) -> None:
             t.start()
         eventually(lambda: ok >= 20, 30, "calls on the old root before the rotation")
 
+        # The CA follows its data folder on the real clock (a 0.5 s poll): wait for it before
+        # stepping, or the steps would run the clock on while it still serves the old state.
         new_ca = prepare_rotation(ca.folder).subject.rfc4514_string()
-        eventually(lambda: all(len(_roots(s)) == 2 for s in sources), 30, "workloads to fetch the two-root bundle")
+        eventually(lambda: len(ca.server.service.bundle().roots) == 2, 10, "the CA to serve the two-root bundle")
+        _step_until(clock, lambda: all(len(_roots(s)) == 2 for s in sources), "workloads to fetch the two-root bundle")
         activate_rotation(ca.folder, grace=datetime.timedelta(seconds=1))
         eventually(
+            lambda: ca.server.service.authority.certificate.subject.rfc4514_string() == new_ca,
+            10,
+            "the CA to sign with the new CA",
+        )
+        _step_until(
+            clock,
             lambda: all(s.get_svid().leaf.issuer.rfc4514_string() == new_ca for s in sources),
-            30,
             "workloads to hold SVIDs from the new CA",
         )
-        eventually(lambda: all(_roots(s) == {new_ca} for s in sources), 30, "the old root to leave every bundle")
+        # The old root retires once the max TTL and the grace have passed. `ca serve` checks
+        # that on the real clock, so the test does what its refresh loop does, on the CA's clock.
+        _step_until(
+            clock,
+            lambda: bool(retire_due_roots(ca.folder, clock.now()))
+            or len(meshid.TrustBundle.load(TD, ca.bundle_file).roots) == 1,
+            "the old root's retirement to come due",
+        )
+        eventually(lambda: len(ca.server.service.bundle().roots) == 1, 10, "the CA to serve the new root alone")
+        _step_until(clock, lambda: all(_roots(s) == {new_ca} for s in sources), "the old root to leave every bundle")
         on_new_root_alone = ok
         eventually(lambda: ok >= on_new_root_alone + 40, 30, "calls on the new root alone")
         stop.set()
@@ -99,7 +133,10 @@ def test_ca_key_rotation_under_load_has_zero_failed_rpcs(tmp_path) -> None:
         for s in sources:
             s.close()
         ca.stop()
-    print(f"\nCA rotation: {ok} RPCs OK, {len(failures)} failed; caller certificates from {sorted(issuers_seen)}")
+    print(
+        f"\nCA rotation: {ok} RPCs OK, {len(failures)} failed; {clock.monotonic():.0f} s of clock; "
+        f"caller certificates from {sorted(issuers_seen)}"
+    )
     assert failures == []
     assert old_root in issuers_seen and new_ca in issuers_seen  # traffic ran before and after the switch
 
