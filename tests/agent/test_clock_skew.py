@@ -1,55 +1,71 @@
-"""A few minutes of clock skew between workload and CA does not break renewal."""
+"""A few minutes of clock skew between workload and CA does not break renewal.
+
+The workload's source runs on the test's ManualClock and the CA on that clock plus the skew, so
+the renewal schedule is stepped and each renewal's place in it can be checked."""
 
 from __future__ import annotations
 
 import datetime
-import time
+import itertools
 
 import pytest
 
+from conftest import CLOCKED_LIFETIME, step
 from meshid.agent import IssuerSource
 from meshid.ca.client import AdminClient
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
+from meshid.clock import ManualClock
 
 pytestmark = pytest.mark.timeout(60)
 WORKLOAD = "spiffe://example.org/ns/prod/sa/skewed"
+SKEW = datetime.timedelta(minutes=3)
 
 
-def _skewed_ca(folder, offset: datetime.timedelta) -> CaServer:
+def _skewed_ca(folder, clock: ManualClock, offset: datetime.timedelta) -> CaServer:
     init_data_dir(folder, "example.org", max_ttl=datetime.timedelta(hours=1))
-    server = CaServer(folder, "127.0.0.1:0", clock=lambda: datetime.datetime.now(datetime.UTC) + offset)
+    server = CaServer(folder, "127.0.0.1:0", clock=lambda: clock.now() + offset)
     server.start()
     return server
 
 
+# Either way the SVID has CLOCKED_LIFETIME (40 s) to live by the workload's clock, and renewal
+# is due at half of that at the latest. (The CA's NotBefore is back-dated 5 minutes, so a CA 3
+# minutes ahead leaves the clock 2 minutes of lead over real time: these tests use about one.)
 @pytest.mark.parametrize(
     ("offset", "ttl"),
     [
         # CA 3 minutes ahead: NotAfter is 3 min further than the lifetime; renew by the lifetime.
-        (datetime.timedelta(minutes=3), datetime.timedelta(seconds=4)),
-        # CA 3 minutes behind: 3 min 6 s of lifetime leaves 6 s by the local clock; renew by that.
-        (datetime.timedelta(minutes=-3), datetime.timedelta(minutes=3, seconds=6)),
+        (SKEW, CLOCKED_LIFETIME),
+        # CA 3 minutes behind: 3 min 40 s of lifetime leaves 40 s by the local clock; renew by that.
+        (-SKEW, SKEW + CLOCKED_LIFETIME),
     ],
     ids=["ca-clock-ahead", "ca-clock-behind"],
 )
 def test_renewal_keeps_its_rhythm_under_skew(tmp_path, offset, ttl) -> None:
-    ca = _skewed_ca(tmp_path / "ca", offset)
+    clock = ManualClock()  # the workload's; the CA's runs `offset` from it
+    ca = _skewed_ca(tmp_path / "ca", clock, offset)
     address = f"127.0.0.1:{ca.port}"
     try:
         with AdminClient(address, tmp_path / "ca") as admin:
             admin.create_entry(WORKLOAD, [], ttl)
             token = admin.create_token(WORKLOAD).token
-        with IssuerSource(address, tmp_path / "ca" / "bundle.pem", join_token=token) as source:
+        with IssuerSource(address, tmp_path / "ca" / "bundle.pem", join_token=token, clock=clock) as source:
             first = source.get_svid()
-            deadline = time.monotonic() + 15
-            while source.state.renewals < 3 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            renewed_at = [clock.monotonic()]  # the workload's clock at issuance and at each renewal
+            for _ in range(20):
+                if source.state.renewals >= 3:
+                    break
+                step(clock)
+                assert source.get_svid().not_after > clock.now(), "left holding an expired SVID"
+                if source.state.renewals >= len(renewed_at):
+                    renewed_at.append(clock.monotonic())
             state = source.state
-            now = datetime.datetime.now(datetime.UTC)
             assert state.renewals >= 3, f"renewed {state.renewals}x under {offset} of skew"
             assert state.failures == 0, state.last_error
-            assert source.get_svid().not_after > now  # never left holding an expired SVID
             assert source.get_svid().serial != first.serial
     finally:
         ca.stop()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(renewed_at)]
+    print(f"\n[skew {offset.total_seconds() / 60:+.0f} min] renewals {[f'{g:.1f}' for g in gaps]} s apart on the workload's clock")
+    assert max(gaps) <= CLOCKED_LIFETIME.total_seconds() / 2, f"renewed later than half the local lifetime: {gaps}"
