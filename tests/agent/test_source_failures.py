@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import time
 
 import pytest
 
+from conftest import CLOCKED_LIFETIME, step
 from meshid import SourceError, TrustBundle, TrustDomain
 from meshid.agent import IssuerSource
 from meshid.ca import Authority
@@ -16,21 +16,24 @@ pytestmark = pytest.mark.timeout(60)
 WORKLOAD = "spiffe://example.org/ns/prod/sa/stubborn"
 
 
-def test_an_unwritable_svid_dir_does_not_stop_renewal(running_ca, tmp_path) -> None:
-    token = running_ca.enroll(WORKLOAD, datetime.timedelta(seconds=2))
+def test_an_unwritable_svid_dir_does_not_stop_renewal(clocked_ca, clock, tmp_path) -> None:
+    token = clocked_ca.enroll(WORKLOAD, CLOCKED_LIFETIME)
     out = tmp_path / "svid"
-    source = IssuerSource(running_ca.address, running_ca.bundle_file, join_token=token, svid_dir=out).start()
+    source = IssuerSource(
+        clocked_ca.address, clocked_ca.bundle_file, join_token=token, svid_dir=out, clock=clock
+    ).start()
     notified = []
     source.subscribe(lambda: notified.append(source.get_svid().serial))
     try:
         shutil.rmtree(out)
         out.write_text("now a file, not a folder")  # every write of the SVID files fails from here on
-        deadline = time.monotonic() + 15
-        while len(notified) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        for _ in range(20):
+            if len(notified) >= 3:
+                break
+            step(clock)
         assert len(set(notified)) >= 3, "renewals stopped"
         assert source.state.last_error is not None and "cannot write" in source.state.last_error
-        assert source.get_svid().not_after > datetime.datetime.now(datetime.UTC)
+        assert source.get_svid().not_after > clock.now()
     finally:
         source.close()
 
