@@ -14,6 +14,7 @@ from meshid.agent import IssuerSource
 from meshid.ca.client import AdminClient
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
+from meshid.clock import ManualClock
 from meshid.metrics import serve_metrics
 from support import FRONTEND_ID, INTRUDER_ID, SERVER_ID, call, sync_server
 
@@ -52,24 +53,35 @@ def test_decisions_are_counted_by_method_decision_and_rule(ca, bundles, server_s
 
 
 def test_ca_and_renewals_are_counted_and_expiry_is_exported(tmp_path, metrics_url) -> None:
+    # The CA and the source on a ManualClock: the renewals are stepped, not waited for. 40 s
+    # lifetimes keep what the CA signs on it valid on the real clock that TLS checks.
+    clock = ManualClock()
     init_data_dir(tmp_path / "ca", "example.org")
-    server = CaServer(tmp_path / "ca", "127.0.0.1:0")
+    server = CaServer(tmp_path / "ca", "127.0.0.1:0", clock=clock.now)
     address = f"127.0.0.1:{server.start()}"
     workload = "spiffe://example.org/ns/prod/sa/metered"
     try:
         with AdminClient(address, tmp_path / "ca") as admin:
-            admin.create_entry(workload, [], datetime.timedelta(seconds=2))
+            admin.create_entry(workload, [], datetime.timedelta(seconds=40))
             token = admin.create_token(workload).token
         before = _scrape(metrics_url)
         with pytest.raises(meshid.RemoteError):
             meshid.ca.client.fetch_svid(address, tmp_path / "ca" / "bundle.pem", "example.org:guessed")
-        with IssuerSource(address, tmp_path / "ca" / "bundle.pem", join_token=token) as source:
-            deadline = time.monotonic() + 15
-            while source.state.renewals < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)
+        with IssuerSource(address, tmp_path / "ca" / "bundle.pem", join_token=token, clock=clock) as source:
+            for _ in range(10):
+                if source.state.renewals >= 2:
+                    break
+                clock.advance_to_next_wakeup(timeout=30)
+                clock.settle(timeout=30)
+            assert source.state.renewals >= 2
+            not_after = source.get_svid().not_after
+            scrape_began = datetime.datetime.now(datetime.UTC)
             after = _scrape(metrics_url)
+            scrape_ended = datetime.datetime.now(datetime.UTC)
+        # The gauge reads the real clock, not the source's (the test's clock has run ahead): it is
+        # what the real clock left of the source's current SVID while it was scraped.
         expiry = after[f'meshid_svid_expiry_seconds{{spiffe_id="{workload}"}}']
-        assert 0 < expiry <= 2
+        assert 0 < (not_after - scrape_ended).total_seconds() <= expiry <= (not_after - scrape_began).total_seconds()
         assert after[f'meshid_svid_renewals_total{{result="ok",spiffe_id="{workload}"}}'] >= 2
         grew = {k for k in after if k.startswith("meshid_ca_") and after[k] > before.get(k, 0)}
         assert 'meshid_ca_issuances_total{kind="token"}' in grew
