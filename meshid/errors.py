@@ -13,14 +13,17 @@ working::
     ├── VerificationError                   a peer's chain does not verify against its bundle
     ├── SourceError                         an identity source has nothing to hand out
     ├── RemoteError                         the CA answered a client with an error (``.code``)
+    ├── DataDirError                        the CA's data folder is missing, incomplete or taken
+    ├── StoreError                          the CA's database cannot be used       UNAVAILABLE
     └── IssuanceError                       the CA refused a request; one gRPC status code each:
         ├── InvalidRequestError (ValueError)    malformed CSR or request          INVALID_ARGUMENT
         ├── TokenError                          unknown, used or expired token    UNAUTHENTICATED
         ├── NotAuthorizedError                  asks for what the caller may not  PERMISSION_DENIED
         ├── NotFoundError                       no such entry or serial           NOT_FOUND
         ├── AlreadyExistsError                  the entry exists                  ALREADY_EXISTS
-        ├── RateLimitedError                    too many creations per minute     RESOURCE_EXHAUSTED
-        └── StoreError                          the database cannot be used       UNAVAILABLE
+        └── RateLimitedError                    too many creations per minute     RESOURCE_EXHAUSTED
+
+The gRPC status code of each CA error is chosen in one place, ``meshid.ca.grpc_api.status_for``.
 
 Messages start with the concept ("SPIFFE ID", "X509-SVID", "policy", ...), say
 what is wrong and, where possible, what to do.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyExistsError",
+    "DataDirError",
     "InvalidBundleError",
     "InvalidPolicyError",
     "InvalidRequestError",
@@ -104,8 +108,13 @@ class RateLimitedError(IssuanceError):
     """Too many entries or tokens created per minute by one admin (RESOURCE_EXHAUSTED)."""
 
 
-class StoreError(IssuanceError):
-    """The CA's database cannot be used: locked, full, corrupt (UNAVAILABLE)."""
+class StoreError(MeshIdError):
+    """The CA's database cannot be used: locked, full, corrupt (UNAVAILABLE). Not a refusal of
+    the request: the same request may succeed once the store is usable again."""
+
+
+class DataDirError(MeshIdError):
+    """The CA's data folder is missing, incomplete, or already initialised."""
 
 
 class RemoteError(MeshIdError):

@@ -261,9 +261,9 @@ class CrlWatcher:
 
     def _from_ca(self, server: str) -> CrlFetch:
         def fetch() -> tuple[bytes, Sequence[x509.Certificate]]:
-            from meshid.ca.client import get_crl  # the CA's client, only for a watcher of a meshid CA
+            from meshid.ca.client import get_crl_with_svid
 
-            return get_crl(server, self._source.get_svid(), self._source.get_bundles())
+            return get_crl_with_svid(server, self._source.get_svid(), self._source.get_bundles())
 
         return fetch
 

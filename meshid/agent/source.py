@@ -275,12 +275,12 @@ class IssuerSource:
         return float(delay * (0.5 + random.random() / 2))
 
     def _renew(self) -> None:
-        from meshid.ca.client import renew
+        from meshid.ca.client import renew_with_svid
 
         svid, bundles = self.get_svid(), self.get_bundles()
         server = self._servers[self._server_index]
         try:
-            issued = renew(server, svid, bundles, key_kind=self._key_kind, timeout=self._timeout)
+            issued = renew_with_svid(server, svid, bundles, key_kind=self._key_kind, timeout=self._timeout)
         except (MeshIdError, ValueError) as err:
             metrics.SVID_RENEWALS.labels(str(svid.spiffe_id), "error").inc()
             self._failures_in_row += 1
@@ -317,12 +317,12 @@ class IssuerSource:
         self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=True)
 
     def _refresh(self) -> None:
-        from meshid.ca.client import get_bundle
+        from meshid.ca.client import get_bundle_with_svid
 
         svid, bundles = self.get_svid(), self.get_bundles()
         server = self._servers[self._server_index]
         try:
-            bundle = get_bundle(server, svid, bundles, timeout=self._timeout)
+            bundle = get_bundle_with_svid(server, svid, bundles, timeout=self._timeout)
         except MeshIdError as err:  # the CA is unreachable: do not wait for it a second time
             log.warning("issuer source: bundle refresh failed: %s", err)
             _warn_if_stale(self._crl.current, self._clock.now(), "issuer source")
@@ -334,10 +334,11 @@ class IssuerSource:
 
     def _refresh_crl(self, server: str) -> None:
         """Fetch the CRL; the same acceptance rules as :class:`~meshid.CrlWatcher` (a CrlKeeper)."""
-        from meshid.ca.client import get_crl
+        from meshid.ca.client import get_crl_with_svid
 
         svid, bundles = self.get_svid(), self.get_bundles()
-        self._crl.refresh(lambda: get_crl(server, svid, bundles, timeout=self._timeout), bundles, self._clock.now())
+        fetch = lambda: get_crl_with_svid(server, svid, bundles, timeout=self._timeout)  # noqa: E731
+        self._crl.refresh(fetch, bundles, self._clock.now())
 
     def _take_bundle(self, svid: X509Svid, bundles: BundleSet, bundle: TrustBundle) -> None:
         td = svid.spiffe_id.trust_domain

@@ -1,4 +1,10 @@
-"""meshid's certificate authority: signing (``authority``), and later its store and gRPC services."""
+"""meshid's certificate authority.
+
+``authority`` signs (roots, intermediates, SVIDs); ``issuing`` decides what is issued (entries,
+join tokens, renewals, revocations) over ``store`` (one SQL store, SQLite and PostgreSQL
+dialects); ``grpc_api`` serves that over gRPC and ``server`` runs it as a process over a data
+folder (``datadir``); ``client`` is how workloads and admins talk to it.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
 """Talking to a meshid CA: first issuance with a join token, renewal, bundle, CRL, admin calls.
 
 Every call pins the CA's identity (``spiffe://<td>/meshid/ca``) and trusts only the roots it
-was given, so a join token or CSR never reaches another server.
+was given, so a join token or CSR never reaches another server. Names say how a call
+authenticates: ``*_with_token`` (the anonymous bootstrap certificate and a join token),
+``*_with_svid`` (mTLS with the workload's current SVID), ``*_anonymously`` (the anonymous
+certificate; only what is public), and :class:`AdminClient` (the admin SVID). ``fetch_svid``
+(with a token, from a bundle file, across replicas) and ``renew_svid`` (with the SVID) return
+``(svid, bundle)`` for scripts; the others an :class:`Issuance`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from meshid.bundle import BundleSet, TrustBundle
 from meshid.ca.authority import generate_key
 from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.csr import build_csr
-from meshid.ca.service import parse_token_trust_domain
+from meshid.ca.issuing import parse_token_trust_domain
 from meshid.credentials import merge_options
 from meshid.errors import InvalidBundleError, InvalidSvidError, RemoteError, VerificationError
 from meshid.sources import FileSource
@@ -31,13 +36,13 @@ from meshid.svid import X509Svid, identity_dns_name
 __all__ = [
     "AdminClient",
     "Issuance",
-    "fetch_bundle",
     "fetch_svid",
-    "get_bundle",
-    "get_crl",
+    "get_bundle_anonymously",
+    "get_bundle_with_svid",
+    "get_crl_with_svid",
     "issue_with_token",
-    "renew",
     "renew_svid",
+    "renew_with_svid",
 ]
 
 T = TypeVar("T")
@@ -121,7 +126,7 @@ def issue_with_token(
     return _issuance(response, key)
 
 
-def renew(
+def renew_with_svid(
     server: str, svid: X509Svid, bundles: BundleSet, *, key_kind: str = "ec-p256", timeout: float = DEFAULT_TIMEOUT
 ) -> Issuance:
     """Renewal over mTLS with the current SVID: a new key, same SPIFFE ID.
@@ -170,18 +175,20 @@ def fetch_svid(
 def renew_svid(
     server: str, svid: X509Svid, bundles: BundleSet, *, key_kind: str = "ec-p256", timeout: float = DEFAULT_TIMEOUT
 ) -> tuple[X509Svid, TrustBundle]:
-    """Renewal (see :func:`renew`); returns the new SVID and the bundle."""
-    issued = renew(server, svid, bundles, key_kind=key_kind, timeout=timeout)
+    """Renewal (see :func:`renew_with_svid`); returns the new SVID and the bundle."""
+    issued = renew_with_svid(server, svid, bundles, key_kind=key_kind, timeout=timeout)
     return issued.svid, issued.bundle
 
 
-def get_bundle(server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT) -> TrustBundle:
+def get_bundle_with_svid(
+    server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT
+) -> TrustBundle:
     """The CA's current bundle, asked over mTLS with the caller's SVID."""
     td = svid.spiffe_id.trust_domain
     return _get_bundle(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem(), timeout)
 
 
-def fetch_bundle(
+def get_bundle_anonymously(
     server: str, roots_pem: bytes, trust_domain: TrustDomain, *, timeout: float = DEFAULT_TIMEOUT
 ) -> TrustBundle:
     """The CA's current bundle for anyone who already trusts one of its roots (no SVID needed)."""
@@ -202,7 +209,7 @@ def _get_bundle(
         raise InvalidBundleError(f"trust bundle: the CA returned an unreadable root: {err}") from err
 
 
-def get_crl(
+def get_crl_with_svid(
     server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT
 ) -> tuple[bytes, list[x509.Certificate]]:
     """The CA's current CRL (DER) and the chain of the CA certificate that signed it."""

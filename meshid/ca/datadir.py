@@ -31,19 +31,15 @@ from meshid import _x509
 from meshid._files import write_atomic, write_svid_files
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority, check_dns_suffixes, generate_key
-from meshid.ca.service import IssuingService, admin_id, ca_id
+from meshid.ca.issuing import IssuingService, admin_id, ca_id
 from meshid.ca.store import Entry, Store, open_store
-from meshid.errors import MeshIdError
+from meshid.errors import DataDirError
 from meshid.spiffeid import TrustDomain
 
 __all__ = ["CaConfig", "init_data_dir", "load_authority", "open_service"]
 
 #: The CA's own SVIDs (its server's and the admin's) live this long and are refreshed by `ca serve`.
 INTERNAL_TTL = datetime.timedelta(hours=24)
-
-
-class DataDirError(MeshIdError):
-    """The CA's data folder is missing, incomplete, or already initialised."""
 
 
 @dataclass(frozen=True, slots=True)

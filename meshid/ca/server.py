@@ -29,8 +29,8 @@ from meshid.bundle import BundleSet
 from meshid.ca.authority import generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
 from meshid.ca.datadir import load_authority, open_service, refresh_admin_svid, retire_due_roots
-from meshid.ca.service import IssuingService, admin_id, ca_id
-from meshid.ca.servicers import IssuerServicer, RegistrationServicer
+from meshid.ca.grpc_api import IssuerServicer, RegistrationServicer
+from meshid.ca.issuing import IssuingService, admin_id, ca_id
 from meshid.credentials import ServerConfigs
 from meshid.errors import MeshIdError
 from meshid.interceptors import AuthorizationInterceptor

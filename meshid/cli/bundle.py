@@ -21,10 +21,10 @@ def register(groups: Any) -> None:
 def run_show(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from meshid.ca.client import fetch_bundle, read_roots
+    from meshid.ca.client import get_bundle_anonymously, read_roots
     from meshid.spiffeid import TrustDomain
 
-    bundle = fetch_bundle(args.server, read_roots(args.bundle), TrustDomain.parse(args.trust_domain))
+    bundle = get_bundle_anonymously(args.server, read_roots(args.bundle), TrustDomain.parse(args.trust_domain))
     if args.format == "pem":
         print(bundle.to_pem().decode(), end="")
     else:

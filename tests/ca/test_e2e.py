@@ -44,7 +44,7 @@ from meshid import (
 from meshid._proto import issuer_pb2
 from meshid.ca import generate_key
 from meshid.ca.bootstrap import anonymous_client
-from meshid.ca.client import AdminClient, fetch_svid, get_crl, renew_svid
+from meshid.ca.client import AdminClient, fetch_svid, get_crl_with_svid, renew_svid
 from meshid.ca.csr import build_csr
 from meshid.errors import RemoteError
 from support import call, sync_server
@@ -419,7 +419,7 @@ def test_revoked_svid_is_in_the_crl_and_refused_by_a_greeter(running_ca: Running
     assert revoked.returncode == 0, revoked.stderr
     assert f"revoked {leaving.serial:x}" in revoked.stdout
 
-    der, issuer_chain = get_crl(ca.server, greeter, ca.bundles)
+    der, issuer_chain = get_crl_with_svid(ca.server, greeter, ca.bundles)
     assert issuer_chain and issuer_chain[0].subject == x509.load_der_x509_crl(der).issuer
     crl_file = tmp_path / "ca.crl"
     crl_file.write_bytes(der)
@@ -548,7 +548,7 @@ def test_svid_revoke_by_spiffe_id_revokes_every_unexpired_svid(running_ca: Runni
     assert sorted(revoked.stdout.split()) == sorted(["revoked", f"{first.serial:x}", "revoked", f"{second.serial:x}"])
     again = meshid("svid", "revoke", *running_ca.admin_args(), "--spiffe-id", f"spiffe://{TD}/ns/prod/sa/revoke-all")
     assert (again.returncode, again.stdout.strip()) == (0, "nothing to revoke")
-    der, _ = get_crl(running_ca.server, running_ca.enroll("ns/prod/sa/crl-reader"), running_ca.bundles)
+    der, _ = get_crl_with_svid(running_ca.server, running_ca.enroll("ns/prod/sa/crl-reader"), running_ca.bundles)
     listed = {r.serial_number for r in x509.load_der_x509_crl(der)}
     assert {first.serial, second.serial} <= listed
     assert_refused(meshid("svid", "revoke", *running_ca.admin_args(), "--spiffe-id", "not a spiffe id"))

@@ -32,7 +32,7 @@ import meshid
 # the CA's wire protocol (GetCrl) with CRLs the real CA would never sign.
 from meshid._proto import issuer_pb2
 from meshid.ca import Authority
-from meshid.ca.client import AdminClient, fetch_svid, get_crl
+from meshid.ca.client import AdminClient, fetch_svid, get_crl_with_svid
 from meshid.ca.datadir import init_data_dir, load_authority
 from meshid.ca.server import CaServer
 from meshid.clock import ManualClock
@@ -79,9 +79,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             for sid in (SERVER_ID, FRONTEND_ID, REVOKED_ID):
                 admin.create_entry(sid)
                 svids[sid], _ = fetch_svid(address, folder / "bundle.pem", str(admin.create_token(sid).token))
-            before = get_crl(address, svids[SERVER_ID], bundles)
+            before = get_crl_with_svid(address, svids[SERVER_ID], bundles)
             admin.revoke(serial=f"{svids[REVOKED_ID].serial:x}")
-            after = get_crl(address, svids[SERVER_ID], bundles)
+            after = get_crl_with_svid(address, svids[SERVER_ID], bundles)
         yield World(address, authority, bundles, svids, before, after)
 
 

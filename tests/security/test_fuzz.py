@@ -62,8 +62,8 @@ from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.csr import MAX_CSR_BYTES, build_csr, parse_csr
 from meshid.ca.datadir import init_data_dir
+from meshid.ca.issuing import IssuingService
 from meshid.ca.server import CaServer
-from meshid.ca.service import IssuingService
 from meshid.ca.store import SqliteStore
 from meshid.cli import main as cli_main
 from meshid.errors import InvalidRequestError

@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 import meshid
 from meshid.ca import Authority, generate_key
 from meshid.ca.csr import build_csr
-from meshid.ca.service import IssuingService, token_hash
+from meshid.ca.issuing import IssuingService, token_hash
 from meshid.ca.store import SqliteStore
 
 WEB = "spiffe://example.org/ns/prod/sa/web"

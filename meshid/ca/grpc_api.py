@@ -1,8 +1,10 @@
-"""The CA's gRPC servicers: thin adapters from protobuf to :class:`IssuingService`.
+"""The CA's gRPC API: the Issuer and Registration servicers, thin adapters from protobuf to
+:class:`~meshid.ca.issuing.IssuingService` (the issuing logic; :mod:`meshid.ca.server` runs it
+all as a process).
 
-Every refusal is an :class:`IssuanceError`; :func:`status_for` is the one place that maps
-them to gRPC status codes. Anything else is a bug: it is logged and answered ``INTERNAL``
-without details.
+Every refusal is an :class:`IssuanceError`, and a store that cannot be used a :class:`StoreError`;
+:func:`status_for` is the one place that maps them to gRPC status codes. Anything else is a
+bug: it is logged and answered ``INTERNAL`` without details.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from meshid import metrics
 from meshid._proto import issuer_pb2, issuer_pb2_grpc, registration_pb2, registration_pb2_grpc
 from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
-from meshid.ca.service import Issued, IssuingService
+from meshid.ca.issuing import Issued, IssuingService
 from meshid.ca.store import Entry
 from meshid.errors import (
     AlreadyExistsError,
@@ -37,7 +39,7 @@ __all__ = ["IssuerServicer", "RegistrationServicer", "status_for"]
 
 log = logging.getLogger("meshid.ca")
 
-_STATUS: tuple[tuple[type[IssuanceError], grpc.StatusCode], ...] = (
+_STATUS: tuple[tuple[type[IssuanceError | StoreError], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (TokenError, grpc.StatusCode.UNAUTHENTICATED),
     (NotAuthorizedError, grpc.StatusCode.PERMISSION_DENIED),
@@ -51,7 +53,7 @@ T = TypeVar("T")
 _DER = serialization.Encoding.DER
 
 
-def status_for(error: IssuanceError) -> grpc.StatusCode:
+def status_for(error: IssuanceError | StoreError) -> grpc.StatusCode:
     for kind, code in _STATUS:
         if isinstance(error, kind):
             return code
@@ -61,7 +63,7 @@ def status_for(error: IssuanceError) -> grpc.StatusCode:
 def _run(context: grpc.ServicerContext, what: str, call: Callable[[], T]) -> T:
     try:
         return call()
-    except IssuanceError as err:
+    except (IssuanceError, StoreError) as err:
         metrics.CA_REFUSALS.labels(type(err).__name__.removesuffix("Error").lower()).inc()
         context.abort(status_for(err), str(err))
     except Exception:
