@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -20,6 +19,7 @@ from meshid.authz.grpc_json import collect_headers
 from meshid.authz.model import Decision
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet, TrustBundle
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, VerificationError
 from meshid.forwarded import XFCC_HEADER, ForwardedIdentities
 from meshid.peer import PeerIdentity, PeerVerifier
@@ -84,14 +84,16 @@ class Authorizer:
         unauthenticated_methods: Iterable[str] = (),
         trusted_proxies: Iterable[SpiffeId | str] = (),
         forwarded_header: str = XFCC_HEADER,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._policy, self._path = _load(policy)
+        self._clock = clock
         self._open_methods = frozenset(unauthenticated_methods)
         if any(not isinstance(m, str) or not m.startswith("/") for m in self._open_methods):
             raise ValueError("unauthenticated_methods must be full method names such as '/pkg.Service/Method'")
         bundles = _bundles_getter(source)
         self._trust, self._bundles = source, bundles
-        self._verifier = PeerVerifier(bundles)
+        self._verifier = PeerVerifier(bundles, clock=clock)
         proxies = list(trusted_proxies)
         self._forwarded = ForwardedIdentities(proxies, bundles, header=forwarded_header) if proxies else None
         self._poll_interval = poll_interval
@@ -237,7 +239,7 @@ class Authorizer:
     def recheck(self, identity: PeerIdentity) -> Refusal | None:
         """Re-check a streaming call's peer at a later message: its certificate may have
         expired, or been revoked, since the call was authorized."""
-        if identity.not_after.timestamp() < time.time():
+        if identity.not_after < self._clock.now():
             expired = identity.not_after.isoformat()
             message = f"peer {identity.describe()}: certificate expired at {expired}, during the call"
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
@@ -287,7 +289,7 @@ class Authorizer:
         if self._forwarded is not None and self._forwarded.from_proxy(identity):
             proxy = identity
             try:
-                identity = self._forwarded.identify(_materialize(metadata), proxy, time.time())
+                identity = self._forwarded.identify(_materialize(metadata), proxy, self._clock.now().timestamp())
             except VerificationError as err:
                 denied = Decision(False, None, "unauthenticated")
                 error = f"via {proxy.describe()}: {err}"
@@ -332,6 +334,7 @@ class InterceptorBase:
         unauthenticated_methods: Iterable[str] = (),
         trusted_proxies: Iterable[SpiffeId | str] = (),
         forwarded_header: str = XFCC_HEADER,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._authorizer = Authorizer(
             policy,
@@ -340,6 +343,7 @@ class InterceptorBase:
             unauthenticated_methods=unauthenticated_methods,
             trusted_proxies=trusted_proxies,
             forwarded_header=forwarded_header,
+            clock=clock,
         )
         self._wrapped: BoundedCache[tuple[int, str], tuple[object, grpc.RpcMethodHandler[Any, Any]]] = BoundedCache(
             max_entries=self.WRAPPED_CACHE, max_bytes=self.WRAPPED_BYTES

@@ -48,6 +48,7 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
             header is ignored. A proxy that forwards no certificate is refused (fail closed).
         forwarded_header: ``x-forwarded-client-cert`` (Envoy's XFCC, the default) or the
             header an nginx ``grpc_set_header`` fills with ``$ssl_client_escaped_cert``.
+        clock: the time certificates are checked at (:mod:`meshid.clock`; the system clock).
 
     No verified certificate gives ``UNAUTHENTICATED``; a denial gives ``PERMISSION_DENIED``
     naming the method and the caller, never the policy's contents. An unknown method is

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import datetime
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from cryptography import x509
 from meshid import _x509
 from meshid._cache import BoundedCache
 from meshid.bundle import BundleSet
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, VerificationError
 from meshid.spiffeid import SpiffeId, TrustDomain
 
@@ -113,7 +113,7 @@ class PeerVerifier:
         *,
         cache_size: int = 4096,
         cache_bytes: int = 16 << 20,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._bundles = bundles
         # Verdicts per certificate: a PeerIdentity, or the reason it was refused, for the bundle
@@ -173,7 +173,7 @@ class PeerVerifier:
                 cache.put(key, result, entry_size(len(pems[0])))
         if isinstance(result, str):
             raise VerificationError(result)
-        if result.not_after.timestamp() < self._clock():
+        if result.not_after < self._clock.now():
             raise VerificationError(f"peer {result.describe()}: certificate expired at {result.not_after.isoformat()}")
         return result
 
@@ -190,7 +190,7 @@ class PeerVerifier:
             intermediates = [c for pem in chain for c in x509.load_pem_x509_certificates(pem)]
         except _x509.PARSE_ERRORS as err:
             raise VerificationError(f"peer: certificate cannot be parsed: {err}") from err
-        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        now = self._clock.now()
         uris = _x509.uri_sans(leaf)
         spiffe_id: SpiffeId | None
         if uris:
