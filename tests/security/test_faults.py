@@ -45,12 +45,14 @@ from support import FRONTEND_ID, INTRUDER_ID, SERVER_ID, TD, hello, stub, sync_s
 pytestmark = pytest.mark.timeout(120)
 
 WORKLOAD_ID = f"spiffe://{TD}/ns/faults/sa/worker"
-#: The agent tests' SVID lifetime. They pass --renew-at 0.3 (renewal 0.6-0.9 s into the
-#: lifetime, the jitter being 0.1): the agent reuses a saved SVID only while more than one
-#: second of it is left, so with the default 0.5 a kill just before a renewal plus a slow
-#: restart could leave too little of a 3-second SVID to reuse.
-AGENT_TTL = datetime.timedelta(seconds=3)
-AGENT_RENEW_AT = "0.3"
+#: The agent tests' SVID lifetime, on the real clock (the agents are processes). They pass
+#: --renew-at 0.12: the agent's jitter is a fixed 0.1 of the lifetime, so it renews 0.4-2.4 s
+#: into it, often enough for the kills to land around renewals, and each renewal has more than
+#: 17 s to spare (the agent reuses a saved SVID only while more than one second of it is left).
+AGENT_TTL = datetime.timedelta(seconds=20)
+AGENT_RENEW_AT = "0.12"
+#: The longest an agent waits before it renews, in seconds.
+RENEWAL_CYCLE = AGENT_TTL.total_seconds() * float(AGENT_RENEW_AT)
 KILLS = 8
 
 
@@ -509,7 +511,7 @@ def test_workload_killed_at_random_moments_and_mid_renewal_restarts_from_its_sav
     saved_serials: set[int] = set()
     watching = threading.Event()
 
-    def watch() -> None:  # every serial the agent saves lives >= 0.6 s, so a 5 ms poll sees each
+    def watch() -> None:  # every serial the agent saves lives >= 0.4 s, so a 5 ms poll sees each
         while not watching.is_set():
             serial = agent.cert_serial()
             if serial is not None:
@@ -530,10 +532,10 @@ def test_workload_killed_at_random_moments_and_mid_renewal_restarts_from_its_sav
                 # (no other writer runs here; the CRL is cached), so the agent is waiting for the
                 # answer, which it will never save.
                 kind = "mid-renewal"
-                assert changed(data_dir / "meshid.db-wal", timeout=3), "no renewal reached the CA"
+                assert changed(data_dir / "meshid.db-wal", timeout=2 * RENEWAL_CYCLE), "no renewal reached the CA"
             else:
                 kind = "random"
-                time.sleep(rng.uniform(0, 0.9))  # anywhere in the 0.6-0.9 s renewal cycle
+                time.sleep(rng.uniform(0, RENEWAL_CYCLE))  # anywhere in the renewal cycle
             agent.kill()
             svid, problem = agent.saved()
             left = (svid.not_after - datetime.datetime.now(datetime.UTC)).total_seconds() if svid else 0.0
@@ -584,7 +586,7 @@ def test_workload_killed_between_writing_its_key_and_its_certificate_restarts(pr
     rows: list[tuple[str, str, str]] = []
     for _ in range(3):  # the moment is about a millisecond long; a spin almost always catches it
         assert agent.wait_renewal(agent.cert_serial()), agent.last_log()
-        assert changed(out / "svid.key", timeout=3), "the agent did not renew"
+        assert changed(out / "svid.key", timeout=2 * RENEWAL_CYCLE), "the agent did not renew"
         agent.kill()  # the moment the new key appears (it used to be alone there)
         _, problem = agent.saved()
         line, _ = agent.start()
