@@ -8,7 +8,7 @@ peer's own trust domain, so a CA trusted for one trust domain never vouches for 
 That alone does not scope a CA when two trust domains' bundles hold one root (each CA an
 intermediate under a corporate root): the path to that root is sound for either. So every CA
 between the root and the leaf must also belong to the leaf's trust domain (see
-:func:`_check_ca_scope`): an intermediate that names another trust domain in a SPIFFE ID URI
+:func:`check_ca_scope`): an intermediate that names another trust domain in a SPIFFE ID URI
 SAN never vouches, and the CA that signed a SPIFFE ID must name that ID's trust domain.
 """
 
@@ -226,7 +226,7 @@ def ca_trust_domains(cert: x509.Certificate) -> frozenset[str]:
     return frozenset(named)
 
 
-def _check_ca_scope(chain: Sequence[x509.Certificate], trust_domain: TrustDomain, *, what: str, spiffe: bool) -> None:
+def check_ca_scope(chain: Sequence[x509.Certificate], trust_domain: TrustDomain, *, what: str, spiffe: bool) -> None:
     """Refuse a built chain (leaf first, trust anchor last) whose CAs do not all belong to ``trust_domain``.
 
     The anchor is exempt: being in the trust domain's bundle is what binds it. Between anchor
@@ -328,7 +328,7 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
                 f"peer certificate: no trust bundle for trust domain {spiffe_id.trust_domain} ({spiffe_id})"
             )
         chain = self.verify_chain(store, leaf, intermediates, now=now, what=str(spiffe_id))
-        _check_ca_scope(chain, spiffe_id.trust_domain, what=str(spiffe_id), spiffe=True)
+        check_ca_scope(chain, spiffe_id.trust_domain, what=str(spiffe_id), spiffe=True)
         return spiffe_id
 
     def verify_any(
@@ -355,7 +355,7 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
                 continue
             try:
                 chain = self.verify_chain(store, leaf, intermediates, now=now, what=what)
-                _check_ca_scope(chain, td, what=what, spiffe=False)
+                check_ca_scope(chain, td, what=what, spiffe=False)
             except VerificationError:
                 continue
             return td

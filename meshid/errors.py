@@ -14,6 +14,7 @@ working::
     ├── SourceError                         an identity source has nothing to hand out
     ├── RemoteError                         the CA answered a client with an error (``.code``)
     ├── DataDirError                        the CA's data folder is missing, incomplete or taken
+    ├── ListenError                         a server cannot listen where it was told (in use, ...)
     ├── StoreError                          the CA's database cannot be used       UNAVAILABLE
     └── IssuanceError                       the CA refused a request; one gRPC status code each:
         ├── InvalidRequestError (ValueError)    malformed CSR or request          INVALID_ARGUMENT
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidSpiffeIdError",
     "InvalidSvidError",
     "IssuanceError",
+    "ListenError",
     "MeshIdError",
     "NotAuthorizedError",
     "NotFoundError",
@@ -111,6 +113,11 @@ class RateLimitedError(IssuanceError):
 class StoreError(MeshIdError):
     """The CA's database cannot be used: locked, full, corrupt (UNAVAILABLE). Not a refusal of
     the request: the same request may succeed once the store is usable again."""
+
+
+class ListenError(MeshIdError):
+    """A server (the CA, the metrics endpoint, the Workload API) cannot listen on its address:
+    another process listens there, or the address cannot be bound."""
 
 
 class DataDirError(MeshIdError):

@@ -109,11 +109,11 @@ def serve_metrics(address: str) -> int:
 
     Raises:
         ValueError: ``address`` is not ``HOST:PORT``.
-        MeshIdError: the address is in use (another process serves there) or cannot be bound.
+        ListenError: the address is in use (another process serves there) or cannot be bound.
     """
     import errno
 
-    from meshid.errors import MeshIdError
+    from meshid.errors import ListenError
 
     host, _, port = address.rpartition(":")
     if not port.isdigit() or int(port) > 65535:
@@ -124,7 +124,7 @@ def serve_metrics(address: str) -> int:
         server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=REGISTRY)
     except OSError as err:
         why = "the address is in use by another process" if err.errno == errno.EADDRINUSE else err.strerror or err
-        raise MeshIdError(f"metrics: cannot listen on {address}: {why}") from err
+        raise ListenError(f"metrics: cannot listen on {address}: {why}") from err
     return int(server.server_port)
 
 

@@ -39,7 +39,7 @@ from cryptography.x509 import verification
 
 from meshid import _x509, metrics
 from meshid._background import Worker
-from meshid.bundle import BundleSet
+from meshid.bundle import BundleSet, check_ca_scope
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, VerificationError
 from meshid.peer import PeerIdentity
@@ -116,7 +116,10 @@ class RevocationList:
                 raise VerificationError(f"CRL: its signer {what} belongs to a trust domain with no bundle here")
             store = verification.Store(list(bundles[td].roots))
             try:
-                BundleSet.verify_chain(store, signer, issuer_chain[1:], now=now, what=what)
+                built = BundleSet.verify_chain(store, signer, issuer_chain[1:], now=now, what=what)
+                # Under a root several trust domains share, every CA up to it must be td's too:
+                # another trust domain's CA must not mint a signer that names td.
+                check_ca_scope(built, td, what=f"CRL signer {what}", spiffe=True)
             except VerificationError as err:
                 raise VerificationError(f"CRL: its signer does not chain to the bundle of {td}: {err}") from err
             if crl.issuer != signer.subject or not crl.is_signature_valid(signer.public_key()):  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ from meshid.ca.datadir import load_authority, open_service, refresh_admin_svid, 
 from meshid.ca.grpc_api import IssuerServicer, RegistrationServicer
 from meshid.ca.issuing import IssuingService, admin_id, ca_id
 from meshid.credentials import ServerConfigs
-from meshid.errors import MeshIdError
+from meshid.errors import ListenError, MeshIdError
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.sources import StaticSource
 from meshid.spiffeid import SpiffeId
@@ -64,7 +64,7 @@ def _refuse_if_in_use(listen: str) -> None:
     binds each address ``listen`` resolves to, as grpc will, and reports the one in use.
 
     Raises:
-        MeshIdError: an address is in use.
+        ListenError: an address is in use.
     """
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or int(port) == 0:
@@ -82,7 +82,7 @@ def _refuse_if_in_use(listen: str) -> None:
                 probe.bind(address)
             except OSError as err:
                 if err.errno == errno.EADDRINUSE:
-                    raise MeshIdError(
+                    raise ListenError(
                         f"CA: cannot listen on {listen}: the address is in use by another process "
                         "(another `meshid ca serve`?); stop it or choose another --listen address"
                     ) from err
@@ -148,7 +148,7 @@ class CaServer:
 
         Raises:
             StoreError, DataDirError: the store or data folder is unusable.
-            MeshIdError: the address is in use by another process, or cannot be bound; checked
+            ListenError: the address is in use by another process, or cannot be bound; checked
                 before anything is signed or written.
         """
         _refuse_if_in_use(self._listen)
@@ -184,7 +184,7 @@ class CaServer:
         try:
             port = server.add_secure_port(self._listen, creds)
         except RuntimeError as err:  # in use since the probe, or not an address grpc can bind
-            raise MeshIdError(f"CA: cannot listen on {self._listen}: {err}") from err
+            raise ListenError(f"CA: cannot listen on {self._listen}: {err}") from err
         server.start()
         self._server, self.port = server, port
         self._stop.clear()

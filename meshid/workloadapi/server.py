@@ -36,7 +36,7 @@ import grpc
 from meshid._background import Unsubscribe
 from meshid._proto import workload_pb2_grpc
 from meshid.bundle import BundleSet
-from meshid.errors import MeshIdError
+from meshid.errors import ListenError, MeshIdError
 from meshid.sources import Source, require_source
 from meshid.svid import X509Svid
 from meshid.workloadapi import wire
@@ -126,10 +126,10 @@ def _check_free(path: str) -> None:
     except (ConnectionRefusedError, FileNotFoundError):
         return  # stale: nobody listens
     except OSError as err:
-        raise MeshIdError(f"Workload API: cannot tell whether {path} is in use: {err.strerror}") from err
+        raise ListenError(f"Workload API: cannot tell whether {path} is in use: {err.strerror}") from err
     finally:
         probe.close()
-    raise MeshIdError(f"Workload API: another server is listening on {path}; stop it or choose another path")
+    raise ListenError(f"Workload API: another server is listening on {path}; stop it or choose another path")
 
 
 class WorkloadApiServer:
@@ -198,7 +198,8 @@ class WorkloadApiServer:
         A stale socket file (nobody listening) is free: :meth:`start` replaces it.
 
         Raises:
-            MeshIdError: another server is listening on the path, or the path is not a socket.
+            ListenError, MeshIdError: another server is listening on the path (ListenError), or the
+                path is not a socket.
         """
         _check_free(self.path)
 
@@ -207,7 +208,7 @@ class WorkloadApiServer:
 
         Raises:
             SourceError: the source has no SVID to serve.
-            MeshIdError: the path is held by a live server or is not a socket, or the socket
+            ListenError, MeshIdError: the path is held by a live server or is not a socket, or the socket
                 cannot be bound or its mode set.
             OSError: the socket's directory cannot be created.
         """
@@ -228,7 +229,7 @@ class WorkloadApiServer:
         except (RuntimeError, OSError) as err:
             server.stop(None)
             executor.shutdown(wait=False)
-            raise MeshIdError(f"Workload API: cannot serve on {self.path}: {err}") from err
+            raise ListenError(f"Workload API: cannot serve on {self.path}: {err}") from err
         self._unsubscribe = self.source.subscribe(self._on_change)
         server.start()
         self._server, self._executor = server, executor

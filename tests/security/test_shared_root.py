@@ -515,3 +515,16 @@ def test_uri_name_constraint_is_enforced_by_boringssl_but_refused_by_cryptograph
     with_scheme = x509.NameConstraints([x509.UniformResourceIdentifier("spiffe://b.org")], None)
     schemed = _plain_ca(world.corp, "b.org schemed CA", constraint=with_scheme)
     assert greet(world.greeter, world.client(as_trust_domain(schemed, B).issue_svid(B_PARTNER)))[0] == "HANDSHAKE"
+
+
+def test_crl_from_a_signer_another_trust_domains_ca_minted_is_refused(world: World) -> None:
+    # Revocation is trust too: a CA under b.org's (old, unconstrained) intermediate that names
+    # a.org must not be able to replace a.org's CRL (and so un-revoke a.org's peers).
+    from meshid.ca.crl import build_crl
+
+    minted_signer = _plain_ca(world.old_b_ca, "a.org CRL signer minted by b.org", uri="spiffe://a.org")
+    forged = build_crl(minted_signer, [], number=10**6, now=_now())
+    with pytest.raises(meshid.VerificationError, match=r"belongs to trust domain b\.org, not a\.org"):
+        meshid.RevocationList.from_der(forged, list(minted_signer.chain), world.bundles)
+    genuine = build_crl(world.a_ca, [], number=1, now=_now())  # positive control: a.org's own CA
+    assert meshid.RevocationList.from_der(genuine, list(world.a_ca.chain), world.bundles).trust_domain == A
