@@ -46,7 +46,7 @@ pytestmark = pytest.mark.timeout(120)
 
 WORKLOAD_ID = f"spiffe://{TD}/ns/faults/sa/worker"
 #: The agent tests' SVID lifetime, on the real clock (the agents are processes). They pass
-#: --renew-at 0.12: the agent's jitter is a fixed 0.1 of the lifetime, so it renews 0.4-2.4 s
+#: --renew-at 0.12: the agent's jitter is a fixed 0.1 of the lifetime, so it renews 2-12 % (at most 2.4 s)
 #: into it, often enough for the kills to land around renewals, and each renewal has more than
 #: 17 s to spare (the agent reuses a saved SVID only while more than one second of it is left).
 AGENT_TTL = datetime.timedelta(seconds=20)
@@ -511,7 +511,7 @@ def test_workload_killed_at_random_moments_and_mid_renewal_restarts_from_its_sav
     saved_serials: set[int] = set()
     watching = threading.Event()
 
-    def watch() -> None:  # every serial the agent saves lives >= 0.4 s, so a 5 ms poll sees each
+    def watch() -> None:  # every serial the agent saves lives >= 0.3 s, so a 5 ms poll sees each
         while not watching.is_set():
             serial = agent.cert_serial()
             if serial is not None:
