@@ -8,26 +8,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Entry(_message.Message):
-    __slots__ = ("spiffe_id", "dns_names", "ttl_seconds", "created_at")
+    __slots__ = ("spiffe_id", "dns_names", "ttl_seconds", "created_at", "parent_id", "selectors")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTORS_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     dns_names: _containers.RepeatedScalarFieldContainer[str]
     ttl_seconds: int
     created_at: int
-    def __init__(self, spiffe_id: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., created_at: _Optional[int] = ...) -> None: ...
+    parent_id: str
+    selectors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., created_at: _Optional[int] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateEntryRequest(_message.Message):
-    __slots__ = ("spiffe_id", "dns_names", "ttl_seconds")
+    __slots__ = ("spiffe_id", "dns_names", "ttl_seconds", "parent_id", "selectors")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTORS_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     dns_names: _containers.RepeatedScalarFieldContainer[str]
     ttl_seconds: int
-    def __init__(self, spiffe_id: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    parent_id: str
+    selectors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListEntriesRequest(_message.Message):
     __slots__ = ()
@@ -74,6 +82,44 @@ class RevokeSvidsRequest(_message.Message):
     def __init__(self, serial: _Optional[str] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
 class RevokeSvidsResponse(_message.Message):
+    __slots__ = ("serials",)
+    SERIALS_FIELD_NUMBER: _ClassVar[int]
+    serials: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, serials: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListAgentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AgentInfo(_message.Message):
+    __slots__ = ("spiffe_id", "attestation", "attested_by", "last_seen", "expires_at", "evicted")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_FIELD_NUMBER: _ClassVar[int]
+    ATTESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    attestation: str
+    attested_by: str
+    last_seen: int
+    expires_at: int
+    evicted: bool
+    def __init__(self, spiffe_id: _Optional[str] = ..., attestation: _Optional[str] = ..., attested_by: _Optional[str] = ..., last_seen: _Optional[int] = ..., expires_at: _Optional[int] = ..., evicted: _Optional[bool] = ...) -> None: ...
+
+class ListAgentsResponse(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[AgentInfo]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
+
+class EvictAgentRequest(_message.Message):
+    __slots__ = ("spiffe_id",)
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    def __init__(self, spiffe_id: _Optional[str] = ...) -> None: ...
+
+class EvictAgentResponse(_message.Message):
     __slots__ = ("serials",)
     SERIALS_FIELD_NUMBER: _ClassVar[int]
     serials: _containers.RepeatedScalarFieldContainer[str]

@@ -60,6 +60,16 @@ class RegistrationStub:
                 request_serializer=meshid_dot_v1_dot_registration__pb2.RevokeSvidsRequest.SerializeToString,
                 response_deserializer=meshid_dot_v1_dot_registration__pb2.RevokeSvidsResponse.FromString,
                 _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/meshid.v1.Registration/ListAgents',
+                request_serializer=meshid_dot_v1_dot_registration__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=meshid_dot_v1_dot_registration__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
+        self.EvictAgent = channel.unary_unary(
+                '/meshid.v1.Registration/EvictAgent',
+                request_serializer=meshid_dot_v1_dot_registration__pb2.EvictAgentRequest.SerializeToString,
+                response_deserializer=meshid_dot_v1_dot_registration__pb2.EvictAgentResponse.FromString,
+                _registered_method=True)
 
 
 class RegistrationServicer:
@@ -95,6 +105,20 @@ class RegistrationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAgents(self, request, context):
+        """Node agents the CA knows: how each attested, when it was last seen, its SVID's expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvictAgent(self, request, context):
+        """Revoke an agent's SVIDs and bar it from renewing: it must attest again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistrationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +146,16 @@ def add_RegistrationServicer_to_server(servicer, server):
                     servicer.RevokeSvids,
                     request_deserializer=meshid_dot_v1_dot_registration__pb2.RevokeSvidsRequest.FromString,
                     response_serializer=meshid_dot_v1_dot_registration__pb2.RevokeSvidsResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=meshid_dot_v1_dot_registration__pb2.ListAgentsRequest.FromString,
+                    response_serializer=meshid_dot_v1_dot_registration__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'EvictAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvictAgent,
+                    request_deserializer=meshid_dot_v1_dot_registration__pb2.EvictAgentRequest.FromString,
+                    response_serializer=meshid_dot_v1_dot_registration__pb2.EvictAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +293,60 @@ class Registration:
             '/meshid.v1.Registration/RevokeSvids',
             meshid_dot_v1_dot_registration__pb2.RevokeSvidsRequest.SerializeToString,
             meshid_dot_v1_dot_registration__pb2.RevokeSvidsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshid.v1.Registration/ListAgents',
+            meshid_dot_v1_dot_registration__pb2.ListAgentsRequest.SerializeToString,
+            meshid_dot_v1_dot_registration__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvictAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshid.v1.Registration/EvictAgent',
+            meshid_dot_v1_dot_registration__pb2.EvictAgentRequest.SerializeToString,
+            meshid_dot_v1_dot_registration__pb2.EvictAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,
