@@ -94,6 +94,7 @@ def test_sync_client_and_server_rotate_ten_times_with_zero_failed_rpcs(clocked_c
             callers = [threading.Thread(target=caller) for _ in range(4)]  # calls keep flowing through every step
             for t in callers:
                 t.start()
+
             def look() -> None:
                 """Wait until the server has seen the client's current certificate; read its own on the wire."""
                 current = _serial(client_source)
