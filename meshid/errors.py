@@ -19,6 +19,8 @@ working::
     └── IssuanceError                       the CA refused a request; one gRPC status code each:
         ├── InvalidRequestError (ValueError)    malformed CSR or request          INVALID_ARGUMENT
         ├── TokenError                          unknown, used or expired token    UNAUTHENTICATED
+        ├── AttestationError                    a node agent did not prove its    UNAUTHENTICATED
+        │                                       node, or was evicted
         ├── NotAuthorizedError                  asks for what the caller may not  PERMISSION_DENIED
         ├── NotFoundError                       no such entry or serial           NOT_FOUND
         ├── AlreadyExistsError                  the entry exists                  ALREADY_EXISTS
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyExistsError",
+    "AttestationError",
     "DataDirError",
     "InvalidBundleError",
     "InvalidPolicyError",
@@ -92,6 +95,11 @@ class InvalidRequestError(IssuanceError, ValueError):
 
 class TokenError(IssuanceError):
     """A join token is unknown, already used or expired (UNAUTHENTICATED)."""
+
+
+class AttestationError(IssuanceError):
+    """A node agent's attestation failed or no longer holds (UNAUTHENTICATED): an x509pop proof
+    that does not verify, an unknown, used or expired challenge, or an agent that was evicted."""
 
 
 class NotAuthorizedError(IssuanceError):

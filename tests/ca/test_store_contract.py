@@ -1,6 +1,8 @@
 """What every CA store promises, run once per dialect (SQLite file, PostgreSQL database): every
 Store method, the one-transaction issuance rules, the token locked while it is signed for,
-counters and records that outlive the store object, and the schema's migrations.
+counters and records that outlive the store object, the schema's migrations, and node agents:
+entries with a parent and selectors, agent tokens, attestation, renewal and eviction, and batch
+issuance (one transaction per batch, per-item refusals, nothing recorded when it fails).
 
 Every store is built by one fixture, ``store``, through :func:`meshid.ca.store.open_store`, the
 way the CA opens it. What only one dialect does is in test_sqlite.py and test_postgres.py.
@@ -11,16 +13,29 @@ from __future__ import annotations
 import contextlib
 import datetime
 import re
+import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from meshid.ca.store import Entry, IssuedRecord, Store, migrations, open_store
-from meshid.errors import AlreadyExistsError, NotFoundError, StoreError, TokenError
+from meshid.ca.store import AgentRecord, BatchItem, Entry, IssuedRecord, Store, migrations, open_store
+from meshid.ca.store.postgres import PostgresDialect
+from meshid.ca.store.sql import Connection, Dialect, SqlStore, Transaction
+from meshid.ca.store.sqlite import SqliteDialect
+from meshid.errors import (
+    AlreadyExistsError,
+    AttestationError,
+    InvalidRequestError,
+    IssuanceError,
+    NotAuthorizedError,
+    NotFoundError,
+    StoreError,
+    TokenError,
+)
 from meshid.spiffeid import SpiffeId
 from pg import new_database, query, running_postgres
 from stores import HOUR, NOW, OTHER, TOKEN, WORKLOAD, entry, failing_sign, run_threads, signer
@@ -54,6 +69,18 @@ class SqliteFile:
             conn.execute("ROLLBACK")
             return False
 
+    def agent_is_locked(self, agent: str) -> bool:
+        """Whether another connection would have to wait to evict ``agent`` (SQLite: to write at all)."""
+        return self.token_is_locked(b"")
+
+    def dialect(self) -> Dialect:
+        return SqliteDialect(self.datastore, busy_timeout=5.0)
+
+    def run_script(self, statements: list[str]) -> None:
+        with contextlib.closing(sqlite3.connect(self.datastore)) as conn, conn:
+            for statement in statements:
+                conn.execute(statement)
+
 
 class PostgresDatabase:
     """A PostgreSQL database a store is opened on, and a side door to it that bypasses the store."""
@@ -77,6 +104,25 @@ class PostgresDatabase:
             finally:
                 conn.rollback()
             return False
+
+    def agent_is_locked(self, agent: str) -> bool:
+        """Whether another connection would have to wait to lock ``agent``'s row (as an eviction does)."""
+        with psycopg.connect(self.datastore) as conn:
+            try:
+                conn.execute("SELECT 1 FROM agents WHERE spiffe_id = %s FOR UPDATE NOWAIT", (agent,))
+            except psycopg.errors.LockNotAvailable:
+                return True
+            finally:
+                conn.rollback()
+            return False
+
+    def dialect(self) -> Dialect:
+        return PostgresDialect(self.datastore, connect_timeout=5.0, pool_size=2)
+
+    def run_script(self, statements: list[str]) -> None:
+        with psycopg.connect(self.datastore, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[call-overload]
 
 
 Backend = SqliteFile | PostgresDatabase
@@ -150,7 +196,9 @@ def test_list_entries_is_in_byte_order_and_counted(store: Store) -> None:
 
 def test_create_entry_twice_is_already_exists(store: Store) -> None:
     store.create_entry(entry(WORKLOAD))
-    with pytest.raises(AlreadyExistsError, match=r"^registration entry: spiffe://example.org/ns/prod/sa/payments already exists"):
+    with pytest.raises(
+        AlreadyExistsError, match=r"^registration entry: spiffe://example.org/ns/prod/sa/payments already exists"
+    ):
         store.create_entry(entry(WORKLOAD, "changed.local"))
     assert store.get_entry(WORKLOAD) == entry(WORKLOAD)
 
@@ -463,3 +511,321 @@ def test_database_from_newer_meshid_is_refused(backend: Backend) -> None:
     backend.add_schema_version(newer)
     with pytest.raises(StoreError, match=message_of(backend, f"schema version {newer} is newer than this meshid")):
         open_store(backend.datastore)
+
+
+def test_database_of_version_1_migrates_and_keeps_its_records(backend: Backend) -> None:
+    # A database made by the meshid before node agents: its entries have no parent, its tokens
+    # are for entries, its certificates are still revocable.
+    dialect = "sqlite" if isinstance(backend, SqliteFile) else "postgres"
+    backend.run_script(
+        [
+            migrations.schema_version_table(dialect),
+            *migrations.statements(dialect)[0],
+            "INSERT INTO schema_version (version, applied_at) VALUES (1, 0)",
+            f"INSERT INTO entries VALUES ('{WORKLOAD}', '[\"payments.local\"]', 1800, {int(NOW.timestamp())})",
+            f"INSERT INTO certificates VALUES ('a1', '{WORKLOAD}', {int((NOW + HOUR).timestamp())}, {int(NOW.timestamp())}, NULL)",
+        ]
+    )
+    with contextlib.closing(open_store(backend.datastore)) as store:
+        assert store.list_entries() == [entry(WORKLOAD, "payments.local")]
+        assert store.get_entry(WORKLOAD) == Entry(WORKLOAD, ("payments.local",), datetime.timedelta(minutes=30), NOW)
+        store.add_token(TOKEN, WORKLOAD, NOW + HOUR)
+        store.issue_with_token(TOKEN, NOW, signer(0xA2))
+        assert store.revoke_spiffe_id(WORKLOAD, NOW) == [0xA1, 0xA2]
+        assert store.list_agents() == []
+    assert backend.schema_versions() == list(range(1, migrations.latest_version() + 1))
+
+
+# -- node agents: entries, tokens, attestation, eviction -----------------------------------------
+
+AGENT = SpiffeId.parse("spiffe://example.org/meshid/agent/node-1")
+OTHER_AGENT = SpiffeId.parse("spiffe://example.org/meshid/agent/node-2")
+WEB = SpiffeId.parse("spiffe://example.org/ns/prod/sa/web")
+DB = SpiffeId.parse("spiffe://example.org/ns/prod/sa/db")
+AGENT_TOKEN = bytes.fromhex("33" * 32)
+
+
+def child(spiffe_id: SpiffeId, parent: SpiffeId = AGENT, *selectors: str) -> Entry:
+    return Entry(spiffe_id, (), datetime.timedelta(minutes=30), NOW, parent, selectors or ("unix:uid:1001",))
+
+
+def key(n: int) -> bytes:
+    """A stand-in for the SHA-256 of a public key."""
+    return n.to_bytes(32, "big")
+
+
+def agent_signer(
+    *serials: int, not_after: datetime.datetime = NOW + HOUR
+) -> Callable[[SpiffeId], tuple[int, datetime.datetime, object]]:
+    queue = list(serials)
+
+    def sign(agent_id: SpiffeId) -> tuple[int, datetime.datetime, object]:
+        serial = queue.pop(0) if queue else secrets.randbits(159) | 1
+        return serial, not_after, f"agent cert {serial:x} for {agent_id}"
+
+    return sign
+
+
+def attested(store: Store, agent_id: SpiffeId = AGENT, *, key_n: int = 1000) -> Store:
+    store.attest_agent(agent_id, "x509pop", "CN=node-1", NOW, agent_signer(), key_sha256=key(key_n))
+    return store
+
+
+def test_entry_with_parent_and_selectors_round_trips(store: Store) -> None:
+    e = child(WEB, AGENT, "unix:uid:1001", "unix:path:/usr/bin/web")
+    store.create_entry(e)
+    store.create_entry(entry(WORKLOAD))
+    assert store.get_entry(WEB) == e
+    assert store.get_entry(WORKLOAD) == entry(WORKLOAD)  # no parent, no selectors
+    assert store.list_entries() == [entry(WORKLOAD), e]  # by SPIFFE ID
+
+
+def test_agent_token_attests_once_and_records_the_agent(store: Store) -> None:
+    store.add_agent_token(AGENT_TOKEN, AGENT, NOW + HOUR)
+    record, result = store.attest_agent_with_token(AGENT_TOKEN, NOW, agent_signer(0xA9), key_sha256=key(1))
+    assert result == f"agent cert a9 for {AGENT}"
+    assert record == AgentRecord(AGENT, "join_token", "", NOW, NOW + HOUR, None)
+    assert store.get_agent(AGENT) == record and store.list_agents() == [record]
+    assert store.get_issued(0xA9) == IssuedRecord(0xA9, AGENT, NOW + HOUR, NOW)
+    with pytest.raises(TokenError, match=r"^join token: already used"):
+        store.attest_agent_with_token(AGENT_TOKEN, NOW, agent_signer(), key_sha256=key(2))
+
+
+def test_tokens_serve_only_their_purpose_and_are_not_spent_by_the_wrong_one(store: Store) -> None:
+    store.create_entry(entry(WORKLOAD))
+    store.add_token(TOKEN, WORKLOAD, NOW + HOUR)
+    store.add_agent_token(AGENT_TOKEN, AGENT, NOW + HOUR)
+    with pytest.raises(TokenError, match=r"^join token: made for a workload's entry, not for node attestation") as info:
+        store.attest_agent_with_token(TOKEN, NOW, agent_signer(), key_sha256=key(1))
+    assert str(WORKLOAD) not in str(info.value)
+    with pytest.raises(TokenError, match=r"^join token: made for node attestation") as info:
+        store.issue_with_token(AGENT_TOKEN, NOW, signer())
+    assert str(AGENT) not in str(info.value)
+    assert store.list_issued() == [] and store.list_agents() == []
+    store.issue_with_token(TOKEN, NOW, signer())  # neither was spent
+    store.attest_agent_with_token(AGENT_TOKEN, NOW, agent_signer(), key_sha256=key(1))
+
+
+def test_entry_with_a_parent_is_issued_neither_for_a_token_nor_by_record_issuance(store: Store) -> None:
+    store.create_entry(child(WEB))
+    store.add_token(TOKEN, WEB, NOW + HOUR)  # e.g. made before the entry was re-created with a parent
+    with pytest.raises(TokenError, match=r"^join token: its entry is served by a node agent now") as info:
+        store.issue_with_token(TOKEN, NOW, signer())
+    assert str(WEB) not in str(info.value)
+    with pytest.raises(NotAuthorizedError, match=rf"^registration entry: {WEB} is served by node agent {AGENT}"):
+        store.record_issuance(WEB, NOW, signer())
+    assert store.list_issued() == []
+
+
+def test_attesting_again_updates_the_agent_and_ends_its_eviction(store: Store) -> None:
+    attested(store)
+    later = NOW + datetime.timedelta(minutes=10)
+    assert store.evict_agent(AGENT, later) == sorted(r.serial for r in store.list_issued())
+    agent = store.get_agent(AGENT)
+    assert agent is not None and agent.evicted and agent.evicted_at == later
+    store.add_agent_token(AGENT_TOKEN, AGENT, later + HOUR)
+    record, _ = store.attest_agent_with_token(
+        AGENT_TOKEN, later, agent_signer(not_after=later + HOUR), key_sha256=key(2)
+    )
+    assert record == AgentRecord(AGENT, "join_token", "", later, later + HOUR, None)
+    assert not record.evicted
+
+
+def test_evicting_revokes_the_agents_unexpired_certificates_only(store: Store) -> None:
+    store.attest_agent(
+        AGENT, "x509pop", "CN=node-1", NOW - 2 * HOUR, agent_signer(0x1, not_after=NOW - HOUR), key_sha256=key(1)
+    )
+    store.renew_agent(AGENT, NOW, agent_signer(0x2), key_sha256=key(2))
+    store.renew_agent(AGENT, NOW, agent_signer(0x3), key_sha256=key(3))
+    attested(store, OTHER_AGENT, key_n=4)
+    store.create_entry(child(WEB))
+    store.issue_batch(AGENT, [BatchItem(WEB, key(5), signer(0x5))], NOW)
+    assert store.evict_agent(AGENT, NOW) == [0x2, 0x3]
+    assert store.evict_agent(AGENT, NOW + HOUR) == []  # twice: nothing left, the first time kept
+    agent = store.get_agent(AGENT)
+    assert agent is not None and agent.evicted_at == NOW
+    revoked = {r.serial for r in store.revoked_unexpired(NOW)}
+    assert revoked == {0x2, 0x3}  # not the expired one, not the other agent's, not the workload's
+    other = store.get_agent(OTHER_AGENT)
+    assert other is not None and not other.evicted
+
+
+def test_evicting_an_unknown_agent_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFoundError, match=rf"^node agent: {AGENT} never attested to this CA"):
+        store.evict_agent(AGENT, NOW)
+
+
+def test_renew_agent_needs_a_known_unevicted_agent_and_a_new_key(store: Store) -> None:
+    with pytest.raises(AttestationError, match=rf"^node agent: {AGENT} is not known to this CA"):
+        store.renew_agent(AGENT, NOW, agent_signer(), key_sha256=key(1))
+    attested(store, key_n=1)
+    with pytest.raises(InvalidRequestError, match=r"^CSR: its key was certified before"):
+        store.renew_agent(AGENT, NOW, agent_signer(), key_sha256=key(1))
+    later = NOW + datetime.timedelta(minutes=5)
+    record, _ = store.renew_agent(AGENT, later, agent_signer(0x7, not_after=later + HOUR), key_sha256=key(2))
+    assert (record.last_seen, record.expires_at, record.attestation) == (later, later + HOUR, "x509pop")
+    store.evict_agent(AGENT, later)
+    with pytest.raises(AttestationError, match=rf"^node agent: {AGENT} was evicted; it must attest again"):
+        store.renew_agent(AGENT, later, agent_signer(), key_sha256=key(3))
+    assert len(store.list_issued()) == 2
+
+
+def test_attestation_refuses_a_key_certified_before(store: Store) -> None:
+    attested(store, key_n=1)
+    with pytest.raises(InvalidRequestError, match=r"^CSR: its key was certified before"):
+        store.attest_agent(OTHER_AGENT, "x509pop", "CN=node-2", NOW, agent_signer(), key_sha256=key(1))
+    store.add_agent_token(AGENT_TOKEN, OTHER_AGENT, NOW + HOUR)
+    with pytest.raises(InvalidRequestError, match=r"^CSR: its key was certified before"):
+        store.attest_agent_with_token(AGENT_TOKEN, NOW, agent_signer(), key_sha256=key(1))
+    store.attest_agent_with_token(AGENT_TOKEN, NOW, agent_signer(), key_sha256=key(2))  # the token was not spent
+
+
+def test_list_entries_for_agent_gives_its_own_only_and_notes_it_was_seen(store: Store) -> None:
+    attested(store)
+    attested(store, OTHER_AGENT, key_n=2)
+    for e in (child(WEB), child(DB), child(WORKLOAD, OTHER_AGENT), entry(OTHER)):
+        store.create_entry(e)
+    later = NOW + datetime.timedelta(minutes=3)
+    assert store.list_entries_for_agent(AGENT, later) == [child(DB), child(WEB)]
+    agent = store.get_agent(AGENT)
+    assert agent is not None and agent.last_seen == later
+    store.evict_agent(AGENT, later)
+    with pytest.raises(AttestationError, match="was evicted"):
+        store.list_entries_for_agent(AGENT, later)
+
+
+# -- batch issuance ------------------------------------------------------------------------------
+
+
+class CountingDialect:
+    """A dialect that counts the write transactions of the one it wraps (and whether they committed)."""
+
+    def __init__(self, inner: Dialect) -> None:
+        self.inner = inner
+        self.name, self.schema, self.placeholder = inner.name, inner.schema, inner.placeholder
+        self.for_update, self.for_share, self.restore_hint = inner.for_update, inner.for_share, inner.restore_hint
+        self.writes = self.committed = 0
+
+    def run(self, work: Callable[[Connection], object], *, write: bool) -> object:
+        self.writes += write
+        result = self.inner.run(work, write=write)
+        self.committed += write
+        return result
+
+    def insert_if_absent(self, tx: Transaction, table: str, key: str, row: dict[str, object]) -> bool:
+        return self.inner.insert_if_absent(tx, table, key, row)
+
+    def prepare_migrations(self, tx: Transaction) -> None:
+        self.inner.prepare_migrations(tx)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def counted(backend: Backend) -> Iterator[tuple[Store, CountingDialect]]:
+    dialect = CountingDialect(backend.dialect())
+    with contextlib.closing(SqlStore(dialect)) as store:  # type: ignore[arg-type]
+        yield store, dialect
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_of_200_is_one_write_transaction(counted: tuple[Store, CountingDialect]) -> None:
+    store, dialect = counted
+    attested(store)
+    ids = [SpiffeId.parse(f"spiffe://example.org/ns/batch/sa/w{i}") for i in range(200)]
+    for sid in ids:
+        store.create_entry(child(sid))
+    before = (dialect.writes, dialect.committed)
+    outcomes = store.issue_batch(AGENT, [BatchItem(sid, key(i), signer()) for i, sid in enumerate(ids)], NOW)
+    assert (dialect.writes - before[0], dialect.committed - before[1]) == (1, 1)
+    assert [o[0].spiffe_id for o in outcomes if not isinstance(o, IssuanceError)] == ids
+    assert sorted(str(r.spiffe_id) for r in store.list_issued() if r.spiffe_id != AGENT) == sorted(map(str, ids))
+
+
+def test_batch_refuses_per_item_and_issues_the_rest(store: Store) -> None:
+    attested(store, key_n=900)
+    attested(store, OTHER_AGENT, key_n=901)
+    store.create_entry(child(WEB))
+    store.create_entry(child(DB))
+    store.create_entry(child(WORKLOAD, OTHER_AGENT))
+    store.create_entry(entry(OTHER))
+    missing = SpiffeId.parse("spiffe://example.org/ns/prod/sa/nobody")
+    items = [
+        BatchItem(WEB, key(1), signer(0x1)),
+        BatchItem(WORKLOAD, key(2), signer(0x2)),  # another agent's entry
+        BatchItem(OTHER, key(3), signer(0x3)),  # an entry with no parent
+        BatchItem(missing, key(4), signer(0x4)),  # no entry at all: the same answer
+        BatchItem(WEB, key(5), signer(0x5)),  # asked twice
+        BatchItem(DB, key(1), signer(0x6)),  # the key WEB got in this batch
+        BatchItem(DB, key(900), signer(0x7)),  # the agent's own key
+        BatchItem(DB, key(8), signer(0x8)),
+    ]
+    outcomes = store.issue_batch(AGENT, items, NOW)
+    shown = [(type(o).__name__, str(o)) if isinstance(o, IssuanceError) else ("issued", o[1]) for o in outcomes]
+    assert shown == [
+        ("issued", f"cert 1 for {WEB}"),
+        ("NotAuthorizedError", f"batch: {WORKLOAD} has no entry parented to {AGENT}"),
+        ("NotAuthorizedError", f"batch: {OTHER} has no entry parented to {AGENT}"),
+        ("NotAuthorizedError", f"batch: {missing} has no entry parented to {AGENT}"),
+        ("InvalidRequestError", f"batch: {WEB} is asked for twice in one batch"),
+        ("InvalidRequestError", "CSR: its key was certified before by this CA; make a new key for each SVID"),
+        ("InvalidRequestError", "CSR: its key was certified before by this CA; make a new key for each SVID"),
+        ("issued", f"cert 8 for {DB}"),
+    ]
+    workloads = {r.serial: r.spiffe_id for r in store.list_issued() if r.spiffe_id not in (AGENT, OTHER_AGENT)}
+    assert workloads == {0x1: WEB, 0x8: DB}
+    again = store.issue_batch(AGENT, [BatchItem(WEB, key(1), signer())], NOW)  # a key from an earlier batch
+    assert isinstance(again[0], InvalidRequestError)
+
+
+def test_batch_for_an_unknown_or_evicted_agent_writes_nothing(store: Store) -> None:
+    store.create_entry(child(WEB))
+    with pytest.raises(AttestationError, match="is not known to this CA"):
+        store.issue_batch(AGENT, [BatchItem(WEB, key(1), signer())], NOW)
+    attested(store)
+    store.evict_agent(AGENT, NOW)
+    with pytest.raises(AttestationError, match="was evicted"):
+        store.issue_batch(AGENT, [BatchItem(WEB, key(1), signer())], NOW)
+    assert [r.spiffe_id for r in store.list_issued()] == [AGENT]
+
+
+def test_batch_that_fails_midway_records_nothing(store: Store) -> None:
+    attested(store)
+    ids = [SpiffeId.parse(f"spiffe://example.org/ns/batch/sa/w{i}") for i in range(5)]
+    for sid in ids:
+        store.create_entry(child(sid))
+    items = [BatchItem(sid, key(i), signer()) for i, sid in enumerate(ids)]
+    items[3] = BatchItem(ids[3], key(3), failing_sign)
+    before = store.get_agent(AGENT)
+    with pytest.raises(RuntimeError, match="HSM unavailable"):
+        store.issue_batch(AGENT, items, NOW + HOUR)
+    assert [r.spiffe_id for r in store.list_issued()] == [AGENT]
+    assert store.get_agent(AGENT) == before  # not even last_seen
+    # The keys were not recorded either: the same batch, signed, goes through.
+    items[3] = BatchItem(ids[3], key(3), signer())
+    assert not any(isinstance(o, IssuanceError) for o in store.issue_batch(AGENT, items, NOW))
+
+
+def test_batch_holds_the_agent_so_an_eviction_waits_for_it(backend: Backend, store: Store) -> None:
+    attested(store)
+    store.create_entry(child(WEB))
+    seen_while_signing: list[bool] = []
+
+    def sign(e: Entry) -> tuple[int, datetime.datetime, object]:
+        seen_while_signing.append(backend.agent_is_locked(str(AGENT)))
+        return 0x51, NOW + HOUR, "signed"
+
+    store.issue_batch(AGENT, [BatchItem(WEB, key(1), sign)], NOW)
+    assert seen_while_signing == [True]
+    assert backend.agent_is_locked(str(AGENT)) is False
+
+
+def test_store_failure_in_a_batch_is_store_error_and_records_nothing(backend: Backend, store: Store) -> None:
+    attested(store)
+    store.create_entry(child(WEB))
+    store.close()
+    with pytest.raises(StoreError, match=message_of(backend, "closed$")):
+        store.issue_batch(AGENT, [BatchItem(WEB, key(1), signer())], NOW)
+    with contextlib.closing(open_store(backend.datastore)) as reopened:
+        assert [r.spiffe_id for r in reopened.list_issued()] == [AGENT]

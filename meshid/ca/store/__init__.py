@@ -1,10 +1,12 @@
 """The CA's records behind one small interface, on SQLite (embedded) or PostgreSQL (shared by replicas).
 
-What is kept: registration entries, join-token hashes (never tokens), every issued
-certificate (serial, SPIFFE ID, not_after, revoked_at), the CRL number and the bundle
-sequence. Every method is one transaction; a method that returns has made its change
+What is kept: registration entries (with their parent node agent and selectors), join-token
+hashes (never tokens), node agents, every issued certificate (serial, SPIFFE ID, not_after,
+revoked_at, and for agent and batch issuance the SHA-256 of its key), the CRL number and the
+bundle sequence. Every method is one transaction; a method that returns has made its change
 durable. ``issue_with_token`` consumes a token and records the certificate signed for it in
-the *same* transaction, so a crash leaves either both or neither.
+the *same* transaction, so a crash leaves either both or neither; ``issue_batch`` records every
+certificate of a batch in one transaction, so a crash leaves all of them or none.
 
 The store is written once (:mod:`~meshid.ca.store.sql`) against a small dialect: how a
 database runs a transaction and names its failures, its placeholders, its row locks and how
@@ -18,16 +20,30 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from meshid.ca.store.records import Entry, IssuedRecord, Signer
+from meshid.ca.store.records import AgentRecord, BatchItem, BatchOutcome, Entry, IssuedRecord, Signer
+from meshid.ca.store.sql import AgentSigner
 from meshid.ca.store.sqlite import SqliteStore
 from meshid.spiffeid import SpiffeId
 
 if TYPE_CHECKING:
     from meshid.ca.store.postgres import PostgresStore
 
-__all__ = ["Entry", "IssuedRecord", "PostgresStore", "Signer", "SqliteStore", "Store", "open_store"]
+__all__ = [
+    "AgentRecord",
+    "AgentSigner",
+    "BatchItem",
+    "BatchOutcome",
+    "Entry",
+    "IssuedRecord",
+    "PostgresStore",
+    "Signer",
+    "SqliteStore",
+    "Store",
+    "open_store",
+]
 
 
 class Store(Protocol):
@@ -41,6 +57,11 @@ class Store(Protocol):
 
     def list_entries(self) -> list[Entry]: ...
 
+    def list_entries_for_agent(self, agent_id: SpiffeId, now: datetime.datetime) -> list[Entry]:
+        """The entries parented to a known, unevicted agent (noted as seen at ``now``).
+        Raises AttestationError if it is unknown or evicted."""
+        ...
+
     def delete_entry(self, spiffe_id: SpiffeId) -> bool:
         """Remove an entry (and its unused tokens). Returns False if there was none."""
         ...
@@ -51,12 +72,17 @@ class Store(Protocol):
         """Store a join token's hash, bound to an existing entry. Raises NotFoundError if none."""
         ...
 
+    def add_agent_token(self, token_hash: bytes, agent_id: SpiffeId, expires_at: datetime.datetime) -> None:
+        """Store the hash of a join token for a node agent's attestation (agents have no entry)."""
+        ...
+
     def issue_with_token(self, token_hash: bytes, now: datetime.datetime, sign: Signer) -> tuple[Entry, object]:
-        """In one transaction: check the token (known, unused, unexpired), call ``sign(entry)``,
-        record the certificate, mark the token used. Returns the entry and ``sign``'s result.
+        """In one transaction: check the token (known, unused, unexpired, made for an entry
+        without a parent), call ``sign(entry)``, record the certificate, mark the token used.
+        Returns the entry and ``sign``'s result.
 
         Raises:
-            TokenError: unknown, already used, or expired (nothing is written).
+            TokenError: unknown, already used, expired, or not for this (nothing is written).
             NotFoundError: the token's entry was deleted.
         """
         ...
@@ -66,8 +92,54 @@ class Store(Protocol):
 
         Raises:
             NotFoundError: no entry for ``spiffe_id``.
+            NotAuthorizedError: the entry has a parent (only its agent obtains its SVIDs).
         """
         ...
+
+    def issue_batch(self, agent_id: SpiffeId, items: Sequence[BatchItem], now: datetime.datetime) -> list[BatchOutcome]:
+        """In ONE transaction: for each item, sign and record its certificate if its entry is
+        parented to ``agent_id`` and its key is new, else give the error for that item.
+
+        Raises:
+            AttestationError: the agent is unknown or evicted (nothing is written).
+            StoreError: the database failed (nothing is recorded).
+        """
+        ...
+
+    # -- node agents
+
+    def attest_agent_with_token(
+        self, token_hash: bytes, now: datetime.datetime, sign: AgentSigner, *, key_sha256: bytes
+    ) -> tuple[AgentRecord, object]:
+        """In one transaction: consume an agent's join token, sign, record certificate and agent."""
+        ...
+
+    def attest_agent(
+        self,
+        agent_id: SpiffeId,
+        attestation: str,
+        attested_by: str,
+        now: datetime.datetime,
+        sign: AgentSigner,
+        *,
+        key_sha256: bytes,
+    ) -> tuple[AgentRecord, object]:
+        """In one transaction: sign, record the certificate and the (no longer evicted) agent."""
+        ...
+
+    def renew_agent(
+        self, agent_id: SpiffeId, now: datetime.datetime, sign: AgentSigner, *, key_sha256: bytes
+    ) -> tuple[AgentRecord, object]:
+        """In one transaction: check the agent is known and not evicted, sign, record."""
+        ...
+
+    def evict_agent(self, agent_id: SpiffeId, now: datetime.datetime) -> list[int]:
+        """Mark the agent evicted and revoke its unexpired certificates; returns their serials."""
+        ...
+
+    def get_agent(self, agent_id: SpiffeId) -> AgentRecord | None: ...
+
+    def list_agents(self) -> list[AgentRecord]: ...
 
     def get_issued(self, serial: int) -> IssuedRecord | None: ...
 

@@ -7,9 +7,16 @@ and ``{blob}``. Version N is the N-th migration; a store records each applied ve
 ``schema_version`` (see :func:`schema_version_table`). The list is append only: a released
 migration is never edited, or databases that already applied it would differ from new ones.
 
-Times are integer Unix seconds (UTC); serials are lowercase hex text; DNS names a JSON list.
-No table has a foreign key on purpose: certificate rows and used tokens outlive their entry (a
-deleted entry's certificates must still be revocable, its spent tokens still refused).
+Times are integer Unix seconds (UTC); serials are lowercase hex text; DNS names and selectors
+a JSON list. No table has a foreign key on purpose: certificate rows and used tokens outlive
+their entry (a deleted entry's certificates must still be revocable, its spent tokens still
+refused), and an entry may name a node agent as its parent before that agent first attests.
+
+Version 2 (node agents, issue #12): an entry's ``parent_id`` ('' for none) and ``selectors``;
+a token's ``purpose`` ('entry', or 'agent' for node attestation); the SHA-256 of each new
+certificate's public key (``key_sha256``, NULL for rows issued before, and for workloads' own
+issuance and renewal), by which batch and agent issuance refuse a key certified before; and
+the ``agents`` table.
 """
 
 from __future__ import annotations
@@ -56,6 +63,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "INSERT INTO counters (name, value) VALUES ('crl_number', 0)",
         "INSERT INTO counters (name, value) VALUES ('bundle_sequence', 0)",
+    ),
+    (
+        "ALTER TABLE entries ADD COLUMN parent_id {text} NOT NULL DEFAULT ''",
+        "ALTER TABLE entries ADD COLUMN selectors {text} NOT NULL DEFAULT '[]'",
+        "CREATE INDEX entries_parent_id ON entries (parent_id)",
+        "ALTER TABLE tokens ADD COLUMN purpose {text} NOT NULL DEFAULT 'entry'",
+        "ALTER TABLE certificates ADD COLUMN key_sha256 {blob}",
+        "CREATE INDEX certificates_key_sha256 ON certificates (key_sha256)",
+        """CREATE TABLE agents (
+            spiffe_id {text} NOT NULL PRIMARY KEY,
+            attestation {text} NOT NULL,
+            attested_by {text} NOT NULL,
+            last_seen {int64} NOT NULL,
+            expires_at {int64} NOT NULL,
+            evicted_at {int64}
+        )""",
     ),
 )
 

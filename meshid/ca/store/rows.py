@@ -9,11 +9,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from meshid.ca.store.records import Entry, IssuedRecord
+from meshid.ca.store.records import AgentRecord, Entry, IssuedRecord
 from meshid.errors import StoreError, TokenError
 from meshid.spiffeid import SpiffeId
 
-__all__ = ["RowCodec", "from_unix", "hex_serial", "to_unix"]
+__all__ = ["AGENT_TOKEN", "ENTRY_TOKEN", "RowCodec", "from_unix", "hex_serial", "to_unix"]
+
+#: A token's purpose (its ``purpose`` column): a workload's first issuance, or a node agent's attestation.
+ENTRY_TOKEN = "entry"
+AGENT_TOKEN = "agent"
 
 
 def hex_serial(serial: int) -> str:
@@ -45,11 +49,33 @@ class RowCodec:
             raise StoreError(f"CA store {self.name}: holds a malformed SPIFFE ID {text!r}") from err
 
     def entry(self, row: Sequence[Any]) -> Entry:
+        """An entry from (spiffe_id, dns_names, ttl_seconds, created_at, parent_id, selectors)."""
+        dns_names = self._strings(row[1], row[0], "DNS names")
+        selectors = self._strings(row[5], row[0], "selectors")
+        parent = self.spiffe_id(row[4]) if row[4] else None
+        return Entry(
+            self.spiffe_id(row[0]), dns_names, datetime.timedelta(seconds=row[2]), from_unix(row[3]), parent, selectors
+        )
+
+    def _strings(self, text: str, spiffe_id: str, what: str) -> tuple[str, ...]:
         try:
-            dns_names = tuple(str(name) for name in json.loads(row[1]))
+            values = json.loads(text)
         except (ValueError, TypeError) as err:
-            raise StoreError(f"CA store {self.name}: entry {row[0]} has malformed DNS names") from err
-        return Entry(self.spiffe_id(row[0]), dns_names, datetime.timedelta(seconds=row[2]), from_unix(row[3]))
+            raise StoreError(f"CA store {self.name}: entry {spiffe_id} has malformed {what}") from err
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise StoreError(f"CA store {self.name}: entry {spiffe_id} has malformed {what}")
+        return tuple(values)
+
+    def agent(self, row: Sequence[Any]) -> AgentRecord:
+        """An agent from (spiffe_id, attestation, attested_by, last_seen, expires_at, evicted_at)."""
+        return AgentRecord(
+            spiffe_id=self.spiffe_id(row[0]),
+            attestation=str(row[1]),
+            attested_by=str(row[2]),
+            last_seen=from_unix(row[3]),
+            expires_at=from_unix(row[4]),
+            evicted_at=None if row[5] is None else from_unix(row[5]),
+        )
 
     def issued(self, row: Sequence[Any]) -> IssuedRecord:
         return IssuedRecord(
@@ -60,12 +86,14 @@ class RowCodec:
             revoked_at=None if row[4] is None else from_unix(row[4]),
         )
 
-    def usable_token(self, row: Sequence[Any] | None, now_s: int) -> SpiffeId:
-        """The SPIFFE ID a token row (spiffe_id, expires_at, used_at) is bound to, if it may be used.
+    def usable_token(self, row: Sequence[Any] | None, now_s: int, purpose: str = ENTRY_TOKEN) -> SpiffeId:
+        """The SPIFFE ID a token row (spiffe_id, expires_at, used_at, purpose) is bound to, if it
+        may be used for ``purpose`` (a workload's first issuance, or a node agent's attestation).
 
         Raises:
-            TokenError: unknown, already used, or expired. The messages never carry the token,
-                its hash or its SPIFFE ID: the caller is not yet authenticated.
+            TokenError: unknown, already used, expired, or made for the other purpose. The
+                messages never carry the token, its hash or its SPIFFE ID: the caller is not yet
+                authenticated.
         """
         if row is None:
             raise TokenError("join token: unknown; ask an administrator for a new one")
@@ -73,4 +101,14 @@ class RowCodec:
             raise TokenError("join token: already used; a token is good for one issuance, ask for a new one")
         if now_s >= row[1]:
             raise TokenError("join token: expired; ask an administrator for a new one")
+        if row[3] != purpose:
+            if purpose == AGENT_TOKEN:
+                raise TokenError(
+                    "join token: made for a workload's entry, not for node attestation; "
+                    "ask for one made with `meshid token create --agent NAME`"
+                )
+            raise TokenError(
+                "join token: made for node attestation (a node agent attests with it); "
+                "a workload needs a token made for its entry"
+            )
         return self.spiffe_id(row[0])

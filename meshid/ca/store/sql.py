@@ -1,4 +1,5 @@
-"""The CA's store written once (:class:`SqlStore`), on any SQL database a :class:`Dialect` describes.
+"""The CA's store written once (:class:`SqlStore`), on any SQL database a
+:class:`~meshid.ca.store.dialect.Dialect` describes.
 
 Every method is one transaction the dialect runs. What differs between databases is the
 dialect's alone: how a transaction is run and its failures named, the placeholder style, the
@@ -14,19 +15,30 @@ the other transaction left it.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import Self, TypeVar
 
 from meshid.ca.store import migrations
-from meshid.ca.store.records import Entry, IssuedRecord, Signer
-from meshid.ca.store.rows import RowCodec, hex_serial, to_unix
-from meshid.errors import AlreadyExistsError, NotFoundError, StoreError
+from meshid.ca.store.dialect import Connection, Cursor, Dialect, Transaction, insert_statement
+from meshid.ca.store.records import AgentRecord, BatchItem, BatchOutcome, Entry, IssuedRecord, Signer
+from meshid.ca.store.rows import AGENT_TOKEN, ENTRY_TOKEN, RowCodec, hex_serial, to_unix
+from meshid.errors import (
+    AlreadyExistsError,
+    AttestationError,
+    InvalidRequestError,
+    NotAuthorizedError,
+    NotFoundError,
+    StoreError,
+    TokenError,
+)
 from meshid.spiffeid import SpiffeId
 
-__all__ = ["Connection", "Cursor", "Dialect", "SqlStore", "Transaction", "insert_statement"]
+# The dialect's protocols are re-exported: the dialects import them from here.
+__all__ = ["AgentSigner", "Connection", "Cursor", "Dialect", "SqlStore", "Transaction", "insert_statement"]
 
 _T = TypeVar("_T")
 
@@ -34,93 +46,16 @@ _T = TypeVar("_T")
 SIGN_ATTEMPTS = 3
 MAX_SERIAL_BITS = 160
 
-_SELECT_ENTRY = "SELECT spiffe_id, dns_names, ttl_seconds, created_at FROM entries"
+#: How many values one ``IN (...)`` list carries at most (SQLite's default limit is far above it).
+IN_CHUNK = 500
+
+_SELECT_ENTRY = "SELECT spiffe_id, dns_names, ttl_seconds, created_at, parent_id, selectors FROM entries"
 _SELECT_ISSUED = "SELECT serial, spiffe_id, not_after, issued_at, revoked_at FROM certificates"
-
-
-class Cursor(Protocol):
-    """What a statement returns: a DB-API cursor."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-class Connection(Protocol):
-    """Where a dialect runs one transaction's statements, in the driver's placeholder style."""
-
-    def execute(self, query: str, params: Sequence[Any], /) -> Cursor: ...
-
-    def executemany(self, query: str, params: Iterable[Sequence[Any]], /) -> object: ...
-
-
-class Transaction:
-    """One transaction's statements as the store writes them, with ``?`` placeholders."""
-
-    __slots__ = ("_conn", "_placeholder")
-
-    def __init__(self, conn: Connection, placeholder: str) -> None:
-        self._conn = conn
-        self._placeholder = placeholder
-
-    def execute(self, query: str, params: Sequence[Any] = ()) -> Cursor:
-        return self._conn.execute(self._render(query), params)
-
-    def executemany(self, query: str, params: Iterable[Sequence[Any]]) -> None:
-        self._conn.executemany(self._render(query), params)
-
-    def _render(self, query: str) -> str:
-        return query if self._placeholder == "?" else query.replace("?", self._placeholder)
-
-
-class Dialect(Protocol):
-    """What one SQL database does its own way; the store asks nothing else of it."""
-
-    #: How messages name the store (``CA store <name>: ...``): a file's path, a DSN without its password.
-    name: str
-    #: The column types of the schema (:func:`meshid.ca.store.migrations.statements`).
-    schema: migrations.Dialect
-    #: The driver's placeholder, which replaces each ``?`` of the store's statements.
-    placeholder: str
-    #: Ends a SELECT of a row this transaction will then write, so that a concurrent transaction
-    #: waits for this one to end (`` FOR UPDATE``); empty where a writing transaction already
-    #: holds the whole database's write lock.
-    for_update: str
-    #: Ends a SELECT of a row that must not be deleted before this transaction ends (`` FOR SHARE``).
-    for_share: str
-    #: What a message says to do when a row that is always there is missing.
-    restore_hint: str
-
-    def run(self, work: Callable[[Connection], _T], *, write: bool) -> _T:
-        """``work`` in one transaction: committed if it returns, rolled back if it raises.
-
-        Raises:
-            StoreError: the database failed (the driver's error is its cause), or the store is closed.
-        """
-        ...
-
-    def insert_if_absent(self, tx: Transaction, table: str, key: str, row: Mapping[str, object]) -> bool:
-        """Insert ``row`` (column: value) unless ``table`` has a row with its ``key``; whether it did.
-
-        A failed INSERT is never the way: on some databases it aborts the whole transaction.
-        """
-        ...
-
-    def prepare_migrations(self, tx: Transaction) -> None:
-        """Make stores opening at once migrate one after the other, and create ``schema_version``."""
-        ...
-
-    def close(self) -> None:
-        """Release the database. Safe to call twice; ``run`` then raises StoreError."""
-        ...
-
-
-def insert_statement(table: str, row: Mapping[str, object]) -> str:
-    """``INSERT INTO table (columns) VALUES (?, ...)`` for ``row``'s columns, in order."""
-    return f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+_SELECT_AGENT = "SELECT spiffe_id, attestation, attested_by, last_seen, expires_at, evicted_at FROM agents"
+_SELECT_TOKEN = "SELECT spiffe_id, expires_at, used_at, purpose FROM tokens WHERE hash = ?"
+#: Signs for a node agent's own SVID: (serial, not_after) of what it signed, plus an opaque result.
+AgentSigner = Callable[[SpiffeId], tuple[int, datetime.datetime, object]]
+_KEY_REUSED = "CSR: its key was certified before by this CA; make a new key for each SVID"
 
 
 class SqlStore:
@@ -154,6 +89,8 @@ class SqlStore:
             "dns_names": json.dumps(list(entry.dns_names)),
             "ttl_seconds": math.floor(entry.ttl.total_seconds()),
             "created_at": to_unix(entry.created_at, "created_at"),
+            "parent_id": "" if entry.parent_id is None else str(entry.parent_id),
+            "selectors": json.dumps(list(entry.selectors)),
         }
 
         def work(tx: Transaction) -> None:
@@ -170,6 +107,22 @@ class SqlStore:
         """Every entry, ordered by SPIFFE ID (byte order, whatever the server's locale)."""
         rows = self._run(lambda tx: tx.execute(_SELECT_ENTRY + " ORDER BY spiffe_id").fetchall(), write=False)
         return [self._rows.entry(row) for row in rows]
+
+    def list_entries_for_agent(self, agent_id: SpiffeId, now: datetime.datetime) -> list[Entry]:
+        """In one transaction: check that ``agent_id`` is a known agent that was not evicted, note
+        that it was seen at ``now``, and return the entries parented to it, ordered by SPIFFE ID.
+
+        Raises:
+            AttestationError: the agent is unknown here, or evicted.
+        """
+        now_s = to_unix(now, "now")
+
+        def work(tx: Transaction) -> list[Entry]:
+            self._see_agent(tx, agent_id, now_s)
+            rows = tx.execute(_SELECT_ENTRY + " WHERE parent_id = ? ORDER BY spiffe_id", (str(agent_id),)).fetchall()
+            return [self._rows.entry(row) for row in rows]
+
+        return self._run(work, write=True)
 
     def delete_entry(self, spiffe_id: SpiffeId) -> bool:
         """Remove an entry and its unused tokens. Returns False if there was none.
@@ -199,12 +152,7 @@ class SqlStore:
             NotFoundError: no entry for ``spiffe_id``.
             AlreadyExistsError: a token with this hash is already stored.
         """
-        row = {
-            "hash": bytes(token_hash),
-            "spiffe_id": str(spiffe_id),
-            "expires_at": to_unix(expires_at, "expires_at"),
-            "used_at": None,
-        }
+        row = self._token_row(token_hash, spiffe_id, expires_at, ENTRY_TOKEN)
 
         def work(tx: Transaction) -> None:
             # Shared lock: a concurrent delete_entry waits for this token, then deletes it too.
@@ -216,6 +164,32 @@ class SqlStore:
 
         self._run(work, write=True)
 
+    def add_agent_token(self, token_hash: bytes, agent_id: SpiffeId, expires_at: datetime.datetime) -> None:
+        """Store the hash of a join token for a node agent's attestation (no entry: agents have none).
+
+        Raises:
+            AlreadyExistsError: a token with this hash is already stored.
+        """
+        row = self._token_row(token_hash, agent_id, expires_at, AGENT_TOKEN)
+
+        def work(tx: Transaction) -> None:
+            if not self._dialect.insert_if_absent(tx, "tokens", "hash", row):
+                raise AlreadyExistsError("join token: a token with this hash already exists; generate a new token")
+
+        self._run(work, write=True)
+
+    @staticmethod
+    def _token_row(
+        token_hash: bytes, spiffe_id: SpiffeId, expires_at: datetime.datetime, purpose: str
+    ) -> dict[str, object]:
+        return {
+            "hash": bytes(token_hash),
+            "spiffe_id": str(spiffe_id),
+            "expires_at": to_unix(expires_at, "expires_at"),
+            "used_at": None,
+            "purpose": purpose,
+        }
+
     def issue_with_token(self, token_hash: bytes, now: datetime.datetime, sign: Signer) -> tuple[Entry, object]:
         """In one transaction: check the token (known, unused, unexpired), call ``sign(entry)``,
         record the certificate, mark the token used. Returns the entry and ``sign``'s result.
@@ -226,7 +200,8 @@ class SqlStore:
         If the serial it returns is already recorded, it is called again, at most 3 times in all.
 
         Raises:
-            TokenError: unknown, already used, or expired (nothing is written).
+            TokenError: unknown, already used, or expired, made for node attestation, or its
+                entry is served by a node agent (nothing is written).
             NotFoundError: the token's entry was deleted.
             StoreError: the database failed, or ``sign`` kept returning recorded serials.
         """
@@ -234,14 +209,14 @@ class SqlStore:
         token = bytes(token_hash)
 
         def work(tx: Transaction) -> tuple[Entry, object]:
-            row = tx.execute(
-                "SELECT spiffe_id, expires_at, used_at FROM tokens WHERE hash = ?" + self._dialect.for_update, (token,)
-            ).fetchone()
-            spiffe_id = self._rows.usable_token(row, now_s)
+            row = tx.execute(_SELECT_TOKEN + self._dialect.for_update, (token,)).fetchone()
+            spiffe_id = self._rows.usable_token(row, now_s, ENTRY_TOKEN)
             entry = self._fetch_entry(tx, spiffe_id)
             if entry is None:
                 raise NotFoundError(f"registration entry: {spiffe_id} was deleted; its join token cannot be used")
-            result = self._sign_and_record(tx, entry, now_s, sign)
+            if entry.parent_id is not None:  # re-created with a parent since the token was made
+                raise TokenError("join token: its entry is served by a node agent now; a join token cannot obtain it")
+            _, _, result = self._sign_and_record(tx, entry.spiffe_id, now_s, lambda: sign(entry))
             tx.execute("UPDATE tokens SET used_at = ? WHERE hash = ?", (now_s, token))
             return entry, result
 
@@ -250,10 +225,12 @@ class SqlStore:
     def record_issuance(self, spiffe_id: SpiffeId, now: datetime.datetime, sign: Signer) -> tuple[Entry, object]:
         """In one transaction: look up the entry, call ``sign(entry)``, record the certificate.
 
-        ``sign`` is treated as in :meth:`issue_with_token`.
+        ``sign`` is treated as in :meth:`issue_with_token`. An entry with a parent is refused:
+        its SVIDs go only to its node agent, through :meth:`issue_batch`.
 
         Raises:
             NotFoundError: no entry for ``spiffe_id``.
+            NotAuthorizedError: the entry has a parent.
             StoreError: the database failed, or ``sign`` kept returning recorded serials.
         """
         now_s = to_unix(now, "now")
@@ -262,27 +239,84 @@ class SqlStore:
             entry = self._fetch_entry(tx, spiffe_id)
             if entry is None:
                 raise NotFoundError(f"registration entry: {spiffe_id} not found")
-            return entry, self._sign_and_record(tx, entry, now_s, sign)
+            if entry.parent_id is not None:
+                raise NotAuthorizedError(
+                    f"registration entry: {spiffe_id} is served by node agent {entry.parent_id}; "
+                    "its SVIDs are issued only to that agent"
+                )
+            return entry, self._sign_and_record(tx, entry.spiffe_id, now_s, lambda: sign(entry))[2]
 
         return self._run(work, write=True)
 
-    def _sign_and_record(self, tx: Transaction, entry: Entry, now_s: int, sign: Signer) -> object:
+    def issue_batch(self, agent_id: SpiffeId, items: Sequence[BatchItem], now: datetime.datetime) -> list[BatchOutcome]:
+        """In ONE transaction: check the node agent (known, not evicted), note it was seen, and
+        for each item in order either sign and record its certificate, or say why not.
+
+        An item is refused (its outcome is the error; the others go on) when its entry is not
+        parented to ``agent_id`` (a missing entry gives the same answer, so an agent cannot
+        probe which entries exist), when its key was certified before (by this batch or any
+        earlier issuance that recorded its key), or when an earlier item asked for the same
+        entry. Everything is committed together; if the transaction fails nothing is recorded.
+        Each ``sign`` is treated as in :meth:`issue_with_token`.
+
+        Raises:
+            AttestationError: the agent is unknown here, or evicted (nothing is written).
+            StoreError: the database failed, or a signer kept returning recorded serials.
+        """
+        now_s = to_unix(now, "now")
+
+        def work(tx: Transaction) -> list[BatchOutcome]:
+            self._see_agent(tx, agent_id, now_s)
+            entries = self._fetch_entries(tx, {item.spiffe_id for item in items})
+            used = self._used_keys(tx, [item.key_sha256 for item in items])
+            asked: set[SpiffeId] = set()
+            outcomes: list[BatchOutcome] = []
+            for item in items:
+                entry = entries.get(item.spiffe_id)
+                if entry is None or entry.parent_id != agent_id:
+                    outcomes.append(NotAuthorizedError(f"batch: {item.spiffe_id} has no entry parented to {agent_id}"))
+                elif item.spiffe_id in asked:
+                    outcomes.append(InvalidRequestError(f"batch: {item.spiffe_id} is asked for twice in one batch"))
+                elif item.key_sha256 in used:
+                    outcomes.append(InvalidRequestError(_KEY_REUSED))
+                else:
+                    asked.add(item.spiffe_id)
+                    used.add(item.key_sha256)
+                    _, _, result = self._sign_and_record(
+                        tx, entry.spiffe_id, now_s, functools.partial(item.sign, entry), key_sha256=item.key_sha256
+                    )
+                    outcomes.append((entry, result))
+            return outcomes
+
+        return self._run(work, write=True)
+
+    def _sign_and_record(
+        self,
+        tx: Transaction,
+        spiffe_id: SpiffeId,
+        now_s: int,
+        sign: Callable[[], tuple[int, datetime.datetime, object]],
+        *,
+        key_sha256: bytes | None = None,
+    ) -> tuple[int, int, object]:
+        """Sign (again while the serial is taken) and record; returns (serial, not_after_s, result)."""
         for _ in range(SIGN_ATTEMPTS):
-            serial, not_after, result = sign(entry)
+            serial, not_after, result = sign()
             if isinstance(serial, bool) or not isinstance(serial, int):
                 raise TypeError(f"CA store: the signer returned a serial of type {type(serial).__name__}, not int")
             if serial <= 0 or serial.bit_length() > MAX_SERIAL_BITS:
                 raise ValueError(f"CA store: the signer returned serial {serial:x}, not a positive 160-bit number")
             row = {
                 "serial": hex_serial(serial),
-                "spiffe_id": str(entry.spiffe_id),
+                "spiffe_id": str(spiffe_id),
                 "not_after": to_unix(not_after, "not_after"),
                 "issued_at": now_s,
                 "revoked_at": None,
+                "key_sha256": None if key_sha256 is None else bytes(key_sha256),
             }
             # A serial another caller's uncommitted transaction holds makes this wait for it.
             if self._dialect.insert_if_absent(tx, "certificates", "serial", row):
-                return result
+                return serial, to_unix(not_after, "not_after"), result
         raise StoreError(
             f"CA store {self._name}: the signer returned an already recorded serial {SIGN_ATTEMPTS} times;"
             " its serials are not random"
@@ -324,20 +358,19 @@ class SqlStore:
         A certificate is unexpired while ``now`` is at or before its not_after.
         """
         now_s = to_unix(now, "now")
+        return self._run(lambda tx: self._revoke_unexpired(tx, spiffe_id, now_s), write=True)
 
-        def work(tx: Transaction) -> list[str]:
-            # Locked, then revoked by serial: exactly the certificates returned are revoked, even
-            # if another replica issues one for ``spiffe_id`` in between.
-            rows = tx.execute(
-                "SELECT serial FROM certificates WHERE spiffe_id = ? AND revoked_at IS NULL AND not_after >= ?"
-                + self._dialect.for_update,
-                (str(spiffe_id), now_s),
-            ).fetchall()
-            serials = [str(row[0]) for row in rows]
-            tx.executemany("UPDATE certificates SET revoked_at = ? WHERE serial = ?", [(now_s, s) for s in serials])
-            return serials
-
-        return sorted(int(serial, 16) for serial in self._run(work, write=True))
+    def _revoke_unexpired(self, tx: Transaction, spiffe_id: SpiffeId, now_s: int) -> list[int]:
+        # Locked, then revoked by serial: exactly the certificates returned are revoked, even
+        # if another replica issues one for ``spiffe_id`` in between.
+        rows = tx.execute(
+            "SELECT serial FROM certificates WHERE spiffe_id = ? AND revoked_at IS NULL AND not_after >= ?"
+            + self._dialect.for_update,
+            (str(spiffe_id), now_s),
+        ).fetchall()
+        serials = [str(row[0]) for row in rows]
+        tx.executemany("UPDATE certificates SET revoked_at = ? WHERE serial = ?", [(now_s, s) for s in serials])
+        return sorted(int(serial, 16) for serial in serials)
 
     def revoked_unexpired(self, now: datetime.datetime) -> list[IssuedRecord]:
         """What the next CRL must list: revoked certificates whose not_after is not before ``now``."""
@@ -349,6 +382,174 @@ class SqlStore:
             write=False,
         )
         return [self._rows.issued(row) for row in rows]
+
+    # -- node agents ---------------------------------------------------------------------------
+
+    def attest_agent_with_token(
+        self, token_hash: bytes, now: datetime.datetime, sign: AgentSigner, *, key_sha256: bytes
+    ) -> tuple[AgentRecord, object]:
+        """In one transaction: check a node agent's join token (known, unused, unexpired, made
+        for an agent), call ``sign(agent_id)``, record the certificate and the agent (attested
+        by ``join_token``, no longer evicted), mark the token used.
+
+        The token's row is locked as in :meth:`issue_with_token`; ``sign`` is treated as there.
+
+        Raises:
+            TokenError: unknown, used, expired, or made for a workload (nothing is written).
+            InvalidRequestError: ``key_sha256`` was certified before (nothing is written).
+            StoreError: the database failed, or ``sign`` kept returning recorded serials.
+        """
+        now_s = to_unix(now, "now")
+        token = bytes(token_hash)
+
+        def work(tx: Transaction) -> tuple[AgentRecord, object]:
+            row = tx.execute(_SELECT_TOKEN + self._dialect.for_update, (token,)).fetchone()
+            agent_id = self._rows.usable_token(row, now_s, AGENT_TOKEN)
+            result = self._attest(tx, agent_id, "join_token", "", now_s, sign, key_sha256)
+            tx.execute("UPDATE tokens SET used_at = ? WHERE hash = ?", (now_s, token))
+            return result
+
+        return self._run(work, write=True)
+
+    def attest_agent(
+        self,
+        agent_id: SpiffeId,
+        attestation: str,
+        attested_by: str,
+        now: datetime.datetime,
+        sign: AgentSigner,
+        *,
+        key_sha256: bytes,
+    ) -> tuple[AgentRecord, object]:
+        """In one transaction: call ``sign(agent_id)`` and record the certificate and the agent
+        (how it attested and by what, no longer evicted). The caller has checked the proof.
+
+        Raises:
+            InvalidRequestError: ``key_sha256`` was certified before (nothing is written).
+            StoreError: the database failed, or ``sign`` kept returning recorded serials.
+        """
+        now_s = to_unix(now, "now")
+        return self._run(
+            lambda tx: self._attest(tx, agent_id, attestation, attested_by, now_s, sign, key_sha256), write=True
+        )
+
+    def renew_agent(
+        self, agent_id: SpiffeId, now: datetime.datetime, sign: AgentSigner, *, key_sha256: bytes
+    ) -> tuple[AgentRecord, object]:
+        """In one transaction: check the agent (known, not evicted; its row locked, so an
+        eviction waits for this renewal and then revokes its result too), call ``sign(agent_id)``,
+        record the certificate, note the new expiry and that the agent was seen.
+
+        Raises:
+            AttestationError: the agent is unknown here, or evicted (nothing is written).
+            InvalidRequestError: ``key_sha256`` was certified before (nothing is written).
+            StoreError: the database failed, or ``sign`` kept returning recorded serials.
+        """
+        now_s = to_unix(now, "now")
+
+        def work(tx: Transaction) -> tuple[AgentRecord, object]:
+            self._see_agent(tx, agent_id, now_s)
+            if self._used_keys(tx, [key_sha256]):
+                raise InvalidRequestError(_KEY_REUSED)
+            _, not_after_s, result = self._sign_and_record(
+                tx, agent_id, now_s, lambda: sign(agent_id), key_sha256=key_sha256
+            )
+            tx.execute("UPDATE agents SET expires_at = ? WHERE spiffe_id = ?", (not_after_s, str(agent_id)))
+            return self._fetch_agent(tx, agent_id, lock=False), result  # type: ignore[return-value]
+
+        return self._run(work, write=True)
+
+    def evict_agent(self, agent_id: SpiffeId, now: datetime.datetime) -> list[int]:
+        """In one transaction: mark the agent evicted (it may renew, sync or ask for SVIDs no
+        more, until it attests again) and revoke its unexpired certificates; returns their
+        serials, sorted. Evicting twice keeps the first time and revokes what is left.
+
+        Raises:
+            NotFoundError: no agent ``agent_id`` ever attested here.
+        """
+        now_s = to_unix(now, "now")
+
+        def work(tx: Transaction) -> list[int]:
+            if self._fetch_agent(tx, agent_id, lock=True) is None:
+                raise NotFoundError(f"node agent: {agent_id} never attested to this CA")
+            tx.execute(
+                "UPDATE agents SET evicted_at = ? WHERE spiffe_id = ? AND evicted_at IS NULL", (now_s, str(agent_id))
+            )
+            return self._revoke_unexpired(tx, agent_id, now_s)
+
+        return self._run(work, write=True)
+
+    def get_agent(self, agent_id: SpiffeId) -> AgentRecord | None:
+        """The record of node agent ``agent_id``, or None."""
+        return self._run(lambda tx: self._fetch_agent(tx, agent_id, lock=False), write=False)
+
+    def list_agents(self) -> list[AgentRecord]:
+        """Every node agent that ever attested here, evicted ones too, ordered by SPIFFE ID."""
+        rows = self._run(lambda tx: tx.execute(_SELECT_AGENT + " ORDER BY spiffe_id").fetchall(), write=False)
+        return [self._rows.agent(row) for row in rows]
+
+    def _attest(
+        self,
+        tx: Transaction,
+        agent_id: SpiffeId,
+        attestation: str,
+        attested_by: str,
+        now_s: int,
+        sign: AgentSigner,
+        key_sha256: bytes,
+    ) -> tuple[AgentRecord, object]:
+        if self._used_keys(tx, [key_sha256]):
+            raise InvalidRequestError(_KEY_REUSED)
+        signed = self._sign_and_record(tx, agent_id, now_s, functools.partial(sign, agent_id), key_sha256=key_sha256)
+        _, not_after_s, result = signed
+        # The same statement on both databases (SQLite 3.24+, PostgreSQL 9.5+): a new agent, or
+        # one attesting again (after an eviction, a lost SVID, a new host certificate).
+        tx.execute(
+            "INSERT INTO agents (spiffe_id, attestation, attested_by, last_seen, expires_at, evicted_at)"
+            " VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (spiffe_id) DO UPDATE SET attestation = excluded.attestation,"
+            " attested_by = excluded.attested_by, last_seen = excluded.last_seen, expires_at = excluded.expires_at,"
+            " evicted_at = NULL",
+            (str(agent_id), attestation, attested_by, now_s, not_after_s),
+        )
+        return self._fetch_agent(tx, agent_id, lock=False), result  # type: ignore[return-value]
+
+    def _see_agent(self, tx: Transaction, agent_id: SpiffeId, now_s: int) -> AgentRecord:
+        """Lock the agent's row (an eviction waits for this transaction), check it, note it was seen."""
+        agent = self._fetch_agent(tx, agent_id, lock=True)
+        if agent is None:
+            raise AttestationError(f"node agent: {agent_id} is not known to this CA; it must attest first")
+        if agent.evicted:
+            raise AttestationError(
+                f"node agent: {agent_id} was evicted; it must attest again (a new join token, or x509pop)"
+            )
+        tx.execute("UPDATE agents SET last_seen = ? WHERE spiffe_id = ?", (now_s, str(agent_id)))
+        return agent
+
+    def _fetch_agent(self, tx: Transaction, agent_id: SpiffeId, *, lock: bool) -> AgentRecord | None:
+        query = _SELECT_AGENT + " WHERE spiffe_id = ?" + (self._dialect.for_update if lock else "")
+        row = tx.execute(query, (str(agent_id),)).fetchone()
+        return None if row is None else self._rows.agent(row)
+
+    def _fetch_entries(self, tx: Transaction, spiffe_ids: set[SpiffeId]) -> dict[SpiffeId, Entry]:
+        found: dict[SpiffeId, Entry] = {}
+        wanted = sorted(str(s) for s in spiffe_ids)
+        for start in range(0, len(wanted), IN_CHUNK):
+            chunk = wanted[start : start + IN_CHUNK]
+            rows = tx.execute(_SELECT_ENTRY + f" WHERE spiffe_id IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
+            for row in rows:
+                entry = self._rows.entry(row)
+                found[entry.spiffe_id] = entry
+        return found
+
+    def _used_keys(self, tx: Transaction, keys: Sequence[bytes]) -> set[bytes]:
+        """Which of ``keys`` (SHA-256 of a public key) a recorded certificate already carries."""
+        used: set[bytes] = set()
+        wanted = sorted({bytes(k) for k in keys})
+        for start in range(0, len(wanted), IN_CHUNK):
+            chunk = wanted[start : start + IN_CHUNK]
+            query = f"SELECT key_sha256 FROM certificates WHERE key_sha256 IN ({', '.join('?' * len(chunk))})"
+            used.update(bytes(row[0]) for row in tx.execute(query, chunk).fetchall())
+        return used
 
     # -- counters ------------------------------------------------------------------------------
 
