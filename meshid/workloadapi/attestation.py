@@ -196,9 +196,6 @@ class ProcessInfo:
         """
         if self.exe_stamp is None:
             return None
-        cached = _digests.get(self.exe_stamp)
-        if cached is not None:
-            return cached
         if self.exe_stamp[2] > max_bytes:
             log.warning(
                 "attestation: pid %d's executable %s has %d bytes, more than the %d hashed; no sha256 selector matches",
@@ -208,6 +205,9 @@ class ProcessInfo:
                 max_bytes,
             )
             return None
+        cached = _digests.get(self.exe_stamp)
+        if cached is not None:
+            return cached
         try:
             with open(f"{_PROC}/{self.pid}/exe", "rb", buffering=0) as f:
                 if _stamp(os.fstat(f.fileno())) != self.exe_stamp:
