@@ -1,12 +1,15 @@
-"""Talking to a meshid CA: first issuance with a join token, renewal, bundle, CRL, admin calls.
+"""Talking to a meshid CA: first issuance with a join token, renewal, bundle, CRL, admin calls,
+and node agents' calls.
 
 Every call pins the CA's identity (``spiffe://<td>/meshid/ca``) and trusts only the roots it
 was given, so a join token or CSR never reaches another server. Names say how a call
 authenticates: ``*_with_token`` (the anonymous bootstrap certificate and a join token),
-``*_with_svid`` (mTLS with the workload's current SVID), ``*_anonymously`` (the anonymous
-certificate; only what is public), and :class:`AdminClient` (the admin SVID). ``fetch_svid``
-(with a token, from a bundle file, across replicas) and ``renew_svid`` (with the SVID) return
-``(svid, bundle)`` for scripts; the others an :class:`Issuance`.
+``*_with_x509pop`` (the anonymous certificate and a proof by a host key), ``*_with_svid``
+(mTLS with the caller's current SVID), ``*_anonymously`` (the anonymous certificate; only what
+is public), :class:`AdminClient` (the admin SVID) and :class:`AgentClient` (a node agent's
+SVID, one channel for many calls). ``fetch_svid`` (with a token, from a bundle file, across
+replicas) and ``renew_svid`` (with the SVID) return ``(svid, bundle)`` for scripts; the others
+an :class:`Issuance`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,22 @@ from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from meshid._proto import issuer_pb2, issuer_pb2_grpc, registration_pb2, registration_pb2_grpc
+from meshid._proto import (
+    agent_pb2,
+    agent_pb2_grpc,
+    issuer_pb2,
+    issuer_pb2_grpc,
+    registration_pb2,
+    registration_pb2_grpc,
+)
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.ca.authority import generate_key
 from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.csr import build_csr
-from meshid.ca.issuing import parse_token_trust_domain
+from meshid.ca.issuing import agent_id, is_agent_id, parse_token_trust_domain
+from meshid.ca.x509pop import sign_proof
 from meshid.credentials import merge_options
 from meshid.errors import InvalidBundleError, InvalidSvidError, RemoteError, VerificationError
 from meshid.sources import FileSource
@@ -35,18 +47,31 @@ from meshid.svid import X509Svid, identity_dns_name
 
 __all__ = [
     "AdminClient",
+    "AgentClient",
+    "AgentEntry",
+    "BatchSvid",
     "Issuance",
+    "attest_agent_with_token",
+    "attest_agent_with_x509pop",
+    "batch_new_svids_with_svid",
     "fetch_svid",
     "get_bundle_anonymously",
     "get_bundle_with_svid",
     "get_crl_with_svid",
     "issue_with_token",
+    "renew_agent_with_svid",
     "renew_svid",
     "renew_with_svid",
+    "sync_entries_with_svid",
 ]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0
+#: A batch request is kept under this many bytes (the CA refuses requests over 64 KiB).
+BATCH_REQUEST_BYTES = 60 * 1024
+#: ... and under this many SVIDs (the CA's limit, meshid.ca.agents.MAX_BATCH).
+BATCH_REQUESTS = 1000
+_CODES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def ca_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
@@ -223,6 +248,236 @@ def get_crl_with_svid(
         raise VerificationError(f"CRL: the CA returned an unreadable issuer certificate: {err}") from err
 
 
+# --- node agents -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEntry:
+    """An entry parented to the calling agent, as SyncEntries gives it."""
+
+    spiffe_id: SpiffeId
+    selectors: tuple[str, ...]
+    dns_names: tuple[str, ...]
+    ttl: datetime.timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSvid:
+    """One result of a batch: the SPIFFE ID asked for, and its SVID (``code`` "OK") or the
+    status code name and message of why not (e.g. "PERMISSION_DENIED")."""
+
+    spiffe_id: str
+    issuance: Issuance | None
+    code: str
+    message: str = ""
+
+
+def _agent_issuance(what: str, response: Any, key: Any) -> Issuance:
+    issued = _issuance(response, key)
+    if not is_agent_id(issued.svid.spiffe_id):
+        raise InvalidSvidError(f"{what}: the CA answered with {issued.svid.spiffe_id}, which is not a node agent's ID")
+    return issued
+
+
+def attest_agent_with_token(
+    server: str, roots_pem: bytes, join_token: str, *, key_kind: str = "ec-p256", timeout: float = DEFAULT_TIMEOUT
+) -> Issuance:
+    """Node attestation with a join token made for an agent (``meshid token create --agent NAME``):
+    a new key, and the agent's own SVID for it.
+
+    Raises:
+        TokenError: the token is malformed. RemoteError: the CA refused (``.code``) or is unreachable.
+    """
+    td = TrustDomain.parse(parse_token_trust_domain(join_token))
+    key = generate_key(key_kind)
+    anon_key, anon_cert = anonymous_client()
+    with _channel(server, roots_pem, td, anon_key, anon_cert) as channel:
+        stub = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
+        request = agent_pb2.AttestAgentRequest(join_token=join_token, csr=build_csr(key))
+        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout))
+    return _agent_issuance("node attestation", response, key)
+
+
+def attest_agent_with_x509pop(
+    server: str,
+    roots_pem: bytes,
+    trust_domain: TrustDomain | str,
+    host_chain: Sequence[x509.Certificate],
+    host_key: Any,
+    *,
+    key_kind: str = "ec-p256",
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Issuance:
+    """Node attestation by x509pop: ask for a challenge, prove possession of ``host_key`` (the
+    key of ``host_chain[0]``, a certificate of the PKI the CA trusts for agents), and get the
+    agent's own SVID for a new key. Both calls go over one connection, so they reach the same
+    CA replica (a challenge is known only to the process that made it).
+
+    Raises:
+        RemoteError: the CA refused (``.code``) or is unreachable.
+        TypeError: ``host_key`` is not an EC, RSA or Ed25519 key.
+    """
+    td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
+    key = generate_key(key_kind)
+    csr = build_csr(key)
+    anon_key, anon_cert = anonymous_client()
+    with _channel(server, roots_pem, td, anon_key, anon_cert) as channel:
+        stub = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
+        challenge = _call(
+            "x509pop challenge",
+            server,
+            lambda: stub.GetAttestationChallenge(agent_pb2.AttestationChallengeRequest(), timeout=timeout),
+        )
+        proof = agent_pb2.X509PopProof(
+            certificate_chain=[c.public_bytes(serialization.Encoding.DER) for c in host_chain],
+            challenge_id=challenge.id,
+            signature=sign_proof(host_key, challenge.nonce, csr),
+        )
+        request = agent_pb2.AttestAgentRequest(x509pop=proof, csr=csr)
+        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout))
+    return _agent_issuance("node attestation", response, key)
+
+
+class AgentClient:
+    """A node agent's calls over one mTLS channel with its own SVID: renew it, sync the entries
+    parented to it, and obtain their SVIDs in batches.
+
+    :meth:`renew` moves the channel to the new SVID (the old channel is closed, so calls of
+    other threads still on it fail); use it from one thread, or renew between other calls.
+    """
+
+    def __init__(self, server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._server = server
+        self._bundles = bundles
+        self._timeout = timeout
+        self._connect(svid)
+
+    def _connect(self, svid: X509Svid) -> None:
+        td = svid.spiffe_id.trust_domain
+        self.svid = svid
+        self._channel = _channel(self._server, self._bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem())
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def renew(self, *, key_kind: str = "ec-p256") -> Issuance:
+        """A new SVID for the agent over a new key; later calls use it.
+
+        Raises:
+            RemoteError: the CA refused (``.code``: UNAUTHENTICATED once the agent is evicted) or is unreachable.
+        """
+        key = generate_key(key_kind)
+        request = agent_pb2.RenewAgentRequest(csr=build_csr(key))
+        response = _call("agent renew", self._server, lambda: self._stub.RenewAgent(request, timeout=self._timeout))
+        issued = _agent_issuance("agent renew", response, key)
+        old = self._channel
+        self._bundles = self._bundles.with_bundle(issued.bundle)
+        self._connect(issued.svid)
+        old.close()
+        return issued
+
+    def sync_entries(self) -> list[AgentEntry]:
+        """The entries parented to this agent, as of now."""
+        response = _call(
+            "entry sync",
+            self._server,
+            lambda: self._stub.SyncEntries(agent_pb2.SyncEntriesRequest(), timeout=self._timeout),
+        )
+        return [
+            AgentEntry(
+                SpiffeId.parse(e.spiffe_id),
+                tuple(e.selectors),
+                tuple(e.dns_names),
+                datetime.timedelta(seconds=e.ttl_seconds),
+            )
+            for e in response.entries
+        ]
+
+    def batch_new_svids(self, requests: Sequence[tuple[str, Any]]) -> list[BatchSvid]:
+        """SVIDs for ``(spiffe_id, private_key)`` pairs (one new key each), in order.
+
+        Sent in as few batches as the CA's request limit allows (one durable commit each at
+        the CA). A refusal of one SVID is its result's ``code``; a refusal of a whole batch
+        (the agent evicted, the CA's store down) raises.
+
+        Raises:
+            RemoteError: the CA refused a whole batch (``.code``) or is unreachable.
+            InvalidSvidError: the CA answered with an SVID for another ID, or an unreadable one.
+        """
+        results: list[BatchSvid] = []
+        batch = agent_pb2.BatchNewX509SvidRequest()
+        keys: list[Any] = []
+        for spiffe_id, key in requests:
+            item = agent_pb2.SvidRequest(spiffe_id=spiffe_id, csr=build_csr(key))
+            if batch.requests and (
+                len(batch.requests) >= BATCH_REQUESTS or batch.ByteSize() + item.ByteSize() + 8 > BATCH_REQUEST_BYTES
+            ):
+                results += self._send(batch, keys)
+                batch, keys = agent_pb2.BatchNewX509SvidRequest(), []
+            batch.requests.append(item)
+            keys.append(key)
+        if batch.requests:
+            results += self._send(batch, keys)
+        return results
+
+    def _send(self, batch: Any, keys: list[Any]) -> list[BatchSvid]:
+        response = _call("batch", self._server, lambda: self._stub.BatchNewX509Svid(batch, timeout=self._timeout))
+        if len(response.results) != len(keys):
+            raise InvalidSvidError(f"batch: the CA answered {len(response.results)} results for {len(keys)} requests")
+        out = []
+        for asked, result, key in zip(batch.requests, response.results, keys, strict=True):
+            if result.code != 0 or not result.HasField("svid"):
+                code = _CODES.get(result.code, "UNKNOWN") if result.code else "UNKNOWN"
+                out.append(BatchSvid(asked.spiffe_id, None, code, result.message))
+                continue
+            issued = _issuance(result.svid, key)
+            if str(issued.svid.spiffe_id) != asked.spiffe_id:
+                raise InvalidSvidError(
+                    f"batch: the CA answered an SVID for {issued.svid.spiffe_id} to a request for {asked.spiffe_id}"
+                )
+            out.append(BatchSvid(asked.spiffe_id, issued, "OK"))
+        return out
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def renew_agent_with_svid(
+    server: str, svid: X509Svid, bundles: BundleSet, *, key_kind: str = "ec-p256", timeout: float = DEFAULT_TIMEOUT
+) -> Issuance:
+    """A node agent's renewal over mTLS with its SVID (see :meth:`AgentClient.renew`)."""
+    with AgentClient(server, svid, bundles, timeout=timeout) as client:
+        return client.renew(key_kind=key_kind)
+
+
+def sync_entries_with_svid(
+    server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT
+) -> list[AgentEntry]:
+    """The entries parented to the agent whose SVID this is (see :meth:`AgentClient.sync_entries`)."""
+    with AgentClient(server, svid, bundles, timeout=timeout) as client:
+        return client.sync_entries()
+
+
+def batch_new_svids_with_svid(
+    server: str,
+    svid: X509Svid,
+    bundles: BundleSet,
+    requests: Sequence[tuple[str, Any]],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[BatchSvid]:
+    """SVIDs for entries parented to the agent (see :meth:`AgentClient.batch_new_svids`)."""
+    with AgentClient(server, svid, bundles, timeout=timeout) as client:
+        return client.batch_new_svids(requests)
+
+
+# --- admins --------------------------------------------------------------------------------
+
+
 class AdminClient:
     """Admin calls with the admin SVID that ``meshid ca init`` left in ``DIR/admin``."""
 
@@ -231,6 +486,7 @@ class AdminClient:
         source = FileSource(folder / "svid.pem", folder / "svid.key", folder / "bundle.pem")
         svid = source.get_svid()
         td = svid.spiffe_id.trust_domain
+        self.trust_domain = td
         self._server = server
         self._timeout = timeout
         self._channel = _channel(server, source.get_bundles()[td].to_pem(), td, svid.key_pem(), svid.chain_pem())
@@ -240,10 +496,21 @@ class AdminClient:
         return _call(what, self._server, lambda: getattr(self._stub, method)(request, timeout=self._timeout))
 
     def create_entry(
-        self, spiffe_id: str, dns_names: list[str] | None = None, ttl: datetime.timedelta | None = None
+        self,
+        spiffe_id: str,
+        dns_names: list[str] | None = None,
+        ttl: datetime.timedelta | None = None,
+        *,
+        parent_id: str = "",
+        selectors: Sequence[str] = (),
     ) -> Any:
+        """Register ``spiffe_id``; with ``parent_id`` (a node agent's ID) and ``selectors``, for that agent only."""
         request = registration_pb2.CreateEntryRequest(
-            spiffe_id=spiffe_id, dns_names=dns_names or [], ttl_seconds=int(ttl.total_seconds()) if ttl else 0
+            spiffe_id=spiffe_id,
+            dns_names=dns_names or [],
+            ttl_seconds=int(ttl.total_seconds()) if ttl else 0,
+            parent_id=parent_id,
+            selectors=list(selectors),
         )
         return self._do("entry create", "CreateEntry", request)
 
@@ -258,6 +525,23 @@ class AdminClient:
             spiffe_id=spiffe_id, ttl_seconds=int(ttl.total_seconds()) if ttl else 0
         )
         return self._do("token create", "CreateJoinToken", request)
+
+    def create_agent_token(self, name: str, ttl: datetime.timedelta | None = None) -> Any:
+        """A join token for node agent ``name`` (``spiffe://<td>/meshid/agent/<name>``) to attest with.
+
+        Raises:
+            InvalidSpiffeIdError: ``name`` is not one SPIFFE ID path segment.
+        """
+        return self.create_token(str(agent_id(self.trust_domain, name)), ttl)
+
+    def list_agents(self) -> list[Any]:
+        """The node agents the CA knows (``AgentInfo`` messages), evicted ones too."""
+        return list(self._do("agent list", "ListAgents", registration_pb2.ListAgentsRequest()).agents)
+
+    def evict_agent(self, spiffe_id: str) -> list[str]:
+        """Evict a node agent; returns the serials (hex) of its SVIDs revoked now."""
+        request = registration_pb2.EvictAgentRequest(spiffe_id=spiffe_id)
+        return list(self._do("agent evict", "EvictAgent", request).serials)
 
     def revoke(self, *, serial: str = "", spiffe_id: str = "") -> list[str]:
         request = (

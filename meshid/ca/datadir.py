@@ -2,7 +2,9 @@
 
 ::
 
-    DIR/config.json      trust domain, maximum SVID TTL, datastore, DNS suffixes (upstream mode)
+    DIR/config.json      trust domain, maximum SVID TTL, datastore, DNS suffixes (upstream mode),
+                         the x509pop agent ID template (when node agents may attest by x509pop)
+    DIR/agent-ca.pem     the roots of the PKI whose host certificates attest node agents (x509pop)
     DIR/ca.key           the CA's private key (0600)
     DIR/ca.pem           the CA's certificate, then any intermediates above it
     DIR/bundle.pem       the roots peers trust (the CA itself, or the upstream root)
@@ -33,10 +35,11 @@ from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority, check_dns_suffixes, generate_key
 from meshid.ca.issuing import IssuingService, admin_id, ca_id
 from meshid.ca.store import Entry, Store, open_store
+from meshid.ca.x509pop import X509Pop
 from meshid.errors import DataDirError
 from meshid.spiffeid import TrustDomain
 
-__all__ = ["CaConfig", "init_data_dir", "load_authority", "open_service"]
+__all__ = ["CaConfig", "init_data_dir", "load_authority", "load_x509pop", "open_service"]
 
 #: The CA's own SVIDs (its server's and the admin's) live this long and are refreshed by `ca serve`.
 INTERNAL_TTL = datetime.timedelta(hours=24)
@@ -52,6 +55,9 @@ class CaConfig:
     #: the trust domain's identity names (``ca init --dns-suffix``); every rotation reuses them
     #: (to change them, edit the list in config.json, then rotate).
     dns_suffixes: tuple[str, ...] = ()
+    #: With x509pop node attestation (``ca init --agent-ca``): the template that names an agent
+    #: after its host certificate; the PKI's roots are DIR/agent-ca.pem. None: join tokens only.
+    agent_id_template: str | None = None
 
 
 def _store(folder: str | os.PathLike[str], config: CaConfig) -> Store:
@@ -67,6 +73,7 @@ def _paths(folder: str | os.PathLike[str]) -> dict[str, pathlib.Path]:
         "bundle": root / "bundle.pem",
         "db": root / "meshid.db",
         "admin": root / "admin",
+        "agent_ca": root / "agent-ca.pem",
     }
 
 
@@ -103,8 +110,15 @@ def init_data_dir(
     upstream_key: str | None = None,
     datastore: str | None = None,
     dns_suffixes: Sequence[str] = (),
+    agent_ca: str | None = None,
+    agent_id_template: str | None = None,
 ) -> CaConfig:
     """Create a CA: key, certificate, bundle, database, and the admin SVID.
+
+    With ``agent_ca`` (a PEM bundle of the roots of a PKI that issues host certificates), node
+    agents may attest by x509pop; ``agent_id_template`` (default ``{cn}``, see
+    :mod:`meshid.ca.x509pop`) names each agent after its host certificate. The bundle is copied
+    to DIR/agent-ca.pem. It may not hold this CA's own roots.
 
     With ``datastore="postgresql://..."`` this CA is one replica of several sharing that
     database. Each replica is then an intermediate CA of its own under one upstream root kept
@@ -121,7 +135,8 @@ def init_data_dir(
 
     Raises:
         DataDirError: the folder already holds a CA, the upstream files are unusable, a DNS
-            suffix is malformed or given without an upstream CA.
+            suffix is malformed or given without an upstream CA, the agent-CA bundle or the
+            template is unusable, or a template is given without a bundle.
         InvalidSpiffeIdError: the trust domain is malformed.
     """
     td = TrustDomain.parse(trust_domain)
@@ -148,23 +163,36 @@ def init_data_dir(
         suffixes = check_dns_suffixes(dns_suffixes)
     except ValueError as err:
         raise DataDirError(f"CA init: {err}") from err
+    if agent_id_template is not None and agent_ca is None:
+        raise DataDirError("CA init: --agent-id-template names agents that attest by x509pop; give --agent-ca too")
     if upstream_cert is not None and upstream_key is not None:
         certs, key = _read_upstream(upstream_cert, upstream_key)
         authority = _from_upstream("CA init", td, certs, key, suffixes)
     else:
         authority = Authority.create_root(td, key=generate_key())
+    agent_roots = None
+    if agent_ca is not None:
+        agent_id_template = agent_id_template or "{cn}"
+        try:
+            pem = pathlib.Path(agent_ca).read_bytes()
+        except OSError as err:
+            raise DataDirError(f"CA init: cannot read the agent CA bundle {agent_ca!r}: {err.strerror}") from err
+        agent_roots = _x509pop("CA init", pem, agent_id_template, authority)
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
     ca_chain = (authority.certificate, *authority.chain[1:]) if authority.chain else (authority.certificate,)
     write_atomic(paths["key"], _x509.key_pem(authority.private_key), mode=0o600)
     write_atomic(paths["cert"], b"".join(_x509.cert_pem(c) for c in ca_chain))
     write_atomic(paths["bundle"], TrustBundle(td, authority.roots).to_pem())
-    config = CaConfig(td, max_ttl, datastore, suffixes)
+    if agent_roots is not None:
+        write_atomic(paths["agent_ca"], b"".join(_x509.cert_pem(c) for c in agent_roots.roots))
+    config = CaConfig(td, max_ttl, datastore, suffixes, agent_id_template)
     document = {
         "version": 1,
         "trust_domain": td.name,
         "max_ttl_seconds": int(max_ttl.total_seconds()),
         "datastore": datastore,
         "dns_suffixes": list(suffixes),
+        "agent_id_template": agent_id_template,
     }
     write_atomic(paths["config"], json.dumps(document).encode(), mode=0o600)  # a DSN may hold a password
     store = _store(folder, config)
@@ -204,6 +232,34 @@ def _from_upstream(
         return Authority.from_upstream(td, certs[0], key, upstream_chain=certs[1:], dns_suffixes=suffixes)  # type: ignore[arg-type]
     except ValueError as err:
         raise DataDirError(f"{what}: {err}") from err
+
+
+def _x509pop(what: str, pem: bytes, template: str, authority: Authority) -> X509Pop:
+    try:
+        return X509Pop.load(pem, template, refuse=(*authority.roots, *authority.chain, authority.certificate))
+    except ValueError as err:
+        raise DataDirError(f"{what}: {err}") from err
+
+
+def load_x509pop(folder: str | os.PathLike[str], authority: Authority) -> X509Pop | None:
+    """What the CA trusts for x509pop node attestation, or None when only join tokens attest agents.
+
+    To enable it on an existing CA: copy the PKI's roots to DIR/agent-ca.pem, set
+    ``agent_id_template`` in config.json (e.g. ``"{cn}"``), and restart ``ca serve``.
+
+    Raises:
+        DataDirError: config.json names a template but DIR/agent-ca.pem is missing or unusable,
+            or holds this CA's own roots.
+    """
+    config = _read_config(folder)
+    if config.agent_id_template is None:
+        return None
+    path = _paths(folder)["agent_ca"]
+    try:
+        pem = path.read_bytes()
+    except OSError as err:
+        raise DataDirError(f"CA: {path} cannot be read ({err.strerror}); config.json enables x509pop") from err
+    return _x509pop("CA", pem, config.agent_id_template, authority)
 
 
 def refresh_admin_svid(service: IssuingService, folder: pathlib.Path) -> None:
@@ -311,11 +367,15 @@ def _read_config(folder: str | os.PathLike[str]) -> CaConfig:
         suffixes = raw.get("dns_suffixes") or []  # absent in a folder made before --dns-suffix
         if not isinstance(suffixes, list):
             raise TypeError(f"dns_suffixes must be a list, not {type(suffixes).__name__}")
+        template = raw.get("agent_id_template")  # absent in a folder made before node agents
+        if template is not None and not isinstance(template, str):
+            raise TypeError(f"agent_id_template must be a string, not {type(template).__name__}")
         return CaConfig(
             TrustDomain.parse(raw["trust_domain"]),
             datetime.timedelta(seconds=int(raw["max_ttl_seconds"])),
             str(datastore) if datastore else None,
             check_dns_suffixes(suffixes),
+            template or None,
         )
     except FileNotFoundError as err:
         raise DataDirError(f"CA: {path} is missing; run `meshid ca init --data-dir {os.fspath(folder)}` first") from err

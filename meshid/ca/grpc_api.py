@@ -1,6 +1,6 @@
-"""The CA's gRPC API: the Issuer and Registration servicers, thin adapters from protobuf to
-:class:`~meshid.ca.issuing.IssuingService` (the issuing logic; :mod:`meshid.ca.server` runs it
-all as a process).
+"""The CA's gRPC API: the Issuer, Registration and Agent servicers, thin adapters from protobuf
+to :class:`~meshid.ca.issuing.IssuingService` and :class:`~meshid.ca.agents.AgentService` (the
+issuing logic; :mod:`meshid.ca.server` runs it all as a process).
 
 Every refusal is an :class:`IssuanceError`, and a store that cannot be used a :class:`StoreError`;
 :func:`status_for` is the one place that maps them to gRPC status codes. Anything else is a
@@ -18,13 +18,22 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from meshid import metrics
-from meshid._proto import issuer_pb2, issuer_pb2_grpc, registration_pb2, registration_pb2_grpc
+from meshid._proto import (
+    agent_pb2,
+    agent_pb2_grpc,
+    issuer_pb2,
+    issuer_pb2_grpc,
+    registration_pb2,
+    registration_pb2_grpc,
+)
 from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
+from meshid.ca.agents import AgentService
 from meshid.ca.issuing import Issued, IssuingService
-from meshid.ca.store import Entry
+from meshid.ca.store import AgentRecord, Entry
 from meshid.errors import (
     AlreadyExistsError,
+    AttestationError,
     InvalidRequestError,
     IssuanceError,
     NotAuthorizedError,
@@ -34,14 +43,16 @@ from meshid.errors import (
     TokenError,
 )
 from meshid.peer import peer_identity
+from meshid.spiffeid import SpiffeId
 
-__all__ = ["IssuerServicer", "RegistrationServicer", "status_for"]
+__all__ = ["AgentServicer", "IssuerServicer", "RegistrationServicer", "status_for"]
 
 log = logging.getLogger("meshid.ca")
 
 _STATUS: tuple[tuple[type[IssuanceError | StoreError], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (TokenError, grpc.StatusCode.UNAUTHENTICATED),
+    (AttestationError, grpc.StatusCode.UNAUTHENTICATED),
     (NotAuthorizedError, grpc.StatusCode.PERMISSION_DENIED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
@@ -95,7 +106,30 @@ def _entry_message(entry: Entry) -> registration_pb2.Entry:
         dns_names=list(entry.dns_names),
         ttl_seconds=int(entry.ttl.total_seconds()),
         created_at=int(entry.created_at.timestamp()),
+        parent_id="" if entry.parent_id is None else str(entry.parent_id),
+        selectors=list(entry.selectors),
     )
+
+
+def _agent_message(agent: AgentRecord) -> registration_pb2.AgentInfo:
+    return registration_pb2.AgentInfo(
+        spiffe_id=str(agent.spiffe_id),
+        attestation=agent.attestation,
+        attested_by=agent.attested_by,
+        last_seen=int(agent.last_seen.timestamp()),
+        expires_at=int(agent.expires_at.timestamp()),
+        evicted=agent.evicted,
+    )
+
+
+def _caller(context: grpc.ServicerContext, what: str) -> tuple[SpiffeId, int | None, bytes | None]:
+    """The verified caller of an mTLS call: its SPIFFE ID, its SVID's serial and public key."""
+    peer = peer_identity(context)
+    if peer.spiffe_id is None:  # the policy admits only SPIFFE peers here; belt and braces
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{what}: an X509-SVID is required")
+    assert peer.spiffe_id is not None
+    key = public_key_der(peer.certificate.public_key()) if peer.certificate is not None else None
+    return peer.spiffe_id, peer.serial, key
 
 
 class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
@@ -109,14 +143,9 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
         return _svid_response(issued)
 
     def Renew(self, request: Any, context: grpc.ServicerContext) -> Any:
-        caller = peer_identity(context).spiffe_id
-        if caller is None:  # the policy admits only SPIFFE peers here; belt and braces
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "renewal: an X509-SVID is required")
-        assert caller is not None
-        peer = peer_identity(context)
-        key = public_key_der(peer.certificate.public_key()) if peer.certificate is not None else None
+        caller, serial, key = _caller(context, "renewal")
         issued = _run(
-            context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id, peer.serial, key)
+            context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id, serial, key)
         )
         metrics.CA_ISSUANCES.labels("renewal").inc()
         log.info("CA: renewed %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
@@ -133,8 +162,9 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
 
 
 class RegistrationServicer(registration_pb2_grpc.RegistrationServicer):
-    def __init__(self, service: IssuingService) -> None:
+    def __init__(self, service: IssuingService, agents: AgentService) -> None:
         self._service = service
+        self._agents = agents
 
     @staticmethod
     def _admin(context: grpc.ServicerContext) -> str:
@@ -150,10 +180,16 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServicer):
             context,
             "entry creation",
             lambda: self._service.create_entry(
-                admin, request.spiffe_id, list(request.dns_names), self._ttl(request.ttl_seconds)
+                admin,
+                request.spiffe_id,
+                list(request.dns_names),
+                self._ttl(request.ttl_seconds),
+                parent_id=request.parent_id,
+                selectors=list(request.selectors),
             ),
         )
-        log.info("CA: %s registered %s", admin, entry.spiffe_id)
+        parent = f" under node agent {entry.parent_id}" if entry.parent_id is not None else ""
+        log.info("CA: %s registered %s%s", admin, entry.spiffe_id, parent)
         return _entry_message(entry)
 
     def ListEntries(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -187,3 +223,93 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServicer):
         )
         log.info("CA: %s revoked %d SVID(s)", self._admin(context), len(revoked))
         return registration_pb2.RevokeSvidsResponse(serials=[format(s, "x") for s in revoked])
+
+    def ListAgents(self, request: Any, context: grpc.ServicerContext) -> Any:
+        agents = _run(context, "agent listing", self._agents.list_agents)
+        return registration_pb2.ListAgentsResponse(agents=[_agent_message(a) for a in agents])
+
+    def EvictAgent(self, request: Any, context: grpc.ServicerContext) -> Any:
+        revoked = _run(context, "agent eviction", lambda: self._agents.evict(request.spiffe_id))
+        log.info(
+            "CA: %s evicted node agent %s (%d SVID(s) revoked)", self._admin(context), request.spiffe_id, len(revoked)
+        )
+        return registration_pb2.EvictAgentResponse(serials=[format(s, "x") for s in revoked])
+
+
+class AgentServicer(agent_pb2_grpc.AgentServicer):
+    """Node agents: attestation (open to unverified callers), then mTLS with the agent's SVID."""
+
+    def __init__(self, agents: AgentService) -> None:
+        self._agents = agents
+
+    def GetAttestationChallenge(self, request: Any, context: grpc.ServicerContext) -> Any:
+        challenge = _run(context, "attestation challenge", self._agents.challenge)
+        return agent_pb2.AttestationChallenge(
+            id=challenge.id, nonce=challenge.nonce, expires_at=challenge.expires_at.timestamp()
+        )
+
+    def AttestAgent(self, request: Any, context: grpc.ServicerContext) -> Any:
+        method = request.WhichOneof("method")
+        if method == "join_token":
+            issued, record = _run(
+                context, "node attestation", lambda: self._agents.attest_with_token(request.join_token, request.csr)
+            )
+        elif method == "x509pop":
+            proof = request.x509pop
+            issued, record = _run(
+                context,
+                "node attestation",
+                lambda: self._agents.attest_with_x509pop(
+                    list(proof.certificate_chain), proof.challenge_id, proof.signature, request.csr
+                ),
+            )
+        else:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node attestation: give a join_token or an x509pop proof")
+        metrics.CA_ISSUANCES.labels("agent").inc()
+        by = f" ({record.attested_by})" if record.attested_by else ""
+        log.info(
+            "CA: node agent %s attested by %s%s (serial %x)",
+            record.spiffe_id, record.attestation, by, issued.chain[0].serial_number,
+        )  # fmt: skip
+        return _svid_response(issued)
+
+    def RenewAgent(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller, serial, key = _caller(context, "agent renewal")
+        issued = _run(context, "agent renewal", lambda: self._agents.renew(caller, request.csr, serial, key))
+        metrics.CA_ISSUANCES.labels("agent").inc()
+        log.info("CA: renewed node agent %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
+        return _svid_response(issued)
+
+    def SyncEntries(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller, _, _ = _caller(context, "entry sync")
+        entries = _run(context, "entry sync", lambda: self._agents.sync_entries(caller))
+        return agent_pb2.SyncEntriesResponse(
+            entries=[
+                agent_pb2.AgentEntry(
+                    spiffe_id=str(e.spiffe_id),
+                    selectors=list(e.selectors),
+                    dns_names=list(e.dns_names),
+                    ttl_seconds=int(e.ttl.total_seconds()),
+                )
+                for e in entries
+            ]
+        )
+
+    def BatchNewX509Svid(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller, serial, key = _caller(context, "batch")
+        asked = [(r.spiffe_id, r.csr) for r in request.requests]
+        results = _run(context, "batch", lambda: self._agents.batch_new_svids(caller, asked, serial, key))
+        messages = []
+        for result in results:
+            if result.issued is not None:
+                messages.append(agent_pb2.SvidResult(spiffe_id=result.spiffe_id, svid=_svid_response(result.issued)))
+            else:
+                assert result.error is not None
+                code = status_for(result.error)
+                messages.append(
+                    agent_pb2.SvidResult(spiffe_id=result.spiffe_id, code=code.value[0], message=str(result.error))
+                )
+        issued = sum(1 for r in results if r.issued is not None)
+        metrics.CA_ISSUANCES.labels("batch").inc(issued)
+        log.info("CA: node agent %s got %d of %d SVID(s) asked for in a batch", caller, issued, len(results))
+        return agent_pb2.BatchNewX509SvidResponse(results=messages)

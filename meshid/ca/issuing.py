@@ -7,7 +7,10 @@ Rules enforced here:
 * A CSR's signature must verify over an allowed key; what it asks for is ignored in favour of
   the entry, except that a renewal that explicitly asks for another SPIFFE ID is refused.
 * Join tokens are 256-bit secrets, single use, expiring, stored only as SHA-256 hashes.
-* IDs under ``/meshid/`` (the CA's own and the admin's) cannot be registered or given tokens.
+* IDs under ``/meshid/`` (the CA's own, the admin's, node agents') cannot be registered; of
+  them only node agents' IDs get tokens, for node attestation (:mod:`meshid.ca.agents`).
+* An entry with a parent (a node agent's ID) has at least one selector, and its SVIDs go only
+  to that agent: no join token is made for it, and its SVIDs are not renewed by their holders.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
-from meshid.ca.store import Entry, Store
+from meshid.ca.selectors import parse_selectors
+from meshid.ca.store import Entry, Signer, Store
 from meshid.errors import (
     InvalidRequestError,
     InvalidSpiffeIdError,
@@ -39,16 +43,29 @@ from meshid.errors import (
     StoreError,
     TokenError,
 )
-from meshid.spiffeid import SpiffeId
+from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import IDENTITY_DNS_ZONE
 
-__all__ = ["DEFAULT_TOKEN_TTL", "DEFAULT_TTL", "Issued", "IssuingService", "admin_id", "ca_id", "token_hash"]
+__all__ = [
+    "AGENT_PREFIX",
+    "DEFAULT_TOKEN_TTL",
+    "DEFAULT_TTL",
+    "Issued",
+    "IssuingService",
+    "admin_id",
+    "agent_id",
+    "ca_id",
+    "is_agent_id",
+    "token_hash",
+]
 
 DEFAULT_TTL = datetime.timedelta(hours=1)
 DEFAULT_TOKEN_TTL = datetime.timedelta(minutes=10)
 MAX_TOKEN_TTL = datetime.timedelta(days=7)
 MAX_DNS_NAMES = 32
 RESERVED_PREFIX = "/meshid/"
+#: Node agents' IDs: ``spiffe://<td>/meshid/agent/<name>``, one path segment for the name.
+AGENT_PREFIX = "/meshid/agent/"
 _DNS = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -60,6 +77,21 @@ def ca_id(authority: Authority) -> SpiffeId:
 def admin_id(authority: Authority) -> SpiffeId:
     """The SPIFFE ID of the admin SVID ``meshid ca init`` writes for the CLI."""
     return SpiffeId.from_parts(authority.trust_domain, "meshid", "admin")
+
+
+def agent_id(trust_domain: TrustDomain | str, name: str) -> SpiffeId:
+    """The SPIFFE ID of node agent ``name`` (one path segment).
+
+    Raises:
+        InvalidSpiffeIdError: ``name`` is not one SPIFFE ID path segment.
+    """
+    return SpiffeId.from_parts(trust_domain, "meshid", "agent", name)
+
+
+def is_agent_id(spiffe_id: SpiffeId) -> bool:
+    """Whether ``spiffe_id`` names a node agent (``/meshid/agent/<name>``, any trust domain)."""
+    name = spiffe_id.path.removeprefix(AGENT_PREFIX)
+    return spiffe_id.path.startswith(AGENT_PREFIX) and bool(name) and "/" not in name
 
 
 def token_hash(token: str) -> bytes:
@@ -127,11 +159,16 @@ class IssuingService:
             self.authority = authority
             self._crl = None
 
+    def now(self) -> datetime.datetime:
+        """The time on the CA's clock."""
+        return self._clock()
+
     # --- workloads -------------------------------------------------------------------------
 
-    def _sign(
-        self, public_key: object, now: datetime.datetime, *, capped: bool = True
-    ) -> Callable[[Entry], tuple[int, datetime.datetime, object]]:
+    def signer(self, public_key: object, now: datetime.datetime, *, capped: bool = True) -> Signer:
+        """Signs an entry's SVID over ``public_key`` at ``now`` (its TTL capped by the CA's
+        maximum unless ``capped`` is False); the result the store passes on is the chain."""
+
         def sign(entry: Entry) -> tuple[int, datetime.datetime, object]:
             ttl = min(entry.ttl, self.max_ttl) if capped else entry.ttl
             chain = self.authority.sign_svid(entry.spiffe_id, public_key, ttl=ttl, dns_names=entry.dns_names, now=now)  # type: ignore[arg-type]
@@ -150,7 +187,7 @@ class IssuingService:
             raise TokenError("join token: missing or malformed")
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
         now = self._clock()
-        entry, chain = self.store.issue_with_token(token_hash(token), now, self._sign(csr.public_key, now))
+        entry, chain = self.store.issue_with_token(token_hash(token), now, self.signer(csr.public_key, now))
         return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
 
     def renew(
@@ -171,9 +208,12 @@ class IssuingService:
 
         Raises:
             InvalidRequestError: a bad CSR.
-            NotAuthorizedError: asks for another SPIFFE ID, the caller has no entry any more, or
-                its SVID was revoked.
+            NotAuthorizedError: asks for another SPIFFE ID, the caller has no entry any more, its
+                entry is served by a node agent (only that agent obtains its SVIDs), the caller
+                is a node agent (it renews with ``Agent/RenewAgent``), or its SVID was revoked.
         """
+        if is_agent_id(caller):
+            raise NotAuthorizedError(f"renewal: {caller} is a node agent; it renews with meshid.v1.Agent/RenewAgent")
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
         if caller_key is not None and public_key_der(csr.public_key) == caller_key:
             raise InvalidRequestError(
@@ -187,7 +227,7 @@ class IssuingService:
         if self.is_revoked(caller_serial):
             raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} is revoked")
         now = self._clock()
-        entry, chain = self.store.record_issuance(caller, now, self._sign(csr.public_key, now))
+        entry, chain = self.store.record_issuance(caller, now, self.signer(csr.public_key, now))
         new_serial = chain[0].serial_number  # type: ignore[index]
         if self.is_revoked(caller_serial):  # revoked while we signed: the new one goes too
             self.store.revoke_serial(new_serial, self._clock())
@@ -198,7 +238,7 @@ class IssuingService:
     def issue_internal(self, spiffe_id: SpiffeId, public_key: object) -> tuple[x509.Certificate, ...]:
         """Sign for one of the CA's own entries (its server, the admin) and record it."""
         now = self._clock()
-        _, chain = self.store.record_issuance(spiffe_id, now, self._sign(public_key, now, capped=False))
+        _, chain = self.store.record_issuance(spiffe_id, now, self.signer(public_key, now, capped=False))
         return chain  # type: ignore[return-value]
 
     def bundle(self) -> TrustBundle:
@@ -251,33 +291,81 @@ class IssuingService:
             raise NotAuthorizedError(f"{what}: {sid} is reserved for the CA itself")
         return sid
 
+    def agent(self, text: str, what: str) -> SpiffeId:
+        """A node agent's ID of this trust domain, from ``text``.
+
+        Raises:
+            InvalidRequestError: not a SPIFFE ID, of another trust domain, or not a node agent's.
+        """
+        try:
+            sid = SpiffeId.parse(text)
+        except (InvalidSpiffeIdError, TypeError) as err:
+            raise InvalidRequestError(f"{what}: {err}") from err
+        if not sid.is_member_of(self.authority.trust_domain) or not is_agent_id(sid):
+            raise InvalidRequestError(
+                f"{what}: {sid} is not a node agent of this CA; a node agent's ID is "
+                f"spiffe://{self.authority.trust_domain}{AGENT_PREFIX}<name>"
+            )
+        return sid
+
     def create_entry(
-        self, admin: str, spiffe_id: str, dns_names: Sequence[str] = (), ttl: datetime.timedelta | None = None
+        self,
+        admin: str,
+        spiffe_id: str,
+        dns_names: Sequence[str] = (),
+        ttl: datetime.timedelta | None = None,
+        *,
+        parent_id: str = "",
+        selectors: Sequence[str] = (),
     ) -> Entry:
-        """Register a SPIFFE ID. The TTL defaults to 1 hour and is capped by the CA's maximum."""
+        """Register a SPIFFE ID. The TTL defaults to 1 hour and is capped by the CA's maximum.
+
+        With ``parent_id`` (a node agent of this trust domain, which need not have attested
+        yet) the entry is served only by that agent, to local processes matching every one of
+        ``selectors`` (at least one; see :mod:`meshid.ca.selectors`).
+
+        Raises:
+            InvalidRequestError: a malformed ID, DNS name, parent or selector; selectors
+                without a parent, or a parent without selectors.
+            NotAuthorizedError: the ID is reserved for the CA.
+        """
         sid = self._own(spiffe_id, "registration entry")
         if len(dns_names) > MAX_DNS_NAMES:
             raise InvalidRequestError(f"registration entry: at most {MAX_DNS_NAMES} DNS names")
-        names = []
-        for name in dns_names:
-            lowered = name.lower()
-            if not _DNS.fullmatch(lowered):
-                raise InvalidRequestError(f"registration entry: DNS name {name[:100]!r} is not a valid host name")
-            if lowered == IDENTITY_DNS_ZONE or lowered.endswith("." + IDENTITY_DNS_ZONE):
-                raise InvalidRequestError(f"registration entry: DNS names under {IDENTITY_DNS_ZONE} are reserved")
-            if not self.authority.permits_dns_name(lowered):  # its SVIDs would verify nowhere
-                permitted = ", ".join(self.authority.dns_suffixes or ()) or "none"
-                raise InvalidRequestError(
-                    f"registration entry: DNS name {lowered!r} is outside the DNS suffixes this CA's certificate "
-                    f"permits ({permitted}); list its suffix with `meshid ca init --dns-suffix` (an existing CA: "
-                    "add it to dns_suffixes in config.json, then rotate the CA)"
-                )
-            names.append(lowered)
+        names = [self._dns_name(name) for name in dns_names]
+        parent = self.agent(parent_id, "registration entry: parent_id") if parent_id else None
+        chosen = tuple(str(s) for s in parse_selectors(selectors))
+        if chosen and parent is None:
+            raise InvalidRequestError(
+                "registration entry: selectors need a parent_id (the node agent that matches them); "
+                "an entry without a parent is obtained with a join token"
+            )
+        if parent is not None and not chosen:
+            raise InvalidRequestError(
+                "registration entry: an entry with a parent_id needs at least one selector, or every process on "
+                f"{parent}'s node would match it"
+            )
         ttl = DEFAULT_TTL if ttl is None or ttl <= datetime.timedelta(0) else ttl
         self._limits.take(admin, "registration entries")
-        entry = Entry(sid, tuple(dict.fromkeys(names)), min(ttl, self.max_ttl), self._clock().replace(microsecond=0))
+        created = self._clock().replace(microsecond=0)
+        entry = Entry(sid, tuple(dict.fromkeys(names)), min(ttl, self.max_ttl), created, parent, chosen)
         self.store.create_entry(entry)
         return entry
+
+    def _dns_name(self, name: str) -> str:
+        lowered = name.lower()
+        if not _DNS.fullmatch(lowered):
+            raise InvalidRequestError(f"registration entry: DNS name {name[:100]!r} is not a valid host name")
+        if lowered == IDENTITY_DNS_ZONE or lowered.endswith("." + IDENTITY_DNS_ZONE):
+            raise InvalidRequestError(f"registration entry: DNS names under {IDENTITY_DNS_ZONE} are reserved")
+        if not self.authority.permits_dns_name(lowered):  # its SVIDs would verify nowhere
+            permitted = ", ".join(self.authority.dns_suffixes or ()) or "none"
+            raise InvalidRequestError(
+                f"registration entry: DNS name {lowered!r} is outside the DNS suffixes this CA's certificate "
+                f"permits ({permitted}); list its suffix with `meshid ca init --dns-suffix` (an existing CA: "
+                "add it to dns_suffixes in config.json, then rotate the CA)"
+            )
+        return lowered
 
     def delete_entry(self, spiffe_id: str) -> None:
         sid = self._own(spiffe_id, "registration entry")
@@ -290,13 +378,37 @@ class IssuingService:
     def create_token(
         self, admin: str, spiffe_id: str, ttl: datetime.timedelta | None = None
     ) -> tuple[str, datetime.datetime]:
-        """A one-time join token for an entry: ``<trust domain>:<secret>``. Only its hash is stored."""
-        sid = self._own(spiffe_id, "join token")
+        """A one-time join token: ``<trust domain>:<secret>``. Only its hash is stored.
+
+        For an entry without a parent, a workload's first issuance; for a node agent's ID
+        (``/meshid/agent/<name>``, no entry needed), that agent's node attestation.
+
+        Raises:
+            InvalidRequestError: a malformed ID.
+            NotAuthorizedError: another ID reserved for the CA, or an entry with a parent.
+            NotFoundError: no entry for the ID.
+        """
+        try:
+            asked = SpiffeId.parse(spiffe_id)
+        except (InvalidSpiffeIdError, TypeError) as err:
+            raise InvalidRequestError(f"join token: {err}") from err
+        agent = asked.is_member_of(self.authority.trust_domain) and is_agent_id(asked)
+        sid = asked if agent else self._own(spiffe_id, "join token")
+        if not agent:
+            entry = self.store.get_entry(sid)
+            if entry is not None and entry.parent_id is not None:
+                raise NotAuthorizedError(
+                    f"join token: {sid} is served by node agent {entry.parent_id}; its SVIDs go only to that agent, "
+                    "never for a join token"
+                )
         ttl = DEFAULT_TOKEN_TTL if ttl is None or ttl <= datetime.timedelta(0) else min(ttl, MAX_TOKEN_TTL)
         self._limits.take(admin, "join tokens")
         token = f"{self.authority.trust_domain.name}:{secrets.token_urlsafe(32)}"
         expires_at = self._clock().replace(microsecond=0) + ttl
-        self.store.add_token(token_hash(token), sid, expires_at)
+        if agent:
+            self.store.add_agent_token(token_hash(token), sid, expires_at)
+        else:
+            self.store.add_token(token_hash(token), sid, expires_at)
         return token, expires_at
 
     def revoke(self, *, serial: str = "", spiffe_id: str = "") -> list[int]:
@@ -318,10 +430,14 @@ class IssuingService:
             revoked = self.store.revoke_spiffe_id(sid, now)
         else:
             raise InvalidRequestError("revocation: give a serial or a SPIFFE ID")
-        self._revoked.update(revoked)
-        with self._crl_lock:
-            self._crl = None  # the next CRL lists them
+        self.note_revoked(revoked)
         return revoked
+
+    def note_revoked(self, serials: Sequence[int]) -> None:
+        """Serials this process has just revoked in the store: refused at once, listed by the next CRL."""
+        self._revoked.update(serials)
+        with self._crl_lock:
+            self._crl = None
 
 
 def parse_token_trust_domain(token: str) -> str:

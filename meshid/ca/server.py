@@ -2,7 +2,8 @@
 
 The CA presents an SVID for ``spiffe://<td>/meshid/ca`` (issued by itself, refreshed while it
 runs) and guards every call with meshid's own interceptor and this policy: the admin SVID may
-call Registration; workloads of the trust domain may call Issuer. First issuance, the bundle
+call Registration; workloads of the trust domain may call Issuer; node agents
+(``spiffe://<td>/meshid/agent/*``) may call Agent. First issuance, node attestation, the bundle
 and the CRL are open to callers without an SVID (see :mod:`meshid.ca.bootstrap` for how one
 port serves both).
 """
@@ -23,14 +24,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshid._proto import issuer_pb2_grpc, registration_pb2_grpc
+from meshid._proto import agent_pb2_grpc, issuer_pb2_grpc, registration_pb2_grpc
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet
+from meshid.ca.agents import AgentService
 from meshid.ca.authority import generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
-from meshid.ca.datadir import load_authority, open_service, refresh_admin_svid, retire_due_roots
-from meshid.ca.grpc_api import IssuerServicer, RegistrationServicer
-from meshid.ca.issuing import IssuingService, admin_id, ca_id
+from meshid.ca.datadir import load_authority, load_x509pop, open_service, refresh_admin_svid, retire_due_roots
+from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
+from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
 from meshid.credentials import ServerConfigs
 from meshid.errors import ListenError, MeshIdError
 from meshid.interceptors import AuthorizationInterceptor
@@ -43,11 +45,14 @@ __all__ = ["CaServer"]
 log = logging.getLogger("meshid.ca")
 
 ISSUER = "/meshid.v1.Issuer/"
+AGENT = "/meshid.v1.Agent/"
 HEALTH = "/grpc.health.v1.Health/"
 OPEN_METHODS = (
     f"{ISSUER}IssueWithToken",
     f"{ISSUER}GetBundle",
     f"{ISSUER}GetCrl",
+    f"{AGENT}GetAttestationChallenge",  # costs no memory: see meshid.ca.x509pop.Challenges
+    f"{AGENT}AttestAgent",
     f"{HEALTH}Check",  # not Watch: a stream per anonymous caller would be a cheap way to tie the CA up
 )
 #: Requests larger than this are refused by grpc before any handler runs (a CSR is at most 16 KiB).
@@ -103,6 +108,11 @@ def ca_policy(service: IssuingService) -> AuthorizationPolicy:
                     "methods": [f"{ISSUER}*", f"{HEALTH}*"],
                     "trust_domains": [service.authority.trust_domain.name],
                 },
+                {
+                    "name": "node-agents",
+                    "methods": [f"{AGENT}RenewAgent", f"{AGENT}SyncEntries", f"{AGENT}BatchNewX509Svid"],
+                    "spiffe_id_patterns": [f"spiffe://{service.authority.trust_domain.name}{AGENT_PREFIX}*"],
+                },
             ],
         },
         origin="<meshid CA built-in policy>",
@@ -128,6 +138,12 @@ class CaServer:
         self._listen = listen
         self._max_workers = max_workers
         self.service = open_service(data_dir, datastore, **service_options)
+        try:
+            x509pop = load_x509pop(data_dir, self.service.authority)
+        except BaseException:
+            self.service.store.close()
+            raise
+        self.agents = AgentService(self.service, x509pop=x509pop)
         self._source: StaticSource | None = None
         self._server: grpc.Server | None = None
         self._stop = threading.Event()
@@ -171,7 +187,10 @@ class CaServer:
             ],
         )
         issuer_pb2_grpc.add_IssuerServicer_to_server(IssuerServicer(self.service), server)  # type: ignore[no-untyped-call]
-        registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationServicer(self.service), server)  # type: ignore[no-untyped-call]
+        registration_pb2_grpc.add_RegistrationServicer_to_server(  # type: ignore[no-untyped-call]
+            RegistrationServicer(self.service, self.agents), server
+        )
+        agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(self.agents), server)  # type: ignore[no-untyped-call]
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._check_health()
@@ -238,7 +257,7 @@ class CaServer:
                 log.info("CA: serving again")
             self._healthy = True
         status = health_pb2.HealthCheckResponse.SERVING if self._healthy else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", "meshid.v1.Issuer", "meshid.v1.Registration"):
+        for service in ("", "meshid.v1.Issuer", "meshid.v1.Registration", "meshid.v1.Agent"):
             self.health.set(service, status)
         return self._healthy
 

@@ -1,5 +1,5 @@
 """``meshid agent``: the rotation loop as a sidecar that keeps SVID files current and/or serves them
-over the SPIFFE Workload API."""
+over the SPIFFE Workload API; ``meshid agent list|evict``: the node agents a running CA knows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any
 
-from meshid.cli._common import add_join_token_options, join_token
+from meshid.cli._common import add_admin_options, add_join_token_options, join_token
 
 
 def _mode(text: str) -> int:
@@ -27,10 +27,9 @@ def register(groups: Any) -> None:
     agent = groups.add_parser(
         "agent", help="keep a workload's SVID renewed: in files (--out) and/or over the Workload API (sidecar)"
     )
-    agent.add_argument(
-        "--server", required=True, action="append", metavar="HOST:PORT", help="the CA (repeat to fail over)"
-    )
-    agent.add_argument("--bundle", required=True, metavar="FILE", help="the CA's trust bundle (PEM)")
+    # --server and --bundle are required of the sidecar (checked in run), not of `agent list|evict`.
+    agent.add_argument("--server", action="append", metavar="HOST:PORT", help="the CA (repeat to fail over; required)")
+    agent.add_argument("--bundle", metavar="FILE", help="the CA's trust bundle (PEM; required)")
     add_join_token_options(agent, required=False)  # not needed once --out holds a valid SVID
     agent.add_argument("--out", metavar="DIR", help="svid.pem, svid.key (0600), bundle.pem, written atomically")
     agent.add_argument(
@@ -43,7 +42,76 @@ def register(groups: Any) -> None:
         "--workload-api-mode", type=_mode, default=0o600, metavar="MODE", help="the socket's file mode (default 0600)"
     )
     agent.add_argument("--renew-at", type=float, default=0.5, help="fraction of the lifetime after which to renew")
-    agent.set_defaults(run=run_agent)
+
+    def run_sidecar(args: argparse.Namespace) -> int:
+        missing = [flag for flag, value in (("--server", args.server), ("--bundle", args.bundle)) if not value]
+        if missing:
+            agent.error(f"the following arguments are required: {', '.join(missing)}")
+        return run_agent(args)
+
+    agent.set_defaults(run=run_sidecar)
+    _register_admin_commands(agent)
+
+
+# --- `meshid agent list|evict`: node agents, through the running CA's admin API -------------
+
+
+def _register_admin_commands(agent: argparse.ArgumentParser) -> None:
+    """``list`` and ``evict`` beside the sidecar form, which takes no positional argument."""
+    commands = agent.add_subparsers(dest="agent_command", required=False, metavar="{list,evict}")
+    listing = commands.add_parser("list", help="the node agents the CA knows: attestation, last seen, SVID expiry")
+    add_admin_options(listing)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=run_list)
+    evict = commands.add_parser("evict", help="revoke a node agent's SVIDs; it must attest again")
+    add_admin_options(evict)
+    evict.add_argument("spiffe_id", metavar="ID", help="spiffe://<td>/meshid/agent/<name>")
+    evict.set_defaults(run=run_evict)
+
+
+def _when(seconds: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat() if seconds else "-"
+
+
+def run_list(args: argparse.Namespace) -> int:
+    import json
+
+    from meshid.ca.client import AdminClient
+
+    with AdminClient(args.server, args.data_dir) as admin:
+        agents = admin.list_agents()
+    rows = [
+        {
+            "spiffe_id": a.spiffe_id,
+            "attestation": a.attestation,
+            "attested_by": a.attested_by or None,
+            "last_seen": _when(a.last_seen),
+            "svid_expires_at": _when(a.expires_at),
+            "evicted": a.evicted,
+        }
+        for a in agents
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    for row in [] if args.json else rows:
+        by = f" ({row['attested_by']})" if row["attested_by"] else ""
+        state = "  EVICTED" if row["evicted"] else ""
+        print(
+            f"{row['spiffe_id']}  {row['attestation']}{by}  last_seen={row['last_seen']}"
+            f"  svid_expires={row['svid_expires_at']}{state}"
+        )
+    return 0
+
+
+def run_evict(args: argparse.Namespace) -> int:
+    from meshid.ca.client import AdminClient
+
+    with AdminClient(args.server, args.data_dir) as admin:
+        serials = admin.evict_agent(args.spiffe_id)
+    print(f"evicted {args.spiffe_id}; revoked {len(serials)} SVID(s){': ' + ' '.join(serials) if serials else ''}")
+    return 0
 
 
 def run_agent(args: argparse.Namespace) -> int:

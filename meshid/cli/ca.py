@@ -37,6 +37,17 @@ def register(groups: Any) -> None:
         metavar="SUFFIX",
         help="with --upstream-*: a DNS suffix entries' DNS names may end in (repeatable; none by default)",
     )
+    init.add_argument(
+        "--agent-ca",
+        metavar="FILE",
+        help="node agents may attest by x509pop with host certificates of this PKI (PEM roots; copied to DIR)",
+    )
+    init.add_argument(
+        "--agent-id-template",
+        metavar="TEMPLATE",
+        help="with --agent-ca: the agent's name from its host certificate, from {cn} {san_dns} {serial} "
+        "{fingerprint} and letters, digits . - _ (default {cn}); the agent is spiffe://TD/meshid/agent/<name>",
+    )
     init.set_defaults(run=run_init)
     serve = commands.add_parser("serve", help="serve the issuer and registration APIs over mTLS")
     serve.add_argument("--data-dir", required=True, metavar="DIR")
@@ -73,9 +84,13 @@ def run_init(args: argparse.Namespace) -> int:
         upstream_key=args.upstream_key,
         datastore=args.datastore,
         dns_suffixes=args.dns_suffix,
+        agent_ca=args.agent_ca,
+        agent_id_template=args.agent_id_template,
     )
     print(f"CA for trust domain {config.trust_domain} created in {args.data_dir}")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
+    if config.agent_id_template is not None:
+        print(f"  x509pop: node agents named {config.agent_id_template} from host certificates of {args.agent_ca}")
     return 0
 
 

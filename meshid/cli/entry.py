@@ -1,4 +1,5 @@
-"""``meshid entry ...`` and ``meshid token create``: registration, through the running CA."""
+"""``meshid entry ...`` and ``meshid token create``: registration, through the running CA
+(entries may name a node agent as their parent, with selectors; tokens may be for a node agent)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ def register(groups: Any) -> None:
         "--dns", action="append", default=[], metavar="NAME", help="a DNS name for its SVIDs (repeatable)"
     )
     create.add_argument("--ttl", type=duration, help="SVID lifetime (default 1h, capped by the CA)")
+    create.add_argument(
+        "--parent-id",
+        default="",
+        metavar="ID",
+        help="served only by this node agent (spiffe://<td>/meshid/agent/<name>), never for a join token",
+    )
+    create.add_argument(
+        "--selector",
+        action="append",
+        default=[],
+        metavar="S",
+        help="with --parent-id: what the local process must match, e.g. unix:uid:1001 (repeatable; all must match)",
+    )
     create.set_defaults(run=run_create)
     listing = commands.add_parser("list", help="list registration entries")
     add_admin_options(listing)
@@ -32,9 +46,15 @@ def register(groups: Any) -> None:
 
     tokens = groups.add_parser("token", help="join tokens on the running CA")
     token_commands = tokens.add_subparsers(dest="command", required=True)
-    token = token_commands.add_parser("create", help="print a one-time join token for an entry")
+    token = token_commands.add_parser(
+        "create", help="print a one-time join token for an entry, or for a node agent to attest with"
+    )
     add_admin_options(token)
-    token.add_argument("--spiffe-id", required=True)
+    target = token.add_mutually_exclusive_group(required=True)
+    target.add_argument("--spiffe-id", help="an entry without a parent")
+    target.add_argument(
+        "--agent", metavar="NAME", help="a node agent: spiffe://<td>/meshid/agent/NAME attests with the token"
+    )
     token.add_argument(
         "--ttl", type=duration, default=duration("10m"), help="how long the token is valid (default 10m)"
     )
@@ -49,9 +69,12 @@ def _admin(args: argparse.Namespace) -> Any:
 
 def run_create(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
-        entry = admin.create_entry(args.spiffe_id, args.dns, args.ttl)
+        entry = admin.create_entry(
+            args.spiffe_id, args.dns, args.ttl, parent_id=args.parent_id, selectors=args.selector
+        )
     dns = f", dns {', '.join(entry.dns_names)}" if entry.dns_names else ""
-    print(f"created {entry.spiffe_id} (ttl {entry.ttl_seconds}s{dns})")
+    parent = f", parent {entry.parent_id}, selectors {' '.join(entry.selectors)}" if entry.parent_id else ""
+    print(f"created {entry.spiffe_id} (ttl {entry.ttl_seconds}s{dns}{parent})")
     return 0
 
 
@@ -64,6 +87,8 @@ def run_list(args: argparse.Namespace) -> int:
             "dns_names": list(e.dns_names),
             "ttl_seconds": e.ttl_seconds,
             "created_at": datetime.datetime.fromtimestamp(e.created_at, datetime.UTC).isoformat(),
+            "parent_id": e.parent_id or None,
+            "selectors": list(e.selectors),
         }
         for e in entries
     ]
@@ -72,7 +97,10 @@ def run_list(args: argparse.Namespace) -> int:
     else:
         for row in rows:
             dns = ",".join(row["dns_names"]) or "-"
-            print(f"{row['spiffe_id']}  ttl={row['ttl_seconds']}s  dns={dns}  created={row['created_at']}")
+            line = f"{row['spiffe_id']}  ttl={row['ttl_seconds']}s  dns={dns}  created={row['created_at']}"
+            if row["parent_id"]:
+                line += f"  parent={row['parent_id']}  selectors={json.dumps(row['selectors'])}"
+            print(line)
     return 0
 
 
@@ -85,6 +113,9 @@ def run_delete(args: argparse.Namespace) -> int:
 
 def run_token(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
-        token = admin.create_token(args.spiffe_id, args.ttl)
+        if args.agent is not None:
+            token = admin.create_agent_token(args.agent, args.ttl)
+        else:
+            token = admin.create_token(args.spiffe_id, args.ttl)
     print(token.token)
     return 0
