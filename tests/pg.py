@@ -107,15 +107,15 @@ def _server(
         port = _free_port()
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [
+                _as_user(user, [
                     str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
                     "-c", "listen_addresses=127.0.0.1",
                     # A test server: speed over crash safety.
                     "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                     "-c", "max_connections=200",
-                ],
+                ]),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cluster,
-                env=_clean_env(), start_new_session=True, **_user_kwargs(user),
+                env=_clean_env(), start_new_session=True,
             )  # fmt: skip
         try:
             if _wait_ready(proc, port, log_path):
@@ -166,15 +166,22 @@ def _server_user() -> pwd.struct_passwd | None:
         raise RuntimeError("running as root, and there is no `postgres` user to run PostgreSQL as") from err
 
 
-def _user_kwargs(user: pwd.struct_passwd | None) -> dict[str, Any]:
-    return {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+def _as_user(user: pwd.struct_passwd | None, args: list[str]) -> list[str]:
+    """``args`` run as ``user``, through setpriv rather than Popen(user=...): with a user or group
+    to switch to, Python forks instead of vforking, and a fork of a process that runs grpc
+    threads can crash in the child before it execs (seen: grpc's "Check failed:
+    next_worker->state == KICKED" in the postgres log of a restarted server)."""
+    if user is None:
+        return args
+    setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+    return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *args]
 
 
 def _as_server_user(user: pwd.struct_passwd | None, args: list[str], cwd: Path, log_path: Path) -> None:
     with open(log_path, "ab") as log:
         done = subprocess.run(
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=_clean_env(),
-            timeout=120, check=False, **_user_kwargs(user),
+            _as_user(user, args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+            env=_clean_env(), timeout=120, check=False,
         )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{Path(args[0]).name} failed ({done.returncode}):\n{_tail(log_path)}")
