@@ -15,8 +15,9 @@ Rules enforced here:
   before (the store records the SHA-256 of each such key), and a workload's SVID never carries
   the agent's own key.
 * A batch is at most :data:`MAX_BATCH` requests; each is for an entry parented to the caller
-  (else ``PERMISSION_DENIED`` for that request) and its CSR is checked as every CSR is; the
-  SVIDs of one batch are recorded in one transaction.
+  (else ``PERMISSION_DENIED`` for that request) and its CSR is checked as every CSR is (one
+  that asks for another SPIFFE ID is refused, as in a renewal); the SVIDs of one batch are
+  recorded in one transaction.
 """
 
 from __future__ import annotations
@@ -182,11 +183,15 @@ class AgentService:
 
         Raises:
             InvalidRequestError: a bad CSR, or its key is the current one or was certified before.
-            NotAuthorizedError: the caller is not a node agent, or its SVID was revoked.
+            NotAuthorizedError: the caller is not a node agent, the CSR asks for another SPIFFE
+                ID, or the caller's SVID was revoked.
             AttestationError: the agent is unknown here, or evicted.
         """
         self._caller(caller, "agent renewal")
         csr = parse_csr(csr_der)
+        for asked in csr.requested_uris:
+            if asked != str(caller):
+                raise NotAuthorizedError(f"agent renewal: {caller} may renew only its own SPIFFE ID, not {asked[:200]}")
         if caller_key is not None and public_key_der(csr.public_key) == caller_key:
             raise InvalidRequestError(
                 "agent renewal: the CSR reuses the key of the current SVID; make a new key for each renewal"
@@ -247,6 +252,10 @@ class AgentService:
                 continue
             if caller_key is not None and public_key_der(csr.public_key) == caller_key:
                 results.append(BatchResult(text, error=InvalidRequestError("CSR: it is over the agent's own key")))
+                continue
+            if any(asked != text for asked in csr.requested_uris):
+                refusal = NotAuthorizedError(f"batch: the CSR for {text} asks for another SPIFFE ID")
+                results.append(BatchResult(text, error=refusal))
                 continue
             results.append(None)
             items.append(BatchItem(sid, _key_sha256(csr.public_key), self._issuing.signer(csr.public_key, now)))
