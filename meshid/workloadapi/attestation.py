@@ -25,7 +25,12 @@ still be those of the connection, and :func:`check_alive` checks again right bef
 is sent. Given a *pidfd* of the connecting process (Linux 6.5 hands one out for the peer of a
 Unix connection, ``SO_PEERPIDFD``), the guard is exact: a pidfd names one process, not a number,
 and says when that process has exited; what was read from ``/proc/<pid>`` while it was alive
-was read from it.
+was read from it. Without one from the kernel (Linux < 6.5) the server opens a pidfd by number
+when the first request comes: a process that connected and exited before asking may by then
+have left its pid to another process of the *same* user (one of another user is refused: its
+uid is not the connection's), which would then be attested in its place. uid, gid, user and
+group selectors lose nothing by it (that process has them anyway); path and sha256 selectors
+are then no boundary between programs of one user.
 """
 
 from __future__ import annotations

@@ -405,76 +405,101 @@ class AttestedWorkloadApiServer:
             raise _NoIdentity()
         return info, build(identities)
 
-    async def _follow(
-        self, stream: grpclib.server.Stream[Any, Any], build: Callable[[Sequence[Identity]], Any]
-    ) -> None:
-        _Servicer._require_header(stream)
-        await stream.recv_message()
-        if len(self._streams) >= self._max_streams:
-            raise GRPCError(*_BUSY)
+    @staticmethod
+    def _identify(stream: grpclib.server.Stream[Any, Any]) -> _Caller:
         try:
-            caller = _Caller(_connection_of(stream))
+            return _Caller(_connection_of(stream))
         except WorkloadAttestationError as err:
             raise GRPCError(_NOT_IDENTIFIED, str(err)) from err
         except (MeshIdError, OSError) as err:
             log.error("Workload API: cannot identify a caller: %s", err)
             raise GRPCError(_BROKEN, str(err)) from err
-        task = asyncio.current_task()
-        assert task is not None and self._executor is not None and self._stop is not None
-        self._streams.add(task)
-        self._transports.add(caller.transport)
+
+    async def _attested(
+        self, caller: _Caller, first: ProcessInfo | None, build: Callable[[Sequence[Identity]], Any]
+    ) -> tuple[ProcessInfo, Any]:
+        """What the caller gets now, attested afresh and checked again right before it is sent."""
+        try:
+            info, response = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._answer, caller, first, build
+            )
+            check_alive(info, pidfd=caller.pidfd)
+        except WorkloadAttestationError as err:
+            log.warning("Workload API: refusing pid %d (uid %d): %s", caller.pid, caller.uid, err)
+            raise GRPCError(_NOT_IDENTIFIED, str(err)) from err
+        except _NoIdentity:
+            log.info("Workload API: no identity for pid %d (uid %d)", caller.pid, caller.uid)
+            raise GRPCError(*_NO_IDENTITY) from None
+        except MeshIdError as err:  # the provider's identity cannot be served, e.g. no bundle
+            raise GRPCError(_NOT_READY, f"Workload API: no identity to serve: {err}") from err
+        return info, response
+
+    @staticmethod
+    def _watch_exit(caller: _Caller) -> asyncio.Future[None]:
+        """Done once the caller's process has exited (its pidfd turns readable, and stays so)."""
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
         pidfd = caller.pidfd
+        if pidfd is None:
+            return exited  # no pidfd: the checks before each send are the guard
 
-        def on_exit() -> None:  # a pidfd turns readable once its process has exited, and stays so
-            if pidfd is not None:
-                loop.remove_reader(pidfd)
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
             if not exited.done():
                 exited.set_result(None)
 
-        if pidfd is not None:
-            loop.add_reader(pidfd, on_exit)
+        loop.add_reader(pidfd, on_exit)
+        return exited
+
+    async def _wait(self, changed: asyncio.Event, exited: asyncio.Future[None], caller: _Caller) -> None:
+        """Until the provider changes; GRPCError when the server stops or the caller exits first."""
+        assert self._stop is not None
+        events: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(changed.wait()),
+            asyncio.ensure_future(self._stop.wait()),
+        ]
+        try:
+            await asyncio.wait([*events, exited], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for event in events:
+                event.cancel()
+        if self._stop.is_set():
+            raise GRPCError(*_SHUTTING_DOWN)
+        if exited.done():
+            log.info("Workload API: pid %d has exited; ending its stream", caller.pid)
+            why = f"attestation: the process that connected as pid {caller.pid} has exited"
+            raise GRPCError(_NOT_IDENTIFIED, why)
+
+    async def _follow(
+        self, stream: grpclib.server.Stream[Any, Any], build: Callable[[Sequence[Identity]], Any]
+    ) -> None:
+        """One stream: a response now and after every change, while the caller is who connected."""
+        _Servicer._require_header(stream)
+        await stream.recv_message()
+        if len(self._streams) >= self._max_streams:
+            raise GRPCError(*_BUSY)
+        caller = self._identify(stream)
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        self._transports.add(caller.transport)
+        exited = self._watch_exit(caller)
         try:
             first: ProcessInfo | None = None
             last = None
             while True:
-                changed = self._changed
+                changed = self._changed  # taken before reading: a change while answering is not lost
                 assert changed is not None
-                try:
-                    info, response = await loop.run_in_executor(self._executor, self._answer, caller, first, build)
-                    check_alive(info, pidfd=caller.pidfd)  # right before answering
-                except WorkloadAttestationError as err:
-                    log.warning("Workload API: refusing pid %d (uid %d): %s", caller.pid, caller.uid, err)
-                    raise GRPCError(_NOT_IDENTIFIED, str(err)) from err
-                except _NoIdentity:
-                    log.info("Workload API: no identity for pid %d (uid %d)", caller.pid, caller.uid)
-                    raise GRPCError(*_NO_IDENTITY) from None
-                except MeshIdError as err:  # the provider's identity cannot be served, e.g. no bundle
-                    raise GRPCError(_NOT_READY, f"Workload API: no identity to serve: {err}") from err
+                info, response = await self._attested(caller, first, build)
                 if first is None:
                     first = info
                 if response != last:  # e.g. a new SVID changes nothing FetchX509Bundles sends
                     await stream.send_message(response)
                     last = response
-                events: list[asyncio.Future[Any]] = [
-                    asyncio.ensure_future(changed.wait()),
-                    asyncio.ensure_future(self._stop.wait()),
-                ]
-                try:
-                    await asyncio.wait([*events, exited], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for event in events:
-                        event.cancel()
-                if self._stop.is_set():
-                    raise GRPCError(*_SHUTTING_DOWN)
-                if exited.done():
-                    log.info("Workload API: pid %d has exited; ending its stream", caller.pid)
-                    why = f"attestation: the process that connected as pid {caller.pid} has exited"
-                    raise GRPCError(_NOT_IDENTIFIED, why)
+                await self._wait(changed, exited, caller)
         finally:
-            if pidfd is not None:
-                loop.remove_reader(pidfd)
+            if caller.pidfd is not None:  # now, not later: a closed fd's number is soon another's
+                asyncio.get_running_loop().remove_reader(caller.pidfd)
             caller.close()
             self._streams.discard(task)
 
