@@ -141,7 +141,8 @@ class Selector:
             raise TypeError("a selector's kind and value are strings")
         problem = _value_error(self.kind, self.value)
         if problem is not None:
-            raise ValueError(f"selector unix:{self.kind}:{self.value!r}: {problem}")
+            shown = f"unix:{self.kind}:{self.value}"
+            raise ValueError(f"selector {shown[:200]!r}: {problem}")
 
     @classmethod
     def parse(cls, text: str) -> Selector:

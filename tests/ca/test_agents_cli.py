@@ -94,7 +94,7 @@ def test_entry_create_with_parent_and_selectors_and_entry_list(ca: AgentCa) -> N
         ),
         (
             ("--parent-id", agent_id("node-1"), "--selector", "docker:label:x"),
-            ("INVALID_ARGUMENT", "unknown kind; use one of unix:uid:..."),
+            ("INVALID_ARGUMENT", "write unix:<kind>:<value>, e.g. unix:uid:1001"),
         ),
         (("--selector", "unix:uid:1"), ("INVALID_ARGUMENT", "selectors need a parent_id")),
         (("--parent-id", agent_id("node-1")), ("INVALID_ARGUMENT", "needs at least one selector")),
