@@ -19,7 +19,8 @@ from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 import grpc
 
-from meshid.credentials import ServerId, channel_credentials, merge_options
+from meshid._grpc import merge_options
+from meshid.credentials import ServerId, channel_credentials
 from meshid.sources import Source
 
 log = logging.getLogger("meshid.channel")

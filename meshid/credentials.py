@@ -17,57 +17,19 @@ What is verified where:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from meshid.bundle import BundleSet
+from meshid._grpc import ServerConfigs
 from meshid.errors import InvalidSpiffeIdError, SourceError
 from meshid.sources import Source, require_source
 from meshid.spiffeid import SpiffeId, TrustDomain
-from meshid.svid import X509Svid, identity_dns_name
+from meshid.svid import identity_dns_name
 
 __all__ = ["channel_credentials", "server_credentials"]
 
 ServerId = SpiffeId | TrustDomain | str
-
-#: Default message size limit for meshid's channels and servers (grpc's own default receive limit).
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-class ServerConfigs:
-    """Turns the source's current state into a grpc certificate configuration, once per change.
-
-    ``extra_client_roots`` are added to the roots the TLS layer accepts client certificates
-    from, and never to the bundles meshid verifies peers against (the CA uses it; see
-    :mod:`meshid.ca.bootstrap`).
-    """
-
-    def __init__(self, source: Source, *, extra_client_roots: bytes = b"") -> None:
-        self._source = source
-        self._extra_roots = extra_client_roots
-        self._key: tuple[X509Svid, BundleSet] | None = None
-        self._config: Any = None
-
-    def current(self) -> Any:
-        svid, bundles = self._source.get_svid(), self._source.get_bundles()
-        key = (svid, bundles)
-        if self._key is None or self._key[0] is not svid or self._key[1] is not bundles:
-            self._config = grpc.ssl_server_certificate_configuration(
-                [(svid.key_pem(), svid.chain_pem())], root_certificates=bundles.all_roots_pem() + self._extra_roots
-            )
-            self._key = key
-            return self._config
-        return None
-
-    def fetch(self) -> Any:
-        # grpc asks on every new handshake; None means "keep the current one".
-        try:
-            return self.current()
-        except Exception:  # never let a failing source break the handshake path
-            return None
-
 
 def server_credentials(source: Source) -> grpc.ServerCredentials:
     """Server credentials that require a client certificate and present the source's current SVID.
@@ -123,14 +85,3 @@ def channel_credentials(
         options.append(("grpc.ssl_target_name_override", identity_dns_name(pinned)))
     creds = grpc.ssl_channel_credentials(roots, svid.key_pem(), svid.chain_pem())
     return creds, options
-
-
-def merge_options(ours: Sequence[tuple[str, Any]], theirs: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
-    """Channel options: meshid's defaults and pins, then the caller's (which win on a clash, except pins)."""
-    merged = {
-        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
-        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
-    }
-    merged.update(dict(theirs or ()))
-    merged.update(dict(ours))  # a server_id pin is never overridden by a caller's option
-    return list(merged.items())

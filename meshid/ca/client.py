@@ -25,6 +25,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from meshid._grpc import merge_options
 from meshid._proto import (
     agent_pb2,
     agent_pb2_grpc,
@@ -39,7 +40,6 @@ from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.csr import build_csr
 from meshid.ca.issuing import agent_id, is_agent_id, parse_token_trust_domain
 from meshid.ca.x509pop import sign_proof
-from meshid.credentials import merge_options
 from meshid.errors import InvalidBundleError, InvalidSvidError, RemoteError, VerificationError
 from meshid.sources import FileSource
 from meshid.spiffeid import SpiffeId, TrustDomain

@@ -11,11 +11,9 @@ port serves both).
 from __future__ import annotations
 
 import datetime
-import errno
 import logging
 import os
 import pathlib
-import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -24,6 +22,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from meshid._grpc import ServerConfigs
+from meshid._listen import NO_REUSEPORT, refuse_tcp_in_use
 from meshid._proto import agent_pb2_grpc, issuer_pb2_grpc, registration_pb2_grpc
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet
@@ -33,7 +33,6 @@ from meshid.ca.bootstrap import anonymous_root_pem
 from meshid.ca.datadir import load_authority, load_x509pop, open_service, refresh_admin_svid, retire_due_roots
 from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
 from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
-from meshid.credentials import ServerConfigs
 from meshid.errors import ListenError, MeshIdError
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.sources import StaticSource
@@ -59,38 +58,6 @@ OPEN_METHODS = (
 MAX_REQUEST_BYTES = 64 * 1024
 #: Calls beyond this many at once are refused with RESOURCE_EXHAUSTED rather than queued.
 MAX_CONCURRENT_RPCS = 512
-
-
-def _refuse_if_in_use(listen: str) -> None:
-    """Refuse, in one line, an address some process already listens on.
-
-    grpc would say so only in a log line of its own followed by a generic error (its server is
-    also told not to set SO_REUSEPORT, which would let it share the port instead): this probe
-    binds each address ``listen`` resolves to, as grpc will, and reports the one in use.
-
-    Raises:
-        ListenError: an address is in use.
-    """
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit() or int(port) == 0:
-        return  # port 0 is never in use; anything else unusual is grpc's to report
-    try:
-        addresses = socket.getaddrinfo(
-            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except (OSError, UnicodeError):
-        return
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no conflict
-            try:
-                probe.bind(address)
-            except OSError as err:
-                if err.errno == errno.EADDRINUSE:
-                    raise ListenError(
-                        f"CA: cannot listen on {listen}: the address is in use by another process "
-                        "(another `meshid ca serve`?); stop it or choose another --listen address"
-                    ) from err
 
 
 def ca_policy(service: IssuingService) -> AuthorizationPolicy:
@@ -167,7 +134,9 @@ class CaServer:
             ListenError: the address is in use by another process, or cannot be bound; checked
                 before anything is signed or written.
         """
-        _refuse_if_in_use(self._listen)
+        refuse_tcp_in_use(
+            self._listen, who="CA", hint=" (another `meshid ca serve`?); stop it or choose another --listen address"
+        )
         self._source = StaticSource(self._own_svid(), self._bundles())
         refresh_admin_svid(self.service, self._data_dir / "admin")
         interceptor = AuthorizationInterceptor(
@@ -183,7 +152,7 @@ class CaServer:
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
                 # Without it grpc sets SO_REUSEPORT and a second CA on this port starts and
                 # silently takes a share of the connections.
-                ("grpc.so_reuseport", 0),
+                NO_REUSEPORT,
             ],
         )
         issuer_pb2_grpc.add_IssuerServicer_to_server(IssuerServicer(self.service), server)  # type: ignore[no-untyped-call]

@@ -43,6 +43,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
 from meshid._background import Unsubscribe
+from meshid._listen import refuse_unix_in_use
 from meshid._proto import workload_pb2
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.errors import ListenError, MeshIdError
@@ -50,7 +51,6 @@ from meshid.spiffeid import TrustDomain
 from meshid.svid import X509Svid
 from meshid.workloadapi import wire
 from meshid.workloadapi.attestation import ProcessInfo, WorkloadAttestationError, attest, check_alive
-from meshid.workloadapi.server import _check_free
 
 __all__ = ["AttestedWorkloadApiServer", "IdentityProvider"]
 
@@ -275,7 +275,7 @@ class AttestedWorkloadApiServer:
             ListenError, MeshIdError: another server listens on the path (ListenError), or the path
                 is not a socket.
         """
-        _check_free(self.path)
+        refuse_unix_in_use(self.path, who="Workload API")
 
     def start(self) -> AttestedWorkloadApiServer:
         """Bind the socket with its mode, and serve on a thread of its own. Returns self.
@@ -288,7 +288,7 @@ class AttestedWorkloadApiServer:
         if self._thread is not None:
             return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        _check_free(self.path)
+        refuse_unix_in_use(self.path, who="Workload API")
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._executor = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="meshid-attest")
         self._unsubscribe = self.provider.subscribe(self._on_change)  # before the first stream can start
@@ -343,7 +343,7 @@ class AttestedWorkloadApiServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if os.path.lexists(self.path):
-                os.unlink(self.path)  # stale: _check_free found nobody listening
+                os.unlink(self.path)  # stale: refuse_unix_in_use found nobody listening
             listener.bind(self.path)
             os.chmod(self.path, self._mode)
             self._inode = os.stat(self.path).st_ino

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -34,6 +32,7 @@ from typing import Any
 import grpc
 
 from meshid._background import Unsubscribe
+from meshid._listen import refuse_unix_in_use
 from meshid._proto import workload_pb2_grpc
 from meshid.bundle import BundleSet
 from meshid.errors import ListenError, MeshIdError
@@ -108,30 +107,6 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         context.abort(*_NO_JWT)
 
 
-def _check_free(path: str) -> None:
-    """Refuse a path held by a live server or by something that is not a socket.
-
-    grpc unlinks whatever socket is at the path before binding, even one a running agent is
-    serving on; a stale socket (nobody listening) is left for grpc to replace.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise MeshIdError(f"Workload API: {path} exists and is not a socket; remove it or choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return  # stale: nobody listens
-    except OSError as err:
-        raise ListenError(f"Workload API: cannot tell whether {path} is in use: {err.strerror}") from err
-    finally:
-        probe.close()
-    raise ListenError(f"Workload API: another server is listening on {path}; stop it or choose another path")
-
-
 class WorkloadApiServer:
     """Serves ``source`` over the SPIFFE Workload API on a Unix socket.
 
@@ -201,7 +176,7 @@ class WorkloadApiServer:
             ListenError, MeshIdError: another server is listening on the path (ListenError), or the
                 path is not a socket.
         """
-        _check_free(self.path)
+        refuse_unix_in_use(self.path, who="Workload API")
 
     def start(self) -> WorkloadApiServer:
         """Bind the socket, narrow its mode, and begin serving. Returns self.
@@ -216,7 +191,7 @@ class WorkloadApiServer:
             return self
         require_source(self.source)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        _check_free(self.path)
+        refuse_unix_in_use(self.path, who="Workload API")
         self._closing = False
         executor = futures.ThreadPoolExecutor(max_workers=self._max_streams, thread_name_prefix="meshid-workload-api")
         server = grpc.server(executor, maximum_concurrent_rpcs=self._max_streams)
