@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from meshid import metrics
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
+from meshid.agent.saved_svid import load_saved_svid
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, SourceError
 from meshid.peer import PeerIdentity
 from meshid.revocation import CrlKeeper, _warn_if_stale
-from meshid.sources import FileSource
 from meshid.svid import X509Svid
 
 __all__ = ["IssuerSource", "SourceState"]
@@ -178,34 +178,16 @@ class IssuerSource:
     # --- internals -----------------------------------------------------------------------
 
     def _load_saved(self) -> bool:
-        if self._svid_dir is None or not (self._svid_dir / "svid.pem").exists():
+        if self._svid_dir is None:
             return False
-        try:
-            saved = FileSource(self._svid_dir / "svid.pem", self._svid_dir / "svid.key", self._svid_dir / "bundle.pem")
-        except MeshIdError as err:
-            log.warning("issuer source: cannot reuse the SVID in %s: %s", self._svid_dir, err)
+        saved = load_saved_svid(
+            self._svid_dir, self._bundle_file, clock=self._clock, who="issuer source", otherwise="using the join token"
+        )
+        if saved is None:
             return False
-        svid = saved.get_svid()
-        saved_bundle = saved.get_bundles()[svid.spiffe_id.trust_domain]
-        remaining = (svid.not_after - self._clock.now()).total_seconds()
-        if remaining <= 1:
-            state = "has expired" if remaining <= 0 else f"expires in {remaining:.1f}s, too soon to renew it"
-            log.info("issuer source: the saved SVID of %s %s; using the join token", svid.spiffe_id, state)
-            return False
-        # The configured bundle stays the anchor: if the operator replaced the CA's root (after
-        # a compromise, say), a saved SVID and bundle that share no root with it are not reused.
-        try:
-            anchor = TrustBundle.load(svid.spiffe_id.trust_domain, self._bundle_file)
-            BundleSet.of(saved_bundle).verify(svid.leaf, svid.chain[1:])
-        except MeshIdError as err:
-            log.warning("issuer source: not reusing the saved SVID: %s", err)
-            return False
-        if not set(anchor.roots) & set(saved_bundle.roots):
-            log.warning("issuer source: the saved bundle shares no root with %s; not reusing it", self._bundle_file)
-            return False
-        self._lifetime = remaining
-        self._install(svid, saved_bundle, remaining, renewed=False)
-        log.info("issuer source: reusing the saved SVID of %s (serial %x)", svid.spiffe_id, svid.serial)
+        self._lifetime = saved.remaining
+        self._install(saved.svid, saved.bundle, saved.remaining, renewed=False)
+        log.info("issuer source: reusing the saved SVID of %s (serial %x)", saved.svid.spiffe_id, saved.svid.serial)
         return True
 
     def _first_issuance(self) -> None:
