@@ -55,7 +55,20 @@ def _stop(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
 
 
 def _serial(out) -> int:
-    return meshid.X509Svid.load(out / "svid.pem", out / "svid.key").serial
+    """The serial of the SVID in ``out``, read as one version: svid.pem and svid.key switch
+    together, but a reader opening one after the other can straddle a renewal, so the
+    certificate is read again after the key, and all three again if it changed meanwhile
+    (or if the version being read was removed under the reader)."""
+    for _ in range(100):
+        try:
+            chain = (out / "svid.pem").read_bytes()
+            key = (out / "svid.key").read_bytes()
+            again = (out / "svid.pem").read_bytes()
+        except FileNotFoundError:
+            continue
+        if again == chain:
+            return meshid.X509Svid.from_pem(chain, key).serial  # a pair that does not match fails here
+    raise AssertionError(f"no stable read of the SVID in {out} in 100 tries")
 
 
 def test_agent_writes_renews_restarts_and_stops_cleanly(running_ca, tmp_path) -> None:
@@ -70,7 +83,7 @@ def test_agent_writes_renews_restarts_and_stops_cleanly(running_ca, tmp_path) ->
         seen = {_serial(out)}
 
         def renewed_twice() -> bool:
-            seen.add(_serial(out))  # every read is a whole, matching pair: written atomically, key first
+            seen.add(_serial(out))  # every version on disk is a whole, matching pair
             return len(seen) >= 3
 
         eventually(renewed_twice, 30, "the agent to renew the files twice")

@@ -523,20 +523,28 @@ def test_workload_killed_at_random_moments_and_mid_renewal_restarts_from_its_sav
     rows: list[tuple[str, str, float, float, str]] = []
     began = time.monotonic()
     try:
-        for i in range(KILLS):
+        planned = ["random", "mid-renewal"] * (KILLS // 2)
+        while planned:
             # Each incarnation renews once first, so the kills cannot starve renewal (an agent
             # killed every time before it renews runs out of SVID whatever it does).
-            assert agent.wait_renewal(agent.cert_serial()), f"no renewal after restart {i}: {agent.last_log()}"
-            if i % 2:
+            assert agent.wait_renewal(agent.cert_serial()), f"no renewal after restart {len(rows)}: {agent.last_log()}"
+            kind, saved_before = planned[0], agent.cert_serial()
+            if kind == "mid-renewal":
                 # Mid-renewal: the CA writing to its WAL is this agent's renewal being recorded
                 # (no other writer runs here; the CRL is cached), so the agent is waiting for the
                 # answer, which it will never save.
-                kind = "mid-renewal"
                 assert changed(data_dir / "meshid.db-wal", timeout=2 * RENEWAL_CYCLE), "no renewal reached the CA"
             else:
-                kind = "random"
                 time.sleep(rng.uniform(0, RENEWAL_CYCLE))  # anywhere in the renewal cycle
             agent.kill()
+            if kind == "mid-renewal" and agent.cert_serial() != saved_before:
+                # On a loaded machine the agent can save the answer before the kill lands: that
+                # kill came just after the renewal, not during it. It is shown as such, its
+                # restart checked like any other, and a mid-renewal kill is tried again.
+                kind = "late"
+                assert sum(1 for row in rows if row[0] == "late") < KILLS, "every mid-renewal kill came too late"
+            else:
+                planned.pop(0)
             svid, problem = agent.saved()
             left = (svid.not_after - datetime.datetime.now(datetime.UTC)).total_seconds() if svid else 0.0
             line, took = agent.start()  # no join token: it must reuse what it saved
@@ -565,7 +573,8 @@ def test_workload_killed_at_random_moments_and_mid_renewal_restarts_from_its_sav
         f"  {stage}: renewing {renewing}; SIGTERM -> {stopped!r} rc={code};"
         f" {len(recorded)} SVIDs recorded for it, {len(never_saved)} issued but killed before it saved them"
     )
-    assert len(rows) == KILLS and all(line.startswith("agent: ") for *_, line in rows), agent.last_log()
+    assert sum(1 for kind, *_ in rows if kind != "late") == KILLS, agent.last_log()
+    assert all(line.startswith("agent: ") for *_, line in rows), agent.last_log()
     assert all(problem == "ok" and left > 1 for _, problem, left, _, _ in rows)
     assert max(took for *_, took, _ in rows) < 5
     assert renewing and stopped == "agent: stopped" and code == 0
