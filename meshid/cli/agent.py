@@ -1,5 +1,7 @@
 """``meshid agent``: the rotation loop as a sidecar that keeps SVID files current and/or serves them
-over the SPIFFE Workload API; ``meshid agent list|evict``: the node agents a running CA knows."""
+over the SPIFFE Workload API; ``meshid agent --node``: one node agent per host, serving each local
+process the identities its selectors match; ``meshid agent list|evict``: the node agents a running
+CA knows."""
 
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ def _mode(text: str) -> int:
 
 def register(groups: Any) -> None:
     agent = groups.add_parser(
-        "agent", help="keep a workload's SVID renewed: in files (--out) and/or over the Workload API (sidecar)"
+        "agent",
+        help="keep a workload's SVID renewed: in files (--out) and/or over the Workload API (sidecar); or, with "
+        "--node, serve every local workload its own identity (node agent)",
     )
     # --server and --bundle are required of the sidecar (checked in run), not of `agent list|evict`.
     agent.add_argument("--server", action="append", metavar="HOST:PORT", help="the CA (repeat to fail over; required)")
@@ -42,15 +46,111 @@ def register(groups: Any) -> None:
         "--workload-api-mode", type=_mode, default=0o600, metavar="MODE", help="the socket's file mode (default 0600)"
     )
     agent.add_argument("--renew-at", type=float, default=0.5, help="fraction of the lifetime after which to renew")
+    _add_node_options(agent)
 
     def run_sidecar(args: argparse.Namespace) -> int:
-        missing = [flag for flag, value in (("--server", args.server), ("--bundle", args.bundle)) if not value]
+        required = [("--server", args.server), ("--bundle", args.bundle)]
+        if args.node:
+            required += [("--data-dir", args.node_data_dir), ("--socket", args.socket)]
+        missing = [flag for flag, value in required if not value]
         if missing:
             agent.error(f"the following arguments are required: {', '.join(missing)}")
-        return run_agent(args)
+        return run_node(args) if args.node else run_agent(args)
 
     agent.set_defaults(run=run_sidecar)
     _register_admin_commands(agent)
+
+
+# --- `meshid agent --node`: one node agent per host -------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; write e.g. 5 or 0.5")
+    return value
+
+
+def _add_node_options(agent: argparse.ArgumentParser) -> None:
+    node = agent.add_argument_group(
+        "node agent (--node)",
+        "one agent per host: attests the node once (a join token made with `meshid token create --agent NAME`, "
+        "or x509pop with the host's certificate), then serves every local process the SVIDs of the entries "
+        "parented to it whose selectors match the process",
+    )
+    node.add_argument("--node", action="store_true", help="run as the node agent of this host")
+    node.add_argument(
+        "--data-dir", dest="node_data_dir", metavar="DIR", help="the agent's own SVID, key (0600) and bundle"
+    )
+    node.add_argument("--socket", metavar="unix:///PATH", help="serve the attested Workload API on this Unix socket")
+    node.add_argument(
+        "--socket-mode",
+        type=_mode,
+        default=0o666,
+        metavar="MODE",
+        help="the socket's file mode (default 0666: any local process may ask; each gets only what matches it)",
+    )
+    node.add_argument(
+        "--sync-interval", type=_seconds, default=5.0, metavar="S", help="seconds between entry syncs (default 5)"
+    )
+    node.add_argument("--x509pop-cert", metavar="FILE", help="the host certificate (PEM, then its intermediates)")
+    node.add_argument("--x509pop-key", metavar="FILE", help="the host certificate's private key (PEM)")
+    node.add_argument("--trust-domain", metavar="TD", help="for x509pop (default: the one the --bundle roots name)")
+
+
+def run_node(args: argparse.Namespace) -> int:
+    from meshid.agent import NodeAgent
+
+    for flag, value in (("--out", args.out), ("--workload-api", args.workload_api)):
+        if value:
+            print(f"meshid: agent: --node serves on --socket; {flag} belongs to the sidecar form", file=sys.stderr)
+            return 2
+    try:
+        from meshid.workloadapi import AttestedWorkloadApiServer
+    except ImportError as err:
+        print(f"meshid: agent: --node needs grpclib ({err}); install meshid[agent]", file=sys.stderr)
+        return 2
+    token = join_token(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("meshid.audit").setLevel(logging.WARNING)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        agent = NodeAgent(
+            args.server,
+            args.bundle,
+            args.node_data_dir,
+            join_token=token,
+            x509pop_cert=args.x509pop_cert,
+            x509pop_key=args.x509pop_key,
+            trust_domain=args.trust_domain,
+            sync_interval=args.sync_interval,
+            renew_at=args.renew_at,
+        )
+        server = AttestedWorkloadApiServer(agent, args.socket, mode=args.socket_mode)
+    except ValueError as err:
+        print(f"meshid: agent: {err}", file=sys.stderr)
+        return 2
+    server.check_free()  # before a join token is spent: a socket another agent serves is refused
+    agent.start()
+    try:
+        server.start()
+        state = agent.state
+        print(
+            f"node agent: {state.spiffe_id} (serial {state.serial}) serving {state.served} of {state.entries} "
+            f"entries on unix://{server.path}; syncing every {args.sync_interval:g}s",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        server.close()
+        agent.close()
+    print("node agent: stopped", flush=True)
+    return 0
 
 
 # --- `meshid agent list|evict`: node agents, through the running CA's admin API -------------
