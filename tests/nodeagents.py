@@ -3,13 +3,15 @@ trusting a host PKI for x509pop, optionally on a ManualClock), host certificates
 cryptography builders under a root made by meshid's own CA code, and raw calls on the wire.
 
 Used by tests/ca/test_agents.py, tests/ca/test_batch_issuance.py, tests/ca/test_agents_cli.py
-and tests/security/test_attacks_agents.py.
+and tests/security/test_attacks_agents.py; tests/agent/test_node_agent.py also runs workloads as
+the test users with what the last section holds.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +116,15 @@ class AgentCa:
         hosts: Authority | None = None,
         template: str | None = None,
         clock: ManualClock | None = None,
+        max_ttl: datetime.timedelta | None = None,
     ) -> None:
         self.folder = folder
+        self.clock = clock
         agent_ca = (
             None if hosts is None else str(pem_file(folder.parent / f"{folder.name}-hosts.pem", hosts.certificate))
         )
-        init_data_dir(folder, TD, agent_ca=agent_ca, agent_id_template=template)
+        ttl = {} if max_ttl is None else {"max_ttl": max_ttl}  # max_ttl caps the agents' own SVIDs too
+        init_data_dir(folder, TD, agent_ca=agent_ca, agent_id_template=template, **ttl)  # type: ignore[arg-type]
         self.server = CaServer(folder, "127.0.0.1:0", clock=None if clock is None else clock.now)
         self.address = f"127.0.0.1:{self.server.start()}"
         self.bundle_file = folder / "bundle.pem"
@@ -128,6 +133,12 @@ class AgentCa:
 
     def stop(self) -> None:
         self.server.stop(grace=None)
+
+    def restart(self) -> None:
+        """Stop the CA (if it runs) and serve the same folder on the same address again."""
+        self.stop()
+        self.server = CaServer(self.folder, self.address, clock=None if self.clock is None else self.clock.now)
+        self.server.start()
 
     def admin(self) -> AdminClient:
         return AdminClient(self.address, self.folder)
@@ -197,3 +208,292 @@ def x509pop_request(
 
 def attest_raw(channel: grpc.Channel, request: Any) -> tuple[str, str, Any]:
     return call(channel, f"{AGENT}/AttestAgent", request, issuer_pb2.SvidResponse)
+
+
+# --- workloads run as other Unix users (tests/agent/test_node_agent.py) ----------------------------
+#
+# Root (as CI runs) starts each workload through setpriv as one of the users .ci/run creates, with
+# a Python those users can execute and PYTHONPATH naming this checkout and the test environment's
+# packages. setpriv, not Popen(user=...): with a user to switch to, Python forks instead of
+# vforking, and a fork of a process running grpc threads (a CA in process) can crash before it
+# execs (see tests/pg.py). Missing users or such a Python: skipped, or a failure under
+# MESHID_REQUIRE_INTEROP=1 (set by .ci/run), so CI never passes by skipping.
+
+USERS = ("meshid-a", "meshid-b", "meshid-c")
+
+#: The workload program (written to the test's folder); it prints JSON lines.
+WORKLOAD_CLIENT = r'''
+import json, sys, threading
+
+
+def out(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def varint(buf, i):
+    shift = value = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+def fields(buf):
+    i = 0
+    while i < len(buf):
+        key, i = varint(buf, i)
+        kind = key & 7
+        if kind == 0:
+            value, i = varint(buf, i)
+        elif kind == 2:
+            size, i = varint(buf, i)
+            value, i = buf[i : i + size], i + size
+        elif kind == 1:
+            value, i = buf[i : i + 8], i + 8
+        else:
+            value, i = buf[i : i + 4], i + 4
+        yield key >> 3, value
+
+
+def first_certificate_serial(der):
+    from cryptography import x509
+
+    size = der[1]
+    if size & 0x80:
+        count = size & 0x7F
+        size, start = int.from_bytes(der[2 : 2 + count], "big"), 2 + count
+    else:
+        start = 2
+    return x509.load_der_x509_certificate(der[: start + size]).serial_number
+
+
+def svids(message):  # X509SVIDResponse.svids: (spiffe_id, leaf serial), in order
+    found = []
+    for number, svid in fields(message):
+        if number == 1:
+            parts = dict(fields(svid))
+            found.append((parts[1].decode(), first_certificate_serial(parts[2])))
+    return found
+
+
+def report(message, **extra):
+    got = svids(message)
+    out(ids=[i for i, _ in got], serials=[s for _, s in got], **extra)
+
+
+def call(path):
+    import grpc
+
+    channel = grpc.insecure_channel("unix:" + path)
+    method = channel.unary_stream(
+        "/SpiffeWorkloadAPI/FetchX509SVID", request_serializer=lambda _: b"", response_deserializer=lambda raw: raw
+    )
+    return grpc, method(b"", metadata=(("workload.spiffe.io", "true"),), timeout=60)
+
+
+def fetch(path):
+    grpc, stream = call(path)
+    try:
+        first = next(stream)
+    except grpc.RpcError as err:
+        return out(code=err.code().name, details=err.details())
+    stream.cancel()
+    report(first, code="OK")
+
+
+def stream(path):
+    """Every response of one FetchX509SVID stream, then how it ended; stdin closing cancels it."""
+    grpc, responses = call(path)
+    threading.Thread(target=lambda: (sys.stdin.read(), responses.cancel()), daemon=True).start()
+    try:
+        for message in responses:
+            report(message, event="message")
+    except grpc.RpcError as err:
+        out(event="status", code=err.code().name, details=err.details())
+
+
+def follow_py_spiffe(path):
+    import spiffe
+
+    source = spiffe.X509Source(socket_path="unix://" + path, timeout_in_seconds=30)
+
+    def update():
+        svid = source.get_x509_context().default_svid
+        out(source="py-spiffe", id=str(svid.spiffe_id), serial=svid.leaf.serial_number)
+
+    source.subscribe_for_updates(update)
+    update()
+    sys.stdin.read()
+    source.close()
+
+
+def follow_meshid(path):
+    import meshid
+
+    source = meshid.WorkloadApiSource("unix://" + path, timeout=30, max_backoff=0.5).start()
+
+    def update():
+        svid = source.get_svid()
+        out(source="meshid", id=str(svid.spiffe_id), serial=svid.serial)
+
+    source.subscribe(update)
+    update()
+    sys.stdin.read()
+    source.close()
+
+
+def read(path):
+    try:
+        with open(path, "rb"):
+            out(read="OK")
+    except OSError as err:
+        out(read=type(err).__name__)
+
+
+mode, path = sys.argv[1], sys.argv[2]
+{"fetch": fetch, "stream": stream, "follow-py-spiffe": follow_py_spiffe, "follow-meshid": follow_meshid, "read": read}[
+    mode
+](path)
+'''
+
+
+def unavailable(reason: str) -> None:
+    import os
+
+    import pytest
+
+    if os.environ.get("MESHID_REQUIRE_INTEROP") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def workload_users() -> dict[str, Any]:
+    """The pwd entries of USERS and of root; skips (see above) when they cannot be used."""
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        unavailable("starting workloads as other Unix users needs root (CI runs as root)")
+    found, missing = {"root": pwd.getpwuid(0)}, []
+    for name in USERS:
+        try:
+            found[name] = pwd.getpwnam(name)
+        except KeyError:
+            missing.append(name)
+    if missing:
+        unavailable(f"the test users {', '.join(missing)} do not exist; .ci/run creates them with useradd --system")
+    return found
+
+
+def as_user(user: Any, args: list[str]) -> list[str]:
+    """``args`` run as ``user`` (a pwd entry) through setpriv, with no supplementary groups."""
+    import shutil
+
+    setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+    return [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *args]
+
+
+@dataclass(frozen=True)
+class WorkloadPython:
+    executable: str
+    env: dict[str, str]
+
+
+def workload_python(user: Any) -> WorkloadPython:
+    """A Python of this version that ``user`` can run, with meshid and the test packages."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    root = Path(meshid.__file__).resolve().parent.parent
+    paths = [str(root), *dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))]
+    env = {
+        "PYTHONPATH": os.pathsep.join(paths),
+        "PATH": "/usr/bin:/bin",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "GRPC_VERBOSITY": "ERROR",  # grpc's C core logs each dropped connection otherwise
+    }
+    version = "{}.{}".format(*sys.version_info[:2])
+    candidates = [os.path.realpath(sys.executable), f"/usr/bin/python{version}", shutil.which(f"python{version}")]
+    tried = []
+    for executable in dict.fromkeys(c for c in candidates if c):
+        probe = [executable, "-S", "-c", "import sys, grpc, spiffe, meshid; print('%d.%d' % sys.version_info[:2])"]
+        done = subprocess.run(as_user(user, probe), env=env, cwd="/", capture_output=True, text=True, timeout=60)
+        if done.returncode == 0 and done.stdout.strip() == version:
+            return WorkloadPython(executable, env)
+        tried.append(f"{executable}: {(done.stderr.strip().splitlines() or [done.stdout.strip()])[-1]}")
+    unavailable(f"no Python {version} that {user.pw_name} can run with meshid's packages ({'; '.join(tried)})")
+    raise AssertionError("unreachable")
+
+
+class Workload:
+    """WORKLOAD_CLIENT run as a user; a thread collects its JSON lines (and any other output)."""
+
+    def __init__(self, python: WorkloadPython, user: Any, client: Path, *args: str) -> None:
+        import subprocess
+        import threading
+
+        self.user = user.pw_name
+        self.proc = subprocess.Popen(
+            as_user(user, [python.executable, "-S", str(client), *args]),
+            env=python.env,
+            cwd=str(client.parent),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, name="test-workload-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        import json
+
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.lines.append({"output": line.rstrip()})
+
+    def line(self, key: str, timeout: float = 30) -> dict[str, Any]:
+        """The first line holding ``key``, once printed."""
+        from support import eventually
+
+        found = eventually(
+            lambda: next((x for x in list(self.lines) if key in x), None),
+            timeout,
+            f"a line with {key!r} from {self.user}'s workload: {self.lines}",
+        )
+        assert isinstance(found, dict)
+        return found
+
+    def serials(self) -> list[tuple[str, int]]:
+        """The (SPIFFE ID, serial) of each update a follower printed, in order, repeats removed."""
+        seen: list[tuple[str, int]] = []
+        for line in list(self.lines):
+            if "serial" in line and (not seen or seen[-1] != (line["id"], line["serial"])):
+                seen.append((line["id"], line["serial"]))
+        return seen
+
+    def stop(self) -> None:
+        import contextlib
+        import subprocess
+
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
