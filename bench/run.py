@@ -3,7 +3,8 @@
 Sections: [core] (below), [ca] issuance throughput (bench/issuance.py), [rotation] latency and
 failures while SVIDs rotate (bench/rotation.py), [replicas] issuance on PostgreSQL with one and
 two CA replicas next to SQLite (bench/replicas.py), [memory] server and CA memory under floods of
-long method names and under renewals (bench/memory.py).
+long method names and under renewals (bench/memory.py), [node-agent] batch issuance against
+per-workload renewal, Workload API fetch latency and the node agent's RSS (bench/node_agent.py).
 
 Issue #2 (core):
   * median latency of a unary RPC on an mTLS server with meshid's interceptor and a
@@ -175,6 +176,7 @@ def main() -> int:
     if not args.core_only:
         import issuance  # bench/issuance.py: issue #3
         import memory  # bench/memory.py: issue #10
+        import node_agent  # bench/node_agent.py: issue #12
         import replicas  # bench/replicas.py: issue #7
         import rotation  # bench/rotation.py: issue #4
 
@@ -182,6 +184,7 @@ def main() -> int:
         rotation.run()
         replicas.run()
         memory.run()
+        node_agent.run()
     return 0
 
 
