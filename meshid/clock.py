@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Protocol, runtime_checkable
 
-__all__ = ["SYSTEM_CLOCK", "Clock", "ManualClock", "SystemClock"]
+__all__ = ["SYSTEM_CLOCK", "Clock", "ManualClock", "OffsetClock", "SystemClock"]
 
 
 @runtime_checkable
@@ -52,6 +52,26 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+class OffsetClock:
+    """Another clock's time, ``offset`` ahead (or behind): a host whose wall clock is off.
+    Its monotonic clock and its waits are the other clock's."""
+
+    __slots__ = ("_base", "_offset")
+
+    def __init__(self, base: Clock, offset: datetime.timedelta) -> None:
+        self._base = base
+        self._offset = offset
+
+    def now(self) -> datetime.datetime:
+        return self._base.now() + self._offset
+
+    def monotonic(self) -> float:
+        return self._base.monotonic()
+
+    def wait(self, event: threading.Event, timeout: float | None) -> bool:
+        return self._base.wait(event, timeout)
 
 
 class ManualClock:

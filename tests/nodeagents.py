@@ -125,7 +125,7 @@ class AgentCa:
         )
         ttl = {} if max_ttl is None else {"max_ttl": max_ttl}  # max_ttl caps the agents' own SVIDs too
         init_data_dir(folder, TD, agent_ca=agent_ca, agent_id_template=template, **ttl)  # type: ignore[arg-type]
-        self.server = CaServer(folder, "127.0.0.1:0", clock=None if clock is None else clock.now)
+        self.server = CaServer(folder, "127.0.0.1:0", clock=clock)
         self.address = f"127.0.0.1:{self.server.start()}"
         self.bundle_file = folder / "bundle.pem"
         self.bundles = meshid.BundleSet.of(meshid.TrustBundle.load(TD, self.bundle_file))
@@ -137,7 +137,7 @@ class AgentCa:
     def restart(self) -> None:
         """Stop the CA (if it runs) and serve the same folder on the same address again."""
         self.stop()
-        self.server = CaServer(self.folder, self.address, clock=None if self.clock is None else self.clock.now)
+        self.server = CaServer(self.folder, self.address, clock=self.clock)
         self.server.start()
 
     def admin(self) -> AdminClient:

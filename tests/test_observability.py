@@ -57,7 +57,7 @@ def test_ca_and_renewals_are_counted_and_expiry_is_exported(tmp_path, metrics_ur
     # lifetimes keep what the CA signs on it valid on the real clock that TLS checks.
     clock = ManualClock()
     init_data_dir(tmp_path / "ca", "example.org")
-    server = CaServer(tmp_path / "ca", "127.0.0.1:0", clock=clock.now)
+    server = CaServer(tmp_path / "ca", "127.0.0.1:0", clock=clock)
     address = f"127.0.0.1:{server.start()}"
     workload = "spiffe://example.org/ns/prod/sa/metered"
     try:

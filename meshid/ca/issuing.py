@@ -21,7 +21,6 @@ import hashlib
 import re
 import secrets
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from meshid.ca.crl import build_crl
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
 from meshid.ca.selectors import parse_selectors
 from meshid.ca.store import Entry, Signer, Store
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import (
     InvalidRequestError,
     InvalidSpiffeIdError,
@@ -139,17 +139,17 @@ class IssuingService:
         max_ttl: datetime.timedelta = datetime.timedelta(hours=24),
         creations_per_minute: int = 60,
         max_csr_bytes: int = MAX_CSR_BYTES,
-        clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.authority = authority
         self.store = store
         self.max_ttl = max_ttl
         self._max_csr_bytes = max_csr_bytes
         self._clock = clock
-        self._limits = _RateLimit(creations_per_minute, time.monotonic)
+        self._limits = _RateLimit(creations_per_minute, clock.monotonic)
         self._crl_lock = threading.Lock()
         self._crl: tuple[bytes, int, datetime.datetime, frozenset[int]] | None = None
-        self._revoked = {r.serial for r in store.revoked_unexpired(clock())}
+        self._revoked = {r.serial for r in store.revoked_unexpired(clock.now())}
 
     def set_authority(self, authority: Authority) -> None:
         """Sign with ``authority`` from now on (after a key rotation); the next CRL is signed by it."""
@@ -161,7 +161,7 @@ class IssuingService:
 
     def now(self) -> datetime.datetime:
         """The time on the CA's clock."""
-        return self._clock()
+        return self._clock.now()
 
     # --- workloads -------------------------------------------------------------------------
 
@@ -186,7 +186,7 @@ class IssuingService:
         if not isinstance(token, str) or not token or len(token) > 512:
             raise TokenError("join token: missing or malformed")
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
-        now = self._clock()
+        now = self._clock.now()
         entry, chain = self.store.issue_with_token(token_hash(token), now, self.signer(csr.public_key, now))
         return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
 
@@ -226,18 +226,18 @@ class IssuingService:
             raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more")
         if self.is_revoked(caller_serial):
             raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} is revoked")
-        now = self._clock()
+        now = self._clock.now()
         entry, chain = self.store.record_issuance(caller, now, self.signer(csr.public_key, now))
         new_serial = chain[0].serial_number  # type: ignore[index]
         if self.is_revoked(caller_serial):  # revoked while we signed: the new one goes too
-            self.store.revoke_serial(new_serial, self._clock())
+            self.store.revoke_serial(new_serial, self._clock.now())
             self._revoked.add(new_serial)
             raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} was revoked meanwhile")
         return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
 
     def issue_internal(self, spiffe_id: SpiffeId, public_key: object) -> tuple[x509.Certificate, ...]:
         """Sign for one of the CA's own entries (its server, the admin) and record it."""
-        now = self._clock()
+        now = self._clock.now()
         _, chain = self.store.record_issuance(spiffe_id, now, self.signer(public_key, now, capped=False))
         return chain  # type: ignore[return-value]
 
@@ -246,7 +246,7 @@ class IssuingService:
 
     def crl(self) -> tuple[bytes, int]:
         """The current signed CRL (DER) and its number; rebuilt after a revocation or half-way to next update."""
-        now = self._clock()
+        now = self._clock.now()
         with self._crl_lock:
             # Read from the store each time: another replica on the same database may have
             # revoked something; the CRL is rebuilt (with the next number) when the list differs.
@@ -347,7 +347,7 @@ class IssuingService:
             )
         ttl = DEFAULT_TTL if ttl is None or ttl <= datetime.timedelta(0) else ttl
         self._limits.take(admin, "registration entries")
-        created = self._clock().replace(microsecond=0)
+        created = self._clock.now().replace(microsecond=0)
         entry = Entry(sid, tuple(dict.fromkeys(names)), min(ttl, self.max_ttl), created, parent, chosen)
         self.store.create_entry(entry)
         return entry
@@ -404,7 +404,7 @@ class IssuingService:
         ttl = DEFAULT_TOKEN_TTL if ttl is None or ttl <= datetime.timedelta(0) else min(ttl, MAX_TOKEN_TTL)
         self._limits.take(admin, "join tokens")
         token = f"{self.authority.trust_domain.name}:{secrets.token_urlsafe(32)}"
-        expires_at = self._clock().replace(microsecond=0) + ttl
+        expires_at = self._clock.now().replace(microsecond=0) + ttl
         if agent:
             self.store.add_agent_token(token_hash(token), sid, expires_at)
         else:
@@ -413,7 +413,7 @@ class IssuingService:
 
     def revoke(self, *, serial: str = "", spiffe_id: str = "") -> list[int]:
         """Revoke one serial (hex) or every unexpired SVID of a SPIFFE ID; the next CRL lists them."""
-        now = self._clock()
+        now = self._clock.now()
         if serial:
             try:
                 number = int(serial, 16)

@@ -15,7 +15,6 @@ import logging
 import os
 import pathlib
 import threading
-from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -33,6 +32,7 @@ from meshid.ca.bootstrap import anonymous_root_pem
 from meshid.ca.datadir import load_authority, load_x509pop, open_service, refresh_admin_svid, retire_due_roots
 from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
 from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
+from meshid.clock import Clock
 from meshid.errors import ListenError, MeshIdError
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.sources import StaticSource
@@ -96,7 +96,7 @@ class CaServer:
         *,
         max_workers: int = 16,
         poll_interval: float = 0.5,
-        clock: Callable[[], datetime.datetime] | None = None,
+        clock: Clock | None = None,
         datastore: str | None = None,
     ) -> None:
         self._poll_interval = poll_interval

@@ -48,7 +48,7 @@ class RunningCa:
         self.bundle_file = folder / "bundle.pem"
 
     def _server(self, listen: str) -> CaServer:
-        return CaServer(self.folder, listen, clock=None if self.clock is None else self.clock.now)
+        return CaServer(self.folder, listen, clock=self.clock)
 
     def stop(self) -> None:
         if self.server is not None:

@@ -15,7 +15,7 @@ from meshid.agent import IssuerSource
 from meshid.ca.client import AdminClient
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
-from meshid.clock import ManualClock
+from meshid.clock import ManualClock, OffsetClock
 
 pytestmark = pytest.mark.timeout(60)
 WORKLOAD = "spiffe://example.org/ns/prod/sa/skewed"
@@ -24,7 +24,7 @@ SKEW = datetime.timedelta(minutes=3)
 
 def _skewed_ca(folder, clock: ManualClock, offset: datetime.timedelta) -> CaServer:
     init_data_dir(folder, "example.org", max_ttl=datetime.timedelta(hours=1))
-    server = CaServer(folder, "127.0.0.1:0", clock=lambda: clock.now() + offset)
+    server = CaServer(folder, "127.0.0.1:0", clock=OffsetClock(clock, offset))
     server.start()
     return server
 

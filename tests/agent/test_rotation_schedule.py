@@ -59,7 +59,7 @@ def presented_serial(port: int, svid: meshid.X509Svid, roots_pem: bytes, folder:
 def test_ten_renewals_each_on_a_manual_clock_with_zero_failed_calls(tmp_path: Path) -> None:
     clock = ManualClock()
     init_data_dir(tmp_path / "ca", TD, max_ttl=datetime.timedelta(hours=1))
-    ca = CaServer(tmp_path / "ca", "127.0.0.1:0", clock=clock.now)
+    ca = CaServer(tmp_path / "ca", "127.0.0.1:0", clock=clock)
     address = f"127.0.0.1:{ca.start()}"
     try:
         bundle_file = tmp_path / "ca" / "bundle.pem"
