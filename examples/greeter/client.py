@@ -1,14 +1,19 @@
-"""Call the greeter once as the workload whose SVID is in --dir.
+"""Call the greeter once as the workload whose SVID is in --dir, or that a node agent serves.
 
     python examples/greeter/client.py --dir DIR --target 127.0.0.1:50051 \
         --server-id spiffe://example.org/ns/prod/sa/greeter
+    python examples/greeter/client.py --workload-api unix:///PATH --target ... --server-id ...
 
-Exit 0 on success; otherwise prints the status code and message and exits 1.
+Exactly one of --dir (svid.pem, svid.key, bundle.pem) and --workload-api (a SPIFFE Workload API
+socket, e.g. of `meshid agent --node`, which attests this process by its kernel credentials).
+Exit 0 on success; otherwise prints the status code and message (or why there is no SVID) and
+exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -19,9 +24,22 @@ import meshid
 from meshid._proto import greeter_pb2, greeter_pb2_grpc
 
 
+def identity_source(args: argparse.Namespace) -> meshid.FileSource | meshid.WorkloadApiSource:
+    """The source --dir or --workload-api names (not started)."""
+    if args.workload_api:
+        return meshid.WorkloadApiSource(args.workload_api, timeout=args.wait)
+    files = [os.path.join(args.dir, n) for n in ("svid.pem", "svid.key", "bundle.pem")]
+    return meshid.FileSource(*files, poll_interval=0.2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", required=True)
+    identity = parser.add_mutually_exclusive_group(required=True)
+    identity.add_argument("--dir", help="folder with svid.pem, svid.key, bundle.pem")
+    identity.add_argument("--workload-api", metavar="unix:///PATH", help="a SPIFFE Workload API socket (node agent)")
+    parser.add_argument(
+        "--wait", type=float, default=10, metavar="SECONDS", help="with --workload-api: how long to wait for an SVID"
+    )
     parser.add_argument("--target", required=True)
     parser.add_argument("--server-id", required=True)
     parser.add_argument("--name", default="world")
@@ -29,8 +47,12 @@ def main() -> int:
         "--talk", type=float, default=0, metavar="SECONDS", help="keep calling (5 per second) this long"
     )
     args = parser.parse_args()
-    files = [os.path.join(args.dir, n) for n in ("svid.pem", "svid.key", "bundle.pem")]
-    with meshid.FileSource(*files, poll_interval=0.2) as source:
+    try:
+        source = identity_source(args).start()
+    except (meshid.MeshIdError, ValueError) as err:  # e.g. the agent issued this process no identity
+        print(f"no SVID: {err}")
+        return 1
+    with contextlib.closing(source):
         me = source.get_svid().spiffe_id
         with meshid.secure_channel(args.target, source, server_id=args.server_id) as channel:
             stub = greeter_pb2_grpc.GreeterStub(channel)
@@ -45,7 +67,7 @@ def main() -> int:
     return 0
 
 
-def talk(stub: greeter_pb2_grpc.GreeterStub, source: meshid.FileSource, seconds: float) -> int:
+def talk(stub: greeter_pb2_grpc.GreeterStub, source: meshid.Source, seconds: float) -> int:
     """Call continuously; print whenever either side's certificate changes; exit 1 on any failure."""
     ok = failed = 0
     last: tuple[str, str] | None = None

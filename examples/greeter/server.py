@@ -1,14 +1,19 @@
 """The greeter service over mTLS, authorized by meshid's interceptor.
 
     python examples/greeter/server.py --dir DIR --policy examples/greeter/policy.yaml --port 50051
+    python examples/greeter/server.py --workload-api unix:///PATH --policy ... --port 50051
 
-DIR holds svid.pem, svid.key and bundle.pem; the server follows changes to them (rotation)
-and to the policy file. It prints "listening on PORT" once ready.
+Its identity comes from exactly one of: --dir, a folder holding svid.pem, svid.key and
+bundle.pem (written by `meshid svid fetch` or a `meshid agent --out` sidecar), or
+--workload-api, a SPIFFE Workload API socket (a node agent, `meshid agent --node`, which
+attests this process by its kernel credentials). Either way the server follows rotations, and
+changes to the policy file. It prints "listening on PORT" once ready.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -38,20 +43,31 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
         )
 
 
+def identity_source(args: argparse.Namespace) -> meshid.FileSource | meshid.WorkloadApiSource:
+    """The source --dir or --workload-api names (not started)."""
+    if args.workload_api:
+        return meshid.WorkloadApiSource(args.workload_api)
+    files = [os.path.join(args.dir, n) for n in ("svid.pem", "svid.key", "bundle.pem")]
+    return meshid.FileSource(*files, poll_interval=0.5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", required=True, help="folder with svid.pem, svid.key, bundle.pem")
+    identity = parser.add_mutually_exclusive_group(required=True)
+    identity.add_argument("--dir", help="folder with svid.pem, svid.key, bundle.pem")
+    identity.add_argument("--workload-api", metavar="unix:///PATH", help="a SPIFFE Workload API socket (node agent)")
     parser.add_argument("--policy", required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="greeter: %(name)s %(levelname)s %(message)s")
 
-    files = [os.path.join(args.dir, n) for n in ("svid.pem", "svid.key", "bundle.pem")]
-    with (
-        meshid.FileSource(*files, poll_interval=0.5) as source,
-        meshid.AuthorizationInterceptor(args.policy, source=source) as authz,
-    ):
+    try:
+        source = identity_source(args).start()
+    except (meshid.MeshIdError, ValueError) as err:  # e.g. the agent issued this process no identity
+        print(f"greeter: {err}", file=sys.stderr)
+        return 2
+    with contextlib.closing(source), meshid.AuthorizationInterceptor(args.policy, source=source) as authz:
         # grpc would otherwise set SO_REUSEPORT: a second server on the same port would start and
         # silently take a share of its connections. Without it, a port in use fails to bind.
         server = grpc.server(
