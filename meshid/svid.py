@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -44,9 +45,18 @@ def _hash_label(identity: SpiffeId | TrustDomain) -> str:
     return base64.b32encode(digest).decode().lower()
 
 
+# The CA asks for these names once per SVID it signs, for the same few IDs again at every
+# renewal: a bounded memo (IDs are at most 2 KiB, so a few MB at most) saves the hashing.
+@functools.lru_cache(maxsize=4096)
 def identity_dns_names(spiffe_id: SpiffeId) -> tuple[str, str]:
     """The identity DNS names of ``spiffe_id`` and of its trust domain."""
-    return identity_dns_name(spiffe_id), identity_dns_name(spiffe_id.trust_domain)
+    zone = _trust_domain_dns_name(spiffe_id.trust_domain)
+    return f"{_hash_label(spiffe_id)}.{zone}", zone
+
+
+@functools.lru_cache(maxsize=64)
+def _trust_domain_dns_name(trust_domain: TrustDomain) -> str:
+    return identity_dns_name(trust_domain)
 
 
 def spiffe_id_from_certificate(cert: x509.Certificate) -> SpiffeId:

@@ -141,27 +141,61 @@ def _build(
     )
     builder = (
         x509.CertificateBuilder()
-        .subject_name(subject)
         .issuer_name(issuer_name)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
+        .add_extension(_key_usage(ca=ca, rsa_leaf=rsa_leaf), critical=True)
+    )
+    return _finish(
+        builder,
+        subject=subject,
+        public_key=public_key,
+        not_before=not_before,
+        not_after=not_after,
+        authority_key_id=authority_key_id,
+        uris=uris,
+        dns_names=dns_names,
+        permitted_dns=permitted_dns,
+        leaf=not ca,
+    ).sign(signing_key, hash_for(signing_key))  # type: ignore[arg-type]
+
+
+def _key_usage(*, ca: bool, rsa_leaf: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=rsa_leaf,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+_LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
+def _finish(
+    builder: x509.CertificateBuilder,
+    *,
+    subject: x509.Name,
+    public_key: PublicKey,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    authority_key_id: x509.AuthorityKeyIdentifier,
+    uris: Sequence[str],
+    dns_names: Sequence[str],
+    permitted_dns: Sequence[str] | None,
+    leaf: bool,
+) -> x509.CertificateBuilder:
+    """The part of :func:`_build` after the issuer, basic constraints and key usage (set on ``builder``)."""
+    builder = (
+        builder.subject_name(subject)
         .public_key(public_key)
         .serial_number(random_serial())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not ca,
-                content_commitment=False,
-                key_encipherment=rsa_leaf,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(authority_key_id, critical=False)
     )
@@ -173,12 +207,9 @@ def _build(
         # DNS names only: cryptography's verifier refuses every chain with a URI name constraint.
         permitted: list[x509.GeneralName] = [x509.DNSName(d) for d in permitted_dns]
         builder = builder.add_extension(x509.NameConstraints(permitted, None), critical=True)
-    if not ca:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-    return builder.sign(signing_key, hash_for(signing_key))  # type: ignore[arg-type]
+    if leaf:
+        builder = builder.add_extension(_LEAF_EKU, critical=False)
+    return builder
 
 
 def _key_id(key: PrivateKey) -> str:
@@ -219,6 +250,27 @@ class Authority:
     private_key: PrivateKey = field(repr=False)
     chain: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
+    # What every leaf this CA signs shares (issuer, AKI, the fixed extensions), made once:
+    # sign_svid then builds only what differs per leaf.
+    _leaf_bases: tuple[x509.CertificateBuilder, x509.CertificateBuilder] = field(init=False, repr=False, compare=False)
+    _leaf_tail: tuple[x509.AuthorityKeyIdentifier, x509.NameAttribute[str], hashes.HashAlgorithm | None] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        def base(rsa_leaf: bool) -> x509.CertificateBuilder:
+            return (
+                x509.CertificateBuilder()
+                .issuer_name(self.certificate.subject)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(_key_usage(ca=False, rsa_leaf=rsa_leaf), critical=True)
+            )
+
+        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        organization = x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain.name[:64])
+        object.__setattr__(self, "_leaf_bases", (base(False), base(True)))
+        object.__setattr__(self, "_leaf_tail", (aki, organization, hash_for(self.private_key)))
 
     @classmethod
     def create_root(
@@ -365,18 +417,22 @@ class Authority:
             raise ValueError(f"CA: {spiffe_id} has no path; a leaf SVID must identify a workload")
         now = now or _now()
         not_after = min(now + ttl, self.certificate.not_valid_after_utc)
-        leaf = _build(
-            subject=_name(spiffe_id.path.rsplit("/", 1)[-1], self.trust_domain.name),
+        # As _build(issuer=self.certificate, ca=False, ...), from the parts made once in __post_init__.
+        authority_key_id, organization, algorithm = self._leaf_tail
+        common_name = x509.NameAttribute(NameOID.COMMON_NAME, spiffe_id.path.rsplit("/", 1)[-1][:64])
+        builder = _finish(
+            self._leaf_bases[isinstance(public_key, rsa.RSAPublicKey)],
+            subject=x509.Name([organization, common_name]),
             public_key=public_key,
-            issuer=self.certificate,
-            signing_key=self.private_key,
             not_before=now - CLOCK_SKEW,
             not_after=not_after,
-            ca=False,
+            authority_key_id=authority_key_id,
             uris=[str(spiffe_id)],
             dns_names=[*dict.fromkeys([*dns_names, *identity_dns_names(spiffe_id)])],
-            rsa_leaf=isinstance(public_key, rsa.RSAPublicKey),
+            permitted_dns=None,
+            leaf=True,
         )
+        leaf = builder.sign(self.private_key, algorithm)  # type: ignore[arg-type]
         return (leaf, *self.chain)
 
     def issue_svid(
