@@ -14,6 +14,7 @@ an :class:`Issuance`.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 import pathlib
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import verification
 
 from meshid._grpc import merge_options
 from meshid._proto import (
@@ -71,6 +73,8 @@ DEFAULT_TIMEOUT = 10.0
 BATCH_REQUEST_BYTES = 60 * 1024
 #: ... and under this many SVIDs (the CA's limit, meshid.ca.agents.MAX_BATCH).
 BATCH_REQUESTS = 1000
+#: A batch's sub-batches in flight at once (the CA serves each in its own thread).
+BATCHES_IN_FLIGHT = 3
 _CODES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
@@ -108,6 +112,10 @@ class Issuance:
 
 def _issuance(response: Any, key: Any) -> Issuance:
     svid, bundle = _svid_from(response, key)
+    return _lifetime(response, svid, bundle)
+
+
+def _lifetime(response: Any, svid: X509Svid, bundle: TrustBundle) -> Issuance:
     if response.issued_at:
         issued_at = datetime.datetime.fromtimestamp(response.issued_at, datetime.UTC)
         lifetime = svid.not_after - issued_at
@@ -272,6 +280,58 @@ class BatchSvid:
     message: str = ""
 
 
+class _BatchChecker:
+    """Checks the SVIDs of one batch call as :func:`_issuance` does, the work they share done once.
+
+    The SVIDs of a batch share one chain above the leaf and one bundle. The first SVID with a
+    given chain, bundle and trust domain gets all of :func:`_issuance`: the X509-SVID rules,
+    the key, RFC 5280 path validation to the bundle's roots, and the trust-domain scope of
+    every CA in the path. The issuing CA of that validated path is then the only trust anchor
+    for the next leaves under the same chain: each still gets the X509-SVID rules and the key
+    (:meth:`X509Svid.from_parts`), and cryptography's verifier checks its signature by that CA,
+    its validity now, that CA's name constraints and the end-entity policy. Name constraints
+    of the CAs above the issuing one also bind the leaf, so with any there every leaf gets
+    the whole path validation. The memo lives for one call (a few seconds).
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[object, ...], tuple[TrustDomain, TrustBundle, tuple[x509.Certificate, ...], Any]] = {}
+
+    def issuance(self, response: Any, key: Any) -> Issuance:
+        above = (tuple(response.chain[1:]), tuple(response.bundle.roots), response.bundle.sequence)
+        known = self._known.get(above)
+        if known is None or not response.chain:
+            issued = _issuance(response, key)
+            self._remember(above, issued)
+            return issued
+        td, bundle, intermediates, anchor = known
+        try:
+            leaf = x509.load_der_x509_certificate(response.chain[0])
+        except ValueError as err:
+            raise InvalidSvidError(f"X509-SVID: the CA returned an unreadable certificate: {err}") from err
+        svid = X509Svid.from_parts([leaf, *intermediates], key)
+        if anchor is None or svid.spiffe_id.trust_domain != td:
+            return _issuance(response, key)
+        BundleSet.verify_chain(anchor, leaf, (), now=None, what=str(svid.spiffe_id))
+        return _lifetime(response, svid, bundle)
+
+    def _remember(self, above: tuple[object, ...], issued: Issuance) -> None:
+        svid, bundle = issued.svid, issued.bundle
+        store = verification.Store(list(bundle.roots))
+        path = BundleSet.verify_chain(store, svid.leaf, svid.chain[1:], now=None, what=str(svid.spiffe_id))
+        constrained = any(_has_name_constraints(ca) for ca in path[2:])
+        anchor = None if constrained else verification.Store([path[1]])
+        self._known[above] = (svid.spiffe_id.trust_domain, bundle, svid.chain[1:], anchor)
+
+
+def _has_name_constraints(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.NameConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
 def _agent_issuance(what: str, response: Any, key: Any) -> Issuance:
     issued = _issuance(response, key)
     if not is_agent_id(issued.svid.spiffe_id):
@@ -395,31 +455,50 @@ class AgentClient:
         """SVIDs for ``(spiffe_id, private_key)`` pairs (one new key each), in order.
 
         Sent in as few batches as the CA's request limit allows (one durable commit each at
-        the CA). A refusal of one SVID is its result's ``code``; a refusal of a whole batch
-        (the agent evicted, the CA's store down) raises.
+        the CA), up to :data:`BATCHES_IN_FLIGHT` at once: the agent builds the next CSRs and
+        checks the last answer while the CA signs. A refusal of one SVID is its result's
+        ``code``; a refusal of a whole batch (the agent evicted, the CA's store down) raises,
+        and the batches still in flight are cancelled (any the CA already committed stay
+        issued, unused, as when the agent fails before it reads an answer).
 
         Raises:
             RemoteError: the CA refused a whole batch (``.code``) or is unreachable.
             InvalidSvidError: the CA answered with an SVID for another ID, or an unreadable one.
         """
         results: list[BatchSvid] = []
-        batch = agent_pb2.BatchNewX509SvidRequest()
-        keys: list[Any] = []
-        for spiffe_id, key in requests:
-            item = agent_pb2.SvidRequest(spiffe_id=spiffe_id, csr=build_csr(key))
-            if batch.requests and (
-                len(batch.requests) >= BATCH_REQUESTS or batch.ByteSize() + item.ByteSize() + 8 > BATCH_REQUEST_BYTES
-            ):
-                results += self._send(batch, keys)
-                batch, keys = agent_pb2.BatchNewX509SvidRequest(), []
-            batch.requests.append(item)
-            keys.append(key)
-        if batch.requests:
-            results += self._send(batch, keys)
+        in_flight: collections.deque[tuple[Any, Any, list[Any]]] = collections.deque()
+        checker = _BatchChecker()
+
+        def send(batch: Any, keys: list[Any]) -> None:
+            if len(in_flight) >= BATCHES_IN_FLIGHT:
+                results.extend(self._answer(*in_flight.popleft(), checker))
+            future = self._stub.BatchNewX509Svid.future(batch, timeout=self._timeout)
+            in_flight.append((future, batch, keys))
+
+        try:
+            batch = agent_pb2.BatchNewX509SvidRequest()
+            keys: list[Any] = []
+            for spiffe_id, key in requests:
+                item = agent_pb2.SvidRequest(spiffe_id=spiffe_id, csr=build_csr(key))
+                if batch.requests and (
+                    len(batch.requests) >= BATCH_REQUESTS
+                    or batch.ByteSize() + item.ByteSize() + 8 > BATCH_REQUEST_BYTES
+                ):
+                    send(batch, keys)
+                    batch, keys = agent_pb2.BatchNewX509SvidRequest(), []
+                batch.requests.append(item)
+                keys.append(key)
+            if batch.requests:
+                send(batch, keys)
+            while in_flight:
+                results.extend(self._answer(*in_flight.popleft(), checker))
+        finally:
+            for future, _, _ in in_flight:
+                future.cancel()
         return results
 
-    def _send(self, batch: Any, keys: list[Any]) -> list[BatchSvid]:
-        response = _call("batch", self._server, lambda: self._stub.BatchNewX509Svid(batch, timeout=self._timeout))
+    def _answer(self, future: Any, batch: Any, keys: list[Any], checker: _BatchChecker) -> list[BatchSvid]:
+        response = _call("batch", self._server, future.result)
         if len(response.results) != len(keys):
             raise InvalidSvidError(f"batch: the CA answered {len(response.results)} results for {len(keys)} requests")
         out = []
@@ -428,7 +507,7 @@ class AgentClient:
                 code = _CODES.get(result.code, "UNKNOWN") if result.code else "UNKNOWN"
                 out.append(BatchSvid(asked.spiffe_id, None, code, result.message))
                 continue
-            issued = _issuance(result.svid, key)
+            issued = checker.issuance(result.svid, key)
             if str(issued.svid.spiffe_id) != asked.spiffe_id:
                 raise InvalidSvidError(
                     f"batch: the CA answered an SVID for {issued.svid.spiffe_id} to a request for {asked.spiffe_id}"
