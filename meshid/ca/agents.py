@@ -250,7 +250,8 @@ class AgentService:
             except InvalidRequestError as err:
                 results.append(BatchResult(text, error=err))
                 continue
-            if caller_key is not None and public_key_der(csr.public_key) == caller_key:
+            key_der = public_key_der(csr.public_key)  # serialised once: compared, then hashed
+            if caller_key is not None and key_der == caller_key:
                 results.append(BatchResult(text, error=InvalidRequestError("CSR: it is over the agent's own key")))
                 continue
             if any(asked != text for asked in csr.requested_uris):
@@ -258,7 +259,7 @@ class AgentService:
                 results.append(BatchResult(text, error=refusal))
                 continue
             results.append(None)
-            items.append(BatchItem(sid, _key_sha256(csr.public_key), self._issuing.signer(csr.public_key, now)))
+            items.append(BatchItem(sid, hashlib.sha256(key_der).digest(), self._issuing.signer(csr.public_key, now)))
         outcomes = iter(self._store.issue_batch(caller, items, now) if items else [])
         bundle = self._issuing.bundle()
         done: list[BatchResult] = []
