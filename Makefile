@@ -18,7 +18,7 @@ demo: $(STAMP)
 # pytest exits 5 when it collects nothing: that is a failure here, never a pass.
 test: $(STAMP)
 	$(PY) scripts/genproto.py --check
-	$(PY) -m pytest -q; rc=$$?; \
+	$(PY) -m pytest -q --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
