@@ -85,19 +85,25 @@ class BatchNewX509SvidRequest(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[SvidRequest, _Mapping]]] = ...) -> None: ...
 
 class SvidResult(_message.Message):
-    __slots__ = ("spiffe_id", "svid", "code", "message")
+    __slots__ = ("spiffe_id", "code", "message", "certificate")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
-    SVID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
-    svid: _issuer_pb2.SvidResponse
     code: int
     message: str
-    def __init__(self, spiffe_id: _Optional[str] = ..., svid: _Optional[_Union[_issuer_pb2.SvidResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    certificate: bytes
+    def __init__(self, spiffe_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class BatchNewX509SvidResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "intermediates", "bundle", "issued_at")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATES_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SvidResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[SvidResult, _Mapping]]] = ...) -> None: ...
+    intermediates: _containers.RepeatedScalarFieldContainer[bytes]
+    bundle: _issuer_pb2.Bundle
+    issued_at: float
+    def __init__(self, results: _Optional[_Iterable[_Union[SvidResult, _Mapping]]] = ..., intermediates: _Optional[_Iterable[bytes]] = ..., bundle: _Optional[_Union[_issuer_pb2.Bundle, _Mapping]] = ..., issued_at: _Optional[float] = ...) -> None: ...

@@ -238,6 +238,7 @@ class AgentService:
         if self._issuing.is_revoked(caller_serial):
             raise NotAuthorizedError(f"batch: the SVID {caller_serial:x} of {caller} is revoked")
         now = self._issuing.now()
+        authority = self._issuing.authority  # one CA key for the whole batch (a rotation waits for the next)
         results: list[BatchResult | None] = []
         items: list[BatchItem] = []
         for text, csr_der in requests:
@@ -259,7 +260,8 @@ class AgentService:
                 results.append(BatchResult(text, error=refusal))
                 continue
             results.append(None)
-            items.append(BatchItem(sid, hashlib.sha256(key_der).digest(), self._issuing.signer(csr.public_key, now)))
+            signer = self._issuing.signer(csr.public_key, now, authority=authority)
+            items.append(BatchItem(sid, hashlib.sha256(key_der).digest(), signer))
         outcomes = iter(self._store.issue_batch(caller, items, now) if items else [])
         bundle = self._issuing.bundle()
         done: list[BatchResult] = []

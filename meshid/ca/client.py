@@ -297,21 +297,29 @@ class _BatchChecker:
     def __init__(self) -> None:
         self._known: dict[tuple[object, ...], tuple[TrustDomain, TrustBundle, tuple[x509.Certificate, ...], Any]] = {}
 
-    def issuance(self, response: Any, key: Any) -> Issuance:
-        above = (tuple(response.chain[1:]), tuple(response.bundle.roots), response.bundle.sequence)
+    def issuance(self, response: Any, certificate: bytes, key: Any) -> Issuance:
+        """The checked SVID of one result of ``response`` (a BatchNewX509SvidResponse): its leaf
+        ``certificate`` under the answer's intermediates and bundle."""
+        above = (tuple(response.intermediates), tuple(response.bundle.roots), response.bundle.sequence)
         known = self._known.get(above)
-        if known is None or not response.chain:
-            issued = _issuance(response, key)
+        if known is None:
+            whole = issuer_pb2.SvidResponse(
+                chain=[certificate, *response.intermediates], bundle=response.bundle, issued_at=response.issued_at
+            )
+            issued = _issuance(whole, key)
             self._remember(above, issued)
             return issued
         td, bundle, intermediates, anchor = known
         try:
-            leaf = x509.load_der_x509_certificate(response.chain[0])
+            leaf = x509.load_der_x509_certificate(certificate)
         except ValueError as err:
             raise InvalidSvidError(f"X509-SVID: the CA returned an unreadable certificate: {err}") from err
         svid = X509Svid.from_parts([leaf, *intermediates], key)
         if anchor is None or svid.spiffe_id.trust_domain != td:
-            return _issuance(response, key)
+            whole = issuer_pb2.SvidResponse(
+                chain=[certificate, *response.intermediates], bundle=response.bundle, issued_at=response.issued_at
+            )
+            return _issuance(whole, key)
         BundleSet.verify_chain(anchor, leaf, (), now=None, what=str(svid.spiffe_id))
         return _lifetime(response, svid, bundle)
 
@@ -503,11 +511,11 @@ class AgentClient:
             raise InvalidSvidError(f"batch: the CA answered {len(response.results)} results for {len(keys)} requests")
         out = []
         for asked, result, key in zip(batch.requests, response.results, keys, strict=True):
-            if result.code != 0 or not result.HasField("svid"):
+            if result.code != 0 or not result.certificate:
                 code = _CODES.get(result.code, "UNKNOWN") if result.code else "UNKNOWN"
                 out.append(BatchSvid(asked.spiffe_id, None, code, result.message))
                 continue
-            issued = checker.issuance(result.svid, key)
+            issued = checker.issuance(response, result.certificate, key)
             if str(issued.svid.spiffe_id) != asked.spiffe_id:
                 raise InvalidSvidError(
                     f"batch: the CA answered an SVID for {issued.svid.spiffe_id} to a request for {asked.spiffe_id}"

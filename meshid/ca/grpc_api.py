@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshid import metrics
@@ -299,17 +300,25 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         caller, serial, key = _caller(context, "batch")
         asked = [(r.spiffe_id, r.csr) for r in request.requests]
         results = _run(context, "batch", lambda: self._agents.batch_new_svids(caller, asked, serial, key))
-        messages = []
+        response = agent_pb2.BatchNewX509SvidResponse()
+        above: tuple[x509.Certificate, ...] | None = None
         for result in results:
             if result.issued is not None:
-                messages.append(agent_pb2.SvidResult(spiffe_id=result.spiffe_id, svid=_svid_response(result.issued)))
+                chain = result.issued.chain
+                if above is None:  # every SVID of a batch is signed by one CA key: its chain and bundle go once
+                    above = chain[1:]
+                    response.intermediates.extend(c.public_bytes(_DER) for c in above)
+                    response.bundle.CopyFrom(bundle_message(result.issued.bundle))
+                    response.issued_at = result.issued.issued_at.timestamp()
+                elif chain[1:] != above:
+                    context.abort(grpc.StatusCode.INTERNAL, "batch: the CA signed one batch with two keys")
+                response.results.add(spiffe_id=result.spiffe_id, certificate=chain[0].public_bytes(_DER))
             else:
                 assert result.error is not None
-                code = status_for(result.error)
-                messages.append(
-                    agent_pb2.SvidResult(spiffe_id=result.spiffe_id, code=code.value[0], message=str(result.error))
+                response.results.add(
+                    spiffe_id=result.spiffe_id, code=status_for(result.error).value[0], message=str(result.error)
                 )
         issued = sum(1 for r in results if r.issued is not None)
         metrics.CA_ISSUANCES.labels("batch").inc(issued)
         log.info("CA: node agent %s got %d of %d SVID(s) asked for in a batch", caller, issued, len(results))
-        return agent_pb2.BatchNewX509SvidResponse(results=messages)
+        return response

@@ -165,13 +165,22 @@ class IssuingService:
 
     # --- workloads -------------------------------------------------------------------------
 
-    def signer(self, public_key: object, now: datetime.datetime, *, capped: bool = True) -> Signer:
+    def signer(
+        self, public_key: object, now: datetime.datetime, *, capped: bool = True, authority: Authority | None = None
+    ) -> Signer:
         """Signs an entry's SVID over ``public_key`` at ``now`` (its TTL capped by the CA's
-        maximum unless ``capped`` is False); the result the store passes on is the chain."""
+        maximum unless ``capped`` is False) with ``authority`` (default: the one signing when
+        it is called); the result the store passes on is the chain."""
 
         def sign(entry: Entry) -> tuple[int, datetime.datetime, object]:
             ttl = min(entry.ttl, self.max_ttl) if capped else entry.ttl
-            chain = self.authority.sign_svid(entry.spiffe_id, public_key, ttl=ttl, dns_names=entry.dns_names, now=now)  # type: ignore[arg-type]
+            chain = (authority or self.authority).sign_svid(
+                entry.spiffe_id,
+                public_key,  # type: ignore[arg-type]
+                ttl=ttl,
+                dns_names=entry.dns_names,
+                now=now,
+            )
             return chain[0].serial_number, chain[0].not_valid_after_utc, chain
 
         return sign

@@ -11,6 +11,7 @@ way the CA opens it. What only one dialect does is in test_sqlite.py and test_po
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import re
 import secrets
@@ -807,7 +808,7 @@ def test_batch_that_fails_midway_records_nothing(store: Store) -> None:
     assert not any(isinstance(o, IssuanceError) for o in store.issue_batch(AGENT, items, NOW))
 
 
-def test_batch_holds_the_agent_so_an_eviction_waits_for_it(backend: Backend, store: Store) -> None:
+def test_batch_signs_with_no_lock_held_and_an_eviction_meanwhile_wins(backend: Backend, store: Store) -> None:
     attested(store)
     store.create_entry(child(WEB))
     seen_while_signing: list[bool] = []
@@ -817,8 +818,67 @@ def test_batch_holds_the_agent_so_an_eviction_waits_for_it(backend: Backend, sto
         return 0x51, NOW + HOUR, "signed"
 
     store.issue_batch(AGENT, [BatchItem(WEB, key(1), sign)], NOW)
-    assert seen_while_signing == [True]
+    assert seen_while_signing == [False]  # the CA signs while others may write
     assert backend.agent_is_locked(str(AGENT)) is False
+
+    def sign_and_be_evicted(e: Entry) -> tuple[int, datetime.datetime, object]:
+        store.evict_agent(AGENT, NOW)  # an admin, while the CA signs: the batch's write sees it
+        return 0x52, NOW + HOUR, "signed"
+
+    issued = {r.serial for r in store.list_issued()}
+    with pytest.raises(AttestationError, match="was evicted"):
+        store.issue_batch(AGENT, [BatchItem(WEB, key(2), sign_and_be_evicted)], NOW)
+    assert {r.serial for r in store.list_issued()} == issued  # 0x52 was never recorded
+
+
+def test_batch_signs_again_for_an_entry_changed_while_it_signed(store: Store) -> None:
+    attested(store)
+    store.create_entry(child(WEB))
+    seen: list[tuple[int, ...]] = []
+
+    def sign(e: Entry) -> tuple[int, datetime.datetime, object]:
+        seen.append(tuple(e.dns_names))
+        if len(seen) == 1:  # the first time: the entry is re-created with a DNS name meanwhile
+            store.delete_entry(WEB)
+            store.create_entry(dataclasses.replace(child(WEB), dns_names=("web.example.org",)))
+        return 0x60 + len(seen), NOW + HOUR, e
+
+    (outcome,) = store.issue_batch(AGENT, [BatchItem(WEB, key(1), sign)], NOW)
+    assert not isinstance(outcome, IssuanceError)
+    assert seen == [(), ("web.example.org",)]
+    assert outcome[0].dns_names == ("web.example.org",) and outcome[1] == outcome[0]
+    assert 0x61 not in {r.serial for r in store.list_issued()} and 0x62 in {r.serial for r in store.list_issued()}
+
+
+def test_batch_refuses_an_entry_reparented_while_it_signed(store: Store) -> None:
+    attested(store)
+    attested(store, OTHER_AGENT, key_n=2)
+    store.create_entry(child(WEB))
+
+    def sign(e: Entry) -> tuple[int, datetime.datetime, object]:
+        store.delete_entry(WEB)
+        store.create_entry(child(WEB, OTHER_AGENT))
+        return 0x70, NOW + HOUR, "signed"
+
+    (outcome,) = store.issue_batch(AGENT, [BatchItem(WEB, key(3), sign)], NOW)
+    assert isinstance(outcome, NotAuthorizedError) and "has no entry parented to" in str(outcome)
+    assert 0x70 not in {r.serial for r in store.list_issued()}
+
+
+def test_batch_signs_again_when_a_serial_is_taken(store: Store) -> None:
+    attested(store)
+    ids = [SpiffeId.parse(f"spiffe://example.org/ns/batch/sa/w{i}") for i in range(3)]
+    for sid in ids:
+        store.create_entry(child(sid))
+    serials = iter([0x80, 0x80, 0x81, 0x80, 0x82])  # w1 collides with w0 in the same statement, then is signed again
+
+    def sign(e: Entry) -> tuple[int, datetime.datetime, object]:
+        return next(serials), NOW + HOUR, "signed"
+
+    outcomes = store.issue_batch(AGENT, [BatchItem(sid, key(i + 1), sign) for i, sid in enumerate(ids)], NOW)
+    assert not any(isinstance(o, IssuanceError) for o in outcomes)
+    by_id = {str(r.spiffe_id): r.serial for r in store.list_issued() if r.spiffe_id != AGENT}
+    assert by_id == {str(ids[0]): 0x80, str(ids[1]): 0x82, str(ids[2]): 0x81}
 
 
 def test_store_failure_in_a_batch_is_store_error_and_records_nothing(backend: Backend, store: Store) -> None:

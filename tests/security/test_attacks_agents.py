@@ -127,8 +127,8 @@ def batch_as(w: World, who: str, spiffe_id: str, csr: bytes | None = None) -> tu
     if code != "OK":
         return code, details
     (result,) = response.results
-    if result.HasField("svid"):
-        return "OK", f"issued {x509.load_der_x509_certificate(result.svid.chain[0]).serial_number:x}"
+    if result.certificate:
+        return "OK", f"issued {x509.load_der_x509_certificate(result.certificate).serial_number:x}"
     return _code(result.code), result.message
 
 
@@ -262,7 +262,8 @@ def batch_svid_renewed_by_its_holder(w: World) -> tuple[str, str]:
     request = batch_request((WEB, build_csr(key)))
     with w.ca.channel(w.svids[NODE_1]) as channel:
         _, _, response = call(channel, f"{AGENT}/BatchNewX509Svid", request, agent_pb2.BatchNewX509SvidResponse)
-    chain = [x509.load_der_x509_certificate(der) for der in response.results[0].svid.chain]
+    ders = [response.results[0].certificate, *response.intermediates]
+    chain = [x509.load_der_x509_certificate(der) for der in ders]
     return issuer_renew_as(w, meshid.X509Svid.from_parts(chain, key))
 
 

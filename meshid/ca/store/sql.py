@@ -48,6 +48,8 @@ MAX_SERIAL_BITS = 160
 
 #: How many values one ``IN (...)`` list carries at most (SQLite's default limit is far above it).
 IN_CHUNK = 500
+#: How many certificate rows one INSERT carries at most (6 values each).
+INSERT_CHUNK = 250
 
 _SELECT_ENTRY = "SELECT spiffe_id, dns_names, ttl_seconds, created_at, parent_id, selectors FROM entries"
 _SELECT_ISSUED = "SELECT serial, spiffe_id, not_after, issued_at, revoked_at FROM certificates"
@@ -249,46 +251,134 @@ class SqlStore:
         return self._run(work, write=True)
 
     def issue_batch(self, agent_id: SpiffeId, items: Sequence[BatchItem], now: datetime.datetime) -> list[BatchOutcome]:
-        """In ONE transaction: check the node agent (known, not evicted), note it was seen, and
-        for each item in order either sign and record its certificate, or say why not.
+        """In ONE write transaction: check the node agent (known, not evicted), note it was seen,
+        and for each item in order either record its certificate, or say why not.
 
         An item is refused (its outcome is the error; the others go on) when its entry is not
         parented to ``agent_id`` (a missing entry gives the same answer, so an agent cannot
         probe which entries exist), when its key was certified before (by this batch or any
         earlier issuance that recorded its key), or when an earlier item asked for the same
         entry. Everything is committed together; if the transaction fails nothing is recorded.
-        Each ``sign`` is treated as in :meth:`issue_with_token`.
+
+        The certificates are signed *before* the write transaction, from a read of the agent
+        and the entries, so that no lock is held while the CA signs; the write transaction
+        then checks again what the read saw, signs again an item whose entry changed meanwhile
+        (or refuses it), and records all rows with one statement per few hundred. A serial
+        that is already taken is signed again, as in :meth:`issue_with_token`.
 
         Raises:
             AttestationError: the agent is unknown here, or evicted (nothing is written).
             StoreError: the database failed, or a signer kept returning recorded serials.
         """
         now_s = to_unix(now, "now")
+        wanted = {item.spiffe_id for item in items}
 
-        def work(tx: Transaction) -> list[BatchOutcome]:
+        def read(tx: Transaction) -> tuple[dict[SpiffeId, Entry], set[bytes]]:
+            self._check_agent(self._fetch_agent(tx, agent_id, lock=False), agent_id)
+            return self._fetch_entries(tx, wanted), self._used_keys(tx, [item.key_sha256 for item in items])
+
+        def signed_row(item: BatchItem, entry: Entry) -> tuple[dict[str, object], object]:
+            return self._signed_row(item.spiffe_id, now_s, functools.partial(item.sign, entry), item.key_sha256)[1:]
+
+        seen, used = self._run(read, write=False)
+        plan = self._plan_batch(agent_id, items, seen, used)
+        signed = {i: signed_row(item, seen[item.spiffe_id]) for i, item in enumerate(items) if plan[i] is None}
+
+        def write(tx: Transaction) -> list[BatchOutcome]:
             self._see_agent(tx, agent_id, now_s)
-            entries = self._fetch_entries(tx, {item.spiffe_id for item in items})
+            entries = self._fetch_entries(tx, wanted)
             used = self._used_keys(tx, [item.key_sha256 for item in items])
-            asked: set[SpiffeId] = set()
-            outcomes: list[BatchOutcome] = []
-            for item in items:
-                entry = entries.get(item.spiffe_id)
-                if entry is None or entry.parent_id != agent_id:
-                    outcomes.append(NotAuthorizedError(f"batch: {item.spiffe_id} has no entry parented to {agent_id}"))
-                elif item.spiffe_id in asked:
-                    outcomes.append(InvalidRequestError(f"batch: {item.spiffe_id} is asked for twice in one batch"))
-                elif item.key_sha256 in used:
-                    outcomes.append(InvalidRequestError(_KEY_REUSED))
-                else:
-                    asked.add(item.spiffe_id)
-                    used.add(item.key_sha256)
+            outcomes = self._plan_batch(agent_id, items, entries, used)
+            rows: dict[int, tuple[dict[str, object], object]] = {}
+            for i, item in enumerate(items):
+                if outcomes[i] is not None:
+                    continue
+                entry = entries[item.spiffe_id]
+                if i in signed and seen.get(item.spiffe_id) == entry:
+                    rows[i] = signed[i]
+                else:  # the entry changed (or appeared) since the read: signed again, from what it is now
+                    rows[i] = signed_row(item, entry)
+            taken = self._insert_certificates(tx, [row for row, _ in rows.values()])
+            for n, (i, (_, result)) in enumerate(rows.items()):
+                item = items[i]
+                if n in taken:  # rare: signed again, one by one, until a serial is free
                     _, _, result = self._sign_and_record(
-                        tx, entry.spiffe_id, now_s, functools.partial(item.sign, entry), key_sha256=item.key_sha256
-                    )
-                    outcomes.append((entry, result))
-            return outcomes
+                        tx, item.spiffe_id, now_s, functools.partial(item.sign, entries[item.spiffe_id]),
+                        key_sha256=item.key_sha256,
+                    )  # fmt: skip
+                outcomes[i] = (entries[item.spiffe_id], result)
+            return outcomes  # type: ignore[return-value]
 
-        return self._run(work, write=True)
+        return self._run(write, write=True)
+
+    @staticmethod
+    def _plan_batch(
+        agent_id: SpiffeId, items: Sequence[BatchItem], entries: dict[SpiffeId, Entry], used: set[bytes]
+    ) -> list[BatchOutcome | None]:
+        """Per item, why it is refused, or None where it is to be signed."""
+        asked: set[SpiffeId] = set()
+        used = set(used)
+        plan: list[BatchOutcome | None] = []
+        for item in items:
+            entry = entries.get(item.spiffe_id)
+            if entry is None or entry.parent_id != agent_id:
+                plan.append(NotAuthorizedError(f"batch: {item.spiffe_id} has no entry parented to {agent_id}"))
+            elif item.spiffe_id in asked:
+                plan.append(InvalidRequestError(f"batch: {item.spiffe_id} is asked for twice in one batch"))
+            elif item.key_sha256 in used:
+                plan.append(InvalidRequestError(_KEY_REUSED))
+            else:
+                asked.add(item.spiffe_id)
+                used.add(item.key_sha256)
+                plan.append(None)
+        return plan
+
+    def _insert_certificates(self, tx: Transaction, rows: Sequence[dict[str, object]]) -> set[int]:
+        """Insert the certificate rows whose serial is not recorded yet (nor an earlier row's);
+        returns the indexes of the rows that were not inserted.
+
+        One statement per :data:`INSERT_CHUNK` rows, the same on both databases (``ON CONFLICT
+        DO NOTHING``: SQLite 3.24+, PostgreSQL 9.5+; ``RETURNING``: SQLite 3.35+).
+        """
+        first: dict[object, int] = {}
+        for index, row in enumerate(rows):
+            first.setdefault(row["serial"], index)
+        unique = sorted(first.values())
+        taken = set(range(len(rows))) - set(unique)
+        for start in range(0, len(unique), INSERT_CHUNK):
+            chunk = [rows[i] for i in unique[start : start + INSERT_CHUNK]]
+            columns = tuple(chunk[0])
+            values = ", ".join(["(" + ", ".join("?" * len(columns)) + ")"] * len(chunk))
+            query = (
+                f"INSERT INTO certificates ({', '.join(columns)}) VALUES {values}"
+                " ON CONFLICT (serial) DO NOTHING RETURNING serial"
+            )
+            inserted = {row[0] for row in tx.execute(query, [row[c] for row in chunk for c in columns]).fetchall()}
+            taken.update(first[row["serial"]] for row in chunk if row["serial"] not in inserted)
+        return taken
+
+    def _signed_row(
+        self,
+        spiffe_id: SpiffeId,
+        now_s: int,
+        sign: Callable[[], tuple[int, datetime.datetime, object]],
+        key_sha256: bytes | None,
+    ) -> tuple[int, dict[str, object], object]:
+        """Call ``sign`` and check its serial; returns the serial, the certificate's row and the signer's result."""
+        serial, not_after, result = sign()
+        if isinstance(serial, bool) or not isinstance(serial, int):
+            raise TypeError(f"CA store: the signer returned a serial of type {type(serial).__name__}, not int")
+        if serial <= 0 or serial.bit_length() > MAX_SERIAL_BITS:
+            raise ValueError(f"CA store: the signer returned serial {serial:x}, not a positive 160-bit number")
+        row: dict[str, object] = {
+            "serial": hex_serial(serial),
+            "spiffe_id": str(spiffe_id),
+            "not_after": to_unix(not_after, "not_after"),
+            "issued_at": now_s,
+            "revoked_at": None,
+            "key_sha256": None if key_sha256 is None else bytes(key_sha256),
+        }
+        return serial, row, result
 
     def _sign_and_record(
         self,
@@ -301,22 +391,10 @@ class SqlStore:
     ) -> tuple[int, int, object]:
         """Sign (again while the serial is taken) and record; returns (serial, not_after_s, result)."""
         for _ in range(SIGN_ATTEMPTS):
-            serial, not_after, result = sign()
-            if isinstance(serial, bool) or not isinstance(serial, int):
-                raise TypeError(f"CA store: the signer returned a serial of type {type(serial).__name__}, not int")
-            if serial <= 0 or serial.bit_length() > MAX_SERIAL_BITS:
-                raise ValueError(f"CA store: the signer returned serial {serial:x}, not a positive 160-bit number")
-            row = {
-                "serial": hex_serial(serial),
-                "spiffe_id": str(spiffe_id),
-                "not_after": to_unix(not_after, "not_after"),
-                "issued_at": now_s,
-                "revoked_at": None,
-                "key_sha256": None if key_sha256 is None else bytes(key_sha256),
-            }
+            serial, row, result = self._signed_row(spiffe_id, now_s, sign, key_sha256)
             # A serial another caller's uncommitted transaction holds makes this wait for it.
             if self._dialect.insert_if_absent(tx, "certificates", "serial", row):
-                return serial, to_unix(not_after, "not_after"), result
+                return serial, row["not_after"], result  # type: ignore[return-value]
         raise StoreError(
             f"CA store {self._name}: the signer returned an already recorded serial {SIGN_ATTEMPTS} times;"
             " its serials are not random"
@@ -515,14 +593,19 @@ class SqlStore:
 
     def _see_agent(self, tx: Transaction, agent_id: SpiffeId, now_s: int) -> AgentRecord:
         """Lock the agent's row (an eviction waits for this transaction), check it, note it was seen."""
-        agent = self._fetch_agent(tx, agent_id, lock=True)
+        agent = self._check_agent(self._fetch_agent(tx, agent_id, lock=True), agent_id)
+        tx.execute("UPDATE agents SET last_seen = ? WHERE spiffe_id = ?", (now_s, str(agent_id)))
+        return agent
+
+    @staticmethod
+    def _check_agent(agent: AgentRecord | None, agent_id: SpiffeId) -> AgentRecord:
+        """``agent`` if it attested here and is not evicted."""
         if agent is None:
             raise AttestationError(f"node agent: {agent_id} is not known to this CA; it must attest first")
         if agent.evicted:
             raise AttestationError(
                 f"node agent: {agent_id} was evicted; it must attest again (a new join token, or x509pop)"
             )
-        tx.execute("UPDATE agents SET last_seen = ? WHERE spiffe_id = ?", (now_s, str(agent_id)))
         return agent
 
     def _fetch_agent(self, tx: Transaction, agent_id: SpiffeId, *, lock: bool) -> AgentRecord | None:
