@@ -12,7 +12,9 @@ import dataclasses
 import re
 import string
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from meshid.errors import InvalidSpiffeIdError, MeshIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
@@ -503,3 +505,48 @@ def test_frozen(obj: object, attr: str, value: object) -> None:
         setattr(obj, attr, value)
     with pytest.raises((AttributeError, TypeError)):
         obj.extra = 1  # type: ignore[attr-defined]
+
+
+# -- the one-pattern fast path agrees with the rules, for any input ---------------------------------
+
+_TD_OK = set(string.ascii_lowercase + string.digits + ".-_")
+_PATH_OK = set(string.ascii_letters + string.digits + ".-_")
+
+
+def follows_the_standard(text: str) -> bool:
+    """The SPIFFE ID standard's rules, written plainly (the reference the parser must agree with)."""
+    if not text.startswith("spiffe://") or len(text.encode("utf-8", "surrogatepass")) > 2048:
+        return False
+    name, slash, path = text[len("spiffe://") :].partition("/")
+    if not name or len(name) > 255 or not set(name) <= _TD_OK:
+        return False
+    return not slash or all(s not in ("", ".", "..") and set(s) <= _PATH_OK for s in path.split("/"))
+
+
+_CHARS = "spifeSPIFE:/aZ09._-%?#@ \n\u00e9"
+_IDS = st.one_of(
+    st.text(alphabet=_CHARS, max_size=40),
+    st.builds(
+        lambda td, segments: "spiffe://" + td + "".join("/" + s for s in segments),
+        st.text(alphabet="abz09._-A:@%", max_size=12),
+        st.lists(st.text(alphabet="aZ09._-%?#/ ", max_size=5), max_size=5),
+    ),
+)
+
+
+@hypothesis.settings(max_examples=3000, deadline=None)
+@hypothesis.given(_IDS)
+@hypothesis.example("spiffe://" + "a" * 255 + "/x")
+@hypothesis.example("spiffe://" + "a" * 256 + "/x")
+@hypothesis.example("spiffe://example.org/" + "x" * (2048 - len("spiffe://example.org/")))
+@hypothesis.example("spiffe://example.org/" + "x" * (2049 - len("spiffe://example.org/")))
+@hypothesis.example("spiffe://example.org/.../..x/x..")
+@hypothesis.example("spiffe://example.org/a/./b")
+def test_parse_accepts_exactly_what_the_standard_allows(text: str) -> None:
+    try:
+        parsed = SpiffeId.parse(text)
+    except InvalidSpiffeIdError:
+        assert not follows_the_standard(text)
+    else:
+        assert follows_the_standard(text)
+        assert str(parsed) == text and parsed == SpiffeId(TrustDomain(parsed.trust_domain.name), parsed.path)

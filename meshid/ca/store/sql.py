@@ -273,20 +273,26 @@ class SqlStore:
         now_s = to_unix(now, "now")
         wanted = {item.spiffe_id for item in items}
 
-        def read(tx: Transaction) -> tuple[dict[SpiffeId, Entry], set[bytes]]:
+        def read(tx: Transaction) -> tuple[dict[str, tuple[object, ...]], set[bytes]]:
             self._check_agent(self._fetch_agent(tx, agent_id, lock=False), agent_id)
-            return self._fetch_entries(tx, wanted), self._used_keys(tx, [item.key_sha256 for item in items])
+            return self._entry_rows(tx, wanted), self._used_keys(tx, [item.key_sha256 for item in items])
+
+        def seen_entry(text: str, row: tuple[object, ...]) -> Entry:
+            return seen_by_text[text] if seen_rows.get(text) == row else self._rows.entry(row)
 
         def signed_row(item: BatchItem, entry: Entry) -> tuple[dict[str, object], object]:
             return self._signed_row(item.spiffe_id, now_s, functools.partial(item.sign, entry), item.key_sha256)[1:]
 
-        seen, used = self._run(read, write=False)
+        seen_rows, used = self._run(read, write=False)
+        seen_by_text = {text: self._rows.entry(row) for text, row in seen_rows.items()}
+        seen = {entry.spiffe_id: entry for entry in seen_by_text.values()}
         plan = self._plan_batch(agent_id, items, seen, used)
         signed = {i: signed_row(item, seen[item.spiffe_id]) for i, item in enumerate(items) if plan[i] is None}
 
         def write(tx: Transaction) -> list[BatchOutcome]:
             self._see_agent(tx, agent_id, now_s)
-            entries = self._fetch_entries(tx, wanted)
+            rows_now = self._entry_rows(tx, wanted)  # decoded again only where a row changed
+            entries = {entry.spiffe_id: entry for entry in (seen_entry(text, row) for text, row in rows_now.items())}
             used = self._used_keys(tx, [item.key_sha256 for item in items])
             outcomes = self._plan_batch(agent_id, items, entries, used)
             rows: dict[int, tuple[dict[str, object], object]] = {}
@@ -294,7 +300,7 @@ class SqlStore:
                 if outcomes[i] is not None:
                     continue
                 entry = entries[item.spiffe_id]
-                if i in signed and seen.get(item.spiffe_id) == entry:
+                if i in signed and seen.get(item.spiffe_id) is entry:  # the row the signature was made from
                     rows[i] = signed[i]
                 else:  # the entry changed (or appeared) since the read: signed again, from what it is now
                     rows[i] = signed_row(item, entry)
@@ -614,14 +620,16 @@ class SqlStore:
         return None if row is None else self._rows.agent(row)
 
     def _fetch_entries(self, tx: Transaction, spiffe_ids: set[SpiffeId]) -> dict[SpiffeId, Entry]:
-        found: dict[SpiffeId, Entry] = {}
+        return {entry.spiffe_id: entry for entry in map(self._rows.entry, self._entry_rows(tx, spiffe_ids).values())}
+
+    def _entry_rows(self, tx: Transaction, spiffe_ids: set[SpiffeId]) -> dict[str, tuple[object, ...]]:
+        """The entries' rows as the database has them, by SPIFFE ID (not decoded)."""
+        found: dict[str, tuple[object, ...]] = {}
         wanted = sorted(str(s) for s in spiffe_ids)
         for start in range(0, len(wanted), IN_CHUNK):
             chunk = wanted[start : start + IN_CHUNK]
             rows = tx.execute(_SELECT_ENTRY + f" WHERE spiffe_id IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
-            for row in rows:
-                entry = self._rows.entry(row)
-                found[entry.spiffe_id] = entry
+            found.update((row[0], tuple(row)) for row in rows)
         return found
 
     def _used_keys(self, tx: Transaction, keys: Sequence[bytes]) -> set[bytes]:
