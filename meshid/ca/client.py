@@ -332,6 +332,11 @@ class _BatchChecker:
         self._known[above] = (svid.spiffe_id.trust_domain, bundle, svid.chain[1:], anchor)
 
 
+def _varint_size(value: int) -> int:
+    """How many bytes protobuf's varint encoding of ``value`` takes."""
+    return max(1, (value.bit_length() + 6) // 7)
+
+
 def _has_name_constraints(cert: x509.Certificate) -> bool:
     try:
         cert.extensions.get_extension_for_class(x509.NameConstraints)
@@ -486,16 +491,19 @@ class AgentClient:
         try:
             batch = agent_pb2.BatchNewX509SvidRequest()
             keys: list[Any] = []
+            size = 0  # batch.ByteSize(), kept as items are added (asking it each time is quadratic)
             for spiffe_id, key in requests:
                 item = agent_pb2.SvidRequest(spiffe_id=spiffe_id, csr=build_csr(key))
+                item_size = item.ByteSize()
+                item_size += 1 + _varint_size(item_size)  # the field's tag and length
                 if batch.requests and (
-                    len(batch.requests) >= BATCH_REQUESTS
-                    or batch.ByteSize() + item.ByteSize() + 8 > BATCH_REQUEST_BYTES
+                    len(batch.requests) >= BATCH_REQUESTS or size + item_size + 8 > BATCH_REQUEST_BYTES
                 ):
                     send(batch, keys)
-                    batch, keys = agent_pb2.BatchNewX509SvidRequest(), []
+                    batch, keys, size = agent_pb2.BatchNewX509SvidRequest(), [], 0
                 batch.requests.append(item)
                 keys.append(key)
+                size += item_size
             if batch.requests:
                 send(batch, keys)
             while in_flight:

@@ -24,6 +24,8 @@ MAX_CSR_BYTES = 16 * 1024
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+#: Builders are immutable: each CSR starts from this one (a node agent makes thousands at a time).
+_EMPTY_SUBJECT = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,7 @@ def build_csr(private_key: object, *, uri: str | None = None) -> bytes:
     """A minimal DER CSR over ``private_key`` (what workloads send). ``uri`` adds a URI SAN."""
     from cryptography.hazmat.primitives import hashes, serialization
 
-    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    builder = _EMPTY_SUBJECT
     if uri is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), False)
     algorithm = None if isinstance(private_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
