@@ -231,18 +231,20 @@ class IssuingService:
         for asked in (requested, *csr.requested_uris):
             if asked and asked != str(caller):
                 raise NotAuthorizedError(f"renewal: {caller} may renew only its own SPIFFE ID, not {asked[:200]}")
-        if self.store.get_entry(caller) is None:
-            raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more")
-        if self.is_revoked(caller_serial):
+        if caller_serial is not None and caller_serial in self._revoked:
             raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} is revoked")
         now = self._clock.now()
-        entry, chain = self.store.record_issuance(caller, now, self.signer(csr.public_key, now))
-        new_serial = chain[0].serial_number  # type: ignore[index]
-        if self.is_revoked(caller_serial):  # revoked while we signed: the new one goes too
-            self.store.revoke_serial(new_serial, self._clock.now())
-            self._revoked.add(new_serial)
-            raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} was revoked meanwhile")
-        return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
+        authority = self.authority  # the chain and the bundle below are this key's
+        try:
+            # One read and one write; the revocation of the caller's SVID is checked in both
+            # (one that lands while the CA signs is seen by the write: nothing is recorded).
+            entry, chain, sequence = self.store.renew(
+                caller, caller_serial, now, self.signer(csr.public_key, now, authority=authority)
+            )
+        except NotFoundError as err:
+            raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more") from err
+        bundle = TrustBundle(authority.trust_domain, authority.roots, sequence)
+        return Issued(entry.spiffe_id, chain, bundle, now)  # type: ignore[arg-type]
 
     def issue_internal(self, spiffe_id: SpiffeId, public_key: object) -> tuple[x509.Certificate, ...]:
         """Sign for one of the CA's own entries (its server, the admin) and record it."""

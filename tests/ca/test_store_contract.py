@@ -705,10 +705,11 @@ class CountingDialect:
         self.inner = inner
         self.name, self.schema, self.placeholder = inner.name, inner.schema, inner.placeholder
         self.for_update, self.for_share, self.restore_hint = inner.for_update, inner.for_share, inner.restore_hint
-        self.writes = self.committed = 0
+        self.writes = self.committed = self.reads = 0
 
     def run(self, work: Callable[[Connection], object], *, write: bool) -> object:
         self.writes += write
+        self.reads += not write
         result = self.inner.run(work, write=write)
         self.committed += write
         return result
@@ -889,3 +890,97 @@ def test_store_failure_in_a_batch_is_store_error_and_records_nothing(backend: Ba
         store.issue_batch(AGENT, [BatchItem(WEB, key(1), signer())], NOW)
     with contextlib.closing(open_store(backend.datastore)) as reopened:
         assert [r.spiffe_id for r in reopened.list_issued()] == [AGENT]
+
+
+# -- renewal ---------------------------------------------------------------------------------------
+
+
+def issued_serials(store: Store) -> set[int]:
+    return {r.serial for r in store.list_issued()}
+
+
+def test_a_renewal_is_one_read_and_one_write(counted: tuple[Store, CountingDialect]) -> None:
+    store, dialect = counted
+    store.create_entry(entry())
+    store.record_issuance(WORKLOAD, NOW, signer(0x10))
+    before = (dialect.reads, dialect.writes, dialect.committed)
+    got, result, sequence = store.renew(WORKLOAD, 0x10, NOW, signer(0x11))
+    assert (dialect.reads - before[0], dialect.writes - before[1], dialect.committed - before[2]) == (1, 1, 1)
+    assert (got, result, sequence) == (entry(), f"cert 11 for {WORKLOAD}", store.bundle_sequence())
+    assert issued_serials(store) == {0x10, 0x11}
+
+
+def test_a_renewal_signs_with_no_lock_held(store: Store) -> None:
+    store.create_entry(entry())
+
+    def sign(e: Entry) -> tuple[int, datetime.datetime, object]:
+        store.create_entry(entry(OTHER))  # another caller writes while the CA signs (a held lock would hang here)
+        return 0x20, NOW + HOUR, "signed"
+
+    assert store.renew(WORKLOAD, None, NOW, sign)[1] == "signed"
+    assert store.get_entry(OTHER) == entry(OTHER) and issued_serials(store) == {0x20}
+
+
+def test_a_renewal_by_a_revoked_svid_is_refused_and_records_nothing(store: Store) -> None:
+    store.create_entry(entry())
+    store.record_issuance(WORKLOAD, NOW, signer(0x30))
+    store.revoke_serial(0x30, NOW)
+    with pytest.raises(NotAuthorizedError, match=rf"^renewal: the SVID 30 of {WORKLOAD} is revoked$"):
+        store.renew(WORKLOAD, 0x30, NOW, signer(0x31))
+    assert issued_serials(store) == {0x30}
+
+
+def test_a_revocation_while_the_ca_signs_refuses_the_renewal(store: Store) -> None:
+    store.create_entry(entry())
+    store.record_issuance(WORKLOAD, NOW, signer(0x40))
+
+    def sign(e: Entry) -> tuple[int, datetime.datetime, object]:
+        store.revoke_serial(0x40, NOW)  # an admin, while the CA signs: the write sees it
+        return 0x41, NOW + HOUR, "signed"
+
+    with pytest.raises(NotAuthorizedError, match=rf"^renewal: the SVID 40 of {WORKLOAD} is revoked$"):
+        store.renew(WORKLOAD, 0x40, NOW, sign)
+    assert issued_serials(store) == {0x40}  # 0x41 was never recorded
+
+
+def test_a_renewal_signs_again_for_an_entry_changed_while_it_signed(store: Store) -> None:
+    store.create_entry(entry())
+    seen: list[tuple[str, ...]] = []
+
+    def sign(e: Entry) -> tuple[int, datetime.datetime, object]:
+        seen.append(tuple(e.dns_names))
+        if len(seen) == 1:
+            store.delete_entry(WORKLOAD)
+            store.create_entry(entry(WORKLOAD, "payments.example.org"))
+        return 0x50 + len(seen), NOW + HOUR, e
+
+    got, result, _ = store.renew(WORKLOAD, None, NOW, sign)
+    assert seen == [(), ("payments.example.org",)] and got == result == entry(WORKLOAD, "payments.example.org")
+    assert issued_serials(store) == {0x52}
+
+
+def test_a_renewal_whose_entry_went_while_it_signed_is_not_found(store: Store) -> None:
+    store.create_entry(entry())
+
+    def sign(e: Entry) -> tuple[int, datetime.datetime, object]:
+        store.delete_entry(WORKLOAD)
+        return 0x60, NOW + HOUR, "signed"
+
+    with pytest.raises(NotFoundError, match=rf"^registration entry: {WORKLOAD} not found$"):
+        store.renew(WORKLOAD, None, NOW, sign)
+    assert issued_serials(store) == set()
+
+
+def test_a_renewal_of_an_entry_with_a_parent_is_refused(store: Store) -> None:
+    attested(store)
+    store.create_entry(child(WEB))
+    with pytest.raises(NotAuthorizedError, match=rf"^registration entry: {WEB} is served by node agent {AGENT}"):
+        store.renew(WEB, None, NOW, signer())
+    assert [r.spiffe_id for r in store.list_issued()] == [AGENT]
+
+
+def test_a_renewal_signs_again_when_its_serial_is_taken(store: Store) -> None:
+    store.create_entry(entry())
+    store.record_issuance(WORKLOAD, NOW, signer(0x70))
+    assert store.renew(WORKLOAD, 0x70, NOW, signer(0x70, 0x71))[1] == f"cert 71 for {WORKLOAD}"
+    assert issued_serials(store) == {0x70, 0x71}

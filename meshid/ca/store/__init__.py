@@ -96,6 +96,19 @@ class Store(Protocol):
         """
         ...
 
+    def renew(
+        self, spiffe_id: SpiffeId, caller_serial: int | None, now: datetime.datetime, sign: Signer
+    ) -> tuple[Entry, object, int]:
+        """A renewal: one read (entry, the caller's revocation, the bundle sequence), ``sign(entry)``
+        with no lock held, one write that checks again and records; returns (entry, result,
+        bundle sequence).
+
+        Raises:
+            NotFoundError: no entry. NotAuthorizedError: the entry has a parent, or ``caller_serial``
+                is revoked (also while ``sign`` ran; nothing is recorded).
+        """
+        ...
+
     def issue_batch(self, agent_id: SpiffeId, items: Sequence[BatchItem], now: datetime.datetime) -> list[BatchOutcome]:
         """In ONE transaction: for each item, sign and record its certificate if its entry is
         parented to ``agent_id`` and its key is new, else give the error for that item.

@@ -250,6 +250,62 @@ class SqlStore:
 
         return self._run(work, write=True)
 
+    def renew(
+        self, spiffe_id: SpiffeId, caller_serial: int | None, now: datetime.datetime, sign: Signer
+    ) -> tuple[Entry, object, int]:
+        """A workload's renewal in one read and one write, with no lock held while ``sign`` runs;
+        returns the entry, ``sign``'s result and the bundle sequence.
+
+        The read gets the entry, whether the caller's certificate ``caller_serial`` is revoked
+        and the bundle sequence; ``sign(entry)`` is then called outside any transaction. The
+        write holds the caller's certificate row (a revocation of it waits, or was seen), checks
+        it again and the entry (signed again if the entry changed meanwhile), and records the
+        certificate; a taken serial is signed again as in :meth:`issue_with_token`.
+
+        Raises:
+            NotFoundError: no entry for ``spiffe_id`` (at the read or at the write).
+            NotAuthorizedError: the entry has a parent, or ``caller_serial`` is revoked (nothing
+                is recorded, also when the revocation landed while ``sign`` ran).
+            StoreError: the database failed, or ``sign`` kept returning recorded serials.
+        """
+        now_s = to_unix(now, "now")
+
+        def checked(tx: Transaction, *, lock: str) -> tuple[tuple[object, ...], Entry]:
+            row = tx.execute(_SELECT_ENTRY + " WHERE spiffe_id = ?" + lock, (str(spiffe_id),)).fetchone()
+            if row is None:
+                raise NotFoundError(f"registration entry: {spiffe_id} not found")
+            entry = self._rows.entry(row)
+            if entry.parent_id is not None:
+                raise NotAuthorizedError(
+                    f"registration entry: {spiffe_id} is served by node agent {entry.parent_id}; "
+                    "its SVIDs are issued only to that agent"
+                )
+            if caller_serial is not None:
+                revoked = tx.execute(
+                    "SELECT revoked_at FROM certificates WHERE serial = ?" + lock, (hex_serial(caller_serial),)
+                ).fetchone()
+                if revoked is not None and revoked[0] is not None:
+                    raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {spiffe_id} is revoked")
+            return tuple(row), entry
+
+        def read(tx: Transaction) -> tuple[tuple[object, ...], Entry, int]:
+            return (*checked(tx, lock=""), self._counter(tx, "bundle_sequence"))
+
+        seen_row, seen, sequence = self._run(read, write=False)
+        signed = self._signed_row(spiffe_id, now_s, functools.partial(sign, seen), None)[1:]
+
+        def write(tx: Transaction) -> tuple[Entry, object, int]:
+            row, entry = checked(tx, lock=self._dialect.for_share)
+            if row != seen_row:  # the entry changed since the read: signed again, from what it is now
+                _, _, result = self._sign_and_record(tx, spiffe_id, now_s, functools.partial(sign, entry))
+                return entry, result, sequence
+            cert_row, result = signed
+            if not self._dialect.insert_if_absent(tx, "certificates", "serial", cert_row):
+                _, _, result = self._sign_and_record(tx, spiffe_id, now_s, functools.partial(sign, seen))
+            return seen, result, sequence
+
+        return self._run(write, write=True)
+
     def issue_batch(self, agent_id: SpiffeId, items: Sequence[BatchItem], now: datetime.datetime) -> list[BatchOutcome]:
         """In ONE write transaction: check the node agent (known, not evicted), note it was seen,
         and for each item in order either record its certificate, or say why not.
