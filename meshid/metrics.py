@@ -43,11 +43,12 @@ _decisions: dict[tuple[str, str, str], itertools.count[int]] = {}
 MAX_DECISION_LABELS = 4096
 
 
-def count_decision(method: str, decision: str, rule: str | None) -> None:
-    """One decision: a dict lookup and an atomic increment.
+def decision_counter(method: str, decision: str, rule: str | None) -> itertools.count[int]:
+    """The counter of one label set: ``next()`` on it counts a decision (atomic, no lock).
 
     ``method`` must be a method the server implements, or ``(unknown)``: the interceptor never
-    passes a name the caller chose.
+    passes a name the caller chose. The interceptor keeps the counter with a memoised decision,
+    so a repeated decision costs one ``next()``.
     """
     key = (method, decision, rule or "")
     counter = _decisions.get(key)
@@ -55,7 +56,12 @@ def count_decision(method: str, decision: str, rule: str | None) -> None:
         if len(_decisions) >= MAX_DECISION_LABELS:
             key = ("(unknown)", decision, rule or "")
         counter = _decisions.setdefault(key, itertools.count(1))
-    next(counter)
+    return counter
+
+
+def count_decision(method: str, decision: str, rule: str | None) -> None:
+    """One decision: a dict lookup and an atomic increment."""
+    next(decision_counter(method, decision, rule))
 
 
 class _Decisions(Collector):

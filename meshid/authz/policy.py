@@ -25,12 +25,20 @@ MAX_POLICY_BYTES = 8 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class AuditOptions:
-    """gRFC A59 audit logging: when to call which audit loggers (``stdout_logger`` is built in)."""
+    """Which decisions a policy audits (gRFC A59's ``audit_condition``), and by which A59 loggers.
 
-    condition: str = "NONE"
+    ``condition`` is ``NONE``, ``ON_DENY``, ``ON_ALLOW`` or ``ON_DENY_AND_ALLOW``, or None when
+    the policy sets none: then every decision goes to the ``meshid.audit`` logger (whose level
+    chooses: INFO keeps allows and denies, WARNING denies only) and no A59 logger is called.
+    An audited decision is recorded on ``meshid.audit`` and by each of ``loggers``
+    (``stdout_logger`` is built in).
+    """
+
+    condition: str | None = None
     loggers: tuple[str, ...] = ()
 
     def wants(self, allowed: bool) -> bool:
+        """Whether the A59 loggers are called for a decision (never, without a condition)."""
         if self.condition == "ON_DENY_AND_ALLOW":
             return True
         if self.condition == "ON_DENY":
@@ -38,6 +46,10 @@ class AuditOptions:
         if self.condition == "ON_ALLOW":
             return allowed
         return False
+
+    def audits(self, allowed: bool) -> bool:
+        """Whether a decision is recorded on ``meshid.audit``: every one, without a condition."""
+        return self.condition is None or self.wants(allowed)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -127,6 +139,7 @@ class AuthorizationPolicy:
             non_spiffe_trust_domains=parsed_native.non_spiffe_trust_domains,
             require_pq_key_exchange=parsed_native.require_pq_key_exchange,
             allow_tls12=parsed_native.allow_tls12,
+            audit=AuditOptions(parsed_native.audit_condition),
             origin=origin,
         )
 
