@@ -53,6 +53,8 @@ __all__ = [
     "AgentEntry",
     "BatchSvid",
     "Issuance",
+    "IssuerClient",
+    "TrustUpdates",
     "attest_agent_with_token",
     "attest_agent_with_x509pop",
     "batch_new_svids_with_svid",
@@ -254,6 +256,77 @@ def get_crl_with_svid(
         return response.der, [x509.load_der_x509_certificate(der) for der in response.issuer_chain]
     except ValueError as err:
         raise VerificationError(f"CRL: the CA returned an unreadable issuer certificate: {err}") from err
+
+
+@dataclass(frozen=True, slots=True)
+class TrustUpdates:
+    """What :meth:`IssuerClient.trust_updates` brought: each part None when the caller's is current."""
+
+    bundle: TrustBundle | None
+    crl: tuple[bytes, list[x509.Certificate]] | None
+
+
+class IssuerClient:
+    """A workload's calls to the CA over one mTLS channel with its SVID: renewal and trust updates.
+
+    The channel (and its TLS connection) lasts as long as the client; a new SVID needs a new
+    client (the CA sees the SVID of the handshake). Use it from one thread.
+    """
+
+    def __init__(self, server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        td = svid.spiffe_id.trust_domain
+        self.server = server
+        self.svid = svid
+        self._td = td
+        self._timeout = timeout
+        self._channel = _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem())
+        self._stub = issuer_pb2_grpc.IssuerStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def renew(self, *, key_kind: str = "ec-p256") -> Issuance:
+        """A new SVID for the same SPIFFE ID over a new key (see :func:`renew_with_svid`).
+
+        Raises:
+            RemoteError: the CA refused (``.code``) or is unreachable.
+        """
+        key = generate_key(key_kind)
+        request = issuer_pb2.RenewRequest(csr=build_csr(key), spiffe_id=str(self.svid.spiffe_id))
+        response = _call("svid renew", self.server, lambda: self._stub.Renew(request, timeout=self._timeout))
+        return _issuance(response, key)
+
+    def trust_updates(self, bundle_sequence: int | None, crl_number: int | None) -> TrustUpdates:
+        """The CA's bundle and CRL, each only if it is not the one the caller has (one small call).
+
+        Raises:
+            RemoteError: the CA refused or is unreachable; ``UNIMPLEMENTED`` from a CA older than
+                this call (then ask with :func:`get_bundle_with_svid` and :func:`get_crl_with_svid`).
+            InvalidBundleError, VerificationError: an unreadable root or CRL issuer.
+        """
+        request = issuer_pb2.GetTrustUpdatesRequest(bundle_sequence=bundle_sequence or 0, crl_number=crl_number or 0)
+        response = _call(
+            "trust updates", self.server, lambda: self._stub.GetTrustUpdates(request, timeout=self._timeout)
+        )
+        bundle = crl = None
+        try:
+            if response.HasField("bundle"):
+                roots = tuple(x509.load_der_x509_certificate(der) for der in response.bundle.roots)
+                bundle = TrustBundle(self._td, roots, response.bundle.sequence or None)
+        except ValueError as err:
+            raise InvalidBundleError(f"trust bundle: the CA returned an unreadable root: {err}") from err
+        try:
+            if response.HasField("crl"):
+                crl = (response.crl.der, [x509.load_der_x509_certificate(der) for der in response.crl.issuer_chain])
+        except ValueError as err:
+            raise VerificationError(f"CRL: the CA returned an unreadable issuer certificate: {err}") from err
+        return TrustUpdates(bundle, crl)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> IssuerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- node agents -------------------------------------------------------------------------
