@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -196,6 +197,181 @@ def run_audit(folder: str, calls: int) -> dict[str, Any]:
     return results
 
 
+# -- refresh -------------------------------------------------------------------------------
+
+REFRESH_TARGET = 0.4
+REFRESH_WORKLOADS = 20
+REFRESHES_PER_HOUR = 60  # IssuerSource's default refresh_interval: 60 s
+
+
+def run_refresh(folder: str, rounds: int) -> dict[str, Any]:
+    """CA CPU per idle refresh: the old path (GetBundle + GetCrl, a new mTLS connection each) and
+    the new one (GetTrustUpdates on a kept channel, nothing changed), against one CA process,
+    alternating rounds of one refresh per workload."""
+    from issuance import cpu_seconds  # bench/issuance.py
+    from memory import children, start_ca  # bench/memory.py
+
+    from meshid.ca.client import AdminClient, IssuerClient, fetch_svid, get_bundle_with_svid, get_crl_with_svid
+
+    print(f"\n[hotpath] idle refreshes: CA CPU, {REFRESH_WORKLOADS} workloads x {rounds} rounds per path, alternating")
+    with children() as started:
+        ca, address, data = start_ca(pathlib.Path(folder) / "refresh", started)
+        workloads = []
+        with AdminClient(address, data) as admin:
+            for i in range(REFRESH_WORKLOADS):
+                sid = f"spiffe://{TD}/bench/refresh/{i}"
+                admin.create_entry(sid, [], datetime.timedelta(hours=1))
+                svid, bundle = fetch_svid(address, data / "bundle.pem", str(admin.create_token(sid).token))
+                workloads.append((svid, meshid.BundleSet.of(bundle)))
+        clients = [IssuerClient(address, svid, bundles) for svid, bundles in workloads]
+        have = []
+        for client in clients:  # what each agent holds after its first refresh
+            first = client.trust_updates(None, None)
+            assert first.bundle is not None and first.crl is not None
+            crl = meshid.RevocationList.from_der(*first.crl, meshid.BundleSet.of(first.bundle))
+            have.append((first.bundle.sequence, crl.number))
+
+        def old_round() -> None:
+            for svid, bundles in workloads:
+                get_bundle_with_svid(address, svid, bundles)
+                get_crl_with_svid(address, svid, bundles)
+
+        def new_round() -> None:
+            for client, (sequence, number) in zip(clients, have, strict=True):
+                updates = client.trust_updates(sequence, number)
+                assert updates.bundle is None and updates.crl is None, "nothing changed: nothing is sent"
+
+        spent = {"old": 0.0, "new": 0.0}
+        for _ in range(rounds):
+            for name, round_ in (("old", old_round), ("new", new_round)):
+                before = cpu_seconds(ca.proc.pid)
+                round_()
+                after = cpu_seconds(ca.proc.pid)
+                if before is None or after is None:
+                    print("  (no /proc: CA CPU not measured)")
+                    return {}
+                spent[name] += after - before
+        for client in clients:
+            client.close()
+    per = {k: v / (rounds * REFRESH_WORKLOADS) for k, v in spent.items()}
+    ratio = per["new"] / per["old"] if per["old"] else float("inf")
+    ok = ratio <= REFRESH_TARGET
+    for name, label in (("old", "GetBundle + GetCrl, new connection each"), ("new", "GetTrustUpdates, kept channel")):
+        hour = per[name] * REFRESHES_PER_HOUR
+        print(f"  {label:40} {per[name] * 1e3:7.2f} ms CA CPU/refresh  {hour * 1e3:7.1f} ms per agent-hour")
+    print(f"  ratio new / old                          {ratio:7.3f}   (target <= {REFRESH_TARGET}) {verdict(ok)}")
+    return {"old_ms": per["old"] * 1e3, "new_ms": per["new"] * 1e3, "ratio": ratio, "ok": ok}
+
+
+# -- startup -------------------------------------------------------------------------------
+
+IMPORT_TARGET = 1.7
+CHANNEL_TARGET = 2.0
+FIRST_RPC_TARGET = 1.05
+CORE_NAMES = ("secure_channel", "server_credentials", "AuthorizationInterceptor", "AuthorizationPolicy", "FileSource")
+
+
+def _import_time(statement: str) -> float:
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    return float(out.stdout.strip())
+
+
+def _channel_inputs(folder: str) -> tuple[meshid.FileSource, bytes, bytes, bytes, list[tuple[str, Any]]]:
+    source = meshid.FileSource(*(os.path.join(folder, "client", n) for n in ("svid.pem", "svid.key", "bundle.pem")))
+    svid = source.get_svid()
+    roots = source.get_bundles()[svid.spiffe_id.trust_domain].to_pem()
+    pin = [("grpc.ssl_target_name_override", meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER)))]
+    return source, roots, svid.key_pem(), svid.chain_pem(), pin
+
+
+def run_startup(folder: str, repeat: int) -> dict[str, Any]:
+    print(f"\n[hotpath] start-up: medians of {repeat} fresh processes / rounds, alternating")
+    results: dict[str, Any] = {}
+    core = "import meshid; " + "; ".join(f"meshid.{n}" for n in CORE_NAMES)
+    times: dict[str, list[float]] = {"grpc": [], "meshid": [], "core": []}
+    for _ in range(repeat):
+        times["grpc"].append(_import_time("import grpc"))
+        times["meshid"].append(_import_time("import meshid"))
+        times["core"].append(_import_time(core))
+    grpc_t, meshid_t, core_t = (statistics.median(times[k]) for k in ("grpc", "meshid", "core"))
+    ratio = meshid_t / grpc_t
+    print(f"  import grpc                              {grpc_t * 1e3:8.1f} ms")
+    print(
+        f"  import meshid                            {meshid_t * 1e3:8.1f} ms  ratio {ratio:6.3f} "
+        f"(target <= {IMPORT_TARGET}) {verdict(ratio <= IMPORT_TARGET)}"
+    )
+    core_ratio = core_t / grpc_t
+    print(
+        f"  import meshid + {', '.join(CORE_NAMES[:2])}, ... {core_t * 1e3:6.1f} ms  ratio {core_ratio:6.3f} "
+        "(for information: grpc, cryptography and meshid's core)"
+    )
+    results["import"] = {
+        "grpc_ms": grpc_t * 1e3,
+        "meshid_ms": meshid_t * 1e3,
+        "ratio": ratio,
+        "core_ms": core_t * 1e3,
+        "core_ratio": core_ratio,
+        "ok": ratio <= IMPORT_TARGET,
+    }
+
+    source, roots, key, chain, pin = _channel_inputs(folder)
+
+    def grpc_channel(target: str) -> grpc.Channel:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots, key, chain), options=pin)
+
+    def meshid_channel(target: str) -> Any:
+        return meshid.secure_channel(target, source, server_id=SERVER)
+
+    build: dict[str, list[float]] = {"grpc": [], "meshid": []}
+    for _ in range(repeat):
+        for name, make in (("grpc", grpc_channel), ("meshid", meshid_channel)):
+            made = []
+            t0 = time.perf_counter()
+            for _ in range(100):
+                made.append(make("127.0.0.1:1"))
+            build[name].append((time.perf_counter() - t0) / 100)
+            for c in made:
+                c.close()
+    g, m = statistics.median(build["grpc"]), statistics.median(build["meshid"])
+    ok = m / g <= CHANNEL_TARGET
+    print(f"  grpc.secure_channel                      {g * 1e6:8.1f} us")
+    print(
+        f"  meshid.secure_channel                    {m * 1e6:8.1f} us  ratio {m / g:6.3f} "
+        f"(target <= {CHANNEL_TARGET}) {verdict(ok)}"
+    )
+    results["channel"] = {"grpc_us": g * 1e6, "meshid_us": m * 1e6, "ratio": m / g, "ok": ok}
+
+    server_source = meshid.FileSource(
+        *(os.path.join(folder, "server", n) for n in ("svid.pem", "svid.key", "bundle.pem"))
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(server_source))
+    server.start()
+    first: dict[str, list[float]] = {"grpc": [], "meshid": []}
+    request = greeter_pb2.HelloRequest(name="bench")
+    try:
+        for _ in range(repeat * 3):
+            for name, make in (("grpc", grpc_channel), ("meshid", meshid_channel)):
+                t0 = time.perf_counter()
+                channel = make(f"127.0.0.1:{port}")
+                greeter_pb2_grpc.GreeterStub(channel).SayHello(request, timeout=10)
+                first[name].append(time.perf_counter() - t0)
+                channel.close()
+    finally:
+        server.stop(None)
+    g, m = statistics.median(first["grpc"]), statistics.median(first["meshid"])
+    ok = m / g <= FIRST_RPC_TARGET
+    print(f"  first RPC, grpc channel                  {g * 1e3:8.2f} ms (construction, handshake, call)")
+    print(
+        f"  first RPC, meshid channel                {m * 1e3:8.2f} ms  ratio {m / g:6.3f} "
+        f"(target <= {FIRST_RPC_TARGET}) {verdict(ok)}"
+    )
+    results["first_rpc"] = {"grpc_ms": g * 1e3, "meshid_ms": m * 1e3, "ratio": m / g, "ok": ok}
+    return results
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -208,7 +384,9 @@ def make_files(folder: str) -> Authority:
     return authority
 
 
-def run(only: list[str] | None = None, calls: int = 10000, as_json: bool = False) -> dict[str, Any]:
+def run(
+    only: list[str] | None = None, calls: int = 10000, as_json: bool = False, rounds: int = 10, repeat: int = 11
+) -> dict[str, Any]:
     parts = only or list(PARTS)
     print(f"\n[hotpath] load average {loadavg()} (1 min) before")
     results: dict[str, Any] = {}
@@ -216,6 +394,10 @@ def run(only: list[str] | None = None, calls: int = 10000, as_json: bool = False
         make_files(folder)
         if "audit" in parts:
             results["audit"] = run_audit(folder, calls)
+        if "refresh" in parts:
+            results["refresh"] = run_refresh(folder, rounds)
+        if "startup" in parts:
+            results["startup"] = run_startup(folder, repeat)
     print(f"[hotpath] load average {loadavg()} (1 min) after")
     if as_json:
         print(json.dumps(results, indent=2))
@@ -235,7 +417,10 @@ def main() -> int:
     if args.serve:
         serve(args.serve, args.setting, args.flavour)
         return 0
-    run(args.only, 2000 if args.quick else args.calls, args.json)
+    if args.quick:
+        run(args.only, 2000, args.json, rounds=2, repeat=5)
+    else:
+        run(args.only, args.calls, args.json)
     return 0  # a measurement: FAIL is printed, not an exit status
 
 

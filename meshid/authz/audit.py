@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps writes a str as
 from typing import Any
 
-from meshid import metrics
+from meshid import _decisions
 from meshid.authz.model import Decision
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.peer import PeerIdentity
@@ -88,7 +88,7 @@ def prepare(
     choose, so it is counted under ``(unknown)`` and shortened in records.
     """
     unauthenticated = (peer is None and not decision.allowed) or decision.reason == "revoked"
-    counter = metrics.decision_counter(
+    counter = _decisions.decision_counter(
         method if known else UNKNOWN_METHOD, "unauthenticated" if unauthenticated else decision.decision, decision.rule
     )
     method = shown(method, known)

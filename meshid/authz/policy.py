@@ -9,8 +9,6 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from meshid.authz import grpc_json, native
 from meshid.authz.model import CompiledRules, Decision, Rule
 from meshid.errors import InvalidPolicyError
@@ -171,6 +169,8 @@ class AuthorizationPolicy:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise InvalidPolicyError(f"policy {origin}: not UTF-8 text: {err}") from err
+        import yaml  # only for a YAML file: a JSON policy (or none) does not load it
+
         try:
             data = json.loads(text) if origin.endswith(".json") else yaml.safe_load(text)
         except json.JSONDecodeError as err:
