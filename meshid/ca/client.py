@@ -92,14 +92,22 @@ def _channel(
     return grpc.secure_channel(server, creds, options=merge_options(pin, None))
 
 
-def _call(what: str, server: str, fn: Callable[[], T]) -> T:
+def _call(what: str, server: str, fn: Callable[[], T], expected: TrustDomain | None = None) -> T:
+    """``fn()``, its grpc error as a RemoteError. ``expected``: the trust domain whose CA the
+    call is for; when no answer came, a probe of the server says which ID it failed to prove."""
     try:
         return fn()
     except grpc.RpcError as err:
         code = err.code().name if err.code() is not None else "UNKNOWN"
         details = err.details() or ""
         if code == "UNAVAILABLE" and not details.startswith("CA"):  # not the CA's own answer
-            details = f"cannot reach the CA at {server} (is it running, and is this its bundle?): {details}"
+            from meshid.ca.probe import unproven_identity
+
+            why = unproven_identity(server, ca_spiffe_id(expected)) if expected is not None else None
+            if why is not None:
+                details = f"the CA's identity was not proven: {why}"
+            else:
+                details = f"cannot reach the CA at {server} (is it running, and is this its bundle?): {details}"
         raise RemoteError(f"{what}: {code}: {details}", code) from err
 
 
@@ -157,7 +165,7 @@ def issue_with_token(
     with _channel(server, roots_pem, td, anon_key, anon_cert) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         request = issuer_pb2.IssueWithTokenRequest(join_token=join_token, csr=build_csr(key))
-        response = _call("svid fetch", server, lambda: stub.IssueWithToken(request, timeout=timeout))
+        response = _call("svid fetch", server, lambda: stub.IssueWithToken(request, timeout=timeout), td)
     return _issuance(response, key)
 
 
@@ -174,7 +182,7 @@ def renew_with_svid(
     with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         request = issuer_pb2.RenewRequest(csr=build_csr(key), spiffe_id=str(svid.spiffe_id))
-        response = _call("svid renew", server, lambda: stub.Renew(request, timeout=timeout))
+        response = _call("svid renew", server, lambda: stub.Renew(request, timeout=timeout), td)
     return _issuance(response, key)
 
 
@@ -236,7 +244,7 @@ def _get_bundle(
 ) -> TrustBundle:
     with _channel(server, roots, td, key_pem, chain_pem) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
-        response = _call("bundle", server, lambda: stub.GetBundle(issuer_pb2.GetBundleRequest(), timeout=timeout))
+        response = _call("bundle", server, lambda: stub.GetBundle(issuer_pb2.GetBundleRequest(), timeout=timeout), td)
     try:
         roots_found = tuple(x509.load_der_x509_certificate(der) for der in response.roots)
         return TrustBundle(td, roots_found, response.sequence or None)
@@ -251,7 +259,7 @@ def get_crl_with_svid(
     td = svid.spiffe_id.trust_domain
     with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
-        response = _call("CRL", server, lambda: stub.GetCrl(issuer_pb2.GetCrlRequest(), timeout=timeout))
+        response = _call("CRL", server, lambda: stub.GetCrl(issuer_pb2.GetCrlRequest(), timeout=timeout), td)
     try:
         return response.der, [x509.load_der_x509_certificate(der) for der in response.issuer_chain]
     except ValueError as err:
@@ -290,7 +298,7 @@ class IssuerClient:
         """
         key = generate_key(key_kind)
         request = issuer_pb2.RenewRequest(csr=build_csr(key), spiffe_id=str(self.svid.spiffe_id))
-        response = _call("svid renew", self.server, lambda: self._stub.Renew(request, timeout=self._timeout))
+        response = _call("svid renew", self.server, lambda: self._stub.Renew(request, timeout=self._timeout), self._td)
         return _issuance(response, key)
 
     def trust_updates(self, bundle_sequence: int | None, crl_number: int | None) -> TrustUpdates:
@@ -303,7 +311,7 @@ class IssuerClient:
         """
         request = issuer_pb2.GetTrustUpdatesRequest(bundle_sequence=bundle_sequence or 0, crl_number=crl_number or 0)
         response = _call(
-            "trust updates", self.server, lambda: self._stub.GetTrustUpdates(request, timeout=self._timeout)
+            "trust updates", self.server, lambda: self._stub.GetTrustUpdates(request, timeout=self._timeout), self._td
         )
         bundle = crl = None
         try:
@@ -427,7 +435,7 @@ def attest_agent_with_token(
     with _channel(server, roots_pem, td, anon_key, anon_cert) as channel:
         stub = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
         request = agent_pb2.AttestAgentRequest(join_token=join_token, csr=build_csr(key))
-        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout))
+        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout), td)
     return _agent_issuance("node attestation", response, key)
 
 
@@ -460,6 +468,7 @@ def attest_agent_with_x509pop(
             "x509pop challenge",
             server,
             lambda: stub.GetAttestationChallenge(agent_pb2.AttestationChallengeRequest(), timeout=timeout),
+            td,
         )
         proof = agent_pb2.X509PopProof(
             certificate_chain=[c.public_bytes(serialization.Encoding.DER) for c in host_chain],
@@ -467,7 +476,7 @@ def attest_agent_with_x509pop(
             signature=sign_proof(host_key, challenge.nonce, csr),
         )
         request = agent_pb2.AttestAgentRequest(x509pop=proof, csr=csr)
-        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout))
+        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout), td)
     return _agent_issuance("node attestation", response, key)
 
 
@@ -499,7 +508,8 @@ class AgentClient:
         """
         key = generate_key(key_kind)
         request = agent_pb2.RenewAgentRequest(csr=build_csr(key))
-        response = _call("agent renew", self._server, lambda: self._stub.RenewAgent(request, timeout=self._timeout))
+        call = lambda: self._stub.RenewAgent(request, timeout=self._timeout)  # noqa: E731
+        response = _call("agent renew", self._server, call, self.svid.spiffe_id.trust_domain)
         issued = _agent_issuance("agent renew", response, key)
         old = self._channel
         self._bundles = self._bundles.with_bundle(issued.bundle)
@@ -513,6 +523,7 @@ class AgentClient:
             "entry sync",
             self._server,
             lambda: self._stub.SyncEntries(agent_pb2.SyncEntriesRequest(), timeout=self._timeout),
+            self.svid.spiffe_id.trust_domain,
         )
         return [
             AgentEntry(
@@ -571,7 +582,7 @@ class AgentClient:
         return results
 
     def _answer(self, future: Any, batch: Any, keys: list[Any], checker: _BatchChecker) -> list[BatchSvid]:
-        response = _call("batch", self._server, future.result)
+        response = _call("batch", self._server, future.result, self.svid.spiffe_id.trust_domain)
         if len(response.results) != len(keys):
             raise InvalidSvidError(f"batch: the CA answered {len(response.results)} results for {len(keys)} requests")
         out = []
@@ -645,7 +656,8 @@ class AdminClient:
         self._stub = registration_pb2_grpc.RegistrationStub(self._channel)  # type: ignore[no-untyped-call]
 
     def _do(self, what: str, method: str, request: Any) -> Any:
-        return _call(what, self._server, lambda: getattr(self._stub, method)(request, timeout=self._timeout))
+        call = lambda: getattr(self._stub, method)(request, timeout=self._timeout)  # noqa: E731
+        return _call(what, self._server, call, self.trust_domain)
 
     def create_entry(
         self,
