@@ -7,6 +7,8 @@ import contextlib
 import datetime
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 
@@ -239,3 +241,42 @@ def test_native_audit_condition_must_be_one_of_grfc_a59_s() -> None:
     assert str(err.value) == (
         "policy p.yaml: 'audit_condition' 'ALWAYS' is not one of NONE, ON_DENY, ON_ALLOW, ON_DENY_AND_ALLOW"
     )
+
+
+def test_records_still_queued_are_written_when_the_process_exits(tmp_path) -> None:
+    """A server that never closes its interceptor loses no record: at exit the writer empties."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import logging, sys\n"
+        "import meshid\n"
+        "from meshid.authz import audit\n"
+        "from meshid.authz.model import Decision\n"
+        "logging.basicConfig(filename=sys.argv[1], level=logging.INFO, format='%(message)s')\n"
+        "policy = meshid.AuthorizationPolicy.from_dict("
+        "{'allow': [{'name': 'all', 'methods': ['*'], 'any_peer': True}]})\n"
+        "writer = audit.AuditWriter(linger=5.0)\n"
+        "writer.start()\n"
+        "for i in range(3):\n"
+        "    audit.record(policy, Decision(True, 'all', 'ok'), f'/pkg.S/M{i}', None, writer=writer)\n"
+    )
+    log = tmp_path / "audit.log"
+    subprocess.run([sys.executable, str(script), str(log)], check=True, timeout=60)
+    assert [json.loads(line.removeprefix("authz "))["method"] for line in log.read_text().splitlines()] == [
+        "/pkg.S/M0",
+        "/pkg.S/M1",
+        "/pkg.S/M2",
+    ]
+
+
+def test_deciding_a_call_loads_neither_the_metrics_exporter_nor_yaml() -> None:
+    """The core a server and a client touch (issue #14): no prometheus_client, http.server or yaml."""
+    code = (
+        "import sys, meshid\n"
+        "policy = meshid.AuthorizationPolicy.from_dict({'allow': [{'name': 'a', 'methods': ['*'], 'any_peer': True}]})\n"
+        "meshid.AuthorizationInterceptor, meshid.secure_channel, meshid.server_credentials, meshid.FileSource\n"
+        "import meshid.aio\n"
+        "meshid.aio.AuthorizationInterceptor\n"
+        "print(sorted(m for m in ('prometheus_client', 'http.server', 'yaml', 'meshid.agent') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout

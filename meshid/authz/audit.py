@@ -15,6 +15,7 @@ one they happen in the call, as any logging call does.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import itertools
 import json
@@ -23,6 +24,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps writes a str as
@@ -197,6 +199,7 @@ class AuditWriter:
         self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()  # cuts a batch's wait short
 
     @property
     def running(self) -> bool:
@@ -211,14 +214,17 @@ class AuditWriter:
     def start(self) -> None:
         with self._lock:
             if self._thread is None:
+                self._closing.clear()
                 self._thread = threading.Thread(target=self._run, name="meshid-audit", daemon=True)
                 self._thread.start()
+                _STARTED.add(self)
 
     def close(self) -> None:
         with self._lock:
             thread, self._thread = self._thread, None
             if thread is None:
                 return
+            self._closing.set()
             self._queue.put(None)
         thread.join()
         self._drain()  # what a call queued while the thread was stopping
@@ -240,7 +246,7 @@ class AuditWriter:
             # Records are written in batches: one wake-up of this thread per batch, not per call
             # (on a busy server the thread switches cost more than writing the records).
             if self._linger > 0 and item is not None and not isinstance(item[1], _Marker):
-                time.sleep(self._linger)
+                self._closing.wait(self._linger)
             while item is not None:
                 self._write_one(item, template)
                 try:
@@ -273,3 +279,14 @@ class AuditWriter:
 @dataclass(frozen=True, slots=True, eq=False)
 class _Marker:
     done: threading.Event
+
+
+#: Writers started and not yet closed: at exit, what they hold is written (a daemon thread
+#: would otherwise die with its last batch).
+_STARTED: weakref.WeakSet[AuditWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_started() -> None:
+    for writer in list(_STARTED):
+        writer.close()
