@@ -4,7 +4,9 @@ Sections: [core] (below), [ca] issuance throughput (bench/issuance.py), [rotatio
 failures while SVIDs rotate (bench/rotation.py), [replicas] issuance on PostgreSQL with one and
 two CA replicas next to SQLite (bench/replicas.py), [memory] server and CA memory under floods of
 long method names and under renewals (bench/memory.py), [node-agent] batch issuance against
-per-workload renewal, Workload API fetch latency and the node agent's RSS (bench/node_agent.py).
+per-workload renewal, Workload API fetch latency and the node agent's RSS (bench/node_agent.py),
+[hotpath] audit records' cost per call, agents' idle refreshes at the CA, import and channel
+construction (bench/hotpath.py).
 
 Issue #2 (core):
   * median latency of a unary RPC on an mTLS server with meshid's interceptor and a
@@ -174,6 +176,7 @@ def main() -> int:
     print(f"  cost ratio 10,000 / 10                {dratio:8.3f}   {verdict(dratio, 1.5)}")
 
     if not args.core_only:
+        import hotpath  # bench/hotpath.py: issue #14
         import issuance  # bench/issuance.py: issue #3
         import memory  # bench/memory.py: issue #10
         import node_agent  # bench/node_agent.py: issue #12
@@ -185,6 +188,7 @@ def main() -> int:
         replicas.run()
         memory.run()
         node_agent.run()
+        hotpath.run()
     return 0
 
 

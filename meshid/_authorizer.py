@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -72,6 +73,30 @@ def _load(policy: PolicyInput) -> tuple[AuthorizationPolicy, str | None]:
     raise TypeError(f"policy must be an AuthorizationPolicy or a path, not {type(policy).__name__}")
 
 
+class _Memo:
+    """Decisions memoised for one policy, local trust domain and generation of the identity caches."""
+
+    __slots__ = ("cache", "forwarded", "local", "policy", "verified")
+
+    def __init__(self, policy: AuthorizationPolicy | None, local: TrustDomain | None, verified: int, forwarded: int):
+        self.policy, self.local, self.verified, self.forwarded = policy, local, verified, forwarded
+        self.cache: BoundedCache[tuple[int, str], tuple[PeerIdentity, Decision, audit.Prepared]] = BoundedCache(
+            max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES
+        )
+
+
+def _forget_own_td(authorizer: Authorizer) -> Callable[[], None]:
+    """A source subscriber that does not keep ``authorizer`` alive (a source may outlive many)."""
+    ref = weakref.ref(authorizer)
+
+    def changed() -> None:
+        target = ref()
+        if target is not None:
+            target.source_changed()
+
+    return changed
+
+
 class Authorizer:
     """Holds the current policy and decides calls; the one place status codes are chosen."""
 
@@ -92,7 +117,9 @@ class Authorizer:
         if any(not isinstance(m, str) or not m.startswith("/") for m in self._open_methods):
             raise ValueError("unauthenticated_methods must be full method names such as '/pkg.Service/Method'")
         bundles = _bundles_getter(source)
-        self._trust, self._bundles = source, bundles
+        self._bundles = bundles
+        # Decided once: a runtime Protocol isinstance costs microseconds, too much per call.
+        self._source: Source | None = source if isinstance(source, Source) else None
         self._verifier = PeerVerifier(bundles, clock=clock)
         proxies = list(trusted_proxies)
         self._forwarded = ForwardedIdentities(proxies, bundles, header=forwarded_header) if proxies else None
@@ -101,14 +128,18 @@ class Authorizer:
         self._reload_lock = threading.Lock()
         self._worker = Worker("meshid-policy-watch", self._watch)
         self.revoked: Callable[[PeerIdentity], bool] | None = None
-        # ((policy, local trust domain, verifier generation, forwarded generation), memo): read
-        # and replaced as one object. The memo holds PeerIdentity objects the verifier's cache
-        # handed out; when that cache starts over, so does the memo (it never outlives them).
-        self._memo: tuple[tuple[object, ...] | None, BoundedCache[tuple[int, str], tuple[PeerIdentity, Decision]]] = (
-            None,
-            BoundedCache(max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES),
-        )
+        self.audit_writer = audit.AuditWriter()
+        self._memo = _Memo(None, None, 0, 0)
         self._own_td_set: tuple[TrustDomain | None, frozenset[TrustDomain]] | None = None
+        # The server's own trust domain, read from the source when it changes, not per call.
+        self._own_td: TrustDomain | None = None
+        self._own_td_known = False
+        if self._source is None:
+            fixed = bundles()
+            self._own_td, self._own_td_known = (next(iter(fixed)) if len(fixed) == 1 else None), True
+            self._unsubscribe: Callable[[], None] | None = None
+        else:
+            self._unsubscribe = self._source.subscribe(_forget_own_td(self))
 
     @property
     def policy(self) -> AuthorizationPolicy:
@@ -154,12 +185,14 @@ class Authorizer:
         return True
 
     def start(self) -> None:
-        if self._path is None:
-            raise ValueError("start() watches a policy file; this interceptor was given a policy object")
-        self._worker.start()
+        """Start the audit writer, and the policy file's watcher for a policy read from a file."""
+        self.audit_writer.start()
+        if self._path is not None:
+            self._worker.start()
 
     def close(self) -> None:
         self._worker.close()
+        self.audit_writer.close()
 
     def _watch(self, stop: threading.Event) -> None:
         while not stop.wait(self._poll_interval):
@@ -171,30 +204,30 @@ class Authorizer:
 
     def _memo_decide(
         self, policy: AuthorizationPolicy, identity: PeerIdentity, method: str, local: TrustDomain | None
-    ) -> Decision:
+    ) -> tuple[PeerIdentity, Decision, audit.Prepared]:
         # The verifier hands out one PeerIdentity object per certificate, so (that object,
         # method) names a decision exactly; the entry holds the object, so its id() cannot be
         # reused while the entry lives. The memo belongs to one policy, one local trust domain
         # (the scope of subject and DNS rules) and one generation of the identity caches, so no
         # call files a decision under another policy or trust domain, and no entry keeps an
-        # identity the verifier has already dropped.
-        generation = (
-            policy,
-            local,
-            self._verifier.generation,
-            self._forwarded.generation if self._forwarded is not None else 0,
-        )
-        memo_for, memo = self._memo
-        if memo_for != generation:
-            memo = BoundedCache(max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES)
-            self._memo = (generation, memo)
+        # identity the verifier has already dropped. Each entry keeps its audit record, built once.
+        memo = self._memo
+        forwarded = self._forwarded.generation if self._forwarded is not None else 0
+        if (
+            memo.policy is not policy
+            or memo.local is not local
+            or memo.verified != self._verifier.generation
+            or memo.forwarded != forwarded
+        ):
+            memo = self._memo = _Memo(policy, local, self._verifier.generation, forwarded)
         key = (id(identity), method)
-        hit = memo.get(key)
+        hit = memo.cache.get(key)
         if hit is not None and hit[0] is identity:
-            return hit[1]
+            return hit
         decision = policy.decide(identity, method, local_trust_domain=local)
-        memo.put(key, (identity, decision), 256 + len(method))
-        return decision
+        entry = (identity, decision, audit.prepare(policy, decision, method, identity))
+        memo.cache.put(key, entry, 1024 + len(method))
+        return entry
 
     def _non_spiffe_from(self, policy: AuthorizationPolicy) -> frozenset[TrustDomain] | None:
         """Whose bundles may vouch for a certificate without a SPIFFE ID under ``policy``."""
@@ -209,13 +242,19 @@ class Authorizer:
         return cached[1]
 
     def _own_trust_domain(self) -> TrustDomain | None:
-        if isinstance(self._trust, Source):
-            try:
-                return self._trust.get_svid().spiffe_id.trust_domain
-            except MeshIdError:
-                return None
-        bundles = self._bundles()
-        return next(iter(bundles)) if len(bundles) == 1 else None
+        if self._own_td_known:
+            return self._own_td
+        assert self._source is not None, "a fixed bundle set's trust domain is known from the start"
+        try:
+            own = self._source.get_svid().spiffe_id.trust_domain
+        except MeshIdError:  # no SVID yet: asked again at the next call, until the source has one
+            return None
+        self._own_td, self._own_td_known = own, True
+        return own
+
+    def source_changed(self) -> None:
+        """The source's SVID may have changed: read its trust domain again at the next call."""
+        self._own_td_known = False
 
     def _open_call(
         self,
@@ -233,8 +272,22 @@ class Authorizer:
         if identity is not None and self.revoked is not None and self.revoked(identity):
             identity = None
         opened = Decision(True, None, "unauthenticated method")
-        audit.record(policy, opened, method, identity, peer_address=peer_address, known=known)
+        self._record(policy, opened, method, identity, peer_address=peer_address, known=known)
         return identity
+
+    def _record(
+        self,
+        policy: AuthorizationPolicy,
+        decision: Decision,
+        method: str,
+        peer: PeerIdentity | None,
+        *,
+        peer_address: str | Callable[[], str] | None = None,
+        error: str | None = None,
+        known: bool,
+    ) -> None:
+        prepared = audit.prepare(policy, decision, method, peer, error=error, known=known)
+        audit.emit(prepared, peer_address, self.audit_writer)
 
     def recheck(self, identity: PeerIdentity) -> Refusal | None:
         """Re-check a streaming call's peer at a later message: its certificate may have
@@ -271,7 +324,7 @@ class Authorizer:
             identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
         except VerificationError as err:
             denied = Decision(False, None, "unauthenticated")
-            audit.record(policy, denied, method, None, peer_address=peer_address, error=str(err), known=known)
+            self._record(policy, denied, method, None, peer_address=peer_address, error=str(err), known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
         if identity.tls_version not in (None, "TLSv1.3") and not policy.allow_tls12:
             message = (
@@ -279,12 +332,12 @@ class Authorizer:
                 "requires TLS 1.3 (a policy may set allow_tls12 to admit TLS 1.2)"
             )
             denied = Decision(False, None, "unauthenticated")
-            audit.record(policy, denied, method, None, peer_address=peer_address, error=message, known=known)
+            self._record(policy, denied, method, None, peer_address=peer_address, error=message, known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if self.revoked is not None and self.revoked(identity):
             message = f"peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
             denied = Decision(False, None, "revoked")
-            audit.record(policy, denied, method, identity, peer_address=peer_address, error=message, known=known)
+            self._record(policy, denied, method, identity, peer_address=peer_address, error=message, known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if self._forwarded is not None and self._forwarded.from_proxy(identity):
             proxy = identity
@@ -293,21 +346,20 @@ class Authorizer:
             except VerificationError as err:
                 denied = Decision(False, None, "unauthenticated")
                 error = f"via {proxy.describe()}: {err}"
-                audit.record(policy, denied, method, None, peer_address=peer_address, error=error, known=known)
+                self._record(policy, denied, method, None, peer_address=peer_address, error=error, known=known)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
             if self.revoked is not None and self.revoked(identity):
                 message = f"forwarded peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
-                audit.record(policy, Decision(False, None, "revoked"), method, identity, error=message, known=known)
+                self._record(policy, Decision(False, None, "revoked"), method, identity, error=message, known=known)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         local = self._own_trust_domain()  # one read: the whole call sees one local trust domain
-        if policy.uses_headers:
-            headers = collect_headers(_materialize(metadata) or ())
-            decision = policy.decide(identity, method, headers, local_trust_domain=local)
-        elif known:
-            decision = self._memo_decide(policy, identity, method, local)
+        if known and not policy.uses_headers:
+            _, decision, prepared = self._memo_decide(policy, identity, method, local)
+            audit.emit(prepared, peer_address, self.audit_writer)
         else:
-            decision = policy.decide(identity, method, local_trust_domain=local)
-        audit.record(policy, decision, method, identity, peer_address=peer_address, known=known)
+            headers = collect_headers(_materialize(metadata) or ()) if policy.uses_headers else None
+            decision = policy.decide(identity, method, headers, local_trust_domain=local)
+            self._record(policy, decision, method, identity, peer_address=peer_address, known=known)
         if decision.allowed:
             return identity
         detail = f": {decision.reason}" if decision.explained else ""  # never the policy's contents
@@ -363,12 +415,18 @@ class InterceptorBase:
         self._authorizer.revoked = revoked
 
     def start(self) -> Self:
-        """Watch the policy file and reload it when it changes."""
+        """Start writing audit records off the call path (on a thread of their own), and for a
+        policy read from a file, watch the file and reload it when it changes."""
         self._authorizer.start()
         return self
 
     def close(self) -> None:
+        """Write the audit records still queued, then stop the threads :meth:`start` started."""
         self._authorizer.close()
+
+    def flush_audit(self, timeout: float = 10.0) -> bool:
+        """Wait until the audit records of the calls decided so far are written (False on timeout)."""
+        return self._authorizer.audit_writer.flush(timeout)
 
     def __enter__(self) -> Self:
         return self.start()

@@ -17,15 +17,17 @@ What is verified where:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import grpc
 
+from meshid._cache import BoundedCache
 from meshid._grpc import ServerConfigs
-from meshid.errors import InvalidSpiffeIdError, SourceError
+from meshid.errors import InvalidSpiffeIdError, MeshIdError, SourceError
 from meshid.sources import Source, require_source
 from meshid.spiffeid import SpiffeId, TrustDomain
-from meshid.svid import identity_dns_name
+from meshid.svid import X509Svid, identity_dns_name
 
 __all__ = ["channel_credentials", "server_credentials"]
 
@@ -43,6 +45,53 @@ def server_credentials(source: Source) -> grpc.ServerCredentials:
     """
     configs = ServerConfigs(require_source(source))
     return grpc.dynamic_ssl_server_credentials(configs.current(), configs.fetch, require_client_authentication=True)
+
+
+#: Types already checked to be sources: a runtime Protocol ``isinstance`` costs tens of
+#: microseconds, once per type is enough (the check is of the type's methods).
+_SOURCE_TYPES: set[type] = set()
+#: PEM encodings of the SVIDs and bundles channels were made with, per object (which a source
+#: hands out unchanged until it rotates): serialised once, not for every channel.
+_PEMS: BoundedCache[int, tuple[object, bytes, bytes]] = BoundedCache(max_entries=32, max_bytes=1 << 20)
+
+
+def _checked(source: Source) -> Source:
+    kind = type(source)
+    if kind in _SOURCE_TYPES:
+        try:
+            source.get_svid()
+        except MeshIdError as err:
+            raise SourceError(f"identity source: no SVID available: {err}") from err
+        return source
+    checked = require_source(source)
+    _SOURCE_TYPES.add(kind)
+    return checked
+
+
+def _svid_pems(svid: X509Svid) -> tuple[bytes, bytes]:
+    hit = _PEMS.get(id(svid))
+    if hit is not None and hit[0] is svid:  # the entry holds the object: its id() is not reused
+        return hit[1], hit[2]
+    key, chain = svid.key_pem(), svid.chain_pem()
+    _PEMS.put(id(svid), (svid, key, chain), 256 + len(key) + len(chain))
+    return key, chain
+
+
+def _roots_pem(bundle: object, pem: functools.partial[bytes]) -> bytes:
+    hit = _PEMS.get(id(bundle))
+    if hit is not None and hit[0] is bundle:
+        return hit[1]
+    roots = pem()
+    _PEMS.put(id(bundle), (bundle, roots, b""), 256 + len(roots))
+    return roots
+
+
+@functools.lru_cache(maxsize=256)
+def _pin(server_id: ServerId) -> tuple[SpiffeId | TrustDomain, TrustDomain, str]:
+    """``server_id`` parsed: the pinned ID, its trust domain, and the DNS name pinned."""
+    pinned = _parse_server_id(server_id)
+    td = pinned if isinstance(pinned, TrustDomain) else pinned.trust_domain
+    return pinned, td, identity_dns_name(pinned)
 
 
 def _parse_server_id(server_id: ServerId) -> SpiffeId | TrustDomain:
@@ -71,17 +120,20 @@ def channel_credentials(
         SourceError: the source has no SVID, or no bundle for ``server_id``'s trust domain.
         InvalidSpiffeIdError, ValueError: ``server_id`` is malformed or a pattern.
     """
-    svid = require_source(source).get_svid()
+    svid = _checked(source).get_svid()
     bundles = source.get_bundles()
     options: list[tuple[str, Any]] = []
     if server_id is None:
-        roots = bundles.all_roots_pem()
+        roots = _roots_pem(bundles, functools.partial(bundles.all_roots_pem))
     else:
-        pinned = _parse_server_id(server_id)
-        td = pinned if isinstance(pinned, TrustDomain) else pinned.trust_domain
+        if not isinstance(server_id, SpiffeId | TrustDomain | str):
+            raise TypeError(f"server_id must be a SpiffeId, TrustDomain or str, not {type(server_id).__name__}")
+        pinned, td, dns_name = _pin(server_id)
         if td not in bundles:
             raise SourceError(f"server_id {pinned}: the source has no trust bundle for trust domain {td}")
-        roots = bundles[td].to_pem()
-        options.append(("grpc.ssl_target_name_override", identity_dns_name(pinned)))
-    creds = grpc.ssl_channel_credentials(roots, svid.key_pem(), svid.chain_pem())
+        bundle = bundles[td]
+        roots = _roots_pem(bundle, functools.partial(bundle.to_pem))
+        options.append(("grpc.ssl_target_name_override", dns_name))
+    key, chain = _svid_pems(svid)
+    creds = grpc.ssl_channel_credentials(roots, key, chain)
     return creds, options

@@ -26,6 +26,50 @@ else:
     _ServerInterceptor = grpc.ServerInterceptor
 
 
+try:  # grpc's own C accessor of a call's auth context, with its keys still bytes
+    from grpc._cython import cygrpc as _cygrpc  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - grpcio always ships it
+    _cygrpc = None
+
+
+class _AuthProperties(Mapping[str, Sequence[bytes]]):
+    """A call's auth context as grpc's core hands it over (keys are bytes), read by str keys.
+
+    ``ServicerContext.auth_context()`` decodes all of its ~13 keys on every call; the decision
+    reads four. This reads them where they lie: a third of the interceptor's per-call cost.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Mapping[bytes, Sequence[bytes]]) -> None:
+        self._raw = raw
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._raw.get(key.encode(), default)
+
+    def __getitem__(self, key: str) -> Sequence[bytes]:
+        return self._raw[key.encode()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode() for k in self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+def _auth_properties(context: grpc.ServicerContext) -> Mapping[str, Sequence[bytes]]:
+    """``context.auth_context()``, without decoding every key; grpc's public method where the
+    private accessor is not there (another grpc version or a context of another kind)."""
+    event = getattr(context, "_rpc_event", None)
+    if _cygrpc is not None and event is not None:
+        try:
+            return _AuthProperties(_cygrpc.auth_context(event.call))
+        except (AttributeError, TypeError):
+            pass
+    # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
+    return cast("Mapping[str, Sequence[bytes]]", context.auth_context())
+
+
 def _unknown_method(request: Any, context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
@@ -50,6 +94,13 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
             header an nginx ``grpc_set_header`` fills with ``$ssl_client_escaped_cert``.
         clock: the time certificates are checked at (:mod:`meshid.clock`; the system clock).
 
+    Every decision the policy audits (its ``audit_condition``; every one if it sets none) is a
+    record on the ``meshid.audit`` logger: allows at INFO, denies at WARNING, so the logger at
+    INFO keeps both and at WARNING only denies (``logging.getLogger("meshid.audit")
+    .setLevel(logging.INFO)`` and a handler). Between :meth:`start` and :meth:`close` (or in a
+    ``with`` block) records are formatted and written on a thread of their own, in batches;
+    ``close()`` writes the rest. Otherwise they are written in the call.
+
     No verified certificate gives ``UNAUTHENTICATED``; a denial gives ``PERMISSION_DENIED``
     naming the method and the caller, never the policy's contents. An unknown method is
     authorized like any other before it is reported ``UNIMPLEMENTED``, so callers cannot
@@ -61,8 +112,7 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     """
 
     def _check(self, context: grpc.ServicerContext, method: str, known: bool) -> PeerIdentity | None:
-        # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
-        auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
+        auth = _auth_properties(context)
         # metadata and the peer address are fetched only if the policy or the audit log needs them
         result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
         if isinstance(result, Refusal):

@@ -12,7 +12,6 @@ untouched); :func:`serve_metrics` exposes it over HTTP, or add it to your own ex
 from __future__ import annotations
 
 import datetime
-import itertools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -21,6 +20,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from meshid._decisions import MAX_DECISION_LABELS as MAX_DECISION_LABELS
+from meshid._decisions import count_decision as count_decision
+from meshid._decisions import decision_counter as decision_counter
+from meshid._decisions import decisions as _decisions
 
 __all__ = ["REGISTRY", "serve_metrics", "watch_source"]
 
@@ -31,32 +35,6 @@ SVID_RENEWALS = Counter(
 )
 CA_ISSUANCES = Counter("meshid_ca_issuances", "SVIDs issued by the CA.", ["kind"], registry=REGISTRY)
 CA_REFUSALS = Counter("meshid_ca_refusals", "Requests the CA refused.", ["reason"], registry=REGISTRY)
-
-# Decisions are counted on every call, so not through prometheus_client's Counter (a lock and
-# a few calls per increment): an itertools.count per label set, whose next() is atomic in
-# CPython, read by a collector at scrape time.
-_decisions: dict[tuple[str, str, str], itertools.count[int]] = {}
-
-
-#: Label sets kept for decisions; past it (a generic handler that takes any method name) new
-#: methods count under "(unknown)", as unimplemented ones always do.
-MAX_DECISION_LABELS = 4096
-
-
-def count_decision(method: str, decision: str, rule: str | None) -> None:
-    """One decision: a dict lookup and an atomic increment.
-
-    ``method`` must be a method the server implements, or ``(unknown)``: the interceptor never
-    passes a name the caller chose.
-    """
-    key = (method, decision, rule or "")
-    counter = _decisions.get(key)
-    if counter is None:
-        if len(_decisions) >= MAX_DECISION_LABELS:
-            key = ("(unknown)", decision, rule or "")
-        counter = _decisions.setdefault(key, itertools.count(1))
-    next(counter)
-
 
 class _Decisions(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:

@@ -3,9 +3,14 @@ and gRFC A59's ``stdout_logger`` for a gRPC authorization policy that asks for i
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
+import subprocess
+import sys
+import threading
+import time
 
 import grpc
 import pytest
@@ -67,8 +72,13 @@ def test_grpc_stdout_logger_writes_grfc_a59_entries(ca, bundles, server_source, 
     policy = meshid.AuthorizationPolicy.from_dict(
         {
             "name": "grpc-audited",
-            "allow_rules": [{"name": "frontend", "source": {"principals": [FRONTEND_ID]}, "request": {"paths": [f"/{SERVICE}/*"]}}],
-            "audit_logging_options": {"audit_condition": "ON_DENY_AND_ALLOW", "audit_loggers": [{"name": "stdout_logger"}]},
+            "allow_rules": [
+                {"name": "frontend", "source": {"principals": [FRONTEND_ID]}, "request": {"paths": [f"/{SERVICE}/*"]}}
+            ],
+            "audit_logging_options": {
+                "audit_condition": "ON_DENY_AND_ALLOW",
+                "audit_loggers": [{"name": "stdout_logger"}],
+            },
         }
     )
     interceptor = meshid.AuthorizationInterceptor(policy, source=server_source)
@@ -105,3 +115,168 @@ def test_on_deny_logs_denials_only(ca, bundles, server_source, capsys) -> None:
                 assert code == ("OK" if sid == FRONTEND_ID else grpc.StatusCode.PERMISSION_DENIED.name)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"grpc_audit_log"')]
     assert [entry["grpc_audit_log"]["principal"] for entry in lines] == [INTRUDER_ID]
+
+
+# --- which decisions are audited, and where records are written -------------------------------
+
+
+def _audited(policy: dict[str, object], ca, bundles, server_source, caplog, *, start: bool = False) -> list[str]:
+    caplog.set_level(logging.INFO, logger="meshid.audit")
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(policy), source=server_source)
+    with sync_server(server_source, interceptor) as port:
+        if start:
+            interceptor.start()
+        for sid in (FRONTEND_ID, INTRUDER_ID, FRONTEND_ID):
+            source = meshid.StaticSource(ca.issue_svid(sid), bundles)
+            with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+                call(channel)
+        interceptor.close()
+    return [r.meshid_audit["decision"] for r in _records(caplog)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        (None, ["allow", "deny", "allow"]),
+        ("ON_DENY_AND_ALLOW", ["allow", "deny", "allow"]),
+        ("ON_DENY", ["deny"]),
+        ("ON_ALLOW", ["allow", "allow"]),
+        ("NONE", []),
+    ],
+)
+def test_a_native_policy_s_audit_condition_chooses_the_decisions_recorded(
+    condition, expected, ca, bundles, server_source, caplog
+) -> None:
+    policy = dict(POLICY) | ({"audit_condition": condition} if condition else {})
+    assert _audited(policy, ca, bundles, server_source, caplog) == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (None, ["allow", "deny", "allow"]),  # no audit options: the logger's level alone chooses
+        ({"audit_condition": "ON_DENY"}, ["deny"]),
+        ({"audit_condition": "ON_ALLOW"}, ["allow", "allow"]),
+        ({}, []),  # gRFC A59: an omitted condition is NONE
+    ],
+)
+def test_a_grpc_policy_s_audit_condition_chooses_the_decisions_recorded(
+    options, expected, ca, bundles, server_source, caplog
+) -> None:
+    policy: dict[str, object] = {
+        "name": "grpc-audited",
+        "allow_rules": [{"name": "frontend", "source": {"principals": [FRONTEND_ID]}}],
+    }
+    if options is not None:
+        policy["audit_logging_options"] = options
+    assert _audited(policy, ca, bundles, server_source, caplog) == expected
+
+
+def test_audit_at_warning_records_denies_only(ca, bundles, server_source, caplog) -> None:
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server_source)
+    caplog.set_level(logging.WARNING, logger="meshid.audit")
+    with sync_server(server_source, interceptor) as port:
+        for sid in (FRONTEND_ID, INTRUDER_ID):
+            with meshid.secure_channel(
+                f"127.0.0.1:{port}", meshid.StaticSource(ca.issue_svid(sid), bundles), server_id=SERVER_ID
+            ) as channel:
+                call(channel)
+    assert [r.meshid_audit["decision"] for r in _records(caplog)] == ["deny"]  # type: ignore[attr-defined]
+
+
+def test_a_started_interceptor_writes_records_on_its_own_thread_and_close_writes_them_all(
+    ca, bundles, server_source, caplog
+) -> None:
+    threads_before = {t.name for t in threading.enumerate()}
+    assert _audited(POLICY, ca, bundles, server_source, caplog, start=True) == ["allow", "deny", "allow"]
+    records = _records(caplog)
+    assert {r.threadName for r in records} == {"meshid-audit"}  # off the call path
+    for record in records:  # every field as a record written in the call has it
+        assert json.loads(record.getMessage().removeprefix("authz ")) == record.meshid_audit  # type: ignore[attr-defined]
+        assert set(record.meshid_audit) == FIELDS  # type: ignore[attr-defined]
+    # the record's time is the decision's, not the (later, batched) write's
+    assert all(r.created <= time.time() and r.created > time.time() - 60 for r in records)
+    assert "meshid-audit" not in {t.name for t in threading.enumerate()} - threads_before  # close() stopped it
+
+
+def test_flush_audit_waits_for_the_records_queued(ca, bundles, server_source, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="meshid.audit")
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server_source)
+    with sync_server(server_source, interceptor) as port, interceptor:
+        with meshid.secure_channel(
+            f"127.0.0.1:{port}", meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles), server_id=SERVER_ID
+        ) as channel:
+            assert call(channel)[0] == "OK"
+        assert interceptor.flush_audit()
+        assert [r.meshid_audit["decision"] for r in _records(caplog)] == ["allow"]  # type: ignore[attr-defined]
+
+
+def test_aio_started_interceptor_writes_records_off_the_event_loop(ca, bundles, server_source, caplog) -> None:
+    import asyncio
+
+    import meshid.aio
+    from support import aio_server
+
+    caplog.set_level(logging.INFO, logger="meshid.audit")
+
+    async def run() -> None:
+        policy = meshid.AuthorizationPolicy.from_dict(POLICY)
+        with meshid.aio.AuthorizationInterceptor(policy, source=server_source) as interceptor:
+            async with aio_server(server_source, interceptor) as port:
+                for sid in (FRONTEND_ID, INTRUDER_ID):
+                    source = meshid.StaticSource(ca.issue_svid(sid), bundles)
+                    async with meshid.aio.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+                        with contextlib.suppress(grpc.RpcError):
+                            await channel.unary_unary(SAY_HELLO)(b"", timeout=10)
+
+    asyncio.run(run())
+    records = _records(caplog)
+    assert [r.meshid_audit["decision"] for r in records] == ["allow", "deny"]  # type: ignore[attr-defined]
+    assert {r.threadName for r in records} == {"meshid-audit"}
+
+
+def test_native_audit_condition_must_be_one_of_grfc_a59_s() -> None:
+    with pytest.raises(meshid.InvalidPolicyError) as err:
+        meshid.AuthorizationPolicy.from_dict(dict(POLICY) | {"audit_condition": "ALWAYS"}, origin="p.yaml")
+    assert str(err.value) == (
+        "policy p.yaml: 'audit_condition' 'ALWAYS' is not one of NONE, ON_DENY, ON_ALLOW, ON_DENY_AND_ALLOW"
+    )
+
+
+def test_records_still_queued_are_written_when_the_process_exits(tmp_path) -> None:
+    """A server that never closes its interceptor loses no record: at exit the writer empties."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import logging, sys\n"
+        "import meshid\n"
+        "from meshid.authz import audit\n"
+        "from meshid.authz.model import Decision\n"
+        "logging.basicConfig(filename=sys.argv[1], level=logging.INFO, format='%(message)s')\n"
+        "policy = meshid.AuthorizationPolicy.from_dict("
+        "{'allow': [{'name': 'all', 'methods': ['*'], 'any_peer': True}]})\n"
+        "writer = audit.AuditWriter(linger=5.0)\n"
+        "writer.start()\n"
+        "for i in range(3):\n"
+        "    audit.record(policy, Decision(True, 'all', 'ok'), f'/pkg.S/M{i}', None, writer=writer)\n"
+    )
+    log = tmp_path / "audit.log"
+    subprocess.run([sys.executable, str(script), str(log)], check=True, timeout=60)
+    assert [json.loads(line.removeprefix("authz "))["method"] for line in log.read_text().splitlines()] == [
+        "/pkg.S/M0",
+        "/pkg.S/M1",
+        "/pkg.S/M2",
+    ]
+
+
+def test_deciding_a_call_loads_neither_the_metrics_exporter_nor_yaml() -> None:
+    """The core a server and a client touch (issue #14): no prometheus_client, http.server or yaml."""
+    code = (
+        "import sys, meshid\n"
+        "policy = meshid.AuthorizationPolicy.from_dict({'allow': [{'name': 'a', 'methods': ['*'], 'any_peer': True}]})\n"
+        "meshid.AuthorizationInterceptor, meshid.secure_channel, meshid.server_credentials, meshid.FileSource\n"
+        "import meshid.aio\n"
+        "meshid.aio.AuthorizationInterceptor\n"
+        "print(sorted(m for m in ('prometheus_client', 'http.server', 'yaml', 'meshid.agent') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -62,3 +62,19 @@ class Crl(_message.Message):
     number: int
     issuer_chain: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, der: _Optional[bytes] = ..., number: _Optional[int] = ..., issuer_chain: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class GetTrustUpdatesRequest(_message.Message):
+    __slots__ = ("bundle_sequence", "crl_number")
+    BUNDLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CRL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    bundle_sequence: int
+    crl_number: int
+    def __init__(self, bundle_sequence: _Optional[int] = ..., crl_number: _Optional[int] = ...) -> None: ...
+
+class TrustUpdates(_message.Message):
+    __slots__ = ("bundle", "crl")
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    CRL_FIELD_NUMBER: _ClassVar[int]
+    bundle: Bundle
+    crl: Crl
+    def __init__(self, bundle: _Optional[_Union[Bundle, _Mapping]] = ..., crl: _Optional[_Union[Crl, _Mapping]] = ...) -> None: ...

@@ -57,6 +57,11 @@ class IssuerStub:
                 request_serializer=meshid_dot_v1_dot_issuer__pb2.GetCrlRequest.SerializeToString,
                 response_deserializer=meshid_dot_v1_dot_issuer__pb2.Crl.FromString,
                 _registered_method=True)
+        self.GetTrustUpdates = channel.unary_unary(
+                '/meshid.v1.Issuer/GetTrustUpdates',
+                request_serializer=meshid_dot_v1_dot_issuer__pb2.GetTrustUpdatesRequest.SerializeToString,
+                response_deserializer=meshid_dot_v1_dot_issuer__pb2.TrustUpdates.FromString,
+                _registered_method=True)
 
 
 class IssuerServicer:
@@ -94,6 +99,14 @@ class IssuerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTrustUpdates(self, request, context):
+        """Over mTLS, the bundle and the CRL in one call, each only if it is not what the caller
+        already has: an agent's idle refresh is one small answer with neither.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IssuerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +129,11 @@ def add_IssuerServicer_to_server(servicer, server):
                     servicer.GetCrl,
                     request_deserializer=meshid_dot_v1_dot_issuer__pb2.GetCrlRequest.FromString,
                     response_serializer=meshid_dot_v1_dot_issuer__pb2.Crl.SerializeToString,
+            ),
+            'GetTrustUpdates': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrustUpdates,
+                    request_deserializer=meshid_dot_v1_dot_issuer__pb2.GetTrustUpdatesRequest.FromString,
+                    response_serializer=meshid_dot_v1_dot_issuer__pb2.TrustUpdates.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +246,33 @@ class Issuer:
             '/meshid.v1.Issuer/GetCrl',
             meshid_dot_v1_dot_issuer__pb2.GetCrlRequest.SerializeToString,
             meshid_dot_v1_dot_issuer__pb2.Crl.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrustUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshid.v1.Issuer/GetTrustUpdates',
+            meshid_dot_v1_dot_issuer__pb2.GetTrustUpdatesRequest.SerializeToString,
+            meshid_dot_v1_dot_issuer__pb2.TrustUpdates.FromString,
             options,
             channel_credentials,
             insecure,

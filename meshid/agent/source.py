@@ -4,6 +4,12 @@ The loop: obtain an SVID (a still-valid one from ``svid_dir``, else with the joi
 renew when ``renew_at`` of its lifetime has passed, minus a random jitter so a fleet does not
 renew at once; retry with capped exponential backoff while the CA is unreachable, presenting
 the current SVID until it expires; refresh the bundle and the CRL; notify subscribers. The
+first issuance retries the same way while no CA answers (a sidecar may start before its CA),
+until ``wait`` runs out; a refusal (a used, unknown or expired token) ends it at once.
+
+One mTLS channel to the CA serves every renewal and refresh; it is rebuilt only for a new SVID
+or on failover to another CA address. A refresh is one ``GetTrustUpdates`` call carrying the
+bundle sequence and CRL number the source has: the CA sends only what changed. The
 lifetime is measured on the CA's clock (``issued_at`` to NotAfter), capped by what the local
 clock says is left, and waited out on the local monotonic clock: a few minutes of skew between
 workload and CA moves renewals neither past expiry nor needlessly early.
@@ -20,6 +26,7 @@ import random
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from meshid import metrics
 from meshid._background import Notifier, Unsubscribe, Worker
@@ -27,10 +34,13 @@ from meshid._files import write_svid_files
 from meshid.agent.saved_svid import load_saved_svid
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import SYSTEM_CLOCK, Clock
-from meshid.errors import MeshIdError, SourceError
+from meshid.errors import MeshIdError, RemoteError, SourceError
 from meshid.peer import PeerIdentity
 from meshid.revocation import CrlKeeper, _warn_if_stale
 from meshid.svid import X509Svid
+
+if TYPE_CHECKING:
+    from meshid.ca.client import IssuerClient
 
 __all__ = ["IssuerSource", "SourceState"]
 
@@ -69,6 +79,8 @@ class IssuerSource:
         renew_at: the fraction of the lifetime after which to renew (0 < renew_at < 1).
         jitter: renewals come up to this fraction of the lifetime earlier, at random.
         refresh_interval: seconds between bundle and CRL refreshes.
+        wait: how long :meth:`start` keeps trying the first issuance while no CA answers
+            (seconds; None: until one does, or :meth:`close` is called).
         clock: where the time comes from and how the loop waits (:class:`meshid.clock.ManualClock`
             steps a renewal schedule in tests without waiting out real seconds).
 
@@ -88,8 +100,11 @@ class IssuerSource:
         key_kind: str = "ec-p256",
         max_backoff: float = 30.0,
         timeout: float = 10.0,
+        wait: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        if wait is not None and wait < 0:
+            raise ValueError("wait must be None (keep trying) or at least 0 seconds")
         servers = [server] if isinstance(server, str) else list(server)
         if not servers or not all(isinstance(s, str) and s for s in servers):
             raise ValueError("server must be a HOST:PORT or a non-empty list of them")
@@ -109,7 +124,13 @@ class IssuerSource:
         self._key_kind = key_kind
         self._max_backoff = max_backoff
         self._timeout = timeout
+        self._wait = wait
         self._clock = clock
+        self._closing = threading.Event()
+        # The one channel to the CA (built on first use), for the SVID and server it was made with.
+        self._client: IssuerClient | None = None
+        self._legacy_refresh = False  # the CA predates GetTrustUpdates: two calls per refresh
+        self._bundle_sequence: int | None = None  # what the CA last said (sent back on refresh)
         self._notifier = Notifier()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -152,13 +173,17 @@ class IssuerSource:
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> IssuerSource:
-        """Obtain the first SVID (blocking), then renew in a background thread.
+        """Obtain the first SVID (blocking, retrying while no CA answers), then renew in a
+        background thread.
 
         Raises:
-            SourceError: no reusable SVID and the join token did not work on any server.
+            SourceError: no reusable SVID, and the CA refused the join token (or there is none),
+                or :meth:`close` was called meanwhile.
+            RemoteError: ``code`` ``UNAVAILABLE``: no CA answered within ``wait`` seconds.
         """
         if self._worker.running:
             return self
+        self._closing.clear()
         if not self._load_saved():
             self._first_issuance()
         metrics.watch_source(self)
@@ -167,7 +192,13 @@ class IssuerSource:
         return self
 
     def close(self) -> None:
+        """Stop renewing (and end a :meth:`start` still waiting for a CA, from another thread)."""
+        self._closing.set()
+        self._wake.set()
         self._worker.close()
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def __enter__(self) -> IssuerSource:
         return self.start()
@@ -196,22 +227,60 @@ class IssuerSource:
         if self._join_token is None:
             raise SourceError("issuer source: no reusable SVID and no join token")
         roots = read_roots(self._bundle_file)
-        errors = []
-        for server in self._servers:
-            try:
-                issued = issue_with_token(
-                    server, roots, self._join_token, key_kind=self._key_kind, timeout=self._timeout
+        deadline = None if self._wait is None else self._clock.monotonic() + self._wait
+        while True:
+            errors = []
+            for index, server in enumerate(self._servers):
+                try:
+                    issued = issue_with_token(
+                        server, roots, self._join_token, key_kind=self._key_kind, timeout=self._timeout
+                    )
+                except RemoteError as err:
+                    if err.code != "UNAVAILABLE":  # the CA answered: another replica would answer the same
+                        raise SourceError(f"issuer source: first issuance refused: {err}") from err
+                    errors.append(str(err))
+                    continue
+                except MeshIdError as err:
+                    raise SourceError(f"issuer source: first issuance failed: {err}") from err
+                self._server_index = index
+                self._failures_in_row = 0
+                self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=False)
+                return
+            self._failures_in_row += 1
+            delay = self._backoff()
+            left = None if deadline is None else deadline - self._clock.monotonic()
+            if left is not None and left <= 0:
+                raise RemoteError(
+                    f"issuer source: first issuance: no CA answered within {self._wait:g}s: " + "; ".join(errors),
+                    "UNAVAILABLE",
                 )
-            except MeshIdError as err:
-                errors.append(str(err))
-                if getattr(err, "code", "") != "UNAVAILABLE":
-                    break  # the CA answered: another replica would answer the same
-                continue
-            self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=False)
-            return
-        raise SourceError("issuer source: first issuance failed: " + "; ".join(errors))
+            delay = delay if left is None else min(delay, left)
+            log.warning("issuer source: first issuance failed: %s; retrying in %.2fs", "; ".join(errors), delay)
+            self._state = dataclasses.replace(
+                self._state,
+                next_attempt=self._clock.now() + datetime.timedelta(seconds=delay),
+                last_error="; ".join(errors),
+                failures=self._state.failures + 1,
+            )
+            self._clock.wait(self._closing, delay)
+            if self._closing.is_set():
+                raise SourceError("issuer source: closed while waiting for the CA for the first issuance")
+
+    def _connected(self) -> IssuerClient:
+        """The channel to the current server with the current SVID: the one kept, or a new one."""
+        from meshid.ca.client import IssuerClient
+
+        svid, server = self.get_svid(), self._servers[self._server_index]
+        client = self._client
+        if client is not None and client.svid is svid and client.server == server:
+            return client
+        if client is not None:
+            client.close()
+        client = self._client = IssuerClient(server, svid, self.get_bundles(), timeout=self._timeout)
+        return client
 
     def _install(self, svid: X509Svid, bundle: TrustBundle, lifetime: float, *, renewed: bool) -> None:
+        self._bundle_sequence = bundle.sequence
         with self._lock:
             old = self._bundles
             bundles = (old or BundleSet.of()).with_bundle(bundle)
@@ -257,16 +326,15 @@ class IssuerSource:
         return float(delay * (0.5 + random.random() / 2))
 
     def _renew(self) -> None:
-        from meshid.ca.client import renew_with_svid
-
-        svid, bundles = self.get_svid(), self.get_bundles()
+        svid = self.get_svid()
         server = self._servers[self._server_index]
         try:
-            issued = renew_with_svid(server, svid, bundles, key_kind=self._key_kind, timeout=self._timeout)
+            issued = self._connected().renew(key_kind=self._key_kind)
         except (MeshIdError, ValueError) as err:
             metrics.SVID_RENEWALS.labels(str(svid.spiffe_id), "error").inc()
             self._failures_in_row += 1
             self._server_index = (self._server_index + 1) % len(self._servers)  # fail over
+            self._drop_channel(err)
             delay = self._backoff()
             self._next_renewal = self._clock.monotonic() + delay
             expired = svid.not_after <= self._clock.now()
@@ -299,6 +367,47 @@ class IssuerSource:
         self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=True)
 
     def _refresh(self) -> None:
+        if self._legacy_refresh:
+            self._refresh_in_two_calls()
+            return
+        current = self._crl.current
+        try:
+            updates = self._connected().trust_updates(self._bundle_sequence, current.number if current else None)
+        except RemoteError as err:
+            if err.code == "UNIMPLEMENTED":  # a CA older than GetTrustUpdates
+                log.info("issuer source: the CA has no GetTrustUpdates; refreshing with GetBundle and GetCrl")
+                self._legacy_refresh = True
+                self._refresh_in_two_calls()
+                return
+            self._refresh_failed(err)
+            return
+        except MeshIdError as err:
+            self._refresh_failed(err)
+            return
+        if updates.bundle is not None:
+            self._take_bundle(self.get_svid(), self.get_bundles(), updates.bundle)
+        if updates.crl is not None:
+            # After the bundle (a CRL signed by a new root verifies against it).
+            crl = updates.crl
+            self._crl.refresh(lambda: crl, self.get_bundles(), self._clock.now())
+        else:
+            _warn_if_stale(self._crl.current, self._clock.now(), "issuer source")
+
+    def _drop_channel(self, err: Exception) -> None:
+        """After a failed call, the next one connects afresh: a channel left in grpc's own
+        reconnect backoff (up to two minutes) would not notice a CA that is back."""
+        if isinstance(err, RemoteError) and err.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            return  # the CA answered: the connection is fine
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _refresh_failed(self, err: MeshIdError) -> None:
+        self._drop_channel(err)
+        log.warning("issuer source: bundle and CRL refresh failed: %s", err)
+        _warn_if_stale(self._crl.current, self._clock.now(), "issuer source")
+
+    def _refresh_in_two_calls(self) -> None:
         from meshid.ca.client import get_bundle_with_svid
 
         svid, bundles = self.get_svid(), self.get_bundles()
@@ -306,8 +415,7 @@ class IssuerSource:
         try:
             bundle = get_bundle_with_svid(server, svid, bundles, timeout=self._timeout)
         except MeshIdError as err:  # the CA is unreachable: do not wait for it a second time
-            log.warning("issuer source: bundle refresh failed: %s", err)
-            _warn_if_stale(self._crl.current, self._clock.now(), "issuer source")
+            self._refresh_failed(err)
             return
         self._take_bundle(svid, bundles, bundle)
         # After the bundle (a CRL signed by a new root verifies against it), and on its own: a
@@ -324,6 +432,7 @@ class IssuerSource:
 
     def _take_bundle(self, svid: X509Svid, bundles: BundleSet, bundle: TrustBundle) -> None:
         td = svid.spiffe_id.trust_domain
+        self._bundle_sequence = bundle.sequence
         if bundles[td].roots != bundle.roots:
             with self._lock:
                 self._bundles = bundles.with_bundle(bundle)

@@ -234,11 +234,11 @@ def _rules(data: Mapping[str, Any], action: str, origin: str) -> list[Rule]:
     return [_rule(r, action, i, origin, seen) for i, r in enumerate(raw)]
 
 
-def _audit(raw: Any, origin: str) -> tuple[str, list[str]]:
+def _audit(raw: Any, origin: str) -> tuple[str | None, list[str]]:
     where = f"policy {origin}: audit_logging_options"
     options = _object(raw, f"policy {origin}", "'audit_logging_options'")
-    if options is None:
-        return "NONE", []
+    if options is None:  # no audit options: meshid.audit's level alone chooses, no A59 logger
+        return None, []
     _check_fields(options, _AUDIT_KEYS, where)
     condition = options.get("audit_condition")
     if condition is None or condition == "":  # grpc-go leaves the condition at NONE for ""

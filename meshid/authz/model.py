@@ -293,5 +293,5 @@ class ParsedPolicy:
     non_spiffe_trust_domains: frozenset[TrustDomain] = frozenset()
     require_pq_key_exchange: bool = False
     allow_tls12: bool = False
-    audit_condition: str = "NONE"
+    audit_condition: str | None = None
     audit_loggers: list[str] = field(default_factory=list)

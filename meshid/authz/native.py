@@ -6,6 +6,7 @@
     allow_non_spiffe_peers: false      # optional: true (this server's trust domain) or [trust domains]
     require_pq_key_exchange: false     # optional
     allow_tls12: false                 # optional: admit peers that negotiated TLS 1.2
+    audit_condition: ON_DENY_AND_ALLOW # optional: NONE, ON_DENY, ON_ALLOW (gRFC A59's values)
     deny:                              # consulted first
       - name: no-legacy
         methods: ["*"]
@@ -33,6 +34,10 @@ rule's ``vouched_by``, else the trust domains ``allow_non_spiffe_peers`` lists, 
 server's own trust domain. ``vouched_by`` is refused on a rule with neither condition, where
 it would scope nothing. A deny rule's ``trust_domains`` also covers certificates without a
 SPIFFE ID vouched for by those trust domains; an allow rule's matches SPIFFE peers only.
+
+``audit_condition`` chooses which decisions are recorded on the ``meshid.audit`` logger, as a
+gRPC authz policy's ``audit_logging_options.audit_condition`` does; without it every decision
+is, and the logger's level chooses (allows are recorded at INFO, denies at WARNING).
 """
 
 from __future__ import annotations
@@ -42,13 +47,23 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshid.authz.model import ParsedPolicy, Rule
-from meshid.authz.patterns import compile_spiffe_id_pattern, compile_subject_pattern, method_pattern
+from meshid.authz.patterns import compile_spiffe_id_pattern, compile_subject_pattern, method_pattern, show
 from meshid.errors import InvalidPolicyError, InvalidSpiffeIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
 
 __all__ = ["parse"]
 
-_TOP_KEYS = {"name", "allow", "deny", "allow_non_spiffe_peers", "require_pq_key_exchange", "allow_tls12"}
+_TOP_KEYS = {
+    "name",
+    "allow",
+    "deny",
+    "allow_non_spiffe_peers",
+    "require_pq_key_exchange",
+    "allow_tls12",
+    "audit_condition",
+}
+#: gRFC A59's audit conditions.
+AUDIT_CONDITIONS = ("NONE", "ON_DENY", "ON_ALLOW", "ON_DENY_AND_ALLOW")
 _WHO_KEYS = ("spiffe_ids", "spiffe_id_patterns", "trust_domains", "subject_patterns", "thumbprints", "dns_names")
 _RULE_KEYS = {"name", "methods", "any_peer", "vouched_by", *_WHO_KEYS}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -172,6 +187,17 @@ def _flag(data: Mapping[str, Any], key: str, origin: str) -> bool:
     return value
 
 
+def _audit_condition(data: Mapping[str, Any], origin: str) -> str | None:
+    value = data.get("audit_condition")
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in AUDIT_CONDITIONS:
+        raise InvalidPolicyError(
+            f"policy {origin}: 'audit_condition' {show(value)} is not one of {', '.join(AUDIT_CONDITIONS)}"
+        )
+    return value
+
+
 def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
     """Parse a native policy document.
 
@@ -206,4 +232,5 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
         non_spiffe_trust_domains=frozenset(non_spiffe) if isinstance(non_spiffe, list) else frozenset(),
         require_pq_key_exchange=_flag(data, "require_pq_key_exchange", origin),
         allow_tls12=_flag(data, "allow_tls12", origin),
+        audit_condition=_audit_condition(data, origin),
     )

@@ -9,8 +9,6 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from meshid.authz import grpc_json, native
 from meshid.authz.model import CompiledRules, Decision, Rule
 from meshid.errors import InvalidPolicyError
@@ -25,12 +23,20 @@ MAX_POLICY_BYTES = 8 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class AuditOptions:
-    """gRFC A59 audit logging: when to call which audit loggers (``stdout_logger`` is built in)."""
+    """Which decisions a policy audits (gRFC A59's ``audit_condition``), and by which A59 loggers.
 
-    condition: str = "NONE"
+    ``condition`` is ``NONE``, ``ON_DENY``, ``ON_ALLOW`` or ``ON_DENY_AND_ALLOW``, or None when
+    the policy sets none: then every decision goes to the ``meshid.audit`` logger (whose level
+    chooses: INFO keeps allows and denies, WARNING denies only) and no A59 logger is called.
+    An audited decision is recorded on ``meshid.audit`` and by each of ``loggers``
+    (``stdout_logger`` is built in).
+    """
+
+    condition: str | None = None
     loggers: tuple[str, ...] = ()
 
     def wants(self, allowed: bool) -> bool:
+        """Whether the A59 loggers are called for a decision (never, without a condition)."""
         if self.condition == "ON_DENY_AND_ALLOW":
             return True
         if self.condition == "ON_DENY":
@@ -38,6 +44,10 @@ class AuditOptions:
         if self.condition == "ON_ALLOW":
             return allowed
         return False
+
+    def audits(self, allowed: bool) -> bool:
+        """Whether a decision is recorded on ``meshid.audit``: every one, without a condition."""
+        return self.condition is None or self.wants(allowed)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -127,6 +137,7 @@ class AuthorizationPolicy:
             non_spiffe_trust_domains=parsed_native.non_spiffe_trust_domains,
             require_pq_key_exchange=parsed_native.require_pq_key_exchange,
             allow_tls12=parsed_native.allow_tls12,
+            audit=AuditOptions(parsed_native.audit_condition),
             origin=origin,
         )
 
@@ -158,6 +169,8 @@ class AuthorizationPolicy:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise InvalidPolicyError(f"policy {origin}: not UTF-8 text: {err}") from err
+        import yaml  # only for a YAML file: a JSON policy (or none) does not load it
+
         try:
             data = json.loads(text) if origin.endswith(".json") else yaml.safe_load(text)
         except json.JSONDecodeError as err:

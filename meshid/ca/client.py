@@ -53,6 +53,8 @@ __all__ = [
     "AgentEntry",
     "BatchSvid",
     "Issuance",
+    "IssuerClient",
+    "TrustUpdates",
     "attest_agent_with_token",
     "attest_agent_with_x509pop",
     "batch_new_svids_with_svid",
@@ -90,14 +92,22 @@ def _channel(
     return grpc.secure_channel(server, creds, options=merge_options(pin, None))
 
 
-def _call(what: str, server: str, fn: Callable[[], T]) -> T:
+def _call(what: str, server: str, fn: Callable[[], T], expected: TrustDomain | None = None) -> T:
+    """``fn()``, its grpc error as a RemoteError. ``expected``: the trust domain whose CA the
+    call is for; when no answer came, a probe of the server says which ID it failed to prove."""
     try:
         return fn()
     except grpc.RpcError as err:
         code = err.code().name if err.code() is not None else "UNKNOWN"
         details = err.details() or ""
         if code == "UNAVAILABLE" and not details.startswith("CA"):  # not the CA's own answer
-            details = f"cannot reach the CA at {server} (is it running, and is this its bundle?): {details}"
+            from meshid.ca.probe import unproven_identity
+
+            why = unproven_identity(server, ca_spiffe_id(expected)) if expected is not None else None
+            if why is not None:
+                details = f"the CA's identity was not proven: {why}"
+            else:
+                details = f"cannot reach the CA at {server} (is it running, and is this its bundle?): {details}"
         raise RemoteError(f"{what}: {code}: {details}", code) from err
 
 
@@ -155,7 +165,7 @@ def issue_with_token(
     with _channel(server, roots_pem, td, anon_key, anon_cert) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         request = issuer_pb2.IssueWithTokenRequest(join_token=join_token, csr=build_csr(key))
-        response = _call("svid fetch", server, lambda: stub.IssueWithToken(request, timeout=timeout))
+        response = _call("svid fetch", server, lambda: stub.IssueWithToken(request, timeout=timeout), td)
     return _issuance(response, key)
 
 
@@ -172,7 +182,7 @@ def renew_with_svid(
     with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         request = issuer_pb2.RenewRequest(csr=build_csr(key), spiffe_id=str(svid.spiffe_id))
-        response = _call("svid renew", server, lambda: stub.Renew(request, timeout=timeout))
+        response = _call("svid renew", server, lambda: stub.Renew(request, timeout=timeout), td)
     return _issuance(response, key)
 
 
@@ -234,7 +244,7 @@ def _get_bundle(
 ) -> TrustBundle:
     with _channel(server, roots, td, key_pem, chain_pem) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
-        response = _call("bundle", server, lambda: stub.GetBundle(issuer_pb2.GetBundleRequest(), timeout=timeout))
+        response = _call("bundle", server, lambda: stub.GetBundle(issuer_pb2.GetBundleRequest(), timeout=timeout), td)
     try:
         roots_found = tuple(x509.load_der_x509_certificate(der) for der in response.roots)
         return TrustBundle(td, roots_found, response.sequence or None)
@@ -249,11 +259,82 @@ def get_crl_with_svid(
     td = svid.spiffe_id.trust_domain
     with _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem()) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
-        response = _call("CRL", server, lambda: stub.GetCrl(issuer_pb2.GetCrlRequest(), timeout=timeout))
+        response = _call("CRL", server, lambda: stub.GetCrl(issuer_pb2.GetCrlRequest(), timeout=timeout), td)
     try:
         return response.der, [x509.load_der_x509_certificate(der) for der in response.issuer_chain]
     except ValueError as err:
         raise VerificationError(f"CRL: the CA returned an unreadable issuer certificate: {err}") from err
+
+
+@dataclass(frozen=True, slots=True)
+class TrustUpdates:
+    """What :meth:`IssuerClient.trust_updates` brought: each part None when the caller's is current."""
+
+    bundle: TrustBundle | None
+    crl: tuple[bytes, list[x509.Certificate]] | None
+
+
+class IssuerClient:
+    """A workload's calls to the CA over one mTLS channel with its SVID: renewal and trust updates.
+
+    The channel (and its TLS connection) lasts as long as the client; a new SVID needs a new
+    client (the CA sees the SVID of the handshake). Use it from one thread.
+    """
+
+    def __init__(self, server: str, svid: X509Svid, bundles: BundleSet, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        td = svid.spiffe_id.trust_domain
+        self.server = server
+        self.svid = svid
+        self._td = td
+        self._timeout = timeout
+        self._channel = _channel(server, bundles[td].to_pem(), td, svid.key_pem(), svid.chain_pem())
+        self._stub = issuer_pb2_grpc.IssuerStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def renew(self, *, key_kind: str = "ec-p256") -> Issuance:
+        """A new SVID for the same SPIFFE ID over a new key (see :func:`renew_with_svid`).
+
+        Raises:
+            RemoteError: the CA refused (``.code``) or is unreachable.
+        """
+        key = generate_key(key_kind)
+        request = issuer_pb2.RenewRequest(csr=build_csr(key), spiffe_id=str(self.svid.spiffe_id))
+        response = _call("svid renew", self.server, lambda: self._stub.Renew(request, timeout=self._timeout), self._td)
+        return _issuance(response, key)
+
+    def trust_updates(self, bundle_sequence: int | None, crl_number: int | None) -> TrustUpdates:
+        """The CA's bundle and CRL, each only if it is not the one the caller has (one small call).
+
+        Raises:
+            RemoteError: the CA refused or is unreachable; ``UNIMPLEMENTED`` from a CA older than
+                this call (then ask with :func:`get_bundle_with_svid` and :func:`get_crl_with_svid`).
+            InvalidBundleError, VerificationError: an unreadable root or CRL issuer.
+        """
+        request = issuer_pb2.GetTrustUpdatesRequest(bundle_sequence=bundle_sequence or 0, crl_number=crl_number or 0)
+        response = _call(
+            "trust updates", self.server, lambda: self._stub.GetTrustUpdates(request, timeout=self._timeout), self._td
+        )
+        bundle = crl = None
+        try:
+            if response.HasField("bundle"):
+                roots = tuple(x509.load_der_x509_certificate(der) for der in response.bundle.roots)
+                bundle = TrustBundle(self._td, roots, response.bundle.sequence or None)
+        except ValueError as err:
+            raise InvalidBundleError(f"trust bundle: the CA returned an unreadable root: {err}") from err
+        try:
+            if response.HasField("crl"):
+                crl = (response.crl.der, [x509.load_der_x509_certificate(der) for der in response.crl.issuer_chain])
+        except ValueError as err:
+            raise VerificationError(f"CRL: the CA returned an unreadable issuer certificate: {err}") from err
+        return TrustUpdates(bundle, crl)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> IssuerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- node agents -------------------------------------------------------------------------
@@ -367,7 +448,7 @@ def attest_agent_with_token(
     with _channel(server, roots_pem, td, anon_key, anon_cert) as channel:
         stub = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
         request = agent_pb2.AttestAgentRequest(join_token=join_token, csr=build_csr(key))
-        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout))
+        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout), td)
     return _agent_issuance("node attestation", response, key)
 
 
@@ -400,6 +481,7 @@ def attest_agent_with_x509pop(
             "x509pop challenge",
             server,
             lambda: stub.GetAttestationChallenge(agent_pb2.AttestationChallengeRequest(), timeout=timeout),
+            td,
         )
         proof = agent_pb2.X509PopProof(
             certificate_chain=[c.public_bytes(serialization.Encoding.DER) for c in host_chain],
@@ -407,7 +489,7 @@ def attest_agent_with_x509pop(
             signature=sign_proof(host_key, challenge.nonce, csr),
         )
         request = agent_pb2.AttestAgentRequest(x509pop=proof, csr=csr)
-        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout))
+        response = _call("node attestation", server, lambda: stub.AttestAgent(request, timeout=timeout), td)
     return _agent_issuance("node attestation", response, key)
 
 
@@ -439,7 +521,8 @@ class AgentClient:
         """
         key = generate_key(key_kind)
         request = agent_pb2.RenewAgentRequest(csr=build_csr(key))
-        response = _call("agent renew", self._server, lambda: self._stub.RenewAgent(request, timeout=self._timeout))
+        call = lambda: self._stub.RenewAgent(request, timeout=self._timeout)  # noqa: E731
+        response = _call("agent renew", self._server, call, self.svid.spiffe_id.trust_domain)
         issued = _agent_issuance("agent renew", response, key)
         old = self._channel
         self._bundles = self._bundles.with_bundle(issued.bundle)
@@ -453,6 +536,7 @@ class AgentClient:
             "entry sync",
             self._server,
             lambda: self._stub.SyncEntries(agent_pb2.SyncEntriesRequest(), timeout=self._timeout),
+            self.svid.spiffe_id.trust_domain,
         )
         return [
             AgentEntry(
@@ -514,7 +598,7 @@ class AgentClient:
         return results
 
     def _answer(self, future: Any, batch: Any, keys: list[Any], checker: _BatchChecker) -> list[BatchSvid]:
-        response = _call("batch", self._server, future.result)
+        response = _call("batch", self._server, future.result, self.svid.spiffe_id.trust_domain)
         if len(response.results) != len(keys):
             raise InvalidSvidError(f"batch: the CA answered {len(response.results)} results for {len(keys)} requests")
         out = []
@@ -588,7 +672,8 @@ class AdminClient:
         self._stub = registration_pb2_grpc.RegistrationStub(self._channel)  # type: ignore[no-untyped-call]
 
     def _do(self, what: str, method: str, request: Any) -> Any:
-        return _call(what, self._server, lambda: getattr(self._stub, method)(request, timeout=self._timeout))
+        call = lambda: getattr(self._stub, method)(request, timeout=self._timeout)  # noqa: E731
+        return _call(what, self._server, call, self.trust_domain)
 
     def create_entry(
         self,

@@ -157,6 +157,21 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
 
     def GetCrl(self, request: Any, context: grpc.ServicerContext) -> Any:
         der, number = _run(context, "CRL", self._service.crl)
+        return self._crl_message(der, number)
+
+    def GetTrustUpdates(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """The bundle and the CRL, each only if the caller's sequence or number is not current."""
+        _caller(context, "trust updates")
+        bundle = _run(context, "bundle", self._service.bundle)
+        der, number = _run(context, "CRL", self._service.crl)
+        reply = issuer_pb2.TrustUpdates()
+        if not request.bundle_sequence or request.bundle_sequence != (bundle.sequence or 0):
+            reply.bundle.CopyFrom(bundle_message(bundle))
+        if not request.crl_number or request.crl_number != number:
+            reply.crl.CopyFrom(self._crl_message(der, number))
+        return reply
+
+    def _crl_message(self, der: bytes, number: int) -> issuer_pb2.Crl:
         authority = self._service.authority
         chain = (authority.certificate, *authority.chain[1:]) if authority.chain else (authority.certificate,)
         return issuer_pb2.Crl(der=der, number=number, issuer_chain=[c.public_bytes(_DER) for c in chain])

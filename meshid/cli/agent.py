@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import Any
 
-from meshid.cli._common import add_admin_options, add_join_token_options, join_token
+from meshid.cli._common import add_admin_options, add_join_token_options, duration, join_token
 
 
 def _mode(text: str) -> int:
@@ -46,6 +46,13 @@ def register(groups: Any) -> None:
         "--workload-api-mode", type=_mode, default=0o600, metavar="MODE", help="the socket's file mode (default 0600)"
     )
     agent.add_argument("--renew-at", type=float, default=0.5, help="fraction of the lifetime after which to renew")
+    agent.add_argument(
+        "--wait",
+        type=duration,
+        metavar="DURATION",
+        help="how long to keep trying the first issuance while no CA answers (e.g. 30s, 10m; default: "
+        "until one does); then exit 3",
+    )
     _add_node_options(agent)
 
     def run_sidecar(args: argparse.Namespace) -> int:
@@ -216,6 +223,7 @@ def run_evict(args: argparse.Namespace) -> int:
 
 def run_agent(args: argparse.Namespace) -> int:
     from meshid.agent import IssuerSource
+    from meshid.errors import RemoteError, SourceError
     from meshid.workloadapi import WorkloadApiServer
 
     if not args.out and not args.workload_api:
@@ -234,7 +242,10 @@ def run_agent(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        source = IssuerSource(args.server, args.bundle, join_token=token, svid_dir=args.out, renew_at=args.renew_at)
+        wait = args.wait.total_seconds() if args.wait is not None else None
+        source = IssuerSource(
+            args.server, args.bundle, join_token=token, svid_dir=args.out, renew_at=args.renew_at, wait=wait
+        )
         server = (
             WorkloadApiServer(source, args.workload_api, mode=args.workload_api_mode) if args.workload_api else None
         )
@@ -243,7 +254,24 @@ def run_agent(args: argparse.Namespace) -> int:
         return 2
     if server is not None:
         server.check_free()  # before the join token is spent: a socket another agent serves is refused
-    source.start()
+
+    def stopping(*_: object) -> None:
+        stop.set()
+        source.close()  # also ends start() waiting for a CA
+
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGINT, stopping)
+    try:
+        source.start()
+    except RemoteError as err:  # no CA answered the first issuance in time
+        print(f"meshid: agent: {err}", file=sys.stderr)
+        return 3
+    except SourceError as err:
+        if stop.is_set():
+            print("agent: stopped", flush=True)
+            return 0
+        print(f"meshid: agent: {err}", file=sys.stderr)
+        return 2
     try:
         places = []
         if args.out:

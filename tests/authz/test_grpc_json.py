@@ -540,7 +540,7 @@ def test_invalid_policy_rejected(policy: dict[str, Any], message: str) -> None:
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        pytest.param(None, AuditOptions("NONE", ()), id="absent"),
+        pytest.param(None, AuditOptions(None, ()), id="absent-every-decision-to-meshid-audit"),
         pytest.param({}, AuditOptions("NONE", ()), id="empty"),
         pytest.param({"audit_condition": ""}, AuditOptions("NONE", ()), id="empty-condition-is-none"),
         pytest.param(

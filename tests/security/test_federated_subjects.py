@@ -261,6 +261,7 @@ class _SwitchingSource:
 
     def __init__(self, svid: meshid.X509Svid, bundles: meshid.BundleSet) -> None:
         self.svid, self._bundles = svid, bundles
+        self._callbacks: list[Any] = []
 
     def get_svid(self) -> meshid.X509Svid:
         return self.svid
@@ -269,13 +270,21 @@ class _SwitchingSource:
         return self._bundles
 
     def subscribe(self, callback: Any) -> Any:
-        return lambda: None
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback)
+
+    def switch(self, svid: meshid.X509Svid) -> None:
+        """A new SVID, announced to subscribers as every source does."""
+        self.svid = svid
+        for callback in list(self._callbacks):
+            callback()
 
 
 def test_a_decision_is_not_remembered_across_a_change_of_the_servers_trust_domain(
     ca, other_ca, greeter_source, federation, clients
 ) -> None:
-    # Default scope (no vouched_by, no list): the server's own trust domain, read per call.
+    # Default scope (no vouched_by, no list): the server's own trust domain, read again whenever
+    # the source announces a change.
     policy = meshid.AuthorizationPolicy.from_dict(
         {"allow": [{"name": "batch", "methods": ["*"], "subject_patterns": [CORP]}]}
     )
@@ -283,7 +292,7 @@ def test_a_decision_is_not_remembered_across_a_change_of_the_servers_trust_domai
     interceptor = meshid.AuthorizationInterceptor(policy, source=own)
     with sync_server(greeter_source, interceptor) as port:
         before = [outcome(port, clients[w], federation) for w in ("partner-batch-svid", "our-svid-with-corp-subject")]
-        own.svid = other_ca.issue_svid("spiffe://other.org/ns/prod/sa/greeter")
+        own.switch(other_ca.issue_svid("spiffe://other.org/ns/prod/sa/greeter"))
         after = [outcome(port, clients[w], federation) for w in ("partner-batch-svid", "our-svid-with-corp-subject")]
     assert before == ["PERMISSION_DENIED", "OK"]
     assert after == ["OK", "PERMISSION_DENIED"]
