@@ -104,3 +104,13 @@ def test_type_checkers_see_every_lazily_loaded_name() -> None:
     assert sorted(seen) == meshid.__all__
     for name, home in seen.items():
         assert getattr(meshid, name) is getattr(__import__(home, fromlist=[name]), name), name
+
+
+def test_license_metadata_is_an_spdx_expression_with_its_file() -> None:
+    # A `license = { text = ... }` table makes every build print setuptools' deprecation warning.
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert [p for p in project["license-files"] if (ROOT / p).is_file()] == project["license-files"] == ["LICENSE"]
+    assert "Apache License" in (ROOT / "LICENSE").read_text().splitlines()[0]
