@@ -21,7 +21,7 @@ import time
 import grpc
 
 import meshid
-from meshid._proto import greeter_pb2, greeter_pb2_grpc
+from meshid.examples import greeter_pb2, greeter_pb2_grpc
 
 
 def identity_source(args: argparse.Namespace) -> meshid.FileSource | meshid.WorkloadApiSource:

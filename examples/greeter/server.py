@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import meshid
 from meshid import metrics
-from meshid._proto import greeter_pb2, greeter_pb2_grpc
+from meshid.examples import greeter_pb2, greeter_pb2_grpc
 
 
 class Greeter(greeter_pb2_grpc.GreeterServicer):
