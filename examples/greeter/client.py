@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -47,6 +48,8 @@ def main() -> int:
         "--talk", type=float, default=0, metavar="SECONDS", help="keep calling (5 per second) this long"
     )
     args = parser.parse_args()
+    # meshid's warnings (an expired SVID in --dir, a server that fails to prove --server-id) on stderr.
+    logging.basicConfig(level=logging.WARNING, format="client: %(name)s %(levelname)s %(message)s")
     try:
         source = identity_source(args).start()
     except (meshid.MeshIdError, ValueError) as err:  # e.g. the agent issued this process no identity
