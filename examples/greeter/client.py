@@ -19,6 +19,11 @@ import os
 import sys
 import time
 
+# grpc's C core logs failed handshakes itself ("E1201 ... ssl_transport_security.cc ... No match
+# found for server name"), before and beside meshid's own message; GRPC_VERBOSITY=ERROR (or
+# DEBUG) in the environment brings those lines back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import grpc
 
 import meshid
