@@ -6,14 +6,16 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench soak proto lint clean
 
+# Quiet: one line, then pip's errors only (-qq), so `make demo` starts with the demo.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	@echo "make: installing meshid and its dependencies into $(VENV) (once)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -qq --progress-bar off --upgrade pip
+	@$(PY) -m pip install -qq --progress-bar off -e ".[dev]"
+	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	@$(PY) examples/demo.py
 
 # pytest exits 5 when it collects nothing: that is a failure here, never a pass.
 test: $(STAMP)

@@ -25,6 +25,7 @@ _HOMES = {
     "CrlWatcher": "meshid.revocation",
     "Decision": "meshid.authz",
     "FileSource": "meshid.sources",
+    "FileSourceState": "meshid.sources",
     "InvalidBundleError": "meshid.errors",
     "InvalidPolicyError": "meshid.errors",
     "InvalidSpiffeIdError": "meshid.errors",
@@ -96,6 +97,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
     from meshid.revocation import CrlWatcher as CrlWatcher
     from meshid.revocation import RevocationList as RevocationList
     from meshid.sources import FileSource as FileSource
+    from meshid.sources import FileSourceState as FileSourceState
     from meshid.sources import Source as Source
     from meshid.sources import StaticSource as StaticSource
     from meshid.spiffeid import SpiffeId as SpiffeId

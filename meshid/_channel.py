@@ -20,8 +20,9 @@ from typing import Any, Generic, Literal, TypedDict, TypeVar
 import grpc
 
 from meshid._grpc import merge_options
-from meshid.credentials import ServerId, channel_credentials
+from meshid.credentials import ServerId, _parse_server_id, channel_credentials
 from meshid.sources import Source
+from meshid.spiffeid import SpiffeId
 
 log = logging.getLogger("meshid.channel")
 
@@ -34,6 +35,12 @@ T = TypeVar("T")
 Kind = Literal["unary_unary", "unary_stream", "stream_unary", "stream_stream"]
 #: What a stub passes to a channel's factory: method, request serializer, response deserializer, registered.
 MethodArgs = tuple[str, Any, Any, bool]
+
+#: What grpc's details of an UNAVAILABLE call say when the server's certificate did not prove
+#: what the channel pins: the identity DNS name is not among its names (BoringSSL's host-name
+#: check), or its chain leads to none of the roots trusted for the pinned trust domain.
+_NAME_MISMATCH = "Hostname Verification Check failed"
+_UNTRUSTED = "CERTIFICATE_VERIFY_FAILED"
 
 
 class ChannelSettings(TypedDict, total=False):
@@ -51,7 +58,7 @@ class Generation(Generic[C]):
     drain timer fires, whichever comes first; it is closed once only.
     """
 
-    __slots__ = ("_close", "channel", "closed", "closing", "inflight", "lock", "retired")
+    __slots__ = ("_close", "channel", "closed", "closing", "inflight", "lock", "proven", "retired")
 
     def __init__(self, channel: C, close: Callable[[C], object]) -> None:
         self.channel = channel
@@ -61,6 +68,8 @@ class Generation(Generic[C]):
         self.inflight = 0
         self.retired = False
         self.closed = False
+        #: A call on this channel succeeded: the server proved its identity, so calls are no longer watched.
+        self.proven = False
         self.lock = threading.Lock()
 
     def begin(self) -> None:
@@ -148,6 +157,7 @@ class RotatingCore(abc.ABC, Generic[C]):
         self._lock = threading.Lock()
         self._change_lock = threading.Lock()
         self._closed = False
+        self._warned = False  # the server's failure to prove its identity is logged once per channel
         self._state = (source.get_svid(), source.get_bundles())
         self._current: Generation[C] = Generation(self._build(), self._close_channel)
         #: How many times the underlying channel was replaced (for tests and metrics).
@@ -208,6 +218,60 @@ class RotatingCore(abc.ABC, Generic[C]):
                 self.rotations += 1
             old.retire(self._drain_timeout, self._call_later)
 
+    # A server that fails to prove its identity -----------------------------------------------
+
+    def _watching(self, generation: Generation[C]) -> bool:
+        """Whether a call that ends on ``generation`` must be looked at: until one call there
+        succeeds, and until the channel has warned once. Blocking calls are looked at only when
+        they raise, so they cost nothing."""
+        return not (self._warned or generation.proven)
+
+    def _outcome(self, generation: Generation[C], code: grpc.StatusCode | None, details: str | None) -> None:
+        """Sees how a watched call ended: a success proves the server; the first handshake that
+        failed on the server's certificate is logged at WARNING, with what the channel expected."""
+        if code is grpc.StatusCode.OK:
+            generation.proven = True
+            return
+        if code is not grpc.StatusCode.UNAVAILABLE or not details:
+            return
+        why: Literal["name", "chain"]
+        if _NAME_MISMATCH in details:
+            why = "name"
+        elif _UNTRUSTED in details:
+            why = "chain"
+        else:
+            return
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        log.warning("%s (grpc: %s)", self._unproven(why), details)
+
+    def _unproven(self, why: Literal["name", "chain"]) -> str:
+        head = f"channel to {self._target}: the server failed the TLS handshake"
+        if self._server_id is None:
+            if why == "name":
+                return (
+                    f"{head}: its certificate has no DNS name matching the target's host name (grpc checks it "
+                    "when no server_id is given); pass server_id=SPIFFE ID or trust domain to accept a server "
+                    "by its SPIFFE identity"
+                )
+            return f"{head}: its certificate does not chain to a root in the source's bundles"
+        expected = _parse_server_id(self._server_id)
+        td = expected.trust_domain if isinstance(expected, SpiffeId) else expected
+        if why == "name":
+            proves = (
+                f"{expected}: it presents an SVID of another SPIFFE ID"
+                if isinstance(expected, SpiffeId)
+                else f"a workload of trust domain {td}: its certificate carries no identity of that trust domain"
+            )
+            return f"{head}: it did not prove it is {proves}; check server_id and the server's SVID"
+        return (
+            f"{head}: it did not prove it belongs to trust domain {td} (expected "
+            f"{expected}): its certificate does not chain to the roots of {td} in the source's bundles, "
+            "so it is another trust domain's server, or the bundle is not that of its CA"
+        )
+
     def _begin(self) -> Generation[C]:
         """The generation a new call goes to, with the call counted in flight there."""
         with self._lock:
@@ -258,6 +322,10 @@ class MultiCallable(Generic[C]):
         generation = self._owner._begin()
         try:
             return invoke(self._inner(generation))
+        except grpc.RpcError as err:
+            if isinstance(err, grpc.Call):
+                self._owner._outcome(generation, err.code(), err.details())
+            raise
         finally:
             generation.end()
 

@@ -20,7 +20,7 @@ from typing import Any, Unpack
 import grpc
 
 from meshid._channel import DEFAULT_DRAIN_TIMEOUT as DEFAULT_DRAIN_TIMEOUT
-from meshid._channel import ChannelSettings, Kind, MethodArgs, MultiCallable, RotatingCore
+from meshid._channel import ChannelSettings, Generation, Kind, MethodArgs, MultiCallable, RotatingCore
 from meshid.sources import Source
 
 __all__ = ["RotatingChannel", "secure_channel"]
@@ -87,7 +87,10 @@ class _Blocking(MultiCallable[grpc.Channel]):
 
     def future(self, *args: Any, **kwargs: Any) -> Any:
         generation, future = self._start(lambda inner: inner.future(*args, **kwargs))
-        future.add_done_callback(generation.end)
+        if self._owner._watching(generation):
+            future.add_done_callback(lambda done: _ended(self._owner, generation, done))
+        else:
+            future.add_done_callback(generation.end)
         return future
 
 
@@ -98,9 +101,18 @@ class _Streaming(MultiCallable[grpc.Channel]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         generation, call = self._start(lambda inner: inner(*args, **kwargs))
-        if not call.add_callback(generation.end):
-            generation.end()  # already terminated
+        done: Callable[[], None] = generation.end
+        if self._owner._watching(generation):
+            done = lambda: _ended(self._owner, generation, call)  # noqa: E731
+        if not call.add_callback(done):
+            done()  # already terminated
         return call
+
+
+def _ended(owner: RotatingCore[grpc.Channel], generation: Generation[grpc.Channel], call: grpc.Call) -> None:
+    """A watched call is over: counted out of its generation, and its outcome seen."""
+    generation.end()
+    owner._outcome(generation, call.code(), call.details())
 
 
 def secure_channel(target: str, source: Source, **settings: Unpack[ChannelSettings]) -> RotatingChannel:

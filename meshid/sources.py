@@ -9,21 +9,25 @@ watching, ``close()`` to stop.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
 
 from meshid._background import FileStamp, Notifier, Unsubscribe, Worker, file_stamp
 from meshid.bundle import BundleSet, TrustBundle
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, SourceError
 from meshid.svid import X509Svid
 
-__all__ = ["FileSource", "Source", "StaticSource"]
+__all__ = ["FileSource", "FileSourceState", "Source", "StaticSource"]
 
 log = logging.getLogger("meshid.sources")
 
+Validity = Literal["valid", "expired", "not yet valid"]
 
 
 @runtime_checkable
@@ -86,13 +90,44 @@ def _stamp(*paths: str) -> tuple[FileStamp, ...]:
     return tuple(file_stamp(path) for path in paths)
 
 
+def _validity(svid: X509Svid, now: datetime.datetime) -> Validity:
+    if now >= svid.not_after:
+        return "expired"
+    if now < svid.not_before:
+        return "not yet valid"
+    return "valid"
+
+
+@dataclass(frozen=True, slots=True)
+class FileSourceState:
+    """What a :class:`FileSource` presents now, for health checks: ``FileSource.state``.
+
+    ``validity`` is measured on the source's clock when the state is read: ``"valid"``,
+    ``"expired"`` (peers refuse the SVID: whatever writes the files has stopped renewing it) or
+    ``"not yet valid"`` (the local clock is behind the CA's).
+    """
+
+    spiffe_id: str
+    serial: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    validity: Validity
+    last_error: str | None
+
+    @property
+    def expired(self) -> bool:
+        return self.validity == "expired"
+
+
 class FileSource:
     """A source that reads an SVID and its trust domain's bundle from PEM files and follows them.
 
     ``bundle_file`` holds the roots of the workload's own trust domain; other trust domains
     come from ``federated``. The files are read once here; :meth:`start` begins polling them
     every ``poll_interval`` seconds and :meth:`reload` checks at once. A file that fails to
-    parse leaves the previous identity in force and is logged.
+    parse leaves the previous identity in force and is logged. An SVID that is expired or not
+    yet valid is still handed out (peers will refuse it), but :meth:`start`, every reload and
+    the poll at which it expires log a warning, and :attr:`state` says so.
 
     Raises:
         InvalidSvidError, InvalidBundleError: the files cannot be loaded the first time.
@@ -106,12 +141,14 @@ class FileSource:
         *,
         federated: BundleSet | None = None,
         poll_interval: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         self._paths = (os.fspath(cert_file), os.fspath(key_file), os.fspath(bundle_file))
         self._federated = federated or BundleSet.of()
         self._poll_interval = poll_interval
+        self._clock = clock
         self._notifier = Notifier()
         self._lock = threading.Lock()
         self._worker = Worker("meshid-file-source", self._run)
@@ -119,6 +156,8 @@ class FileSource:
         self._state = self._read()
         #: The last load error, or None after a good load. For health checks.
         self.last_error: str | None = None
+        # The (serial, validity) last warned about, so a poll warns once per change, not every second.
+        self._warned: tuple[int, Validity] | None = None
 
     def _read(self) -> tuple[X509Svid, BundleSet]:
         cert_file, key_file, bundle_file = self._paths
@@ -134,6 +173,49 @@ class FileSource:
 
     def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
         return self._notifier.subscribe(callback)
+
+    @property
+    def state(self) -> FileSourceState:
+        """The SVID presented now and its validity on this source's clock."""
+        svid = self._state[0]
+        return FileSourceState(
+            spiffe_id=str(svid.spiffe_id),
+            serial=f"{svid.serial:x}",
+            not_before=svid.not_before,
+            not_after=svid.not_after,
+            validity=_validity(svid, self._clock.now()),
+            last_error=self.last_error,
+        )
+
+    def _check_validity(self, *, again: bool = False) -> None:
+        """Warns when the SVID presented is expired or not yet valid: once per SVID and validity,
+        or every time with ``again`` (start and reloads)."""
+        svid = self._state[0]
+        now = self._clock.now()
+        validity = _validity(svid, now)
+        seen = (svid.serial, validity)
+        if seen == self._warned and not again:
+            return
+        self._warned = seen
+        cert_file = self._paths[0]
+        if validity == "expired":
+            log.warning(
+                "identity files: the SVID of %s in %s EXPIRED at %s (%s ago); peers will refuse it: "
+                "renew it (meshid svid fetch, or a running meshid agent --out)",
+                svid.spiffe_id,
+                cert_file,
+                svid.not_after.isoformat(),
+                _ago(now - svid.not_after),
+            )
+        elif validity == "not yet valid":
+            log.warning(
+                "identity files: the SVID of %s in %s is not valid until %s (%s from now); peers will "
+                "refuse it until then: is this host's clock behind?",
+                svid.spiffe_id,
+                cert_file,
+                svid.not_before.isoformat(),
+                _ago(svid.not_before - now),
+            )
 
     def reload(self) -> bool:
         """Reload if the files changed. Returns True when a new identity took effect."""
@@ -153,11 +235,14 @@ class FileSource:
                 return False
             self._state = state
         log.info("identity files: now presenting %s (serial %x)", state[0].spiffe_id, state[0].serial)
+        self._check_validity(again=True)
         self._notifier.notify()
         return True
 
     def start(self) -> FileSource:
-        """Begin polling the files in a daemon thread. Returns self."""
+        """Begin polling the files in a daemon thread (warning if the SVID is expired or not yet
+        valid). Returns self."""
+        self._check_validity(again=True)
         self._worker.start()
         return self
 
@@ -166,14 +251,29 @@ class FileSource:
         self._worker.close()
 
     def _run(self, stop: threading.Event) -> None:
-        while not stop.wait(self._poll_interval):
-            self.reload()
+        while not self._clock.wait(stop, self._poll_interval):
+            if not self.reload():
+                self._check_validity()
 
     def __enter__(self) -> FileSource:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ago(delta: datetime.timedelta) -> str:
+    """A span, as precise as a log line needs: 90s, 59m, 2h55m, 3d4h."""
+    seconds = max(0, int(delta.total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    minutes = seconds // 60
+    if minutes < 120:
+        return f"{minutes}m"
+    hours = minutes // 60
+    if hours < 48:
+        return f"{hours}h{minutes % 60:02d}m"
+    return f"{hours // 24}d{hours % 24}h"
 
 
 def require_source(source: object) -> Source:

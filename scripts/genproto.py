@@ -3,7 +3,9 @@
 grpcio-tools writes modules at paths mirroring the .proto files (meshid/examples/v1/...);
 meshid keeps every generated module flat in the private package ``meshid._proto`` and
 rewrites the generated imports to match. The .proto file names stay fully qualified in the
-descriptor pool, so they cannot clash with a user's own protos.
+descriptor pool, so they cannot clash with a user's own protos. The example greeter's modules
+have a public name, ``meshid.examples`` (a re-export of these very files, so ``--check``
+covers them).
 """
 
 from __future__ import annotations

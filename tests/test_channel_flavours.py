@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -599,3 +601,88 @@ def test_a_closed_channel_refuses_calls_and_ignores_rotations(flavour, port, cli
     rotate(flavour, client, ca)
     assert channel.rotations == 0
     eventually(lambda: connections(port) == 0, "the closed channel's connection gone")
+
+
+# --- a server that cannot prove the identity the channel pins ------------------------------
+
+IMPOSTOR = "spiffe://example.org/ns/prod/sa/impostor"
+
+
+def _unproven_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "meshid.channel" and r.levelname == "WARNING"]
+
+
+def _fail(flavour: Flavour, channel: Any, shape: str) -> None:
+    """One call of this shape, refused at the handshake."""
+    if shape == "stream":
+        with pytest.raises((grpc.RpcError, grpc.aio.AioRpcError)) as failed:
+            flavour.server_stream(channel, "world").next()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        return
+    code, details = flavour.start(channel, "world", shape).result(30)
+    assert code == "UNAVAILABLE", (shape, code, details)
+
+
+@pytest.mark.parametrize("shape", [*STYLES, "stream"])
+def test_a_server_with_another_spiffe_id_is_logged_once_with_the_id_expected(
+    flavour, client, ca, bundles, caplog, shape
+) -> None:
+    caplog.set_level(logging.WARNING, "meshid.channel")
+    port = flavour.serve(meshid.StaticSource(ca.issue_svid(IMPOSTOR), bundles))
+    channel = flavour.channel(port, client)
+
+    _fail(flavour, channel, shape)
+    eventually(lambda: _unproven_warnings(caplog), "the channel's warning")
+    _fail(flavour, channel, shape)
+    _fail(flavour, channel, "call")
+    flavour.settle()
+
+    (warning,) = _unproven_warnings(caplog)  # once per channel
+    assert (
+        f"channel to 127.0.0.1:{port}: the server failed the TLS handshake: it did not prove it is {SERVER_ID}"
+        in warning
+    )
+    assert "another SPIFFE ID" in warning and "check server_id" in warning
+    assert "Hostname Verification Check failed" in warning  # grpc's own words, explained
+
+
+def test_a_server_of_another_trust_domain_is_logged_with_the_trust_domain_expected(
+    flavour, client, other_ca, bundles, caplog
+) -> None:
+    caplog.set_level(logging.WARNING, "meshid.channel")
+    port = flavour.serve(meshid.StaticSource(other_ca.issue_svid("spiffe://other.org/ns/prod/sa/greeter"), bundles))
+    channel = flavour.channel(port, client)
+
+    assert flavour.call(channel)[0] == "UNAVAILABLE"
+    assert flavour.call(channel)[0] == "UNAVAILABLE"
+
+    eventually(lambda: _unproven_warnings(caplog), "the channel's warning")
+    (warning,) = _unproven_warnings(caplog)
+    assert f"it did not prove it belongs to trust domain example.org (expected {SERVER_ID})" in warning
+    assert "CERTIFICATE_VERIFY_FAILED" in warning
+
+
+def test_a_server_that_proves_its_id_or_is_down_gives_no_such_warning(flavour, port, client, caplog) -> None:
+    caplog.set_level(logging.WARNING, "meshid.channel")
+    channel = flavour.channel(port, client)
+    for style in STYLES:
+        assert flavour.start(channel, "world", style).result(30) == ("OK", FRONTEND_ID)
+    assert flavour.server_stream(channel, "world").rest() == ([FRONTEND_ID] * 3, "OK")
+
+    down = flavour.channel(_free_port(), client)
+    assert flavour.call(down)[0] == "UNAVAILABLE"  # connection refused: nothing to say about identity
+    flavour.settle()
+    assert _unproven_warnings(caplog) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_aio_secure_channel_outside_an_event_loop_says_to_call_it_inside_one(client) -> None:
+    with pytest.raises(
+        RuntimeError, match=r"^meshid.aio.secure_channel: no running event loop; call it inside a coroutine"
+    ):
+        meshid.aio.secure_channel("127.0.0.1:1", client, server_id=SERVER_ID)

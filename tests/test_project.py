@@ -104,3 +104,26 @@ def test_type_checkers_see_every_lazily_loaded_name() -> None:
     assert sorted(seen) == meshid.__all__
     for name, home in seen.items():
         assert getattr(meshid, name) is getattr(__import__(home, fromlist=[name]), name), name
+
+
+def test_license_metadata_is_an_spdx_expression_with_its_file() -> None:
+    # A `license = { text = ... }` table makes every build print setuptools' deprecation warning.
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert [p for p in project["license-files"] if (ROOT / p).is_file()] == project["license-files"] == ["LICENSE"]
+    assert "Apache License" in (ROOT / "LICENSE").read_text().splitlines()[0]
+
+
+def test_the_example_greeter_has_a_public_home_that_make_proto_writes() -> None:
+    from meshid.examples import greeter_pb2, greeter_pb2_grpc
+
+    assert greeter_pb2.DESCRIPTOR.package == "meshid.examples.v1"
+    assert greeter_pb2.HelloRequest(name="me").name == "me" and greeter_pb2_grpc.GreeterStub
+    # The generated files themselves, which `make proto` writes and --check compares.
+    for module in (greeter_pb2, greeter_pb2_grpc):
+        assert pathlib.Path(module.__file__).parent == ROOT / "meshid" / "_proto"
+    # What a newcomer copies from imports no private name.
+    for example in sorted((ROOT / "examples").rglob("*.py")):
+        assert "meshid._" not in example.read_text(), f"{example.relative_to(ROOT)} imports a private module"

@@ -8,6 +8,8 @@ is proved by pinning (``secure_channel(server_id=...)`` succeeds only against th
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 
 import meshid
 from meshid.ca import Authority
+from meshid.clock import ManualClock
 from support import FRONTEND_ID, SERVER_ID, call, eventually, handshake_failed, sync_server
 
 GREETER_V2 = "spiffe://example.org/ns/prod/sa/greeter-v2"
@@ -286,6 +289,83 @@ def test_file_source_can_be_started_again_after_close(files: Files, ca: Authorit
         eventually(lambda: source.get_svid() == rotated, 10, "the source to load the rotated files")
     finally:
         source.close()
+
+
+def _validity_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "meshid.sources" and r.levelname == "WARNING"]
+
+
+def test_file_source_start_warns_of_an_expired_svid_and_says_so_in_its_state(
+    files: Files, ca: Authority, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Files as a demo leaves them: an SVID whose hour ran out two hours ago, read on the real clock.
+    two_hours_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)
+    expired = ca.issue_svid(SERVER_ID, ttl=datetime.timedelta(hours=1), now=two_hours_ago)
+    files.write(expired)
+    caplog.set_level(logging.WARNING, "meshid.sources")
+    source = files.source()
+    assert _validity_warnings(caplog) == []  # reading the files is not the place; start() is
+    with source:
+        (warning,) = _validity_warnings(caplog)
+        assert (
+            f"the SVID of {SERVER_ID} in {files.cert} EXPIRED at {expired.not_after.isoformat()} (60m ago)" in warning
+        )
+        assert "renew it" in warning
+        state = source.state
+        assert state.validity == "expired" and state.expired
+        assert state.spiffe_id == SERVER_ID and state.serial == f"{expired.serial:x}"
+        assert state.not_after == expired.not_after
+        assert source.get_svid() == expired  # still handed out: the warning is the news
+
+
+def test_file_source_warns_of_a_not_yet_valid_svid(files: Files, caplog: pytest.LogCaptureFixture) -> None:
+    not_before = meshid.X509Svid.load(files.cert, files.key).not_before
+    clock = ManualClock(not_before - datetime.timedelta(hours=3))  # a host clock hours behind the CA's
+    caplog.set_level(logging.WARNING, "meshid.sources")
+    with files.source(clock=clock) as source:
+        (warning,) = _validity_warnings(caplog)
+        assert "is not valid until" in warning and "(3h00m from now)" in warning and "clock behind" in warning
+        assert source.state.validity == "not yet valid"
+        assert not source.state.expired
+
+
+def test_file_source_state_of_a_valid_svid(files: Files, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "meshid.sources")
+    with files.source() as source:
+        assert source.state.validity == "valid"
+        assert source.state.last_error is None
+    assert _validity_warnings(caplog) == []
+
+
+def test_file_source_warns_once_when_its_svid_expires_while_polled(
+    files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    caplog.set_level(logging.WARNING, "meshid.sources")
+    with files.source(clock=clock, poll_interval=1.0) as source:
+        clock.settle()
+        assert _validity_warnings(caplog) == []
+        clock.advance(2 * 3600)  # the files' 1 h SVID has expired; nothing rewrote them
+        clock.settle()
+        assert source.state.expired
+        assert len(_validity_warnings(caplog)) == 1
+        for _ in range(3):  # later polls do not repeat it
+            clock.advance(1.0)
+            clock.settle()
+        assert len(_validity_warnings(caplog)) == 1
+
+
+def test_file_source_reload_warns_of_an_expired_new_svid(
+    files: Files, ca: Authority, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = files.source()
+    caplog.set_level(logging.WARNING, "meshid.sources")
+    two_hours_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)
+    files.write(ca.issue_svid(SERVER_ID, ttl=datetime.timedelta(hours=1), now=two_hours_ago))
+    assert source.reload() is True
+    (warning,) = _validity_warnings(caplog)
+    assert "EXPIRED" in warning
+    assert source.state.expired
 
 
 def test_file_source_keeps_federated_bundles(files: Files, ca: Authority, other_ca: Authority) -> None:

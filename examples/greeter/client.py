@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import time
 
+# grpc's C core logs failed handshakes itself ("E1201 ... ssl_transport_security.cc ... No match
+# found for server name"), before and beside meshid's own message; GRPC_VERBOSITY=ERROR (or
+# DEBUG) in the environment brings those lines back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import grpc
 
 import meshid
-from meshid._proto import greeter_pb2, greeter_pb2_grpc
+from meshid.examples import greeter_pb2, greeter_pb2_grpc
 
 
 def identity_source(args: argparse.Namespace) -> meshid.FileSource | meshid.WorkloadApiSource:
@@ -47,6 +53,8 @@ def main() -> int:
         "--talk", type=float, default=0, metavar="SECONDS", help="keep calling (5 per second) this long"
     )
     args = parser.parse_args()
+    # meshid's warnings (an expired SVID in --dir, a server that fails to prove --server-id) on stderr.
+    logging.basicConfig(level=logging.WARNING, format="client: %(name)s %(levelname)s %(message)s")
     try:
         source = identity_source(args).start()
     except (meshid.MeshIdError, ValueError) as err:  # e.g. the agent issued this process no identity

@@ -22,12 +22,17 @@ import threading
 from concurrent import futures
 from typing import Any
 
+# grpc's C core logs failed handshakes itself ("E1201 ... ssl_transport_security.cc ... No match
+# found for server name"), before and beside meshid's own message; GRPC_VERBOSITY=ERROR (or
+# DEBUG) in the environment brings those lines back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import meshid
 from meshid import metrics
-from meshid._proto import greeter_pb2, greeter_pb2_grpc
+from meshid.examples import greeter_pb2, greeter_pb2_grpc
 
 
 class Greeter(greeter_pb2_grpc.GreeterServicer):

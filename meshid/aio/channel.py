@@ -14,7 +14,7 @@ from typing import Any, Unpack
 import grpc
 import grpc.aio
 
-from meshid._channel import ChannelSettings, Kind, MethodArgs, MultiCallable, RotatingCore
+from meshid._channel import ChannelSettings, Generation, Kind, MethodArgs, MultiCallable, RotatingCore
 from meshid.sources import Source
 
 __all__ = ["RotatingChannel", "secure_channel"]
@@ -30,7 +30,23 @@ class RotatingChannel(RotatingCore[grpc.aio.Channel], grpc.aio.Channel):
     _closed_error = grpc.aio.UsageError
 
     def _bind_runtime(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError as err:
+            raise RuntimeError(
+                "meshid.aio.secure_channel: no running event loop; call it inside a coroutine "
+                "(an async def run by asyncio.run), or use meshid.secure_channel for blocking code"
+            ) from err
+        # Tasks that look at how a watched call ended (see RotatingCore._watching), kept referenced.
+        self._checks: set[asyncio.Task[None]] = set()
+
+    def _watch(self, generation: Generation[grpc.aio.Channel], call: grpc.aio.Call) -> None:
+        task = self._loop.create_task(self._check(generation, call))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check(self, generation: Generation[grpc.aio.Channel], call: grpc.aio.Call) -> None:
+        self._outcome(generation, await call.code(), await call.details())
 
     def _connect(
         self, target: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, Any]]
@@ -79,6 +95,9 @@ class _MultiCallable(MultiCallable[grpc.aio.Channel]):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         generation, call = self._start(lambda inner: inner(*args, **kwargs))
         call.add_done_callback(generation.end)
+        if self._owner._watching(generation):
+            owner: RotatingChannel = self._owner  # type: ignore[assignment]
+            call.add_done_callback(lambda done: owner._watch(generation, done))
         return call
 
 
@@ -86,7 +105,7 @@ def secure_channel(target: str, source: Source, **settings: Unpack[ChannelSettin
     """The ``grpc.aio`` twin of :func:`meshid.secure_channel`; call it inside a running event loop.
 
     Raises:
-        RuntimeError: no event loop is running.
+        RuntimeError: no event loop is running (the message says to call it inside a coroutine).
         SourceError, InvalidSpiffeIdError, ValueError, TypeError: as :func:`meshid.secure_channel`.
     """
     return RotatingChannel(target, source, **settings)

@@ -149,7 +149,7 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
             context, "renewal", lambda: self._service.renew(caller, request.csr, request.spiffe_id, serial, key)
         )
         metrics.CA_ISSUANCES.labels("renewal").inc()
-        log.info("CA: renewed %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
+        log.debug("CA: renewed %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
         return _svid_response(issued)
 
     def GetBundle(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -293,7 +293,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         caller, serial, key = _caller(context, "agent renewal")
         issued = _run(context, "agent renewal", lambda: self._agents.renew(caller, request.csr, serial, key))
         metrics.CA_ISSUANCES.labels("agent").inc()
-        log.info("CA: renewed node agent %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
+        log.debug("CA: renewed node agent %s (serial %x)", issued.spiffe_id, issued.chain[0].serial_number)
         return _svid_response(issued)
 
     def SyncEntries(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -335,5 +335,5 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 )
         issued = sum(1 for r in results if r.issued is not None)
         metrics.CA_ISSUANCES.labels("batch").inc(issued)
-        log.info("CA: node agent %s got %d of %d SVID(s) asked for in a batch", caller, issued, len(results))
+        log.debug("CA: node agent %s got %d of %d SVID(s) asked for in a batch", caller, issued, len(results))
         return response

@@ -178,8 +178,12 @@ class CaServer:
         self._stop.clear()
         self._refresher = threading.Thread(target=self._refresh_loop, name="meshid-ca-refresh", daemon=True)
         self._refresher.start()
-        log.info("CA: serving trust domain %s on %s", self.service.authority.trust_domain, self._listen)
+        log.info("CA: serving trust domain %s on %s", self.service.authority.trust_domain, self._address())
         return port
+
+    def _address(self) -> str:
+        """Where it listens, with the port it was given (``--listen HOST:0`` picks one)."""
+        return f"{self._listen.rsplit(':', 1)[0]}:{self.port}"
 
     def _stamp(self) -> tuple[tuple[int, int, int], ...]:
         out = []
@@ -261,6 +265,7 @@ class CaServer:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
+            log.info("CA: stopped serving trust domain %s on %s", self.service.authority.trust_domain, self._address())
         if self._refresher is not None:
             self._refresher.join()
             self._refresher = None
