@@ -23,6 +23,49 @@ __all__ = ["AuditOptions", "AuthorizationPolicy"]
 MAX_POLICY_BYTES = 8 * 1024 * 1024
 
 
+def _only_comments(text: str) -> bool:
+    return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with tagged scalars (``!!bool maybe``, ``!!timestamp x``) refused as
+    YAML errors at their line instead of as a bare KeyError or AttributeError."""
+
+
+def _checked_scalar(kind: str, construct: Any) -> Any:
+    def checked(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:
+            value = node.value if isinstance(node.value, str) else ""
+            shown = repr(value if len(value) <= 40 else value[:40] + "...")
+            reason = f": {err}" if isinstance(err, ValueError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown} is not a valid {kind}{reason}", node.start_mark
+            ) from err
+
+    return checked
+
+
+for _tag, _kind, _construct in (
+    ("bool", "boolean (write true or false)", yaml.constructor.SafeConstructor.construct_yaml_bool),
+    ("int", "integer", yaml.constructor.SafeConstructor.construct_yaml_int),
+    ("float", "number", yaml.constructor.SafeConstructor.construct_yaml_float),
+    ("timestamp", "date or timestamp (e.g. 2024-01-31)", yaml.constructor.SafeConstructor.construct_yaml_timestamp),
+):
+    _YamlLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _checked_scalar(_kind, _construct))
+
+
+def _yaml_error(origin: str, err: yaml.YAMLError) -> InvalidPolicyError:
+    """One line naming the file, the line and column, and what the parser found there."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        what = "; ".join(" ".join(str(part).split()) for part in (err.context, err.problem) if part)
+        where = f"line {mark.line + 1} column {mark.column + 1}"
+        return InvalidPolicyError(f"policy {origin}: invalid YAML at {where}: {what}")
+    return InvalidPolicyError(f"policy {origin}: invalid YAML: {' '.join(str(err).split())}")
+
+
 @dataclass(frozen=True, slots=True)
 class AuditOptions:
     """gRFC A59 audit logging: when to call which audit loggers (``stdout_logger`` is built in)."""
@@ -158,14 +201,18 @@ class AuthorizationPolicy:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise InvalidPolicyError(f"policy {origin}: not UTF-8 text: {err}") from err
+        if not text.strip() or (not origin.endswith(".json") and _only_comments(text)):
+            raise InvalidPolicyError(
+                f"policy {origin}: is empty; a policy needs at least one allow rule (name, methods, and who)"
+            )
         try:
-            data = json.loads(text) if origin.endswith(".json") else yaml.safe_load(text)
+            data = json.loads(text) if origin.endswith(".json") else yaml.load(text, Loader=_YamlLoader)
         except json.JSONDecodeError as err:
             raise InvalidPolicyError(
                 f"policy {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
             ) from err
         except yaml.YAMLError as err:  # PyYAML's message spans lines (a snippet): keep it on one
-            raise InvalidPolicyError(f"policy {origin}: invalid YAML: {' '.join(str(err).split())}") from err
+            raise _yaml_error(origin, err) from err
         except RecursionError as err:
             raise InvalidPolicyError(f"policy {origin}: nested too deeply") from err
         except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:
