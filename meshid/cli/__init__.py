@@ -18,7 +18,7 @@ from meshid.cli import agent, bundle, ca, entry, policy, svid
 from meshid.cli._common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNREACHABLE
 from meshid.errors import MeshIdError, RemoteError, UnreachableError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 #: What a server that could not be reached (or answer in time) is told apart by.
 _UNREACHABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
