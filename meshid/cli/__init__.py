@@ -22,6 +22,9 @@ __all__ = ["build_parser", "main"]
 
 #: What a server that could not be reached (or answer in time) is told apart by.
 _UNREACHABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+#: ... unless grpc's details say a server answered but failed to prove the identity asked for
+#: (a wrong --bundle or trust domain): retrying will not help, so that is bad input (2).
+_HANDSHAKE_REFUSED = ("Tls handshake failed", "CERTIFICATE_VERIFY_FAILED", "Hostname Verification")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,18 +93,28 @@ def _quiet_grpc(args: argparse.Namespace) -> None:
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if getattr(args, "long_running", False) else "NONE")
 
 
+def _unreachable(err: BaseException | None) -> bool:
+    """Whether a server could not be reached (or answer): an UnreachableError, a RemoteError
+    with such a status code and no refused TLS handshake, or an error raised from one (e.g. an
+    agent's first issuance)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, UnreachableError):
+            return True
+        if isinstance(err, RemoteError) and err.code in _UNREACHABLE_CODES:
+            return not any(words in str(err) for words in _HANDSHAKE_REFUSED)
+        err, seen = err.__cause__, seen + 1
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_grpc(args)
     try:
         return int(args.run(args))
-    except RemoteError as err:
-        print(f"meshid: {err}", file=sys.stderr)
-        unreachable = isinstance(err, UnreachableError) or err.code in _UNREACHABLE_CODES
-        return EXIT_UNREACHABLE if unreachable else EXIT_BAD_INPUT
     except MeshIdError as err:
         print(f"meshid: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_UNREACHABLE if _unreachable(err) else EXIT_BAD_INPUT
     except OSError as err:  # a file (named) or a socket (no name) that cannot be used
         where = f"{err.filename}: " if err.filename else ""
         print(f"meshid: {where}{err.strerror or err}", file=sys.stderr)
