@@ -2,7 +2,8 @@
 
 Exit codes (``meshid.cli._common``): 0 success (or "allow"), 1 a negative answer ("deny", an
 expired or not yet valid SVID), 2 bad input or a refusal by the CA, 3 a server that could not
-be reached or gave no answer, 130 interrupted. Errors are one line on stderr, never a traceback.
+be reached or gave no answer, 130 interrupted, 141 stdout closed early (``| head``). Errors are
+one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 import meshid
 from meshid.cli import agent, bundle, ca, entry, policy, svid
-from meshid.cli._common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNREACHABLE
+from meshid.cli._common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED, EXIT_UNREACHABLE
 from meshid.errors import MeshIdError, RemoteError, UnreachableError
 
 __all__ = ["build_parser", "main"]
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MeshIdError as err:
         print(f"meshid: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE if _unreachable(err) else EXIT_BAD_INPUT
+    except BrokenPipeError:  # `meshid ... | head`: the reader has what it wanted; no message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return EXIT_PIPE_CLOSED
     except OSError as err:  # a file (named) or a socket (no name) that cannot be used
         where = f"{err.filename}: " if err.filename else ""
         print(f"meshid: {where}{err.strerror or err}", file=sys.stderr)

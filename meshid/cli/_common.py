@@ -10,8 +10,10 @@ from collections.abc import Callable
 #: The command line's exit codes (the README's table): 0 success or "allow", 1 a negative answer
 #: ("deny", an expired or not yet valid SVID), 2 bad input or a refusal by the CA (a server that
 #: fails to prove the identity asked for included), 3 a server that could not be reached or gave
-#: no answer (retrying may help), 130 interrupted (Ctrl-C).
+#: no answer (retrying may help), 130 interrupted (Ctrl-C), 141 stdout closed early (``| head``,
+#: as a shell reports SIGPIPE).
 EXIT_OK, EXIT_NEGATIVE, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_PIPE_CLOSED = 141
 
 #: What every duration option's help ends with.
 DURATION_FORMAT = "a number and a unit: 30s, 10m, 1h, 7d"

@@ -5,6 +5,7 @@ process: exactly one line on stderr, never a traceback, the documented exit code
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import subprocess
 import sys
@@ -155,3 +156,17 @@ def test_a_group_without_a_command_prints_its_usage_and_commands(argv: tuple[str
         assert "Exit codes: 0 ok" in result.stderr
     elif argv == ("ca",):
         assert "init" in result.stderr and "serve" in result.stderr and "rotate" in result.stderr
+
+
+def test_stdout_closed_early_exits_141_without_a_message(files: Path) -> None:
+    """``meshid ... | head``: the reader went away; no "meshid: Broken pipe" line, SIGPIPE's code."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the process writes: every write fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "meshid", "svid", "inspect", "--json", str(files / "svid.pem")],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
