@@ -247,7 +247,7 @@ def ca_trust_domains(cert: x509.Certificate) -> frozenset[str]:
     return frozenset(named)
 
 
-def _why_unverified(reason: str, chain: Sequence[x509.Certificate], now: datetime.datetime | None) -> str:
+def why_unverified(reason: str, chain: Sequence[x509.Certificate], now: datetime.datetime | None) -> str:
     """cryptography's reason ("candidates exhausted: ...", "cert is not valid at validation time
     (encountered processing <Certificate(...)>)") in meshid's words: which certificate, and what to do."""
     moment = now or datetime.datetime.now(datetime.UTC)
@@ -430,6 +430,6 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
         except verification.VerificationError as err:
             raise VerificationError(
                 f"peer certificate {what}: chain does not verify against its trust domain's bundle: "
-                f"{_why_unverified(str(err), [leaf, *intermediates], now)}"
+                f"{why_unverified(str(err), [leaf, *intermediates], now)}"
             ) from err
         return list(verified.chain)
