@@ -185,6 +185,27 @@ class TrustBundle:
         except InvalidBundleError as err:
             raise InvalidBundleError(f"{err} (in {os.fspath(path)!r})") from err
 
+    @classmethod
+    def load_roots(cls, path: str | os.PathLike[str]) -> tuple[x509.Certificate, ...]:
+        """The roots in a bundle file (PEM or SPIFFE JSON) that a client trusts a server by
+        before it knows the trust domain they belong to: the ``--bundle`` of a join-token fetch.
+
+        Raises:
+            InvalidBundleError: the file cannot be read or holds something other than CA
+                certificates; the message names the file and says what to give instead.
+        """
+        name = os.fspath(path)
+        unnamed = TrustDomain("unnamed.invalid")  # the trust domain is not known yet; never shown
+        try:
+            return cls.load(unnamed, path).roots
+        except InvalidBundleError as err:
+            why = str(err).removesuffix(f" (in {name!r})").removeprefix(f"trust bundle for {unnamed}: ")
+            if why.startswith("trust bundle: cannot read "):
+                why = "cannot be read: " + why.rpartition(": ")[2]
+            raise InvalidBundleError(
+                f"CA bundle {name!r}: {why}; give the CA's bundle.pem (its root certificates, PEM)"
+            ) from err
+
     def to_pem(self) -> bytes:
         return b"".join(_x509.cert_pem(c) for c in self.roots)
 
@@ -224,6 +245,28 @@ def ca_trust_domains(cert: x509.Certificate) -> frozenset[str]:
         except InvalidSpiffeIdError:
             named.add(uri)
     return frozenset(named)
+
+
+def why_unverified(reason: str, chain: Sequence[x509.Certificate], now: datetime.datetime | None) -> str:
+    """cryptography's reason ("candidates exhausted: ...", "cert is not valid at validation time
+    (encountered processing <Certificate(...)>)") in meshid's words: which certificate, and what to do."""
+    moment = now or datetime.datetime.now(datetime.UTC)
+    for index, cert in enumerate(chain):
+        name = "the certificate" if index == 0 else f"CA {cert.subject.rfc4514_string()!r} in its chain"
+        try:
+            not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+        except _x509.PARSE_ERRORS:
+            continue
+        if moment > not_after:
+            return f"{name} expired at {not_after.isoformat()}; renew it (or check this machine's clock)"
+        if moment < not_before:
+            return f"{name} is not valid until {not_before.isoformat()}; check the clocks"
+    if "no interior errors" in reason:  # no path at all; other "candidates exhausted" say why
+        return (
+            "no root of the bundle signed it (or a CA between them is missing from the chain); "
+            "check that the bundle is this trust domain's, from the CA that issued the certificate"
+        )
+    return reason.split(" (encountered processing")[0]
 
 
 def check_ca_scope(chain: Sequence[x509.Certificate], trust_domain: TrustDomain, *, what: str, spiffe: bool) -> None:
@@ -386,6 +429,7 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
             verified = builder.build_client_verifier().verify(leaf, list(intermediates))
         except verification.VerificationError as err:
             raise VerificationError(
-                f"peer certificate {what}: chain does not verify against its trust domain's bundle: {err}"
+                f"peer certificate {what}: chain does not verify against its trust domain's bundle: "
+                f"{why_unverified(str(err), [leaf, *intermediates], now)}"
             ) from err
         return list(verified.chain)

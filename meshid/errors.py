@@ -10,9 +10,12 @@ working::
     ├── InvalidSvidError (ValueError)       a certificate/key pair is not a valid X509-SVID
     ├── InvalidBundleError (ValueError)     a trust bundle cannot be read
     ├── InvalidPolicyError (ValueError)     an authorization policy cannot be loaded
+    ├── InvalidAddressError (ValueError)    not HOST:PORT (or unix:PATH), or a port out of range
     ├── VerificationError                   a peer's chain does not verify against its bundle
     ├── SourceError                         an identity source has nothing to hand out
     ├── RemoteError                         the CA answered a client with an error (``.code``)
+    │   └── UnreachableError                    no answer: nothing listens, the connection or TLS
+    │                                           handshake failed, or the call timed out
     ├── DataDirError                        the CA's data folder is missing, incomplete or taken
     ├── ListenError                         a server cannot listen where it was told (in use, ...)
     ├── StoreError                          the CA's database cannot be used       UNAVAILABLE
@@ -38,6 +41,7 @@ __all__ = [
     "AlreadyExistsError",
     "AttestationError",
     "DataDirError",
+    "InvalidAddressError",
     "InvalidBundleError",
     "InvalidPolicyError",
     "InvalidRequestError",
@@ -53,6 +57,7 @@ __all__ = [
     "SourceError",
     "StoreError",
     "TokenError",
+    "UnreachableError",
     "VerificationError",
 ]
 
@@ -75,6 +80,12 @@ class InvalidBundleError(MeshIdError, ValueError):
 
 class InvalidPolicyError(MeshIdError, ValueError):
     """An authorization policy is malformed; the message names the file and the rule."""
+
+
+class InvalidAddressError(MeshIdError, ValueError):
+    """An address is not ``HOST:PORT`` (``[IPv6]:PORT``) or, where allowed, ``unix:PATH``: no
+    port, a port that is not a number from 1 to 65535 (0 only where it means "pick one"), no
+    host, or a host that is not a name or an IP address."""
 
 
 class VerificationError(MeshIdError):
@@ -138,3 +149,12 @@ class RemoteError(MeshIdError):
     def __init__(self, message: str, code: str = "UNKNOWN") -> None:
         super().__init__(message)
         self.code = code
+
+
+class UnreachableError(RemoteError):
+    """A server could not be reached or gave no answer: nothing listens at the address, the
+    connection or its TLS handshake failed, or the call timed out (``code`` UNAVAILABLE or
+    DEADLINE_EXCEEDED). Retrying later may succeed; the command line exits 3 for it."""
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message, code)

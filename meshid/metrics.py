@@ -86,16 +86,18 @@ def serve_metrics(address: str) -> int:
     """Expose ``REGISTRY`` at ``http://HOST:PORT/metrics``; returns the bound port (0 picks one).
 
     Raises:
-        ValueError: ``address`` is not ``HOST:PORT``.
+        InvalidAddressError (a ValueError): ``address`` is not ``HOST:PORT`` with a port from 0 to 65535.
         ListenError: the address is in use (another process serves there) or cannot be bound.
     """
     import errno
 
-    from meshid.errors import ListenError
+    from meshid._listen import parse_address
+    from meshid.errors import InvalidAddressError, ListenError
 
-    host, _, port = address.rpartition(":")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics: {address!r} is not HOST:PORT")
+    try:
+        host, _, port = parse_address(address, port_zero=True).rpartition(":")
+    except InvalidAddressError as err:
+        raise InvalidAddressError(f"metrics: {err}") from err
     try:
         # http.server sets SO_REUSEADDR only, never SO_REUSEPORT: on Linux a second bind of a
         # port someone listens on fails (EADDRINUSE) instead of sharing its connections.

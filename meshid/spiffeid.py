@@ -29,25 +29,26 @@ _PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 _VALID_ID = re.compile(r"spiffe://([a-z0-9._-]+)((?:/(?!\.\.?(?:/|\Z))[A-Za-z0-9._-]+)*)\Z")
 
 
-def _check_trust_domain(name: str, text: str) -> None:
+def _check_trust_domain(name: str, text: str, what: str = "SPIFFE ID") -> None:
+    """``what`` starts each message: "SPIFFE ID", or "trust domain" when a bare name was given."""
     if not name:
-        raise InvalidSpiffeIdError(f"SPIFFE ID {text!r}: trust domain is missing")
+        raise InvalidSpiffeIdError(f"{what} {text!r}: trust domain is missing")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_TRUST_DOMAIN_LENGTH:
         raise InvalidSpiffeIdError(
-            f"SPIFFE ID {text[:80]!r}...: trust domain is longer than {MAX_TRUST_DOMAIN_LENGTH} bytes"
+            f"{what} {text[:80]!r}...: trust domain is longer than {MAX_TRUST_DOMAIN_LENGTH} bytes"
         )
     if name.isascii() and all(c in _TD_CHARS for c in name):
         return
     if "@" in name:
-        raise InvalidSpiffeIdError(f"SPIFFE ID {text!r}: userinfo is not allowed in the trust domain")
+        raise InvalidSpiffeIdError(f"{what} {text!r}: userinfo is not allowed in the trust domain")
     if ":" in name:
-        raise InvalidSpiffeIdError(f"SPIFFE ID {text!r}: a port is not allowed in the trust domain")
+        raise InvalidSpiffeIdError(f"{what} {text!r}: a port is not allowed in the trust domain")
     if "%" in name:
-        raise InvalidSpiffeIdError(f"SPIFFE ID {text!r}: percent-encoding is not allowed")
+        raise InvalidSpiffeIdError(f"{what} {text!r}: percent-encoding is not allowed")
     if name.isascii() and name.lower() != name and all(c in _TD_CHARS for c in name.lower()):
-        raise InvalidSpiffeIdError(f"SPIFFE ID {text!r}: trust domain must be lowercase; use {name.lower()!r}")
+        raise InvalidSpiffeIdError(f"{what} {text!r}: trust domain must be lowercase; use {name.lower()!r}")
     raise InvalidSpiffeIdError(
-        f"SPIFFE ID {text!r}: trust domain characters are limited to lowercase letters, "
+        f"{what} {text!r}: trust domain characters are limited to lowercase letters, "
         "numbers, dots, dashes, and underscores"
     )
 
@@ -105,7 +106,7 @@ class TrustDomain:
             raise InvalidSpiffeIdError(
                 f"trust domain {text!r}: a trust domain name has no path; give a name like 'example.org'"
             )
-        _check_trust_domain(text, text)
+        _check_trust_domain(text, text, "trust domain")
         return cls(text)
 
     def id(self) -> SpiffeId:

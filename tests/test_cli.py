@@ -114,11 +114,12 @@ def test_join_token_on_the_command_line_warns_and_the_file_or_environment_does_n
     assert first.startswith("meshid: warning: --join-token"), on_the_line.stderr
     for words in ("process list", "every local user", "--join-token-file", "$MESHID_JOIN_TOKEN"):
         assert words in first, first
-    assert on_the_line.returncode == 2 and len(rest) == 1 and "cannot reach the CA" in rest[0], on_the_line.stderr
+    # exit 3: the CA could not be reached (not 2, bad input)
+    assert on_the_line.returncode == 3 and len(rest) == 1 and "cannot reach the CA" in rest[0], on_the_line.stderr
     quiet = [
         meshid(*fetch, env={**os.environ, "MESHID_JOIN_TOKEN": token}),
         meshid(*fetch, "--join-token-file", str(tmp_path / "token")),
     ]
     for run in quiet:
-        assert run.returncode == 2 and "cannot reach the CA" in run.stderr, run.stderr
+        assert run.returncode == 3 and "cannot reach the CA" in run.stderr, run.stderr
         assert "warning" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -30,6 +30,8 @@ from meshid.ca import Authority
 from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
+from meshid.errors import InvalidAddressError
+from meshid.metrics import serve_metrics
 from support import FRONTEND_ID, SERVER_ID
 
 pytestmark = pytest.mark.timeout(120)
@@ -279,3 +281,32 @@ def test_agent_replaces_a_stale_socket_file(ca: tuple[str, int], data_dir: Path,
         agent_lines.wait_for(r"^agent: ", "the agent")
         with meshid.WorkloadApiSource(f"unix:{sock}") as served:
             assert str(served.get_svid().spiffe_id) == f"{WORKLOAD_ID}-stale"
+
+
+# --- addresses checked before anything listens (issue #13): no wrap-around, no default port ---------
+
+
+@pytest.mark.parametrize(
+    ("listen", "words"),
+    [
+        ("127.0.0.1:99999", "port 99999 is out of range"),  # grpc would serve on 99999 - 65536 = 34463
+        ("127.0.0.1", "no port"),  # grpc would serve on 443
+        ("nonsense", "no port"),
+        ("127.0.0.1:abc", "port 'abc' is not a number"),
+        (":8443", "no host"),
+        ("localhost:-1", "port '-1' is not a number"),
+    ],
+)
+def test_ca_server_refuses_a_bad_address_before_opening_the_data_folder(
+    tmp_path: Path, listen: str, words: str
+) -> None:
+    with pytest.raises(InvalidAddressError, match=re.escape(words)) as info:
+        CaServer(tmp_path / "never-created", listen)
+    assert isinstance(info.value, ValueError) and str(info.value).startswith(f"address {listen!r}: ")
+    assert not (tmp_path / "never-created").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1", "127.0.0.1:port", ":9100"])
+def test_metrics_refuse_a_bad_address(address: str) -> None:
+    with pytest.raises(InvalidAddressError, match=rf"^metrics: address {re.escape(repr(address))}: "):
+        serve_metrics(address)

@@ -97,7 +97,7 @@ def _host_credentials(cert_file: str, key_file: str) -> tuple[list[x509.Certific
 
 def _bundle_trust_domain(bundle_file: str) -> TrustDomain:
     """The one trust domain the roots in ``bundle_file`` name in a URI SAN (meshid's roots do)."""
-    roots = TrustBundle.load(TrustDomain("bootstrap"), bundle_file).roots
+    roots = TrustBundle.load_roots(bundle_file)
     names = set()
     for root in roots:
         try:

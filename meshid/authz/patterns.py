@@ -81,7 +81,14 @@ def compile_spiffe_id_pattern(pattern: str) -> Matcher:
                 f"SPIFFE ID pattern {pattern!r}: '*' must be a whole segment ('*' or '**'), not part of {segment!r}"
             )
         else:
-            SpiffeId.from_parts(td, segment)  # checks the literal segment's characters
+            try:
+                SpiffeId.from_parts(td, segment)  # checks the literal segment's characters
+            except InvalidSpiffeIdError as err:
+                why = str(err).partition("': ")[2] or str(err)
+                raise InvalidSpiffeIdError(
+                    f"SPIFFE ID pattern {pattern!r}: segment {segment!r}: {why}; a pattern is a SPIFFE ID "
+                    "whose whole segments may be '*' (one segment) or '**' (one or more), not a regular expression"
+                ) from err
             parts.append(re.escape(segment))
     return _re2(re.escape(prefix + td.name) + "/" + "/".join(parts))
 

@@ -21,6 +21,10 @@ __all__ = ["AuditOptions", "AuthorizationPolicy"]
 MAX_POLICY_BYTES = 8 * 1024 * 1024
 
 
+def _only_comments(text: str) -> bool:
+    return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
+
+
 @dataclass(frozen=True, slots=True)
 class AuditOptions:
     """Which decisions a policy audits (gRFC A59's ``audit_condition``), and by which A59 loggers.
@@ -169,16 +173,22 @@ class AuthorizationPolicy:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise InvalidPolicyError(f"policy {origin}: not UTF-8 text: {err}") from err
+        if not text.strip() or (not origin.endswith(".json") and _only_comments(text)):
+            raise InvalidPolicyError(
+                f"policy {origin}: is empty; a policy needs at least one allow rule (name, methods, and who)"
+            )
         import yaml  # only for a YAML file: a JSON policy (or none) does not load it
 
+        from meshid.authz import _yaml
+
         try:
-            data = json.loads(text) if origin.endswith(".json") else yaml.safe_load(text)
+            data = json.loads(text) if origin.endswith(".json") else _yaml.load(text)
         except json.JSONDecodeError as err:
             raise InvalidPolicyError(
                 f"policy {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
             ) from err
         except yaml.YAMLError as err:  # PyYAML's message spans lines (a snippet): keep it on one
-            raise InvalidPolicyError(f"policy {origin}: invalid YAML: {' '.join(str(err).split())}") from err
+            raise _yaml.error(origin, err) from err
         except RecursionError as err:
             raise InvalidPolicyError(f"policy {origin}: nested too deeply") from err
         except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:

@@ -77,11 +77,37 @@ def _paths(folder: str | os.PathLike[str]) -> dict[str, pathlib.Path]:
     }
 
 
-def _read_upstream(cert_file: str, key_file: str) -> tuple[list[x509.Certificate], object]:
+def _pem_of(path: str, what: str, flag: str, expected: str) -> bytes:
+    """The bytes of ``path`` once its PEM blocks are all ``expected`` ("CERTIFICATE" or a
+    "... PRIVATE KEY"): a key given where the certificate goes is named as such, in one line."""
     try:
-        certs = x509.load_pem_x509_certificates(pathlib.Path(cert_file).read_bytes())
+        data = pathlib.Path(path).read_bytes()
+    except OSError as err:
+        raise DataDirError(f"CA init: cannot read the {what} {path!r} ({flag}): {err.strerror}") from err
+    try:
+        labels = [label for label, _ in _x509.pem_blocks(data)]
+    except ValueError as err:
+        raise DataDirError(f"CA init: the {what} {path!r} ({flag}) is not PEM: {err}") from err
+    if not labels:
+        raise DataDirError(f"CA init: the {what} {path!r} ({flag}) holds no PEM block; give the {what}, PEM")
+    wrong = next((label for label in labels if not label.endswith(expected)), None)
+    if wrong is not None:
+        hint = (
+            "the certificate goes in --upstream-cert, its key in --upstream-key"
+            if "PRIVATE KEY" in wrong or wrong == "CERTIFICATE"
+            else f"give the {what}, PEM"
+        )
+        raise DataDirError(f"CA init: the {what} {path!r} ({flag}) holds a {wrong!r}, not a {expected.lower()}; {hint}")
+    return data
+
+
+def _read_upstream(cert_file: str, key_file: str) -> tuple[list[x509.Certificate], object]:
+    cert_pem = _pem_of(cert_file, "upstream certificate", "--upstream-cert", "CERTIFICATE")
+    key_pem = _pem_of(key_file, "upstream key", "--upstream-key", "PRIVATE KEY")
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
     except _x509.READ_ERRORS as err:
-        raise DataDirError(f"CA init: cannot read the upstream certificate {cert_file!r}: {err}") from err
+        raise DataDirError(f"CA init: the upstream certificate {cert_file!r} is not valid: {err}") from err
     try:
         upstream_is_ca = _x509.is_ca(certs[0])
     except _x509.PARSE_ERRORS as err:
@@ -89,9 +115,11 @@ def _read_upstream(cert_file: str, key_file: str) -> tuple[list[x509.Certificate
     if not upstream_is_ca:
         raise DataDirError(f"CA init: the upstream certificate {cert_file!r} is not a CA")
     try:
-        key = serialization.load_pem_private_key(pathlib.Path(key_file).read_bytes(), password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError as err:  # encrypted
+        raise DataDirError(f"CA init: the upstream key {key_file!r} is encrypted; give it unencrypted (0600)") from err
     except _x509.READ_ERRORS as err:
-        raise DataDirError(f"CA init: cannot read the upstream key {key_file!r}: {err}") from err
+        raise DataDirError(f"CA init: the upstream key {key_file!r} is not a valid private key: {err}") from err
     try:
         matches = _x509.public_key_der(key.public_key()) == _x509.public_key_der(certs[0].public_key())
     except _x509.PARSE_ERRORS as err:
@@ -262,16 +290,20 @@ def load_x509pop(folder: str | os.PathLike[str], authority: Authority) -> X509Po
     return _x509pop("CA", pem, config.agent_id_template, authority)
 
 
-def refresh_admin_svid(service: IssuingService, folder: pathlib.Path) -> None:
-    """Issue a new admin SVID into ``folder`` (the CA can, since it holds the key)."""
+def refresh_admin_svid(service: IssuingService, folder: pathlib.Path) -> datetime.datetime:
+    """Issue a new admin SVID into ``folder`` (the CA can, since it holds the key); it lives
+    no longer than the CA's maximum TTL (``ca init --ttl``). Returns when it is half-way through
+    its lifetime: when ``ca serve`` issues the next one."""
     key = generate_key()
-    chain = service.issue_internal(admin_id(service.authority), key.public_key())
+    chain = service.issue_internal(admin_id(service.authority), key.public_key(), capped=True)
     write_svid_files(
         folder,
         b"".join(_x509.cert_pem(c) for c in chain),
         _x509.key_pem(key),
         service.bundle().to_pem(),
     )
+    leaf = chain[0]
+    return leaf.not_valid_before_utc + (leaf.not_valid_after_utc - leaf.not_valid_before_utc) / 2
 
 
 def load_authority(folder: str | os.PathLike[str]) -> tuple[Authority, CaConfig]:

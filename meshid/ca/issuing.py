@@ -246,10 +246,13 @@ class IssuingService:
         bundle = TrustBundle(authority.trust_domain, authority.roots, sequence)
         return Issued(entry.spiffe_id, chain, bundle, now)  # type: ignore[arg-type]
 
-    def issue_internal(self, spiffe_id: SpiffeId, public_key: object) -> tuple[x509.Certificate, ...]:
-        """Sign for one of the CA's own entries (its server, the admin) and record it."""
+    def issue_internal(
+        self, spiffe_id: SpiffeId, public_key: object, *, capped: bool = False
+    ) -> tuple[x509.Certificate, ...]:
+        """Sign for one of the CA's own entries (its server, the admin) and record it; with
+        ``capped``, no longer than the CA's maximum TTL (the admin SVID obeys ``ca init --ttl``)."""
         now = self._clock.now()
-        _, chain = self.store.record_issuance(spiffe_id, now, self.signer(public_key, now, capped=False))
+        _, chain = self.store.record_issuance(spiffe_id, now, self.signer(public_key, now, capped=capped))
         return chain  # type: ignore[return-value]
 
     def bundle(self) -> TrustBundle:

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshid._grpc import ServerConfigs
-from meshid._listen import NO_REUSEPORT, refuse_tcp_in_use
+from meshid._listen import NO_REUSEPORT, parse_address, refuse_tcp_in_use
 from meshid._proto import agent_pb2_grpc, issuer_pb2_grpc, registration_pb2_grpc
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet
@@ -32,7 +32,7 @@ from meshid.ca.bootstrap import anonymous_root_pem
 from meshid.ca.datadir import load_authority, load_x509pop, open_service, refresh_admin_svid, retire_due_roots
 from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
 from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
-from meshid.clock import Clock
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import ListenError, MeshIdError
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.sources import StaticSource
@@ -87,7 +87,12 @@ def ca_policy(service: IssuingService) -> AuthorizationPolicy:
 
 
 class CaServer:
-    """The CA's gRPC server over a data folder. ``start()`` binds and serves; ``stop()`` ends it."""
+    """The CA's gRPC server over a data folder. ``start()`` binds and serves; ``stop()`` ends it.
+
+    Raises:
+        InvalidAddressError: ``listen`` is not ``HOST:PORT`` (port 0 to 65535) or ``unix:PATH``;
+            checked before the data folder is opened.
+    """
 
     def __init__(
         self,
@@ -99,6 +104,7 @@ class CaServer:
         clock: Clock | None = None,
         datastore: str | None = None,
     ) -> None:
+        parse_address(listen, port_zero=True, unix=True)  # before the store is opened
         self._poll_interval = poll_interval
         service_options: dict[str, Any] = {} if clock is None else {"clock": clock}
         self._data_dir = pathlib.Path(data_dir)
@@ -116,6 +122,8 @@ class CaServer:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self.port: int | None = None
+        self._clock = clock or SYSTEM_CLOCK  # the admin SVID is signed, and falls due, on the CA's clock
+        self._admin_due = datetime.datetime.min.replace(tzinfo=datetime.UTC)
         self._healthy: bool | None = None
 
     def _own_svid(self) -> X509Svid:
@@ -138,7 +146,7 @@ class CaServer:
             self._listen, who="CA", hint=" (another `meshid ca serve`?); stop it or choose another --listen address"
         )
         self._source = StaticSource(self._own_svid(), self._bundles())
-        refresh_admin_svid(self.service, self._data_dir / "admin")
+        self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")
         interceptor = AuthorizationInterceptor(
             ca_policy(self.service), source=self._source, unauthenticated_methods=OPEN_METHODS
         )
@@ -178,7 +186,8 @@ class CaServer:
         self._stop.clear()
         self._refresher = threading.Thread(target=self._refresh_loop, name="meshid-ca-refresh", daemon=True)
         self._refresher.start()
-        log.info("CA: serving trust domain %s on %s", self.service.authority.trust_domain, self._address())
+        # DEBUG: `meshid ca serve` announces itself on stdout, with the port bound.
+        log.debug("CA: serving trust domain %s on %s", self.service.authority.trust_domain, self._address())
         return port
 
     def _address(self) -> str:
@@ -206,7 +215,7 @@ class CaServer:
             return
         self.service.set_authority(authority)
         self._source.update(self._own_svid(), self._bundles())
-        refresh_admin_svid(self.service, self._data_dir / "admin")
+        self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")
         log.info(
             "CA: now signing with %s; bundle holds %d root(s), sequence %s",
             authority.certificate.subject.rfc4514_string(),
@@ -252,7 +261,8 @@ class CaServer:
                 now = datetime.datetime.now(datetime.UTC)
                 if now >= svid.not_before + (svid.not_after - svid.not_before) / 2:
                     self._source.update(self._own_svid(), self._bundles())
-                    refresh_admin_svid(self.service, self._data_dir / "admin")
+                if self._clock.now() >= self._admin_due:  # the admin SVID is capped by the max TTL: it may be due first
+                    self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")
             except Exception:
                 log.exception("CA: background refresh failed; will retry")
 
@@ -265,7 +275,8 @@ class CaServer:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
-            log.info("CA: stopped serving trust domain %s on %s", self.service.authority.trust_domain, self._address())
+            # DEBUG: `meshid ca serve` says on stdout when it stopped.
+            log.debug("CA: stopped serving trust domain %s on %s", self.service.authority.trust_domain, self._address())
         if self._refresher is not None:
             self._refresher.join()
             self._refresher = None

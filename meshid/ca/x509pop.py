@@ -43,7 +43,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshid import _x509
-from meshid.bundle import ca_trust_domains
+from meshid.bundle import ca_trust_domains, why_unverified
 from meshid.errors import AttestationError, InvalidRequestError, RateLimitedError
 from meshid.spiffeid import TrustDomain
 
@@ -403,7 +403,7 @@ class X509Pop:
         except verification.VerificationError as err:
             raise AttestationError(
                 f"x509pop: the host certificate {chain[0].subject.rfc4514_string()[:200]!r} does not verify against "
-                f"the agent CA bundle: {err}"
+                f"the agent CA bundle: {why_unverified(str(err), chain, now)}"
             ) from err
         # Should the agent PKI sit above this CA (a corporate root that also signs meshid's
         # intermediate), its X509-SVIDs would verify too: an SVID never attests a node.

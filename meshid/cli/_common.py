@@ -1,25 +1,108 @@
-"""What several command groups share: durations and the admin options."""
+"""What several command groups share: durations, addresses, exit codes and the admin options."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import re
+from collections.abc import Callable
 
-_DURATION = re.compile(r"(\d{1,9})([smhd])")
+#: The command line's exit codes (the README's table): 0 success or "allow", 1 a negative answer
+#: ("deny", an expired or not yet valid SVID), 2 bad input or a refusal by the CA (a server that
+#: fails to prove the identity asked for included), 3 a server that could not be reached or gave
+#: no answer (retrying may help), 130 interrupted (Ctrl-C), 141 stdout closed early (``| head``,
+#: as a shell reports SIGPIPE).
+EXIT_OK, EXIT_NEGATIVE, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_PIPE_CLOSED = 141
+
+#: What every duration option's help ends with.
+DURATION_FORMAT = "a number and a unit: 30s, 10m, 1h, 7d"
+
+_DURATION = re.compile(r"([-+]?\d{1,9})([smhd]?)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def duration(text: str) -> datetime.timedelta:
-    """Parse ``30s``, ``10m``, ``1h`` or ``7d`` (argparse type)."""
+    """Parse ``30s``, ``10m``, ``1h`` or ``7d`` (argparse type); zero and negative are refused."""
     match = _DURATION.fullmatch(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 30s, 10m, 1h or 7d")
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write {DURATION_FORMAT}")
+    if int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive; write {DURATION_FORMAT}")
+    if not match.group(2):
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration needs a unit; write {DURATION_FORMAT}")
     return datetime.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
+def positive_int(text: str) -> int:
+    """A whole number greater than 0 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number greater than 0")
+    return value
+
+
+def show(delta: datetime.timedelta) -> str:
+    """A duration as the options take it, largest units first: ``1d 2h``, ``5m 3s``, ``0s``."""
+    seconds = int(abs(delta.total_seconds()))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+        if len(parts) == 2:
+            break
+    return " ".join(parts)
+
+
+def address(*, port_zero: bool = False, unix: bool = False) -> Callable[[str], str]:
+    """The argparse type of every ``HOST:PORT`` option: the one parser, ``meshid._listen.parse_address``.
+
+    ``port_zero`` for a listener (0: any free port); ``unix`` to allow ``unix:PATH`` too.
+    """
+
+    def parse(text: str) -> str:
+        from meshid._listen import parse_address
+        from meshid.errors import InvalidAddressError
+
+        try:
+            return parse_address(text, port_zero=port_zero, unix=unix)
+        except InvalidAddressError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    parse.__name__ = "address"
+    return parse
+
+
+def ca_bundle(path: str) -> str:
+    """The argparse type of ``--bundle`` (the roots a CA is trusted by): the path, once the file
+    has been read as CA certificates, so a wrong file is named in plain words before any call."""
+    from meshid.bundle import TrustBundle
+    from meshid.errors import InvalidBundleError
+
+    try:
+        TrustBundle.load_roots(path)
+    except InvalidBundleError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return path
+
+
+def unix_socket(text: str) -> str:
+    """The argparse type of the Workload API socket options: ``unix:///PATH`` (or a path)."""
+    from meshid.workloadapi.wire import socket_path
+
+    try:
+        socket_path(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
+
+
 def add_admin_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the running CA")
+    parser.add_argument("--server", required=True, type=address(), metavar="HOST:PORT", help="the running CA")
     parser.add_argument("--data-dir", required=True, metavar="DIR", help="where `meshid ca init` left the admin SVID")
 
 
@@ -30,9 +113,13 @@ def add_join_token_options(parser: argparse.ArgumentParser, *, required: bool) -
         "--join-token",
         metavar="TOKEN",
         help="a one-time join token (every local user can read it in the process list; "
-        "prefer --join-token-file or $MESHID_JOIN_TOKEN)",
+        "prefer --join-token-file FILE or the MESHID_JOIN_TOKEN environment variable)",
     )
-    parser.add_argument("--join-token-file", metavar="FILE", help="read the join token from FILE")
+    parser.add_argument(
+        "--join-token-file",
+        metavar="FILE",
+        help="read the join token from FILE; without either option, $MESHID_JOIN_TOKEN is used",
+    )
     parser.set_defaults(join_token_required=required)
 
 

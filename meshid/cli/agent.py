@@ -12,7 +12,16 @@ import sys
 import threading
 from typing import Any
 
-from meshid.cli._common import add_admin_options, add_join_token_options, duration, join_token
+from meshid.cli._common import (
+    DURATION_FORMAT,
+    add_admin_options,
+    add_join_token_options,
+    address,
+    ca_bundle,
+    duration,
+    join_token,
+    unix_socket,
+)
 
 
 def _mode(text: str) -> int:
@@ -32,12 +41,15 @@ def register(groups: Any) -> None:
         "--node, serve every local workload its own identity (node agent)",
     )
     # --server and --bundle are required of the sidecar (checked in run), not of `agent list|evict`.
-    agent.add_argument("--server", action="append", metavar="HOST:PORT", help="the CA (repeat to fail over; required)")
-    agent.add_argument("--bundle", metavar="FILE", help="the CA's trust bundle (PEM; required)")
+    agent.add_argument(
+        "--server", action="append", type=address(), metavar="HOST:PORT", help="the CA (repeat to fail over; required)"
+    )
+    agent.add_argument("--bundle", type=ca_bundle, metavar="FILE", help="the CA's trust bundle (PEM; required)")
     add_join_token_options(agent, required=False)  # not needed once --out holds a valid SVID
     agent.add_argument("--out", metavar="DIR", help="svid.pem, svid.key (0600), bundle.pem, written atomically")
     agent.add_argument(
         "--workload-api",
+        type=unix_socket,
         metavar="unix:///PATH",
         help="serve the SVID over the SPIFFE Workload API on this Unix socket (no attestation: "
         "whoever can connect gets the SVID and its key, so the socket's mode is the access control)",
@@ -50,8 +62,8 @@ def register(groups: Any) -> None:
         "--wait",
         type=duration,
         metavar="DURATION",
-        help="how long to keep trying the first issuance while no CA answers (e.g. 30s, 10m; default: "
-        "until one does); then exit 3",
+        help="how long to keep trying the first issuance while no CA answers "
+        f"({DURATION_FORMAT}; default: until one does); then exit 3",
     )
     _add_node_options(agent)
 
@@ -64,7 +76,7 @@ def register(groups: Any) -> None:
             agent.error(f"the following arguments are required: {', '.join(missing)}")
         return run_node(args) if args.node else run_agent(args)
 
-    agent.set_defaults(run=run_sidecar)
+    agent.set_defaults(run=run_sidecar, long_running=True)
     _register_admin_commands(agent)
 
 
@@ -92,7 +104,9 @@ def _add_node_options(agent: argparse.ArgumentParser) -> None:
     node.add_argument(
         "--data-dir", dest="node_data_dir", metavar="DIR", help="the agent's own SVID, key (0600) and bundle"
     )
-    node.add_argument("--socket", metavar="unix:///PATH", help="serve the attested Workload API on this Unix socket")
+    node.add_argument(
+        "--socket", type=unix_socket, metavar="unix:///PATH", help="serve the attested Workload API on this Unix socket"
+    )
     node.add_argument(
         "--socket-mode",
         type=_mode,
@@ -168,12 +182,12 @@ def _register_admin_commands(agent: argparse.ArgumentParser) -> None:
     commands = agent.add_subparsers(dest="agent_command", required=False, metavar="{list,evict}")
     listing = commands.add_parser("list", help="the node agents the CA knows: attestation, last seen, SVID expiry")
     add_admin_options(listing)
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(run=run_list)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=run_list, long_running=False)
     evict = commands.add_parser("evict", help="revoke a node agent's SVIDs; it must attest again")
     add_admin_options(evict)
     evict.add_argument("spiffe_id", metavar="ID", help="spiffe://<td>/meshid/agent/<name>")
-    evict.set_defaults(run=run_evict)
+    evict.set_defaults(run=run_evict, long_running=False)
 
 
 def _when(seconds: int) -> str:

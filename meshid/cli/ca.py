@@ -9,20 +9,25 @@ import sys
 import threading
 from typing import Any
 
-from meshid.cli._common import duration
+from meshid.cli._common import DURATION_FORMAT, address, duration, show
 
 
 def register(groups: Any) -> None:
     group = groups.add_parser("ca", help="create and run meshid's certificate authority")
     commands = group.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create a CA: key (0600), certificate, bundle.pem, database, admin SVID")
-    init.add_argument("--data-dir", required=True, metavar="DIR")
-    init.add_argument("--trust-domain", required=True, metavar="TD")
+    init.add_argument("--data-dir", required=True, metavar="DIR", help="a new, empty folder for the CA's files")
     init.add_argument(
-        "--ttl", type=duration, default=duration("24h"), help="the longest SVID TTL this CA issues (default 24h)"
+        "--trust-domain", required=True, metavar="TD", help="the trust domain the CA issues for, e.g. example.org"
     )
     init.add_argument(
-        "--upstream-cert", metavar="FILE", help="an existing CA to chain under (PEM, its chain may follow)"
+        "--ttl",
+        type=duration,
+        default=duration("24h"),
+        help=f"the longest SVID TTL this CA issues, the admin SVID's included (default 24h; {DURATION_FORMAT})",
+    )
+    init.add_argument(
+        "--upstream-cert", metavar="FILE", help="an existing CA certificate to chain under (PEM, its chain may follow)"
     )
     init.add_argument("--upstream-key", metavar="FILE", help="the upstream CA's private key (PEM)")
     init.add_argument(
@@ -50,26 +55,42 @@ def register(groups: Any) -> None:
     )
     init.set_defaults(run=run_init)
     serve = commands.add_parser("serve", help="serve the issuer and registration APIs over mTLS")
-    serve.add_argument("--data-dir", required=True, metavar="DIR")
-    serve.add_argument("--listen", required=True, metavar="HOST:PORT")
+    serve.add_argument("--data-dir", required=True, metavar="DIR", help="the folder `meshid ca init` created")
+    serve.add_argument(
+        "--listen",
+        required=True,
+        type=address(port_zero=True, unix=True),
+        metavar="HOST:PORT",
+        help="where to serve, e.g. 127.0.0.1:8443 or 0.0.0.0:8443 (port 0: any free port, printed)",
+    )
     serve.add_argument("--datastore", metavar="postgresql://...", help="override the datastore `ca init` recorded")
-    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    serve.set_defaults(run=run_serve)
+    serve.add_argument(
+        "--metrics",
+        type=address(port_zero=True),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    serve.set_defaults(run=run_serve, long_running=True)
     rotate = commands.add_parser("rotate", help="rotate the CA's signing key with no failed handshake")
     steps = rotate.add_subparsers(dest="step", required=True)
     prepare = steps.add_parser("prepare", help="create the next CA and publish its root in the bundle")
-    prepare.add_argument("--data-dir", required=True, metavar="DIR")
-    prepare.add_argument("--upstream-cert", metavar="FILE")
-    prepare.add_argument("--upstream-key", metavar="FILE")
+    prepare.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
+    prepare.add_argument(
+        "--upstream-cert", metavar="FILE", help="chain the next CA under this upstream CA certificate (PEM)"
+    )
+    prepare.add_argument("--upstream-key", metavar="FILE", help="the upstream CA's private key (PEM)")
     prepare.set_defaults(run=run_prepare)
     activate = steps.add_parser("activate", help="sign with the prepared CA; the old root retires after the max TTL")
-    activate.add_argument("--data-dir", required=True, metavar="DIR")
+    activate.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
     activate.add_argument(
-        "--grace", type=duration, default=duration("5m"), help="extra time before the old root leaves"
+        "--grace",
+        type=duration,
+        default=duration("5m"),
+        help=f"extra time before the old root leaves (default 5m; {DURATION_FORMAT})",
     )
     activate.set_defaults(run=run_activate)
     status = steps.add_parser("status", help="the roots in the bundle and what is retiring when")
-    status.add_argument("--data-dir", required=True, metavar="DIR")
+    status.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
     status.set_defaults(run=run_status)
 
 
@@ -89,6 +110,7 @@ def run_init(args: argparse.Namespace) -> int:
     )
     print(f"CA for trust domain {config.trust_domain} created in {args.data_dir}")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
+    print(f"  SVIDs last at most {show(config.max_ttl)} (--ttl), the admin SVID too; `meshid ca serve` renews it")
     if config.agent_id_template is not None:
         print(f"  x509pop: node agents named {config.agent_id_template} from host certificates of {args.agent_ca}")
     return 0
@@ -105,6 +127,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         metrics_port = serve_metrics(args.metrics)
     port = server.start()  # MeshIdError (one line, exit 2) if --listen is in use
+    # The one announcement (the log line of CaServer.start is DEBUG); scripts read the address here.
     print(f"CA serving on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
     if metrics_port is not None:
         print(f"CA metrics on http://{args.metrics.rsplit(':', 1)[0]}:{metrics_port}/metrics", flush=True)
@@ -113,6 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     server.stop()
+    print("CA stopped", flush=True)
     return 0
 
 

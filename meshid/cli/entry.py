@@ -8,7 +8,7 @@ import datetime
 import json
 from typing import Any
 
-from meshid.cli._common import add_admin_options, duration
+from meshid.cli._common import DURATION_FORMAT, add_admin_options, duration, show
 
 
 def register(groups: Any) -> None:
@@ -16,11 +16,15 @@ def register(groups: Any) -> None:
     commands = group.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="register a SPIFFE ID")
     add_admin_options(create)
-    create.add_argument("--spiffe-id", required=True)
+    create.add_argument("--spiffe-id", required=True, help="the SPIFFE ID to register, e.g. spiffe://example.org/web")
     create.add_argument(
         "--dns", action="append", default=[], metavar="NAME", help="a DNS name for its SVIDs (repeatable)"
     )
-    create.add_argument("--ttl", type=duration, help="SVID lifetime (default 1h, capped by the CA)")
+    create.add_argument(
+        "--ttl",
+        type=duration,
+        help=f"SVID lifetime (default 1h, capped by the CA's `ca init --ttl`; {DURATION_FORMAT})",
+    )
     create.add_argument(
         "--parent-id",
         default="",
@@ -37,11 +41,11 @@ def register(groups: Any) -> None:
     create.set_defaults(run=run_create)
     listing = commands.add_parser("list", help="list registration entries")
     add_admin_options(listing)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=run_list)
     delete = commands.add_parser("delete", help="delete a registration entry")
     add_admin_options(delete)
-    delete.add_argument("--spiffe-id", required=True)
+    delete.add_argument("--spiffe-id", required=True, help="the SPIFFE ID whose entry to delete")
     delete.set_defaults(run=run_delete)
 
     tokens = groups.add_parser("token", help="join tokens on the running CA")
@@ -56,7 +60,10 @@ def register(groups: Any) -> None:
         "--agent", metavar="NAME", help="a node agent: spiffe://<td>/meshid/agent/NAME attests with the token"
     )
     token.add_argument(
-        "--ttl", type=duration, default=duration("10m"), help="how long the token is valid (default 10m)"
+        "--ttl",
+        type=duration,
+        default=duration("10m"),
+        help=f"how long the token is valid (default 10m; {DURATION_FORMAT})",
     )
     token.set_defaults(run=run_token)
 
@@ -75,6 +82,14 @@ def run_create(args: argparse.Namespace) -> int:
     dns = f", dns {', '.join(entry.dns_names)}" if entry.dns_names else ""
     parent = f", parent {entry.parent_id}, selectors {' '.join(entry.selectors)}" if entry.parent_id else ""
     print(f"created {entry.spiffe_id} (ttl {entry.ttl_seconds}s{dns}{parent})")
+    asked = int(args.ttl.total_seconds()) if args.ttl is not None else None
+    if asked is not None and entry.ttl_seconds < asked:
+        given = datetime.timedelta(seconds=entry.ttl_seconds)
+        less = datetime.timedelta(seconds=asked - entry.ttl_seconds)
+        print(
+            f"  --ttl {show(args.ttl)} was capped to {show(given)}, the CA's maximum ({show(less)} less); "
+            "the CA's `ca init --ttl` sets it"
+        )
     return 0
 
 

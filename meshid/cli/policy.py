@@ -7,6 +7,7 @@ import datetime
 from typing import Any
 
 from meshid import _x509
+from meshid.authz.patterns import method_pattern
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.cli.svid import load_chain
@@ -24,16 +25,30 @@ def register(groups: Any) -> None:
     who = check.add_mutually_exclusive_group(required=True)
     who.add_argument("--spiffe-id", help="the caller's SPIFFE ID")
     who.add_argument("--cert", help="the caller's certificate (PEM, leaf first)")
-    check.add_argument("--bundle", help="verify --cert against this trust bundle (PEM) first")
+    check.add_argument("--bundle", metavar="FILE", help="verify --cert against this trust bundle (PEM) first")
     check.add_argument(
         "--trust-domain",
         help="the server's own trust domain, the default scope of subject and DNS rules (default: the "
         "caller's SPIFFE ID's); a certificate without a SPIFFE ID is taken as vouched for by this trust "
         "domain (and --bundle as its bundle)",
     )
-    check.add_argument("--method", required=True, help="the full method, /package.Service/Method")
+    check.add_argument(
+        "--method", required=True, type=full_method, help="the full method called, /package.Service/Method"
+    )
     check.add_argument("--header", action="append", default=[], metavar="KEY=VALUE", help="a request header")
     check.set_defaults(run=run_check)
+
+
+def full_method(text: str) -> str:
+    """The argparse type of --method: checked as the policy loader checks a rule's methods
+    (the same function, the same hint), and one method, not a pattern."""
+    try:
+        kind, _ = method_pattern(text)
+    except InvalidPolicyError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    if kind != "exact":
+        raise argparse.ArgumentTypeError(f"method {text!r}: give the one method called, /package.Service/Method")
+    return text
 
 
 def _peer(args: argparse.Namespace, local: TrustDomain | None) -> PeerIdentity:

@@ -1,35 +1,58 @@
-"""``meshid svid ...``: look at SVIDs."""
+"""``meshid svid ...``: fetch, inspect and revoke SVIDs (inspect also reads CA certificates)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
+import sys
 from typing import Any
 
 from cryptography import x509
 
 from meshid import _x509
-from meshid.cli._common import add_admin_options, add_join_token_options, join_token
+from meshid.bundle import ca_trust_domains
+from meshid.cli._common import (
+    EXIT_NEGATIVE,
+    add_admin_options,
+    add_join_token_options,
+    address,
+    ca_bundle,
+    join_token,
+    show,
+)
 from meshid.errors import InvalidSvidError
 from meshid.svid import check_leaf
 
 
 def register(groups: Any) -> None:
-    group = groups.add_parser("svid", help="inspect X509-SVIDs")
+    group = groups.add_parser("svid", help="fetch, inspect and revoke X509-SVIDs")
     commands = group.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser(
-        "inspect", help="show an SVID's SPIFFE ID, subject, serial, validity, thumbprint and chain"
+        "inspect",
+        help="show an SVID's (or a CA certificate's) identity, serial, validity and time left, thumbprint and "
+        "chain; exit 1 if it has expired or is not yet valid",
     )
-    inspect.add_argument("file", help="PEM certificate chain, leaf first")
+    inspect.add_argument("file", help="PEM certificate chain, leaf first (an SVID, or a CA certificate such as ca.pem)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=run_inspect)
     fetch = commands.add_parser("fetch", help="obtain an SVID from the CA with a join token")
     fetch.add_argument(
-        "--server", required=True, action="append", metavar="HOST:PORT", help="the CA (repeat: replicas, tried in turn)"
+        "--server",
+        required=True,
+        action="append",
+        type=address(),
+        metavar="HOST:PORT",
+        help="the CA (repeat: replicas, tried in turn)",
     )
     fetch.add_argument(
-        "--bundle", required=True, metavar="FILE", help="the CA's trust bundle (PEM), obtained out of band"
+        "--bundle",
+        required=True,
+        type=ca_bundle,
+        metavar="FILE",
+        help="the CA's trust bundle (PEM), obtained out of band",
     )
     add_join_token_options(fetch, required=True)
     fetch.add_argument("--out", required=True, metavar="DIR", help="writes svid.pem, svid.key (0600), bundle.pem")
@@ -37,7 +60,7 @@ def register(groups: Any) -> None:
     revoke = commands.add_parser("revoke", help="revoke SVIDs on the running CA")
     add_admin_options(revoke)
     target = revoke.add_mutually_exclusive_group(required=True)
-    target.add_argument("--serial", help="one SVID, by serial (hex)")
+    target.add_argument("--serial", help="one SVID, by serial (hex, as `svid inspect` shows it)")
     target.add_argument("--spiffe-id", help="every unexpired SVID of this SPIFFE ID")
     revoke.set_defaults(run=run_revoke)
 
@@ -84,30 +107,88 @@ def describe(cert: x509.Certificate) -> dict[str, Any]:
     }
 
 
+def validity(cert: x509.Certificate, now: datetime.datetime) -> tuple[str, str]:
+    """("valid" | "expired" | "not yet valid", and in words how long it has left, or since or until when)."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < start:
+        return "not yet valid", f"valid from {start.isoformat()}, in {show(start - now)}"
+    if now > end:
+        return "expired", f"expired at {end.isoformat()}, {show(now - end)} ago"
+    return "valid", f"{show(end - now)} left"
+
+
+def _name_constraints(cert: x509.Certificate) -> list[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return []
+    out = [f"permitted {n.value}" for n in ext.permitted_subtrees or ()]
+    return out + [f"excluded {n.value}" for n in ext.excluded_subtrees or ()]
+
+
+def _refuse_ca_with_workload_id(cert: x509.Certificate, path: str) -> None:
+    """A CA whose SPIFFE ID has a path is neither an SVID (never a CA) nor a SPIFFE signing
+    certificate (its SPIFFE ID, if any, names only the trust domain)."""
+    for uri in _x509.uri_sans(cert):
+        if uri[:7].lower() == "spiffe:" and "/" in uri[len("spiffe://") :]:
+            raise InvalidSvidError(
+                f"X509-SVID: {path!r}: the certificate is a CA (basicConstraints CA:true) yet carries the workload "
+                f"SPIFFE ID {uri[:120]}: an SVID is never a CA, and a CA's SPIFFE ID names only its trust domain"
+            )
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     chain = load_chain(args.file)
+    leaf = chain[0]
+    now = datetime.datetime.now(datetime.UTC)
     try:  # cryptography reads names and extensions lazily: any of them may be malformed
-        spiffe_id = check_leaf(chain[0])
-        info = {"file": os.fspath(args.file), "spiffe_id": str(spiffe_id), **describe(chain[0])}
+        info: dict[str, Any] = {"file": os.fspath(args.file)}
+        if _x509.is_ca(leaf):
+            _refuse_ca_with_workload_id(leaf, args.file)
+            info["kind"] = "CA certificate"
+            info["trust_domains"] = sorted(ca_trust_domains(leaf))
+            info["name_constraints"] = _name_constraints(leaf)
+        else:
+            info["kind"] = "X509-SVID"
+            info["spiffe_id"] = str(check_leaf(leaf))
+        info.update(describe(leaf))
         info["chain"] = [describe(c) for c in chain[1:]]
     except InvalidSvidError:
         raise  # meshid's own verdict (also a ValueError): as it is
     except _x509.READ_ERRORS as err:
         raise InvalidSvidError(f"X509-SVID: a certificate in {args.file!r} cannot be read: {err}") from err
+    status, when = validity(leaf, now)
+    info["status"] = status
+    info["seconds_left"] = max(0, int((leaf.not_valid_after_utc - now).total_seconds()))
     if args.json:
         print(json.dumps(info, indent=2))
+    else:
+        if info["kind"] == "CA certificate":
+            print("Kind:        CA certificate (it signs SVIDs; it is not one)")
+            print(f"Trust domain: {', '.join(info['trust_domains']) or '- (no SPIFFE ID URI SAN)'}")
+            print(f"Constraints: {'; '.join(info['name_constraints']) or '-'}")
+        else:
+            print(f"SPIFFE ID:   {info['spiffe_id']}")
+        print(f"Subject:     {info['subject']}")
+        print(f"Issuer:      {info['issuer']}")
+        print(f"Serial:      {info['serial']}")
+        print(f"Not before:  {info['not_before']}")
+        print(f"Not after:   {info['not_after']}")
+        print(f"Status:      {status} ({when})")
+        print(f"Thumbprint:  {info['thumbprint']} (SHA-256)")
+        if info["kind"] != "CA certificate":
+            print(f"DNS SANs:    {', '.join(info['dns_sans']) or '-'}")
+        for index, cert in enumerate(info["chain"], start=1):
+            print(f"Chain [{index}]:   {cert['subject']} (serial {cert['serial']}, until {cert['not_after']})")
+    if status == "valid":
         return 0
-    print(f"SPIFFE ID:   {info['spiffe_id']}")
-    print(f"Subject:     {info['subject']}")
-    print(f"Issuer:      {info['issuer']}")
-    print(f"Serial:      {info['serial']}")
-    print(f"Not before:  {info['not_before']}")
-    print(f"Not after:   {info['not_after']}")
-    print(f"Thumbprint:  {info['thumbprint']} (SHA-256)")
-    print(f"DNS SANs:    {', '.join(info['dns_sans']) or '-'}")
-    for index, cert in enumerate(info["chain"], start=1):
-        print(f"Chain [{index}]:   {cert['subject']} (serial {cert['serial']}, until {cert['not_after']})")
-    return 0
+    what = (
+        "it must be renewed: `meshid svid fetch` or `meshid agent`"
+        if info["kind"] == "X509-SVID"
+        else ("the CA must be rotated (`meshid ca rotate`)" if status == "expired" else "check the clocks")
+    )
+    print(f"meshid: {info['kind']} {args.file!r}: {status}: {when}; {what}", file=sys.stderr)
+    return EXIT_NEGATIVE
 
 
 def run_fetch(args: argparse.Namespace) -> int:
@@ -119,13 +200,31 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _already_revoked(args: argparse.Namespace, serial: int) -> bool:
+    """Whether the CA's current CRL already lists ``serial`` (the CA answers a second revocation
+    as it did the first); read with the admin SVID, verified against the CA's bundle."""
+    from meshid.ca.client import get_crl_with_svid
+    from meshid.revocation import RevocationList
+    from meshid.sources import FileSource
+
+    folder = os.path.join(args.data_dir, "admin")
+    admin = FileSource(*(os.path.join(folder, name) for name in ("svid.pem", "svid.key", "bundle.pem")))
+    svid, bundles = admin.get_svid(), admin.get_bundles()
+    der, issuer_chain = get_crl_with_svid(args.server, svid, bundles)
+    return serial in RevocationList.from_der(der, issuer_chain, bundles).serials
+
+
 def run_revoke(args: argparse.Namespace) -> int:
     from meshid.ca.client import AdminClient
 
+    already = False
+    if args.serial:
+        with contextlib.suppress(ValueError):  # not hexadecimal: the CA says so, in its words
+            already = _already_revoked(args, int(args.serial, 16))
     with AdminClient(args.server, args.data_dir) as admin:
         serials = admin.revoke(serial=args.serial or "", spiffe_id=args.spiffe_id or "")
     for serial in serials:
-        print(f"revoked {serial}")
+        print(f"{serial} was already revoked; nothing changed" if already else f"revoked {serial}")
     if not serials:
-        print("nothing to revoke")
+        print("nothing to revoke: no unexpired, unrevoked SVID of this SPIFFE ID")
     return 0

@@ -8,7 +8,6 @@ the test and each renewal has more than 17 s to spare on a loaded machine.
 from __future__ import annotations
 
 import datetime
-import os
 import queue
 import signal
 import stat
@@ -322,8 +321,9 @@ def test_federated_bundles_are_served_and_a_live_socket_is_never_taken_over(
 
 
 def test_the_agent_needs_an_output(running_ca, tmp_path) -> None:
+    bundle = running_ca.bundle_file  # a real one: --bundle is read (and checked) first
     proc = subprocess.run(
-        [sys.executable, "-m", "meshid.cli", "agent", "--server", running_ca.address, "--bundle", os.devnull],
+        [sys.executable, "-m", "meshid.cli", "agent", "--server", running_ca.address, "--bundle", str(bundle)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -44,10 +44,12 @@ def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> Non
 
 
 def assert_usage_error(result: subprocess.CompletedProcess[str], message: str) -> None:
-    """argparse's refusal: exit code 2, the usage, then ``meshid: <message>``."""
+    """argparse's refusal: exit code 2 and one line, ``meshid: <message> (see `meshid ... --help`)``."""
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"meshid: {message}", result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"meshid: {message} (see `meshid "), result.stderr
+    assert line.endswith(" --help`)"), result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -74,4 +74,5 @@ def test_routine_ca_traffic_is_logged_at_debug_and_news_at_info(ca: AgentCa, cap
     ca.stop()
     after = _lines(caplog, logging.INFO)
     assert any("revoked" in line for line in after) and any("evicted node agent" in line for line in after)
-    assert after[-1] == f"CA: stopped serving trust domain {TD} on {ca.address}"
+    # Start and stop are DEBUG: `meshid ca serve` says both on stdout, once.
+    assert _lines(caplog, logging.DEBUG)[-1] == f"CA: stopped serving trust domain {TD} on {ca.address}"

@@ -1,0 +1,58 @@
+"""Reading a YAML policy: PyYAML's safe loader, its errors in one line naming the file.
+
+Imported only when a YAML policy is read (a JSON policy, or none, does not load PyYAML).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from meshid.errors import InvalidPolicyError
+
+__all__ = ["error", "load"]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with tagged scalars (``!!bool maybe``, ``!!timestamp x``) refused as
+    YAML errors at their line instead of as a bare KeyError or AttributeError."""
+
+
+def _checked_scalar(kind: str, construct: Any) -> Any:
+    def checked(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:
+            value = node.value if isinstance(node.value, str) else ""
+            shown = repr(value if len(value) <= 40 else value[:40] + "...")
+            reason = f": {err}" if isinstance(err, ValueError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown} is not a valid {kind}{reason}", node.start_mark
+            ) from err
+
+    return checked
+
+
+for _tag, _kind, _construct in (
+    ("bool", "boolean (write true or false)", yaml.constructor.SafeConstructor.construct_yaml_bool),
+    ("int", "integer", yaml.constructor.SafeConstructor.construct_yaml_int),
+    ("float", "number", yaml.constructor.SafeConstructor.construct_yaml_float),
+    ("timestamp", "date or timestamp (e.g. 2024-01-31)", yaml.constructor.SafeConstructor.construct_yaml_timestamp),
+):
+    _YamlLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _checked_scalar(_kind, _construct))
+
+
+def error(origin: str, err: yaml.YAMLError) -> InvalidPolicyError:
+    """One line naming the file, the line and column, and what the parser found there."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        what = "; ".join(" ".join(str(part).split()) for part in (err.context, err.problem) if part)
+        where = f"line {mark.line + 1} column {mark.column + 1}"
+        return InvalidPolicyError(f"policy {origin}: invalid YAML at {where}: {what}")
+    return InvalidPolicyError(f"policy {origin}: invalid YAML: {' '.join(str(err).split())}")
+
+
+def load(text: str) -> Any:
+    """Parse ``text`` with the safe loader above. Raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
