@@ -10,6 +10,14 @@ Issue #3 (CA), measured in one run:
     TLS connection, the call);
   * the CA's CPU time per issuance (from /proc, Linux only) as a ratio of sign + verify.
 
+  * issue #14 must-show 2, side by side in one run: the same 4-client renewal load against the
+    code of a baseline commit (``--baseline``, default the commit before the issue's work; its
+    ``meshid`` package is exported with ``git archive`` into a temporary folder and put first on
+    PYTHONPATH of its CA and clients) and against this tree, in alternating rounds. Baseline
+    clients renew as they did (``renew_svid``: a new TLS connection each); this tree's renew
+    as ``IssuerSource`` now does (``IssuerClient``: one kept channel). Targets: CA CPU per
+    renewal <= 0.6x the baseline's, SVIDs/s >= 1.6x.
+
 Clients are processes, not threads, so that they do not share a GIL with each other or the CA.
 """
 
@@ -36,6 +44,10 @@ from meshid.ca.store import Entry, SqliteStore
 from meshid.spiffeid import SpiffeId
 
 TD = "example.org"
+#: The commit before issue #14's changes to the renewal path (this session's starting point).
+BASELINE = "6761c50"
+CPU_TARGET = 0.6
+RATE_TARGET = 1.6
 CLIENTS = 4
 SECONDS = 5.0
 BATCHES = 7
@@ -66,6 +78,15 @@ while time.time() < end:
     latencies.append(time.perf_counter() - t0)
 print(json.dumps({"latencies": latencies, "errors": errors, "start": start, "end": time.time()}), flush=True)
 """
+
+#: The same workload renewing over one kept channel, as IssuerSource does since issue #14.
+KEPT_CLIENT = (
+    CLIENT.replace(
+        "from meshid.ca.client import fetch_svid, renew_svid", "from meshid.ca.client import IssuerClient, fetch_svid"
+    )
+    .replace('print("ready", flush=True)', 'client = IssuerClient(server, svid, bundles)\nprint("ready", flush=True)')
+    .replace("svid = renew_svid(server, svid, bundles)[0]", "client.renew()")
+)
 
 
 def per_op(batch: Callable[[], int]) -> float:
@@ -134,19 +155,28 @@ def percentile(values: list[float], p: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[p - 1] if len(values) > 1 else values[0]
 
 
-def start_ca(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+def _env(code: Path | None) -> dict[str, str] | None:
+    """The environment of a process running the ``meshid`` package in ``code`` (None: this tree's)."""
+    if code is None:
+        return None
+    path = [str(code), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def start_ca(data_dir: Path, code: Path | None = None) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshid.cli", "ca", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,  # it logs every issuance; the cost stays in, the text goes
         text=True,
+        env=_env(code),
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if not line.startswith("CA serving on "):
         proc.kill()
         raise RuntimeError(f"bench: `meshid ca serve` did not start (printed {line!r})")
-    return proc, line.removeprefix("CA serving on ")
+    return proc, line.removeprefix("CA serving on ").split()[0]
 
 
 def stop(procs: list[subprocess.Popen[str]]) -> None:
@@ -159,11 +189,25 @@ def stop(procs: list[subprocess.Popen[str]]) -> None:
                 stream.close()
 
 
-def issuance_run(folder: Path, seconds: float) -> tuple[list[float], int, float, float | None]:
-    """Renewals by ``CLIENTS`` processes against a CA process: latencies, errors, window, CA CPU seconds."""
+def issuance_run(
+    folder: Path, seconds: float, *, code: Path | None = None, client: str = CLIENT
+) -> tuple[list[float], int, float, float | None]:
+    """Renewals by ``CLIENTS`` processes against a CA process: latencies, errors, window, CA CPU seconds.
+
+    ``code`` is the folder whose ``meshid`` package the CA and the clients run (None: this tree);
+    the data folder is made by that code too.
+    """
     data_dir = folder / "ca"
-    init_data_dir(data_dir, TD)
-    ca, address = start_ca(data_dir)
+    if code is None:
+        init_data_dir(data_dir, TD)
+    else:
+        subprocess.run(
+            [sys.executable, "-m", "meshid.cli", "ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=_env(code),
+        )
+    ca, address = start_ca(data_dir, code)
     procs = [ca]
     try:
         with AdminClient(address, data_dir) as admin:
@@ -176,7 +220,11 @@ def issuance_run(folder: Path, seconds: float) -> tuple[list[float], int, float,
         for token in tokens:
             args = [address, str(data_dir / "bundle.pem"), token, str(seconds)]
             proc = subprocess.Popen(
-                [sys.executable, "-c", CLIENT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                [sys.executable, "-c", client, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=_env(code),
             )
             procs.append(proc)
             clients.append(proc)
@@ -238,5 +286,73 @@ def run(print: Callable[..., object] = print) -> None:
         print("  CA CPU time per issuance               n/a (needs /proc)")
 
 
+def export_baseline(rev: str, into: Path) -> Path:
+    """The ``meshid`` package of commit ``rev``, exported into ``into`` (``git archive``; no worktree)."""
+    repo = Path(__file__).resolve().parent.parent
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "meshid"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def side_by_side(rounds: int, seconds: float, baseline: str) -> dict[str, object]:
+    """Alternating rounds of the renewal load on the baseline's code and on this tree's."""
+    folder = Path(tempfile.mkdtemp(prefix="meshid-bench-renewal-"))
+    try:
+        code = export_baseline(baseline, folder / "baseline")
+        figures: dict[str, list[tuple[float, float]]] = {"baseline": [], "now": []}
+        for n in range(rounds):
+            for name, kwargs in (("baseline", {"code": code, "client": CLIENT}), ("now", {"client": KEPT_CLIENT})):
+                latencies, errors, window, cpu = issuance_run(folder / f"{name}-{n}", seconds, **kwargs)  # type: ignore[arg-type]
+                if not latencies or cpu is None:
+                    raise RuntimeError(f"bench: the {name} round issued nothing ({errors} errors) or /proc is missing")
+                figures[name].append((cpu / len(latencies), len(latencies) / window))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    med = {name: tuple(statistics.median(f[i] for f in rows) for i in (0, 1)) for name, rows in figures.items()}
+    return {
+        "baseline": baseline,
+        "rounds": rounds,
+        "cpu_us": {name: m[0] * 1e6 for name, m in med.items()},
+        "rate": {name: m[1] for name, m in med.items()},
+        "cpu_ratio": med["now"][0] / med["baseline"][0],
+        "rate_ratio": med["now"][1] / med["baseline"][1],
+    }
+
+
+def report_side_by_side(print: Callable[..., object], r: dict[str, object]) -> None:
+    cpu, rate = r["cpu_us"], r["rate"]
+    assert isinstance(cpu, dict) and isinstance(rate, dict)
+    cpu_ok = float(r["cpu_ratio"]) <= CPU_TARGET  # type: ignore[arg-type]
+    rate_ok = float(r["rate_ratio"]) >= RATE_TARGET  # type: ignore[arg-type]
+    print(f"\n[ca] renewal path, issue #14: baseline {r['baseline']} vs this tree, {CLIENTS} client processes,")
+    print(f"  {r['rounds']} alternating rounds of {SECONDS:g} s each (medians); load {os.getloadavg()[0]:.2f}")
+    print(f"  {'measure':44s} {'baseline':>10s} {'now':>10s} {'ratio':>7s} {'target':>8s}  verdict")
+    print(
+        f"  {'CA CPU per renewal (us)':44s} {cpu['baseline']:10.0f} {cpu['now']:10.0f}"
+        f" {r['cpu_ratio']:6.2f}x {'<= ' + str(CPU_TARGET):>8s}  {'PASS' if cpu_ok else 'FAIL'}"
+    )
+    print(
+        f"  {'SVIDs per second':44s} {rate['baseline']:10.1f} {rate['now']:10.1f}"
+        f" {r['rate_ratio']:6.2f}x {'>= ' + str(RATE_TARGET):>8s}  {'PASS' if rate_ok else 'FAIL'}"
+    )
+    print("    baseline: renew_svid, a new TLS connection per renewal; now: IssuerClient, one kept channel")
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--baseline", default=BASELINE, help=f"the commit to compare with (default {BASELINE})")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each (default 2)")
+    parser.add_argument("--only", choices=("issuance", "renewal"), help="run only this part")
+    args = parser.parse_args()
+    if args.only != "renewal":
+        run()
+    if args.only != "issuance":
+        report_side_by_side(print, side_by_side(args.rounds, SECONDS, args.baseline))
+    return 0
+
+
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """`make bench`: meshid's costs as ratios against baselines measured in the same run.
 
-Sections: [core] (below), [ca] issuance throughput (bench/issuance.py), [rotation] latency and
+Sections: [core] (below), [ca] issuance throughput and the renewal path against a baseline
+commit side by side (bench/issuance.py), [rotation] latency and
 failures while SVIDs rotate (bench/rotation.py), [replicas] issuance on PostgreSQL with one and
 two CA replicas next to SQLite (bench/replicas.py), [memory] server and CA memory under floods of
 long method names and under renewals (bench/memory.py), [node-agent] batch issuance against
@@ -184,6 +185,7 @@ def main() -> int:
         import rotation  # bench/rotation.py: issue #4
 
         issuance.run()
+        issuance.report_side_by_side(print, issuance.side_by_side(2, issuance.SECONDS, issuance.BASELINE))
         rotation.run()
         replicas.run()
         memory.run()
