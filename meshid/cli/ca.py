@@ -120,6 +120,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from meshid.ca.server import CaServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    # Every allowed call (each agent's bundle, CRL and renewal) would be an audit line: refusals
+    # only, as `meshid agent` does; the CA's own INFO lines say what changed.
+    logging.getLogger("meshid.audit").setLevel(logging.WARNING)
     server = CaServer(args.data_dir, args.listen, datastore=args.datastore)
     metrics_port = None
     if args.metrics:  # bound first: an address in use is refused before the CA does anything

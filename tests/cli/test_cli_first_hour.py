@@ -195,6 +195,7 @@ def test_ca_serve_announces_itself_once_and_says_when_it_stopped(ca: Serving, tm
         assert rest == ["CA stopped"], rest
         log = running.stderr.read_text()
         assert "serving" not in log, log  # stdout's "CA serving on ..." is the one announcement
+        assert "meshid.audit" not in log, log  # an allowed call is no audit line at `ca serve`'s INFO
 
 
 # --- a server that proves the wrong identity: exit 2, one line, no grpc log ------------------------
