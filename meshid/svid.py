@@ -200,7 +200,7 @@ class X509Svid:
             for index, cert in enumerate(chain[1:], start=1):
                 if not _x509.is_ca(cert):
                     raise InvalidSvidError(f"X509-SVID: chain certificate {index} is not a CA")
-            if _x509.public_key_der(private_key.public_key()) != _x509.public_key_der(chain[0].public_key()):
+            if private_key.public_key() != chain[0].public_key():  # the keys compare by value, across types too
                 raise InvalidSvidError("X509-SVID: the private key does not match the leaf certificate")
         except InvalidSvidError:
             raise  # meshid's own verdict (also a ValueError): as it is

@@ -122,7 +122,7 @@ ALTERED: dict[str, tuple[Alteration, type[Exception], str]] = {
             )
         ),
         VerificationError,
-        rf"^peer certificate {DB}: .*not valid at validation time",
+        rf"^peer certificate {DB}: chain does not verify .*: the certificate expired at ",
     ),
     "a CA certificate as leaf": (
         second_leaf(lambda real, _: (real.certificate,)),
