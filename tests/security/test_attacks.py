@@ -284,6 +284,8 @@ def outcome(attempt: Callable[[], object]) -> tuple[str, str]:
         # A server that stopped answering refuses the connection (a crash); any other failure to
         # connect to a listening server on loopback is the TLS handshake failing.
         return ("DOWN" if "Connection refused" in details else "HANDSHAKE"), details
+    if code == "UNAVAILABLE" and "the CA's identity was not proven" in details:
+        return "HANDSHAKE", details  # meshid's client says which identity the server failed to prove
     return code, details
 
 
