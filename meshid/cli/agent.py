@@ -34,6 +34,16 @@ def _mode(text: str) -> int:
     return mode
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a fraction between 0 and 1, e.g. 0.5")
+    return value
+
+
 def register(groups: Any) -> None:
     agent = groups.add_parser(
         "agent",
@@ -57,7 +67,13 @@ def register(groups: Any) -> None:
     agent.add_argument(
         "--workload-api-mode", type=_mode, default=0o600, metavar="MODE", help="the socket's file mode (default 0600)"
     )
-    agent.add_argument("--renew-at", type=float, default=0.5, help="fraction of the lifetime after which to renew")
+    agent.add_argument(
+        "--renew-at",
+        type=_fraction,
+        default=0.5,
+        metavar="F",
+        help="renew once this fraction of the SVID's lifetime has passed, 0 < F < 1 (default 0.5)",
+    )
     agent.add_argument(
         "--wait",
         type=duration,

@@ -101,6 +101,7 @@ CASES = [
     (("ca", "init", "--data-dir", "{dir}/new", "--trust-domain", TD, "--ttl", "soon"), BAD_INPUT, ["--ttl", "'soon' is not a duration"]),
     (("bundle", "show", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--trust-domain", TD, "--refresh-hint", "-5"), BAD_INPUT, ["--refresh-hint", "greater than 0"]),
     (("bundle", "show", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--trust-domain", TD, "--refresh-hint", "0"), BAD_INPUT, ["--refresh-hint", "greater than 0"]),
+    (("agent", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--out", "{dir}/out", "--renew-at", "7"), BAD_INPUT, ["--renew-at", "between 0 and 1"]),
     # policy check: the method as the policy loader checks it, and the loader's own messages
     ((*CHECK, "--method", "SayHello"), BAD_INPUT, ["--method", "'SayHello'", "write '/package.Service/Method'"]),
     ((*CHECK, "--method", "/SayHello"), BAD_INPUT, ["--method", "write '/package.Service/Method'"]),
