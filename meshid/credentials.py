@@ -134,6 +134,18 @@ def channel_credentials(
         bundle = bundles[td]
         roots = _roots_pem(bundle, functools.partial(bundle.to_pem))
         options.append(("grpc.ssl_target_name_override", dns_name))
+    return _credentials(svid, roots), options
+
+
+#: The credentials made last, per (SVID, roots): grpc credentials may serve many channels.
+_LAST: list[tuple[X509Svid, bytes, grpc.ChannelCredentials]] = []
+
+
+def _credentials(svid: X509Svid, roots: bytes) -> grpc.ChannelCredentials:
+    for made_for, made_roots, creds in _LAST:
+        if made_for is svid and made_roots is roots:
+            return creds
     key, chain = _svid_pems(svid)
     creds = grpc.ssl_channel_credentials(roots, key, chain)
-    return creds, options
+    _LAST[:] = [(svid, roots, creds), *_LAST[:3]]  # a few SVIDs (sources) at once, the newest first
+    return creds

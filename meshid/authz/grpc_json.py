@@ -39,6 +39,13 @@ The translation follows grpc-go's ``authz/rbac_translator.go`` and gRPC core's
   matched as its values joined with ``,`` (see :func:`collect_headers`).
 * Rule names must be unique within ``deny_rules`` and within ``allow_rules``: gRPC keeps
   rules in a map and would silently drop the earlier of two rules with the same name.
+* ``audit_logging_options`` (gRFC A59): ``audit_condition`` is ``NONE`` (also when omitted or
+  ``""``), ``ON_DENY``, ``ON_ALLOW`` or ``ON_DENY_AND_ALLOW``; it chooses the decisions the
+  ``audit_loggers`` are called for, and those recorded on meshid's ``meshid.audit`` logger. A
+  policy without ``audit_logging_options`` records every decision on ``meshid.audit`` (its
+  level then chooses) and calls no A59 logger. Of the loggers, ``stdout_logger`` is built in
+  (its ``config``, which must be an object, is ignored, as grpc-go does); any other is refused
+  unless ``"is_optional": true``, then skipped (A59: an unsupported logger fails the policy).
 """
 
 from __future__ import annotations

@@ -82,20 +82,21 @@ def test_refreshes_and_renewals_share_one_connection_per_svid(clocked_ca, clock,
     source = meshid.IssuerSource(
         proxy.address, clocked_ca.bundle_file, join_token=token, clock=clock, refresh_interval=1.0
     ).start()
+    steps = 0
     try:
-        assert proxy.connections == 1  # the first issuance: the anonymous bootstrap connection
         first = source.get_svid()
         while source.get_svid() is first:  # refreshes every second (at most), until the renewal
             step(clock)
-        refreshes_and_renewal = proxy.connections
+            steps += 1
         second = source.get_svid()
         for _ in range(5):  # refreshes with the new SVID
             step(clock)
         assert source.get_svid() is second
     finally:
         source.close()
-    # One connection with the first SVID (every refresh, then the renewal), one with the second.
-    assert refreshes_and_renewal == 2
+    assert steps >= 5, "several refreshes came before the renewal"
+    # The first issuance's anonymous connection, one with the first SVID (every refresh, then the
+    # renewal), one with the second: never one per refresh (it used to be two).
     assert proxy.connections == 3
 
 
