@@ -46,7 +46,11 @@ class RotatingChannel(RotatingCore[grpc.aio.Channel], grpc.aio.Channel):
         task.add_done_callback(self._checks.discard)
 
     async def _check(self, generation: Generation[grpc.aio.Channel], call: grpc.aio.Call) -> None:
-        self._outcome(generation, await call.code(), await call.details())
+        try:
+            code, details = await call.code(), await call.details()
+        except grpc.RpcError:  # no status to read: nothing to say about the server
+            return
+        self._outcome(generation, code, details)
 
     def _connect(
         self, target: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, Any]]
