@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
+from meshid import _x509
 from meshid._grpc import merge_options
 from meshid._proto import (
     agent_pb2,
@@ -147,8 +148,12 @@ def _svid_from(response: Any, key: Any) -> tuple[X509Svid, TrustBundle]:
 
 
 def read_roots(bundle_file: str | os.PathLike[str]) -> bytes:
-    """The PEM roots a workload trusts the CA by, before it has a bundle of its own."""
-    return TrustBundle.load(TrustDomain("bootstrap"), bundle_file).to_pem()
+    """The PEM roots a workload trusts the CA by, before it has a bundle of its own.
+
+    Raises:
+        InvalidBundleError: the file cannot be read or holds no CA certificates (the message names it).
+    """
+    return b"".join(_x509.cert_pem(root) for root in TrustBundle.load_roots(bundle_file))
 
 
 def issue_with_token(
