@@ -578,7 +578,7 @@ def test_a_thousand_entries_in_one_batch_call_within_150_mb(
          "give a join token or an x509pop host certificate, not both"),
         (("--data-dir", "D", "--socket", "S", "--sync-interval", "0"), "'0' is not a number of seconds"),
         (("--data-dir", "D", "--socket", "tcp://127.0.0.1:1"), "only Unix sockets are supported"),
-        (("--data-dir", "D", "--socket", "S", "--renew-at", "1.5"), "renew_at must be between 0 and 1"),
+        (("--data-dir", "D", "--socket", "S", "--renew-at", "1.5"), "'1.5': give a fraction between 0 and 1"),
         (("--data-dir", "D", "--socket", "S"), "no reusable SVID in {D} and no way to attest the node"),
         (("--data-dir", "D", "--socket", "S", "--join-token-file", "missing"), "join token: cannot read"),
         (("--data-dir", "D", "--socket", "S", "--x509pop-cert", "F", "--x509pop-key", "F"),
