@@ -31,6 +31,7 @@ from meshid.ca.authority import generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
 from meshid.ca.datadir import load_authority, load_x509pop, open_service, refresh_admin_svid, retire_due_roots
 from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
+from meshid.ca.http import RevocationHttpServer
 from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
 from meshid.clock import Clock
 from meshid.errors import ListenError, MeshIdError
@@ -58,6 +59,8 @@ OPEN_METHODS = (
 MAX_REQUEST_BYTES = 64 * 1024
 #: Calls beyond this many at once are refused with RESOURCE_EXHAUSTED rather than queued.
 MAX_CONCURRENT_RPCS = 512
+#: The health-check service name of the OCSP responder (with ``ca serve --ocsp-listen``).
+OCSP_HEALTH = "meshid.ocsp"
 
 
 def ca_policy(service: IssuingService) -> AuthorizationPolicy:
@@ -98,8 +101,13 @@ class CaServer:
         poll_interval: float = 0.5,
         clock: Clock | None = None,
         datastore: str | None = None,
+        ocsp_listen: str | None = None,
+        ocsp_validity: datetime.timedelta | None = None,
     ) -> None:
         self._poll_interval = poll_interval
+        self._ocsp_listen, self._ocsp_validity = ocsp_listen, ocsp_validity
+        self._http: RevocationHttpServer | None = None
+        self.ocsp_port: int | None = None
         service_options: dict[str, Any] = {} if clock is None else {"clock": clock}
         self._data_dir = pathlib.Path(data_dir)
         self._listen = listen
@@ -175,15 +183,48 @@ class CaServer:
             raise ListenError(f"CA: cannot listen on {self._listen}: {err}") from err
         server.start()
         self._server, self.port = server, port
+        if self._ocsp_listen is not None:
+            try:
+                self.ocsp_port = self._start_http(self._ocsp_listen)
+            except BaseException:
+                server.stop(None).wait()
+                self._server = None
+                raise
+            self._check_health()
         self._stop.clear()
         self._refresher = threading.Thread(target=self._refresh_loop, name="meshid-ca-refresh", daemon=True)
         self._refresher.start()
         log.info("CA: serving trust domain %s on %s", self.service.authority.trust_domain, self._listen)
         return port
 
+    def _start_http(self, listen: str) -> int:
+        """The OCSP responder and the CRL over HTTP (see :mod:`meshid.ca.http`).
+
+        Each OCSP answer reads the serial's record from the store: a revocation, made by this
+        replica or another on the same database, shows in the next answer.
+        """
+        from meshid.ca.ocsp import DEFAULT_VALIDITY, OcspResponder
+        from meshid.metrics import OCSP_RESPONSES, OCSP_SECONDS
+
+        responder = OcspResponder(
+            lambda: self.service.authority,
+            self.service.store.get_issued,
+            validity=self._ocsp_validity or DEFAULT_VALIDITY,
+            now=self.service.now,
+        )
+
+        def observe(answer: Any, seconds: float) -> None:
+            OCSP_RESPONSES.labels(answer.outcome).inc()
+            OCSP_SECONDS.observe(seconds)
+
+        self._http = RevocationHttpServer(listen, responder, lambda: self.service.crl()[0], observe=observe)
+        port = self._http.start()
+        log.info("CA: OCSP responder and CRL on http://%s", f"{listen.rsplit(':', 1)[0]}:{port}")
+        return port
+
     def _stamp(self) -> tuple[tuple[int, int, int], ...]:
         out = []
-        for name in ("ca.key", "ca.pem", "bundle.pem"):
+        for name in ("ca.key", "ca.pem", "bundle.pem", "config.json"):  # config.json: `ca config set`
             try:
                 st = (self._data_dir / name).stat()
             except OSError:
@@ -228,6 +269,9 @@ class CaServer:
         status = health_pb2.HealthCheckResponse.SERVING if self._healthy else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", "meshid.v1.Issuer", "meshid.v1.Registration", "meshid.v1.Agent"):
             self.health.set(service, status)
+        if self._http is not None:  # the OCSP responder: the CA's health, and its listener alive
+            serving = self._healthy and self._http.serving
+            self.health.set(OCSP_HEALTH, status if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
         return self._healthy
 
     def _refresh_loop(self) -> None:
@@ -258,6 +302,9 @@ class CaServer:
 
     def stop(self, grace: float | None = 2.0) -> None:
         self._stop.set()
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
