@@ -6,6 +6,7 @@
 * ``meshid_ca_issuances_total{kind}`` and ``meshid_ca_refusals_total{reason}``: the CA's answers.
 * ``meshid_ocsp_responses_total{outcome}``: the OCSP responder's answers (good, revoked, unknown,
   malformed, unauthorized, try_later) and ``meshid_ocsp_response_seconds``: the time to make one.
+* ``meshid_agent_reload_total{result}``: the agent's reload hook runs (``--exec``, ``--signal``), ok or error.
 
 Metrics live in ``REGISTRY`` (a registry of meshid's own, so an application's registry is
 untouched); :func:`serve_metrics` exposes it over HTTP, or add it to your own exposition.
@@ -35,6 +36,8 @@ CA_ISSUANCES = Counter("meshid_ca_issuances", "SVIDs issued by the CA.", ["kind"
 CA_REFUSALS = Counter("meshid_ca_refusals", "Requests the CA refused.", ["reason"], registry=REGISTRY)
 #: Labelled by meshid.ca.ocsp.OcspAnswer.outcome, a fixed set (never by anything the client sent).
 OCSP_RESPONSES = Counter("meshid_ocsp_responses", "OCSP answers by outcome.", ["outcome"], registry=REGISTRY)
+#: meshid agent's reload hook (--exec, --signal): runs by result, ok or error.
+AGENT_RELOADS = Counter("meshid_agent_reload", "Reload hook runs after new SVID files.", ["result"], registry=REGISTRY)
 OCSP_SECONDS = Histogram(
     "meshid_ocsp_response_seconds",
     "Time to make (parse, look up, sign) one OCSP answer.",

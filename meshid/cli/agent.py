@@ -46,6 +46,7 @@ def register(groups: Any) -> None:
         "--workload-api-mode", type=_mode, default=0o600, metavar="MODE", help="the socket's file mode (default 0600)"
     )
     agent.add_argument("--renew-at", type=float, default=0.5, help="fraction of the lifetime after which to renew")
+    _add_reload_options(agent)
     _add_node_options(agent)
 
     def run_sidecar(args: argparse.Namespace) -> int:
@@ -59,6 +60,29 @@ def register(groups: Any) -> None:
 
     agent.set_defaults(run=run_sidecar)
     _register_admin_commands(agent)
+
+
+def _signal(text: str) -> Any:
+    from meshid.agent.reload import parse_signal
+
+    try:
+        return parse_signal(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _add_reload_options(agent: argparse.ArgumentParser) -> None:
+    hook = agent.add_argument_group(
+        "reload on rotation (with --out)",
+        "after each new set of files is in place, run a command and/or signal a process, so that a program "
+        "that reads the files (nginx, envoy) takes them up; failures are logged and counted, renewal goes on",
+    )
+    hook.add_argument("--exec", dest="exec_command", metavar="CMD", help='run CMD, e.g. "nginx -s reload"')
+    hook.add_argument("--signal", dest="reload_signal", type=_signal, metavar="SIG", help="send SIG, e.g. HUP")
+    hook.add_argument("--pid-file", metavar="FILE", help="to the process whose ID is in FILE (with --signal)")
+    hook.add_argument(
+        "--exec-timeout", type=_seconds, default=30.0, metavar="S", help="kill CMD after S seconds (default 30)"
+    )
 
 
 # --- `meshid agent --node`: one node agent per host -------------------------------------------
@@ -233,6 +257,23 @@ def run_agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    hook = None
+    if args.exec_command is not None or args.reload_signal is not None or args.pid_file is not None:
+        from meshid.agent.reload import ReloadHook
+
+        if not args.out:
+            print("meshid: agent: --exec and --signal need --out: they reload what reads its files", file=sys.stderr)
+            return 2
+        try:
+            hook = ReloadHook(
+                command=args.exec_command,
+                signal_to_send=args.reload_signal,
+                pid_file=args.pid_file,
+                timeout=args.exec_timeout,
+            )
+        except ValueError as err:
+            print(f"meshid: agent: {err}", file=sys.stderr)
+            return 2
     try:
         source = IssuerSource(args.server, args.bundle, join_token=token, svid_dir=args.out, renew_at=args.renew_at)
         server = (
@@ -244,6 +285,9 @@ def run_agent(args: argparse.Namespace) -> int:
     if server is not None:
         server.check_free()  # before the join token is spent: a socket another agent serves is refused
     source.start()
+    if hook is not None:  # after the first files: it runs for each new set from now on
+        hook.start()
+        source.subscribe(hook.changed)
     try:
         places = []
         if args.out:
@@ -258,5 +302,7 @@ def run_agent(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         source.close()
+        if hook is not None:
+            hook.close()
     print("agent: stopped", flush=True)
     return 0
