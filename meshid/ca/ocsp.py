@@ -12,7 +12,8 @@ issuer ``unauthorized``; a store that cannot answer ``tryLater``. The rest is a 
 * ``unknown``: this CA never issued that serial.
 
 Responses are signed by the issuing CA itself (RFC 6960 section 4.2.2.2, the first case), so a
-client needs no delegated responder certificate; ``responderID`` is the CA key's hash,
+client needs no delegated responder certificate; the CA's certificate goes along in ``certs``
+(verifiers such as nginx's look for the signer there); ``responderID`` is the CA key's hash,
 ``thisUpdate`` is now and ``nextUpdate`` now plus the validity, and the request's nonce is
 echoed. The status comes from ``status_of``, called once per request: in ``meshid ca serve`` it
 reads the store's record, so a revocation made by any replica on the same database shows in
@@ -200,8 +201,9 @@ def answer(
         )
         .responder_id(ocsp.OCSPResponderEncoding.HASH, authority.certificate)
     )
-    if authority.chain:  # an intermediate: the client may hold only the root
-        builder = builder.certificates([authority.certificate])
+    # The signer's certificate goes along: nginx's stapling looks for the signer only in the
+    # response and in the chain of its own certificate file (which, under a root CA, is empty).
+    builder = builder.certificates([authority.certificate])
     if nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
     response = builder.sign(authority.private_key, hash_for(authority.private_key))

@@ -403,7 +403,7 @@ def test_a_store_that_cannot_answer_gives_try_later() -> None:
     assert ocsp.load_der_ocsp_response(answer.der).response_status == ocsp.OCSPResponseStatus.TRY_LATER
 
 
-def test_an_intermediate_signs_and_ships_its_certificate() -> None:
+def test_the_ca_signs_and_ships_its_certificate_also_as_an_intermediate() -> None:
     root = Authority.create_root(TD)
     ca = Authority.from_upstream(TD, root.certificate, root.private_key)
     leaf = ca.issue_svid(f"spiffe://{TD}/x").leaf
