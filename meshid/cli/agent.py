@@ -83,6 +83,14 @@ def _add_reload_options(agent: argparse.ArgumentParser) -> None:
     hook.add_argument(
         "--exec-timeout", type=_seconds, default=30.0, metavar="S", help="kill CMD after S seconds (default 30)"
     )
+    hook.add_argument(
+        "--write-crl",
+        action="store_true",
+        help="also keep the CA's CRL in DIR/crl.pem (for nginx's ssl_crl); a new one runs the reload too",
+    )
+    hook.add_argument(
+        "--crl-refresh", type=_seconds, default=30.0, metavar="S", help="with --write-crl: fetch every S s (default 30)"
+    )
 
 
 # --- `meshid agent --node`: one node agent per host -------------------------------------------
@@ -257,6 +265,9 @@ def run_agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.write_crl and not args.out:
+        print("meshid: agent: --write-crl writes DIR/crl.pem beside the files of --out; give --out", file=sys.stderr)
+        return 2
     hook = None
     if args.exec_command is not None or args.reload_signal is not None or args.pid_file is not None:
         from meshid.agent.reload import ReloadHook
@@ -288,6 +299,13 @@ def run_agent(args: argparse.Namespace) -> int:
     if hook is not None:  # after the first files: it runs for each new set from now on
         hook.start()
         source.subscribe(hook.changed)
+    crl_writer = None
+    if args.write_crl:
+        from meshid.agent.crl_file import CrlFileWriter
+
+        on_change = hook.changed if hook is not None else None
+        crl_writer = CrlFileWriter(source, args.server, args.out, interval=args.crl_refresh, on_change=on_change)
+        crl_writer.start()
     try:
         places = []
         if args.out:
@@ -301,6 +319,8 @@ def run_agent(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+        if crl_writer is not None:
+            crl_writer.close()
         source.close()
         if hook is not None:
             hook.close()
