@@ -539,6 +539,32 @@ def activate_rotation(
         (next_dir / "ca.pem").unlink(missing_ok=True)
 
 
+def load_retired_authorities(
+    folder: str | os.PathLike[str], now: datetime.datetime | None = None
+) -> tuple[Authority, ...]:
+    """The CAs this folder signed with before its key rotations (DIR/retired/), still unexpired.
+
+    Their SVIDs may still be in use, so the OCSP responder answers for them with their own key.
+    A retired folder that does not load, or whose key does not match, is skipped.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    config = _read_config(folder)
+    found = []
+    for cert_file in sorted((pathlib.Path(folder) / "retired").glob("*/ca.pem")):
+        try:
+            certs = x509.load_pem_x509_certificates(cert_file.read_bytes())
+            key = serialization.load_pem_private_key((cert_file.parent / "ca.key").read_bytes(), password=None)
+        except (OSError, ValueError, TypeError):
+            continue
+        if certs[0].not_valid_after_utc <= now:
+            continue
+        if _x509.public_key_der(key.public_key()) != _x509.public_key_der(certs[0].public_key()):
+            continue
+        chain = () if certs[0].issuer == certs[0].subject else tuple(certs)
+        found.append(Authority(config.trust_domain, certs[0], key, chain, (certs[-1],)))  # type: ignore[arg-type]
+    return tuple(found)
+
+
 def retire_due_roots(folder: str | os.PathLike[str], now: datetime.datetime | None = None) -> list[str]:
     """Drop roots whose retirement time has passed from the bundle; returns their fingerprints."""
     now = now or datetime.datetime.now(datetime.UTC)

@@ -23,7 +23,7 @@ the next answer (see :class:`meshid.ca.http.RevocationHttpServer`).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -106,9 +106,11 @@ def _unsuccessful(outcome: str) -> OcspAnswer:
 class OcspResponder:
     """Answers OCSP requests for the certificates one CA signs.
 
-    ``authority`` returns the CA signing now (it changes on a key rotation: the issuer hashes are
-    worked out again for a new one); ``status_of`` returns the store's record of a serial, or
-    None if this CA never issued it, and raises for a store that cannot answer.
+    ``authority`` returns the CA signing now (it changes on a key rotation); ``previous`` the CAs
+    it signed with before (their SVIDs may still be in use: each is answered for, and signed
+    for, by its own key); ``status_of`` returns the store's record of a serial, or None if this
+    CA never issued it, and raises for a store that cannot answer. The issuer hashes of each CA
+    are worked out once.
     """
 
     def __init__(
@@ -116,26 +118,32 @@ class OcspResponder:
         authority: Callable[[], Authority],
         status_of: StatusOf,
         *,
+        previous: Callable[[], Sequence[Authority]] = tuple,
         validity: datetime.timedelta = DEFAULT_VALIDITY,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     ) -> None:
         if validity <= datetime.timedelta(0):
             raise ValueError("OCSP: the response validity must be positive")
         self._authority = authority
+        self._previous = previous
         self._status_of = status_of
         self._validity = validity
         self._now = now
-        self._issuer: tuple[Authority, frozenset[tuple[str, bytes, bytes]]] | None = None
+        self._ids: dict[bytes, frozenset[tuple[str, bytes, bytes]]] = {}
 
-    def _ids(self, authority: Authority) -> frozenset[tuple[str, bytes, bytes]]:
-        cached = self._issuer
-        if cached is None or cached[0] is not authority:
-            cached = self._issuer = (authority, _issuer_ids(authority.certificate))
-        return cached[1]
+    def _issuer_ids(self, authority: Authority) -> frozenset[tuple[str, bytes, bytes]]:
+        key = authority.certificate.fingerprint(hashes.SHA256())
+        ids = self._ids.get(key)
+        if ids is None:
+            if len(self._ids) > 64:  # CAs come and go with rotations: never more than a few
+                self._ids.clear()
+            ids = self._ids[key] = _issuer_ids(authority.certificate)
+        return ids
 
     def respond(self, request_der: bytes) -> OcspAnswer:
         """The answer to one DER ``OCSPRequest``; never raises."""
-        return answer(request_der, self._authority(), self._status_of, self._ids, self._now(), self._validity)
+        authorities = (self._authority(), *self._previous())
+        return answer(request_der, authorities, self._status_of, self._issuer_ids, self._now(), self._validity)
 
 
 def _parse(request_der: bytes) -> tuple[ocsp.OCSPRequest, bytes | None] | None:
@@ -160,19 +168,22 @@ def _parse(request_der: bytes) -> tuple[ocsp.OCSPRequest, bytes | None] | None:
 
 def answer(
     request_der: bytes,
-    authority: Authority,
+    authorities: Sequence[Authority],
     status_of: StatusOf,
     issuer_ids: Callable[[Authority], frozenset[tuple[str, bytes, bytes]]],
     now: datetime.datetime,
     validity: datetime.timedelta,
 ) -> OcspAnswer:
-    """The OCSP response to ``request_der`` as ``authority`` signs it at ``now``; never raises."""
+    """The OCSP response to ``request_der`` at ``now``, signed by the one of ``authorities`` that
+    issued the certificate asked about; never raises."""
     parsed = _parse(request_der)
     if parsed is None:
         return _unsuccessful("malformed")
     request, nonce = parsed
     algorithm = request.hash_algorithm
-    if (algorithm.name, request.issuer_name_hash, request.issuer_key_hash) not in issuer_ids(authority):
+    asked = (algorithm.name, request.issuer_name_hash, request.issuer_key_hash)
+    authority = next((a for a in authorities if asked in issuer_ids(a)), None)
+    if authority is None:
         return _unsuccessful("unauthorized")  # RFC 6960 2.3: not a certificate this responder serves
     try:
         record = status_of(request.serial_number)

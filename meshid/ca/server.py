@@ -27,9 +27,16 @@ from meshid._proto import agent_pb2_grpc, issuer_pb2_grpc, registration_pb2_grpc
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet
 from meshid.ca.agents import AgentService
-from meshid.ca.authority import generate_key
+from meshid.ca.authority import Authority, generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
-from meshid.ca.datadir import load_authority, load_x509pop, open_service, refresh_admin_svid, retire_due_roots
+from meshid.ca.datadir import (
+    load_authority,
+    load_retired_authorities,
+    load_x509pop,
+    open_service,
+    refresh_admin_svid,
+    retire_due_roots,
+)
 from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
 from meshid.ca.http import RevocationHttpServer
 from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
@@ -107,6 +114,7 @@ class CaServer:
         self._poll_interval = poll_interval
         self._ocsp_listen, self._ocsp_validity = ocsp_listen, ocsp_validity
         self._http: RevocationHttpServer | None = None
+        self._retired: tuple[Authority, ...] = ()
         self.ocsp_port: int | None = None
         service_options: dict[str, Any] = {} if clock is None else {"clock": clock}
         self._data_dir = pathlib.Path(data_dir)
@@ -206,9 +214,11 @@ class CaServer:
         from meshid.ca.ocsp import DEFAULT_VALIDITY, OcspResponder
         from meshid.metrics import OCSP_RESPONSES, OCSP_SECONDS
 
+        self._retired = load_retired_authorities(self._data_dir)
         responder = OcspResponder(
             lambda: self.service.authority,
             self.service.store.get_issued,
+            previous=lambda: self._retired,
             validity=self._ocsp_validity or DEFAULT_VALIDITY,
             now=self.service.now,
         )
@@ -242,6 +252,8 @@ class CaServer:
             log.warning("CA: data folder changed but cannot be loaded yet: %s", err)
             return
         self.service.set_authority(authority)
+        if self._http is not None:  # after a rotation, the old key still answers for its SVIDs
+            self._retired = load_retired_authorities(self._data_dir)
         self._source.update(self._own_svid(), self._bundles())
         refresh_admin_svid(self.service, self._data_dir / "admin")
         log.info(

@@ -417,3 +417,30 @@ def test_the_ca_signs_and_ships_its_certificate_also_as_an_intermediate() -> Non
     assert response.revocation_time_utc == now.replace(microsecond=0)
     assert response.certificates == [ca.certificate]
     assert response.responder_key_hash == x509.SubjectKeyIdentifier.from_public_key(ca.certificate.public_key()).digest
+
+
+def test_after_a_key_rotation_the_old_keys_svids_are_still_answered_for(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    assert meshid("ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD).returncode == 0
+    with serving(data_dir, "--ocsp-listen", "127.0.0.1:0") as ports:
+        ca = Ca(data_dir, f"127.0.0.1:{ports['grpc']}", f"http://127.0.0.1:{ports['ocsp']}", ports["metrics"])
+        old = ca.enroll("ns/r/old", tmp_path / "old")
+        old_issuer = tmp_path / "old-ca.pem"
+        old_issuer.write_bytes(ca.issuer_file.read_bytes())
+        for step in ("prepare", "activate"):
+            done = meshid("ca", "rotate", step, "--data-dir", str(data_dir))
+            assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 10
+        while True:  # the running CA picks up the new key
+            new = ca.enroll(f"ns/r/n{int(time.monotonic() * 1000)}", tmp_path / "new")
+            if new.leaf.issuer != old.leaf.issuer:
+                break
+            assert time.monotonic() < deadline, "the running CA did not take the new key"
+            time.sleep(0.1)
+        for issuer, folder in ((old_issuer, "old"), (ca.issuer_file, "new")):
+            cert = tmp_path / folder / "svid.pem"
+            result = openssl(
+                "ocsp", "-issuer", str(issuer), "-cert", str(cert), "-url", ca.ocsp_url, "-CAfile", str(ca.bundle_file)
+            )
+            assert _status_line(result, cert) == "good", (folder, result.stdout, result.stderr)
+            assert "Response verify OK" in result.stderr
