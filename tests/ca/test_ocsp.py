@@ -444,3 +444,20 @@ def test_after_a_key_rotation_the_old_keys_svids_are_still_answered_for(tmp_path
             )
             assert _status_line(result, cert) == "good", (folder, result.stdout, result.stderr)
             assert "Response verify OK" in result.stderr
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_ocsp_listen_in_use_or_malformed_is_refused_in_one_line(tmp_path: Path, taken: bool) -> None:
+    data_dir = tmp_path / "data"
+    assert meshid("ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD).returncode == 0
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}" if taken else "no-port-here"
+        result = meshid(
+            "ca", "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--ocsp-listen", address
+        )  # fmt: skip
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1 and lines[0].startswith("meshid: OCSP: "), lines
+    assert ("in use by another process" if taken else "is not HOST:PORT") in lines[-1]
