@@ -3,7 +3,7 @@
 ``meshid ca serve --ocsp-listen HOST:PORT`` serves, on one listener:
 
 * ``POST /`` (any path) with an ``application/ocsp-request`` body, and
-  ``GET /<base64 of the DER request>`` (RFC 6960 appendix A; an ``/ocsp`` prefix is allowed):
+  ``GET /<base64 of the DER request>`` (RFC 6960 appendix A; after any prefix, such as ``/ocsp``):
   an ``application/ocsp-response`` (see :mod:`meshid.ca.ocsp`);
 * ``GET /crl.der`` and ``GET /crl.pem``: the CA's current signed CRL, DER or PEM (nginx's
   ``ssl_crl`` reads PEM).
@@ -50,6 +50,25 @@ def _pem(der: bytes) -> bytes:
     body = base64.encodebytes(der).decode().replace("\n", "")
     lines = [body[i : i + 64] for i in range(0, len(body), 64)]
     return ("-----BEGIN X509 CRL-----\n" + "\n".join(lines) + "\n-----END X509 CRL-----\n").encode()
+
+
+def _get_request(path: str) -> bytes:
+    """The DER request of a GET: the path's last part, after whatever prefix the URL in the
+    certificates has (``/ocsp``, ``/some/prefix``). Base64 may hold ``/`` itself (when a client
+    does not escape it), so the parts are dropped from the left until what is left decodes to
+    a DER SEQUENCE, as every OCSPRequest is; b"" (malformed) if none does."""
+    rest = path.lstrip("/")
+    for _ in range(8):
+        try:
+            der = base64.b64decode(urllib.parse.unquote(rest), validate=True)
+        except (binascii.Error, ValueError):
+            der = b""
+        if der[:1] == b"\x30":
+            return der
+        _, slash, rest = rest.partition("/")
+        if not slash:
+            break
+    return b""
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -103,12 +122,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 self._send(200, "application/pkix-crl", der, 60)
             return
-        encoded = urllib.parse.unquote(path.removeprefix("/ocsp").lstrip("/"))
-        try:
-            der = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            der = b""
-        self._ocsp(der, get=True)
+        self._ocsp(_get_request(path), get=True)
 
     def do_POST(self) -> None:
         length = self.headers.get("Content-Length", "")

@@ -218,13 +218,15 @@ def test_openssl_ocsp_with_sha256_cert_ids_and_get(running_ca: Ca, tmp_path: Pat
     )
     assert made.returncode == 0, made.stderr
     encoded = urllib.parse.quote(base64.b64encode(reqout.read_bytes()).decode(), safe="")
-    with urllib.request.urlopen(f"{running_ca.ocsp_url}/ocsp/{encoded}", timeout=10) as reply:
-        assert reply.headers["Content-Type"] == "application/ocsp-response"
-        assert "max-age=" in reply.headers["Cache-Control"]
-        response = ocsp.load_der_ocsp_response(reply.read())
-    assert response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
-    assert response.certificate_status == ocsp.OCSPCertStatus.GOOD
-    assert response.next_update_utc is not None and response.this_update_utc < response.next_update_utc
+    unescaped = base64.b64encode(reqout.read_bytes()).decode()
+    for path in (f"/ocsp/{encoded}", f"/{encoded}", f"/some/prefix/{encoded}", f"/ocsp/{unescaped}"):
+        with urllib.request.urlopen(f"{running_ca.ocsp_url}{path}", timeout=10) as reply:
+            assert reply.headers["Content-Type"] == "application/ocsp-response"
+            assert "max-age=" in reply.headers["Cache-Control"]
+            response = ocsp.load_der_ocsp_response(reply.read())
+        assert response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL, path
+        assert response.certificate_status == ocsp.OCSPCertStatus.GOOD
+        assert response.next_update_utc is not None and response.this_update_utc < response.next_update_utc
 
 
 def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> ocsp.OCSPResponse:
