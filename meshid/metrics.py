@@ -5,7 +5,7 @@
 * ``meshid_svid_renewals_total{spiffe_id,result}``: renewals by ``IssuerSource``, ok or error.
 * ``meshid_ca_issuances_total{kind}`` and ``meshid_ca_refusals_total{reason}``: the CA's answers.
 * ``meshid_ocsp_responses_total{outcome}``: the OCSP responder's answers (good, revoked, unknown,
-  malformed, unauthorized, try_later) and ``meshid_ocsp_response_seconds``: the time to make one.
+  malformed, unauthorized, try_later, internal) and ``meshid_ocsp_response_seconds``: the time to make one.
 * ``meshid_agent_reload_total{result}``: the agent's reload hook runs (``--exec``, ``--signal``), ok or error.
 
 Metrics live in ``REGISTRY`` (a registry of meshid's own, so an application's registry is

@@ -3,7 +3,8 @@
 :func:`answer` takes the DER of an ``OCSPRequest`` and gives the DER of an ``OCSPResponse``,
 never an exception: a request that does not parse, asks about several certificates, or carries
 a nonce outside RFC 8954's 1..32 octets gets ``malformedRequest``; a certificate of another
-issuer ``unauthorized``; a store that cannot answer ``tryLater``. The rest is a signed
+issuer ``unauthorized``; a store that cannot answer ``tryLater``; a response that cannot be
+signed ``internalError``. The rest is a signed
 ``successful`` response with one ``SingleResponse``:
 
 * ``good``: the CA issued this serial (the store has its record) and it is not revoked;
@@ -59,7 +60,7 @@ class OcspAnswer:
     """A DER ``OCSPResponse`` and what it said, for metrics and logs.
 
     ``outcome`` is one of ``good``, ``revoked``, ``unknown`` (successful responses) or
-    ``malformed``, ``unauthorized``, ``try_later`` (unsuccessful ones). ``max_age`` is how long
+    ``malformed``, ``unauthorized``, ``try_later``, ``internal`` (unsuccessful ones). ``max_age`` is how long
     an HTTP cache may keep it (0 for an unsuccessful or nonced response).
     """
 
@@ -95,6 +96,7 @@ _UNSUCCESSFUL = {
     "malformed": ocsp.OCSPResponseStatus.MALFORMED_REQUEST,
     "unauthorized": ocsp.OCSPResponseStatus.UNAUTHORIZED,
     "try_later": ocsp.OCSPResponseStatus.TRY_LATER,
+    "internal": ocsp.OCSPResponseStatus.INTERNAL_ERROR,
 }
 
 
@@ -197,16 +199,32 @@ def answer(
         status, outcome, revoked_at = ocsp.OCSPCertStatus.REVOKED, "revoked", record.revoked_at
     else:
         status, outcome = ocsp.OCSPCertStatus.GOOD, "good"
+    try:
+        der = _signed(request, authority, status, this_update, this_update + validity, revoked_at, nonce)
+    except Exception:  # a key or a value cryptography refuses: say so in OCSP, never a traceback
+        return _unsuccessful("internal")
+    return OcspAnswer(der, outcome, 0 if nonce is not None else int(validity.total_seconds()))
+
+
+def _signed(
+    request: ocsp.OCSPRequest,
+    authority: Authority,
+    status: ocsp.OCSPCertStatus,
+    this_update: datetime.datetime,
+    next_update: datetime.datetime,
+    revoked_at: datetime.datetime | None,
+    nonce: bytes | None,
+) -> bytes:
     builder = (
         ocsp.OCSPResponseBuilder()
         .add_response_by_hash(
             issuer_name_hash=request.issuer_name_hash,
             issuer_key_hash=request.issuer_key_hash,
             serial_number=request.serial_number,
-            algorithm=algorithm,
+            algorithm=request.hash_algorithm,
             cert_status=status,
             this_update=this_update,
-            next_update=this_update + validity,
+            next_update=next_update,
             revocation_time=revoked_at,
             revocation_reason=None,
         )
@@ -218,5 +236,4 @@ def answer(
     if nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
     response = builder.sign(authority.private_key, hash_for(authority.private_key))
-    max_age = 0 if nonce is not None else int(validity.total_seconds())
-    return OcspAnswer(response.public_bytes(serialization.Encoding.DER), outcome, max_age)
+    return response.public_bytes(serialization.Encoding.DER)

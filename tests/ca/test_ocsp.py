@@ -269,6 +269,9 @@ def test_malformed_and_oversized_requests_get_malformed_request(running_ca: Ca, 
         assert ocsp.load_der_ocsp_response(reply.read()).response_status == MALFORMED
     # a request line past http.server's own limit (64 KiB): still one OCSP answer
     assert _raw(url, b"GET /" + b"A" * 70000 + b" HTTP/1.1\r\n\r\n").response_status == MALFORMED
+    # one request about two certificates: meshid answers for one at a time (RFC 6960 allows either)
+    two = running_ca.ocsp(None, "-serial", "0x1", "-serial", "0x2")
+    assert "Responder Error: malformedrequest" in two.stdout + two.stderr, (two.stdout, two.stderr)
     # and the responder still answers
     running_ca.enroll("ns/prod/sa/after-garbage", tmp_path)
     assert _status_line(running_ca.ocsp(tmp_path / "svid.pem"), tmp_path / "svid.pem") == "good"
