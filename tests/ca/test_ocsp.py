@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshid import BundleSet, SpiffeId, StaticSource, TrustBundle, X509Svid, secure_channel
 from meshid.ca import Authority
 from meshid.ca.client import AdminClient, fetch_svid
+from meshid.ca.http import RevocationHttpServer
 from meshid.ca.ocsp import OcspResponder
 from meshid.ca.store import IssuedRecord
 from support import require_program
@@ -466,3 +467,22 @@ def test_ocsp_listen_in_use_or_malformed_is_refused_in_one_line(tmp_path: Path, 
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr and len(lines) == 1 and lines[0].startswith("meshid: OCSP: "), lines
     assert ("in use by another process" if taken else "is not HOST:PORT") in lines[-1]
+
+
+def test_stopping_the_listener_ends_keep_alive_connections() -> None:
+    ca = Authority.create_root(TD)
+    server = RevocationHttpServer("127.0.0.1:0", OcspResponder(lambda: ca, lambda serial: None), lambda: b"")
+    port = server.start()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/", body=b"x", headers={"Content-Type": "application/ocsp-request"})
+        assert ocsp.load_der_ocsp_response(conn.getresponse().read()).response_status == MALFORMED
+        assert server.serving
+        server.stop()
+        assert not server.serving
+        assert conn.sock is not None
+        conn.sock.settimeout(3)  # well under the listener's 10 s idle timeout
+        assert conn.sock.recv(1) == b""  # closed by the server at once
+    finally:
+        conn.close()
+        server.stop()
