@@ -77,7 +77,12 @@ def _add_reload_options(agent: argparse.ArgumentParser) -> None:
         "after each new set of files is in place, run a command and/or signal a process, so that a program "
         "that reads the files (nginx, envoy) takes them up; failures are logged and counted, renewal goes on",
     )
-    hook.add_argument("--exec", dest="exec_command", metavar="CMD", help='run CMD, e.g. "nginx -s reload"')
+    hook.add_argument(
+        "--exec",
+        dest="exec_command",
+        metavar="CMD",
+        help='run CMD (split into words as a shell would; no shell runs it), e.g. "nginx -s reload"',
+    )
     hook.add_argument("--signal", dest="reload_signal", type=_signal, metavar="SIG", help="send SIG, e.g. HUP")
     hook.add_argument("--pid-file", metavar="FILE", help="to the process whose ID is in FILE (with --signal)")
     hook.add_argument(
