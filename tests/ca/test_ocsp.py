@@ -34,7 +34,7 @@ from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.http import RevocationHttpServer
 from meshid.ca.ocsp import OcspResponder
 from meshid.ca.store import IssuedRecord
-from support import require_program
+from support import eventually, require_program
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -485,4 +485,35 @@ def test_stopping_the_listener_ends_keep_alive_connections() -> None:
         assert conn.sock.recv(1) == b""  # closed by the server at once
     finally:
         conn.close()
+        server.stop()
+
+
+def test_connections_past_the_limit_are_closed_unanswered() -> None:
+    ca = Authority.create_root(TD)
+    server = RevocationHttpServer(
+        "127.0.0.1:0", OcspResponder(lambda: ca, lambda serial: None), lambda: b"", max_connections=2
+    )
+    port = server.start()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+
+        def third_is_closed() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=3) as extra:
+                extra.sendall(b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx")
+                return extra.recv(1) == b""  # closed, not queued behind the two silent ones
+
+        assert eventually(third_is_closed, 10, "the third connection to be refused")
+        for conn in idle:
+            conn.close()
+
+        def answered() -> bool:
+            try:
+                return _post(f"http://127.0.0.1:{port}", b"x").response_status == MALFORMED
+            except (OSError, http.client.HTTPException, ValueError):
+                return False
+
+        assert eventually(answered, 10, "an answer once the two silent connections are gone")
+    finally:
+        for conn in idle:
+            conn.close()
         server.stop()
