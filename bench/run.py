@@ -181,6 +181,7 @@ def main() -> int:
         import issuance  # bench/issuance.py: issue #3
         import memory  # bench/memory.py: issue #10
         import node_agent  # bench/node_agent.py: issue #12
+        import ocsp  # bench/ocsp.py: issue #15
         import replicas  # bench/replicas.py: issue #7
         import rotation  # bench/rotation.py: issue #4
 
@@ -191,6 +192,7 @@ def main() -> int:
         memory.run()
         node_agent.run()
         hotpath.run()
+        ocsp.run()
     return 0
 
 

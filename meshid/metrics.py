@@ -4,6 +4,9 @@
 * ``meshid_svid_expiry_seconds{spiffe_id}``: seconds until the SVID of each watched source expires.
 * ``meshid_svid_renewals_total{spiffe_id,result}``: renewals by ``IssuerSource``, ok or error.
 * ``meshid_ca_issuances_total{kind}`` and ``meshid_ca_refusals_total{reason}``: the CA's answers.
+* ``meshid_ocsp_responses_total{outcome}``: the OCSP responder's answers (good, revoked, unknown,
+  malformed, unauthorized, try_later, internal) and ``meshid_ocsp_response_seconds``: the time to make one.
+* ``meshid_agent_reload_total{result}``: the agent's reload hook runs (``--exec``, ``--signal``), ok or error.
 
 Metrics live in ``REGISTRY`` (a registry of meshid's own, so an application's registry is
 untouched); :func:`serve_metrics` exposes it over HTTP, or add it to your own exposition.
@@ -17,7 +20,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -35,6 +38,16 @@ SVID_RENEWALS = Counter(
 )
 CA_ISSUANCES = Counter("meshid_ca_issuances", "SVIDs issued by the CA.", ["kind"], registry=REGISTRY)
 CA_REFUSALS = Counter("meshid_ca_refusals", "Requests the CA refused.", ["reason"], registry=REGISTRY)
+#: Labelled by meshid.ca.ocsp.OcspAnswer.outcome, a fixed set (never by anything the client sent).
+OCSP_RESPONSES = Counter("meshid_ocsp_responses", "OCSP answers by outcome.", ["outcome"], registry=REGISTRY)
+#: meshid agent's reload hook (--exec, --signal): runs by result, ok or error.
+AGENT_RELOADS = Counter("meshid_agent_reload", "Reload hook runs after new SVID files.", ["result"], registry=REGISTRY)
+OCSP_SECONDS = Histogram(
+    "meshid_ocsp_response_seconds",
+    "Time to make (parse, look up, sign) one OCSP answer.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1.0),
+    registry=REGISTRY,
+)
 
 class _Decisions(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:

@@ -59,6 +59,7 @@ def nginx_front(tmp_path, ca: Authority, server_source):
             SVID_DIR=tmp_path / "nginx-svid",
             UPSTREAM=f"127.0.0.1:{upstream_port}",
             UPSTREAM_NAME=meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID)),
+            SSL_OCSP="off",  # this CA names no OCSP responder (tests/test_nginx_ocsp.py: one that does)
         )
         (run / "nginx.conf").write_text(config)
         assert "${" not in config, "a placeholder of the example config was left unfilled"

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from meshid._x509 import PrivateKey
 from meshid.bundle import ca_trust_domains
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import IDENTITY_DNS_ZONE, X509Svid, identity_dns_name, identity_dns_names
 
-__all__ = ["Authority", "check_dns_suffixes", "generate_key"]
+__all__ = ["Authority", "check_dns_suffixes", "check_revocation_url", "generate_key"]
 
 #: NotBefore is set this far in the past so that a peer whose clock is slightly behind accepts it.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -97,6 +97,22 @@ def check_dns_suffixes(suffixes: Iterable[str]) -> tuple[str, ...]:
             )
         checked.append(lowered)
     return tuple(dict.fromkeys(checked))
+
+
+def check_revocation_url(url: str, what: str) -> str:
+    """Check the URL of an OCSP responder or a CRL that leaves carry (AIA, CDP); returns it.
+
+    Raises:
+        ValueError: not an absolute ``http://`` or ``https://`` URL with a host, or too long.
+    """
+    import urllib.parse
+
+    if not isinstance(url, str) or not url.isascii() or not url.isprintable() or " " in url or len(url) > 512:
+        raise ValueError(f"CA: the {what} URL must be at most 512 printable ASCII characters without spaces")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"CA: the {what} URL {url[:100]!r} is not an http:// URL, such as http://ca.example.org:8080/")
+    return url
 
 
 def hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
@@ -250,6 +266,10 @@ class Authority:
     private_key: PrivateKey = field(repr=False)
     chain: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
+    #: When set, every leaf carries it as its OCSP responder (Authority Information Access).
+    ocsp_url: str | None = None
+    #: When set, every leaf carries it as its CRL distribution point.
+    crl_url: str | None = None
     # What every leaf this CA signs shares (issuer, AKI, the fixed extensions), made once:
     # sign_svid then builds only what differs per leaf.
     _leaf_bases: tuple[x509.CertificateBuilder, x509.CertificateBuilder] = field(init=False, repr=False, compare=False)
@@ -259,12 +279,22 @@ class Authority:
 
     def __post_init__(self) -> None:
         def base(rsa_leaf: bool) -> x509.CertificateBuilder:
-            return (
+            builder = (
                 x509.CertificateBuilder()
                 .issuer_name(self.certificate.subject)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(_key_usage(ca=False, rsa_leaf=rsa_leaf), critical=True)
             )
+            # In the shared base: a leaf costs nothing more for them, and nothing when they are off.
+            if self.ocsp_url is not None:
+                responder = x509.UniformResourceIdentifier(check_revocation_url(self.ocsp_url, "OCSP"))
+                access = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, responder)
+                builder = builder.add_extension(x509.AuthorityInformationAccess([access]), critical=False)
+            if self.crl_url is not None:
+                where = x509.UniformResourceIdentifier(check_revocation_url(self.crl_url, "CRL"))
+                point = x509.DistributionPoint(full_name=[where], relative_name=None, reasons=None, crl_issuer=None)
+                builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+            return builder
 
         ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)

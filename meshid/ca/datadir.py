@@ -3,7 +3,9 @@
 ::
 
     DIR/config.json      trust domain, maximum SVID TTL, datastore, DNS suffixes (upstream mode),
-                         the x509pop agent ID template (when node agents may attest by x509pop)
+                         the x509pop agent ID template (when node agents may attest by x509pop),
+                         the OCSP and CRL URLs leaves carry (``ca init --ocsp-url --crl-url``, or
+                         ``meshid ca config set`` on a CA that runs: it reloads within a second)
     DIR/agent-ca.pem     the roots of the PKI whose host certificates attest node agents (x509pop)
     DIR/ca.key           the CA's private key (0600)
     DIR/ca.pem           the CA's certificate, then any intermediates above it
@@ -32,14 +34,14 @@ from cryptography.hazmat.primitives import serialization
 from meshid import _x509
 from meshid._files import write_atomic, write_svid_files
 from meshid.bundle import TrustBundle
-from meshid.ca.authority import Authority, check_dns_suffixes, generate_key
+from meshid.ca.authority import Authority, check_dns_suffixes, check_revocation_url, generate_key
 from meshid.ca.issuing import IssuingService, admin_id, ca_id
 from meshid.ca.store import Entry, Store, open_store
 from meshid.ca.x509pop import X509Pop
 from meshid.errors import DataDirError
 from meshid.spiffeid import TrustDomain
 
-__all__ = ["CaConfig", "init_data_dir", "load_authority", "load_x509pop", "open_service"]
+__all__ = ["CaConfig", "init_data_dir", "load_authority", "load_x509pop", "open_service", "set_revocation_urls"]
 
 #: The CA's own SVIDs (its server's and the admin's) live this long and are refreshed by `ca serve`.
 INTERNAL_TTL = datetime.timedelta(hours=24)
@@ -58,6 +60,10 @@ class CaConfig:
     #: With x509pop node attestation (``ca init --agent-ca``): the template that names an agent
     #: after its host certificate; the PKI's roots are DIR/agent-ca.pem. None: join tokens only.
     agent_id_template: str | None = None
+    #: The OCSP responder's URL every leaf carries (AIA); None: none (the default, smaller SVIDs).
+    ocsp_url: str | None = None
+    #: The CRL's URL every leaf carries (CRL distribution point); None: none.
+    crl_url: str | None = None
 
 
 def _store(folder: str | os.PathLike[str], config: CaConfig) -> Store:
@@ -140,6 +146,8 @@ def init_data_dir(
     dns_suffixes: Sequence[str] = (),
     agent_ca: str | None = None,
     agent_id_template: str | None = None,
+    ocsp_url: str | None = None,
+    crl_url: str | None = None,
 ) -> CaConfig:
     """Create a CA: key, certificate, bundle, database, and the admin SVID.
 
@@ -191,6 +199,7 @@ def init_data_dir(
         suffixes = check_dns_suffixes(dns_suffixes)
     except ValueError as err:
         raise DataDirError(f"CA init: {err}") from err
+    _check_urls("CA init", ocsp_url, crl_url)
     if agent_id_template is not None and agent_ca is None:
         raise DataDirError("CA init: --agent-id-template names agents that attest by x509pop; give --agent-ca too")
     if upstream_cert is not None and upstream_key is not None:
@@ -213,7 +222,7 @@ def init_data_dir(
     write_atomic(paths["bundle"], TrustBundle(td, authority.roots).to_pem())
     if agent_roots is not None:
         write_atomic(paths["agent_ca"], b"".join(_x509.cert_pem(c) for c in agent_roots.roots))
-    config = CaConfig(td, max_ttl, datastore, suffixes, agent_id_template)
+    config = CaConfig(td, max_ttl, datastore, suffixes, agent_id_template, ocsp_url, crl_url)
     document = {
         "version": 1,
         "trust_domain": td.name,
@@ -221,6 +230,8 @@ def init_data_dir(
         "datastore": datastore,
         "dns_suffixes": list(suffixes),
         "agent_id_template": agent_id_template,
+        "ocsp_url": ocsp_url,
+        "crl_url": crl_url,
     }
     write_atomic(paths["config"], json.dumps(document).encode(), mode=0o600)  # a DSN may hold a password
     store = _store(folder, config)
@@ -328,7 +339,9 @@ def load_authority(folder: str | os.PathLike[str]) -> tuple[Authority, CaConfig]
         raise DataDirError("CA: ca.key does not match ca.pem")
     self_signed = certs[0].issuer == certs[0].subject
     chain = () if self_signed else tuple(certs)
-    return Authority(config.trust_domain, certs[0], key, chain, roots), config  # type: ignore[arg-type]
+    urls = {"ocsp_url": config.ocsp_url, "crl_url": config.crl_url}
+    authority = Authority(config.trust_domain, certs[0], key, chain, roots, **urls)  # type: ignore[arg-type]
+    return authority, config
 
 
 def open_service(folder: str | os.PathLike[str], datastore: str | None = None, **kwargs: object) -> IssuingService:
@@ -402,17 +415,55 @@ def _read_config(folder: str | os.PathLike[str]) -> CaConfig:
         template = raw.get("agent_id_template")  # absent in a folder made before node agents
         if template is not None and not isinstance(template, str):
             raise TypeError(f"agent_id_template must be a string, not {type(template).__name__}")
+        urls = [raw.get(name) for name in ("ocsp_url", "crl_url")]  # absent before issue #15
+        for name, url in zip(("OCSP", "CRL"), urls, strict=True):
+            if url is not None:
+                check_revocation_url(url, name)
         return CaConfig(
             TrustDomain.parse(raw["trust_domain"]),
             datetime.timedelta(seconds=int(raw["max_ttl_seconds"])),
             str(datastore) if datastore else None,
             check_dns_suffixes(suffixes),
             template or None,
+            urls[0] or None,
+            urls[1] or None,
         )
     except FileNotFoundError as err:
         raise DataDirError(f"CA: {path} is missing; run `meshid ca init --data-dir {os.fspath(folder)}` first") from err
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataDirError(f"CA: {path} is unreadable: {err}") from err
+
+
+def _check_urls(what: str, ocsp_url: str | None, crl_url: str | None) -> None:
+    try:
+        for name, url in (("OCSP", ocsp_url), ("CRL", crl_url)):
+            if url is not None:
+                check_revocation_url(url, name)
+    except ValueError as err:
+        raise DataDirError(f"{what}: {err}") from err
+
+
+def set_revocation_urls(
+    folder: str | os.PathLike[str], *, ocsp_url: str | None = None, crl_url: str | None = None
+) -> CaConfig:
+    """Set (a URL) or clear (``""``) the OCSP and CRL URLs leaves carry; None leaves one as it is.
+
+    A ``meshid ca serve`` on this folder sees config.json change and signs with them from then
+    on (within its poll interval); SVIDs already issued keep what they carry.
+
+    Raises:
+        DataDirError: a URL is malformed, or config.json is unreadable.
+    """
+    _check_urls("CA config", ocsp_url or None, crl_url or None)
+    with _folder_lock(folder):
+        path = _paths(folder)["config"]
+        _read_config(folder)  # refuse to rewrite a config that does not load
+        document = json.loads(path.read_text())
+        for name, url in (("ocsp_url", ocsp_url), ("crl_url", crl_url)):
+            if url is not None:
+                document[name] = url or None
+        write_atomic(path, json.dumps(document).encode(), mode=0o600)
+        return _read_config(folder)
 
 
 def _first_cert(path: pathlib.Path, what: str) -> x509.Certificate:
@@ -518,6 +569,32 @@ def activate_rotation(
             write_atomic(paths["cert"], new_cert_pem)
         (next_dir / "ca.key").unlink(missing_ok=True)
         (next_dir / "ca.pem").unlink(missing_ok=True)
+
+
+def load_retired_authorities(
+    folder: str | os.PathLike[str], now: datetime.datetime | None = None
+) -> tuple[Authority, ...]:
+    """The CAs this folder signed with before its key rotations (DIR/retired/), still unexpired.
+
+    Their SVIDs may still be in use, so the OCSP responder answers for them with their own key.
+    A retired folder that does not load, or whose key does not match, is skipped.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    config = _read_config(folder)
+    found = []
+    for cert_file in sorted((pathlib.Path(folder) / "retired").glob("*/ca.pem")):
+        try:
+            certs = x509.load_pem_x509_certificates(cert_file.read_bytes())
+            key = serialization.load_pem_private_key((cert_file.parent / "ca.key").read_bytes(), password=None)
+        except (OSError, ValueError, TypeError):
+            continue
+        if certs[0].not_valid_after_utc <= now:
+            continue
+        if _x509.public_key_der(key.public_key()) != _x509.public_key_der(certs[0].public_key()):
+            continue
+        chain = () if certs[0].issuer == certs[0].subject else tuple(certs)
+        found.append(Authority(config.trust_domain, certs[0], key, chain, (certs[-1],)))  # type: ignore[arg-type]
+    return tuple(found)
 
 
 def retire_due_roots(folder: str | os.PathLike[str], now: datetime.datetime | None = None) -> list[str]:

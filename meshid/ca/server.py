@@ -27,10 +27,18 @@ from meshid._proto import agent_pb2_grpc, issuer_pb2_grpc, registration_pb2_grpc
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet
 from meshid.ca.agents import AgentService
-from meshid.ca.authority import generate_key
+from meshid.ca.authority import Authority, generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
-from meshid.ca.datadir import load_authority, load_x509pop, open_service, refresh_admin_svid, retire_due_roots
+from meshid.ca.datadir import (
+    load_authority,
+    load_retired_authorities,
+    load_x509pop,
+    open_service,
+    refresh_admin_svid,
+    retire_due_roots,
+)
 from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
+from meshid.ca.http import RevocationHttpServer
 from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import ListenError, MeshIdError
@@ -58,6 +66,8 @@ OPEN_METHODS = (
 MAX_REQUEST_BYTES = 64 * 1024
 #: Calls beyond this many at once are refused with RESOURCE_EXHAUSTED rather than queued.
 MAX_CONCURRENT_RPCS = 512
+#: The health-check service name of the OCSP responder (with ``ca serve --ocsp-listen``).
+OCSP_HEALTH = "meshid.ocsp"
 
 
 def ca_policy(service: IssuingService) -> AuthorizationPolicy:
@@ -103,9 +113,15 @@ class CaServer:
         poll_interval: float = 0.5,
         clock: Clock | None = None,
         datastore: str | None = None,
+        ocsp_listen: str | None = None,
+        ocsp_validity: datetime.timedelta | None = None,
     ) -> None:
         parse_address(listen, port_zero=True, unix=True)  # before the store is opened
         self._poll_interval = poll_interval
+        self._ocsp_listen, self._ocsp_validity = ocsp_listen, ocsp_validity
+        self._http: RevocationHttpServer | None = None
+        self._retired: tuple[Authority, ...] = ()
+        self.ocsp_port: int | None = None
         service_options: dict[str, Any] = {} if clock is None else {"clock": clock}
         self._data_dir = pathlib.Path(data_dir)
         self._listen = listen
@@ -183,6 +199,14 @@ class CaServer:
             raise ListenError(f"CA: cannot listen on {self._listen}: {err}") from err
         server.start()
         self._server, self.port = server, port
+        if self._ocsp_listen is not None:
+            try:
+                self.ocsp_port = self._start_http(self._ocsp_listen)
+            except BaseException:
+                server.stop(None).wait()
+                self._server = None
+                raise
+            self._check_health()
         self._stop.clear()
         self._refresher = threading.Thread(target=self._refresh_loop, name="meshid-ca-refresh", daemon=True)
         self._refresher.start()
@@ -194,9 +218,36 @@ class CaServer:
         """Where it listens, with the port it was given (``--listen HOST:0`` picks one)."""
         return f"{self._listen.rsplit(':', 1)[0]}:{self.port}"
 
+    def _start_http(self, listen: str) -> int:
+        """The OCSP responder and the CRL over HTTP (see :mod:`meshid.ca.http`).
+
+        Each OCSP answer reads the serial's record from the store: a revocation, made by this
+        replica or another on the same database, shows in the next answer.
+        """
+        from meshid.ca.ocsp import DEFAULT_VALIDITY, OcspResponder
+        from meshid.metrics import OCSP_RESPONSES, OCSP_SECONDS
+
+        self._retired = load_retired_authorities(self._data_dir)
+        responder = OcspResponder(
+            lambda: self.service.authority,
+            self.service.store.get_issued,
+            previous=lambda: self._retired,
+            validity=self._ocsp_validity or DEFAULT_VALIDITY,
+            now=self.service.now,
+        )
+
+        def observe(answer: Any, seconds: float) -> None:
+            OCSP_RESPONSES.labels(answer.outcome).inc()
+            OCSP_SECONDS.observe(seconds)
+
+        self._http = RevocationHttpServer(listen, responder, lambda: self.service.crl()[0], observe=observe)
+        port = self._http.start()
+        log.info("CA: OCSP responder and CRL on http://%s", f"{listen.rsplit(':', 1)[0]}:{port}")
+        return port
+
     def _stamp(self) -> tuple[tuple[int, int, int], ...]:
         out = []
-        for name in ("ca.key", "ca.pem", "bundle.pem"):
+        for name in ("ca.key", "ca.pem", "bundle.pem", "config.json"):  # config.json: `ca config set`
             try:
                 st = (self._data_dir / name).stat()
             except OSError:
@@ -214,6 +265,8 @@ class CaServer:
             log.warning("CA: data folder changed but cannot be loaded yet: %s", err)
             return
         self.service.set_authority(authority)
+        if self._http is not None:  # after a rotation, the old key still answers for its SVIDs
+            self._retired = load_retired_authorities(self._data_dir)
         self._source.update(self._own_svid(), self._bundles())
         self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")
         log.info(
@@ -241,6 +294,9 @@ class CaServer:
         status = health_pb2.HealthCheckResponse.SERVING if self._healthy else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", "meshid.v1.Issuer", "meshid.v1.Registration", "meshid.v1.Agent"):
             self.health.set(service, status)
+        if self._http is not None:  # the OCSP responder: the CA's health, and its listener alive
+            serving = self._healthy and self._http.serving
+            self.health.set(OCSP_HEALTH, status if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
         return self._healthy
 
     def _refresh_loop(self) -> None:
@@ -272,6 +328,9 @@ class CaServer:
 
     def stop(self, grace: float | None = 2.0) -> None:
         self._stop.set()
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None

@@ -81,6 +81,7 @@ def register(groups: Any) -> None:
         help="how long to keep trying the first issuance while no CA answers "
         f"({DURATION_FORMAT}; default: until one does); then exit 3",
     )
+    _add_reload_options(agent)
     _add_node_options(agent)
 
     def run_sidecar(args: argparse.Namespace) -> int:
@@ -94,6 +95,42 @@ def register(groups: Any) -> None:
 
     agent.set_defaults(run=run_sidecar, long_running=True)
     _register_admin_commands(agent)
+
+
+def _signal(text: str) -> Any:
+    from meshid.agent.reload import parse_signal
+
+    try:
+        return parse_signal(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _add_reload_options(agent: argparse.ArgumentParser) -> None:
+    hook = agent.add_argument_group(
+        "reload on rotation (with --out)",
+        "after each new set of files is in place, run a command and/or signal a process, so that a program "
+        "that reads the files (nginx, envoy) takes them up; failures are logged and counted, renewal goes on",
+    )
+    hook.add_argument(
+        "--exec",
+        dest="exec_command",
+        metavar="CMD",
+        help='run CMD (split into words as a shell would; no shell runs it), e.g. "nginx -s reload"',
+    )
+    hook.add_argument("--signal", dest="reload_signal", type=_signal, metavar="SIG", help="send SIG, e.g. HUP")
+    hook.add_argument("--pid-file", metavar="FILE", help="to the process whose ID is in FILE (with --signal)")
+    hook.add_argument(
+        "--exec-timeout", type=_seconds, default=30.0, metavar="S", help="kill CMD after S seconds (default 30)"
+    )
+    hook.add_argument(
+        "--write-crl",
+        action="store_true",
+        help="also keep the CA's CRL in DIR/crl.pem (for nginx's ssl_crl); a new one runs the reload too",
+    )
+    hook.add_argument(
+        "--crl-refresh", type=_seconds, default=30.0, metavar="S", help="with --write-crl: fetch every S s (default 30)"
+    )
 
 
 # --- `meshid agent --node`: one node agent per host -------------------------------------------
@@ -271,6 +308,26 @@ def run_agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.write_crl and not args.out:
+        print("meshid: agent: --write-crl writes DIR/crl.pem beside the files of --out; give --out", file=sys.stderr)
+        return 2
+    hook = None
+    if args.exec_command is not None or args.reload_signal is not None or args.pid_file is not None:
+        from meshid.agent.reload import ReloadHook
+
+        if not args.out:
+            print("meshid: agent: --exec and --signal need --out: they reload what reads its files", file=sys.stderr)
+            return 2
+        try:
+            hook = ReloadHook(
+                command=args.exec_command,
+                signal_to_send=args.reload_signal,
+                pid_file=args.pid_file,
+                timeout=args.exec_timeout,
+            )
+        except ValueError as err:
+            print(f"meshid: agent: {err}", file=sys.stderr)
+            return 2
     try:
         wait = args.wait.total_seconds() if args.wait is not None else None
         source = IssuerSource(
@@ -302,6 +359,16 @@ def run_agent(args: argparse.Namespace) -> int:
             return 0
         print(f"meshid: agent: {err}", file=sys.stderr)
         return 2
+    if hook is not None:  # after the first files: it runs for each new set from now on
+        hook.start()
+        source.subscribe(hook.changed)
+    crl_writer = None
+    if args.write_crl:
+        from meshid.agent.crl_file import CrlFileWriter
+
+        on_change = hook.changed if hook is not None else None
+        crl_writer = CrlFileWriter(source, args.server, args.out, interval=args.crl_refresh, on_change=on_change)
+        crl_writer.start()
     try:
         places = []
         if args.out:
@@ -315,6 +382,10 @@ def run_agent(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+        if crl_writer is not None:
+            crl_writer.close()
         source.close()
+        if hook is not None:
+            hook.close()
     print("agent: stopped", flush=True)
     return 0

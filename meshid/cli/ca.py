@@ -53,7 +53,24 @@ def register(groups: Any) -> None:
         help="with --agent-ca: the agent's name from its host certificate, from {cn} {san_dns} {serial} "
         "{fingerprint} and letters, digits . - _ (default {cn}); the agent is spiffe://TD/meshid/agent/<name>",
     )
+    init.add_argument(
+        "--ocsp-url",
+        metavar="URL",
+        help="every SVID names this OCSP responder (AIA), e.g. http://ca.example.org:8080/ (see serve --ocsp-listen)",
+    )
+    init.add_argument(
+        "--crl-url",
+        metavar="URL",
+        help="every SVID names this CRL (CRL distribution point), e.g. http://HOST:PORT/crl.der",
+    )
     init.set_defaults(run=run_init)
+    config = commands.add_parser("config", help="change a CA's configuration (a running CA picks it up)")
+    config_steps = config.add_subparsers(dest="step", required=True)
+    config_set = config_steps.add_parser("set", help="set the OCSP and CRL URLs SVIDs carry from now on")
+    config_set.add_argument("--data-dir", required=True, metavar="DIR")
+    config_set.add_argument("--ocsp-url", metavar="URL", help='the OCSP responder\'s URL ("" removes it)')
+    config_set.add_argument("--crl-url", metavar="URL", help='the CRL\'s URL ("" removes it)')
+    config_set.set_defaults(run=run_config_set)
     serve = commands.add_parser("serve", help="serve the issuer and registration APIs over mTLS")
     serve.add_argument("--data-dir", required=True, metavar="DIR", help="the folder `meshid ca init` created")
     serve.add_argument(
@@ -69,6 +86,19 @@ def register(groups: Any) -> None:
         type=address(port_zero=True),
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    serve.add_argument(
+        "--ocsp-listen",
+        type=address(port_zero=True),
+        metavar="HOST:PORT",
+        help="serve the OCSP responder (RFC 6960, GET and POST) and the CRL (/crl.der, /crl.pem) over HTTP here",
+    )
+    serve.add_argument(
+        "--ocsp-validity",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help=f"how long an OCSP response stays valid, its nextUpdate (default 5m; {DURATION_FORMAT})",
     )
     serve.set_defaults(run=run_serve, long_running=True)
     rotate = commands.add_parser("rotate", help="rotate the CA's signing key with no failed handshake")
@@ -107,6 +137,8 @@ def run_init(args: argparse.Namespace) -> int:
         dns_suffixes=args.dns_suffix,
         agent_ca=args.agent_ca,
         agent_id_template=args.agent_id_template,
+        ocsp_url=args.ocsp_url,
+        crl_url=args.crl_url,
     )
     print(f"CA for trust domain {config.trust_domain} created in {args.data_dir}")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
@@ -123,7 +155,13 @@ def run_serve(args: argparse.Namespace) -> int:
     # Every allowed call (each agent's bundle, CRL and renewal) would be an audit line: refusals
     # only, as `meshid agent` does; the CA's own INFO lines say what changed.
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
-    server = CaServer(args.data_dir, args.listen, datastore=args.datastore)
+    server = CaServer(
+        args.data_dir,
+        args.listen,
+        datastore=args.datastore,
+        ocsp_listen=args.ocsp_listen,
+        ocsp_validity=args.ocsp_validity,
+    )
     metrics_port = None
     if args.metrics:  # bound first: an address in use is refused before the CA does anything
         from meshid.metrics import serve_metrics
@@ -132,6 +170,9 @@ def run_serve(args: argparse.Namespace) -> int:
     port = server.start()  # MeshIdError (one line, exit 2) if --listen is in use
     # The one announcement (the log line of CaServer.start is DEBUG); scripts read the address here.
     print(f"CA serving on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    if server.ocsp_port is not None:
+        host = args.ocsp_listen.rsplit(":", 1)[0]
+        print(f"CA OCSP responder and CRL on http://{host}:{server.ocsp_port}", flush=True)
     if metrics_port is not None:
         print(f"CA metrics on http://{args.metrics.rsplit(':', 1)[0]}:{metrics_port}/metrics", flush=True)
     stop = threading.Event()
@@ -140,6 +181,15 @@ def run_serve(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop()
     print("CA stopped", flush=True)
+    return 0
+
+
+def run_config_set(args: argparse.Namespace) -> int:
+    from meshid.ca.datadir import set_revocation_urls
+
+    config = set_revocation_urls(args.data_dir, ocsp_url=args.ocsp_url, crl_url=args.crl_url)
+    print(f"OCSP URL: {config.ocsp_url or '(none)'}   CRL URL: {config.crl_url or '(none)'}")
+    print("SVIDs issued from now on carry them (a running `meshid ca serve` reloads config.json)")
     return 0
 
 
