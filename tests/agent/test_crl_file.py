@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from meshid.ca import Authority
 from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
@@ -82,8 +84,10 @@ def test_the_agent_writes_the_crl_beside_the_svid_files_and_reloads_on_a_new_one
 
 
 def test_write_crl_without_out_is_refused_in_one_line(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.pem"  # a real bundle: a missing one is refused first, by the CLI's parser
+    bundle.write_bytes(Authority.create_root("example.org").certificate.public_bytes(serialization.Encoding.PEM))
     done = subprocess.run(
-        [sys.executable, "-m", "meshid.cli", "agent", "--server", "127.0.0.1:1", "--bundle", "b.pem",
+        [sys.executable, "-m", "meshid.cli", "agent", "--server", "127.0.0.1:1", "--bundle", str(bundle),
          "--workload-api", f"unix://{tmp_path}/s", "--write-crl"],
         capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "MESHID_JOIN_TOKEN": "td:x"},
     )  # fmt: skip
