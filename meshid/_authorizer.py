@@ -139,6 +139,7 @@ class Authorizer:
             self._own_td, self._own_td_known = (next(iter(fixed)) if len(fixed) == 1 else None), True
             self._unsubscribe: Callable[[], None] | None = None
         else:
+            # for the interceptor's lifetime (it decides calls after close() too); held weakly
             self._unsubscribe = self._source.subscribe(_forget_own_td(self))
 
     @property
@@ -212,14 +213,11 @@ class Authorizer:
         # call files a decision under another policy or trust domain, and no entry keeps an
         # identity the verifier has already dropped. Each entry keeps its audit record, built once.
         memo = self._memo
+        verified = self._verifier.generation
         forwarded = self._forwarded.generation if self._forwarded is not None else 0
-        if (
-            memo.policy is not policy
-            or memo.local is not local
-            or memo.verified != self._verifier.generation
-            or memo.forwarded != forwarded
-        ):
-            memo = self._memo = _Memo(policy, local, self._verifier.generation, forwarded)
+        stale = memo.verified != verified or memo.forwarded != forwarded
+        if stale or memo.policy is not policy or memo.local is not local:
+            memo = self._memo = _Memo(policy, local, verified, forwarded)
         key = (id(identity), method)
         hit = memo.cache.get(key)
         if hit is not None and hit[0] is identity:

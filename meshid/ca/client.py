@@ -106,7 +106,7 @@ def _call(what: str, server: str, fn: Callable[[], T], expected: TrustDomain | N
 
             why = unproven_identity(server, ca_spiffe_id(expected)) if expected is not None else None
             if why is not None:
-                details = f"the CA's identity was not proven: {why}"
+                details = f"the CA's identity was not proven: {why} (grpc: {details})"
             else:
                 details = f"cannot reach the CA at {server} (is it running, and is this its bundle?): {details}"
         raise RemoteError(f"{what}: {code}: {details}", code) from err
