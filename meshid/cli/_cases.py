@@ -224,4 +224,6 @@ def expected(case: Case) -> str:
 
 
 def actual(decision: Decision) -> str:
-    return f"{decision.decision} ({decision.reason})"
+    if decision.rule is not None:
+        return f"{decision.decision} by rule {decision.rule!r}"
+    return f"{decision.decision} by no rule ({decision.reason})"

@@ -183,7 +183,7 @@ def run_replay(args: argparse.Namespace) -> int:
     result = _replay.replay(policy, args.audit_log, local)
     for (caller, method, before, after), count in sorted(result.changed.items(), key=lambda kv: (-kv[1], kv[0])):
         outcome = "would_allow" if after.startswith("allow") else "would_deny"
-        print(f"{outcome} {count:>6}  {caller} {method}: {before} -> {after}")
+        print(f"{outcome:<11} {count:>6}  {caller} {method}: {before} -> {after}")
     changed = sum(result.changed.values())
     print(
         f"replayed {result.replayed} decisions with policy {policy.name!r}: {changed} would change "
