@@ -36,7 +36,7 @@ import meshid
 from meshid._proto import greeter_pb2, greeter_pb2_grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hotpath import SERVER, Greeter, loadavg, make_files, synthetic_policy  # noqa: E402  (bench/hotpath.py)
+from hotpath import SERVER, Greeter, loadavg, make_files, synthetic_policy
 
 TARGETS = {"agreeing": 1.03, "differing": 1.06}
 SETTINGS = ("bare", "no candidate", "agreeing", "differing")

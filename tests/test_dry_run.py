@@ -1,5 +1,5 @@
-"""A dry run (issue #17): a real server enforcing tests/rollout/policy.yaml with
-tests/rollout/policy-v2.yaml as its candidate. Calls are decided by the enforced policy alone;
+"""A dry run (issue #17): a real server enforcing tests/policy_repo/policy.yaml with
+tests/policy_repo/policy-v2.yaml as its candidate. Calls are decided by the enforced policy alone;
 each call the candidate decides otherwise is one ``meshid.dryrun`` record and one count."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from support import (
     sync_server,
 )
 
-ROLLOUT = Path(__file__).parent / "rollout"
+POLICY_REPO = Path(__file__).parent / "policy_repo"
 BATCH_ID = "spiffe://example.org/ns/prod/sa/batch"
 METRIC = "meshid_authz_dry_run_differences_total"
 
@@ -46,8 +46,8 @@ def _dry_runs(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
 @pytest.fixture
 def files(tmp_path: Path) -> tuple[Path, Path]:
     enforced, candidate = tmp_path / "policy.yaml", tmp_path / "candidate.yaml"
-    shutil.copy(ROLLOUT / "policy.yaml", enforced)
-    shutil.copy(ROLLOUT / "policy-v2.yaml", candidate)
+    shutil.copy(POLICY_REPO / "policy.yaml", enforced)
+    shutil.copy(POLICY_REPO / "policy-v2.yaml", candidate)
     return enforced, candidate
 
 
@@ -115,7 +115,7 @@ def test_a_broken_candidate_is_refused_and_logged_while_enforcement_goes_on(
         with meshid.secure_channel(f"127.0.0.1:{port}", intruder, server_id=SERVER_ID) as channel:
             assert call(channel)[0] == "OK"
             # fixed: the watcher loads it, and the dry run begins
-            shutil.copy(ROLLOUT / "policy-v2.yaml", candidate.with_suffix(".tmp"))
+            shutil.copy(POLICY_REPO / "policy-v2.yaml", candidate.with_suffix(".tmp"))
             os.replace(candidate.with_suffix(".tmp"), candidate)
             eventually(lambda: interceptor.candidate is not None, 10, "the watcher to load the fixed candidate")
             assert call(channel)[0] == "OK"
@@ -133,7 +133,7 @@ def test_a_broken_candidate_is_refused_and_logged_while_enforcement_goes_on(
             assert interceptor.policy.name == "greeter-v1"
             assert call(channel)[0] == "OK"
             # promoted: the enforced policy now is the candidate's file; the two agree on every call
-            _replace(candidate, (ROLLOUT / "policy-v2.yaml").read_text())
+            _replace(candidate, (POLICY_REPO / "policy-v2.yaml").read_text())
             eventually(lambda: interceptor.candidate is not None, 10, "the candidate")
             assert interceptor.reload(str(candidate))
             assert call(channel)[0] == "PERMISSION_DENIED"
@@ -149,9 +149,9 @@ def test_a_broken_candidate_is_refused_and_logged_while_enforcement_goes_on(
 def test_a_candidate_with_header_rules_is_decided_per_call(ca, bundles, server_source, caplog) -> None:
     # gRPC authz JSON as candidate; its header condition takes the call past the memo
     caplog.set_level(logging.INFO, logger="meshid.dryrun")
-    enforced = meshid.AuthorizationPolicy.load(ROLLOUT / "policy-v2.yaml")
+    enforced = meshid.AuthorizationPolicy.load(POLICY_REPO / "policy-v2.yaml")
     interceptor = meshid.AuthorizationInterceptor(
-        enforced, source=server_source, candidate=ROLLOUT / "policy-grpc.json"
+        enforced, source=server_source, candidate=POLICY_REPO / "policy-grpc.json"
     )
     batch = meshid.StaticSource(ca.issue_svid(BATCH_ID), bundles)
     with sync_server(server_source, interceptor) as port:

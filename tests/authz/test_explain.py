@@ -13,7 +13,7 @@ import meshid
 from meshid.authz.explain import explain
 from meshid.spiffeid import TrustDomain
 
-ROLLOUT = Path(__file__).parent.parent / "rollout"
+POLICY_REPO = Path(__file__).parent.parent / "policy_repo"
 FOREVER = datetime.datetime.max.replace(tzinfo=datetime.UTC)
 
 SCOPED = meshid.AuthorizationPolicy.from_dict(
@@ -63,8 +63,8 @@ PEERS = [
 METHODS = ["/meshid.examples.v1.Greeter/SayHello", "/meshid.examples.v1.Greeter/Chat", "/a.S/Get", "/a.S/Put"]
 HEADERS = [{}, {"x-env": "prod"}, {"x-env": "dev"}]
 POLICIES = {
-    "native": lambda: meshid.AuthorizationPolicy.load(ROLLOUT / "policy-v2.yaml"),
-    "grpc-json": lambda: meshid.AuthorizationPolicy.load(ROLLOUT / "policy-grpc.json"),
+    "native": lambda: meshid.AuthorizationPolicy.load(POLICY_REPO / "policy-v2.yaml"),
+    "grpc-json": lambda: meshid.AuthorizationPolicy.load(POLICY_REPO / "policy-grpc.json"),
     "scoped": lambda: SCOPED,
 }
 

@@ -1,5 +1,5 @@
 """``meshid policy test``, ``policy replay`` and ``policy check --explain`` (issue #17) as real
-processes, on the hand-written files in tests/rollout/ and on an audit log a real server wrote
+processes, on the hand-written files in tests/policy_repo/ and on an audit log a real server wrote
 in the test. Exit codes: 0 all pass / nothing changes, 1 a failure / a change, 2 bad input."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, call, forge,
 
 pytestmark = pytest.mark.timeout(180)
 
-ROLLOUT = Path(__file__).parent.parent / "rollout"
+POLICY_REPO = Path(__file__).parent.parent / "policy_repo"
 BATCH_ID = "spiffe://example.org/ns/prod/sa/batch"
 PARTNER_ID = "spiffe://other.org/ns/prod/sa/client"
 PASSED, FAILED, BAD_INPUT = 0, 1, 2
@@ -34,7 +34,7 @@ def meshid_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def repo(tmp_path: Path, ca) -> Path:
     """A policy repository: the hand-written files, and the two certificates cases.yaml names
     (made now by the project's CA: the frontend's SVID, a legacy certificate without a SPIFFE ID)."""
-    for item in ROLLOUT.iterdir():
+    for item in POLICY_REPO.iterdir():
         shutil.copy(item, tmp_path / item.name)
     (tmp_path / "frontend.pem").write_bytes(ca.issue_svid(FRONTEND_ID).leaf.public_bytes(serialization.Encoding.PEM))
     chain, _ = forge(ca, uris=[], subject_cn="legacy-batch")
@@ -105,7 +105,7 @@ def test_policy_test_refuses_a_bad_case_table_in_one_line(repo: Path, text: str,
 
 @pytest.fixture
 def audit_log(tmp_path: Path, ca, other_ca, bundles, server_source) -> Path:
-    """An audit log as a server enforcing tests/rollout/policy.yaml writes it, with the README's
+    """An audit log as a server enforcing tests/policy_repo/policy.yaml writes it, with the README's
     logging line (time, logger, level, message), among meshid's other log lines."""
     path = tmp_path / "audit.log"
     handler = logging.FileHandler(path)
@@ -117,7 +117,7 @@ def audit_log(tmp_path: Path, ca, other_ca, bundles, server_source) -> Path:
     try:
         # with a dry run of greeter-v2 going on: its records are in the same log, and replay skips them
         interceptor = meshid.AuthorizationInterceptor(
-            str(ROLLOUT / "policy.yaml"), source=server_source, candidate=str(ROLLOUT / "policy-v2.yaml")
+            str(POLICY_REPO / "policy.yaml"), source=server_source, candidate=str(POLICY_REPO / "policy-v2.yaml")
         )
         callers = [
             meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles),
@@ -143,7 +143,7 @@ def audit_log(tmp_path: Path, ca, other_ca, bundles, server_source) -> Path:
 
 def test_replay_reports_the_decisions_a_new_policy_changes(audit_log: Path) -> None:
     done = meshid_cli(
-        "policy", "replay", ROLLOUT / "policy-v2.yaml", "--audit-log", audit_log, "--trust-domain", "example.org"
+        "policy", "replay", POLICY_REPO / "policy-v2.yaml", "--audit-log", audit_log, "--trust-domain", "example.org"
     )
     assert (done.returncode, done.stderr) == (FAILED, "")
     assert done.stdout.splitlines() == [
@@ -155,14 +155,14 @@ def test_replay_reports_the_decisions_a_new_policy_changes(audit_log: Path) -> N
 
 
 def test_replay_with_the_policy_that_decided_changes_nothing(audit_log: Path) -> None:
-    done = meshid_cli("policy", "replay", ROLLOUT / "policy.yaml", "--audit-log", audit_log)
+    done = meshid_cli("policy", "replay", POLICY_REPO / "policy.yaml", "--audit-log", audit_log)
     assert done.returncode == PASSED, done.stdout + done.stderr
     assert done.stdout.startswith("replayed 7 decisions with policy 'greeter-v1': 0 would change")
 
 
 def test_replay_with_a_grpc_authz_policy(audit_log: Path) -> None:
     # greeter-grpc lets prod callers greet only with x-env: prod; audit records carry no headers
-    done = meshid_cli("policy", "replay", ROLLOUT / "policy-grpc.json", "--audit-log", audit_log)
+    done = meshid_cli("policy", "replay", POLICY_REPO / "policy-grpc.json", "--audit-log", audit_log)
     assert done.returncode == FAILED
     lines = done.stdout.splitlines()
     assert (
@@ -179,7 +179,7 @@ def test_replay_skips_refusals_made_before_the_policy(tmp_path: Path, ca, bundle
     audit.addHandler(handler)
     audit.setLevel(logging.INFO)
     try:
-        interceptor = meshid.AuthorizationInterceptor(str(ROLLOUT / "policy.yaml"), source=server_source)
+        interceptor = meshid.AuthorizationInterceptor(str(POLICY_REPO / "policy.yaml"), source=server_source)
         interceptor.set_revocation_check(lambda peer: True)
         with sync_server(server_source, interceptor) as port:
             source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
@@ -189,7 +189,7 @@ def test_replay_skips_refusals_made_before_the_policy(tmp_path: Path, ca, bundle
         audit.removeHandler(handler)
         audit.setLevel(logging.NOTSET)
         handler.close()
-    done = meshid_cli("policy", "replay", ROLLOUT / "policy-v2.yaml", "--audit-log", path)
+    done = meshid_cli("policy", "replay", POLICY_REPO / "policy-v2.yaml", "--audit-log", path)
     assert done.returncode == PASSED
     assert "replayed 0 decisions" in done.stdout and "skipped 1 records not decided by a policy" in done.stdout
 
@@ -211,10 +211,10 @@ def test_replay_refuses_a_huge_or_malformed_line_in_one_line(audit_log: Path, tm
     for name, (bad, message) in cases.items():
         path = tmp_path / f"{name}.log"
         path.write_bytes("\n".join([lines[0], bad, *lines[1:]]).encode("utf-8", "surrogateescape") + b"\n")
-        done = meshid_cli("policy", "replay", ROLLOUT / "policy-v2.yaml", "--audit-log", path)
+        done = meshid_cli("policy", "replay", POLICY_REPO / "policy-v2.yaml", "--audit-log", path)
         assert (done.returncode, done.stdout) == (BAD_INPUT, ""), name
         assert len(done.stderr.splitlines()) == 1 and message in done.stderr, (name, done.stderr)
-    done = meshid_cli("policy", "replay", ROLLOUT / "policy-v2.yaml", "--audit-log", tmp_path / "missing.log")
+    done = meshid_cli("policy", "replay", POLICY_REPO / "policy-v2.yaml", "--audit-log", tmp_path / "missing.log")
     assert done.returncode == BAD_INPUT and "cannot read" in done.stderr
 
 
