@@ -12,7 +12,10 @@ WARNING, whichever way they differ) and one count of
             "candidate_reason": "no rule allows it (default deny)", "peer_address": "ipv4:...", ...}
 
 ``would_deny``: allowed now, denied by the candidate; ``would_allow``: the reverse. Calls the
-two decide alike (also when by different rules) are not recorded. The record is written as
+two decide alike (also when by different rules) are not recorded. What is settled before a
+policy decides is the enforced policy's alone, and not compared: whether a certificate verifies
+(so a candidate's ``allow_non_spiffe_peers`` admits no one the enforced policy does not),
+TLS 1.2 (``allow_tls12``), revocation, and unauthenticated methods. The record is written as
 audit records are (:mod:`meshid.authz.audit`): built once, written off the call path.
 """
 

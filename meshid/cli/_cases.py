@@ -158,6 +158,11 @@ def _case(raw: Any, index: int, origin: str, folder: str, table_td: TrustDomain 
         )
     own_td = _trust_domain(raw["trust_domain"], where) if "trust_domain" in raw else None
     peer = _peer(raw, where, folder, own_td or table_td)
+    if own_td is not None and peer.spiffe_id is not None:  # it would be silently ignored
+        raise InvalidPolicyError(
+            f"{where}: 'trust_domain' names who vouched for a certificate without a SPIFFE ID; this caller "
+            "has one (its trust domain is its SPIFFE ID's; the table's trust_domain is the server's)"
+        )
     method = raw.get("method")
     if not isinstance(method, str):
         raise InvalidPolicyError(f"{where}: needs 'method', the full method called (/package.Service/Method)")

@@ -90,6 +90,10 @@ BAD_CASES = [
     ("cases:\n  - {spiffe_id: 'not an id', method: /a.B/C, expect: allow}\n", "SPIFFE ID"),
     ("cases: [\n", "invalid YAML at line"),
     ("casez: []\n", "unknown top-level key(s) 'casez'"),
+    (
+        "cases:\n  - {spiffe_id: 'spiffe://example.org/a', trust_domain: other.org, method: /a.B/C, expect: allow}\n",
+        "this caller has one",
+    ),
 ]
 
 
