@@ -198,3 +198,26 @@ def test_aio_would_deny_calls_still_succeed(ca, bundles, server_source, files, c
     assert [(r["dry_run"], r["caller"], r["rule"]) for r in _dry_runs(caplog)] == [
         ("would_deny", INTRUDER_ID, "dev-hello")
     ] * 2
+
+
+def test_the_counter_has_no_label_the_caller_chooses(ca, bundles, server_source, caplog) -> None:
+    # an unimplemented method's name is the caller's: it may appear (cut) in the record, never in a label
+    caplog.set_level(logging.INFO, logger="meshid.dryrun")
+    enforced = meshid.AuthorizationPolicy.load(POLICY_REPO / "policy.yaml")
+    everyone = meshid.AuthorizationPolicy.from_dict(
+        {"name": "open", "allow": [{"name": "everyone", "methods": ["*"], "any_peer": True}]}
+    )
+    interceptor = meshid.AuthorizationInterceptor(enforced, source=server_source, candidate=everyone)
+    intruder = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
+    method = "/probe.Secret/" + "x" * 1000
+    with sync_server(server_source, interceptor) as port:
+        with meshid.secure_channel(f"127.0.0.1:{port}", intruder, server_id=SERVER_ID) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(method)(b"", timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    (record,) = _dry_runs(caplog)
+    assert record["dry_run"] == "would_allow" and str(record["method"]).endswith("...(1014 characters)")
+    (family,) = [f for f in REGISTRY.collect() if f.name == "meshid_authz_dry_run_differences"]
+    assert {tuple(sorted(s.labels)) for s in family.samples} == {("candidate_rule", "enforced_rule", "outcome")}
+    assert all("x" * 20 not in value for s in family.samples for value in s.labels.values())
+    assert _count("would_allow", "", "everyone") >= 1
