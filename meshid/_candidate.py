@@ -3,7 +3,8 @@
 Loaded, reloaded and watched as the enforced policy is, with one difference: a broken candidate
 never stops anything. At construction it is logged and watched until its file is fixed; a
 broken reload keeps the previous candidate (or none) and is logged. The enforced policy never
-depends on it.
+depends on it. A candidate file that does not exist is no dry run (yet): one that appears
+starts it, one that is removed ends it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ __all__ = ["CandidatePolicy"]
 log = logging.getLogger("meshid.authz")
 
 CandidateInput = AuthorizationPolicy | str | os.PathLike[str]
+#: What :func:`file_stamp` gives for a file that does not exist.
+_ABSENT: FileStamp = (0, 0, 0)
 
 
 def _load(policy: CandidateInput) -> tuple[AuthorizationPolicy, str | None]:
@@ -44,6 +47,9 @@ class CandidatePolicy:
         if isinstance(candidate, str | os.PathLike):
             self.path = os.fspath(candidate)
             self._stamp = file_stamp(self.path)
+            if self._stamp == _ABSENT:
+                log.info("policy: dry run: no candidate at %s yet; it starts when the file appears", self.path)
+                return
             try:
                 self.policy, _ = _load(self.path)
             except MeshIdError as err:  # enforcement goes on; the file is watched until it loads
@@ -81,6 +87,10 @@ class CandidatePolicy:
                 if self.path is None:
                     raise ValueError("reload_candidate() without a policy needs a candidate policy file")
                 stamp = file_stamp(self.path)
+                if stamp == _ABSENT:
+                    self._stamp, self.policy = stamp, None
+                    log.info("policy: dry run: candidate %s removed; no dry run until it is back", self.path)
+                    return False
                 try:
                     new, _ = _load(self.path)
                 except MeshIdError as err:

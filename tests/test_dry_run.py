@@ -221,3 +221,29 @@ def test_the_counter_has_no_label_the_caller_chooses(ca, bundles, server_source,
     assert {tuple(sorted(s.labels)) for s in family.samples} == {("candidate_rule", "enforced_rule", "outcome")}
     assert all("x" * 20 not in value for s in family.samples for value in s.labels.values())
     assert _count("would_allow", "", "everyone") >= 1
+
+
+def test_a_candidate_file_that_appears_starts_the_dry_run_and_its_removal_ends_it(
+    ca, bundles, server_source, files, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    enforced, candidate = files
+    candidate.unlink()
+    interceptor = meshid.AuthorizationInterceptor(
+        str(enforced), source=server_source, candidate=str(candidate), poll_interval=0.01
+    )
+    assert interceptor.candidate is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no candidate yet is not an error"
+    intruder = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
+    with interceptor, sync_server(server_source, interceptor) as port:
+        with meshid.secure_channel(f"127.0.0.1:{port}", intruder, server_id=SERVER_ID) as channel:
+            assert call(channel)[0] == "OK"
+            _replace(candidate, (POLICY_REPO / "policy-v2.yaml").read_text())
+            eventually(lambda: interceptor.candidate is not None, 10, "the watcher to start the dry run")
+            assert call(channel)[0] == "OK"
+            candidate.unlink()
+            eventually(lambda: interceptor.candidate is None, 10, "the watcher to end the dry run")
+            assert call(channel)[0] == "OK"
+            assert interceptor.flush_audit()
+    assert [r["dry_run"] for r in _dry_runs(caplog)] == ["would_deny"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
