@@ -179,12 +179,14 @@ def _shown(allowed: bool, rule: str | None, reason: str | None = None) -> str:
 def replay(policy: AuthorizationPolicy, path: str, local: TrustDomain | None) -> Replay:
     """Decide every past policy decision in ``path`` again with ``policy``.
 
-    ``local``: the server's trust domain (the scope of subject and DNS rules); None takes each
-    SPIFFE caller's own, as ``policy check`` does.
+    ``local``: the server's trust domain (the scope of subject and DNS rules); None takes the
+    record's: a SPIFFE caller's own (as ``policy check`` does), and for a certificate without a
+    SPIFFE ID the trust domain that vouched for it, the server's own unless the policy that
+    decided listed others in ``allow_non_spiffe_peers``.
     """
     result = Replay()
     for past in read_records(path, result):
-        here = local or (past.peer.trust_domain if past.peer.spiffe_id is not None else None)
+        here = local or past.peer.trust_domain
         decision: Decision = policy.decide(past.peer, past.method, {}, local_trust_domain=here)
         result.replayed += 1
         if decision.allowed == past.allowed:

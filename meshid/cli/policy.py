@@ -64,7 +64,7 @@ def register(groups: Any) -> None:
     replay.add_argument(
         "--trust-domain",
         help="the server's own trust domain, the default scope of subject and DNS rules (default: each "
-        "SPIFFE caller's own)",
+        "record's: the caller's, or for a certificate without a SPIFFE ID the one that vouched for it)",
     )
     replay.set_defaults(run=run_replay)
 

@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 import meshid
-from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, call, forge, sync_server
+from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, RawSource, call, forge, sync_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -279,3 +280,40 @@ def test_check_explain_says_when_a_subject_matches_out_of_scope(repo: Path) -> N
     )
     assert done.returncode == FAILED
     assert done.stdout.splitlines()[-1] == "no rule matched: denied by default"
+
+
+def test_replay_decides_a_certificate_without_a_spiffe_id_again(tmp_path: Path, ca, bundles, server_source) -> None:
+    # a real server enforcing greeter-v2 admits a legacy certificate (no SPIFFE ID) by subject;
+    # its records carry what replay needs to decide it again: no SPIFFE ID, who vouched
+    path = tmp_path / "audit.log"
+    handler = logging.FileHandler(path)
+    audit = logging.getLogger("meshid.audit")
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    try:
+        interceptor = meshid.AuthorizationInterceptor(str(POLICY_REPO / "policy-v2.yaml"), source=server_source)
+        legacy = RawSource(*forge(ca, uris=[], subject_cn="legacy-batch"), bundles).get_svid()
+        roots = bundles[meshid.TrustDomain.parse("example.org")].to_pem()
+        creds = grpc.ssl_channel_credentials(roots, legacy.key_pem(), legacy.chain_pem())
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        with sync_server(server_source, interceptor) as port:
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options) as channel:
+                assert call(channel) == ("OK", "CN=legacy-batch")
+    finally:
+        audit.removeHandler(handler)
+        audit.setLevel(logging.NOTSET)
+        handler.close()
+    same = meshid_cli("policy", "replay", POLICY_REPO / "policy-v2.yaml", "--audit-log", path)
+    assert same.returncode == PASSED, same.stdout
+    assert same.stdout.startswith("replayed 1 decisions with policy 'greeter-v2': 0 would change")
+    older = meshid_cli("policy", "replay", POLICY_REPO / "policy.yaml", "--audit-log", path)
+    assert older.returncode == FAILED
+    assert older.stdout.splitlines()[0] == (
+        f"would_deny       1  CN=legacy-batch {SAY_HELLO}: allow (rule 'legacy-batch') -> deny (the certificate "
+        "carries no SPIFFE ID and the policy does not set allow_non_spiffe_peers)"
+    )
+    # vouched for by another trust domain than the one the new policy's rules are scoped to
+    elsewhere = meshid_cli(
+        "policy", "replay", POLICY_REPO / "policy-v2.yaml", "--audit-log", path, "--trust-domain", "other.org"
+    )
+    assert elsewhere.returncode == FAILED and "deny (no rule allows it (default deny))" in elsewhere.stdout
