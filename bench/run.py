@@ -7,7 +7,8 @@ two CA replicas next to SQLite (bench/replicas.py), [memory] server and CA memor
 long method names and under renewals (bench/memory.py), [node-agent] batch issuance against
 per-workload renewal, Workload API fetch latency and the node agent's RSS (bench/node_agent.py),
 [hotpath] audit records' cost per call, agents' idle refreshes at the CA, import and channel
-construction (bench/hotpath.py).
+construction (bench/hotpath.py), [rollout] the cost per call of carrying a candidate policy
+(bench/rollout.py).
 
 Issue #2 (core):
   * median latency of a unary RPC on an mTLS server with meshid's interceptor and a
@@ -183,6 +184,7 @@ def main() -> int:
         import node_agent  # bench/node_agent.py: issue #12
         import ocsp  # bench/ocsp.py: issue #15
         import replicas  # bench/replicas.py: issue #7
+        import rollout  # bench/rollout.py: issue #17
         import rotation  # bench/rotation.py: issue #4
 
         issuance.run()
@@ -193,6 +195,7 @@ def main() -> int:
         node_agent.run()
         hotpath.run()
         ocsp.run()
+        rollout.run()
     return 0
 
 

@@ -15,7 +15,8 @@ import grpc
 
 from meshid._background import FileStamp, Worker, file_stamp
 from meshid._cache import BoundedCache
-from meshid.authz import audit
+from meshid._candidate import CandidatePolicy
+from meshid.authz import audit, dryrun
 from meshid.authz.grpc_json import collect_headers
 from meshid.authz.model import Decision
 from meshid.authz.policy import AuthorizationPolicy
@@ -73,16 +74,28 @@ def _load(policy: PolicyInput) -> tuple[AuthorizationPolicy, str | None]:
     raise TypeError(f"policy must be an AuthorizationPolicy or a path, not {type(policy).__name__}")
 
 
+#: A memoised decision: the peer, the enforced decision, its audit record, and the dry-run
+#: record when a candidate policy decides the call otherwise (else None).
+MemoEntry = tuple[PeerIdentity, Decision, audit.Prepared, audit.Prepared | None]
+
+
 class _Memo:
-    """Decisions memoised for one policy, local trust domain and generation of the identity caches."""
+    """Decisions memoised for one policy (and candidate), local trust domain and generation of
+    the identity caches."""
 
-    __slots__ = ("cache", "forwarded", "local", "policy", "verified")
+    __slots__ = ("cache", "candidate", "forwarded", "local", "policy", "verified")
 
-    def __init__(self, policy: AuthorizationPolicy | None, local: TrustDomain | None, verified: int, forwarded: int):
+    def __init__(
+        self,
+        policy: AuthorizationPolicy | None,
+        local: TrustDomain | None,
+        verified: int,
+        forwarded: int,
+        candidate: AuthorizationPolicy | None = None,
+    ):
         self.policy, self.local, self.verified, self.forwarded = policy, local, verified, forwarded
-        self.cache: BoundedCache[tuple[int, str], tuple[PeerIdentity, Decision, audit.Prepared]] = BoundedCache(
-            max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES
-        )
+        self.candidate = candidate
+        self.cache: BoundedCache[tuple[int, str], MemoEntry] = BoundedCache(max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES)
 
 
 def _forget_own_td(authorizer: Authorizer) -> Callable[[], None]:
@@ -110,8 +123,11 @@ class Authorizer:
         trusted_proxies: Iterable[SpiffeId | str] = (),
         forwarded_header: str = XFCC_HEADER,
         clock: Clock = SYSTEM_CLOCK,
+        candidate: PolicyInput | None = None,
     ) -> None:
         self._policy, self._path = _load(policy)
+        self.candidate = CandidatePolicy(candidate)
+        self._started = False
         self._clock = clock
         self._open_methods = frozenset(unauthenticated_methods)
         if any(not isinstance(m, str) or not m.startswith("/") for m in self._open_methods):
@@ -188,10 +204,19 @@ class Authorizer:
     def start(self) -> None:
         """Start the audit writer, and the policy file's watcher for a policy read from a file."""
         self.audit_writer.start()
-        if self._path is not None:
+        self._started = True
+        if self._path is not None or self.candidate.path is not None:
             self._worker.start()
 
+    def reload_candidate(self, candidate: PolicyInput | None = None) -> bool:
+        """Swap in a new candidate policy (or re-read its file); see :class:`CandidatePolicy`."""
+        took = self.candidate.reload(candidate)
+        if self._started and self.candidate.path is not None:
+            self._worker.start()  # a candidate file given after start() is watched too
+        return took
+
     def close(self) -> None:
+        self._started = False
         self._worker.close()
         self.audit_writer.close()
 
@@ -202,28 +227,43 @@ class Authorizer:
                     self.reload()
                 except Exception:  # the watch must survive anything a bad file can do
                     log.exception("policy: keeping policy %r in force", self._policy.name)
+            if self.candidate.changed():
+                try:
+                    self.candidate.reload()
+                except Exception:  # nor can a bad candidate stop it
+                    log.exception("policy: dry run: keeping the previous candidate")
 
     def _memo_decide(
-        self, policy: AuthorizationPolicy, identity: PeerIdentity, method: str, local: TrustDomain | None
-    ) -> tuple[PeerIdentity, Decision, audit.Prepared]:
+        self,
+        policy: AuthorizationPolicy,
+        identity: PeerIdentity,
+        method: str,
+        local: TrustDomain | None,
+        candidate: AuthorizationPolicy | None = None,
+    ) -> MemoEntry:
         # The verifier hands out one PeerIdentity object per certificate, so (that object,
         # method) names a decision exactly; the entry holds the object, so its id() cannot be
         # reused while the entry lives. The memo belongs to one policy, one local trust domain
         # (the scope of subject and DNS rules) and one generation of the identity caches, so no
         # call files a decision under another policy or trust domain, and no entry keeps an
-        # identity the verifier has already dropped. Each entry keeps its audit record, built once.
+        # identity the verifier has already dropped. Each entry keeps its audit record, built once,
+        # and the candidate policy's decision (a dry run), as a record only where it differs.
         memo = self._memo
         verified = self._verifier.generation
         forwarded = self._forwarded.generation if self._forwarded is not None else 0
-        stale = memo.verified != verified or memo.forwarded != forwarded
+        stale = memo.verified != verified or memo.forwarded != forwarded or memo.candidate is not candidate
         if stale or memo.policy is not policy or memo.local is not local:
-            memo = self._memo = _Memo(policy, local, verified, forwarded)
+            memo = self._memo = _Memo(policy, local, verified, forwarded, candidate)
         key = (id(identity), method)
         hit = memo.cache.get(key)
         if hit is not None and hit[0] is identity:
             return hit
         decision = policy.decide(identity, method, local_trust_domain=local)
-        entry = (identity, decision, audit.prepare(policy, decision, method, identity))
+        dry = None
+        if candidate is not None:
+            decided = candidate.decide(identity, method, local_trust_domain=local)
+            dry = dryrun.prepare(policy, candidate, decision, decided, method, identity)
+        entry = (identity, decision, audit.prepare(policy, decision, method, identity), dry)
         memo.cache.put(key, entry, 1024 + len(method))
         return entry
 
@@ -269,7 +309,7 @@ class Authorizer:
             identity = None
         if identity is not None and self.revoked is not None and self.revoked(identity):
             identity = None
-        opened = Decision(True, None, "unauthenticated method")
+        opened = Decision(True, None, audit.OPEN)
         self._record(policy, opened, method, identity, peer_address=peer_address, known=known)
         return identity
 
@@ -351,13 +391,22 @@ class Authorizer:
                 self._record(policy, Decision(False, None, "revoked"), method, identity, error=message, known=known)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         local = self._own_trust_domain()  # one read: the whole call sees one local trust domain
-        if known and not policy.uses_headers:
-            _, decision, prepared = self._memo_decide(policy, identity, method, local)
+        candidate = self.candidate.policy  # one read, as for the policy
+        if known and not policy.uses_headers and (candidate is None or not candidate.uses_headers):
+            _, decision, prepared, dry = self._memo_decide(policy, identity, method, local, candidate)
             audit.emit(prepared, peer_address, self.audit_writer)
+            if dry is not None:
+                audit.emit(dry, peer_address, self.audit_writer)
         else:
-            headers = collect_headers(_materialize(metadata) or ()) if policy.uses_headers else None
+            uses_headers = policy.uses_headers or (candidate is not None and candidate.uses_headers)
+            headers = collect_headers(_materialize(metadata) or ()) if uses_headers else None
             decision = policy.decide(identity, method, headers, local_trust_domain=local)
             self._record(policy, decision, method, identity, peer_address=peer_address, known=known)
+            if candidate is not None:
+                decided = candidate.decide(identity, method, headers, local_trust_domain=local)
+                dry = dryrun.prepare(policy, candidate, decision, decided, method, identity, known=known)
+                if dry is not None:
+                    audit.emit(dry, peer_address, self.audit_writer)
         if decision.allowed:
             return identity
         detail = f": {decision.reason}" if decision.explained else ""  # never the policy's contents
@@ -385,6 +434,7 @@ class InterceptorBase:
         trusted_proxies: Iterable[SpiffeId | str] = (),
         forwarded_header: str = XFCC_HEADER,
         clock: Clock = SYSTEM_CLOCK,
+        candidate: PolicyInput | None = None,
     ) -> None:
         self._authorizer = Authorizer(
             policy,
@@ -394,6 +444,7 @@ class InterceptorBase:
             trusted_proxies=trusted_proxies,
             forwarded_header=forwarded_header,
             clock=clock,
+            candidate=candidate,
         )
         self._wrapped: BoundedCache[tuple[int, str], tuple[object, grpc.RpcMethodHandler[Any, Any]]] = BoundedCache(
             max_entries=self.WRAPPED_CACHE, max_bytes=self.WRAPPED_BYTES
@@ -407,6 +458,23 @@ class InterceptorBase:
     def reload(self, policy: PolicyInput | None = None) -> bool:
         """Replace the policy atomically (or re-read the file); a broken one keeps the old in force."""
         return self._authorizer.reload(policy)
+
+    @property
+    def candidate(self) -> AuthorizationPolicy | None:
+        """The candidate policy of a dry run (None: no dry run, or its file never loaded)."""
+        return self._authorizer.candidate.policy
+
+    def reload_candidate(self, candidate: PolicyInput | None = None) -> bool:
+        """Start or change the dry run with a candidate policy, or re-read the candidate's file.
+
+        A candidate that fails to load never affects enforcement: the previous candidate (or
+        none) stays, and the error is logged (and re-raised when ``candidate`` was given).
+        """
+        return self._authorizer.reload_candidate(candidate)
+
+    def end_dry_run(self) -> None:
+        """Drop the candidate policy: calls are decided by the enforced policy alone again."""
+        self._authorizer.candidate.clear()
 
     def set_revocation_check(self, revoked: Callable[[PeerIdentity], bool] | None) -> None:
         """Refuse peers for which ``revoked(peer)`` is true with ``UNAUTHENTICATED``."""

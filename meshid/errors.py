@@ -9,7 +9,9 @@ working::
     ├── InvalidSpiffeIdError (ValueError)   a SPIFFE ID or trust domain breaks the standard
     ├── InvalidSvidError (ValueError)       a certificate/key pair is not a valid X509-SVID
     ├── InvalidBundleError (ValueError)     a trust bundle cannot be read
-    ├── InvalidPolicyError (ValueError)     an authorization policy cannot be loaded
+    ├── InvalidPolicyError (ValueError)     an authorization policy (or a table of its test
+    │                                       cases) cannot be loaded
+    ├── InvalidAuditLogError (ValueError)   an audit log to replay is not meshid's JSON lines
     ├── InvalidAddressError (ValueError)    not HOST:PORT (or unix:PATH), or a port out of range
     ├── VerificationError                   a peer's chain does not verify against its bundle
     ├── SourceError                         an identity source has nothing to hand out
@@ -42,6 +44,7 @@ __all__ = [
     "AttestationError",
     "DataDirError",
     "InvalidAddressError",
+    "InvalidAuditLogError",
     "InvalidBundleError",
     "InvalidPolicyError",
     "InvalidRequestError",
@@ -80,6 +83,10 @@ class InvalidBundleError(MeshIdError, ValueError):
 
 class InvalidPolicyError(MeshIdError, ValueError):
     """An authorization policy is malformed; the message names the file and the rule."""
+
+
+class InvalidAuditLogError(MeshIdError, ValueError):
+    """An audit log given to ``meshid policy replay`` is not the JSON lines meshid writes."""
 
 
 class InvalidAddressError(MeshIdError, ValueError):

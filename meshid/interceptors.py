@@ -93,6 +93,11 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         forwarded_header: ``x-forwarded-client-cert`` (Envoy's XFCC, the default) or the
             header an nginx ``grpc_set_header`` fills with ``$ssl_client_escaped_cert``.
         clock: the time certificates are checked at (:mod:`meshid.clock`; the system clock).
+        candidate: a candidate policy (object or path) for a dry run. Calls are still decided
+            by ``policy`` alone; each call the candidate decides otherwise is a ``would_allow``
+            or ``would_deny`` record on ``meshid.dryrun`` and a count (:mod:`meshid.authz.dryrun`).
+            Its file is reloaded and watched as the policy's is; a broken candidate is logged
+            and never affects enforcement. Promote it with ``reload(candidate_path)``.
 
     Every decision the policy audits (its ``audit_condition``; every one if it sets none) is a
     record on the ``meshid.audit`` logger: allows at INFO, denies at WARNING, so the logger at

@@ -1,6 +1,8 @@
 """Prometheus metrics (through ``prometheus-client``).
 
 * ``meshid_authz_decisions_total{method,decision,rule}``: every authorization decision.
+* ``meshid_authz_dry_run_differences_total{outcome,enforced_rule,candidate_rule}``: calls a
+  candidate policy decides otherwise (``would_allow``, ``would_deny``).
 * ``meshid_svid_expiry_seconds{spiffe_id}``: seconds until the SVID of each watched source expires.
 * ``meshid_svid_renewals_total{spiffe_id,result}``: renewals by ``IssuerSource``, ok or error.
 * ``meshid_ca_issuances_total{kind}`` and ``meshid_ca_refusals_total{reason}``: the CA's answers.
@@ -28,6 +30,7 @@ from meshid._decisions import MAX_DECISION_LABELS as MAX_DECISION_LABELS
 from meshid._decisions import count_decision as count_decision
 from meshid._decisions import decision_counter as decision_counter
 from meshid._decisions import decisions as _decisions
+from meshid._decisions import dry_runs as _dry_runs
 
 __all__ = ["REGISTRY", "serve_metrics", "watch_source"]
 
@@ -58,6 +61,14 @@ class _Decisions(Collector):
             next_value = counter.__reduce__()[1][0]  # count(N) pickles as (count, (N,))
             family.add_metric(list(labels), int(next_value) - 1)
         yield family
+        dry = CounterMetricFamily(
+            "meshid_authz_dry_run_differences",
+            "Calls a candidate (dry-run) policy decides otherwise than the enforced one.",
+            labels=["outcome", "enforced_rule", "candidate_rule"],
+        )
+        for labels, counter in list(_dry_runs.items()):
+            dry.add_metric(list(labels), int(counter.__reduce__()[1][0]) - 1)
+        yield dry
 
 
 class _Expiry(Collector):

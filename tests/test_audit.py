@@ -20,6 +20,9 @@ from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, SERVICE, cal
 
 POLICY = {"name": "audited", "allow": [{"name": "frontend", "methods": [f"/{SERVICE}/*"], "spiffe_ids": [FRONTEND_ID]}]}
 FIELDS = {"caller", "method", "decision", "rule", "policy", "reason", "serial", "peer_address"}
+#: What `meshid policy replay` needs besides (issue #17): the peer as a policy sees it, and which
+#: stage decided (a policy, or authentication before it, or an unauthenticated method).
+FIELDS |= {"stage", "trust_domain", "has_spiffe_id", "thumbprint", "dns_sans", "key_exchange"}
 
 
 def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -46,6 +49,9 @@ def test_every_field_of_allow_deny_and_unauthenticated_records(ca, bundles, serv
         assert fields["method"] == SAY_HELLO
         assert fields["policy"] == "audited"
         assert fields["peer_address"].startswith("ipv4:127.0.0.1:")
+        assert (fields["stage"], fields["trust_domain"], fields["has_spiffe_id"]) == ("policy", "example.org", True)
+        assert fields["thumbprint"] == meshid.PeerIdentity.from_certificate(svid.leaf).thumbprint
+        assert fields["dns_sans"] == []  # they decide only for a peer without a SPIFFE ID
     assert (allow.meshid_audit["decision"], allow.meshid_audit["rule"]) == ("allow", "frontend")  # type: ignore[attr-defined]
     assert allow.meshid_audit["reason"] == "allowed by rule 'frontend'"  # type: ignore[attr-defined]
     assert (deny.meshid_audit["decision"], deny.meshid_audit["rule"]) == ("deny", None)  # type: ignore[attr-defined]
@@ -66,6 +72,7 @@ def test_unauthenticated_record_names_no_caller_and_says_why(ca, bundles, server
     assert fields["decision"] == "deny" and fields["rule"] is None
     assert fields["caller"] == FRONTEND_ID  # a revoked peer is named: the certificate did verify
     assert "is revoked" in fields["reason"]
+    assert fields["stage"] == "authentication"  # refused before the policy: replay skips it
 
 
 def test_grpc_stdout_logger_writes_grfc_a59_entries(ca, bundles, server_source, capsys) -> None:

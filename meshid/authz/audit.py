@@ -40,6 +40,8 @@ __all__ = ["AuditWriter", "Prepared", "emit", "prepare", "record"]
 audit_log = logging.getLogger("meshid.audit")
 log = logging.getLogger("meshid.authz")
 
+#: The reason of a call to an unauthenticated method (open to every caller).
+OPEN = "unauthenticated method"
 #: The one metric label of every method the server does not implement.
 UNKNOWN_METHOD = "(unknown)"
 #: How much of an unknown method's name records and refusals show.
@@ -73,6 +75,10 @@ class Prepared:
     grpc_entry: Mapping[str, object] | None
     #: The record's JSON before and after the peer address (keys sorted, as ``json.dumps`` does).
     text: tuple[str, str] = ("", "")
+    #: Where ``fields`` is recorded, and the message around its JSON (a dry run's differences
+    #: go to ``meshid.dryrun``, see :mod:`meshid.authz.dryrun`).
+    logger: logging.Logger = audit_log
+    message: str = "authz %s"
 
 
 def prepare(
@@ -104,6 +110,9 @@ def prepare(
             "policy": policy.name,
             "reason": decision.reason if error is None else error,
             "serial": format(peer.serial, "x") if peer is not None and peer.serial is not None else None,
+            # what `meshid policy replay` needs to decide the call again under another policy
+            "stage": "authentication" if error is not None else "open" if decision.reason == OPEN else "policy",
+            **peer_fields(peer),
         }
     grpc_entry: dict[str, object] | None = None
     if "stdout_logger" in policy.audit.loggers and policy.audit.wants(decision.allowed):
@@ -126,10 +135,24 @@ def prepare(
 _MARK = "\x00meshid peer address\x00"
 
 
+def peer_fields(peer: PeerIdentity | None) -> dict[str, object]:
+    """The parts of a peer a policy decides by, besides the caller's name (``describe()``)."""
+    if peer is None:
+        return {"trust_domain": None, "has_spiffe_id": False, "thumbprint": None, "dns_sans": [], "key_exchange": None}
+    return {
+        "trust_domain": peer.trust_domain.name,
+        "has_spiffe_id": peer.spiffe_id is not None,
+        "thumbprint": peer.thumbprint or None,
+        # DNS SANs decide only for a peer without a SPIFFE ID (dns_names rules, gRPC principals)
+        "dns_sans": list(peer.dns_sans) if peer.spiffe_id is None else [],
+        "key_exchange": peer.key_exchange_group,
+    }
+
+
 def emit(prepared: Prepared, peer_address: str | Callable[[], str] | None, writer: AuditWriter | None) -> None:
     """Count one decision and hand its records to ``writer`` (or write them now, without one)."""
     next(prepared.counter)
-    logged = prepared.fields is not None and audit_log.isEnabledFor(prepared.level)
+    logged = prepared.fields is not None and prepared.logger.isEnabledFor(prepared.level)
     if not logged and prepared.grpc_entry is None:
         return
     address = None
@@ -168,18 +191,21 @@ def _write(item: Item, template: dict[str, Any] | None = None) -> None:
         fields = {**prepared.fields, "peer_address": address}
         head, tail = prepared.text
         text = head + ("null" if address is None else _json_string(address)) + tail
+        logger = prepared.logger
         if template is None:
-            entry = audit_log.makeRecord(audit_log.name, prepared.level, __file__, 0, "authz %s", (text,), None)
+            entry = logger.makeRecord(logger.name, prepared.level, __file__, 0, prepared.message, (text,), None)
         else:
             entry = logging.LogRecord.__new__(logging.LogRecord)
             entry.__dict__.update(template)
             entry.levelno, entry.levelname, entry.args = prepared.level, logging.getLevelName(prepared.level), (text,)
+            if logger is not audit_log:
+                entry.name, entry.msg = logger.name, prepared.message
         entry.meshid_audit = fields
         # the time of the decision, not of the write
         entry.created = created
         entry.msecs = int((created - int(created)) * 1000) + 0.0
         entry.relativeCreated = (created - _START) * 1000
-        audit_log.handle(entry)
+        logger.handle(entry)
     if prepared.grpc_entry is not None:
         stamp = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec="microseconds")
         line = json.dumps({"grpc_audit_log": {"timestamp": stamp, **prepared.grpc_entry}})

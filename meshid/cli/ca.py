@@ -67,7 +67,9 @@ def register(groups: Any) -> None:
     config = commands.add_parser("config", help="change a CA's configuration (a running CA picks it up)")
     config_steps = config.add_subparsers(dest="step", required=True)
     config_set = config_steps.add_parser("set", help="set the OCSP and CRL URLs SVIDs carry from now on")
-    config_set.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder (a running CA takes it up)")
+    config_set.add_argument(
+        "--data-dir", required=True, metavar="DIR", help="the CA's folder (a running CA takes it up)"
+    )
     config_set.add_argument("--ocsp-url", metavar="URL", help='the OCSP responder\'s URL ("" removes it)')
     config_set.add_argument("--crl-url", metavar="URL", help='the CRL\'s URL ("" removes it)')
     config_set.set_defaults(run=run_config_set)
