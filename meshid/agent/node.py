@@ -43,7 +43,7 @@ from meshid.ca.authority import generate_key
 from meshid.ca.client import AgentClient, AgentEntry
 from meshid.ca.issuing import is_agent_id
 from meshid.clock import SYSTEM_CLOCK, Clock
-from meshid.errors import MeshIdError, SourceError
+from meshid.errors import MeshIdError, SourceError, UnreachableError
 from meshid.spiffeid import TrustDomain
 from meshid.svid import X509Svid
 from meshid.workloadapi.attestation import ProcessInfo, matches
@@ -102,6 +102,8 @@ class NodeAgent:
         max_backoff: the longest wait between retries while the CA is unreachable.
         timeout: of each call to the CA.
         clock: where the time comes from and how the loop waits (:class:`meshid.clock.ManualClock`).
+        wait: how long :meth:`start` keeps trying the node attestation while no CA answers
+            (None, the default: until one does; 0: once). A refusal ends it at once.
 
     Nothing happens until :meth:`start`.
 
@@ -128,6 +130,7 @@ class NodeAgent:
         timeout: float = 10.0,
         key_kind: str = "ec-p256",
         clock: Clock = SYSTEM_CLOCK,
+        wait: float | None = None,
     ) -> None:
         servers = [server] if isinstance(server, str) else list(server)
         if not servers or not all(isinstance(s, str) and s for s in servers):
@@ -152,6 +155,10 @@ class NodeAgent:
         self._renew_at, self._jitter = renew_at, jitter
         self._refresh_interval = refresh_interval
         self._max_backoff = max_backoff
+        if wait is not None and wait < 0:
+            raise ValueError("wait must be None (keep trying) or at least 0 seconds")
+        self._wait = wait
+        self._closing = threading.Event()
         self._timeout = timeout
         self._key_kind = key_kind
         self._clock = clock
@@ -229,11 +236,14 @@ class NodeAgent:
         entries' SVIDs once (a failure there is logged and retried), then go on in a thread.
 
         Raises:
-            SourceError: no reusable SVID, and attestation is impossible or failed.
+            SourceError: no reusable SVID, and attestation is impossible or was refused (or
+                :meth:`close` was called while it waited for a CA).
+            UnreachableError: no CA answered the node attestation within ``wait`` seconds.
             OSError: the data folder cannot be created.
         """
         if self._worker.running:
             return self
+        self._closing.clear()
         self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self._load_saved():
             self._attest()
@@ -242,7 +252,9 @@ class NodeAgent:
         return self
 
     def close(self) -> None:
-        """Stop the thread and close the channel to the CA (what was on disk stays)."""
+        """Stop the thread and close the channel to the CA (what was on disk stays); also ends a
+        :meth:`start` still waiting for a CA to answer the node attestation, from another thread."""
+        self._closing.set()
         self._worker.close()
         if self._client is not None:
             self._client.close()
@@ -283,16 +295,35 @@ class NodeAgent:
                 f"node agent: no reusable SVID in {self._data_dir} and no way to attest the node; give a join token "
                 "(`meshid token create --agent NAME`) or an x509pop host certificate and key"
             )
-        index, issued = attest_node(
-            self._servers,
-            self._server_index,
-            self._bundle_file,
-            join_token=self._join_token,
-            x509pop=self._x509pop,
-            trust_domain=self._trust_domain,
-            key_kind=self._key_kind,
-            timeout=self._timeout,
-        )
+        # While no CA answers (an agent may start before its CA), attestation is retried with the
+        # renewals' capped backoff until ``wait`` runs out; a refusal ends it at once.
+        deadline = None if self._wait is None else self._clock.monotonic() + self._wait
+        failures = 0
+        while True:
+            try:
+                index, issued = attest_node(
+                    self._servers,
+                    self._server_index,
+                    self._bundle_file,
+                    join_token=self._join_token,
+                    x509pop=self._x509pop,
+                    trust_domain=self._trust_domain,
+                    key_kind=self._key_kind,
+                    timeout=self._timeout,
+                )
+                break
+            except UnreachableError as err:
+                failures += 1
+                left = None if deadline is None else deadline - self._clock.monotonic()
+                if left is not None and left <= 0:
+                    raise UnreachableError(f"{err} (tried for {self._wait:g}s)") from err
+                delay = retry_delay(0.0, failures, 0.0, self._max_backoff, random.random)
+                delay = delay if left is None else min(delay, left)
+                self._last_error = str(err)
+                log.warning("%s; retrying in %.2fs", err, delay)
+                self._clock.wait(self._closing, delay)
+                if self._closing.is_set():
+                    raise SourceError("node agent: closed while waiting for a CA to attest the node") from err
         self._server_index = index
         self._join_token = None  # spent: never sent again
         self._install_agent(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=False)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from meshid._x509 import pem_blocks
 from meshid.bundle import TrustBundle
 from meshid.ca.client import Issuance, attest_agent_with_token, attest_agent_with_x509pop, read_roots
-from meshid.errors import MeshIdError, SourceError
+from meshid.errors import MeshIdError, SourceError, UnreachableError
 from meshid.spiffeid import TrustDomain
 
 __all__ = ["attest_node"]
@@ -37,7 +37,8 @@ def attest_node(
     the server that answered and the agent's SVID.
 
     Raises:
-        SourceError: the host files cannot be used, or no server attested the node (the reasons).
+        UnreachableError: no server answered (every one was UNAVAILABLE); trying later may work.
+        SourceError: the host files cannot be used, or a server refused the node (the reasons).
     """
     roots = read_roots(bundle_file)
     attest: Callable[[str], Issuance]
@@ -56,6 +57,7 @@ def attest_node(
     else:
         raise SourceError("node agent: give a join token or an x509pop host certificate and key")
     errors = []
+    unreachable = 0
     for offset in range(len(servers)):
         index = (first + offset) % len(servers)
         try:
@@ -64,9 +66,12 @@ def attest_node(
             errors.append(str(err))
             if getattr(err, "code", "") != "UNAVAILABLE":
                 break  # the CA answered: another replica would answer the same
+            unreachable += 1
             continue
         log.info("node agent: attested as %s by %s (serial %x)", issued.svid.spiffe_id, how, issued.svid.serial)
         return index, issued
+    if unreachable == len(servers):  # every server was tried, and none answered
+        raise UnreachableError(f"node agent: node attestation by {how}: no CA answered: " + "; ".join(errors))
     raise SourceError(f"node agent: node attestation by {how} failed: " + "; ".join(errors))
 
 

@@ -177,6 +177,7 @@ def _add_node_options(agent: argparse.ArgumentParser) -> None:
 
 def run_node(args: argparse.Namespace) -> int:
     from meshid.agent import NodeAgent
+    from meshid.errors import SourceError
 
     for flag, value in (("--out", args.out), ("--workload-api", args.workload_api)):
         if value:
@@ -204,13 +205,27 @@ def run_node(args: argparse.Namespace) -> int:
             trust_domain=args.trust_domain,
             sync_interval=args.sync_interval,
             renew_at=args.renew_at,
+            wait=args.wait.total_seconds() if args.wait is not None else None,
         )
         server = AttestedWorkloadApiServer(agent, args.socket, mode=args.socket_mode)
     except ValueError as err:
         print(f"meshid: agent: {err}", file=sys.stderr)
         return 2
     server.check_free()  # before a join token is spent: a socket another agent serves is refused
-    agent.start()
+
+    def stopping(*_: object) -> None:
+        stop.set()
+        agent.close()  # also ends start() waiting for a CA
+
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGINT, stopping)
+    try:
+        agent.start()  # UnreachableError (exit 3) once --wait runs out; SourceError (2) if refused
+    except SourceError:
+        if stop.is_set():
+            print("node agent: stopped", flush=True)
+            return 0
+        raise
     try:
         server.start()
         state = agent.state

@@ -605,3 +605,62 @@ def test_node_form_refuses_bad_input_in_one_line(real_ca: AgentCa, folder: Path,
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert lines[-1].startswith("meshid: ") and message.format(**names) in lines[-1], lines
     assert len(lines) == 1 or lines[0].startswith("usage: "), lines
+
+
+# --- issue #13: a node agent started before its CA keeps trying the node attestation ---------------------
+
+
+def _agent_token(ca: AgentCa, folder: Path) -> Path:
+    with ca.admin() as admin:
+        admin.create_entry(WEB, [], datetime.timedelta(minutes=10), parent_id=NODE_ID, selectors=["unix:user:meshid-a"])
+        token_file = folder / "token"
+        token_file.write_text(str(admin.create_agent_token("node-1").token))
+    token_file.chmod(0o600)
+    return token_file
+
+
+def test_a_node_agent_started_before_its_ca_attests_once_the_ca_is_up(real_ca: AgentCa, folder: Path) -> None:
+    token_file = _agent_token(real_ca, folder)
+    real_ca.stop()
+    agent = NodeAgentProcess(real_ca.address, real_ca.bundle_file, folder, "--join-token-file", str(token_file))
+    try:
+        eventually(lambda: agent.log.read_text().count("no CA answered") >= 2, 30, "two attempts at the attestation")
+        assert agent.proc.poll() is None, agent.log.read_text()  # still trying, not crashed
+        assert "retrying in" in agent.log.read_text()
+        real_ca.restart()
+        assert "serving 1 of 1 entries" in agent.ready()
+    finally:
+        code = agent.stop()
+    assert code == 0 and "Traceback" not in agent.log.read_text(), agent.log.read_text()
+
+
+def test_a_node_agent_whose_wait_runs_out_exits_3_and_one_stopped_by_sigterm_exits_0(
+    real_ca: AgentCa, folder: Path
+) -> None:
+    token_file = _agent_token(real_ca, folder)
+    real_ca.stop()
+    waiting = NodeAgentProcess(
+        real_ca.address, real_ca.bundle_file, folder, "--join-token-file", str(token_file), "--wait", "2s"
+    )
+    assert waiting.proc.wait(timeout=60) == 3, waiting.log.read_text()
+    last = waiting.log.read_text().strip().splitlines()[-1]
+    assert last.startswith("meshid: ") and "no CA answered" in last and "Traceback" not in waiting.log.read_text()
+    waiting.stop()
+    second = folder / "second"  # its own log: the first one's already says "no CA answered"
+    second.mkdir()
+    stopped = NodeAgentProcess(real_ca.address, real_ca.bundle_file, second, "--join-token-file", str(token_file))
+    eventually(lambda: "no CA answered" in stopped.log.read_text(), 30, "a first attempt")
+    stopped.proc.send_signal(signal.SIGTERM)  # while it waits for the CA
+    assert stopped.proc.wait(timeout=20) == 0, stopped.log.read_text()
+    assert stopped.proc.stdout is not None and "node agent: stopped" in stopped.proc.stdout.read()
+    stopped.stop()
+
+
+def test_a_node_agent_whose_token_is_refused_exits_at_once(real_ca: AgentCa, folder: Path) -> None:
+    token_file = folder / "token"
+    token_file.write_text("example.org:" + "A" * 43)  # well formed, never made: the CA answers, refusing it
+    token_file.chmod(0o600)
+    agent = NodeAgentProcess(real_ca.address, real_ca.bundle_file, folder, "--join-token-file", str(token_file))
+    assert agent.proc.wait(timeout=60) == 2, agent.log.read_text()
+    assert "retrying in" not in agent.log.read_text() and "Traceback" not in agent.log.read_text()
+    agent.stop()
