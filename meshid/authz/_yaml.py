@@ -43,14 +43,15 @@ for _tag, _kind, _construct in (
     _YamlLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _checked_scalar(_kind, _construct))
 
 
-def error(origin: str, err: yaml.YAMLError) -> InvalidPolicyError:
-    """One line naming the file, the line and column, and what the parser found there."""
+def error(origin: str, err: yaml.YAMLError, kind: str = "policy") -> InvalidPolicyError:
+    """One line naming the file (after ``kind``: "policy", "policy cases"), the line and column,
+    and what the parser found there."""
     if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
         mark = err.problem_mark
-        what = "; ".join(" ".join(str(part).split()) for part in (err.context, err.problem) if part)
+        found = "; ".join(" ".join(str(part).split()) for part in (err.context, err.problem) if part)
         where = f"line {mark.line + 1} column {mark.column + 1}"
-        return InvalidPolicyError(f"policy {origin}: invalid YAML at {where}: {what}")
-    return InvalidPolicyError(f"policy {origin}: invalid YAML: {' '.join(str(err).split())}")
+        return InvalidPolicyError(f"{kind} {origin}: invalid YAML at {where}: {found}")
+    return InvalidPolicyError(f"{kind} {origin}: invalid YAML: {' '.join(str(err).split())}")
 
 
 def load(text: str) -> Any:

@@ -25,6 +25,51 @@ def _only_comments(text: str) -> bool:
     return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
 
 
+def read_text(origin: str, what: str = "policy") -> str:
+    """The UTF-8 text of a policy-shaped file (a policy, a table of cases), at most
+    :data:`MAX_POLICY_BYTES`.
+
+    Raises:
+        InvalidPolicyError: the file cannot be read, is too large, or is not UTF-8 (``what`` starts the message).
+    """
+    try:
+        with open(origin, "rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as err:
+        raise InvalidPolicyError(f"{what} {origin}: cannot read: {err.strerror}") from err
+    if len(raw) > MAX_POLICY_BYTES:
+        raise InvalidPolicyError(f"{what} {origin}: larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidPolicyError(f"{what} {origin}: not UTF-8 text: {err}") from err
+
+
+def parse_text(origin: str, text: str, what: str = "policy") -> Any:
+    """``text`` parsed as JSON when ``origin`` ends in ``.json``, else as YAML (safe loader).
+
+    Raises:
+        InvalidPolicyError: it does not parse; the message gives the line and column.
+    """
+    import yaml  # only for a YAML file: a JSON policy (or none) does not load it
+
+    from meshid.authz import _yaml
+
+    try:
+        return json.loads(text) if origin.endswith(".json") else _yaml.load(text)
+    except json.JSONDecodeError as err:
+        raise InvalidPolicyError(
+            f"{what} {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
+        ) from err
+    except yaml.YAMLError as err:  # PyYAML's message spans lines (a snippet): keep it on one
+        raise _yaml.error(origin, err, what) from err
+    except RecursionError as err:
+        raise InvalidPolicyError(f"{what} {origin}: nested too deeply") from err
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:
+        # YAML tags and scalars (`!!timestamp x`, a 5,000-digit number, ...) fail as plain errors
+        raise InvalidPolicyError(f"{what} {origin}: a value cannot be read: {type(err).__name__}: {err}") from err
+
+
 @dataclass(frozen=True, slots=True)
 class AuditOptions:
     """Which decisions a policy audits (gRFC A59's ``audit_condition``), and by which A59 loggers.
@@ -162,38 +207,12 @@ class AuthorizationPolicy:
             InvalidPolicyError: the file cannot be read or parsed, or a rule is wrong.
         """
         origin = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_POLICY_BYTES + 1)
-        except OSError as err:
-            raise InvalidPolicyError(f"policy {origin}: cannot read: {err.strerror}") from err
-        if len(raw) > MAX_POLICY_BYTES:
-            raise InvalidPolicyError(f"policy {origin}: larger than {MAX_POLICY_BYTES} bytes")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InvalidPolicyError(f"policy {origin}: not UTF-8 text: {err}") from err
+        text = read_text(origin)
         if not text.strip() or (not origin.endswith(".json") and _only_comments(text)):
             raise InvalidPolicyError(
                 f"policy {origin}: is empty; a policy needs at least one allow rule (name, methods, and who)"
             )
-        import yaml  # only for a YAML file: a JSON policy (or none) does not load it
-
-        from meshid.authz import _yaml
-
-        try:
-            data = json.loads(text) if origin.endswith(".json") else _yaml.load(text)
-        except json.JSONDecodeError as err:
-            raise InvalidPolicyError(
-                f"policy {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-            ) from err
-        except yaml.YAMLError as err:  # PyYAML's message spans lines (a snippet): keep it on one
-            raise _yaml.error(origin, err) from err
-        except RecursionError as err:
-            raise InvalidPolicyError(f"policy {origin}: nested too deeply") from err
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:
-            # YAML tags and scalars (`!!timestamp x`, a 5,000-digit number, ...) fail as plain errors
-            raise InvalidPolicyError(f"policy {origin}: a value cannot be read: {type(err).__name__}: {err}") from err
+        data = parse_text(origin, text)
         return cls.from_dict(
             data,
             origin=origin,

@@ -16,7 +16,6 @@ run against a policy, for a policy repository's CI.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 from meshid import _x509
 from meshid.authz.model import Decision
 from meshid.authz.patterns import method_pattern, show
-from meshid.authz.policy import MAX_POLICY_BYTES, AuthorizationPolicy
+from meshid.authz.policy import AuthorizationPolicy, parse_text, read_text
 from meshid.cli.svid import load_chain
 from meshid.errors import InvalidPolicyError, InvalidSpiffeIdError, InvalidSvidError
 from meshid.peer import PeerIdentity
@@ -76,41 +75,6 @@ def spiffe_peer(given: SpiffeId) -> PeerIdentity:
         not_after=datetime.datetime.max.replace(tzinfo=datetime.UTC),
         uri_sans=(str(given),),
     )
-
-
-def _read(origin: str) -> Any:
-    try:
-        with open(origin, "rb") as f:
-            raw = f.read(MAX_POLICY_BYTES + 1)
-    except OSError as err:
-        raise InvalidPolicyError(f"policy cases {origin}: cannot read: {err.strerror}") from err
-    if len(raw) > MAX_POLICY_BYTES:
-        raise InvalidPolicyError(f"policy cases {origin}: larger than {MAX_POLICY_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InvalidPolicyError(f"policy cases {origin}: not UTF-8 text: {err}") from err
-    if origin.endswith(".json"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InvalidPolicyError(
-                f"policy cases {origin}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-            ) from err
-        except RecursionError as err:
-            raise InvalidPolicyError(f"policy cases {origin}: nested too deeply") from err
-    import yaml
-
-    from meshid.authz import _yaml
-
-    try:
-        return _yaml.load(text)
-    except yaml.YAMLError as err:
-        raise InvalidPolicyError(str(_yaml.error(origin, err)).replace("policy ", "policy cases ", 1)) from err
-    except RecursionError as err:
-        raise InvalidPolicyError(f"policy cases {origin}: nested too deeply") from err
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as err:
-        raise InvalidPolicyError(f"policy cases {origin}: a value cannot be read: {type(err).__name__}") from err
 
 
 def _trust_domain(value: Any, where: str) -> TrustDomain:
@@ -193,7 +157,7 @@ def load_cases(origin: str) -> list[Case]:
     Raises:
         InvalidPolicyError: the file cannot be read, or a case is wrong (named, with what is wrong).
     """
-    data = _read(origin)
+    data = parse_text(origin, read_text(origin, "policy cases"), "policy cases")
     if not isinstance(data, Mapping):
         raise InvalidPolicyError(f"policy cases {origin}: the top level must be a mapping with 'cases'")
     unknown = sorted(set(data) - set(_TOP_KEYS), key=str)

@@ -5,7 +5,6 @@ past decisions from an audit log, decided again by a new policy."""
 from __future__ import annotations
 
 import argparse
-import datetime
 from typing import Any
 
 from meshid import _x509
@@ -83,17 +82,9 @@ def full_method(text: str) -> str:
 
 def _peer(args: argparse.Namespace, local: TrustDomain | None) -> PeerIdentity:
     if args.spiffe_id is not None:
-        given = SpiffeId.parse(args.spiffe_id)
-        return PeerIdentity(
-            spiffe_id=given,
-            trust_domain=given.trust_domain,
-            subject="",
-            common_name=None,
-            thumbprint="",
-            certificate=None,
-            not_after=datetime.datetime.max.replace(tzinfo=datetime.UTC),
-            uri_sans=(str(given),),
-        )
+        from meshid.cli._cases import spiffe_peer
+
+        return spiffe_peer(SpiffeId.parse(args.spiffe_id))
     chain = load_chain(args.cert)
     leaf = chain[0]
     sid = spiffe_id_from_certificate(leaf) if _x509.uri_sans(leaf) else None
