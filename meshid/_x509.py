@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 
@@ -93,6 +94,13 @@ def is_ca(cert: x509.Certificate) -> bool:
 
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def crl_pem(der: bytes) -> bytes:
+    """A DER CRL as one PEM ``X509 CRL`` block (what nginx's ``ssl_crl`` and ``openssl crl`` read)."""
+    body = base64.b64encode(der).decode()
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return ("-----BEGIN X509 CRL-----\n" + "\n".join(lines) + "\n-----END X509 CRL-----\n").encode()
 
 
 def key_pem(key: PrivateKey) -> bytes:

@@ -229,7 +229,8 @@ def _require_ca(policy: object, cert: x509.Certificate, ext: x509.BasicConstrain
         raise ValueError("an issuing certificate is not a CA (basicConstraints CA:true missing)")
 
 
-_CA_POLICY = verification.ExtensionPolicy.permit_all().require_present(
+#: What every CA of a chain must have (also for x509pop's host PKI): basicConstraints CA:true.
+CA_POLICY = verification.ExtensionPolicy.permit_all().require_present(
     x509.BasicConstraints, verification.Criticality.AGNOSTIC, _require_ca
 )
 
@@ -421,7 +422,7 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
             VerificationError: no valid path.
         """
         builder = (
-            verification.PolicyBuilder().store(store).extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+            verification.PolicyBuilder().store(store).extension_policies(ca_policy=CA_POLICY, ee_policy=_EE_POLICY)
         )
         if now is not None:
             builder = builder.time(now)

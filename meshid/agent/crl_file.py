@@ -10,7 +10,6 @@ keeps the file as it is, logged.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import pathlib
@@ -19,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from cryptography import x509
 
+from meshid import _x509
 from meshid._background import Worker
 from meshid._files import write_atomic
 from meshid.clock import SYSTEM_CLOCK, Clock
@@ -31,12 +31,6 @@ __all__ = ["CRL_FILE", "CrlFileWriter"]
 log = logging.getLogger("meshid.agent")
 
 CRL_FILE = "crl.pem"
-
-
-def crl_pem(der: bytes) -> bytes:
-    body = base64.b64encode(der).decode()
-    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
-    return ("-----BEGIN X509 CRL-----\n" + "\n".join(lines) + "\n-----END X509 CRL-----\n").encode()
 
 
 class CrlFileWriter:
@@ -106,7 +100,7 @@ class CrlFileWriter:
         if current is None or current is before or not fetched:
             return False  # nothing taken this time: the file stays as it is
         try:
-            write_atomic(self._path, crl_pem(fetched[-1]))
+            write_atomic(self._path, _x509.crl_pem(fetched[-1]))
         except OSError as err:
             log.error("agent: cannot write %s: %s", self._path, err.strerror)
             return False

@@ -30,6 +30,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from meshid import _x509
 from meshid.ca.ocsp import MAX_REQUEST_BYTES, OcspAnswer, OcspResponder
 from meshid.errors import ListenError
 
@@ -45,12 +46,6 @@ OCSP_RESPONSE = "application/ocsp-response"
 
 CrlSource = Callable[[], bytes]
 Observer = Callable[[OcspAnswer, float], None]
-
-
-def _pem(der: bytes) -> bytes:
-    body = base64.encodebytes(der).decode().replace("\n", "")
-    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
-    return ("-----BEGIN X509 CRL-----\n" + "\n".join(lines) + "\n-----END X509 CRL-----\n").encode()
 
 
 def _get_request(path: str) -> bytes:
@@ -119,7 +114,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send(503, "text/plain", b"the CRL is unavailable; try again later\n")
                 return
             if path == "/crl.pem":
-                self._send(200, "application/x-pem-file", _pem(der), 60)
+                self._send(200, "application/x-pem-file", _x509.crl_pem(der), 60)
             else:
                 self._send(200, "application/pkix-crl", der, 60)
             return

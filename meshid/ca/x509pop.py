@@ -43,7 +43,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshid import _x509
-from meshid.bundle import ca_trust_domains, why_unverified
+from meshid.bundle import CA_POLICY, ca_trust_domains, why_unverified
 from meshid.errors import AttestationError, InvalidRequestError, RateLimitedError
 from meshid.spiffeid import TrustDomain
 
@@ -284,11 +284,6 @@ def _field(name: str, cert: x509.Certificate, template: str) -> str:
 # --- the proof -------------------------------------------------------------------------------
 
 
-def _require_ca(policy: object, cert: x509.Certificate, ext: x509.BasicConstraints | None) -> None:
-    if ext is None or not ext.ca:
-        raise ValueError("an issuing certificate is not a CA (basicConstraints CA:true missing)")
-
-
 def _end_entity(policy: object, cert: x509.Certificate, ext: x509.BasicConstraints | None) -> None:
     if ext is not None and ext.ca:
         raise ValueError("the host certificate is a CA certificate; x509pop takes an end-entity certificate")
@@ -305,7 +300,6 @@ def _client_auth(policy: object, cert: x509.Certificate, ext: x509.ExtendedKeyUs
 
 
 _AGNOSTIC = verification.Criticality.AGNOSTIC
-_CA_POLICY = verification.ExtensionPolicy.permit_all().require_present(x509.BasicConstraints, _AGNOSTIC, _require_ca)
 _EE_POLICY = (
     verification.ExtensionPolicy.permit_all()
     .may_be_present(x509.BasicConstraints, _AGNOSTIC, _end_entity)
@@ -396,7 +390,7 @@ class X509Pop:
             verification.PolicyBuilder()
             .store(verification.Store(list(self.roots)))
             .time(now)
-            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+            .extension_policies(ca_policy=CA_POLICY, ee_policy=_EE_POLICY)
         )
         try:
             built = builder.build_client_verifier().verify(chain[0], chain[1:]).chain
