@@ -46,6 +46,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshid.authz.grpc_json import AUDIT_CONDITIONS  # gRFC A59's names, for both formats
 from meshid.authz.model import ParsedPolicy, Rule
 from meshid.authz.patterns import compile_spiffe_id_pattern, compile_subject_pattern, method_pattern, show
 from meshid.errors import InvalidPolicyError, InvalidSpiffeIdError
@@ -63,7 +64,6 @@ _TOP_KEYS = {
     "audit_condition",
 }
 #: gRFC A59's audit conditions.
-AUDIT_CONDITIONS = ("NONE", "ON_DENY", "ON_ALLOW", "ON_DENY_AND_ALLOW")
 _WHO_KEYS = ("spiffe_ids", "spiffe_id_patterns", "trust_domains", "subject_patterns", "thumbprints", "dns_names")
 _RULE_KEYS = {"name", "methods", "any_peer", "vouched_by", *_WHO_KEYS}
 _HEX64 = re.compile(r"[0-9a-f]{64}")

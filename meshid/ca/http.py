@@ -31,8 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 from meshid import _x509
+from meshid._listen import parse_address
 from meshid.ca.ocsp import MAX_REQUEST_BYTES, OcspAnswer, OcspResponder
-from meshid.errors import ListenError
+from meshid.errors import InvalidAddressError, ListenError
 
 __all__ = ["IO_TIMEOUT", "MAX_URL_BYTES", "RevocationHttpServer"]
 
@@ -230,10 +231,11 @@ class RevocationHttpServer:
         Raises:
             ListenError: not ``HOST:PORT``, in use by another process, or cannot be bound.
         """
-        host, sep, port = self._listen.rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
-            raise ListenError(f"OCSP: --ocsp-listen {self._listen[:100]!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
-        address = (host.strip("[]") or "127.0.0.1", int(port))
+        try:
+            host, _, port = parse_address(self._listen, port_zero=True).rpartition(":")
+        except InvalidAddressError as err:
+            raise ListenError(f"OCSP: {err}") from err
+        address = (host.strip("[]"), int(port))
         try:
             server = _Server(address, self._responder, self._crl, self._observe, self._clock, self._max_connections)
         except OSError as err:
