@@ -133,11 +133,13 @@ def _audited(policy: dict[str, object], ca, bundles, server_source, caplog, *, s
     with sync_server(server_source, interceptor) as port:
         if start:
             interceptor.start()
-        for sid in (FRONTEND_ID, INTRUDER_ID, FRONTEND_ID):
-            source = meshid.StaticSource(ca.issue_svid(sid), bundles)
-            with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
-                call(channel)
-        interceptor.close()
+        try:
+            for sid in (FRONTEND_ID, INTRUDER_ID, FRONTEND_ID):
+                source = meshid.StaticSource(ca.issue_svid(sid), bundles)
+                with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+                    call(channel)
+        finally:
+            interceptor.close()
     return [r.meshid_audit["decision"] for r in _records(caplog)]  # type: ignore[attr-defined]
 
 

@@ -81,7 +81,10 @@ def test_an_agent_with_a_used_token_exits_at_once_with_one_line(running_ca, tmp_
     token = running_ca.enroll(WORKLOAD, LIFETIME)
     fetch_svid(running_ca.address, running_ca.bundle_file, token)  # the token is spent
     agent, _out, err = _agent(running_ca, tmp_path, token)
-    assert agent.wait(timeout=60) == 2
+    try:
+        assert agent.wait(timeout=60) == 2
+    finally:
+        _end(agent)
     lines = err.read_text().strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("meshid: agent: issuer source: first issuance refused: svid fetch: "), lines[0]
@@ -92,7 +95,10 @@ def test_an_agent_with_wait_and_no_ca_ends_with_the_unreachable_exit_code(runnin
     token = running_ca.enroll(WORKLOAD, LIFETIME)
     running_ca.stop()
     agent, _out, err = _agent(running_ca, tmp_path, token, "--wait", "2s")
-    assert agent.wait(timeout=60) == 3
+    try:
+        assert agent.wait(timeout=60) == 3
+    finally:
+        _end(agent)
     last = err.read_text().strip().splitlines()[-1]
     assert last.startswith("meshid: agent: issuer source: first issuance: no CA answered within 2s: "), last
     assert "Traceback" not in err.read_text()
@@ -136,9 +142,11 @@ def test_close_ends_a_first_issuance_waiting_for_the_ca(clocked_ca, clock) -> No
 
     starter = threading.Thread(target=start, name="test-start")
     starter.start()
-    step(clock)
-    source.close()
-    starter.join(30)
+    try:
+        step(clock)
+    finally:
+        source.close()
+        starter.join(30)
     assert [str(f) for f in failures] == ["issuer source: closed while waiting for the CA for the first issuance"]
 
 

@@ -237,21 +237,22 @@ def test_renewals_survive_a_postgres_restart_without_restarting_the_ca(
 ) -> None:
     dsn = new_database(restartable.dsn)
     ca = start_ca(tmp_path / "ca", dsn)
-    address = f"127.0.0.1:{ca.port}"
-    roots = read_roots(tmp_path / "ca" / "ca" / "bundle.pem")
-    workloads = []
-    for i in range(4):
-        sid = f"spiffe://example.org/ns/batch/sa/w{i}"
-        first = issue_with_token(address, roots, enroll(ca, tmp_path / "ca" / "ca", sid))
-        workloads.append(Workload(sid, first.svid, meshid.BundleSet.of(first.bundle), [first.svid.serial]))
     phase, stop = [UP], threading.Event()
-    threads = [threading.Thread(target=w.run, args=(address, phase, stop)) for w in workloads]
+    threads: list[threading.Thread] = []
     health_seen: dict[str, int] = {}
     try:
+        address = f"127.0.0.1:{ca.port}"
+        roots = read_roots(tmp_path / "ca" / "ca" / "bundle.pem")
+        workloads = []
+        for i in range(4):
+            sid = f"spiffe://example.org/ns/batch/sa/w{i}"
+            first = issue_with_token(address, roots, enroll(ca, tmp_path / "ca" / "ca", sid))
+            workloads.append(Workload(sid, first.svid, meshid.BundleSet.of(first.bundle), [first.svid.serial]))
         with health_of(ca, tmp_path / "ca" / "ca") as health:
             assert health() == health_pb2.HealthCheckResponse.SERVING
-            for t in threads:
-                t.start()
+            for w in workloads:
+                threads.append(threading.Thread(target=w.run, args=(address, phase, stop)))
+                threads[-1].start()
 
             def every_workload(phase_: int, times: int, *, ok: bool) -> bool:
                 return all(w.count(phase_, ok=ok) >= times for w in workloads)
