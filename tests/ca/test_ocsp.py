@@ -356,13 +356,12 @@ def test_ca_config_set_changes_the_urls_of_a_running_ca(tmp_path: Path) -> None:
         assert x509.AuthorityInformationAccess not in {type(e.value) for e in first.leaf.extensions}
         changed = meshid("ca", "config", "set", "--data-dir", str(data_dir), "--ocsp-url", ca.ocsp_url)
         assert changed.returncode == 0, changed.stderr
-        deadline = time.monotonic() + 10
-        while True:
-            svid = ca.enroll(f"ns/a/n{int(time.monotonic() * 1000)}", tmp_path / "later")
-            if x509.AuthorityInformationAccess in {type(e.value) for e in svid.leaf.extensions}:
-                break
-            assert time.monotonic() < deadline, "the running CA did not pick up the OCSP URL"
-            time.sleep(0.1)
+
+        def enrolled_with_aia() -> X509Svid | None:
+            svid = ca.enroll(f"ns/a/n{time.monotonic_ns()}", tmp_path / "later")
+            return svid if x509.AuthorityInformationAccess in {type(e.value) for e in svid.leaf.extensions} else None
+
+        svid = eventually(enrolled_with_aia, 10, "the running CA to pick up the OCSP URL", interval=0.1)
         assert x509.CRLDistributionPoints not in {type(e.value) for e in svid.leaf.extensions}
         # and openssl follows the URL in the certificate (-url taken from the AIA)
         result = openssl(
@@ -436,13 +435,12 @@ def test_after_a_key_rotation_the_old_keys_svids_are_still_answered_for(tmp_path
         for step in ("prepare", "activate"):
             done = meshid("ca", "rotate", step, "--data-dir", str(data_dir))
             assert done.returncode == 0, done.stderr
-        deadline = time.monotonic() + 10
-        while True:  # the running CA picks up the new key
-            new = ca.enroll(f"ns/r/n{int(time.monotonic() * 1000)}", tmp_path / "new")
-            if new.leaf.issuer != old.leaf.issuer:
-                break
-            assert time.monotonic() < deadline, "the running CA did not take the new key"
-            time.sleep(0.1)
+
+        def enrolled_by_the_new_key() -> X509Svid | None:
+            new = ca.enroll(f"ns/r/n{time.monotonic_ns()}", tmp_path / "new")
+            return new if new.leaf.issuer != old.leaf.issuer else None
+
+        eventually(enrolled_by_the_new_key, 10, "the running CA to take the new key", interval=0.1)
         for issuer, folder in ((old_issuer, "old"), (ca.issuer_file, "new")):
             cert = tmp_path / folder / "svid.pem"
             result = openssl(
