@@ -11,6 +11,11 @@ Rules enforced here:
   them only node agents' IDs get tokens, for node attestation (:mod:`meshid.ca.agents`).
 * An entry with a parent (a node agent's ID) has at least one selector, and its SVIDs go only
   to that agent: no join token is made for it, and its SVIDs are not renewed by their holders.
+* A JWT-SVID goes to the holder of a valid X509-SVID for its own SPIFFE ID only (or to the node
+  agent an entry is parented to); it lives ``min(5 minutes, entry TTL, CA maximum)``; its
+  audience is 1 to :data:`MAX_AUDIENCES` non-empty strings of at most
+  :data:`MAX_AUDIENCE_LENGTH` characters, :data:`MAX_AUDIENCE_BYTES` in all (so the token stays
+  well under the 8 KiB validators accept). JWT-SVIDs are not recorded in the store.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
@@ -30,12 +36,14 @@ from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
+from meshid.ca.jwt_keys import JWT_SVID_TTL, JwtKeys
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
 from meshid.ca.selectors import parse_selectors
 from meshid.ca.store import Entry, Signer, Store
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import (
     InvalidRequestError,
+    IssuanceError,
     InvalidSpiffeIdError,
     NotAuthorizedError,
     NotFoundError,
@@ -46,8 +54,14 @@ from meshid.errors import (
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import IDENTITY_DNS_ZONE
 
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
+
 __all__ = [
     "AGENT_PREFIX",
+    "MAX_AUDIENCES",
+    "MAX_AUDIENCE_BYTES",
+    "MAX_AUDIENCE_LENGTH",
     "DEFAULT_TOKEN_TTL",
     "DEFAULT_TTL",
     "Issued",
@@ -66,6 +80,10 @@ MAX_DNS_NAMES = 32
 RESERVED_PREFIX = "/meshid/"
 #: Node agents' IDs: ``spiffe://<td>/meshid/agent/<name>``, one path segment for the name.
 AGENT_PREFIX = "/meshid/agent/"
+#: A JWT-SVID's audience: at most this many values, each at most this long, this many bytes in all.
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_LENGTH = 2048
+MAX_AUDIENCE_BYTES = 4096
 _DNS = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -92,6 +110,32 @@ def is_agent_id(spiffe_id: SpiffeId) -> bool:
     """Whether ``spiffe_id`` names a node agent (``/meshid/agent/<name>``, any trust domain)."""
     name = spiffe_id.path.removeprefix(AGENT_PREFIX)
     return spiffe_id.path.startswith(AGENT_PREFIX) and bool(name) and "/" not in name
+
+
+def check_audience(audience: object, what: str) -> tuple[str, ...]:
+    """The audience of a JWT-SVID request, checked; repeats dropped, order kept.
+
+    Raises:
+        InvalidRequestError: not a list of strings, empty, too many, or too long.
+    """
+    if isinstance(audience, str) or not isinstance(audience, Sequence):
+        raise InvalidRequestError(f"{what}: the audience must be a list of strings")
+    if not audience:
+        raise InvalidRequestError(f"{what}: an audience is required (the JWT-SVID standard requires aud)")
+    if len(audience) > MAX_AUDIENCES:
+        raise InvalidRequestError(f"{what}: at most {MAX_AUDIENCES} audience values, not {len(audience)}")
+    for value in audience:
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"{what}: each audience value must be a string, not {type(value).__name__}")
+        if not value:
+            raise InvalidRequestError(f"{what}: an audience value is empty")
+        if len(value) > MAX_AUDIENCE_LENGTH:
+            raise InvalidRequestError(f"{what}: an audience value is longer than {MAX_AUDIENCE_LENGTH} characters")
+        if not value.isprintable():
+            raise InvalidRequestError(f"{what}: an audience value holds control characters")
+    if sum(len(v.encode()) for v in audience) > MAX_AUDIENCE_BYTES:
+        raise InvalidRequestError(f"{what}: the audience is longer than {MAX_AUDIENCE_BYTES} bytes in all")
+    return tuple(dict.fromkeys(audience))
 
 
 def token_hash(token: str) -> bytes:
@@ -140,8 +184,11 @@ class IssuingService:
         creations_per_minute: int = 60,
         max_csr_bytes: int = MAX_CSR_BYTES,
         clock: Clock = SYSTEM_CLOCK,
+        jwt_keys: JwtKeys | None = None,
     ) -> None:
         self.authority = authority
+        #: The JWT-SVID signing keys; None: this CA issues no JWT-SVIDs (FAILED_PRECONDITION).
+        self.jwt_keys = jwt_keys
         self.store = store
         self.max_ttl = max_ttl
         self._max_csr_bytes = max_csr_bytes
@@ -158,6 +205,10 @@ class IssuingService:
         with self._crl_lock:
             self.authority = authority
             self._crl = None
+
+    def set_jwt_keys(self, keys: JwtKeys) -> None:
+        """Sign JWT-SVIDs with ``keys.signing`` from now on and publish all of ``keys``."""
+        self.jwt_keys = keys
 
     def now(self) -> datetime.datetime:
         """The time on the CA's clock."""
@@ -243,8 +294,7 @@ class IssuingService:
             )
         except NotFoundError as err:
             raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more") from err
-        bundle = TrustBundle(authority.trust_domain, authority.roots, sequence)
-        return Issued(entry.spiffe_id, chain, bundle, now)  # type: ignore[arg-type]
+        return Issued(entry.spiffe_id, chain, self._bundle(authority, sequence), now)  # type: ignore[arg-type]
 
     def issue_internal(
         self, spiffe_id: SpiffeId, public_key: object, *, capped: bool = False
@@ -256,7 +306,55 @@ class IssuingService:
         return chain  # type: ignore[return-value]
 
     def bundle(self) -> TrustBundle:
-        return TrustBundle(self.authority.trust_domain, self.authority.roots, self.store.bundle_sequence())
+        """The trust domain's bundle: the roots in force and the JWT keys published, with its sequence."""
+        return self._bundle(self.authority, self.store.bundle_sequence())
+
+    def _bundle(self, authority: Authority, sequence: int | None) -> TrustBundle:
+        bundle = TrustBundle(authority.trust_domain, authority.roots, sequence)
+        keys = self.jwt_keys
+        return bundle if keys is None else bundle.with_jwt_authorities(keys.published)
+
+    def new_jwt_svid(
+        self, caller: SpiffeId, audience: Sequence[str], requested: str = "", caller_serial: int | None = None
+    ) -> JwtSvid:
+        """A JWT-SVID for the caller's own SPIFFE ID (authenticated by its X509-SVID).
+
+        Raises:
+            InvalidRequestError: a bad audience.
+            NotAuthorizedError: asks for another SPIFFE ID, the caller is a node agent or the
+                CA's own, has no entry any more, its entry is served by a node agent, or its
+                SVID was revoked.
+            IssuanceError: this CA has no JWT signing key (FAILED_PRECONDITION).
+        """
+        what = "JWT-SVID"
+        if requested and requested != str(caller):
+            raise NotAuthorizedError(f"{what}: {caller} may ask only for its own SPIFFE ID, not {requested[:200]}")
+        chosen = check_audience(audience, what)
+        if is_agent_id(caller) or (caller.path + "/").startswith(RESERVED_PREFIX):
+            raise NotAuthorizedError(
+                f"{what}: {caller} is reserved for meshid itself; a node agent asks with meshid.v1.Agent/BatchNewJwtSvid"
+            )
+        if caller_serial is not None and self.is_revoked(caller_serial):
+            raise NotAuthorizedError(f"{what}: the SVID {caller_serial:x} of {caller} is revoked")
+        entry = self.store.get_entry(caller)
+        if entry is None:
+            raise NotAuthorizedError(f"{what}: {caller} has no registration entry any more")
+        if entry.parent_id is not None:
+            raise NotAuthorizedError(f"{what}: {caller} is served by node agent {entry.parent_id}; ask it instead")
+        return self.sign_jwt_svid(entry, chosen)
+
+    def sign_jwt_svid(self, entry: Entry, audience: Sequence[str]) -> JwtSvid:
+        """Sign a JWT-SVID for ``entry`` (its audience already checked): no authorization here.
+
+        Raises:
+            IssuanceError: this CA has no JWT signing key (FAILED_PRECONDITION).
+        """
+        keys = self.jwt_keys
+        if keys is None:
+            raise IssuanceError("JWT-SVID: this CA has no JWT signing key; restart `meshid ca serve`")
+        lifetime = min(JWT_SVID_TTL, entry.ttl, self.max_ttl)
+        now = self._clock.now().replace(microsecond=0)
+        return keys.sign(entry.spiffe_id, audience, lifetime=lifetime, now=now)
 
     def crl(self) -> tuple[bytes, int]:
         """The current signed CRL (DER) and its number; rebuilt after a revocation or half-way to next update."""

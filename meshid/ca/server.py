@@ -31,10 +31,12 @@ from meshid.ca.authority import Authority, generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
 from meshid.ca.datadir import (
     load_authority,
+    load_jwt_keys,
     load_retired_authorities,
     load_x509pop,
     open_service,
     refresh_admin_svid,
+    retire_due_jwt_keys,
     retire_due_roots,
 )
 from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
@@ -87,7 +89,12 @@ def ca_policy(service: IssuingService) -> AuthorizationPolicy:
                 },
                 {
                     "name": "node-agents",
-                    "methods": [f"{AGENT}RenewAgent", f"{AGENT}SyncEntries", f"{AGENT}BatchNewX509Svid"],
+                    "methods": [
+                        f"{AGENT}RenewAgent",
+                        f"{AGENT}SyncEntries",
+                        f"{AGENT}BatchNewX509Svid",
+                        f"{AGENT}BatchNewJwtSvid",
+                    ],
                     "spiffe_id_patterns": [f"spiffe://{service.authority.trust_domain.name}{AGENT_PREFIX}*"],
                 },
             ],
@@ -247,7 +254,8 @@ class CaServer:
 
     def _stamp(self) -> tuple[tuple[int, int, int], ...]:
         out = []
-        for name in ("ca.key", "ca.pem", "bundle.pem", "config.json"):  # config.json: `ca config set`
+        # config.json: `ca config set`; jwt-keys.json: a JWT key rotation
+        for name in ("ca.key", "ca.pem", "bundle.pem", "config.json", "jwt-keys.json"):
             try:
                 st = (self._data_dir / name).stat()
             except OSError:
@@ -261,18 +269,24 @@ class CaServer:
         assert self._source is not None
         try:
             authority, _ = load_authority(self._data_dir)
+            jwt_keys = load_jwt_keys(self._data_dir)
         except MeshIdError as err:  # e.g. mid-way through `ca rotate activate`: retry on the next poll
             log.warning("CA: data folder changed but cannot be loaded yet: %s", err)
             return
         self.service.set_authority(authority)
+        if jwt_keys is not None:
+            self.service.set_jwt_keys(jwt_keys)
         if self._http is not None:  # after a rotation, the old key still answers for its SVIDs
             self._retired = load_retired_authorities(self._data_dir)
         self._source.update(self._own_svid(), self._bundles())
         self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")
+        jwt = self.service.jwt_keys
         log.info(
-            "CA: now signing with %s; bundle holds %d root(s), sequence %s",
+            "CA: now signing with %s and JWT key %s; bundle holds %d root(s) and %d JWT key(s), sequence %s",
             authority.certificate.subject.rfc4514_string(),
+            jwt.signing.kid if jwt is not None else "(none)",
             len(authority.roots),
+            len(jwt.published) if jwt is not None else 0,
             self.service.bundle().sequence,
         )
 
@@ -308,6 +322,7 @@ class CaServer:
             try:
                 self._check_health()
                 retire_due_roots(self._data_dir)
+                retire_due_jwt_keys(self._data_dir)
                 current = self._stamp()
                 if current != stamp:
                     stamp = current
