@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING
 
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
-from meshid.agent.node_attestation import attest_node
 from meshid.agent.jwt_cache import JwtSvidCache
+from meshid.agent.node_attestation import attest_node
 from meshid.agent.node_cache import EntryCache, retry_delay
 from meshid.agent.saved_svid import load_saved_svid
 from meshid.bundle import BundleSet, TrustBundle

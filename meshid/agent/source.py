@@ -39,13 +39,13 @@ from meshid._files import write_svid_files
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.saved_svid import load_saved_svid
 from meshid.bundle import BundleSet, TrustBundle
-from meshid.workloadapi.wire import same_trust
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, RemoteError, SourceError
 from meshid.peer import PeerIdentity
 from meshid.revocation import CrlKeeper, _warn_if_stale
 from meshid.spiffeid import SpiffeId
 from meshid.svid import X509Svid
+from meshid.workloadapi.wire import same_trust
 
 if TYPE_CHECKING:
     from meshid.ca.client import IssuerClient

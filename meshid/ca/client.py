@@ -163,7 +163,9 @@ def _bundle_from(td: TrustDomain, message: Any) -> TrustBundle:
     keys: dict[str, Any] = {}
     for jwk in message.jwt_keys:
         if not jwk.kid or jwk.kid in keys:
-            raise InvalidBundleError(f"trust bundle: the CA returned a JWT key with an empty or repeated kid {jwk.kid!r}")
+            raise InvalidBundleError(
+                f"trust bundle: the CA returned a JWT key with an empty or repeated kid {jwk.kid!r}"
+            )
         try:
             keys[jwk.kid] = serialization.load_der_public_key(jwk.public_key)
         except _x509.PARSE_ERRORS as err:

@@ -207,7 +207,9 @@ def init_data_dir(
     if max_ttl <= datetime.timedelta(0):
         raise DataDirError("CA init: --ttl must be positive")
     if jwt_key_type not in JWT_KEY_TYPES:
-        raise DataDirError(f"CA init: --jwt-key-type {jwt_key_type!r} is unknown; use one of {', '.join(JWT_KEY_TYPES)}")
+        raise DataDirError(
+            f"CA init: --jwt-key-type {jwt_key_type!r} is unknown; use one of {', '.join(JWT_KEY_TYPES)}"
+        )
     if isinstance(dns_suffixes, str):
         raise DataDirError("CA init: dns_suffixes is a list of DNS suffixes, not one string")
     if dns_suffixes and upstream_cert is None:

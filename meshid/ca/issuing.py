@@ -36,15 +36,15 @@ from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
-from meshid.ca.jwt_keys import JWT_SVID_TTL, JwtKeys
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
+from meshid.ca.jwt_keys import JWT_SVID_TTL, JwtKeys
 from meshid.ca.selectors import parse_selectors
 from meshid.ca.store import Entry, Signer, Store
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import (
     InvalidRequestError,
-    IssuanceError,
     InvalidSpiffeIdError,
+    IssuanceError,
     NotAuthorizedError,
     NotFoundError,
     RateLimitedError,
@@ -59,11 +59,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AGENT_PREFIX",
+    "DEFAULT_TOKEN_TTL",
+    "DEFAULT_TTL",
     "MAX_AUDIENCES",
     "MAX_AUDIENCE_BYTES",
     "MAX_AUDIENCE_LENGTH",
-    "DEFAULT_TOKEN_TTL",
-    "DEFAULT_TTL",
     "Issued",
     "IssuingService",
     "admin_id",
@@ -332,7 +332,7 @@ class IssuingService:
         chosen = check_audience(audience, what)
         if is_agent_id(caller) or (caller.path + "/").startswith(RESERVED_PREFIX):
             raise NotAuthorizedError(
-                f"{what}: {caller} is reserved for meshid itself; a node agent asks with meshid.v1.Agent/BatchNewJwtSvid"
+                f"{what}: {caller} is reserved for meshid itself; node agents ask with meshid.v1.Agent/BatchNewJwtSvid"
             )
         if caller_serial is not None and self.is_revoked(caller_serial):
             raise NotAuthorizedError(f"{what}: the SVID {caller_serial:x} of {caller} is revoked")

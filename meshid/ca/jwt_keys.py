@@ -235,7 +235,9 @@ class JwtKeys:
         retiring = raw.get("retiring", [])
         if not isinstance(retiring, list) or len(retiring) > _MAX_RETIRING:
             raise ValueError(f"JWT keys: retiring must be a list of at most {_MAX_RETIRING} keys")
-        return cls(signing, prepared, tuple(_retiring(item, f"JWT keys: retiring[{i}]") for i, item in enumerate(retiring)))
+        return cls(
+            signing, prepared, tuple(_retiring(item, f"JWT keys: retiring[{i}]") for i, item in enumerate(retiring))
+        )
 
 
 def _fields(raw: Any, allowed: set[str], what: str) -> None:

@@ -574,7 +574,7 @@ class AttestedWorkloadApiServer:
         caller = self._identify(stream)
         try:
             _, answer = await self._attested(caller, None, build)
-            return answer
+            return answer  # type: ignore[no-any-return]
         finally:
             caller.close()
 

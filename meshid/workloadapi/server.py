@@ -149,7 +149,10 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         return _validate(context, request, bundles)
 
 
-_RELAYED = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED}
+_RELAYED = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+}
 
 
 def _jwt_bundles(source: Source) -> BundleSet:
@@ -163,9 +166,7 @@ def _validate(context: grpc.ServicerContext, request: Any, bundles: BundleSet) -
         svid = JwtSvid.parse_and_validate(request.svid, bundles, [request.audience])
     except InvalidJwtSvidError as err:
         context.abort(_BAD_TOKEN, str(err))
-    return workload_pb2.ValidateJWTSVIDResponse(
-        spiffe_id=str(svid.spiffe_id), claims=wire.claims_struct(svid.claims)
-    )
+    return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=wire.claims_struct(svid.claims))
 
 
 class WorkloadApiServer:

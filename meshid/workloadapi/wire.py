@@ -153,7 +153,6 @@ def parse_x509_svid_response(response: Any, want: SpiffeId | None) -> tuple[X509
     return svid, BundleSet.of(bundles)
 
 
-
 def _der(svid: X509Svid) -> tuple[bytes, bytes]:
     chain = b"".join(c.public_bytes(serialization.Encoding.DER) for c in svid.chain)
     key = svid.private_key.private_bytes(
