@@ -43,7 +43,7 @@ from meshid._files import write_svid_files
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.node_attestation import attest_node
 from meshid.agent.node_cache import EntryCache, retry_delay
-from meshid.agent.saved_svid import load_saved_svid
+from meshid.agent.saved_svid import load_saved_svid, write_jwt_bundle
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.ca.authority import generate_key
 from meshid.ca.client import AgentClient, AgentEntry
@@ -399,8 +399,9 @@ class NodeAgent:
         svid, bundles = self._svid, self._bundles
         assert svid is not None and bundles is not None
         try:
-            bundle_pem = bundles[svid.spiffe_id.trust_domain].to_pem()
-            write_svid_files(self._data_dir, svid.chain_pem(), svid.key_pem(), bundle_pem)
+            own = bundles[svid.spiffe_id.trust_domain]
+            write_svid_files(self._data_dir, svid.chain_pem(), svid.key_pem(), own.to_pem())
+            write_jwt_bundle(self._data_dir, own)
         except OSError as err:  # serve on; a restart would attest again
             self._last_error = f"cannot write {self._data_dir}: {err}"
             log.error("node agent: %s", self._last_error)

@@ -37,7 +37,7 @@ from meshid import metrics
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
 from meshid.agent.jwt_cache import JwtSvidCache
-from meshid.agent.saved_svid import load_saved_svid
+from meshid.agent.saved_svid import load_saved_svid, write_jwt_bundle
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, RemoteError, SourceError
@@ -357,9 +357,9 @@ class IssuerSource:
         file_error = None
         if self._svid_dir is not None:
             try:
-                write_svid_files(
-                    self._svid_dir, svid.chain_pem(), svid.key_pem(), bundles[svid.spiffe_id.trust_domain].to_pem()
-                )
+                own = bundles[svid.spiffe_id.trust_domain]
+                write_svid_files(self._svid_dir, svid.chain_pem(), svid.key_pem(), own.to_pem())
+                write_jwt_bundle(self._svid_dir, own)
             except OSError as err:  # present the new SVID anyway; say the files are stale
                 file_error = f"cannot write {self._svid_dir}: {err}"
                 log.error("issuer source: %s", file_error)
@@ -501,6 +501,7 @@ class IssuerSource:
             )  # fmt: skip
             if self._svid_dir is not None:
                 write_svid_files(self._svid_dir, svid.chain_pem(), svid.key_pem(), bundle.to_pem())
+                write_jwt_bundle(self._svid_dir, bundle)
             self._notifier.notify()
 
     def _run(self, stop: threading.Event) -> None:

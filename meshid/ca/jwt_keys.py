@@ -36,7 +36,16 @@ from meshid.spiffeid import SpiffeId
 if TYPE_CHECKING:
     from meshid.jwtsvid import JwtSvid
 
-__all__ = ["JWT_KEY_TYPES", "JWT_SVID_TTL", "JwtKey", "JwtKeys", "RetiringJwtKey", "new_key_id"]
+__all__ = [
+    "JWT_KEY_TYPES",
+    "JWT_SVID_TTL",
+    "JwtKey",
+    "JwtKeys",
+    "RetiringJwtKey",
+    "generate_jwt_key",
+    "key_type",
+    "new_key_id",
+]
 
 #: ``ca init --jwt-key-type`` choices.
 JWT_KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")

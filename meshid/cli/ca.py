@@ -63,6 +63,13 @@ def register(groups: Any) -> None:
         metavar="URL",
         help="every SVID names this CRL (CRL distribution point), e.g. http://HOST:PORT/crl.der",
     )
+    init.add_argument(
+        "--jwt-key-type",
+        choices=("ec-p256", "ec-p384", "rsa-2048"),
+        default="ec-p256",
+        help="the JWT-SVID signing key, separate from the X.509 CA key: ec-p256 (ES256, default), ec-p384 "
+        "(ES384) or rsa-2048 (RS256); rotations keep the type",
+    )
     init.set_defaults(run=run_init)
     config = commands.add_parser("config", help="change a CA's configuration (a running CA picks it up)")
     config_steps = config.add_subparsers(dest="step", required=True)
@@ -105,14 +112,22 @@ def register(groups: Any) -> None:
     serve.set_defaults(run=run_serve, long_running=True)
     rotate = commands.add_parser("rotate", help="rotate the CA's signing key with no failed handshake")
     steps = rotate.add_subparsers(dest="step", required=True)
-    prepare = steps.add_parser("prepare", help="create the next CA and publish its root in the bundle")
+    prepare = steps.add_parser(
+        "prepare", help="create the next CA and JWT signing key and publish their root and key in the bundle"
+    )
     prepare.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
     prepare.add_argument(
         "--upstream-cert", metavar="FILE", help="chain the next CA under this upstream CA certificate (PEM)"
     )
     prepare.add_argument("--upstream-key", metavar="FILE", help="the upstream CA's private key (PEM)")
+    prepare.add_argument(
+        "--jwt-only", action="store_true", help="prepare only the next JWT signing key (the X.509 CA stays as it is)"
+    )
     prepare.set_defaults(run=run_prepare)
-    activate = steps.add_parser("activate", help="sign with the prepared CA; the old root retires after the max TTL")
+    activate = steps.add_parser(
+        "activate",
+        help="sign with what is prepared; the old root retires after the max TTL, the old JWT key after 5 minutes",
+    )
     activate.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
     activate.add_argument(
         "--grace",
@@ -121,7 +136,7 @@ def register(groups: Any) -> None:
         help=f"extra time before the old root leaves (default 5m; {DURATION_FORMAT})",
     )
     activate.set_defaults(run=run_activate)
-    status = steps.add_parser("status", help="the roots in the bundle and what is retiring when")
+    status = steps.add_parser("status", help="the roots and JWT keys in the bundle and what is retiring when")
     status.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
     status.set_defaults(run=run_status)
 
@@ -141,8 +156,10 @@ def run_init(args: argparse.Namespace) -> int:
         agent_id_template=args.agent_id_template,
         ocsp_url=args.ocsp_url,
         crl_url=args.crl_url,
+        jwt_key_type=args.jwt_key_type,
     )
     print(f"CA for trust domain {config.trust_domain} created in {args.data_dir}")
+    print(f"  JWT-SVIDs signed by a {args.jwt_key_type} key of its own: {args.data_dir}/jwt-keys.json")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
     print(f"  SVIDs last at most {show(config.max_ttl)} (--ttl), the admin SVID too; `meshid ca serve` renews it")
     if config.agent_id_template is not None:
@@ -196,10 +213,21 @@ def run_config_set(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from meshid.ca.datadir import prepare_rotation
+    from meshid.ca.datadir import load_jwt_keys, prepare_jwt_rotation, prepare_rotation
 
+    if args.jwt_only:
+        if args.upstream_cert or args.upstream_key:
+            print("meshid: ca rotate prepare: --jwt-only takes no --upstream-cert/--upstream-key", file=sys.stderr)
+            return 2
+        key = prepare_jwt_rotation(args.data_dir)
+        print(f"prepared JWT key {key.kid}; the bundle publishes it now, it signs nothing yet.")
+        print("Activate once relying parties have fetched the new bundle: meshid ca rotate activate")
+        return 0
     cert = prepare_rotation(args.data_dir, upstream_cert=args.upstream_cert, upstream_key=args.upstream_key)
     print(f"prepared {cert.subject.rfc4514_string()}; its root is in {args.data_dir}/bundle.pem now.")
+    keys = load_jwt_keys(args.data_dir)
+    if keys is not None and keys.prepared is not None:
+        print(f"prepared JWT key {keys.prepared.kid}; the bundle publishes it now.")
     print("Activate once workloads have fetched the new bundle (one refresh interval): meshid ca rotate activate")
     return 0
 
@@ -208,7 +236,7 @@ def run_activate(args: argparse.Namespace) -> int:
     from meshid.ca.datadir import activate_rotation
 
     activate_rotation(args.data_dir, grace=args.grace)
-    print("activated: the CA signs with the new key; the old root leaves the bundle once its SVIDs have expired")
+    print("activated: the CA signs with what was prepared; old keys leave the bundle once what they signed has expired")
     return 0
 
 
@@ -217,7 +245,8 @@ def run_status(args: argparse.Namespace) -> int:
     import pathlib
 
     from meshid import _x509
-    from meshid.ca.datadir import load_authority
+    from meshid.ca.datadir import load_authority, load_jwt_keys
+    from meshid.ca.jwt_keys import key_type
 
     authority, _ = load_authority(args.data_dir)
     signing = _x509.thumbprint(authority.certificate)
@@ -230,4 +259,11 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
     if (pathlib.Path(args.data_dir) / "next" / "ca.key").exists():
         print("a next CA is prepared; run `meshid ca rotate activate`")
+    keys = load_jwt_keys(args.data_dir)
+    if keys is not None:
+        print(f"JWT key {keys.signing.kid}  {key_type(keys.signing.private_key)}  signing")
+        if keys.prepared is not None:
+            print(f"JWT key {keys.prepared.kid}  {key_type(keys.prepared.private_key)}  prepared")
+        for old in keys.retiring:
+            print(f"JWT key {old.kid}  {key_type(old.public_key)}  retiring after {old.retire_after.isoformat()}")
     return 0

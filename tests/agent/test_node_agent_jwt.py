@@ -39,7 +39,9 @@ def served(tmp_path: Path) -> Iterator[tuple[AgentCa, str]]:
         me = [f"unix:uid:{os.geteuid()}"]
         with ca.admin() as admin:
             for sid, selectors in ((WEB, me), (BATCH, me), (NOT_MINE, [f"unix:uid:{os.geteuid() + 4242}"])):
-                admin.create_entry(sid, [], datetime.timedelta(minutes=10), parent_id=agent_id("node-1"), selectors=selectors)
+                admin.create_entry(
+                    sid, [], datetime.timedelta(minutes=10), parent_id=agent_id("node-1"), selectors=selectors
+                )
             token = str(admin.create_agent_token("node-1").token)
         agent = NodeAgent(ca.address, ca.bundle_file, tmp_path / "agent", join_token=token).start()
         server = AttestedWorkloadApiServer(agent, str(tmp_path / "agent.sock")).start()

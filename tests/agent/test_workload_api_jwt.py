@@ -74,7 +74,7 @@ def agent(running_ca, tmp_path: Path) -> Iterator[Agent]:
         yield started
     finally:
         code, err = started.stop()
-        assert "Traceback" not in err, err
+        assert code == 0 and "Traceback" not in err, err
 
 
 @pytest.fixture
@@ -180,7 +180,10 @@ def test_the_jwt_methods_answer_as_the_standard_says(running_ca, agent: Agent, c
         return refused.value.code(), refused.value.details()
 
     fetch = workload_pb2.JWTSVIDRequest(audience=[AUDIENCE])
-    assert code("FetchJWTSVID", fetch, None) == (grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
+    assert code("FetchJWTSVID", fetch, None) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "security header missing from request",
+    )
     assert code("ValidateJWTSVID", workload_pb2.ValidateJWTSVIDRequest(audience=AUDIENCE, svid="x"), None)[0] == (
         grpc.StatusCode.INVALID_ARGUMENT
     )

@@ -129,7 +129,7 @@ def test_an_audience_that_is_not_a_list_of_strings_is_refused(ca: AgentCa) -> No
     svid = ca.workload("ns/prod/sa/web")
     service = ca.server.service
     for audience in ("spiffe://example.org/backend", [42], None):
-        with pytest.raises(InvalidRequestError, match="must be a list of strings|must be a string"):
+        with pytest.raises(InvalidRequestError, match=r"must be a list of strings|must be a string"):
             service.new_jwt_svid(svid.spiffe_id, audience)  # type: ignore[arg-type]
 
 
@@ -205,8 +205,10 @@ def test_a_jwt_key_rotation_publishes_first_signs_next_and_retires_after_the_tok
         prepared = prepare_jwt_rotation(ca.folder)
         assert prepare_jwt_rotation(ca.folder) == prepared  # idempotent
         eventually(
-            lambda: set(get_bundle_with_svid(ca.address, svid, ca.bundles).jwt_authorities)
-            == {old.signing.kid, prepared.kid},
+            lambda: (
+                set(get_bundle_with_svid(ca.address, svid, ca.bundles).jwt_authorities)
+                == {old.signing.kid, prepared.kid}
+            ),
             10,
             "the CA to publish the prepared key",
         )
