@@ -238,3 +238,49 @@ def test_py_spiffe_sees_a_refusal_as_an_error(running_ca, agent: Agent, closing)
     client = closing(spiffe.WorkloadApiClient(socket_path=f"unix://{agent.socket}"))
     with pytest.raises(FetchJwtSvidError):
         client.fetch_jwt_svid({AUDIENCE}, subject=spiffe.SpiffeId(OTHER))
+
+
+def test_jwt_bundles_carry_every_trust_domain_and_validate_a_federated_token(tmp_path: Path, request) -> None:
+    """A WorkloadApiServer over a source holding a federated bundle: FetchJWTBundles sends one JWK
+    Set per trust domain, and ValidateJWTSVID validates a partner's token with the partner's keys."""
+    from meshid.ca import Authority
+    from meshid.ca.jwt_keys import JwtKeys
+    from meshid.jwtsvid import sign_jwt_svid
+    from meshid.workloadapi import WorkloadApiServer
+
+    own, partner = (
+        Authority.create_root(meshid.TrustDomain.parse(TD)),
+        Authority.create_root(meshid.TrustDomain.parse("partner.org")),
+    )
+    own_keys, partner_keys = JwtKeys.generate(), JwtKeys.generate("rsa-2048")
+    bundles = meshid.BundleSet.of(
+        meshid.TrustBundle(own.trust_domain, own.roots).with_jwt_authorities(own_keys.published),
+        meshid.TrustBundle(partner.trust_domain, partner.roots).with_jwt_authorities(partner_keys.published),
+    )
+    server = WorkloadApiServer(meshid.StaticSource(own.issue_svid(WORKLOAD), bundles), str(tmp_path / "api.sock"))
+    server.start()
+    request.addfinalizer(server.stop)
+    client = spiffe.WorkloadApiClient(socket_path=f"unix://{server.path}")
+    request.addfinalizer(client.close)
+
+    fetched = client.fetch_jwt_bundles()
+    for td, keys in ((TD, own_keys), ("partner.org", partner_keys)):
+        bundle = fetched.get_bundle_for_trust_domain(spiffe.TrustDomain(td))
+        assert bundle is not None and set(bundle.jwt_authorities) == {keys.signing.kid}
+    now = datetime.datetime.now(datetime.UTC)
+    billing = meshid.SpiffeId.parse("spiffe://partner.org/ns/prod/sa/billing")
+    token = sign_jwt_svid(
+        partner_keys.signing.private_key, partner_keys.signing.kid, billing, [AUDIENCE],
+        lifetime=datetime.timedelta(minutes=5), now=now,
+    )  # fmt: skip
+    assert str(client.validate_jwt_svid(token.token, AUDIENCE).spiffe_id) == str(billing)
+    # The partner's key under the own trust domain's name is no key of the own trust domain.
+    forged = sign_jwt_svid(
+        partner_keys.signing.private_key, partner_keys.signing.kid, meshid.SpiffeId.parse(WORKLOAD), [AUDIENCE],
+        lifetime=datetime.timedelta(minutes=5), now=now,
+    )  # fmt: skip
+    with pytest.raises(ValidateJwtSvidError):
+        client.validate_jwt_svid(forged.token, AUDIENCE)
+    # A source that is no JwtSource hands out no JWT-SVIDs.
+    with pytest.raises(FetchJwtSvidError):
+        client.fetch_jwt_svid({AUDIENCE})
