@@ -267,6 +267,7 @@ def init_data_dir(
         if store.bundle_sequence() == 0:
             store.bump_bundle_sequence()
         service = IssuingService(authority, store, max_ttl=max_ttl, jwt_keys=jwt_keys)
+        service.publish_jwt_keys()  # for replicas on a shared store: each one's bundle carries every key
         refresh_admin_svid(service, paths["admin"])
     finally:
         store.close()

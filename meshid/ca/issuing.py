@@ -16,6 +16,10 @@ Rules enforced here:
   audience is 1 to :data:`MAX_AUDIENCES` non-empty strings of at most
   :data:`MAX_AUDIENCE_LENGTH` characters, :data:`MAX_AUDIENCE_BYTES` in all (so the token stays
   well under the 8 KiB validators accept). JWT-SVIDs are not recorded in the store.
+* The bundle's JWT keys are this CA's (its data folder's) and those every other CA on the same
+  store publishes (replicas on PostgreSQL): :meth:`IssuingService.publish_jwt_keys` puts this
+  CA's in the store, a key in use for :data:`JWT_KEY_PUBLISHED_FOR` at a time (renewed while
+  the CA runs), a retiring one until its retirement time.
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
-from meshid.ca.jwt_keys import JWT_SVID_TTL, JwtKeys
+from meshid.ca.jwt_keys import JWT_SVID_TTL, JwtKeys, JwtPublicKey
 from meshid.ca.selectors import parse_selectors
 from meshid.ca.store import Entry, Signer, Store
 from meshid.clock import SYSTEM_CLOCK, Clock
@@ -84,6 +91,9 @@ AGENT_PREFIX = "/meshid/agent/"
 MAX_AUDIENCES = 16
 MAX_AUDIENCE_LENGTH = 2048
 MAX_AUDIENCE_BYTES = 4096
+#: A JWT key in use is published in the store this long at a time, renewed at a third of it:
+#: a replica that is gone stops being trusted this long after (longer than a token lives).
+JWT_KEY_PUBLISHED_FOR = datetime.timedelta(minutes=15)
 _DNS = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -197,6 +207,10 @@ class IssuingService:
         self._crl_lock = threading.Lock()
         self._crl: tuple[bytes, int, datetime.datetime, frozenset[int]] | None = None
         self._revoked = {r.serial for r in store.revoked_unexpired(clock.now())}
+        # The JWT keys other CAs on the store publish, read once per bundle sequence.
+        self._shared_jwt: tuple[int | None, dict[str, JwtPublicKey]] = (None, {})
+        self._jwt_published_at: float | None = None
+        self._jwt_published: frozenset[str] = frozenset()  # the kids this CA put in the store
 
     def set_authority(self, authority: Authority) -> None:
         """Sign with ``authority`` from now on (after a key rotation); the next CRL is signed by it."""
@@ -207,8 +221,41 @@ class IssuingService:
             self._crl = None
 
     def set_jwt_keys(self, keys: JwtKeys) -> None:
-        """Sign JWT-SVIDs with ``keys.signing`` from now on and publish all of ``keys``."""
+        """Sign JWT-SVIDs with ``keys.signing`` from now on and publish all of ``keys``.
+
+        Raises:
+            StoreError: the store failed (the keys are in use anyway; the next publish retries).
+        """
         self.jwt_keys = keys
+        self._jwt_published_at = None
+        self.publish_jwt_keys()
+
+    def publish_jwt_keys(self, *, if_due: bool = False) -> bool:
+        """Publish this CA's JWT keys in the store for every CA on it to carry in its bundle;
+        with ``if_due``, only once a third of :data:`JWT_KEY_PUBLISHED_FOR` has passed since
+        the last time. Returns whether the published set changed (the sequence then grew).
+
+        Raises:
+            StoreError: the store failed.
+        """
+        keys = self.jwt_keys
+        now_m = self._clock.monotonic()
+        last = self._jwt_published_at
+        if keys is None or (if_due and last is not None and now_m - last < JWT_KEY_PUBLISHED_FOR.total_seconds() / 3):
+            return False
+        now = self._clock.now()
+        rows = [
+            (key.kid, public_key_der(key.public_key), now + JWT_KEY_PUBLISHED_FOR)
+            for key in (keys.signing, keys.prepared)
+            if key is not None
+        ]
+        rows += [(old.kid, public_key_der(old.public_key), old.retire_after) for old in keys.retiring]
+        # A key this CA published and no longer holds (retired, or removed from jwt-keys.json by
+        # hand after a compromise) leaves the store at once, not when its row would have expired.
+        kids = frozenset(row[0] for row in rows)
+        changed = self.store.publish_jwt_keys(rows, now, withdraw=sorted(self._jwt_published - kids))
+        self._jwt_published, self._jwt_published_at = kids, now_m
+        return changed
 
     def now(self) -> datetime.datetime:
         """The time on the CA's clock."""
@@ -311,8 +358,27 @@ class IssuingService:
 
     def _bundle(self, authority: Authority, sequence: int | None) -> TrustBundle:
         bundle = TrustBundle(authority.trust_domain, authority.roots, sequence)
-        keys = self.jwt_keys
-        return bundle if keys is None else bundle.with_jwt_authorities(keys.published)
+        published = dict(self._shared_jwt_keys(sequence))
+        if self.jwt_keys is not None:
+            published.update(self.jwt_keys.published)
+        return bundle.with_jwt_authorities(published) if published else bundle
+
+    def _shared_jwt_keys(self, sequence: int | None) -> dict[str, JwtPublicKey]:
+        """The JWT keys the store publishes (other replicas' too), read again when the bundle
+        sequence moves (every change of them grows it). A key that does not load is left out."""
+        cached_sequence, cached = self._shared_jwt
+        if sequence is not None and cached_sequence == sequence:
+            return cached
+        keys: dict[str, JwtPublicKey] = {}
+        for kid, der in self.store.jwt_keys(self._clock.now()):
+            try:
+                key = serialization.load_der_public_key(der)
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                continue
+            if isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                keys[kid] = key
+        self._shared_jwt = (sequence, keys)
+        return keys
 
     def new_jwt_svid(
         self, caller: SpiffeId, audience: Sequence[str], requested: str = "", caller_serial: int | None = None

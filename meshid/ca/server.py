@@ -168,6 +168,7 @@ class CaServer:
         refuse_tcp_in_use(
             self._listen, who="CA", hint=" (another `meshid ca serve`?); stop it or choose another --listen address"
         )
+        self.service.publish_jwt_keys()  # every CA on the store carries this one's JWT keys
         self._source = StaticSource(self._own_svid(), self._bundles())
         self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")
         interceptor = AuthorizationInterceptor(
@@ -323,6 +324,7 @@ class CaServer:
                 self._check_health()
                 retire_due_roots(self._data_dir)
                 retire_due_jwt_keys(self._data_dir)
+                self.service.publish_jwt_keys(if_due=True)
                 current = self._stamp()
                 if current != stamp:
                     stamp = current

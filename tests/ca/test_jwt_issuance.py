@@ -8,6 +8,7 @@ import datetime
 import json
 import logging
 import os
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,7 +281,9 @@ def test_the_jwt_key_file_is_0600_and_an_old_folder_gets_one_when_served(tmp_pat
     init_data_dir(folder, TD)
     path = folder / "jwt-keys.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    path.unlink()  # a folder made before JWT-SVIDs
+    path.unlink()  # a folder made before JWT-SVIDs: no key file, no key in the store
+    with sqlite3.connect(folder / "meshid.db") as db:
+        db.execute("DELETE FROM jwt_keys")
     service = open_service(folder)
     try:
         sequence = service.bundle().sequence
@@ -308,3 +311,33 @@ def test_a_malformed_jwt_key_file_is_refused_with_its_name(tmp_path: Path) -> No
         with pytest.raises(DataDirError, match=reason) as refused:
             load_jwt_keys(folder)
         assert "jwt-keys.json" in str(refused.value)
+
+
+def test_replicas_on_one_store_each_carry_every_replicas_jwt_key(tmp_path: Path) -> None:
+    """Each CA on a shared store signs with a JWT key of its own data folder; the bundle every one
+    of them serves carries all those keys, so a token one signed validates with another's bundle."""
+    init_data_dir(tmp_path / "a", TD)
+    init_data_dir(tmp_path / "b", TD)
+    shared = str(tmp_path / "a" / "meshid.db")
+    a, b = open_service(tmp_path / "a"), open_service(tmp_path / "b", datastore=shared)
+    try:
+        b.publish_jwt_keys()  # what `ca serve` does when it starts
+        a_keys, b_keys = load_jwt_keys(tmp_path / "a"), load_jwt_keys(tmp_path / "b")
+        assert a_keys is not None and b_keys is not None and a_keys.signing.kid != b_keys.signing.kid
+        entry = a.create_entry("admin", WEB)
+        token = b.sign_jwt_svid(entry, AUDIENCE)
+        assert token.key_id == b_keys.signing.kid
+        bundle = a.bundle()
+        assert set(bundle.jwt_authorities) == {a_keys.signing.kid, b_keys.signing.kid}
+        assert meshid.JwtSvid.parse_and_validate(token.token, meshid.BundleSet.of(bundle), AUDIENCE).key_id == (
+            b_keys.signing.kid
+        )
+        # B rotates: its next key is published to A's bundle before it signs.
+        prepared = prepare_jwt_rotation(tmp_path / "b")
+        keys = load_jwt_keys(tmp_path / "b")
+        assert keys is not None
+        b.set_jwt_keys(keys)  # what the running CA does when its jwt-keys.json changes
+        assert prepared.kid in a.bundle().jwt_authorities
+    finally:
+        a.store.close()
+        b.store.close()

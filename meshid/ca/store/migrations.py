@@ -17,6 +17,12 @@ a token's ``purpose`` ('entry', or 'agent' for node attestation); the SHA-256 of
 certificate's public key (``key_sha256``, NULL for rows issued before, and for workloads' own
 issuance and renewal), by which batch and agent issuance refuse a key certified before; and
 the ``agents`` table.
+
+Version 3 (JWT-SVIDs, issue #16): ``jwt_keys``, the JWT-SVID public keys every CA on this
+store publishes (each replica signs with a key of its own data folder): the bundle carries
+them all, so a token one replica signed validates with the bundle another serves. A row lives
+until ``published_until``: a retiring key until every token it signed has expired, a key in use
+as long as its replica keeps renewing the row (so a replica that is gone leaves within minutes).
 """
 
 from __future__ import annotations
@@ -78,6 +84,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_seen {int64} NOT NULL,
             expires_at {int64} NOT NULL,
             evicted_at {int64}
+        )""",
+    ),
+    (
+        """CREATE TABLE jwt_keys (
+            kid {text} NOT NULL PRIMARY KEY,
+            public_key {blob} NOT NULL,
+            published_until {int64} NOT NULL
         )""",
     ),
 )
