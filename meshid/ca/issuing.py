@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
+import logging
 import re
 import secrets
 import threading
@@ -76,6 +77,7 @@ __all__ = [
     "admin_id",
     "agent_id",
     "ca_id",
+    "check_audience",
     "is_agent_id",
     "token_hash",
 ]
@@ -94,6 +96,7 @@ MAX_AUDIENCE_BYTES = 4096
 #: A JWT key in use is published in the store this long at a time, renewed at a third of it:
 #: a replica that is gone stops being trusted this long after (longer than a token lives).
 JWT_KEY_PUBLISHED_FOR = datetime.timedelta(minutes=15)
+log = logging.getLogger("meshid.ca")
 _DNS = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -221,14 +224,14 @@ class IssuingService:
             self._crl = None
 
     def set_jwt_keys(self, keys: JwtKeys) -> None:
-        """Sign JWT-SVIDs with ``keys.signing`` from now on and publish all of ``keys``.
-
-        Raises:
-            StoreError: the store failed (the keys are in use anyway; the next publish retries).
-        """
+        """Sign JWT-SVIDs with ``keys.signing`` from now on and publish all of ``keys`` (a store
+        that fails is logged; the next ``publish_jwt_keys(if_due=True)`` tries again)."""
         self.jwt_keys = keys
         self._jwt_published_at = None
-        self.publish_jwt_keys()
+        try:
+            self.publish_jwt_keys()
+        except StoreError as err:
+            log.warning("CA: cannot publish the JWT keys in the store yet: %s", err)
 
     def publish_jwt_keys(self, *, if_due: bool = False) -> bool:
         """Publish this CA's JWT keys in the store for every CA on it to carry in its bundle;
