@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid import _x509
 from meshid._proto import workload_pb2
@@ -255,6 +256,11 @@ def parse_jwt_bundles_response(response: Any, bundles: BundleSet) -> BundleSet:
     return BundleSet.of(out)
 
 
+_MAX_JWT_KEYS = 64
+#: JWK members that only a private key has (RFC 7518 §6.2.2, §6.3.2, §6.4): refused in a bundle.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
 def _jwks_keys(td: TrustDomain, document: bytes) -> Mapping[str, Any]:
     """The kid -> public key map of one JWK Set, read by PyJWT (keys without a kid refused)."""
     import jwt
@@ -263,12 +269,20 @@ def _jwks_keys(td: TrustDomain, document: bytes) -> Mapping[str, Any]:
         raw = json.loads(document)
         if not isinstance(raw, dict) or not isinstance(raw.get("keys"), list):
             raise ValueError("not a JWK Set (no keys list)")
+        if len(raw["keys"]) > _MAX_JWT_KEYS:
+            raise ValueError(f"more than {_MAX_JWT_KEYS} keys")
         keys: dict[str, Any] = {}
         for item in raw["keys"]:
+            if not isinstance(item, dict) or item.get("use", "jwt-svid") != "jwt-svid":
+                raise ValueError("a key is not a jwt-svid JWK")
+            if _PRIVATE_MEMBERS & set(item):
+                raise ValueError(f"the key {str(item.get('kid'))[:64]!r} holds private members")
             jwk = jwt.PyJWK.from_dict(item)
+            if not isinstance(jwk.key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                raise ValueError(f"the key {jwk.key_id!r} is not an EC or RSA public key")
             if not jwk.key_id or jwk.key_id in keys:
                 raise ValueError(f"a key has an empty or repeated kid {jwk.key_id!r}")
             keys[jwk.key_id] = jwk.key
         return keys
-    except (ValueError, TypeError, jwt.exceptions.PyJWKError) as err:
+    except (ValueError, TypeError, jwt.exceptions.PyJWTError) as err:
         raise InvalidBundleError(f"JWT bundle for {td} from the Workload API: {err}") from err
