@@ -80,4 +80,24 @@ def load_saved_svid(
     if not set(anchor.roots) & set(saved_bundle.roots):
         log.warning("%s: the saved bundle shares no root with %s; not reusing it", who, os.fspath(bundle_file))
         return None
-    return SavedSvid(svid, saved_bundle, remaining)
+    return SavedSvid(svid, _with_saved_jwt_keys(folder, saved_bundle, who), remaining)
+
+
+def _with_saved_jwt_keys(folder: pathlib.Path, bundle: TrustBundle, who: str) -> TrustBundle:
+    """``bundle`` with the JWT keys saved beside it, so JWT-SVIDs validate before the first
+    refresh; without them (none saved, or unreadable: logged) until the CA sends its bundle."""
+    from meshid.workloadapi.wire import jwks_keys
+
+    path = folder / JWT_BUNDLE_FILE
+    try:
+        document = path.read_bytes()
+    except FileNotFoundError:
+        return bundle
+    except OSError as err:
+        log.warning("%s: cannot read %s: %s; JWT keys come with the next bundle", who, path, err.strerror)
+        return bundle
+    try:
+        return bundle.with_jwt_authorities(jwks_keys(bundle.trust_domain, document))
+    except MeshIdError as err:
+        log.warning("%s: ignoring %s: %s; JWT keys come with the next bundle", who, path, err)
+        return bundle

@@ -39,6 +39,7 @@ __all__ = [
     "METADATA",
     "claims_struct",
     "jwks",
+    "jwks_keys",
     "jwt_bundles_response",
     "jwt_svid_response",
     "parse_jwt_bundles_response",
@@ -249,7 +250,7 @@ def parse_jwt_bundles_response(response: Any, bundles: BundleSet) -> BundleSet:
             td = TrustDomain.parse(name)
         except ValueError as err:
             raise InvalidBundleError(f"JWT bundle from the Workload API: {name[:100]!r} is not a trust domain") from err
-        keyed[td] = _jwks_keys(td, document)
+        keyed[td] = jwks_keys(td, document)
     out = []
     for td, bundle in bundles.items():
         out.append(bundle.with_jwt_authorities(keyed.get(td, {})))
@@ -261,8 +262,12 @@ _MAX_JWT_KEYS = 64
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
-def _jwks_keys(td: TrustDomain, document: bytes) -> Mapping[str, Any]:
-    """The kid -> public key map of one JWK Set, read by PyJWT (keys without a kid refused)."""
+def jwks_keys(td: TrustDomain, document: bytes) -> Mapping[str, Any]:
+    """The kid -> public key map of one JWK Set of ``td``'s JWT-SVID keys, read strictly by PyJWT.
+
+    Raises:
+        InvalidBundleError: not a JWK Set, or a key without a kid, of another use, private, or unreadable.
+    """
     import jwt
 
     try:

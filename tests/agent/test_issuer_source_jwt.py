@@ -74,3 +74,18 @@ def test_the_cache_keeps_a_token_until_half_its_lifetime_and_stays_bounded() -> 
     for i in range(5):
         cache.put(keys.sign(sid, [f"aud-{i}"], lifetime=datetime.timedelta(minutes=5), now=clock.now()))
     assert len(cache) <= 3
+
+
+def test_a_restart_with_the_saved_svid_has_the_saved_jwt_keys_before_the_ca_answers(running_ca, tmp_path) -> None:
+    token = running_ca.enroll(WEB, datetime.timedelta(minutes=10))
+    folder = tmp_path / "svid"
+    with IssuerSource(running_ca.address, running_ca.bundle_file, join_token=token, svid_dir=folder) as source:
+        jwt_svid = source.fetch_jwt_svid(AUDIENCE)
+    assert (folder / "jwt-bundle.json").exists()
+    running_ca.stop()  # the restarted source can only have the keys from its folder
+    with IssuerSource(running_ca.address, running_ca.bundle_file, svid_dir=folder, timeout=1) as again:
+        bundles = again.get_jwt_bundles()
+        assert meshid.JwtSvid.parse_and_validate(jwt_svid.token, bundles, AUDIENCE).spiffe_id == jwt_svid.spiffe_id
+    (folder / "jwt-bundle.json").write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "x"}]}')
+    with IssuerSource(running_ca.address, running_ca.bundle_file, svid_dir=folder, timeout=1) as broken:
+        assert not broken.get_jwt_bundles()[meshid.TrustDomain.parse("example.org")].jwt_authorities  # refused, logged
