@@ -341,3 +341,21 @@ def test_replicas_on_one_store_each_carry_every_replicas_jwt_key(tmp_path: Path)
     finally:
         a.store.close()
         b.store.close()
+
+
+def test_get_trust_updates_sends_the_bundle_again_when_a_jwt_key_is_published(ca: AgentCa) -> None:
+    svid = ca.workload("ns/prod/sa/web")
+    with IssuerClient(ca.address, svid, ca.bundles) as client:
+        current = client.trust_updates(None, None).bundle
+        assert current is not None
+        assert client.trust_updates(current.sequence, None).bundle is None  # nothing changed
+        prepared = prepare_jwt_rotation(ca.folder)
+
+        def sent_again() -> object:
+            update = client.trust_updates(current.sequence, None).bundle
+            return update is not None and prepared.kid in update.jwt_authorities and update
+
+        update = eventually(sent_again, 10, "GetTrustUpdates to carry the prepared JWT key")
+    assert isinstance(update, meshid.TrustBundle)
+    assert set(update.jwt_authorities) == {*current.jwt_authorities, prepared.kid}
+    assert update.roots == current.roots and (update.sequence or 0) > (current.sequence or 0)
