@@ -49,6 +49,8 @@ __all__ = [
 
 #: ``ca init --jwt-key-type`` choices.
 JWT_KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048")
+#: What a rotation may make (the type of the key it replaces; larger RSA keys load too).
+_KINDS = (*JWT_KEY_TYPES, "rsa-3072", "rsa-4096")
 #: The lifetime of a JWT-SVID (short, as the standard advises), capped by its entry's TTL.
 JWT_SVID_TTL = datetime.timedelta(minutes=5)
 _KID_ALPHABET = string.ascii_letters + string.digits
@@ -66,12 +68,12 @@ def new_key_id() -> str:
 
 
 def generate_jwt_key(kind: str = "ec-p256") -> JwtPrivateKey:
-    """A new JWT signing key of ``kind`` (one of :data:`JWT_KEY_TYPES`).
+    """A new JWT signing key of ``kind`` (one of :data:`JWT_KEY_TYPES`, or ``rsa-3072``/``rsa-4096``).
 
     Raises:
         ValueError: an unknown kind.
     """
-    if kind not in JWT_KEY_TYPES:
+    if kind not in _KINDS:
         raise ValueError(f"JWT key type {kind!r} is unknown; use one of {', '.join(JWT_KEY_TYPES)}")
     return generate_key(kind)  # type: ignore[return-value]
 
@@ -167,8 +169,7 @@ class JwtKeys:
         if self.prepared is not None:
             return self
         kind = key_type(self.signing.private_key)
-        kind = kind if kind in JWT_KEY_TYPES else "rsa-2048" if kind.startswith("rsa-") else "ec-p256"
-        return replace(self, prepared=JwtKey.generate(kind))
+        return replace(self, prepared=JwtKey.generate(kind if kind in _KINDS else "ec-p256"))
 
     def activate(self, retire_after: datetime.datetime) -> JwtKeys:
         """The prepared key signing; the old signing key retiring at ``retire_after``.
