@@ -359,3 +359,13 @@ def test_get_trust_updates_sends_the_bundle_again_when_a_jwt_key_is_published(ca
     assert isinstance(update, meshid.TrustBundle)
     assert set(update.jwt_authorities) == {*current.jwt_authorities, prepared.kid}
     assert update.roots == current.roots and (update.sequence or 0) > (current.sequence or 0)
+
+
+def test_an_evicted_node_agent_gets_no_jwt_svid(ca: AgentCa) -> None:
+    node = ca.attest("node-1")
+    with ca.admin() as admin:
+        admin.create_entry(WEB, parent_id=agent_id("node-1"), selectors=["unix:uid:1001"])
+        admin.evict_agent(agent_id("node-1"))
+    with AgentClient(ca.address, node.svid, ca.bundles) as agent, pytest.raises(RemoteError) as refused:
+        agent.batch_new_jwt_svids([(WEB, AUDIENCE)])
+    assert refused.value.code in ("UNAUTHENTICATED", "PERMISSION_DENIED")  # its SVID is revoked, and it is evicted
