@@ -369,3 +369,12 @@ def test_an_evicted_node_agent_gets_no_jwt_svid(ca: AgentCa) -> None:
     with AgentClient(ca.address, node.svid, ca.bundles) as agent, pytest.raises(RemoteError) as refused:
         agent.batch_new_jwt_svids([(WEB, AUDIENCE)])
     assert refused.value.code in ("UNAUTHENTICATED", "PERMISSION_DENIED")  # its SVID is revoked, and it is evicted
+
+
+def test_a_revoked_x509_svid_gets_no_jwt_svid(ca: AgentCa) -> None:
+    svid = ca.workload("ns/prod/sa/web")
+    with ca.admin() as admin:
+        admin.revoke(serial=format(svid.serial, "x"))
+    with IssuerClient(ca.address, svid, ca.bundles) as client, pytest.raises(RemoteError) as refused:
+        client.new_jwt_svid(AUDIENCE)
+    assert refused.value.code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
