@@ -61,6 +61,11 @@ _NO_AUDIENCE = (grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified") 
 _NO_TOKEN = (grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
 _NOT_HELD = grpc.StatusCode.PERMISSION_DENIED  # a SPIFFE ID the source does not hold
 _BAD_TOKEN = grpc.StatusCode.INVALID_ARGUMENT  # ValidateJWTSVID: the token does not validate
+#: The CA's refusals of a JWT-SVID that are the caller's doing, passed on; others are UNAVAILABLE.
+_RELAYED = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+}
 _NOT_READY = grpc.StatusCode.UNAVAILABLE  # the source has nothing to hand out (yet): retry
 _SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, "the Workload API server is shutting down; reconnect")
 
@@ -147,12 +152,6 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         except MeshIdError as err:
             context.abort(_NOT_READY, f"Workload API: no bundle to validate with: {err}")
         return _validate(context, request, bundles)
-
-
-_RELAYED = {
-    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
-}
 
 
 def _jwt_bundles(source: Source) -> BundleSet:
