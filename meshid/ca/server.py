@@ -323,7 +323,10 @@ class CaServer:
             try:
                 self._check_health()
                 retire_due_roots(self._data_dir)
-                retire_due_jwt_keys(self._data_dir)
+                jwt = self.service.jwt_keys  # the file is read only when a key is due (RSA keys load slowly)
+                now = datetime.datetime.now(datetime.UTC)
+                if jwt is not None and any(old.retire_after <= now for old in jwt.retiring):
+                    retire_due_jwt_keys(self._data_dir, now)
                 self.service.publish_jwt_keys(if_due=True)
                 current = self._stamp()
                 if current != stamp:
