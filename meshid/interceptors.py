@@ -32,6 +32,13 @@ except ImportError:  # pragma: no cover - grpcio always ships it
     _cygrpc = None
 
 
+#: The keys the decision path reads on every call, encoded once.
+_ENCODED = {
+    key: key.encode()
+    for key in ("x509_pem_cert", "x509_pem_cert_chain", "ssl_tls_version", "ssl_negotiated_key_exchange_group")
+}
+
+
 class _AuthProperties(Mapping[str, Sequence[bytes]]):
     """A call's auth context as grpc's core hands it over (keys are bytes), read by str keys.
 
@@ -45,10 +52,10 @@ class _AuthProperties(Mapping[str, Sequence[bytes]]):
         self._raw = raw
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self._raw.get(key.encode(), default)
+        return self._raw.get(_ENCODED.get(key) or key.encode(), default)
 
     def __getitem__(self, key: str) -> Sequence[bytes]:
-        return self._raw[key.encode()]
+        return self._raw[_ENCODED.get(key) or key.encode()]
 
     def __iter__(self) -> Iterator[str]:
         return (k.decode() for k in self._raw)
