@@ -84,6 +84,11 @@ MemoEntry = tuple[PeerIdentity, Decision, audit.Prepared, audit.Prepared | None,
 _TLS_VERSION, _KEX_GROUP = "ssl_tls_version", "ssl_negotiated_key_exchange_group"
 
 
+def _connection_key(pem: bytes, auth_context: Mapping[str, Sequence[bytes]], method: str) -> tuple[object, ...]:
+    """What a direct peer's decision is filed under: what its connection presents, and the method."""
+    return (pem, *auth_context.get(_TLS_VERSION, ()), *auth_context.get(_KEX_GROUP, ()), method)
+
+
 class _Memo:
     """Decisions memoised for one policy (and candidate), local trust domain, bundle set and
     generation of the identity caches.
@@ -325,8 +330,7 @@ class Authorizer:
         memo = self._current_memo(policy, self._own_trust_domain(), self.candidate.policy, self._bundles())
         if memo is None:
             return None
-        key = (pems[0], *auth_context.get(_TLS_VERSION, ()), *auth_context.get(_KEX_GROUP, ()), method)
-        hit = memo.cache.get(key)
+        hit = memo.cache.get(_connection_key(pems[0], auth_context, method))
         if hit is None or self._now_ts() > hit[4] or (self.revoked is not None and self.revoked(hit[0])):
             return None
         identity, decision, prepared, dry, _ = hit
@@ -468,9 +472,9 @@ class Authorizer:
         local = self._own_trust_domain()  # one read: the whole call sees one local trust domain
         candidate = self.candidate.policy  # one read, as for the policy
         if known and not policy.uses_headers and (candidate is None or not candidate.uses_headers):
+            key: tuple[object, ...]
             if direct:  # filed as _memoised looks it up
-                pem = auth_context["x509_pem_cert"][0]
-                key = (pem, *auth_context.get(_TLS_VERSION, ()), *auth_context.get(_KEX_GROUP, ()), method)
+                key = _connection_key(auth_context["x509_pem_cert"][0], auth_context, method)
             else:
                 key = (id(identity), method)  # the entry holds identity: its id() is not reused meanwhile
             _, decision, prepared, dry, _ = self._memo_decide(policy, identity, method, local, candidate, bundles, key)
