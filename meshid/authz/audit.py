@@ -159,9 +159,7 @@ def emit(prepared: Prepared, peer_address: str | Callable[[], str] | None, write
     if logged:  # the address is fetched only for a record that is kept
         address = peer_address() if callable(peer_address) else peer_address
     item = (time.time(), prepared, address, logged)
-    if writer is not None and writer.running and writer.queued() < MAX_QUEUED:
-        writer.put(item)
-    else:
+    if writer is None or not writer.offer(item):
         _write(item)
 
 
@@ -227,15 +225,13 @@ class AuditWriter:
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()  # cuts a batch's wait short
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None
-
-    def queued(self) -> int:
-        return self._queue.qsize()
-
-    def put(self, item: Item) -> None:
+    def offer(self, item: Item) -> bool:
+        """Queue ``item`` for the writer's thread; False (nothing queued) when the thread is not
+        running or ``MAX_QUEUED`` items wait already: the caller writes it itself."""
+        if self._thread is None or self._queue.qsize() >= MAX_QUEUED:
+            return False
         self._queue.put(item)
+        return True
 
     def start(self) -> None:
         with self._lock:
