@@ -396,8 +396,16 @@ class Authorizer:
         error: str | None = None,
         known: bool,
     ) -> None:
-        prepared = audit.prepare(policy, decision, method, peer, error=error, known=known)
-        audit.emit(prepared, peer_address, self.audit_writer)
+        audit.record(
+            policy,
+            decision,
+            method,
+            peer,
+            peer_address=peer_address,
+            error=error,
+            known=known,
+            writer=self.audit_writer,
+        )
 
     def recheck(self, identity: PeerIdentity) -> Refusal | None:
         """Re-check a streaming call's peer at a later message: its certificate may have

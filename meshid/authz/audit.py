@@ -81,6 +81,18 @@ class Prepared:
     message: str = "authz %s"
 
 
+def _counter(decision: Decision, method: str, peer: PeerIdentity | None, known: bool) -> itertools.count[int]:
+    unauthenticated = (peer is None and not decision.allowed) or decision.reason == "revoked"
+    return _decisions.decision_counter(
+        method if known else UNKNOWN_METHOD, "unauthenticated" if unauthenticated else decision.decision, decision.rule
+    )
+
+
+def _a59_wants(policy: AuthorizationPolicy, allowed: bool) -> bool:
+    """Whether the policy's gRFC A59 ``stdout_logger`` writes this decision."""
+    return "stdout_logger" in policy.audit.loggers and policy.audit.wants(allowed)
+
+
 def prepare(
     policy: AuthorizationPolicy,
     decision: Decision,
@@ -95,10 +107,7 @@ def prepare(
     ``known`` is False for a method the server does not implement: its name is the caller's to
     choose, so it is counted under ``(unknown)`` and shortened in records.
     """
-    unauthenticated = (peer is None and not decision.allowed) or decision.reason == "revoked"
-    counter = _decisions.decision_counter(
-        method if known else UNKNOWN_METHOD, "unauthenticated" if unauthenticated else decision.decision, decision.rule
-    )
+    counter = _counter(decision, method, peer, known)
     method = shown(method, known)
     fields: dict[str, object] | None = None
     if policy.audit.audits(decision.allowed):
@@ -115,7 +124,7 @@ def prepare(
             **peer_fields(peer),
         }
     grpc_entry: dict[str, object] | None = None
-    if "stdout_logger" in policy.audit.loggers and policy.audit.wants(decision.allowed):
+    if _a59_wants(policy, decision.allowed):
         # The shape grpc's own stdout_logger writes (gRFC A59).
         grpc_entry = {
             "rpc_method": method,
@@ -174,7 +183,16 @@ def record(
     known: bool = True,
     writer: AuditWriter | None = None,
 ) -> None:
-    """Count and record one decision that is not memoised (:func:`prepare` then :func:`emit`)."""
+    """Count and record one decision that is not memoised (:func:`prepare` then :func:`emit`).
+
+    A decision no logger keeps is only counted: its record is never built.
+    """
+    kept = policy.audit.audits(decision.allowed) and audit_log.isEnabledFor(
+        logging.INFO if decision.allowed else logging.WARNING
+    )
+    if not kept and not _a59_wants(policy, decision.allowed):
+        next(_counter(decision, method, peer, known))
+        return
     emit(prepare(policy, decision, method, peer, error=error, known=known), peer_address, writer)
 
 
