@@ -4,11 +4,11 @@ Parts, each a ratio against a baseline measured in the same run:
 
   * audit: median latency of a unary RPC through meshid's interceptor with a 1,000-rule policy,
     against a bare grpcio mTLS server in the same server process (so both share interpreter,
-    scheduling and CPU), the client alternating between them in blocks of 20 calls (which goes first alternating too). One server
-    process per setting of the ``meshid.audit`` logger: at INFO with a ``logging.FileHandler``
-    (every allow and deny written to a file, what anyone who keeps an audit trail runs) and at
-    WARNING (only denies; this bench's calls are all allowed). Sync and aio servers. Targets:
-    INFO to a file <= 1.05, WARNING <= 1.03; aio the same targets within 0.02.
+    scheduling and CPU), the client alternating between them in blocks of 20 calls (and which of
+    the two goes first alternating too). One server process per setting of the ``meshid.audit``
+    logger: at INFO with a ``logging.FileHandler`` (every allow and deny written to a file, what
+    anyone who keeps an audit trail runs) and at WARNING (only denies; this bench's calls are all
+    allowed). Sync and aio servers. Targets: INFO to a file <= 1.05, WARNING <= 1.03; aio the same targets within 0.02.
   * refresh: CA CPU per agent-hour of idle refreshes (an agent whose SVID is not due: bundle and
     CRL only). Old path: ``GetBundle`` and ``GetCrl`` over a new mTLS connection each, every
     refresh (what ``IssuerSource`` did). New path: one ``GetTrustUpdates`` call, carrying the
