@@ -259,8 +259,15 @@ class AgentService:
                 refusal = NotAuthorizedError(f"batch: the CSR for {text} asks for another SPIFFE ID")
                 results.append(BatchResult(text, error=refusal))
                 continue
+            try:  # an ML-DSA key is signed by the ML-DSA CA, when the trust domain has one
+                signing = self._issuing.authority_for(csr.public_key)
+            except InvalidRequestError as err:
+                results.append(BatchResult(text, error=err))
+                continue
             results.append(None)
-            signer = self._issuing.signer(csr.public_key, now, authority=authority)
+            signer = self._issuing.signer(
+                csr.public_key, now, authority=authority if signing is self._issuing.authority else signing
+            )
             items.append(BatchItem(sid, hashlib.sha256(key_der).digest(), signer))
         outcomes = iter(self._store.issue_batch(caller, items, now) if items else [])
         bundle = self._issuing.bundle()

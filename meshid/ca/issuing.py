@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from meshid import _x509
 from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
@@ -140,8 +141,11 @@ class IssuingService:
         creations_per_minute: int = 60,
         max_csr_bytes: int = MAX_CSR_BYTES,
         clock: Clock = SYSTEM_CLOCK,
+        pq_authority: Authority | None = None,
     ) -> None:
         self.authority = authority
+        #: The ML-DSA-65 CA beside ``authority`` (``meshid ca key add``): it signs ML-DSA keys.
+        self.pq_authority = pq_authority
         self.store = store
         self.max_ttl = max_ttl
         self._max_csr_bytes = max_csr_bytes
@@ -159,6 +163,33 @@ class IssuingService:
             self.authority = authority
             self._crl = None
 
+    def set_pq_authority(self, authority: Authority | None) -> None:
+        """Sign ML-DSA keys with ``authority`` from now on (after the ML-DSA CA rotated, or was added)."""
+        if authority is not None and authority.trust_domain != self.authority.trust_domain:
+            raise ValueError("CA: the ML-DSA CA must be of the same trust domain")
+        self.pq_authority = authority
+
+    def authority_for(self, public_key: object) -> Authority:
+        """The CA that signs an SVID over ``public_key``: the ML-DSA CA for an ML-DSA key (so the
+        whole chain is post-quantum), the classical one for any other key.
+
+        Raises:
+            InvalidRequestError: an ML-DSA key, and this trust domain has no ML-DSA CA.
+        """
+        post_quantum = _x509.is_post_quantum(_x509.key_algorithm(public_key))
+        for candidate in (self.authority, self.pq_authority):
+            if (
+                candidate is not None
+                and _x509.is_post_quantum(_x509.key_algorithm(candidate.certificate.public_key())) == post_quantum
+            ):
+                return candidate
+        if post_quantum:
+            raise InvalidRequestError(
+                "CSR: its key is ML-DSA-65, and this trust domain has no ML-DSA CA to sign it with a post-quantum "
+                "chain; add one with `meshid ca key add --key-type ml-dsa-65`, or send a classical CSR"
+            )
+        return self.authority  # a post-quantum-only CA signs every key
+
     def now(self) -> datetime.datetime:
         """The time on the CA's clock."""
         return self._clock.now()
@@ -174,7 +205,7 @@ class IssuingService:
 
         def sign(entry: Entry) -> tuple[int, datetime.datetime, object]:
             ttl = min(entry.ttl, self.max_ttl) if capped else entry.ttl
-            chain = (authority or self.authority).sign_svid(
+            chain = (authority or self.authority_for(public_key)).sign_svid(
                 entry.spiffe_id,
                 public_key,  # type: ignore[arg-type]
                 ttl=ttl,
@@ -195,6 +226,7 @@ class IssuingService:
         if not isinstance(token, str) or not token or len(token) > 512:
             raise TokenError("join token: missing or malformed")
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
+        self.authority_for(csr.public_key)  # an ML-DSA CSR without an ML-DSA CA: refused before the token is used
         now = self._clock.now()
         entry, chain = self.store.issue_with_token(token_hash(token), now, self.signer(csr.public_key, now))
         return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
@@ -234,7 +266,7 @@ class IssuingService:
         if caller_serial is not None and caller_serial in self._revoked:
             raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} is revoked")
         now = self._clock.now()
-        authority = self.authority  # the chain and the bundle below are this key's
+        authority = self.authority_for(csr.public_key)  # the chain and the bundle below are this key's
         try:
             # One read and one write; the revocation of the caller's SVID is checked in both
             # (one that lands while the CA signs is seen by the write: nothing is recorded).
