@@ -160,3 +160,29 @@ def key_algorithm(key: object) -> str:
 def is_post_quantum(algorithm: str | None) -> bool:
     """Whether a name from :func:`key_algorithm` is a post-quantum signature algorithm (ML-DSA)."""
     return algorithm is not None and algorithm.startswith("ML-DSA-")
+
+
+_SIG = x509.oid.SignatureAlgorithmOID
+_SIGNATURE_NAMES = {
+    _SIG.ML_DSA_44: "ML-DSA-44",
+    _SIG.ML_DSA_65: "ML-DSA-65",
+    _SIG.ML_DSA_87: "ML-DSA-87",
+    _SIG.ECDSA_WITH_SHA256: "ECDSA-SHA256",
+    _SIG.ECDSA_WITH_SHA384: "ECDSA-SHA384",
+    _SIG.ECDSA_WITH_SHA512: "ECDSA-SHA512",
+    _SIG.RSA_WITH_SHA256: "RSA-SHA256",
+    _SIG.RSA_WITH_SHA384: "RSA-SHA384",
+    _SIG.RSA_WITH_SHA512: "RSA-SHA512",
+    _SIG.RSASSA_PSS: "RSA-PSS",
+    _SIG.ED25519: "Ed25519",
+    _SIG.ED448: "Ed448",
+}
+
+
+def signature_algorithm(cert: x509.Certificate) -> str:
+    """The algorithm of the signature on ``cert`` (its issuer's): ``ML-DSA-65``, ``ECDSA-SHA256``...
+
+    The dotted OID for one meshid does not name.
+    """
+    oid = cert.signature_algorithm_oid
+    return _SIGNATURE_NAMES.get(oid, oid.dotted_string)
