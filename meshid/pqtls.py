@@ -210,6 +210,10 @@ def _wrap(
 ) -> tuple[SSL.Connection, PeerIdentity]:
     ssl, _ = _ssl()
     sock.settimeout(timeout)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # An ML-DSA flight is ~12 KB in several records: with Nagle's algorithm, the last one waits
+        # for the peer's delayed ACK (40 ms on Linux) on every handshake.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     connection = ssl.Connection(context(source, server=server), sock)
     if server:
         connection.set_accept_state()
