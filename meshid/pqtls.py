@@ -137,8 +137,12 @@ class PqTlsConnection:
         ssl, _ = _ssl()
         try:
             return bytes(_io(self.connection, lambda: self.connection.recv(min(size, MAX_RECV)), self.timeout))
-        except (ssl.ZeroReturnError, ssl.SysCallError):
+        except ssl.ZeroReturnError:  # close_notify
             return b""
+        except ssl.SysCallError as err:
+            if err.args and err.args[0] == -1:  # closed without close_notify: an end all the same
+                return b""
+            raise ConnectionError(f"pqtls: the peer ended the connection: {_reason(err)}") from err
         except ssl.Error as err:  # TLS 1.3: a peer refuses this side's certificate after its own Finished
             raise ConnectionError(f"pqtls: the peer ended the connection: {_reason(err)}") from err
 
@@ -178,9 +182,14 @@ def _io(connection: SSL.Connection, call: Callable[[], T], timeout: float | None
 
 
 def _reason(err: Exception) -> str:
-    """OpenSSL's reasons in an error, joined: ``tlsv1 alert unknown ca``."""
-    reasons = [str(part[2]) for part in err.args[0] if isinstance(part, tuple) and len(part) == 3] if err.args else []
-    return "; ".join(reasons) or str(err)
+    """OpenSSL's reasons in an error, joined (``tlsv1 alert unknown ca``); a system call's, as it says them."""
+    first = err.args[0] if err.args else None
+    if isinstance(first, list):
+        reasons = [str(part[2]) for part in first if isinstance(part, tuple) and len(part) == 3]
+        return "; ".join(reasons) or str(err)
+    if isinstance(first, int) and len(err.args) > 1:  # SysCallError: (errno, 'ECONNRESET')
+        return str(err.args[1])
+    return str(err)
 
 
 def _handshake(connection: SSL.Connection, verifier: PeerVerifier, timeout: float | None) -> PeerIdentity:
@@ -248,7 +257,7 @@ def accept(
     connection, peer = _wrap(sock, source, server=True, verifier=verifier, timeout=timeout)
     decision = policy.decide(peer, method, local_trust_domain=source.get_svid().spiffe_id.trust_domain)
     if not decision.allowed:
-        connection.close()
+        PqTlsConnection(connection, peer, timeout).close()  # close_notify, then the socket
         raise AccessDeniedError(f"pqtls: {peer.describe()} may not call {method[:200]}: {decision.reason}")
     return PqTlsConnection(connection, peer, timeout)
 

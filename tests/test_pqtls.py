@@ -200,9 +200,12 @@ def test_a_peer_with_a_certificate_no_bundle_trusts_fails_the_handshake(cas: Cas
     server = echo_server(cas.pq_source(SERVER_ID), policy(require_pq_signature=True))
     stranger = Authority.create_root(TD, key=generate_key("ml-dsa-65"))
     source = StaticSource(stranger.issue_svid(CLIENT_ID, key_kind="ml-dsa-65"), cas.bundles)
-    with pqtls.connect(("127.0.0.1", server.port), source, server_id=SERVER_ID, timeout=10) as conn:
-        # TLS 1.3: the server's refusal of the client's certificate arrives after the client's Finished
-        with pytest.raises(ConnectionError, match="pqtls: the peer ended the connection: tlsv1 alert unknown ca"):
+    # TLS 1.3: the server's refusal of the client's certificate comes after the client's Finished,
+    # so the client learns it at its first read (or, if the server's close is quicker, at the handshake)
+    with pytest.raises(
+        (ConnectionError, VerificationError), match=r"pqtls: the (peer ended the connection|TLS handshake failed)"
+    ):
+        with pqtls.connect(("127.0.0.1", server.port), source, server_id=SERVER_ID, timeout=10) as conn:
             conn.recv(1024)
     assert server.done.wait(10)
     (error,) = server.errors
