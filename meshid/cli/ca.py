@@ -261,10 +261,14 @@ def run_status(args: argparse.Namespace) -> int:
     for root in authority.roots:
         mark = f"signing ({_x509.key_algorithm(root.public_key())})" if _x509.thumbprint(root) in signing else ""
         print(f"root {_x509.thumbprint(root)[:16]}  {root.subject.rfc4514_string()}  {mark}")
-    rotation = pathlib.Path(args.data_dir) / "rotation.json"
-    if rotation.exists():
-        for item in json.loads(rotation.read_text()).get("retiring", []):
-            print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
-    if (pathlib.Path(args.data_dir) / "next" / "ca.key").exists():
-        print("a next CA is prepared; run `meshid ca rotate activate`")
+    for lane, flag in (
+        (pathlib.Path(args.data_dir), ""),
+        (pathlib.Path(args.data_dir) / "ml-dsa-65", " --key-type ml-dsa-65"),
+    ):
+        rotation = lane / "rotation.json"
+        if rotation.exists():
+            for item in json.loads(rotation.read_text()).get("retiring", []):
+                print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
+        if (lane / "next" / "ca.key").exists():
+            print(f"a next CA is prepared; run `meshid ca rotate activate{flag}`")
     return 0

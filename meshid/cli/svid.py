@@ -104,6 +104,8 @@ def describe(cert: x509.Certificate) -> dict[str, Any]:
         "uri_sans": _x509.uri_sans(cert),
         "dns_sans": _x509.dns_sans(cert),
         "ca": _x509.is_ca(cert),
+        "key_algorithm": _x509.key_algorithm(cert.public_key()),
+        "signature_algorithm": _x509.signature_algorithm(cert),
     }
 
 
@@ -176,6 +178,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"Not after:   {info['not_after']}")
         print(f"Status:      {status} ({when})")
         print(f"Thumbprint:  {info['thumbprint']} (SHA-256)")
+        post_quantum = _x509.is_post_quantum(info["key_algorithm"]) and _x509.is_post_quantum(
+            info["signature_algorithm"]
+        )
+        print(
+            f"Algorithms:  key {info['key_algorithm']}, signed with {info['signature_algorithm']}"
+            + (" (post-quantum)" if post_quantum else "")
+        )
         if info["kind"] != "CA certificate":
             print(f"DNS SANs:    {', '.join(info['dns_sans']) or '-'}")
         for index, cert in enumerate(info["chain"], start=1):
