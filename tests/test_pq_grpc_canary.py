@@ -35,3 +35,20 @@ def test_grpcio_completes_a_mutual_handshake_with_ml_dsa_svids() -> None:
         with meshid.secure_channel(f"127.0.0.1:{port}", client, server_id=SERVER_ID) as channel:
             reply = stub(channel).SayHello(hello(), timeout=10)
     assert reply.caller == FRONTEND_ID
+
+
+def test_grpcio_classical_handshake_is_unchanged_by_an_ml_dsa_root_in_the_bundle() -> None:
+    """The other half: a trust domain with both CAs publishes both roots, and grpcio (BoringSSL)
+    still verifies classical SVIDs against that bundle, both ways."""
+    classical = Authority.create_root(TD)
+    pq = Authority.create_root(TD, key=generate_key("ml-dsa-65"))
+    bundles = meshid.BundleSet.of(meshid.TrustBundle(TD, (*classical.roots, *pq.roots)))
+    server = meshid.StaticSource(classical.issue_svid(SERVER_ID), bundles)
+    client = meshid.StaticSource(classical.issue_svid(FRONTEND_ID), bundles)
+    policy = meshid.AuthorizationPolicy.from_dict(
+        {"name": "classical", "allow": [{"name": "all", "methods": ["*"], "spiffe_ids": [FRONTEND_ID]}]}
+    )
+    with sync_server(server, meshid.AuthorizationInterceptor(policy, source=server)) as port:
+        with meshid.secure_channel(f"127.0.0.1:{port}", client, server_id=SERVER_ID) as channel:
+            reply = stub(channel).SayHello(hello(), timeout=10)
+    assert reply.caller == FRONTEND_ID
