@@ -27,6 +27,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from meshid import _x509
 from meshid._x509 import public_key_der
 from meshid.ca.csr import parse_csr
 from meshid.ca.issuing import Issued, IssuingService, agent_id, is_agent_id, token_hash
@@ -259,15 +260,14 @@ class AgentService:
                 refusal = NotAuthorizedError(f"batch: the CSR for {text} asks for another SPIFFE ID")
                 results.append(BatchResult(text, error=refusal))
                 continue
-            try:  # an ML-DSA key is signed by the ML-DSA CA, when the trust domain has one
-                signing = self._issuing.authority_for(csr.public_key)
-            except InvalidRequestError as err:
-                results.append(BatchResult(text, error=err))
+            if _x509.is_post_quantum(_x509.key_algorithm(csr.public_key)):
+                # Entries with a parent are classical only (create_entry), so the signer's check
+                # of the entry's SVID types never fails a whole batch.
+                classical_only = InvalidRequestError("batch: node agents serve classical SVIDs only; send an EC CSR")
+                results.append(BatchResult(text, error=classical_only))
                 continue
             results.append(None)
-            signer = self._issuing.signer(
-                csr.public_key, now, authority=authority if signing is self._issuing.authority else signing
-            )
+            signer = self._issuing.signer(csr.public_key, now, authority=authority)
             items.append(BatchItem(sid, hashlib.sha256(key_der).digest(), signer))
         outcomes = iter(self._store.issue_batch(caller, items, now) if items else [])
         bundle = self._issuing.bundle()

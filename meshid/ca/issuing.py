@@ -70,6 +70,15 @@ AGENT_PREFIX = "/meshid/agent/"
 _DNS = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
+#: The SVID types an entry may ask for (:meth:`IssuingService.create_entry`), in the order listed.
+SVID_TYPES = ("classical", "ml-dsa-65")
+PQ_SVID_TYPE = "ml-dsa-65"
+
+
+def _is_pq(authority: Authority) -> bool:
+    return _x509.is_post_quantum(_x509.key_algorithm(authority.certificate.public_key()))
+
+
 def ca_id(authority: Authority) -> SpiffeId:
     """The SPIFFE ID the CA's own server presents."""
     return SpiffeId.from_parts(authority.trust_domain, "meshid", "ca")
@@ -204,6 +213,12 @@ class IssuingService:
         it is called); the result the store passes on is the chain."""
 
         def sign(entry: Entry) -> tuple[int, datetime.datetime, object]:
+            kind = PQ_SVID_TYPE if _x509.is_post_quantum(_x509.key_algorithm(public_key)) else "classical"
+            if kind not in entry.svid_types:
+                raise NotAuthorizedError(
+                    f"issuance: the entry of {entry.spiffe_id} allows {' and '.join(entry.svid_types)} SVIDs, not "
+                    f"{kind} ones; re-create it with `meshid entry create --svid-types` to ask for both"
+                )
             ttl = min(entry.ttl, self.max_ttl) if capped else entry.ttl
             chain = (authority or self.authority_for(public_key)).sign_svid(
                 entry.spiffe_id,
@@ -363,8 +378,14 @@ class IssuingService:
         *,
         parent_id: str = "",
         selectors: Sequence[str] = (),
+        svid_types: Sequence[str] = (),
     ) -> Entry:
         """Register a SPIFFE ID. The TTL defaults to 1 hour and is capped by the CA's maximum.
+
+        ``svid_types`` says which SVIDs its workload may hold: ``classical`` and/or ``ml-dsa-65``
+        (none given: classical only, as before). An ``ml-dsa-65`` entry needs the trust domain's
+        ML-DSA CA (``meshid ca key add``). An ML-DSA-only entry can be issued with a join token
+        but not renewed (the renewal's mTLS runs on grpcio, which cannot present ML-DSA).
 
         With ``parent_id`` (a node agent of this trust domain, which need not have attested
         yet) the entry is served only by that agent, to local processes matching every one of
@@ -391,12 +412,34 @@ class IssuingService:
                 "registration entry: an entry with a parent_id needs at least one selector, or every process on "
                 f"{parent}'s node would match it"
             )
+        types = self._svid_types(svid_types)
+        if parent is not None and types != ("classical",):
+            raise InvalidRequestError(
+                "registration entry: an entry with a parent_id is served by its node agent, which serves classical "
+                "SVIDs only; give it no --svid-types"
+            )
         ttl = DEFAULT_TTL if ttl is None or ttl <= datetime.timedelta(0) else ttl
         self._limits.take(admin, "registration entries")
         created = self._clock.now().replace(microsecond=0)
-        entry = Entry(sid, tuple(dict.fromkeys(names)), min(ttl, self.max_ttl), created, parent, chosen)
+        entry = Entry(sid, tuple(dict.fromkeys(names)), min(ttl, self.max_ttl), created, parent, chosen, types)
         self.store.create_entry(entry)
         return entry
+
+    def _svid_types(self, given: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(given, str) or len(given) > len(SVID_TYPES):
+            raise InvalidRequestError(f"registration entry: svid_types is a list of at most {len(SVID_TYPES)} names")
+        unknown = [t for t in given if t not in SVID_TYPES]
+        if unknown:
+            raise InvalidRequestError(
+                f"registration entry: SVID type {str(unknown[0])[:40]!r} is unknown; use {' and/or '.join(SVID_TYPES)}"
+            )
+        types = tuple(t for t in SVID_TYPES if t in given) or ("classical",)  # in one order, without repeats
+        if PQ_SVID_TYPE in types and self.pq_authority is None and not _is_pq(self.authority):
+            raise InvalidRequestError(
+                "registration entry: SVID type ml-dsa-65 needs the trust domain's ML-DSA CA; add one with "
+                "`meshid ca key add --key-type ml-dsa-65`"
+            )
+        return types
 
     def _dns_name(self, name: str) -> str:
         lowered = name.lower()

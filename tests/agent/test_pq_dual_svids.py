@@ -47,8 +47,9 @@ class DualCa:
         self.bundle_file = folder / "bundle.pem"
 
     def enroll(self, spiffe_id: str) -> str:
+        types = ["classical", "ml-dsa-65"] if (self.folder / "ml-dsa-65").exists() else []
         with AdminClient(self.address, self.folder) as admin:
-            admin.create_entry(spiffe_id, [], datetime.timedelta(minutes=10))
+            admin.create_entry(spiffe_id, [], datetime.timedelta(minutes=10), svid_types=types)
             return str(admin.create_token(spiffe_id).token)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ from meshid.ca.datadir import (
     retire_due_roots,
 )
 from meshid.ca.server import CaServer
-from meshid.errors import InvalidRequestError
+from meshid.errors import InvalidRequestError, NotAuthorizedError
 
 TD = "example.org"
 WEB = f"spiffe://{TD}/ns/prod/sa/web"
@@ -147,7 +148,7 @@ def test_service_signs_each_csr_with_the_ca_of_its_key_family(folder: Path) -> N
     add_key_type(folder)
     service = open_service(folder)
     try:
-        service.create_entry("admin", WEB)
+        service.create_entry("admin", WEB, svid_types=["ml-dsa-65", "classical"])
         token, _ = service.create_token("admin", WEB)
         first = service.issue_with_token(token, build_csr(generate_key()))
         caller = first.chain[0]
@@ -246,9 +247,16 @@ def test_a_workload_gets_both_svids_for_one_spiffe_id_through_the_ca_api(tmp_pat
     server = CaServer(folder, "127.0.0.1:0")
     address = f"127.0.0.1:{server.start()}"
     try:
+        created = meshid_cli(
+            "entry", "create", "--server", address, "--data-dir", str(folder), "--spiffe-id", WEB,
+            "--svid-types", "classical,ml-dsa-65",
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        assert created.stdout.strip() == f"created {WEB} (ttl 3600s, svids classical,ml-dsa-65)"
         with AdminClient(address, folder) as admin:
-            admin.create_entry(WEB)
             token = admin.create_token(WEB).token
+            (listed,) = [e for e in admin.list_entries() if e.spiffe_id == WEB]
+            assert list(listed.svid_types) == ["classical", "ml-dsa-65"]
         roots = (folder / "bundle.pem").read_bytes()
         classical = issue_with_token(address, roots, token)
         bundles = BundleSet.of(classical.bundle)
@@ -271,3 +279,65 @@ def test_a_workload_gets_both_svids_for_one_spiffe_id_through_the_ca_api(tmp_pat
     assert len(their_bundle.x509_authorities) == 2
     assert classical.svid.leaf.issuer in {root.subject for root in their_bundle.x509_authorities}
     assert X509Svid.from_pem(classical.svid.chain_pem(), classical.svid.key_pem()) == classical.svid
+
+
+# --- the entry says which SVIDs its workload may hold -------------------------------------------------
+
+
+def test_an_entry_is_classical_only_unless_it_asks_and_an_ml_dsa_renewal_is_then_refused(folder: Path) -> None:
+    add_key_type(folder)
+    service = open_service(folder)
+    try:
+        assert service.create_entry("admin", WEB).svid_types == ("classical",)
+        token, _ = service.create_token("admin", WEB)
+        first = service.issue_with_token(token, build_csr(generate_key()))
+        with pytest.raises(NotAuthorizedError, match="allows classical SVIDs, not ml-dsa-65 ones"):
+            service.renew(first.spiffe_id, build_csr(generate_key("ml-dsa-65")))
+    finally:
+        service.store.close()
+
+
+def test_an_ml_dsa_only_entry_refuses_a_classical_csr(folder: Path) -> None:
+    add_key_type(folder)
+    service = open_service(folder)
+    try:
+        assert service.create_entry("admin", WEB, svid_types=["ml-dsa-65"]).svid_types == ("ml-dsa-65",)
+        token, _ = service.create_token("admin", WEB)
+        with pytest.raises(NotAuthorizedError, match="allows ml-dsa-65 SVIDs, not classical ones"):
+            service.issue_with_token(token, build_csr(generate_key()))
+        issued = service.issue_with_token(token, build_csr(generate_key("ml-dsa-65")))  # the token was not spent
+        assert issued.chain[0].signature_algorithm_oid == ML_DSA_65
+    finally:
+        service.store.close()
+
+
+@pytest.mark.parametrize(
+    ("svid_types", "parent", "message"),
+    [
+        (["ml-dsa-87"], "", "SVID type 'ml-dsa-87' is unknown; use classical and/or ml-dsa-65"),
+        (["classical", "ml-dsa-65", "classical"], "", "a list of at most 2 names"),
+        (
+            ["ml-dsa-65"],
+            f"spiffe://{TD}/meshid/agent/n1",
+            "served by its node agent, which serves classical SVIDs only",
+        ),
+    ],
+)
+def test_entry_svid_types_refusals(folder: Path, svid_types: list[str], parent: str, message: str) -> None:
+    add_key_type(folder)
+    service = open_service(folder)
+    try:
+        selectors = ["unix:uid:1"] if parent else []
+        with pytest.raises(InvalidRequestError, match=re.escape(message)):
+            service.create_entry("admin", WEB, svid_types=svid_types, parent_id=parent, selectors=selectors)
+    finally:
+        service.store.close()
+
+
+def test_an_ml_dsa_entry_needs_the_trust_domains_ml_dsa_ca(folder: Path) -> None:
+    service = open_service(folder)
+    try:
+        with pytest.raises(InvalidRequestError, match="SVID type ml-dsa-65 needs the trust domain's ML-DSA CA"):
+            service.create_entry("admin", WEB, svid_types=["ml-dsa-65"])
+    finally:
+        service.store.close()
