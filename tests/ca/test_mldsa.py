@@ -35,7 +35,7 @@ from meshid.ca.datadir import (
     retire_due_roots,
 )
 from meshid.ca.server import CaServer
-from meshid.errors import InvalidRequestError, NotAuthorizedError
+from meshid.errors import InvalidRequestError, NotAuthorizedError, RemoteError
 
 TD = "example.org"
 WEB = f"spiffe://{TD}/ns/prod/sa/web"
@@ -262,6 +262,11 @@ def test_a_workload_gets_both_svids_for_one_spiffe_id_through_the_ca_api(tmp_pat
         bundles = BundleSet.of(classical.bundle)
         # The classical SVID authenticates the call (grpcio's handshake); the CSR carries the ML-DSA key.
         post_quantum = renew_with_svid(address, classical.svid, bundles, key_kind="ml-dsa-65")
+        with AdminClient(address, folder) as admin:  # an entry that did not ask for ML-DSA
+            admin.create_entry(f"{WEB}-classic")
+            other = issue_with_token(address, roots, admin.create_token(f"{WEB}-classic").token)
+        with pytest.raises(RemoteError, match=r"PERMISSION_DENIED: .* allows classical SVIDs, not ml-dsa-65 ones"):
+            renew_with_svid(address, other.svid, bundles, key_kind="ml-dsa-65")
     finally:
         server.stop(grace=None)
     assert post_quantum.svid.spiffe_id == classical.svid.spiffe_id
