@@ -96,7 +96,10 @@ def context(source: Source, *, server: bool) -> SSL.Context:
             store.add_cert(crypto.X509.from_cryptography(root))
     ctx.set_verify(ssl.VERIFY_PEER | ssl.VERIFY_FAIL_IF_NO_PEER_CERT, _keep_openssl_verdict)
     if server:
-        ctx.set_session_cache_mode(ssl.SESS_CACHE_OFF)  # every connection proves its identity afresh
+        # No session cache and no tickets: a resumed session skips the certificates, and every
+        # connection must prove its identity (and meet today's bundle and policy) afresh.
+        ctx.set_session_cache_mode(ssl.SESS_CACHE_OFF)
+        ctx.set_options(ssl.OP_NO_TICKET)
     return ctx  # type: ignore[no-any-return]
 
 
