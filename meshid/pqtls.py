@@ -247,17 +247,24 @@ def accept(
     method: str,
     verifier: PeerVerifier | None = None,
     timeout: float | None = 30.0,
+    is_revoked: Callable[[PeerIdentity], bool] | None = None,
 ) -> PqTlsConnection:
     """Serve mutual TLS 1.3 on an accepted socket; the peer must be allowed ``method`` by ``policy``.
 
     ``method`` names what the connection is for, matched by the policy's ``methods`` as a gRPC
-    method would be (``/echo.Echo/Say``). The socket is closed on any refusal.
+    method would be (``/echo.Echo/Say``). ``is_revoked`` is a revocation check, as the grpc
+    interceptor's (``IssuerSource.is_revoked``, ``CrlWatcher.is_revoked``: a meshid CA's CRL lists
+    its ML-DSA SVIDs' serials too). The socket is closed on any refusal.
 
     Raises:
-        VerificationError: the handshake failed, or the peer's chain does not verify against
-            its trust domain's bundle. AccessDeniedError: the policy denies the peer.
+        VerificationError: the handshake failed, the peer's chain does not verify against its
+            trust domain's bundle, or its certificate is revoked. AccessDeniedError: the policy
+            denies the peer.
     """
     connection, peer = _wrap(sock, source, server=True, verifier=verifier, timeout=timeout)
+    if is_revoked is not None and is_revoked(peer):
+        PqTlsConnection(connection, peer, timeout).close()
+        raise VerificationError(f"pqtls: the certificate of {peer.describe()} (serial {peer.serial:x}) is revoked")
     decision = policy.decide(peer, method, local_trust_domain=source.get_svid().spiffe_id.trust_domain)
     if not decision.allowed:
         PqTlsConnection(connection, peer, timeout).close()  # close_notify, then the socket
