@@ -4,6 +4,11 @@ One builder (:func:`_build`) sets what every certificate needs: subject and auth
 identifiers, a random serial with 159 bits of entropy, critical basic constraints, and a
 critical key usage with every flag spelled out.
 
+Keys may be classical or ML-DSA-65 (FIPS 204; RFC 9881 in X.509): an ML-DSA CA signs pure ML-DSA
+(no pre-hash, AlgorithmIdentifier without parameters, as ``cryptography`` writes it), and its
+certificates keep the same profile, whose key usages (digitalSignature on leaves, keyCertSign and
+cRLSign on CAs; never keyEncipherment or keyAgreement) are all ones RFC 9881 allows ML-DSA.
+
 An intermediate made under an upstream CA also carries a critical DNS name constraint: the
 identity DNS names of its own trust domain (:func:`meshid.identity_dns_name`) and the DNS
 suffixes its operator lists. Under a root that several trust domains share, that is what keeps
@@ -88,7 +93,7 @@ def _check_ca_key(key: PrivateKey) -> None:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         raise ValueError(
             "CA: an EdDSA CA key cannot sign X509-SVIDs that peers can verify (RFC 5280 validators such as "
-            "cryptography's and the Web PKI's refuse it); use an ec-p256, ec-p384 or RSA key"
+            "cryptography's and the Web PKI's refuse it); use an ec-p256, ec-p384, RSA or ml-dsa-65 key"
         )
 
 
