@@ -405,8 +405,8 @@ def load_pq_authority(folder: str | os.PathLike[str]) -> Authority | None:
         DataDirError: DIR/ml-dsa-65/ exists but its files do not load or do not fit.
     """
     lane = _lane(folder, PQ_KEY_TYPE)
-    if not (lane / "ca.key").exists():
-        return None
+    if not (lane / "ca.key").exists() or not (lane / "ca.pem").exists():
+        return None  # none, or an add that a crash interrupted (run it again)
     try:
         config = _read_config(folder)
         certs = x509.load_pem_x509_certificates((lane / "ca.pem").read_bytes())
@@ -427,6 +427,7 @@ def add_key_type(folder: str | os.PathLike[str], key_type: str = PQ_KEY_TYPE) ->
     SVIDs whose CSRs carry ML-DSA-65 keys, which no workload has asked for before, so nothing
     needs the two-step prepare/activate here. Rotate it later with ``ca rotate prepare
     --key-type ml-dsa-65`` and ``activate --key-type ml-dsa-65``. Returns its certificate.
+    Safe to run again after a crash: a CA whose root is not yet in bundle.pem is published.
 
     Raises:
         DataDirError: the key type is not ml-dsa-65, the CA already signs with it or has one
@@ -437,7 +438,10 @@ def add_key_type(folder: str | os.PathLike[str], key_type: str = PQ_KEY_TYPE) ->
         authority, config = load_authority(folder)
         if key_kind(authority.private_key) == key_type:
             raise DataDirError(f"CA key add: this CA signs with an {key_type} key already")
-        if (lane / "ca.key").exists():
+        if (lane / "ca.key").exists() and (lane / "ca.pem").exists():
+            existing = _first_cert(lane / "ca.pem", f"{key_type} CA certificate")
+            if _publish_root(folder, config, existing):
+                return existing  # an interrupted add, finished
             raise DataDirError(f"CA key add: this CA has an {key_type} CA already ({lane}); rotate it instead")
         if config.datastore is not None:
             raise DataDirError(
@@ -651,10 +655,13 @@ def activate_rotation(
         lane = _lane(folder, key_type)
         paths = {**_paths(folder), "key": lane / "ca.key", "cert": lane / "ca.pem"}
         next_dir = lane / "next"
+        flag = "" if key_type is None else f" --key-type {key_type}"
         if not (next_dir / "ca.key").exists():
-            raise DataDirError("CA rotation: nothing prepared; run `meshid ca rotate prepare` first")
+            raise DataDirError(f"CA rotation: nothing prepared; run `meshid ca rotate prepare{flag}` first")
         if not (next_dir / "ca.pem").exists():
-            raise DataDirError("CA rotation: the prepared CA is incomplete; run `meshid ca rotate prepare` again")
+            raise DataDirError(
+                f"CA rotation: the prepared CA is incomplete; run `meshid ca rotate prepare{flag}` again"
+            )
         new_key, new_cert_pem = (next_dir / "ca.key").read_bytes(), (next_dir / "ca.pem").read_bytes()
         new_cert = _first_cert(next_dir / "ca.pem", "next CA certificate")
         bundle = TrustBundle.load(config.trust_domain, paths["bundle"])

@@ -136,6 +136,14 @@ def test_key_add_publishes_the_ml_dsa_root_beside_the_classical_one(folder: Path
     assert load_authority(folder)[0].certificate == classical.certificate  # the classical CA still signs
 
 
+def test_key_add_interrupted_before_publishing_is_finished_by_a_rerun(folder: Path) -> None:
+    before = (folder / "bundle.pem").read_bytes()
+    added = add_key_type(folder)
+    (folder / "bundle.pem").write_bytes(before)  # the crash: the CA's files written, its root not yet published
+    assert add_key_type(folder) == added
+    assert TrustBundle.load(TD, folder / "bundle.pem").roots[-1] == added
+
+
 def test_key_add_twice_or_of_another_kind_is_refused(folder: Path) -> None:
     add_key_type(folder)
     with pytest.raises(DataDirError, match="has an ml-dsa-65 CA already"):
@@ -183,7 +191,7 @@ def test_ml_dsa_ca_rotates_with_prepare_and_activate_and_its_old_root_retires(fo
     classical = load_authority(folder)[0].certificate
     old = load_pq_authority(folder)
     assert old is not None
-    with pytest.raises(DataDirError, match="nothing prepared"):
+    with pytest.raises(DataDirError, match="nothing prepared; run `meshid ca rotate prepare --key-type ml-dsa-65`"):
         activate_rotation(folder, key_type="ml-dsa-65")
     new = prepare_rotation(folder, key_type="ml-dsa-65")
     assert isinstance(new.public_key(), mldsa.MLDSA65PublicKey)
