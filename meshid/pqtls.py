@@ -27,7 +27,7 @@ The source hands out the SVID to present: an ML-DSA one for a post-quantum conne
 
 from __future__ import annotations
 
-import select
+import selectors
 import socket
 import warnings
 from collections.abc import Callable
@@ -177,11 +177,13 @@ def _io(connection: SSL.Connection, call: Callable[[], T], timeout: float | None
         try:
             return call()
         except ssl.WantReadError:
-            ready = select.select([connection], [], [], timeout)[0]
+            event = selectors.EVENT_READ
         except ssl.WantWriteError:
-            ready = select.select([], [connection], [], timeout)[1]
-        if not ready:
-            raise TimeoutError(f"pqtls: the peer sent nothing for {timeout} s")
+            event = selectors.EVENT_WRITE
+        with selectors.DefaultSelector() as waiting:  # not select.select: no limit on the descriptor's number
+            waiting.register(connection.fileno(), event)
+            if not waiting.select(timeout):
+                raise TimeoutError(f"pqtls: the peer sent nothing for {timeout} s")
 
 
 def _reason(err: Exception) -> str:

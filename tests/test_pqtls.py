@@ -245,6 +245,17 @@ def test_a_revoked_ml_dsa_svid_is_refused_by_the_ca_crl(cas: Cas, echo_server) -
     assert fresh.done.wait(10) and not fresh.errors
 
 
+def test_a_peer_that_never_starts_the_handshake_times_out(cas: Cas) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as silent:  # a TCP peer that says nothing
+            raw, _ = listener.accept()
+            with pytest.raises(TimeoutError, match=r"pqtls: the peer sent nothing for 0.2 s"):
+                pqtls.accept(raw, cas.pq_source(SERVER_ID), policy=policy(require_pq_signature=True), method=METHOD,
+                             timeout=0.2)  # fmt: skip
+            assert raw.fileno() == -1  # closed by the refusal
+            assert silent.recv(1) == b""
+
+
 # --- the system's openssl, where it is 3.5 or later -----------------------------------------------------
 
 
