@@ -242,6 +242,16 @@ class IssuerSource:
         )
         if saved is None:
             return False
+        if self._pq_key_kind is not None:  # its ML-DSA SVID too, if still good: no CA call at restart
+            pq = load_saved_svid(
+                self._svid_dir / self._pq_key_kind,
+                self._bundle_file,
+                clock=self._clock,
+                who="issuer source",
+                otherwise="asking the CA for a new one",
+            )
+            if pq is not None and pq.svid.spiffe_id == saved.svid.spiffe_id:
+                self._pq_svid = pq.svid
         self._lifetime = saved.remaining
         self._install(saved.svid, saved.bundle, saved.remaining, renewed=False)
         log.info("issuer source: reusing the saved SVID of %s (serial %x)", saved.svid.spiffe_id, saved.svid.serial)
@@ -330,7 +340,7 @@ class IssuerSource:
             except OSError as err:  # present the new SVID anyway; say the files are stale
                 file_error = f"cannot write {self._svid_dir}: {err}"
                 log.error("issuer source: %s", file_error)
-        if self._pq_key_kind is not None:
+        if self._pq_key_kind is not None and (renewed or self.get_pq_svid() is None):
             file_error = self._renew_pq(bundles) or file_error
         previous = self._state
         self._state = SourceState(

@@ -84,6 +84,18 @@ def test_issuer_source_keeps_both_svids_in_files_for_one_spiffe_id(dual_ca: Dual
     assert meshid.FileSource(*files).get_svid() == pq
 
 
+def test_a_restart_reuses_both_saved_svids_without_a_token(dual_ca: DualCa, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "svid"
+    token = dual_ca.enroll(WORKLOAD)
+    with IssuerSource(dual_ca.address, dual_ca.bundle_file, join_token=token, svid_dir=out, pq_key_kind="ml-dsa-65"):
+        pass
+    saved = meshid.X509Svid.load(out / "ml-dsa-65" / "svid.pem", out / "ml-dsa-65" / "svid.key")
+    dual_ca.server.stop(grace=None)  # no CA: both must come from the files
+    with IssuerSource(dual_ca.address, dual_ca.bundle_file, svid_dir=out, pq_key_kind="ml-dsa-65") as again:
+        assert again.get_pq_svid() == saved
+        assert again.get_additional_svids() == (("ml-dsa-65", saved),)
+
+
 def test_without_an_ml_dsa_ca_the_classical_svid_still_comes_and_the_error_is_said(tmp_path: pathlib.Path) -> None:
     ca = DualCa(tmp_path / "ca", with_pq=False)
     try:
