@@ -56,6 +56,12 @@ def register(groups: Any) -> None:
     )
     add_join_token_options(fetch, required=True)
     fetch.add_argument("--out", required=True, metavar="DIR", help="writes svid.pem, svid.key (0600), bundle.pem")
+    fetch.add_argument(
+        "--key-type",
+        choices=("ec-p256", "ml-dsa-65"),
+        default="ec-p256",
+        help="the SVID's key (default ec-p256); ml-dsa-65 for an entry created with --svid-types ml-dsa-65",
+    )
     fetch.set_defaults(run=run_fetch)
     revoke = commands.add_parser("revoke", help="revoke SVIDs on the running CA")
     add_admin_options(revoke)
@@ -203,7 +209,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from meshid.ca.client import fetch_svid, write_fetched
 
-    svid, bundle = fetch_svid(args.server, args.bundle, join_token(args) or "")
+    svid, bundle = fetch_svid(args.server, args.bundle, join_token(args) or "", key_kind=args.key_type)
     write_fetched(args.out, svid, bundle)
     print(f"fetched {svid.spiffe_id} (serial {svid.serial:x}, until {svid.not_after.isoformat()}) into {args.out}")
     return 0

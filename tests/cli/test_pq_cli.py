@@ -108,3 +108,41 @@ def test_policy_check_with_require_pq_signature_allows_ml_dsa_and_denies_ecdsa(p
     denied = meshid(*args, str(pq_files / "bundle.pem"), "--cert", str(pq_files / "ec.pem"))
     assert denied.returncode == 1, (denied.stdout, denied.stderr)
     assert "the peer authenticated with ECDSA-P256, a classical signature" in denied.stdout
+
+
+def test_svid_fetch_key_type_ml_dsa_65_for_an_ml_dsa_only_entry(tmp_path: Path) -> None:
+    from meshid.ca.server import CaServer
+
+    folder = tmp_path / "ca"
+    assert meshid("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
+    assert meshid("ca", "key", "add", "--data-dir", str(folder)).returncode == 0
+    server = CaServer(folder, "127.0.0.1:0")
+    address = f"127.0.0.1:{server.start()}"
+    try:
+        admin = ("--server", address, "--data-dir", str(folder))
+        created = meshid("entry", "create", *admin, "--spiffe-id", FRONTEND, "--svid-types", "ml-dsa-65")
+        assert created.returncode == 0, created.stderr
+        assert "svids ml-dsa-65" in created.stdout
+        listed = meshid("entry", "list", *admin)
+        assert f"{FRONTEND}  ttl=3600s" in listed.stdout and "svids=ml-dsa-65" in listed.stdout
+        fetch = ("svid", "fetch", "--server", address, "--bundle", str(folder / "bundle.pem"))
+        token = meshid("token", "create", *admin, "--spiffe-id", FRONTEND).stdout.strip()
+        refused = meshid(*fetch, "--join-token-file", _file(tmp_path / "t1", token), "--out", str(tmp_path / "ec"))
+        assert_refused(refused, "PERMISSION_DENIED", "allows ml-dsa-65 SVIDs, not classical ones")
+        fetched = meshid(
+            *fetch, "--join-token-file", _file(tmp_path / "t2", token), "--out", str(tmp_path / "pq"),
+            "--key-type", "ml-dsa-65",
+        )  # fmt: skip
+        assert fetched.returncode == 0, fetched.stderr
+        bad = meshid("entry", "create", *admin, "--spiffe-id", f"{FRONTEND}-x", "--svid-types", "classical,,x")
+        assert bad.returncode == 2 and "write names separated by commas" in bad.stderr
+    finally:
+        server.stop(grace=None)
+    inspected = meshid("svid", "inspect", str(tmp_path / "pq" / "svid.pem"))
+    assert "Algorithms:  key ML-DSA-65, signed with ML-DSA-65 (post-quantum)" in inspected.stdout
+
+
+def _file(path: Path, text: str) -> str:
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return str(path)
