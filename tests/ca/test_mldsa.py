@@ -354,3 +354,30 @@ def test_an_ml_dsa_entry_needs_the_trust_domains_ml_dsa_ca(folder: Path) -> None
             service.create_entry("admin", WEB, svid_types=["ml-dsa-65"])
     finally:
         service.store.close()
+
+
+def test_a_running_ca_takes_up_an_ml_dsa_ca_added_to_its_folder(tmp_path: Path) -> None:
+    from support import eventually
+
+    folder = tmp_path / "ca"
+    init_data_dir(folder, TD)
+    server = CaServer(folder, "127.0.0.1:0", poll_interval=0.02)
+    address = f"127.0.0.1:{server.start()}"
+    try:
+        with AdminClient(address, folder) as admin:
+            admin.create_entry(WEB)
+            token = admin.create_token(WEB).token
+        classical = issue_with_token(address, (folder / "bundle.pem").read_bytes(), token)
+        add_key_type(folder)
+        pq = load_pq_authority(folder)
+        assert pq is not None
+
+        def loaded() -> bool:
+            signing = server.service.pq_authority
+            return signing is not None and signing.certificate == pq.certificate
+
+        eventually(loaded, 10, "the running CA to load the ML-DSA CA")
+        assert len(server.service.bundle().roots) == 2
+    finally:
+        server.stop(grace=None)
+    assert classical.svid.spiffe_id.path == "/ns/prod/sa/web"
