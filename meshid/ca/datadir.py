@@ -427,7 +427,7 @@ def add_key_type(folder: str | os.PathLike[str], key_type: str = PQ_KEY_TYPE) ->
     SVIDs whose CSRs carry ML-DSA-65 keys, which no workload has asked for before, so nothing
     needs the two-step prepare/activate here. Rotate it later with ``ca rotate prepare
     --key-type ml-dsa-65`` and ``activate --key-type ml-dsa-65``. Returns its certificate.
-    Safe to run again after a crash: a CA whose root is not yet in bundle.pem is published.
+    Safe to run again after a crash: a CA made but not yet published or moved in place is finished.
 
     Raises:
         DataDirError: the key type is not ml-dsa-65, the CA already signs with it or has one
@@ -448,12 +448,21 @@ def add_key_type(folder: str | os.PathLike[str], key_type: str = PQ_KEY_TYPE) ->
                 "CA key add: replicas sharing a --datastore would each publish a root of their own; "
                 "add the ML-DSA CA to a CA with its own store"
             )
-        new = Authority.create_root(config.trust_domain, key=generate_key(key_type))
-        lane.mkdir(exist_ok=True)
-        write_atomic(lane / "ca.key", _x509.key_pem(new.private_key), mode=0o600)
-        write_atomic(lane / "ca.pem", _x509.cert_pem(new.certificate))
-        _publish_root(folder, config, new.certificate)
-        return new.certificate
+        # Made in DIR/ml-dsa-65/pending/, its root published, then moved in place: a running CA
+        # never signs with it before peers can trust it, and a crash loses no key whose root is out.
+        pending = lane / "pending"
+        if (pending / "ca.key").exists() and (pending / "ca.pem").exists():
+            certificate = _first_cert(pending / "ca.pem", f"pending {key_type} CA certificate")  # finish it
+        else:
+            new = Authority.create_root(config.trust_domain, key=generate_key(key_type))
+            pending.mkdir(parents=True, exist_ok=True)
+            write_atomic(pending / "ca.key", _x509.key_pem(new.private_key), mode=0o600)
+            write_atomic(pending / "ca.pem", _x509.cert_pem(new.certificate))
+            certificate = new.certificate
+        _publish_root(folder, config, certificate)
+        os.replace(pending / "ca.key", lane / "ca.key")  # the key first: a CA loads only with both
+        os.replace(pending / "ca.pem", lane / "ca.pem")
+        return certificate
 
 
 # --- CA key rotation ---------------------------------------------------------------------
