@@ -294,4 +294,5 @@ class ParsedPolicy:
     require_pq_key_exchange: bool = False
     allow_tls12: bool = False
     audit_condition: str | None = None
+    require_pq_signature: bool = False
     audit_loggers: list[str] = field(default_factory=list)

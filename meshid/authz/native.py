@@ -5,6 +5,7 @@
     name: greeter
     allow_non_spiffe_peers: false      # optional: true (this server's trust domain) or [trust domains]
     require_pq_key_exchange: false     # optional
+    require_pq_signature: false        # optional: the peer authenticated with ML-DSA (pqtls path)
     allow_tls12: false                 # optional: admit peers that negotiated TLS 1.2
     audit_condition: ON_DENY_AND_ALLOW # optional: NONE, ON_DENY, ON_ALLOW (gRFC A59's values)
     deny:                              # consulted first
@@ -60,6 +61,7 @@ _TOP_KEYS = {
     "deny",
     "allow_non_spiffe_peers",
     "require_pq_key_exchange",
+    "require_pq_signature",
     "allow_tls12",
     "audit_condition",
 }
@@ -233,4 +235,5 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
         require_pq_key_exchange=_flag(data, "require_pq_key_exchange", origin),
         allow_tls12=_flag(data, "allow_tls12", origin),
         audit_condition=_audit_condition(data, origin),
+        require_pq_signature=_flag(data, "require_pq_signature", origin),
     )

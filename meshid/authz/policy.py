@@ -106,7 +106,9 @@ class AuthorizationPolicy:
     ``allow_non_spiffe_peers`` admits verified client certificates without a SPIFFE ID
     (matched by subject pattern, DNS SAN or thumbprint only); ``allow_tls12`` admits peers
     whose connection negotiated TLS 1.2 (by default only TLS 1.3); ``require_pq_key_exchange``
-    denies peers whose connection negotiated a classical key exchange.
+    denies peers whose connection negotiated a classical key exchange; ``require_pq_signature``
+    denies peers that did not authenticate with a post-quantum (ML-DSA) signature, which today
+    only the :mod:`meshid.pqtls` path carries (grpcio refuses ML-DSA certificates).
 
     Subject patterns, DNS names and principals matched against DNS SANs or the subject match
     only peers vouched for by a trust domain in scope: the rule's ``vouched_by``, else
@@ -125,6 +127,7 @@ class AuthorizationPolicy:
     non_spiffe_trust_domains: frozenset[TrustDomain] = frozenset()
     allow_tls12: bool = False
     origin: str = "<dict>"
+    require_pq_signature: bool = False
     _compiled: CompiledRules = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +147,7 @@ class AuthorizationPolicy:
         allow_non_spiffe_peers: bool | Collection[str | TrustDomain] | None = None,
         require_pq_key_exchange: bool | None = None,
         allow_tls12: bool | None = None,
+        require_pq_signature: bool | None = None,
     ) -> AuthorizationPolicy:
         """Build a policy from parsed YAML/JSON: gRPC authz format when it has ``allow_rules``, else native.
 
@@ -155,7 +159,11 @@ class AuthorizationPolicy:
             InvalidPolicyError: naming the origin, the rule and what is wrong.
         """
         policy = cls._from_dict(data, origin=origin)
-        given = {"require_pq_key_exchange": require_pq_key_exchange, "allow_tls12": allow_tls12}
+        given = {
+            "require_pq_key_exchange": require_pq_key_exchange,
+            "allow_tls12": allow_tls12,
+            "require_pq_signature": require_pq_signature,
+        }
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if isinstance(allow_non_spiffe_peers, bool):
             overrides["allow_non_spiffe_peers"] = allow_non_spiffe_peers
@@ -186,6 +194,7 @@ class AuthorizationPolicy:
             non_spiffe_trust_domains=parsed_native.non_spiffe_trust_domains,
             require_pq_key_exchange=parsed_native.require_pq_key_exchange,
             allow_tls12=parsed_native.allow_tls12,
+            require_pq_signature=parsed_native.require_pq_signature,
             audit=AuditOptions(parsed_native.audit_condition),
             origin=origin,
         )
@@ -198,6 +207,7 @@ class AuthorizationPolicy:
         allow_non_spiffe_peers: bool | Collection[str | TrustDomain] | None = None,
         require_pq_key_exchange: bool | None = None,
         allow_tls12: bool | None = None,
+        require_pq_signature: bool | None = None,
     ) -> AuthorizationPolicy:
         """Load a policy file: ``.json`` is read as JSON, anything else as YAML.
 
@@ -219,6 +229,7 @@ class AuthorizationPolicy:
             allow_non_spiffe_peers=allow_non_spiffe_peers,
             require_pq_key_exchange=require_pq_key_exchange,
             allow_tls12=allow_tls12,
+            require_pq_signature=require_pq_signature,
         )
 
     def decide(
@@ -250,6 +261,14 @@ class AuthorizationPolicy:
                 None,
                 f"the connection's key exchange ({group}) is classical; this policy requires a "
                 "post-quantum hybrid such as X25519MLKEM768",
+                explained=True,
+            )
+        if self.require_pq_signature and not peer.post_quantum_signature:
+            return Decision(
+                False,
+                None,
+                f"the peer authenticated with {peer.signature_algorithm or 'an unknown algorithm'}, a classical "
+                "signature; this policy requires a post-quantum one (an ML-DSA-65 SVID, over meshid.pqtls)",
                 explained=True,
             )
         return self._compiled.decide(peer, method, headers, local_trust_domain=local_trust_domain)

@@ -64,6 +64,13 @@ def register(groups: Any) -> None:
         help="every SVID names this CRL (CRL distribution point), e.g. http://HOST:PORT/crl.der",
     )
     init.add_argument(
+        "--key-type",
+        default="ec-p256",
+        choices=("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ml-dsa-65"),
+        help="the CA key (default ec-p256); ml-dsa-65 makes a post-quantum-only CA, which grpcio cannot serve yet: "
+        "to have both, init a classical CA, then `meshid ca key add --key-type ml-dsa-65`",
+    )
+    init.add_argument(
         "--jwt-key-type",
         choices=("ec-p256", "ec-p384", "rsa-2048"),
         default="ec-p256",
@@ -71,6 +78,14 @@ def register(groups: Any) -> None:
         "(ES384) or rsa-2048 (RS256); rotations keep the type",
     )
     init.set_defaults(run=run_init)
+    key = commands.add_parser("key", help="a second, post-quantum CA beside the classical one")
+    key_steps = key.add_subparsers(dest="step", required=True)
+    key_add = key_steps.add_parser(
+        "add", help="add an ML-DSA-65 CA: its root joins bundle.pem; it signs the SVIDs of ML-DSA-65 CSRs"
+    )
+    key_add.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder (a running CA takes it up)")
+    key_add.add_argument("--key-type", default="ml-dsa-65", choices=("ml-dsa-65",), help="the added CA's key")
+    key_add.set_defaults(run=run_key_add)
     config = commands.add_parser("config", help="change a CA's configuration (a running CA picks it up)")
     config_steps = config.add_subparsers(dest="step", required=True)
     config_set = config_steps.add_parser("set", help="set the OCSP and CRL URLs SVIDs carry from now on")
@@ -121,6 +136,9 @@ def register(groups: Any) -> None:
     )
     prepare.add_argument("--upstream-key", metavar="FILE", help="the upstream CA's private key (PEM)")
     prepare.add_argument(
+        "--key-type", choices=("ml-dsa-65",), help="rotate the ML-DSA CA `ca key add` made instead of the first"
+    )
+    prepare.add_argument(
         "--jwt-only", action="store_true", help="prepare only the next JWT signing key (the X.509 CA stays as it is)"
     )
     prepare.set_defaults(run=run_prepare)
@@ -134,6 +152,9 @@ def register(groups: Any) -> None:
         type=duration,
         default=duration("5m"),
         help=f"extra time before the old root leaves (default 5m; {DURATION_FORMAT})",
+    )
+    activate.add_argument(
+        "--key-type", choices=("ml-dsa-65",), help="activate the ML-DSA CA's rotation instead of the first CA's"
     )
     activate.set_defaults(run=run_activate)
     status = steps.add_parser("status", help="the roots and JWT keys in the bundle and what is retiring when")
@@ -156,9 +177,10 @@ def run_init(args: argparse.Namespace) -> int:
         agent_id_template=args.agent_id_template,
         ocsp_url=args.ocsp_url,
         crl_url=args.crl_url,
+        key_type=args.key_type,
         jwt_key_type=args.jwt_key_type,
     )
-    print(f"CA for trust domain {config.trust_domain} created in {args.data_dir}")
+    print(f"CA for trust domain {config.trust_domain} created in {args.data_dir} ({args.key_type} key)")
     print(f"  JWT-SVIDs signed by a {args.jwt_key_type} key of its own: {args.data_dir}/jwt-keys.json")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
     print(f"  SVIDs last at most {show(config.max_ttl)} (--ttl), the admin SVID too; `meshid ca serve` renews it")
@@ -212,18 +234,33 @@ def run_config_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_key_add(args: argparse.Namespace) -> int:
+    from meshid import _x509
+    from meshid.ca.datadir import add_key_type
+
+    cert = add_key_type(args.data_dir, args.key_type)
+    print(f"added {cert.subject.rfc4514_string()} ({args.key_type}); its root is in {args.data_dir}/bundle.pem now")
+    print(f"  root {_x509.thumbprint(cert)[:16]}: it signs the SVIDs whose CSRs carry {args.key_type} keys")
+    return 0
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     from meshid.ca.datadir import load_jwt_keys, prepare_jwt_rotation, prepare_rotation
 
     if args.jwt_only:
-        if args.upstream_cert or args.upstream_key:
-            print("meshid: ca rotate prepare: --jwt-only takes no --upstream-cert/--upstream-key", file=sys.stderr)
+        if args.upstream_cert or args.upstream_key or args.key_type:
+            print(
+                "meshid: ca rotate prepare: --jwt-only takes no --upstream-cert/--upstream-key/--key-type",
+                file=sys.stderr,
+            )
             return 2
         key = prepare_jwt_rotation(args.data_dir)
         print(f"prepared JWT key {key.kid}; the bundle publishes it now, it signs nothing yet.")
         print("Activate once relying parties have fetched the new bundle: meshid ca rotate activate")
         return 0
-    cert = prepare_rotation(args.data_dir, upstream_cert=args.upstream_cert, upstream_key=args.upstream_key)
+    cert = prepare_rotation(
+        args.data_dir, upstream_cert=args.upstream_cert, upstream_key=args.upstream_key, key_type=args.key_type
+    )
     print(f"prepared {cert.subject.rfc4514_string()}; its root is in {args.data_dir}/bundle.pem now.")
     keys = load_jwt_keys(args.data_dir)
     if keys is not None and keys.prepared is not None:
@@ -235,7 +272,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_activate(args: argparse.Namespace) -> int:
     from meshid.ca.datadir import activate_rotation
 
-    activate_rotation(args.data_dir, grace=args.grace)
+    activate_rotation(args.data_dir, grace=args.grace, key_type=args.key_type)
     print("activated: the CA signs with what was prepared; old keys leave the bundle once what they signed has expired")
     return 0
 
@@ -245,20 +282,27 @@ def run_status(args: argparse.Namespace) -> int:
     import pathlib
 
     from meshid import _x509
-    from meshid.ca.datadir import load_authority, load_jwt_keys
+    from meshid.ca.datadir import load_authority, load_jwt_keys, load_pq_authority
     from meshid.ca.jwt_keys import key_type
 
     authority, _ = load_authority(args.data_dir)
-    signing = _x509.thumbprint(authority.certificate)
+    signing = {_x509.thumbprint(authority.certificate)}
+    pq = load_pq_authority(args.data_dir)
+    if pq is not None:
+        signing.add(_x509.thumbprint(pq.certificate))
     for root in authority.roots:
-        mark = "signing" if _x509.thumbprint(root) == signing else ""
+        mark = f"signing ({_x509.key_algorithm(root.public_key())})" if _x509.thumbprint(root) in signing else ""
         print(f"root {_x509.thumbprint(root)[:16]}  {root.subject.rfc4514_string()}  {mark}")
-    rotation = pathlib.Path(args.data_dir) / "rotation.json"
-    if rotation.exists():
-        for item in json.loads(rotation.read_text()).get("retiring", []):
-            print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
-    if (pathlib.Path(args.data_dir) / "next" / "ca.key").exists():
-        print("a next CA is prepared; run `meshid ca rotate activate`")
+    for lane, flag in (
+        (pathlib.Path(args.data_dir), ""),
+        (pathlib.Path(args.data_dir) / "ml-dsa-65", " --key-type ml-dsa-65"),
+    ):
+        rotation = lane / "rotation.json"
+        if rotation.exists():
+            for item in json.loads(rotation.read_text()).get("retiring", []):
+                print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
+        if (lane / "next" / "ca.key").exists():
+            print(f"a next CA is prepared; run `meshid ca rotate activate{flag}`")
     keys = load_jwt_keys(args.data_dir)
     if keys is not None:
         print(f"JWT key {keys.signing.kid}  {key_type(keys.signing.private_key)}  signing")

@@ -103,7 +103,14 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
     def FetchX509SVID(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)
-        return self._follow(context, lambda source: wire.x509_svid_response(source.get_svid(), source.get_bundles()))
+        source = self._server.source
+        # A source with ML-DSA SVIDs beside its own (IssuerSource(pq_key_kind=...)) has them served second.
+        additional = getattr(source, "get_additional_svids", None)
+        if additional is None:
+            return self._follow(context, lambda src: wire.x509_svid_response(src.get_svid(), src.get_bundles()))
+        return self._follow(
+            context, lambda src: wire.x509_svid_response(src.get_svid(), src.get_bundles(), additional())
+        )
 
     def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)

@@ -18,7 +18,10 @@ certificate's public key (``key_sha256``, NULL for rows issued before, and for w
 issuance and renewal), by which batch and agent issuance refuse a key certified before; and
 the ``agents`` table.
 
-Version 3 (JWT-SVIDs, issue #16): ``jwt_keys``, the JWT-SVID public keys every CA on this
+Version 3 (post-quantum SVIDs, issue #18): an entry's ``svid_types``, a JSON list of
+``classical`` and ``ml-dsa-65`` (existing entries: classical only, as before).
+
+Version 4 (JWT-SVIDs, issue #16): ``jwt_keys``, the JWT-SVID public keys every CA on this
 store publishes (each replica signs with a key of its own data folder): the bundle carries
 them all, so a token one replica signed validates with the bundle another serves. A row lives
 until ``published_until``: a retiring key until every token it signed has expired, a key in use
@@ -86,6 +89,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             evicted_at {int64}
         )""",
     ),
+    ("""ALTER TABLE entries ADD COLUMN svid_types {text} NOT NULL DEFAULT '["classical"]'""",),
     (
         """CREATE TABLE jwt_keys (
             kid {text} NOT NULL PRIMARY KEY,
