@@ -27,10 +27,13 @@ _HOMES = {
     "FileSource": "meshid.sources",
     "FileSourceState": "meshid.sources",
     "InvalidBundleError": "meshid.errors",
+    "InvalidJwtSvidError": "meshid.errors",
     "InvalidPolicyError": "meshid.errors",
     "InvalidSpiffeIdError": "meshid.errors",
     "InvalidSvidError": "meshid.errors",
     "IssuerSource": "meshid.agent",
+    "JwtSource": "meshid.sources",
+    "JwtSvid": "meshid.jwtsvid",
     "MeshIdError": "meshid.errors",
     "PeerIdentity": "meshid.peer",
     "RemoteError": "meshid.errors",
@@ -84,6 +87,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
     from meshid.credentials import channel_credentials as channel_credentials
     from meshid.credentials import server_credentials as server_credentials
     from meshid.errors import InvalidBundleError as InvalidBundleError
+    from meshid.errors import InvalidJwtSvidError as InvalidJwtSvidError
     from meshid.errors import InvalidPolicyError as InvalidPolicyError
     from meshid.errors import InvalidSpiffeIdError as InvalidSpiffeIdError
     from meshid.errors import InvalidSvidError as InvalidSvidError
@@ -92,12 +96,14 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
     from meshid.errors import SourceError as SourceError
     from meshid.errors import VerificationError as VerificationError
     from meshid.interceptors import AuthorizationInterceptor as AuthorizationInterceptor
+    from meshid.jwtsvid import JwtSvid as JwtSvid
     from meshid.peer import PeerIdentity as PeerIdentity
     from meshid.peer import peer_identity as peer_identity
     from meshid.revocation import CrlWatcher as CrlWatcher
     from meshid.revocation import RevocationList as RevocationList
     from meshid.sources import FileSource as FileSource
     from meshid.sources import FileSourceState as FileSourceState
+    from meshid.sources import JwtSource as JwtSource
     from meshid.sources import Source as Source
     from meshid.sources import StaticSource as StaticSource
     from meshid.spiffeid import SpiffeId as SpiffeId

@@ -1,7 +1,8 @@
 """Trust bundles: the root CAs of a trust domain, and sets of them for federation.
 
 A :class:`TrustBundle` is loaded from PEM or from the SPIFFE bundle JSON format (a JWK set whose
-``x509-svid`` keys carry one CA certificate each in ``x5c``). A :class:`BundleSet` holds the
+``x509-svid`` keys carry one CA certificate each in ``x5c``, and whose ``jwt-svid`` keys, each
+with its ``kid``, are the public keys JWT-SVIDs of the trust domain are signed with). A :class:`BundleSet` holds the
 bundles of several trust domains and verifies a peer's chain only against the bundle of the
 peer's own trust domain, so a CA trusted for one trust domain never vouches for another's IDs.
 
@@ -15,12 +16,13 @@ SAN never vouches, and the CA that signed a SPIFFE ID must name that ID's trust 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import json
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -31,6 +33,9 @@ from meshid import _x509
 from meshid.errors import InvalidBundleError, InvalidSpiffeIdError, InvalidSvidError, VerificationError
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import check_leaf
+
+if TYPE_CHECKING:
+    from meshid.jwtsvid import PublicKey
 
 __all__ = ["BundleSet", "TrustBundle"]
 
@@ -69,17 +74,126 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
     return jwk
 
 
+#: The most JWT keys one bundle may hold (a few are published at a time: current, next, previous).
+MAX_JWT_KEYS = 64
+_MAX_KID = 255
+
+
+def _spki(key: PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class JwtAuthorities(Mapping[str, "PublicKey"]):
+    """A trust domain's JWT-SVID signing keys by key ID: read-only, hashable, equal by key bytes."""
+
+    __slots__ = ("_keys", "_spkis")
+
+    def __init__(self, keys: Mapping[str, PublicKey] | Iterable[tuple[str, PublicKey]] = ()) -> None:
+        items = list(keys.items() if isinstance(keys, Mapping) else keys)
+        if len(items) > MAX_JWT_KEYS:
+            raise InvalidBundleError(f"trust bundle: more than {MAX_JWT_KEYS} JWT keys")
+        found: dict[str, PublicKey] = {}
+        for kid, key in items:
+            if not isinstance(kid, str) or not kid or len(kid) > _MAX_KID:
+                raise InvalidBundleError(f"trust bundle: a JWT key ID must be a string of 1 to {_MAX_KID} characters")
+            _check_jwt_key(kid, key)
+            if kid in found:
+                raise InvalidBundleError(f"trust bundle: JWT key ID {kid!r} appears twice")
+            found[kid] = key
+        self._keys = found
+        self._spkis = frozenset((kid, _spki(key)) for kid, key in found.items())
+
+    def __getitem__(self, kid: str) -> PublicKey:
+        return self._keys[kid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not JwtAuthorities:
+            return NotImplemented
+        return self._spkis == other._spkis
+
+    def __hash__(self) -> int:
+        return hash(self._spkis)
+
+    def __repr__(self) -> str:
+        return f"JwtAuthorities({sorted(self._keys)!r})"
+
+
+def _check_jwt_key(kid: str, key: object) -> None:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+            raise InvalidBundleError(f"trust bundle: JWT key {kid!r} is on curve {key.curve.name}; use P-256 or P-384")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise InvalidBundleError(f"trust bundle: JWT key {kid!r} is RSA-{key.key_size}; use at least 2048 bits")
+    else:
+        raise InvalidBundleError(
+            f"trust bundle: JWT key {kid!r} is a {type(key).__name__}; a JWT key is an EC or RSA public key"
+        )
+
+
+def _jwt_jwk(kid: str, key: PublicKey) -> dict[str, Any]:
+    from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+    jwk = (
+        ECAlgorithm.to_jwk(key, as_dict=True)
+        if isinstance(key, ec.EllipticCurvePublicKey)
+        else (RSAAlgorithm.to_jwk(key, as_dict=True))
+    )
+    return {"use": "jwt-svid", "kid": kid, **{k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y", "n", "e")}}
+
+
+def _read_jwt_jwk(td: TrustDomain, index: int, jwk: Mapping[str, Any]) -> tuple[str, PublicKey]:
+    import jwt
+
+    kid = jwk.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise InvalidBundleError(
+            f"trust bundle for {td}: key {index} ('jwt-svid') has no 'kid'; the standard requires one"
+        )
+    if len(kid) > _MAX_KID:
+        raise InvalidBundleError(f"trust bundle for {td}: key {index} has a 'kid' longer than {_MAX_KID} characters")
+    if jwk.get("kty") not in ("EC", "RSA"):
+        raise InvalidBundleError(
+            f"trust bundle for {td}: JWT key {kid!r} has kty {jwk.get('kty')!r}, not 'EC' or 'RSA'"
+        )
+    private = sorted({"d", "p", "q", "dp", "dq", "qi", "oth"} & set(jwk))
+    if private:
+        raise InvalidBundleError(
+            f"trust bundle for {td}: JWT key {kid!r} holds private key members ({', '.join(private)}); "
+            "publish only the public key"
+        )
+    errors: tuple[type[Exception], ...] = (jwt.exceptions.PyJWTError, *_x509.PARSE_ERRORS)
+    try:
+        key = jwt.PyJWK(dict(jwk), algorithm="ES256" if jwk["kty"] == "EC" else "RS256").key
+    except errors as err:
+        raise InvalidBundleError(f"trust bundle for {td}: JWT key {kid!r} cannot be read: {err}") from err
+    try:
+        _check_jwt_key(kid, key)
+    except InvalidBundleError as err:
+        raise InvalidBundleError(str(err).replace("trust bundle:", f"trust bundle for {td}:", 1)) from err
+    return kid, key
+
+
 @dataclass(frozen=True, slots=True)
 class TrustBundle:
-    """The X.509 root CAs of one trust domain.
+    """The X.509 root CAs of one trust domain, and the keys its JWT-SVIDs are signed with.
 
     ``sequence`` and ``refresh_hint`` carry the SPIFFE bundle fields of the same names.
+    ``jwt_authorities`` maps each JWT key ID (``kid``) to its public key; any mapping given is
+    kept as a read-only :class:`JwtAuthorities`.
     """
 
     trust_domain: TrustDomain
     roots: tuple[x509.Certificate, ...]
     sequence: int | None = None
     refresh_hint: int | None = field(default=None, compare=False)
+    jwt_authorities: Mapping[str, PublicKey] = field(default_factory=JwtAuthorities)
 
     def __post_init__(self) -> None:
         if isinstance(self.trust_domain, str):  # a name given as str: parse it rather than never match
@@ -88,6 +202,23 @@ class TrustBundle:
             raise TypeError(f"trust_domain must be a TrustDomain, not {type(self.trust_domain).__name__}")
         if not self.roots:
             raise InvalidBundleError(f"trust bundle for {self.trust_domain}: holds no root certificate")
+        if not isinstance(self.jwt_authorities, JwtAuthorities):
+            try:
+                keys = JwtAuthorities(self.jwt_authorities)
+            except InvalidBundleError as err:
+                raise InvalidBundleError(
+                    str(err).replace("trust bundle:", f"trust bundle for {self.trust_domain}:", 1)
+                ) from err
+            object.__setattr__(self, "jwt_authorities", keys)
+
+    def with_jwt_authorities(self, keys: Mapping[str, PublicKey]) -> TrustBundle:
+        """A copy whose JWT keys are ``keys`` (kid -> public key), replacing the ones it had.
+
+        Raises:
+            InvalidBundleError: a key ID is empty or a key is not an EC (P-256/P-384/P-521)
+                or RSA (>= 2048 bits) public key.
+        """
+        return dataclasses.replace(self, jwt_authorities=keys)
 
     @classmethod
     def from_pem(cls, trust_domain: TrustDomain | str, data: bytes | str) -> TrustBundle:
@@ -124,10 +255,12 @@ class TrustBundle:
 
     @classmethod
     def from_spiffe_json(cls, trust_domain: TrustDomain | str, data: bytes | str) -> TrustBundle:
-        """Read a SPIFFE bundle (JWK set). Keys whose ``use`` is not ``x509-svid`` are skipped.
+        """Read a SPIFFE bundle (JWK set): ``x509-svid`` keys are roots, ``jwt-svid`` keys JWT
+        authorities (``kid`` required); keys of any other ``use`` are skipped.
 
         Raises:
-            InvalidBundleError: the JSON is malformed or holds no X.509 root.
+            InvalidBundleError: the JSON is malformed, holds no X.509 root, or a JWT key has no
+                ``kid``, a duplicate one, private members, or is not EC P-256/P-384/P-521 or RSA >= 2048.
         """
         td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
         if len(data) > _x509.MAX_PEM_BYTES:
@@ -141,9 +274,13 @@ class TrustBundle:
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise InvalidBundleError(f"trust bundle for {td}: a SPIFFE bundle is a JSON object with a 'keys' list")
         roots = []
+        jwt_keys: list[tuple[str, PublicKey]] = []
         for index, key in enumerate(doc["keys"]):
             if not isinstance(key, dict):
                 raise InvalidBundleError(f"trust bundle for {td}: key {index} is not an object")
+            if key.get("use") == "jwt-svid":
+                jwt_keys.append(_read_jwt_jwk(td, index, key))
+                continue
             if key.get("use") != "x509-svid":
                 continue
             x5c = key.get("x5c")
@@ -163,11 +300,16 @@ class TrustBundle:
             raise InvalidBundleError(f"trust bundle for {td}: no 'x509-svid' key with a certificate")
         sequence = doc.get("spiffe_sequence")
         hint = doc.get("spiffe_refresh_hint")
+        try:
+            authorities = JwtAuthorities(jwt_keys)
+        except InvalidBundleError as err:
+            raise InvalidBundleError(str(err).replace("trust bundle:", f"trust bundle for {td}:", 1)) from err
         return cls(
             td,
             tuple(roots),
             sequence if isinstance(sequence, int) else None,
             hint if isinstance(hint, int) else None,
+            authorities,
         )
 
     @classmethod
@@ -214,7 +356,9 @@ class TrustBundle:
         return b"".join(_x509.cert_pem(c) for c in self.roots)
 
     def to_spiffe_json(self) -> str:
-        doc: dict[str, Any] = {"keys": [_jwk(c) for c in self.roots]}
+        doc: dict[str, Any] = {
+            "keys": [_jwk(c) for c in self.roots] + [_jwt_jwk(kid, k) for kid, k in self.jwt_authorities.items()]
+        }
         if self.sequence is not None:
             doc["spiffe_sequence"] = self.sequence
         if self.refresh_hint is not None:

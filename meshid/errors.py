@@ -9,6 +9,9 @@ working::
     ├── InvalidSpiffeIdError (ValueError)   a SPIFFE ID or trust domain breaks the standard
     ├── InvalidSvidError (ValueError)       a certificate/key pair is not a valid X509-SVID
     ├── InvalidBundleError (ValueError)     a trust bundle cannot be read
+    ├── InvalidJwtSvidError (ValueError)    a JWT-SVID is malformed or refused (the interceptor:
+    │                                       UNAUTHENTICATED; the CA and the Workload API, where a
+    │                                       caller sent it: INVALID_ARGUMENT)
     ├── InvalidPolicyError (ValueError)     an authorization policy (or a table of its test
     │                                       cases) cannot be loaded
     ├── InvalidAuditLogError (ValueError)   an audit log to replay is not meshid's JSON lines
@@ -49,6 +52,7 @@ __all__ = [
     "InvalidAddressError",
     "InvalidAuditLogError",
     "InvalidBundleError",
+    "InvalidJwtSvidError",
     "InvalidPolicyError",
     "InvalidRequestError",
     "InvalidSpiffeIdError",
@@ -82,6 +86,10 @@ class InvalidSvidError(MeshIdError, ValueError):
 
 class InvalidBundleError(MeshIdError, ValueError):
     """A trust bundle (PEM or SPIFFE bundle JSON) cannot be read."""
+
+
+class InvalidJwtSvidError(MeshIdError, ValueError):
+    """A JWT-SVID is malformed or fails validation; the message ("JWT-SVID: ...") says why."""
 
 
 class InvalidPolicyError(MeshIdError, ValueError):

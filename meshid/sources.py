@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from meshid._background import FileStamp, Notifier, Unsubscribe, Worker, file_stamp
 from meshid.bundle import BundleSet, TrustBundle
@@ -23,7 +23,13 @@ from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, SourceError
 from meshid.svid import X509Svid
 
-__all__ = ["FileSource", "FileSourceState", "Source", "StaticSource"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from meshid.jwtsvid import JwtSvid
+    from meshid.spiffeid import SpiffeId
+
+__all__ = ["FileSource", "FileSourceState", "JwtSource", "Source", "StaticSource"]
 
 log = logging.getLogger("meshid.sources")
 
@@ -44,6 +50,21 @@ class Source(Protocol):
 
     def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
         """Call ``callback()`` after every change; returns a function that unsubscribes."""
+        ...
+
+
+@runtime_checkable
+class JwtSource(Protocol):
+    """Anything that hands out JWT-SVIDs and the JWT bundles to validate them with (the
+    Workload API, the issuing service): what :func:`meshid.jwt_call_credentials` takes."""
+
+    def fetch_jwt_svid(self, audience: Sequence[str], spiffe_id: SpiffeId | None = None) -> JwtSvid:
+        """A JWT-SVID for ``audience`` (one or more), of ``spiffe_id`` or the source's default
+        identity. Raises :class:`SourceError` when there is none."""
+        ...
+
+    def get_jwt_bundles(self) -> BundleSet:
+        """The bundles whose ``jwt_authorities`` validate JWT-SVIDs now."""
         ...
 
 

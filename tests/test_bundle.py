@@ -242,7 +242,8 @@ def test_x5c_values_after_the_first_are_ignored(ca: Authority, other_ca: Authori
 
 
 def test_bundle_with_no_x509_svid_key_is_refused(ca: Authority) -> None:
-    jwt_only = {"keys": [{"use": "jwt-svid", "kty": "EC", "kid": "k1", "x5c": [_der_b64(ca.certificate)]}]}
+    # A jwt-svid key is a JWT authority, never a root, even if it carries a certificate.
+    jwt_only = {"keys": [_ec_jwk(kid="k1", x5c=[_der_b64(ca.certificate)])]}
     _refused_json(jwt_only, "no 'x509-svid' key with a certificate")
 
 
@@ -583,3 +584,109 @@ def test_bundle_sets_are_equal_by_content_and_hashable(
     assert bundles != meshid.BundleSet.of(_bundle(ca))
     assert bundles != bundles.with_bundle(_bundle(ca, sequence=9))
     assert bundles != dict(bundles)  # equal only to its own type
+
+
+# --- JWT authorities (the JWT-SVID standard §6, the bundle's "jwt-svid" keys) ---------------
+
+
+def _jwt_bundle(authority: Authority, **keys: Any) -> meshid.TrustBundle:
+    return meshid.TrustBundle(authority.trust_domain, authority.roots, jwt_authorities=keys)
+
+
+def test_jwt_authorities_round_trip_through_spiffe_json(ca: Authority) -> None:
+    ec_key, rsa_key = generate_key("ec-p384").public_key(), generate_key("rsa-2048").public_key()
+    bundle = _jwt_bundle(ca, a=ec_key, b=rsa_key)
+    doc = json.loads(bundle.to_spiffe_json())
+    jwt_keys = [k for k in doc["keys"] if k["use"] == "jwt-svid"]
+    assert [(k["kid"], k["kty"]) for k in jwt_keys] == [("a", "EC"), ("b", "RSA")]
+    assert jwt_keys[0]["crv"] == "P-384" and "x5c" not in jwt_keys[0]
+    assert [k["use"] for k in doc["keys"]].count("x509-svid") == len(ca.roots)
+    back = meshid.TrustBundle.from_spiffe_json("example.org", json.dumps(doc))
+    assert back == bundle and hash(back) == hash(bundle)
+    assert back.roots == bundle.roots
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    assert back.jwt_authorities["b"].public_bytes(serialization.Encoding.DER, spki) == rsa_key.public_bytes(
+        serialization.Encoding.DER, spki
+    )
+
+
+def test_a_bundle_without_jwt_keys_is_read_and_written_as_before(ca: Authority) -> None:
+    bundle = _bundle(ca)
+    assert bundle.jwt_authorities == {} or len(bundle.jwt_authorities) == 0
+    assert all(k["use"] == "x509-svid" for k in json.loads(bundle.to_spiffe_json())["keys"])
+
+
+def test_jwt_keys_take_part_in_equality(ca: Authority) -> None:
+    key, other = generate_key().public_key(), generate_key().public_key()
+    assert _jwt_bundle(ca, a=key) == _jwt_bundle(ca, a=key)
+    assert _jwt_bundle(ca, a=key) != _jwt_bundle(ca, a=other)
+    assert _jwt_bundle(ca, a=key) != _jwt_bundle(ca, b=key)
+    assert _jwt_bundle(ca, a=key) != _bundle(ca)
+
+
+def test_with_jwt_authorities_replaces_the_keys(ca: Authority) -> None:
+    key = generate_key().public_key()
+    bundle = _bundle(ca, sequence=3).with_jwt_authorities({"k": key})
+    assert list(bundle.jwt_authorities) == ["k"] and bundle.sequence == 3
+    assert len(bundle.with_jwt_authorities({}).jwt_authorities) == 0
+    with pytest.raises(TypeError):
+        bundle.jwt_authorities["x"] = key  # type: ignore[index]
+
+
+def test_a_jwt_key_that_cannot_sign_jwt_svids_is_refused(ca: Authority) -> None:
+    with pytest.raises(meshid.InvalidBundleError, match="a JWT key is an EC or RSA public key"):
+        _jwt_bundle(ca, e=generate_key("ed25519").public_key())
+    with pytest.raises(meshid.InvalidBundleError, match="RSA-1024"):
+        _jwt_bundle(ca, r=rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key())
+    with pytest.raises(meshid.InvalidBundleError, match="key ID"):
+        meshid.TrustBundle(ca.trust_domain, ca.roots, jwt_authorities={"": generate_key().public_key()})
+
+
+def _jwk_doc(ca: Authority, *jwks: dict[str, Any]) -> dict[str, Any]:
+    return {"keys": [*json.loads(_bundle(ca).to_spiffe_json())["keys"], *jwks]}
+
+
+def _ec_jwk(**changes: Any) -> dict[str, Any]:
+    from jwt.algorithms import ECAlgorithm
+
+    jwk = {**ECAlgorithm.to_jwk(generate_key().public_key(), as_dict=True), "use": "jwt-svid", "kid": "k"}
+    jwk.update(changes)
+    return {k: v for k, v in jwk.items() if v is not None}
+
+
+def test_jwt_svid_key_without_kid_is_refused(ca: Authority) -> None:
+    _refused_json(_jwk_doc(ca, _ec_jwk(kid=None)), "has no 'kid'")
+
+
+def test_jwt_svid_keys_with_one_kid_are_refused(ca: Authority) -> None:
+    _refused_json(_jwk_doc(ca, _ec_jwk(), _ec_jwk()), "JWT key ID 'k' appears twice")
+
+
+def test_jwt_svid_key_with_private_members_is_refused(ca: Authority) -> None:
+    _refused_json(_jwk_doc(ca, _ec_jwk(d="AAAA")), "holds private key members (d)")
+
+
+def test_jwt_svid_key_of_another_kind_is_refused(ca: Authority) -> None:
+    _refused_json(_jwk_doc(ca, _ec_jwk(kty="oct", k="c2VjcmV0")), "has kty 'oct'")
+    _refused_json(_jwk_doc(ca, _ec_jwk(x="AAAA")), "JWT key 'k' cannot be read")
+    _refused_json(_jwk_doc(ca, _ec_jwk(crv="P-192")), "JWT key 'k' cannot be read")
+
+
+def test_a_jwt_only_bundle_is_still_refused() -> None:
+    # meshid's trust domains always publish an X.509 root; a bundle without one cannot verify a peer.
+    _refused_json({"keys": [_ec_jwk()]}, "no 'x509-svid' key")
+
+
+def test_py_spiffe_reads_the_published_jwt_keys(ca: Authority) -> None:
+    """py-spiffe's JwtBundle.parse needs a 'kid' on every key (x509-svid ones have none), so it is
+    given the jwt-svid keys of meshid's published bundle."""
+    import spiffe
+
+    key = generate_key("ec-p256").public_key()
+    doc = json.loads(_jwt_bundle(ca, k1=key).to_spiffe_json())
+    jwt_only = json.dumps({"keys": [k for k in doc["keys"] if k["use"] == "jwt-svid"]}).encode()
+    theirs = spiffe.JwtBundle.parse(spiffe.TrustDomain("example.org"), jwt_only)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    found = theirs.get_jwt_authority("k1")
+    assert found is not None
+    assert found.public_bytes(serialization.Encoding.DER, spki) == key.public_bytes(serialization.Encoding.DER, spki)
