@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -253,6 +254,18 @@ def test_a_streaming_call_is_authorized_by_its_token(source, jwt_bundles) -> Non
             greeter_pb2.HelloRequest(name="a"), metadata=_bearer(_token()), timeout=10
         )
         assert [r.caller for r in replies] == ["jwt"] * 3
+
+
+def test_a_jwt_callers_audit_record_says_so_and_a_bad_token_is_recorded(source, jwt_bundles, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="meshid.audit")
+    with server(source, _policy(["jwt"])) as port, _tls_only(port, jwt_bundles) as channel:
+        assert call(channel, _bearer(_token()))[0] == "OK"
+        assert call(channel, _bearer(_token(audience=["elsewhere"])))[0] == "UNAUTHENTICATED"
+    records = [r.meshid_audit for r in caplog.records if hasattr(r, "meshid_audit")]  # type: ignore[attr-defined]
+    allowed, refused = records
+    assert (allowed["caller"], allowed["identity_source"], allowed["serial"]) == (FRONTEND_ID, "jwt", None)
+    assert (refused["stage"], refused["caller"]) == ("authentication", None)
+    assert "does not name this server" in refused["reason"] and "identity_source" not in refused
 
 
 # --- a certificate and a token on one connection --------------------------------------------------
