@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 import meshid
 from meshid.ca import Authority, generate_key
+from meshid.clock import ManualClock
 from meshid.examples import greeter_pb2, greeter_pb2_grpc
 from meshid.jwtsvid import JWT_SVID_MAX_BYTES, sign_jwt_svid
 from support import (
@@ -125,14 +126,19 @@ def _policy(sources: list[str] | None = None, **extra: Any) -> meshid.Authorizat
 
 @contextlib.contextmanager
 def server(
-    source: meshid.StaticSource, policy: meshid.AuthorizationPolicy, *, client_certificates: bool = False, **kw: Any
+    source: meshid.StaticSource,
+    policy: meshid.AuthorizationPolicy,
+    *,
+    client_certificates: bool = False,
+    servicer: Any = None,
+    **kw: Any,
 ) -> Iterator[int]:
     """A greeter behind meshid's interceptor on 127.0.0.1; yields its port and always stops it."""
     interceptor = meshid.AuthorizationInterceptor(policy, source=source, **kw)
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor], options=BIG_METADATA
     )
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), grpc_server)
+    greeter_pb2_grpc.add_GreeterServicer_to_server(servicer or Greeter(), grpc_server)
     creds = meshid.server_credentials(source, require_client_certificate=client_certificates)
     port = grpc_server.add_secure_port("127.0.0.1:0", creds)
     grpc_server.start()
@@ -266,6 +272,43 @@ def test_a_jwt_callers_audit_record_says_so_and_a_bad_token_is_recorded(source, 
     assert (allowed["caller"], allowed["identity_source"], allowed["serial"]) == (FRONTEND_ID, "jwt", None)
     assert (refused["stage"], refused["caller"]) == ("authentication", None)
     assert "does not name this server" in refused["reason"] and "identity_source" not in refused
+
+
+class Ticking(Greeter):
+    """Moves the server's clock on by the token's lifetime after each streamed message."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+
+    def SayHelloStream(self, request: Any, context: Any) -> Any:
+        for _ in range(3):
+            yield greeter_pb2.HelloReply(message="hello", caller=meshid.peer_identity(context).source)
+            self.clock.advance(400)
+
+
+def test_a_stream_ends_when_its_token_expires(source, jwt_bundles) -> None:
+    clock = ManualClock()
+    token = sign_jwt_svid(
+        KEY,
+        "k1",
+        meshid.SpiffeId.parse(FRONTEND_ID),
+        [SERVER_ID],
+        lifetime=datetime.timedelta(minutes=5),
+        now=clock.now(),
+    ).token
+    got = []
+    with (
+        server(source, _policy(["jwt"]), servicer=Ticking(clock), clock=clock) as port,
+        _tls_only(port, jwt_bundles) as channel,
+    ):
+        replies = greeter_pb2_grpc.GreeterStub(channel).SayHelloStream(
+            greeter_pb2.HelloRequest(name="a"), metadata=_bearer(token), timeout=10
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            got.extend(r.caller for r in replies)
+    assert got == ["jwt"]  # the second message comes after exp: the stream is ended
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "JWT-SVID expired at" in info.value.details()
 
 
 # --- a certificate and a token on one connection --------------------------------------------------
