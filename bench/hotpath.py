@@ -4,11 +4,11 @@ Parts, each a ratio against a baseline measured in the same run:
 
   * audit: median latency of a unary RPC through meshid's interceptor with a 1,000-rule policy,
     against a bare grpcio mTLS server in the same server process (so both share interpreter,
-    scheduling and CPU), the client alternating between them in blocks of 50 calls. One server
-    process per setting of the ``meshid.audit`` logger: at INFO with a ``logging.FileHandler``
-    (every allow and deny written to a file, what anyone who keeps an audit trail runs) and at
-    WARNING (only denies; this bench's calls are all allowed). Sync and aio servers. Targets:
-    INFO to a file <= 1.05, WARNING <= 1.03; aio the same targets within 0.02.
+    scheduling and CPU), the client alternating between them in blocks of 20 calls (and which of
+    the two goes first alternating too). One server process per setting of the ``meshid.audit``
+    logger: at INFO with a ``logging.FileHandler`` (every allow and deny written to a file, what
+    anyone who keeps an audit trail runs) and at WARNING (only denies; this bench's calls are all
+    allowed). Sync and aio servers. Targets: INFO to a file <= 1.05, WARNING <= 1.03; aio the same targets within 0.02.
   * refresh: CA CPU per agent-hour of idle refreshes (an agent whose SVID is not due: bundle and
     CRL only). Old path: ``GetBundle`` and ``GetCrl`` over a new mTLS connection each, every
     refresh (what ``IssuerSource`` did). New path: one ``GetTrustUpdates`` call, carrying the
@@ -142,8 +142,8 @@ async def _serve_aio(source: meshid.FileSource, policy: meshid.AuthorizationPoli
 
 def audit_latency(folder: str, setting: str, flavour: str, calls: int, block: int = 20) -> tuple[float, float, float]:
     """Median latency of the bare and the guarded server, and the median ratio of adjacent blocks
-    (each block's median against the other server's block just before it: slow drift of the
-    machine's load cancels out)."""
+    (each block's median against the other server's block beside it: slow drift of the machine's
+    load cancels out; the order within a pair alternates)."""
     files = [os.path.join(folder, "client", n) for n in ("svid.pem", "svid.key", "bundle.pem")]
     source = meshid.FileSource(*files)
     proc = subprocess.Popen(
@@ -165,16 +165,17 @@ def audit_latency(folder: str, setting: str, flavour: str, calls: int, block: in
                 s.SayHello(request, timeout=10)
         samples: list[list[float]] = [[], []]
         ratios = []
-        for _ in range(calls // block):
-            pair = []
-            for which, s in enumerate(stubs):
+        for n in range(calls // block):
+            pair = [0.0, 0.0]
+            # which server goes first alternates, so neither gains from its place in the pair
+            for which in (0, 1) if n % 2 == 0 else (1, 0):
                 times = []
                 for _ in range(block):
                     t0 = time.perf_counter()
-                    s.SayHello(request, timeout=10)
+                    stubs[which].SayHello(request, timeout=10)
                     times.append(time.perf_counter() - t0)
                 samples[which] += times
-                pair.append(statistics.median(times))
+                pair[which] = statistics.median(times)
             ratios.append(pair[1] / pair[0])
         for c in channels:
             c.close()

@@ -8,7 +8,8 @@ long method names and under renewals (bench/memory.py), [node-agent] batch issua
 per-workload renewal, Workload API fetch latency and the node agent's RSS (bench/node_agent.py),
 [hotpath] audit records' cost per call, agents' idle refreshes at the CA, import and channel
 construction (bench/hotpath.py), [rollout] the cost per call of carrying a candidate policy
-(bench/rollout.py), [jwt] JWT-SVID validations/s and a JWT-authenticated call against an
+(bench/rollout.py), [pq] ML-DSA-65 against ECDSA P-256: issuance rate, SVID size, handshake
+time (bench/pq.py), [jwt] JWT-SVID validations/s and a JWT-authenticated call against an
 mTLS-authenticated one (bench/jwt_svid.py).
 
 Issue #2 (core):
@@ -185,6 +186,7 @@ def main() -> int:
         import memory  # bench/memory.py: issue #10
         import node_agent  # bench/node_agent.py: issue #12
         import ocsp  # bench/ocsp.py: issue #15
+        import pq  # bench/pq.py: issue #18
         import replicas  # bench/replicas.py: issue #7
         import rollout  # bench/rollout.py: issue #17
         import rotation  # bench/rotation.py: issue #4
@@ -198,6 +200,7 @@ def main() -> int:
         hotpath.run()
         ocsp.run()
         rollout.run()
+        pq.run()
         jwt_svid.run()
     return 0
 

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -112,16 +113,31 @@ def _load(policy: PolicyInput) -> tuple[AuthorizationPolicy, str | None]:
     raise TypeError(f"policy must be an AuthorizationPolicy or a path, not {type(policy).__name__}")
 
 
-#: A memoised decision: the peer, the enforced decision, its audit record, and the dry-run
-#: record when a candidate policy decides the call otherwise (else None).
-MemoEntry = tuple[PeerIdentity, Decision, audit.Prepared, audit.Prepared | None]
+#: A memoised decision: the peer, the enforced decision, its audit record, the dry-run record
+#: when a candidate policy decides the call otherwise (else None), and the peer certificate's
+#: expiry as a POSIX timestamp (compared with a float on the per-call path).
+MemoEntry = tuple[PeerIdentity, Decision, audit.Prepared, audit.Prepared | None, float]
+
+#: The auth context properties a verdict depends on besides the certificate (see PeerVerifier.identify).
+_TLS_VERSION, _KEX_GROUP = "ssl_tls_version", "ssl_negotiated_key_exchange_group"
+
+
+def _connection_key(pem: bytes, auth_context: Mapping[str, Sequence[bytes]], method: str) -> tuple[object, ...]:
+    """What a direct peer's decision is filed under: what its connection presents, and the method."""
+    return (pem, *auth_context.get(_TLS_VERSION, ()), *auth_context.get(_KEX_GROUP, ()), method)
 
 
 class _Memo:
-    """Decisions memoised for one policy (and candidate), local trust domain and generation of
-    the identity caches."""
+    """Decisions memoised for one policy (and candidate), local trust domain, bundle set and
+    generation of the identity caches.
 
-    __slots__ = ("cache", "candidate", "forwarded", "local", "policy", "verified")
+    A peer that called directly is filed under what its connection presents (certificate, TLS
+    version, key exchange group) and the method, so a repeat call is decided by one lookup,
+    without verifying or even reading the certificate again; a peer forwarded by a proxy under
+    its identity object (the forwarded identities cache hands out one per certificate).
+    """
+
+    __slots__ = ("bundles", "cache", "candidate", "forwarded", "local", "policy", "verified")
 
     def __init__(
         self,
@@ -130,10 +146,13 @@ class _Memo:
         verified: tuple[int, int],
         forwarded: int,
         candidate: AuthorizationPolicy | None = None,
+        bundles: BundleSet | None = None,
     ):
         self.policy, self.local, self.verified, self.forwarded = policy, local, verified, forwarded
-        self.candidate = candidate
-        self.cache: BoundedCache[tuple[int, str], MemoEntry] = BoundedCache(max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES)
+        self.candidate, self.bundles = candidate, bundles
+        self.cache: BoundedCache[tuple[object, ...], MemoEntry] = BoundedCache(
+            max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES
+        )
 
 
 def _forget_own_td(authorizer: Authorizer) -> Callable[[], None]:
@@ -167,6 +186,9 @@ class Authorizer:
         self.candidate = CandidatePolicy(candidate)
         self._started = False
         self._clock = clock
+        # The memo's expiry check compares floats: the system clock's time.time(), or an
+        # injected clock's now() (tests move it), converted.
+        self._now_ts: Callable[[], float] = time.time if clock is SYSTEM_CLOCK else lambda: clock.now().timestamp()
         self._open_methods = frozenset(unauthenticated_methods)
         if any(not isinstance(m, str) or not m.startswith("/") for m in self._open_methods):
             raise ValueError("unauthenticated_methods must be full method names such as '/pkg.Service/Method'")
@@ -275,28 +297,49 @@ class Authorizer:
                 except Exception:  # nor can a bad candidate stop it
                     log.exception("policy: dry run: keeping the previous candidate")
 
+    def _current_memo(
+        self,
+        policy: AuthorizationPolicy,
+        local: TrustDomain | None,
+        candidate: AuthorizationPolicy | None,
+        bundles: BundleSet,
+    ) -> _Memo | None:
+        """The memo, if it still belongs to this policy, candidate, local trust domain, bundle
+        set and generation of the identity caches; else None."""
+        memo = self._memo
+        if (
+            memo.policy is not policy
+            or memo.candidate is not candidate
+            or memo.local is not local
+            or memo.bundles is not bundles
+            or memo.verified != (self._verifier.generation, self._jwt.generation)
+            or memo.forwarded != (self._forwarded.generation if self._forwarded is not None else 0)
+        ):
+            return None
+        return memo
+
     def _memo_decide(
         self,
         policy: AuthorizationPolicy,
         identity: PeerIdentity,
         method: str,
         local: TrustDomain | None,
-        candidate: AuthorizationPolicy | None = None,
+        candidate: AuthorizationPolicy | None,
+        bundles: BundleSet,
+        key: tuple[object, ...],
     ) -> MemoEntry:
-        # The verifier hands out one PeerIdentity object per certificate, so (that object,
-        # method) names a decision exactly; the entry holds the object, so its id() cannot be
-        # reused while the entry lives. The memo belongs to one policy, one local trust domain
-        # (the scope of subject and DNS rules) and one generation of the identity caches, so no
-        # call files a decision under another policy or trust domain, and no entry keeps an
-        # identity the verifier has already dropped. Each entry keeps its audit record, built once,
-        # and the candidate policy's decision (a dry run), as a record only where it differs.
-        memo = self._memo
-        verified = (self._verifier.generation, self._jwt.generation)
-        forwarded = self._forwarded.generation if self._forwarded is not None else 0
-        stale = memo.verified != verified or memo.forwarded != forwarded or memo.candidate is not candidate
-        if stale or memo.policy is not policy or memo.local is not local:
-            memo = self._memo = _Memo(policy, local, verified, forwarded, candidate)
-        key = (id(identity), method)
+        # The memo belongs to one policy, one local trust domain (the scope of subject and DNS
+        # rules), one bundle set and one generation of the identity caches, so no call files a
+        # decision under another policy, trust domain or set of roots, and no entry keeps an
+        # identity the verifier has already dropped. ``bundles`` was read before the peer was
+        # verified: a set replaced meanwhile makes this memo stale at the next call, never
+        # files a verdict under the new set. Each entry keeps its audit record, built once, and
+        # the candidate policy's decision (a dry run), as a record only where it differs.
+        memo = self._current_memo(policy, local, candidate, bundles)
+        if memo is None:
+            verified = (self._verifier.generation, self._jwt.generation)
+            forwarded = self._forwarded.generation if self._forwarded is not None else 0
+            memo = self._memo = _Memo(policy, local, verified, forwarded, candidate, bundles)
         hit = memo.cache.get(key)
         if hit is not None and hit[0] is identity:
             return hit
@@ -305,9 +348,38 @@ class Authorizer:
         if candidate is not None:
             decided = candidate.decide(identity, method, local_trust_domain=local)
             dry = dryrun.prepare(policy, candidate, decision, decided, method, identity)
-        entry = (identity, decision, audit.prepare(policy, decision, method, identity), dry)
+        prepared = audit.prepare(policy, decision, method, identity)
+        entry = (identity, decision, prepared, dry, identity.not_after.timestamp())
         memo.cache.put(key, entry, 1024 + len(method))
         return entry
+
+    def _memoised(
+        self,
+        policy: AuthorizationPolicy,
+        auth_context: Mapping[str, Sequence[bytes]],
+        method: str,
+        peer_address: str | Callable[[], str] | None,
+    ) -> PeerIdentity | Refusal | None:
+        """A repeat call of a direct peer decided from the memo, or None to take the full path.
+
+        Only what can change between two calls on one connection is looked at again: the
+        certificate's expiry and its revocation. Anything else (an expired or revoked peer, a
+        new policy or bundle set) falls through to the full path, which refuses and records it.
+        """
+        pems = auth_context.get("x509_pem_cert")
+        if not pems:
+            return None
+        memo = self._current_memo(policy, self._own_trust_domain(), self.candidate.policy, self._bundles())
+        if memo is None:
+            return None
+        hit = memo.cache.get(_connection_key(pems[0], auth_context, method))
+        if hit is None or self._now_ts() > hit[4] or (self.revoked is not None and self.revoked(hit[0])):
+            return None
+        identity, decision, prepared, dry, _ = hit
+        audit.emit(prepared, peer_address, self.audit_writer)
+        if dry is not None:
+            audit.emit(dry, peer_address, self.audit_writer)
+        return identity if decision.allowed else _denied(identity, decision, method, True)
 
     def _non_spiffe_from(self, policy: AuthorizationPolicy) -> frozenset[TrustDomain] | None:
         """Whose bundles may vouch for a certificate without a SPIFFE ID under ``policy``."""
@@ -396,8 +468,16 @@ class Authorizer:
         error: str | None = None,
         known: bool,
     ) -> None:
-        prepared = audit.prepare(policy, decision, method, peer, error=error, known=known)
-        audit.emit(prepared, peer_address, self.audit_writer)
+        audit.record(
+            policy,
+            decision,
+            method,
+            peer,
+            peer_address=peer_address,
+            error=error,
+            known=known,
+            writer=self.audit_writer,
+        )
 
     def recheck(self, identity: PeerIdentity) -> Refusal | None:
         """Re-check a streaming call's peer at a later message: its certificate may have
@@ -423,9 +503,9 @@ class Authorizer:
         metadata: Metadata,
         peer_address: str | Callable[[], str] | None,
         known: bool,
-    ) -> PeerIdentity | Refusal:
+    ) -> tuple[PeerIdentity, bool] | Refusal:
         """The caller named by the connection's client certificate (or the one a trusted proxy
-        forwarded), or the refusal: unverified or revoked."""
+        forwarded) and whether it called directly (not forwarded), or the refusal: unverified or revoked."""
         try:
             identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
         except VerificationError as err:
@@ -437,7 +517,9 @@ class Authorizer:
             denied = Decision(False, None, "revoked")
             self._record(policy, denied, method, identity, peer_address=peer_address, error=message, known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
+        direct = True
         if self._forwarded is not None and self._forwarded.from_proxy(identity):
+            direct = False
             proxy = identity
             try:
                 identity = self._forwarded.identify(_materialize(metadata), proxy, self._clock.now().timestamp())
@@ -450,7 +532,7 @@ class Authorizer:
                 message = f"forwarded peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
                 self._record(policy, Decision(False, None, "revoked"), method, identity, error=message, known=known)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
-        return identity
+        return identity, direct
 
     def authorize(
         self,
@@ -470,13 +552,19 @@ class Authorizer:
         policy = self._policy  # one read: the whole call sees one policy
         if method in self._open_methods:
             return self._open_call(policy, auth_context, method, peer_address, known)
-        identity: PeerIdentity | Refusal | None = None
+        if known and not policy.accepts_jwt:  # under a policy that takes tokens, a token may decide
+            memoised = self._memoised(policy, auth_context, method, peer_address)
+            if memoised is not None:
+                return memoised
+        bundles = self._bundles()  # before the peer is verified (see _memo_decide)
+        identity: PeerIdentity | None = None
+        direct = True  # a direct certificate peer, filed in the memo under its connection
         if policy.accepts_jwt:
             metadata = tuple(_materialize(metadata) or ())  # read once: for the token, then for headers
             try:
                 token = bearer_token(metadata)
                 if token is not None:
-                    identity = self._jwt_identity(policy, token, auth_context)
+                    identity, direct = self._jwt_identity(policy, token, auth_context), False
                 elif not policy.accepts_x509:
                     raise InvalidJwtSvidError(
                         "JWT-SVID: none sent; this server accepts callers by JWT-SVID only "
@@ -487,9 +575,10 @@ class Authorizer:
                 self._record(policy, denied, method, None, peer_address=peer_address, error=str(err), known=known)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
         if identity is None:
-            identity = self._x509_identity(policy, auth_context, method, metadata, peer_address, known)
-        if isinstance(identity, Refusal):
-            return identity
+            verified = self._x509_identity(policy, auth_context, method, metadata, peer_address, known)
+            if isinstance(verified, Refusal):
+                return verified
+            identity, direct = verified
         if identity.tls_version not in (None, "TLSv1.3") and not policy.allow_tls12:
             message = (
                 f"peer {identity.describe()}: the connection negotiated {identity.tls_version}; this server "
@@ -501,7 +590,12 @@ class Authorizer:
         local = self._own_trust_domain()  # one read: the whole call sees one local trust domain
         candidate = self.candidate.policy  # one read, as for the policy
         if known and not policy.uses_headers and (candidate is None or not candidate.uses_headers):
-            _, decision, prepared, dry = self._memo_decide(policy, identity, method, local, candidate)
+            key: tuple[object, ...]
+            if direct:  # filed as _memoised looks it up; a JWT or forwarded peer under its identity object
+                key = _connection_key(auth_context["x509_pem_cert"][0], auth_context, method)
+            else:
+                key = (id(identity), method)  # the entry holds identity: its id() is not reused meanwhile
+            _, decision, prepared, dry, _ = self._memo_decide(policy, identity, method, local, candidate, bundles, key)
             audit.emit(prepared, peer_address, self.audit_writer)
             if dry is not None:
                 audit.emit(dry, peer_address, self.audit_writer)
@@ -515,13 +609,15 @@ class Authorizer:
                 dry = dryrun.prepare(policy, candidate, decision, decided, method, identity, known=known)
                 if dry is not None:
                     audit.emit(dry, peer_address, self.audit_writer)
-        if decision.allowed:
-            return identity
-        detail = f": {decision.reason}" if decision.explained else ""  # never the policy's contents
-        return Refusal(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"meshid: {identity.describe()} may not call {audit.shown(method, known)}{detail}",
-        )
+        return identity if decision.allowed else _denied(identity, decision, method, known)
+
+
+def _denied(identity: PeerIdentity, decision: Decision, method: str, known: bool) -> Refusal:
+    detail = f": {decision.reason}" if decision.explained else ""  # never the policy's contents
+    return Refusal(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"meshid: {identity.describe()} may not call {audit.shown(method, known)}{detail}",
+    )
 
 
 class InterceptorBase:

@@ -9,9 +9,19 @@ import re
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, rsa
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+PrivateKey = (
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | mldsa.MLDSA65PrivateKey
+)
+
+#: ML-DSA (FIPS 204) keys: the post-quantum signature keys a certificate may carry (RFC 9881).
+MLDSA_PUBLIC_KEYS = (mldsa.MLDSA44PublicKey, mldsa.MLDSA65PublicKey, mldsa.MLDSA87PublicKey)
+MLDSA_PRIVATE_KEYS = (mldsa.MLDSA44PrivateKey, mldsa.MLDSA65PrivateKey, mldsa.MLDSA87PrivateKey)
 
 # Inputs larger than this are refused before parsing: no sane chain or bundle is near it.
 MAX_PEM_BYTES = 1 << 20
@@ -115,3 +125,64 @@ def public_key_der(key: object) -> bytes:
     return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+_MLDSA_NAMES = {
+    mldsa.MLDSA44PublicKey: "ML-DSA-44",
+    mldsa.MLDSA65PublicKey: "ML-DSA-65",
+    mldsa.MLDSA87PublicKey: "ML-DSA-87",
+}
+_CURVE_NAMES = {"secp256r1": "P256", "secp384r1": "P384", "secp521r1": "P521"}
+
+
+def key_algorithm(key: object) -> str:
+    """The signature algorithm a public key signs with, as meshid names it.
+
+    ``ML-DSA-44``/``ML-DSA-65``/``ML-DSA-87``, ``ECDSA-P256``/``ECDSA-P384``/``ECDSA-P521``,
+    ``RSA-<bits>``, ``Ed25519``, ``Ed448``; ``unknown`` for anything else. In TLS 1.3 the peer
+    proves its identity with a CertificateVerify signature made by its leaf's key, so this
+    names what authenticated it.
+    """
+    for kind, name in _MLDSA_NAMES.items():
+        if isinstance(key, kind):
+            return name
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ECDSA-" + _CURVE_NAMES.get(key.curve.name, key.curve.name)
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448"
+    return "unknown"
+
+
+def is_post_quantum(algorithm: str | None) -> bool:
+    """Whether a name from :func:`key_algorithm` is a post-quantum signature algorithm (ML-DSA)."""
+    return algorithm is not None and algorithm.startswith("ML-DSA-")
+
+
+_SIG = x509.oid.SignatureAlgorithmOID
+_SIGNATURE_NAMES = {
+    _SIG.ML_DSA_44: "ML-DSA-44",
+    _SIG.ML_DSA_65: "ML-DSA-65",
+    _SIG.ML_DSA_87: "ML-DSA-87",
+    _SIG.ECDSA_WITH_SHA256: "ECDSA-SHA256",
+    _SIG.ECDSA_WITH_SHA384: "ECDSA-SHA384",
+    _SIG.ECDSA_WITH_SHA512: "ECDSA-SHA512",
+    _SIG.RSA_WITH_SHA256: "RSA-SHA256",
+    _SIG.RSA_WITH_SHA384: "RSA-SHA384",
+    _SIG.RSA_WITH_SHA512: "RSA-SHA512",
+    _SIG.RSASSA_PSS: "RSA-PSS",
+    _SIG.ED25519: "Ed25519",
+    _SIG.ED448: "Ed448",
+}
+
+
+def signature_algorithm(cert: x509.Certificate) -> str:
+    """The algorithm of the signature on ``cert`` (its issuer's): ``ML-DSA-65``, ``ECDSA-SHA256``...
+
+    The dotted OID for one meshid does not name.
+    """
+    oid = cert.signature_algorithm_oid
+    return _SIGNATURE_NAMES.get(oid, oid.dotted_string)

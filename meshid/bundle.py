@@ -64,6 +64,10 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
     elif isinstance(key, ed25519.Ed25519PublicKey):
         raw_key = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         jwk.update(kty="OKP", crv="Ed25519", x=base64.urlsafe_b64encode(raw_key).rstrip(b"=").decode())
+    elif isinstance(key, _x509.MLDSA_PUBLIC_KEYS):
+        # RFC 9964 (ML-DSA for JOSE): key type AKP, the parameter set in "alg", the raw key in "pub".
+        raw_key = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        jwk.update(kty="AKP", alg=_x509.key_algorithm(key), pub=base64.urlsafe_b64encode(raw_key).rstrip(b"=").decode())
     else:
         raise InvalidBundleError(f"trust bundle: cannot express a {type(key).__name__} root as a JWK")
     jwk["x5c"] = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]

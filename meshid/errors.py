@@ -17,6 +17,8 @@ working::
     ├── InvalidAuditLogError (ValueError)   an audit log to replay is not meshid's JSON lines
     ├── InvalidAddressError (ValueError)    not HOST:PORT (or unix:PATH), or a port out of range
     ├── VerificationError                   a peer's chain does not verify against its bundle
+    ├── AccessDeniedError                   a policy denies a verified peer (``meshid.pqtls``; the
+    │                                       grpc interceptors answer PERMISSION_DENIED instead)
     ├── SourceError                         an identity source has nothing to hand out
     ├── RemoteError                         the CA answered a client with an error (``.code``)
     │   └── UnreachableError                    no answer: nothing listens, the connection or TLS
@@ -43,6 +45,7 @@ what is wrong and, where possible, what to do.
 from __future__ import annotations
 
 __all__ = [
+    "AccessDeniedError",
     "AlreadyExistsError",
     "AttestationError",
     "DataDirError",
@@ -105,6 +108,10 @@ class InvalidAddressError(MeshIdError, ValueError):
 
 class VerificationError(MeshIdError):
     """A peer's certificate chain does not verify against its trust domain's bundle."""
+
+
+class AccessDeniedError(MeshIdError):
+    """A verified peer is denied by the authorization policy (outside grpc, which answers PERMISSION_DENIED)."""
 
 
 class SourceError(MeshIdError):

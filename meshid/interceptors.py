@@ -32,40 +32,30 @@ except ImportError:  # pragma: no cover - grpcio always ships it
     _cygrpc = None
 
 
-class _AuthProperties(Mapping[str, Sequence[bytes]]):
-    """A call's auth context as grpc's core hands it over (keys are bytes), read by str keys.
-
-    ``ServicerContext.auth_context()`` decodes all of its ~13 keys on every call; the decision
-    reads four. This reads them where they lie: a third of the interceptor's per-call cost.
-    """
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: Mapping[bytes, Sequence[bytes]]) -> None:
-        self._raw = raw
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._raw.get(key.encode(), default)
-
-    def __getitem__(self, key: str) -> Sequence[bytes]:
-        return self._raw[key.encode()]
-
-    def __iter__(self) -> Iterator[str]:
-        return (k.decode() for k in self._raw)
-
-    def __len__(self) -> int:
-        return len(self._raw)
+#: The auth context properties the decision path reads (meshid.peer.PeerVerifier.identify),
+#: as grpc's core names them (bytes) and as the decision path does (str).
+_READ = tuple(
+    (name, name.encode())
+    for name in ("x509_pem_cert", "x509_pem_cert_chain", "ssl_tls_version", "ssl_negotiated_key_exchange_group")
+)
 
 
 def _auth_properties(context: grpc.ServicerContext) -> Mapping[str, Sequence[bytes]]:
-    """``context.auth_context()``, without decoding every key; grpc's public method where the
-    private accessor is not there (another grpc version or a context of another kind)."""
+    """The auth context properties the decision reads, from grpc's core as they lie.
+
+    ``ServicerContext.auth_context()`` decodes all of its ~13 keys on every call; the decision
+    reads four, so this takes those four from grpc's own C accessor (keys still bytes), and
+    falls back to the public method where that accessor is not there (another grpc version or
+    a context of another kind).
+    """
     event = getattr(context, "_rpc_event", None)
     if _cygrpc is not None and event is not None:
         try:
-            return _AuthProperties(_cygrpc.auth_context(event.call))
+            raw = _cygrpc.auth_context(event.call)
         except (AttributeError, TypeError):
             pass
+        else:
+            return {name: raw[key] for name, key in _READ if key in raw}
     # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
     return cast("Mapping[str, Sequence[bytes]]", context.auth_context())
 
@@ -116,7 +106,7 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         InvalidPolicyError: the policy file cannot be loaded.
     """
 
-    def _check(self, context: grpc.ServicerContext, method: str, known: bool) -> PeerIdentity | None:
+    def _check(self, context: grpc.ServicerContext, method: str, known: bool = True) -> PeerIdentity | None:
         auth = _auth_properties(context)
         # metadata and the peer address are fetched only if the policy or the audit log needs them
         result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
@@ -144,7 +134,7 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         return self._wrapped_handler(handler, method, self._wrap)
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
-        return _wrap(handler, method, lambda context, m: self._check(context, m, True), self._recheck)
+        return _wrap(handler, method, self._check, self._recheck)
 
 
 _UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)

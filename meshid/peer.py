@@ -76,6 +76,11 @@ class PeerIdentity:
     dns_sans: tuple[str, ...] = ()
     tls_version: str | None = None
     key_exchange_group: str | None = None
+    #: What the peer's leaf key signs with, so what authenticated it in the handshake (TLS 1.3's
+    #: CertificateVerify): ``ML-DSA-65``, ``ECDSA-P256``, ``RSA-2048``, ``Ed25519``...
+    signature_algorithm: str | None = None
+    #: The algorithm of the signature its CA put on the leaf (``ML-DSA-65``, ``ECDSA-P256``...).
+    issuer_signature_algorithm: str | None = None
     source: IdentitySource = "x509"
     jwt_svid: JwtSvid | None = field(default=None, repr=False, compare=False)
 
@@ -120,6 +125,8 @@ class PeerIdentity:
             not_after=cert.not_valid_after_utc,
             uri_sans=tuple(_x509.uri_sans(cert)),
             dns_sans=tuple(_x509.dns_sans(cert)),
+            signature_algorithm=_x509.key_algorithm(cert.public_key()),
+            issuer_signature_algorithm=_x509.signature_algorithm(cert),
         )
 
     @property
@@ -127,6 +134,14 @@ class PeerIdentity:
         """Whether the connection negotiated a hybrid post-quantum key exchange."""
         group = (self.key_exchange_group or "").upper()
         return any(marker in group for marker in _PQ_MARKERS)
+
+    @property
+    def post_quantum_signature(self) -> bool:
+        """Whether a post-quantum signature authenticated the peer: its leaf key is ML-DSA, and so
+        is its CA's signature on the leaf (an ML-DSA key under an ECDSA CA is as forgeable as ECDSA)."""
+        return _x509.is_post_quantum(self.signature_algorithm) and _x509.is_post_quantum(
+            self.issuer_signature_algorithm
+        )
 
     def describe(self) -> str:
         """A short name for logs and error messages: the SPIFFE ID, or the subject."""

@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshid/v1/registration.proto\x12\tmeshid.v1\"|\n\x05\x45ntry\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\tdns_names\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x11\n\tparent_id\x18\x05 \x01(\t\x12\x11\n\tselectors\x18\x06 \x03(\t\"u\n\x12\x43reateEntryRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\tdns_names\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x11\n\tparent_id\x18\x04 \x01(\t\x12\x11\n\tselectors\x18\x05 \x03(\t\"\x14\n\x12ListEntriesRequest\"8\n\x13ListEntriesResponse\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.meshid.v1.Entry\"\'\n\x12\x44\x65leteEntryRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteEntryResponse\"@\n\x16\x43reateJoinTokenRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\".\n\tJoinToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"E\n\x12RevokeSvidsRequest\x12\x10\n\x06serial\x18\x01 \x01(\tH\x00\x12\x13\n\tspiffe_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06target\"&\n\x13RevokeSvidsResponse\x12\x0f\n\x07serials\x18\x01 \x03(\t\"\x13\n\x11ListAgentsRequest\"\x80\x01\n\tAgentInfo\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61ttestation\x18\x02 \x01(\t\x12\x13\n\x0b\x61ttested_by\x18\x03 \x01(\t\x12\x11\n\tlast_seen\x18\x04 \x01(\x03\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x06 \x01(\x08\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.meshid.v1.AgentInfo\"&\n\x11\x45victAgentRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"%\n\x12\x45victAgentResponse\x12\x0f\n\x07serials\x18\x01 \x03(\t2\x9a\x04\n\x0cRegistration\x12>\n\x0b\x43reateEntry\x12\x1d.meshid.v1.CreateEntryRequest\x1a\x10.meshid.v1.Entry\x12L\n\x0bListEntries\x12\x1d.meshid.v1.ListEntriesRequest\x1a\x1e.meshid.v1.ListEntriesResponse\x12L\n\x0b\x44\x65leteEntry\x12\x1d.meshid.v1.DeleteEntryRequest\x1a\x1e.meshid.v1.DeleteEntryResponse\x12J\n\x0f\x43reateJoinToken\x12!.meshid.v1.CreateJoinTokenRequest\x1a\x14.meshid.v1.JoinToken\x12L\n\x0bRevokeSvids\x12\x1d.meshid.v1.RevokeSvidsRequest\x1a\x1e.meshid.v1.RevokeSvidsResponse\x12I\n\nListAgents\x12\x1c.meshid.v1.ListAgentsRequest\x1a\x1d.meshid.v1.ListAgentsResponse\x12I\n\nEvictAgent\x12\x1c.meshid.v1.EvictAgentRequest\x1a\x1d.meshid.v1.EvictAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshid/v1/registration.proto\x12\tmeshid.v1\"\x90\x01\n\x05\x45ntry\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\tdns_names\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x11\n\tparent_id\x18\x05 \x01(\t\x12\x11\n\tselectors\x18\x06 \x03(\t\x12\x12\n\nsvid_types\x18\x07 \x03(\t\"\x89\x01\n\x12\x43reateEntryRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\tdns_names\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12\x11\n\tparent_id\x18\x04 \x01(\t\x12\x11\n\tselectors\x18\x05 \x03(\t\x12\x12\n\nsvid_types\x18\x06 \x03(\t\"\x14\n\x12ListEntriesRequest\"8\n\x13ListEntriesResponse\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.meshid.v1.Entry\"\'\n\x12\x44\x65leteEntryRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteEntryResponse\"@\n\x16\x43reateJoinTokenRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\".\n\tJoinToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"E\n\x12RevokeSvidsRequest\x12\x10\n\x06serial\x18\x01 \x01(\tH\x00\x12\x13\n\tspiffe_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06target\"&\n\x13RevokeSvidsResponse\x12\x0f\n\x07serials\x18\x01 \x03(\t\"\x13\n\x11ListAgentsRequest\"\x80\x01\n\tAgentInfo\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61ttestation\x18\x02 \x01(\t\x12\x13\n\x0b\x61ttested_by\x18\x03 \x01(\t\x12\x11\n\tlast_seen\x18\x04 \x01(\x03\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x06 \x01(\x08\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.meshid.v1.AgentInfo\"&\n\x11\x45victAgentRequest\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\"%\n\x12\x45victAgentResponse\x12\x0f\n\x07serials\x18\x01 \x03(\t2\x9a\x04\n\x0cRegistration\x12>\n\x0b\x43reateEntry\x12\x1d.meshid.v1.CreateEntryRequest\x1a\x10.meshid.v1.Entry\x12L\n\x0bListEntries\x12\x1d.meshid.v1.ListEntriesRequest\x1a\x1e.meshid.v1.ListEntriesResponse\x12L\n\x0b\x44\x65leteEntry\x12\x1d.meshid.v1.DeleteEntryRequest\x1a\x1e.meshid.v1.DeleteEntryResponse\x12J\n\x0f\x43reateJoinToken\x12!.meshid.v1.CreateJoinTokenRequest\x1a\x14.meshid.v1.JoinToken\x12L\n\x0bRevokeSvids\x12\x1d.meshid.v1.RevokeSvidsRequest\x1a\x1e.meshid.v1.RevokeSvidsResponse\x12I\n\nListAgents\x12\x1c.meshid.v1.ListAgentsRequest\x1a\x1d.meshid.v1.ListAgentsResponse\x12I\n\nEvictAgent\x12\x1c.meshid.v1.EvictAgentRequest\x1a\x1d.meshid.v1.EvictAgentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshid.v1.registration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRY']._serialized_start=43
-  _globals['_ENTRY']._serialized_end=167
-  _globals['_CREATEENTRYREQUEST']._serialized_start=169
-  _globals['_CREATEENTRYREQUEST']._serialized_end=286
-  _globals['_LISTENTRIESREQUEST']._serialized_start=288
-  _globals['_LISTENTRIESREQUEST']._serialized_end=308
-  _globals['_LISTENTRIESRESPONSE']._serialized_start=310
-  _globals['_LISTENTRIESRESPONSE']._serialized_end=366
-  _globals['_DELETEENTRYREQUEST']._serialized_start=368
-  _globals['_DELETEENTRYREQUEST']._serialized_end=407
-  _globals['_DELETEENTRYRESPONSE']._serialized_start=409
-  _globals['_DELETEENTRYRESPONSE']._serialized_end=430
-  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=432
-  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=496
-  _globals['_JOINTOKEN']._serialized_start=498
-  _globals['_JOINTOKEN']._serialized_end=544
-  _globals['_REVOKESVIDSREQUEST']._serialized_start=546
-  _globals['_REVOKESVIDSREQUEST']._serialized_end=615
-  _globals['_REVOKESVIDSRESPONSE']._serialized_start=617
-  _globals['_REVOKESVIDSRESPONSE']._serialized_end=655
-  _globals['_LISTAGENTSREQUEST']._serialized_start=657
-  _globals['_LISTAGENTSREQUEST']._serialized_end=676
-  _globals['_AGENTINFO']._serialized_start=679
-  _globals['_AGENTINFO']._serialized_end=807
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=809
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=867
-  _globals['_EVICTAGENTREQUEST']._serialized_start=869
-  _globals['_EVICTAGENTREQUEST']._serialized_end=907
-  _globals['_EVICTAGENTRESPONSE']._serialized_start=909
-  _globals['_EVICTAGENTRESPONSE']._serialized_end=946
-  _globals['_REGISTRATION']._serialized_start=949
-  _globals['_REGISTRATION']._serialized_end=1487
+  _globals['_ENTRY']._serialized_start=44
+  _globals['_ENTRY']._serialized_end=188
+  _globals['_CREATEENTRYREQUEST']._serialized_start=191
+  _globals['_CREATEENTRYREQUEST']._serialized_end=328
+  _globals['_LISTENTRIESREQUEST']._serialized_start=330
+  _globals['_LISTENTRIESREQUEST']._serialized_end=350
+  _globals['_LISTENTRIESRESPONSE']._serialized_start=352
+  _globals['_LISTENTRIESRESPONSE']._serialized_end=408
+  _globals['_DELETEENTRYREQUEST']._serialized_start=410
+  _globals['_DELETEENTRYREQUEST']._serialized_end=449
+  _globals['_DELETEENTRYRESPONSE']._serialized_start=451
+  _globals['_DELETEENTRYRESPONSE']._serialized_end=472
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_start=474
+  _globals['_CREATEJOINTOKENREQUEST']._serialized_end=538
+  _globals['_JOINTOKEN']._serialized_start=540
+  _globals['_JOINTOKEN']._serialized_end=586
+  _globals['_REVOKESVIDSREQUEST']._serialized_start=588
+  _globals['_REVOKESVIDSREQUEST']._serialized_end=657
+  _globals['_REVOKESVIDSRESPONSE']._serialized_start=659
+  _globals['_REVOKESVIDSRESPONSE']._serialized_end=697
+  _globals['_LISTAGENTSREQUEST']._serialized_start=699
+  _globals['_LISTAGENTSREQUEST']._serialized_end=718
+  _globals['_AGENTINFO']._serialized_start=721
+  _globals['_AGENTINFO']._serialized_end=849
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=851
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=909
+  _globals['_EVICTAGENTREQUEST']._serialized_start=911
+  _globals['_EVICTAGENTREQUEST']._serialized_end=949
+  _globals['_EVICTAGENTRESPONSE']._serialized_start=951
+  _globals['_EVICTAGENTRESPONSE']._serialized_end=988
+  _globals['_REGISTRATION']._serialized_start=991
+  _globals['_REGISTRATION']._serialized_end=1529
 # @@protoc_insertion_point(module_scope)

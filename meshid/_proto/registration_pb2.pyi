@@ -8,34 +8,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Entry(_message.Message):
-    __slots__ = ("spiffe_id", "dns_names", "ttl_seconds", "created_at", "parent_id", "selectors")
+    __slots__ = ("spiffe_id", "dns_names", "ttl_seconds", "created_at", "parent_id", "selectors", "svid_types")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    SVID_TYPES_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     dns_names: _containers.RepeatedScalarFieldContainer[str]
     ttl_seconds: int
     created_at: int
     parent_id: str
     selectors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, spiffe_id: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., created_at: _Optional[int] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ...) -> None: ...
+    svid_types: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., created_at: _Optional[int] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., svid_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateEntryRequest(_message.Message):
-    __slots__ = ("spiffe_id", "dns_names", "ttl_seconds", "parent_id", "selectors")
+    __slots__ = ("spiffe_id", "dns_names", "ttl_seconds", "parent_id", "selectors", "svid_types")
     SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
     DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    SVID_TYPES_FIELD_NUMBER: _ClassVar[int]
     spiffe_id: str
     dns_names: _containers.RepeatedScalarFieldContainer[str]
     ttl_seconds: int
     parent_id: str
     selectors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, spiffe_id: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ...) -> None: ...
+    svid_types: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., svid_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListEntriesRequest(_message.Message):
     __slots__ = ()

@@ -83,6 +83,13 @@ class IssuerSource:
             (seconds; None: until one does, or :meth:`close` is called).
         clock: where the time comes from and how the loop waits (:class:`meshid.clock.ManualClock`
             steps a renewal schedule in tests without waiting out real seconds).
+        pq_key_kind: ``"ml-dsa-65"`` to hold a post-quantum SVID of the same SPIFFE ID as well
+            (the trust domain needs an ML-DSA CA: ``meshid ca key add``). It is renewed right
+            after each classical one, over the channel the classical SVID authenticates (grpcio
+            cannot present ML-DSA), written to ``svid_dir/ml-dsa-65/`` (``svid.pem``,
+            ``svid.key``, ``bundle.pem``, switched atomically as the classical files are), and
+            served second by the Workload API (:meth:`get_additional_svids`). ``get_svid`` stays
+            the classical one, for grpcio; the ML-DSA one is for :mod:`meshid.pqtls`.
 
     Nothing happens until :meth:`start`.
     """
@@ -102,7 +109,10 @@ class IssuerSource:
         timeout: float = 10.0,
         wait: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        pq_key_kind: str | None = None,
     ) -> None:
+        if pq_key_kind not in (None, "ml-dsa-65"):
+            raise ValueError(f"pq_key_kind must be None or 'ml-dsa-65', not {str(pq_key_kind)[:40]!r}")
         if wait is not None and wait < 0:
             raise ValueError("wait must be None (keep trying) or at least 0 seconds")
         servers = [server] if isinstance(server, str) else list(server)
@@ -137,6 +147,8 @@ class IssuerSource:
         self._worker = Worker("meshid-issuer-source", self._run, wake=self._wake.set)
         self._svid: X509Svid | None = None
         self._bundles: BundleSet | None = None
+        self._pq_key_kind = pq_key_kind
+        self._pq_svid: X509Svid | None = None
         self._crl = CrlKeeper("issuer source")
         self._server_index = 0
         self._next_renewal = 0.0  # monotonic
@@ -161,6 +173,20 @@ class IssuerSource:
 
     def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
         return self._notifier.subscribe(callback)
+
+    def get_pq_svid(self) -> X509Svid | None:
+        """The ML-DSA SVID of the same SPIFFE ID (with ``pq_key_kind``), or None while there is none."""
+        pq = self._pq_svid
+        svid = self._svid
+        if pq is None or svid is None or pq.spiffe_id != svid.spiffe_id or pq.not_after <= self._clock.now():
+            return None
+        return pq
+
+    def get_additional_svids(self) -> tuple[tuple[str, X509Svid], ...]:
+        """What the Workload API serves after :meth:`get_svid`: ``("ml-dsa-65", svid)`` when there
+        is an ML-DSA SVID (its ``hint`` names the algorithm), else nothing."""
+        pq = self.get_pq_svid()
+        return () if pq is None or self._pq_key_kind is None else ((self._pq_key_kind, pq),)
 
     @property
     def state(self) -> SourceState:
@@ -216,6 +242,16 @@ class IssuerSource:
         )
         if saved is None:
             return False
+        if self._pq_key_kind is not None:  # its ML-DSA SVID too, if still good: no CA call at restart
+            pq = load_saved_svid(
+                self._svid_dir / self._pq_key_kind,
+                self._bundle_file,
+                clock=self._clock,
+                who="issuer source",
+                otherwise="asking the CA for a new one",
+            )
+            if pq is not None and pq.svid.spiffe_id == saved.svid.spiffe_id:
+                self._pq_svid = pq.svid
         self._lifetime = saved.remaining
         self._install(saved.svid, saved.bundle, saved.remaining, renewed=False)
         log.info("issuer source: reusing the saved SVID of %s (serial %x)", saved.svid.spiffe_id, saved.svid.serial)
@@ -304,6 +340,8 @@ class IssuerSource:
             except OSError as err:  # present the new SVID anyway; say the files are stale
                 file_error = f"cannot write {self._svid_dir}: {err}"
                 log.error("issuer source: %s", file_error)
+        if self._pq_key_kind is not None and (renewed or self.get_pq_svid() is None):
+            file_error = self._renew_pq(bundles) or file_error
         previous = self._state
         self._state = SourceState(
             spiffe_id=str(svid.spiffe_id),
@@ -318,6 +356,33 @@ class IssuerSource:
             server=self._servers[self._server_index],
         )
         self._notifier.notify()
+
+    def _renew_pq(self, bundles: BundleSet) -> str | None:
+        """Get a new ML-DSA SVID beside the classical one just installed; returns what went wrong, if anything.
+
+        A failure leaves the classical path as it is: the next classical renewal tries again.
+        """
+        kind = self._pq_key_kind
+        assert kind is not None
+        try:
+            issued = self._connected().renew(key_kind=kind)
+        except (MeshIdError, ValueError) as err:
+            log.warning("issuer source: no new %s SVID: %s; the next renewal tries again", kind, err)
+            return f"{kind} SVID: {err}"
+        self._pq_svid = issued.svid
+        if self._svid_dir is not None:
+            try:
+                write_svid_files(
+                    self._svid_dir / kind,
+                    issued.svid.chain_pem(),
+                    issued.svid.key_pem(),
+                    bundles[issued.svid.spiffe_id.trust_domain].to_pem(),
+                )
+            except OSError as err:
+                log.error("issuer source: cannot write %s: %s", self._svid_dir / kind, err)
+                return f"cannot write {self._svid_dir / kind}: {err}"
+        log.info("issuer source: %s SVID of %s (serial %x)", kind, issued.svid.spiffe_id, issued.svid.serial)
+        return None
 
     def _backoff(self) -> float:
         base = min(1.0, max(self._lifetime / 20, 0.05))

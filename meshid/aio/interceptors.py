@@ -33,16 +33,14 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     The caller's identity is available to handlers through :func:`meshid.peer_identity`.
     """
 
-    async def _check(
-        self, context: grpc.aio.ServicerContext[Any, Any], method: str, known: bool
-    ) -> PeerIdentity | None:
+    def _check(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, known: bool = True
+    ) -> PeerIdentity | Refusal | None:
+        # Not a coroutine: an allowed call (nearly every one) awaits nothing here; the wrapper
+        # awaits only a refusal's abort.
         # grpc returns each auth property as a list of bytes; grpc-stubs declares an Iterable.
         auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
-        result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
-        if isinstance(result, Refusal):
-            await context.abort(result.code, result.message)
-            raise AssertionError("unreachable: abort raises")
-        return result
+        return self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
 
     async def _recheck(self, context: grpc.aio.ServicerContext[Any, Any], identity: PeerIdentity) -> None:
         refusal = self._authorizer.recheck(identity)
@@ -62,12 +60,20 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         return self._wrapped_handler(handler, method, self._wrap)
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
-        return _wrap(handler, method, lambda context, m: self._check(context, m, True), self._recheck)
+        return _wrap(handler, method, self._check, self._recheck)
 
 
 _UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)
-Check = Callable[[Any, str], Awaitable[PeerIdentity | None]]
+Check = Callable[[Any, str], "PeerIdentity | Refusal | None"]
 Recheck = Callable[[Any, PeerIdentity], Awaitable[None]]
+
+
+async def _checked(context: Any, result: PeerIdentity | Refusal | None) -> PeerIdentity | None:
+    """The peer a check admitted; a refusal aborts the call (and so raises)."""
+    if isinstance(result, Refusal):
+        await context.abort(result.code, result.message)
+        raise AssertionError("unreachable: abort raises")
+    return result
 
 
 async def _rechecked(items: Any, context: Any, identity: PeerIdentity | None, recheck: Recheck) -> AsyncIterator[Any]:
@@ -90,7 +96,9 @@ def _wrap(
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            token = _peer.set_current(await check(context, method))
+            result = check(context, method)  # an allowed call awaits nothing before the handler
+            identity = await _checked(context, result) if isinstance(result, Refusal) else result
+            token = _peer.set_current(identity)
             try:
                 # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
                 return await inner_uu(request, context)  # type: ignore[arg-type]
@@ -102,7 +110,7 @@ def _wrap(
         inner_su = handler.stream_unary
 
         async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            identity = await check(context, method)
+            identity = await _checked(context, check(context, method))
             token = _peer.set_current(identity)
             try:
                 requests = _rechecked(request_iterator, context, identity, recheck)
@@ -124,7 +132,7 @@ def _wrap_streaming(inner: Any, check: Check, recheck: Recheck, method: str, *, 
     if inspect.isasyncgenfunction(inner):
 
         async def as_generator(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            identity = await check(context, method)
+            identity = await _checked(context, check(context, method))
             token = _peer.set_current(identity)
             try:
                 if streaming_requests:
@@ -137,7 +145,7 @@ def _wrap_streaming(inner: Any, check: Check, recheck: Recheck, method: str, *, 
         return as_generator
 
     async def as_coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        identity = await check(context, method)
+        identity = await _checked(context, check(context, method))
         token = _peer.set_current(identity)
         try:
             if streaming_requests and request is not None:

@@ -81,6 +81,18 @@ class Prepared:
     message: str = "authz %s"
 
 
+def _counter(decision: Decision, method: str, peer: PeerIdentity | None, known: bool) -> itertools.count[int]:
+    unauthenticated = (peer is None and not decision.allowed) or decision.reason == "revoked"
+    return _decisions.decision_counter(
+        method if known else UNKNOWN_METHOD, "unauthenticated" if unauthenticated else decision.decision, decision.rule
+    )
+
+
+def _a59_wants(policy: AuthorizationPolicy, allowed: bool) -> bool:
+    """Whether the policy's gRFC A59 ``stdout_logger`` writes this decision."""
+    return "stdout_logger" in policy.audit.loggers and policy.audit.wants(allowed)
+
+
 def prepare(
     policy: AuthorizationPolicy,
     decision: Decision,
@@ -95,10 +107,7 @@ def prepare(
     ``known`` is False for a method the server does not implement: its name is the caller's to
     choose, so it is counted under ``(unknown)`` and shortened in records.
     """
-    unauthenticated = (peer is None and not decision.allowed) or decision.reason == "revoked"
-    counter = _decisions.decision_counter(
-        method if known else UNKNOWN_METHOD, "unauthenticated" if unauthenticated else decision.decision, decision.rule
-    )
+    counter = _counter(decision, method, peer, known)
     method = shown(method, known)
     fields: dict[str, object] | None = None
     if policy.audit.audits(decision.allowed):
@@ -115,7 +124,7 @@ def prepare(
             **peer_fields(peer),
         }
     grpc_entry: dict[str, object] | None = None
-    if "stdout_logger" in policy.audit.loggers and policy.audit.wants(decision.allowed):
+    if _a59_wants(policy, decision.allowed):
         # The shape grpc's own stdout_logger writes (gRFC A59).
         grpc_entry = {
             "rpc_method": method,
@@ -161,9 +170,7 @@ def emit(prepared: Prepared, peer_address: str | Callable[[], str] | None, write
     if logged:  # the address is fetched only for a record that is kept
         address = peer_address() if callable(peer_address) else peer_address
     item = (time.time(), prepared, address, logged)
-    if writer is not None and writer.running and writer.queued() < MAX_QUEUED:
-        writer.put(item)
-    else:
+    if writer is None or not writer.offer(item):
         _write(item)
 
 
@@ -178,7 +185,16 @@ def record(
     known: bool = True,
     writer: AuditWriter | None = None,
 ) -> None:
-    """Count and record one decision that is not memoised (:func:`prepare` then :func:`emit`)."""
+    """Count and record one decision that is not memoised (:func:`prepare` then :func:`emit`).
+
+    A decision no logger keeps is only counted: its record is never built.
+    """
+    kept = policy.audit.audits(decision.allowed) and audit_log.isEnabledFor(
+        logging.INFO if decision.allowed else logging.WARNING
+    )
+    if not kept and not _a59_wants(policy, decision.allowed):
+        next(_counter(decision, method, peer, known))
+        return
     emit(prepare(policy, decision, method, peer, error=error, known=known), peer_address, writer)
 
 
@@ -229,15 +245,13 @@ class AuditWriter:
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()  # cuts a batch's wait short
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None
-
-    def queued(self) -> int:
-        return self._queue.qsize()
-
-    def put(self, item: Item) -> None:
+    def offer(self, item: Item) -> bool:
+        """Queue ``item`` for the writer's thread; False (nothing queued) when the thread is not
+        running or ``MAX_QUEUED`` items wait already: the caller writes it itself."""
+        if self._thread is None or self._queue.qsize() >= MAX_QUEUED:
+            return False
         self._queue.put(item)
+        return True
 
     def start(self) -> None:
         with self._lock:

@@ -307,4 +307,5 @@ class ParsedPolicy:
     identity_sources: frozenset[str] = frozenset({"x509"})
     jwt_audiences: frozenset[str] = frozenset()
     audit_condition: str | None = None
+    require_pq_signature: bool = False
     audit_loggers: list[str] = field(default_factory=list)

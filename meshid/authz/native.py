@@ -5,6 +5,7 @@
     name: greeter
     allow_non_spiffe_peers: false      # optional: true (this server's trust domain) or [trust domains]
     require_pq_key_exchange: false     # optional
+    require_pq_signature: false        # optional: the peer authenticated with ML-DSA (pqtls path)
     allow_tls12: false                 # optional: admit peers that negotiated TLS 1.2
     identity_sources: [x509]           # optional: [x509] (default), [x509, jwt] or [jwt]
     jwt_audiences: [greeter]           # optional: what a JWT-SVID's aud may name (default: this
@@ -76,6 +77,7 @@ _TOP_KEYS = {
     "deny",
     "allow_non_spiffe_peers",
     "require_pq_key_exchange",
+    "require_pq_signature",
     "allow_tls12",
     "audit_condition",
     "identity_sources",
@@ -305,4 +307,5 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
         identity_sources=sources,
         jwt_audiences=audiences,
         audit_condition=_audit_condition(data, origin),
+        require_pq_signature=_flag(data, "require_pq_signature", origin),
     )

@@ -106,7 +106,9 @@ class AuthorizationPolicy:
     ``allow_non_spiffe_peers`` admits verified client certificates without a SPIFFE ID
     (matched by subject pattern, DNS SAN or thumbprint only); ``allow_tls12`` admits peers
     whose connection negotiated TLS 1.2 (by default only TLS 1.3); ``require_pq_key_exchange``
-    denies peers whose connection negotiated a classical key exchange.
+    denies peers whose connection negotiated a classical key exchange; ``require_pq_signature``
+    denies peers that did not authenticate with a post-quantum (ML-DSA) signature, which today
+    only the :mod:`meshid.pqtls` path carries (grpcio refuses ML-DSA certificates).
 
     Subject patterns, DNS names and principals matched against DNS SANs or the subject match
     only peers vouched for by a trust domain in scope: the rule's ``vouched_by``, else
@@ -129,6 +131,7 @@ class AuthorizationPolicy:
     identity_sources: frozenset[str] = frozenset({"x509"})
     #: What a JWT-SVID's aud may name; empty means the server's own SPIFFE ID.
     jwt_audiences: frozenset[str] = frozenset()
+    require_pq_signature: bool = False
     _compiled: CompiledRules = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -163,6 +166,7 @@ class AuthorizationPolicy:
         allow_tls12: bool | None = None,
         identity_sources: Collection[str] | None = None,
         jwt_audiences: Collection[str] | None = None,
+        require_pq_signature: bool | None = None,
     ) -> AuthorizationPolicy:
         """Build a policy from parsed YAML/JSON: gRPC authz format when it has ``allow_rules``, else native.
 
@@ -175,7 +179,11 @@ class AuthorizationPolicy:
             InvalidPolicyError: naming the origin, the rule and what is wrong.
         """
         policy = cls._from_dict(data, origin=origin)
-        given = {"require_pq_key_exchange": require_pq_key_exchange, "allow_tls12": allow_tls12}
+        given = {
+            "require_pq_key_exchange": require_pq_key_exchange,
+            "allow_tls12": allow_tls12,
+            "require_pq_signature": require_pq_signature,
+        }
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if identity_sources is not None:
             overrides["identity_sources"] = native.identity_sources(list(identity_sources), f"policy {origin}")
@@ -218,6 +226,7 @@ class AuthorizationPolicy:
             allow_tls12=parsed_native.allow_tls12,
             identity_sources=parsed_native.identity_sources,
             jwt_audiences=parsed_native.jwt_audiences,
+            require_pq_signature=parsed_native.require_pq_signature,
             audit=AuditOptions(parsed_native.audit_condition),
             origin=origin,
         )
@@ -232,6 +241,7 @@ class AuthorizationPolicy:
         allow_tls12: bool | None = None,
         identity_sources: Collection[str] | None = None,
         jwt_audiences: Collection[str] | None = None,
+        require_pq_signature: bool | None = None,
     ) -> AuthorizationPolicy:
         """Load a policy file: ``.json`` is read as JSON, anything else as YAML.
 
@@ -255,6 +265,7 @@ class AuthorizationPolicy:
             allow_tls12=allow_tls12,
             identity_sources=identity_sources,
             jwt_audiences=jwt_audiences,
+            require_pq_signature=require_pq_signature,
         )
 
     def decide(
@@ -294,6 +305,14 @@ class AuthorizationPolicy:
                 None,
                 f"the connection's key exchange ({group}) is classical; this policy requires a "
                 "post-quantum hybrid such as X25519MLKEM768",
+                explained=True,
+            )
+        if self.require_pq_signature and not peer.post_quantum_signature:
+            return Decision(
+                False,
+                None,
+                f"the peer authenticated with {peer.signature_algorithm or 'an unknown algorithm'}, a classical "
+                "signature; this policy requires a post-quantum one (an ML-DSA-65 SVID, over meshid.pqtls)",
                 explained=True,
             )
         return self._compiled.decide(peer, method, headers, local_trust_domain=local_trust_domain)

@@ -27,6 +27,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from meshid import _x509
 from meshid._x509 import public_key_der
 from meshid.ca.csr import parse_csr
 from meshid.ca.issuing import Issued, IssuingService, agent_id, is_agent_id, token_hash
@@ -258,6 +259,12 @@ class AgentService:
             if any(asked != text for asked in csr.requested_uris):
                 refusal = NotAuthorizedError(f"batch: the CSR for {text} asks for another SPIFFE ID")
                 results.append(BatchResult(text, error=refusal))
+                continue
+            if _x509.is_post_quantum(_x509.key_algorithm(csr.public_key)):
+                # Entries with a parent are classical only (create_entry), so the signer's check
+                # of the entry's SVID types never fails a whole batch.
+                classical_only = InvalidRequestError("batch: node agents serve classical SVIDs only; send an EC CSR")
+                results.append(BatchResult(text, error=classical_only))
                 continue
             results.append(None)
             signer = self._issuing.signer(csr.public_key, now, authority=authority)

@@ -4,6 +4,11 @@ One builder (:func:`_build`) sets what every certificate needs: subject and auth
 identifiers, a random serial with 159 bits of entropy, critical basic constraints, and a
 critical key usage with every flag spelled out.
 
+Keys may be classical or ML-DSA-65 (FIPS 204; RFC 9881 in X.509): an ML-DSA CA signs pure ML-DSA
+(no pre-hash, AlgorithmIdentifier without parameters, as ``cryptography`` writes it), and its
+certificates keep the same profile, whose key usages (digitalSignature on leaves, keyCertSign and
+cRLSign on CAs; never keyEncipherment or keyAgreement) are all ones RFC 9881 allows ML-DSA.
+
 An intermediate made under an upstream CA also carries a critical DNS name constraint: the
 identity DNS names of its own trust domain (:func:`meshid.identity_dns_name`) and the DNS
 suffixes its operator lists. Under a root that several trust domains share, that is what keeps
@@ -22,26 +27,37 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
+from meshid import _x509
 from meshid._x509 import PrivateKey
 from meshid.bundle import ca_trust_domains
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import IDENTITY_DNS_ZONE, X509Svid, identity_dns_name, identity_dns_names
 
-__all__ = ["Authority", "check_dns_suffixes", "check_revocation_url", "generate_key"]
+__all__ = ["KEY_KINDS", "Authority", "check_dns_suffixes", "check_revocation_url", "generate_key", "key_kind"]
 
 #: NotBefore is set this far in the past so that a peer whose clock is slightly behind accepts it.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 _HOST_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
-PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+PublicKey = (
+    ec.EllipticCurvePublicKey
+    | rsa.RSAPublicKey
+    | ed25519.Ed25519PublicKey
+    | ed448.Ed448PublicKey
+    | mldsa.MLDSA65PublicKey
+)
+
+#: The key kinds :func:`generate_key` makes, default first.
+KEY_KINDS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519", "ml-dsa-65")
 
 
 def generate_key(kind: str = "ec-p256") -> PrivateKey:
-    """Generate a private key: ``ec-p256`` (default), ``ec-p384``, ``rsa-2048``, ``rsa-3072`` or ``ed25519``.
+    """Generate a private key: ``ec-p256`` (default), ``ec-p384``, ``rsa-2048``, ``rsa-3072``,
+    ``rsa-4096``, ``ed25519`` or ``ml-dsa-65`` (FIPS 204, post-quantum; RFC 9881 in X.509).
 
     Raises:
         ValueError: unknown kind.
@@ -54,14 +70,30 @@ def generate_key(kind: str = "ec-p256") -> PrivateKey:
         return rsa.generate_private_key(public_exponent=65537, key_size=int(kind[4:]))
     if kind == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
-    raise ValueError(f"key kind {kind!r} is unknown; use ec-p256, ec-p384, rsa-2048, rsa-3072 or ed25519")
+    if kind == "ml-dsa-65":
+        return mldsa.MLDSA65PrivateKey.generate()
+    raise ValueError(f"key kind {str(kind)[:40]!r} is unknown; use one of {', '.join(KEY_KINDS)}")
+
+
+def key_kind(key: object) -> str:
+    """The :data:`KEY_KINDS` name of a private or public key (``ml-dsa-65``, ``ec-p256``, ...).
+
+    Raises:
+        ValueError: a key of a kind meshid does not make.
+    """
+    public = key.public_key() if hasattr(key, "public_key") else key
+    algorithm = _x509.key_algorithm(public)
+    kind = algorithm.lower().replace("ecdsa-p", "ec-p")
+    if kind not in KEY_KINDS:
+        raise ValueError(f"CA: a {algorithm} key is not one of the kinds meshid makes ({', '.join(KEY_KINDS)})")
+    return kind
 
 
 def _check_ca_key(key: PrivateKey) -> None:
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
         raise ValueError(
             "CA: an EdDSA CA key cannot sign X509-SVIDs that peers can verify (RFC 5280 validators such as "
-            "cryptography's and the Web PKI's refuse it); use an ec-p256, ec-p384 or RSA key"
+            "cryptography's and the Web PKI's refuse it); use an ec-p256, ec-p384, RSA or ml-dsa-65 key"
         )
 
 
@@ -116,7 +148,9 @@ def check_revocation_url(url: str, what: str) -> str:
 
 
 def hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
-    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+    """The digest a CA key signs with; None for EdDSA and ML-DSA, which sign the message itself
+    (RFC 9881: pure ML-DSA, its AlgorithmIdentifier without parameters)."""
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey | mldsa.MLDSA65PrivateKey):
         return None
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()

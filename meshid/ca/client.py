@@ -688,14 +688,19 @@ class AdminClient:
         *,
         parent_id: str = "",
         selectors: Sequence[str] = (),
+        svid_types: Sequence[str] = (),
     ) -> Any:
-        """Register ``spiffe_id``; with ``parent_id`` (a node agent's ID) and ``selectors``, for that agent only."""
+        """Register ``spiffe_id``; with ``parent_id`` (a node agent's ID) and ``selectors``, for that agent only.
+
+        ``svid_types``: ``classical`` and/or ``ml-dsa-65`` (none given: classical only).
+        """
         request = registration_pb2.CreateEntryRequest(
             spiffe_id=spiffe_id,
             dns_names=dns_names or [],
             ttl_seconds=int(ttl.total_seconds()) if ttl else 0,
             parent_id=parent_id,
             selectors=list(selectors),
+            svid_types=list(svid_types),
         )
         return self._do("entry create", "CreateEntry", request)
 

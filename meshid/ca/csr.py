@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 
 from meshid import _x509
 from meshid.ca.authority import PublicKey
@@ -19,7 +19,8 @@ from meshid.errors import InvalidRequestError
 
 __all__ = ["MAX_CSR_BYTES", "ParsedCsr", "build_csr", "parse_csr"]
 
-#: A CSR larger than this is refused before parsing (a P-384 or RSA-4096 CSR is well under 2 KiB).
+#: A CSR larger than this is refused before parsing (a P-384 or RSA-4096 CSR is well under 2 KiB,
+#: an ML-DSA-65 one, with its 1952-byte key and 3309-byte signature, about 5.3 KiB).
 MAX_CSR_BYTES = 16 * 1024
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
@@ -45,9 +46,13 @@ def _check_key(key: object) -> PublicKey:
                 f"CSR: an RSA key of {key.key_size} bits is not allowed; use {MIN_RSA_BITS} to {MAX_RSA_BITS} bits"
             )
         return key
-    if isinstance(key, ed25519.Ed25519PublicKey):
+    if isinstance(key, ed25519.Ed25519PublicKey | mldsa.MLDSA65PublicKey):
         return key
-    raise InvalidRequestError(f"CSR: key type {type(key).__name__} is not allowed; use EC P-256/P-384, RSA or Ed25519")
+    if isinstance(key, _x509.MLDSA_PUBLIC_KEYS):
+        raise InvalidRequestError(f"CSR: an {_x509.key_algorithm(key)} key is not allowed; use ML-DSA-65")
+    raise InvalidRequestError(
+        f"CSR: key type {type(key).__name__} is not allowed; use EC P-256/P-384, RSA, Ed25519 or ML-DSA-65"
+    )
 
 
 def parse_csr(der: bytes, *, max_bytes: int = MAX_CSR_BYTES) -> ParsedCsr:
@@ -103,6 +108,8 @@ def build_csr(private_key: object, *, uri: str | None = None) -> bytes:
     builder = _EMPTY_SUBJECT
     if uri is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), False)
-    algorithm = None if isinstance(private_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    # EdDSA and ML-DSA sign the message itself (RFC 9881: pure ML-DSA, no pre-hash)
+    pure = isinstance(private_key, (ed25519.Ed25519PrivateKey, *_x509.MLDSA_PRIVATE_KEYS))
+    algorithm = None if pure else hashes.SHA256()
     csr = builder.sign(private_key, algorithm)  # type: ignore[arg-type]
     return csr.public_bytes(serialization.Encoding.DER)

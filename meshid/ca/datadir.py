@@ -12,6 +12,9 @@
     DIR/bundle.pem       the roots peers trust (the CA itself, or the upstream root)
     DIR/meshid.db        the store (SQLite)
     DIR/admin/           svid.pem, svid.key (0600), bundle.pem: the admin SVID the CLI uses
+    DIR/ml-dsa-65/       ca.key, ca.pem (and next/, retired/, rotation.json): the post-quantum CA
+                         beside the classical one (``meshid ca key add``); it signs the SVIDs whose
+                         CSRs carry ML-DSA-65 keys, and its root is in bundle.pem beside the other
 
 Every file is written atomically; everything is checked before anything is written.
 """
@@ -34,14 +37,27 @@ from cryptography.hazmat.primitives import serialization
 from meshid import _x509
 from meshid._files import write_atomic, write_svid_files
 from meshid.bundle import TrustBundle
-from meshid.ca.authority import Authority, check_dns_suffixes, check_revocation_url, generate_key
+from meshid.ca.authority import KEY_KINDS, Authority, check_dns_suffixes, check_revocation_url, generate_key, key_kind
 from meshid.ca.issuing import IssuingService, admin_id, ca_id
 from meshid.ca.store import Entry, Store, open_store
 from meshid.ca.x509pop import X509Pop
 from meshid.errors import DataDirError
 from meshid.spiffeid import TrustDomain
 
-__all__ = ["CaConfig", "init_data_dir", "load_authority", "load_x509pop", "open_service", "set_revocation_urls"]
+__all__ = [
+    "PQ_KEY_TYPE",
+    "CaConfig",
+    "add_key_type",
+    "init_data_dir",
+    "load_authority",
+    "load_pq_authority",
+    "load_x509pop",
+    "open_service",
+    "set_revocation_urls",
+]
+
+#: The key type of the post-quantum CA a trust domain may have beside its classical one.
+PQ_KEY_TYPE = "ml-dsa-65"
 
 #: The CA's own SVIDs (its server's and the admin's) live this long and are refreshed by `ca serve`.
 INTERNAL_TTL = datetime.timedelta(hours=24)
@@ -148,8 +164,13 @@ def init_data_dir(
     agent_id_template: str | None = None,
     ocsp_url: str | None = None,
     crl_url: str | None = None,
+    key_type: str = "ec-p256",
 ) -> CaConfig:
     """Create a CA: key, certificate, bundle, database, and the admin SVID.
+
+    ``key_type`` is the CA key's kind (:data:`meshid.ca.authority.KEY_KINDS`); ``ml-dsa-65``
+    makes a post-quantum-only CA, which grpcio cannot serve yet (see ``meshid ca key add`` for
+    an ML-DSA CA beside a classical one).
 
     With ``agent_ca`` (a PEM bundle of the roots of a PKI that issues host certificates), node
     agents may attest by x509pop; ``agent_id_template`` (default ``{cn}``, see
@@ -202,11 +223,19 @@ def init_data_dir(
     _check_urls("CA init", ocsp_url, crl_url)
     if agent_id_template is not None and agent_ca is None:
         raise DataDirError("CA init: --agent-id-template names agents that attest by x509pop; give --agent-ca too")
+    if key_type not in KEY_KINDS or key_type == "ed25519":
+        raise DataDirError(
+            f"CA init: --key-type {str(key_type)[:40]!r} is not a CA key type; use ec-p256, ec-p384, rsa-*, ml-dsa-65"
+        )
+    if key_type != "ec-p256" and upstream_cert is not None:
+        raise DataDirError(
+            "CA init: --key-type makes a self-signed CA; under --upstream-cert the key is an ec-p256 one"
+        )
     if upstream_cert is not None and upstream_key is not None:
         certs, key = _read_upstream(upstream_cert, upstream_key)
         authority = _from_upstream("CA init", td, certs, key, suffixes)
     else:
-        authority = Authority.create_root(td, key=generate_key())
+        authority = Authority.create_root(td, key=generate_key(key_type))
     agent_roots = None
     if agent_ca is not None:
         agent_id_template = agent_id_template or "{cn}"
@@ -353,7 +382,87 @@ def open_service(folder: str | os.PathLike[str], datastore: str | None = None, *
     if datastore is not None:
         config = dataclasses.replace(config, datastore=datastore)
     store = _store(folder, config)
-    return IssuingService(authority, store, max_ttl=config.max_ttl, **kwargs)  # type: ignore[arg-type]
+    pq = load_pq_authority(folder)
+    return IssuingService(authority, store, max_ttl=config.max_ttl, pq_authority=pq, **kwargs)  # type: ignore[arg-type]
+
+
+def _lane(folder: str | os.PathLike[str], key_type: str | None) -> pathlib.Path:
+    """The folder of a CA's key and certificate: DIR for the CA ``ca init`` made, DIR/<key type>/
+    for the one ``ca key add`` put beside it."""
+    if key_type is None:
+        return pathlib.Path(folder)
+    if key_type != PQ_KEY_TYPE:
+        raise DataDirError(f"CA: only a {PQ_KEY_TYPE} CA can be added beside the first, not {str(key_type)[:40]!r}")
+    return pathlib.Path(folder) / key_type
+
+
+def load_pq_authority(folder: str | os.PathLike[str]) -> Authority | None:
+    """The ML-DSA-65 CA ``meshid ca key add`` put beside the classical one, or None.
+
+    It trusts what bundle.pem holds (both CAs' roots), so the SVIDs it signs name the same roots.
+
+    Raises:
+        DataDirError: DIR/ml-dsa-65/ exists but its files do not load or do not fit.
+    """
+    lane = _lane(folder, PQ_KEY_TYPE)
+    if not (lane / "ca.key").exists() or not (lane / "ca.pem").exists():
+        return None  # none, or an add that a crash interrupted (run it again)
+    try:
+        config = _read_config(folder)
+        certs = x509.load_pem_x509_certificates((lane / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((lane / "ca.key").read_bytes(), password=None)
+        roots = TrustBundle.load(config.trust_domain, _paths(folder)["bundle"]).roots
+    except (OSError, ValueError, TypeError) as err:
+        raise DataDirError(f"CA: the {PQ_KEY_TYPE} CA in {lane} is unreadable: {err}") from err
+    if _x509.public_key_der(key.public_key()) != _x509.public_key_der(certs[0].public_key()):
+        raise DataDirError(f"CA: {lane}/ca.key does not match {lane}/ca.pem")
+    urls = {"ocsp_url": config.ocsp_url, "crl_url": config.crl_url}
+    return Authority(config.trust_domain, certs[0], key, (), roots, **urls)  # type: ignore[arg-type]
+
+
+def add_key_type(folder: str | os.PathLike[str], key_type: str = PQ_KEY_TYPE) -> x509.Certificate:
+    """Give an existing CA a second, post-quantum CA beside its own (``meshid ca key add``).
+
+    The new ML-DSA-65 root joins bundle.pem (the bundle sequence grows) at once: it signs only
+    SVIDs whose CSRs carry ML-DSA-65 keys, which no workload has asked for before, so nothing
+    needs the two-step prepare/activate here. Rotate it later with ``ca rotate prepare
+    --key-type ml-dsa-65`` and ``activate --key-type ml-dsa-65``. Returns its certificate.
+    Safe to run again after a crash: a CA made but not yet published or moved in place is finished.
+
+    Raises:
+        DataDirError: the key type is not ml-dsa-65, the CA already signs with it or has one
+            already, or its replicas share a datastore (each would publish a root of its own).
+    """
+    lane = _lane(folder, key_type)
+    with _folder_lock(folder):
+        authority, config = load_authority(folder)
+        if key_kind(authority.private_key) == key_type:
+            raise DataDirError(f"CA key add: this CA signs with an {key_type} key already")
+        if (lane / "ca.key").exists() and (lane / "ca.pem").exists():
+            existing = _first_cert(lane / "ca.pem", f"{key_type} CA certificate")
+            if _publish_root(folder, config, existing):
+                return existing  # an interrupted add, finished
+            raise DataDirError(f"CA key add: this CA has an {key_type} CA already ({lane}); rotate it instead")
+        if config.datastore is not None:
+            raise DataDirError(
+                "CA key add: replicas sharing a --datastore would each publish a root of their own; "
+                "add the ML-DSA CA to a CA with its own store"
+            )
+        # Made in DIR/ml-dsa-65/pending/, its root published, then moved in place: a running CA
+        # never signs with it before peers can trust it, and a crash loses no key whose root is out.
+        pending = lane / "pending"
+        if (pending / "ca.key").exists() and (pending / "ca.pem").exists():
+            certificate = _first_cert(pending / "ca.pem", f"pending {key_type} CA certificate")  # finish it
+        else:
+            new = Authority.create_root(config.trust_domain, key=generate_key(key_type))
+            pending.mkdir(parents=True, exist_ok=True)
+            write_atomic(pending / "ca.key", _x509.key_pem(new.private_key), mode=0o600)
+            write_atomic(pending / "ca.pem", _x509.cert_pem(new.certificate))
+            certificate = new.certificate
+        _publish_root(folder, config, certificate)
+        os.replace(pending / "ca.key", lane / "ca.key")  # the key first: a CA loads only with both
+        os.replace(pending / "ca.pem", lane / "ca.pem")
+        return certificate
 
 
 # --- CA key rotation ---------------------------------------------------------------------
@@ -365,12 +474,12 @@ def open_service(folder: str | os.PathLike[str], datastore: str | None = None, *
 #   retire    done by `ca serve` when that time has passed (or `retire_due_roots` directly).
 
 
-def _rotation_file(folder: str | os.PathLike[str]) -> pathlib.Path:
-    return pathlib.Path(folder) / "rotation.json"
+def _rotation_file(folder: str | os.PathLike[str], key_type: str | None = None) -> pathlib.Path:
+    return _lane(folder, key_type) / "rotation.json"
 
 
-def _read_rotation(folder: str | os.PathLike[str]) -> dict[str, list[dict[str, object]]]:
-    path = _rotation_file(folder)
+def _read_rotation(folder: str | os.PathLike[str], key_type: str | None = None) -> dict[str, list[dict[str, object]]]:
+    path = _rotation_file(folder, key_type)
     if not path.exists():
         return {"retiring": []}
     try:
@@ -484,19 +593,33 @@ def _publish_root(folder: str | os.PathLike[str], config: CaConfig, root: x509.C
 
 
 def prepare_rotation(
-    folder: str | os.PathLike[str], *, upstream_cert: str | None = None, upstream_key: str | None = None
+    folder: str | os.PathLike[str],
+    *,
+    upstream_cert: str | None = None,
+    upstream_key: str | None = None,
+    key_type: str | None = None,
 ) -> x509.Certificate:
     """Create the next CA and publish its root in the bundle (signing does not change yet).
 
     Safe to run again after a crash: a complete next CA whose root is not yet published is
-    published; a half-written one is made anew.
+    published; a half-written one is made anew. With ``key_type="ml-dsa-65"`` it is the
+    post-quantum CA beside the classical one that rotates (DIR/ml-dsa-65/).
 
     Raises:
-        DataDirError: a rotation is already prepared, or the upstream files are unusable.
+        DataDirError: a rotation is already prepared, the upstream files are unusable, or there
+            is no CA of ``key_type``.
     """
     with _folder_lock(folder):
         authority, config = load_authority(folder)
-        next_dir = pathlib.Path(folder) / "next"
+        lane = _lane(folder, key_type)
+        if key_type is not None:
+            pq = load_pq_authority(folder)
+            if pq is None:
+                raise DataDirError(f"CA rotation: this CA has no {key_type} CA; add one with `meshid ca key add`")
+            if upstream_cert is not None:
+                raise DataDirError(f"CA rotation: the {key_type} CA is self-signed; give no --upstream-*")
+            authority = pq
+        next_dir = lane / "next"
         if (next_dir / "ca.key").exists() and (next_dir / "ca.pem").exists():
             prepared = _first_cert(next_dir / "ca.pem", "next CA certificate")
             if prepared.issuer == prepared.subject and _publish_root(folder, config, prepared):
@@ -511,7 +634,7 @@ def prepare_rotation(
             new = _from_upstream("CA rotation", config.trust_domain, certs, key, config.dns_suffixes)
             _check_entries_fit(folder, config, new)
         else:
-            new = Authority.create_root(config.trust_domain)
+            new = Authority.create_root(config.trust_domain, key=generate_key(key_kind(authority.private_key)))
         next_dir.mkdir(exist_ok=True)
         ca_chain = (new.certificate, *new.chain[1:]) if new.chain else (new.certificate,)
         write_atomic(next_dir / "ca.key", _x509.key_pem(new.private_key), mode=0o600)
@@ -522,25 +645,32 @@ def prepare_rotation(
 
 
 def activate_rotation(
-    folder: str | os.PathLike[str], *, grace: datetime.timedelta = datetime.timedelta(minutes=5)
+    folder: str | os.PathLike[str],
+    *,
+    grace: datetime.timedelta = datetime.timedelta(minutes=5),
+    key_type: str | None = None,
 ) -> None:
     """Make the prepared CA the signing CA; schedule the old root's retirement.
 
     The old root stays in the bundle until ``now + max TTL + grace``: by then every SVID the
     old key signed has expired. Each step is idempotent, so after a crash running it again
-    finishes the job.
+    finishes the job. ``key_type="ml-dsa-65"``: the post-quantum CA's (see :func:`prepare_rotation`).
 
     Raises:
         DataDirError: nothing (or something incomplete) is prepared, or its root is not published.
     """
     with _folder_lock(folder):
         config = _read_config(folder)
-        paths = _paths(folder)
-        next_dir = pathlib.Path(folder) / "next"
+        lane = _lane(folder, key_type)
+        paths = {**_paths(folder), "key": lane / "ca.key", "cert": lane / "ca.pem"}
+        next_dir = lane / "next"
+        flag = "" if key_type is None else f" --key-type {key_type}"
         if not (next_dir / "ca.key").exists():
-            raise DataDirError("CA rotation: nothing prepared; run `meshid ca rotate prepare` first")
+            raise DataDirError(f"CA rotation: nothing prepared; run `meshid ca rotate prepare{flag}` first")
         if not (next_dir / "ca.pem").exists():
-            raise DataDirError("CA rotation: the prepared CA is incomplete; run `meshid ca rotate prepare` again")
+            raise DataDirError(
+                f"CA rotation: the prepared CA is incomplete; run `meshid ca rotate prepare{flag}` again"
+            )
         new_key, new_cert_pem = (next_dir / "ca.key").read_bytes(), (next_dir / "ca.pem").read_bytes()
         new_cert = _first_cert(next_dir / "ca.pem", "next CA certificate")
         bundle = TrustBundle.load(config.trust_domain, paths["bundle"])
@@ -551,14 +681,14 @@ def activate_rotation(
             )
         old = _first_cert(paths["cert"], "CA certificate")
         if _fingerprint(old) != _fingerprint(new_cert):
-            rotation = _read_rotation(folder)
+            rotation = _read_rotation(folder, key_type)
             if old.issuer == old.subject and all(r["fingerprint"] != _fingerprint(old) for r in rotation["retiring"]):
                 retire_after = datetime.datetime.now(datetime.UTC) + config.max_ttl + grace
                 rotation["retiring"].append(
                     {"fingerprint": _fingerprint(old), "retire_after": retire_after.isoformat()}
                 )
-                write_atomic(_rotation_file(folder), json.dumps(rotation, indent=2).encode())
-            retired = pathlib.Path(folder) / "retired" / _fingerprint(old)[:16]
+                write_atomic(_rotation_file(folder, key_type), json.dumps(rotation, indent=2).encode())
+            retired = lane / "retired" / _fingerprint(old)[:16]
             if not (retired / "ca.pem").exists():
                 retired.mkdir(parents=True, exist_ok=True)
                 write_atomic(retired / "ca.key", paths["key"].read_bytes(), mode=0o600)
@@ -598,12 +728,22 @@ def load_retired_authorities(
 
 
 def retire_due_roots(folder: str | os.PathLike[str], now: datetime.datetime | None = None) -> list[str]:
-    """Drop roots whose retirement time has passed from the bundle; returns their fingerprints."""
+    """Drop roots whose retirement time has passed from the bundle; returns their fingerprints.
+
+    Both CAs' retirements count: the classical one's and the ML-DSA one's (DIR/ml-dsa-65/).
+    """
     now = now or datetime.datetime.now(datetime.UTC)
-    if not _rotation_file(folder).exists():
+    removed = _retire_due(folder, now, None)
+    if (_lane(folder, PQ_KEY_TYPE) / "ca.pem").exists():
+        removed += _retire_due(folder, now, PQ_KEY_TYPE)
+    return removed
+
+
+def _retire_due(folder: str | os.PathLike[str], now: datetime.datetime, key_type: str | None) -> list[str]:
+    if not _rotation_file(folder, key_type).exists():
         return []
     with _folder_lock(folder):
-        rotation = _read_rotation(folder)
+        rotation = _read_rotation(folder, key_type)
         due = {
             str(r["fingerprint"])
             for r in rotation["retiring"]
@@ -613,6 +753,8 @@ def retire_due_roots(folder: str | os.PathLike[str], now: datetime.datetime | No
             return []
         config = _read_config(folder)
         signing = {_fingerprint(_first_cert(_paths(folder)["cert"], "CA certificate"))}
+        if (_lane(folder, PQ_KEY_TYPE) / "ca.pem").exists():  # neither CA's signing root ever leaves
+            signing.add(_fingerprint(_first_cert(_lane(folder, PQ_KEY_TYPE) / "ca.pem", "ML-DSA CA certificate")))
         bundle = TrustBundle.load(config.trust_domain, _paths(folder)["bundle"])
         keep = tuple(r for r in bundle.roots if _fingerprint(r) not in due or _fingerprint(r) in signing)
         removed = [r for r in due if r not in signing]
@@ -620,5 +762,5 @@ def retire_due_roots(folder: str | os.PathLike[str], now: datetime.datetime | No
             write_atomic(_paths(folder)["bundle"], TrustBundle(config.trust_domain, keep).to_pem())
             _bump_sequence(folder)
         rotation["retiring"] = [r for r in rotation["retiring"] if str(r["fingerprint"]) not in due]
-        write_atomic(_rotation_file(folder), json.dumps(rotation, indent=2).encode())
+        write_atomic(_rotation_file(folder, key_type), json.dumps(rotation, indent=2).encode())
         return removed

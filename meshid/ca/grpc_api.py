@@ -109,6 +109,7 @@ def _entry_message(entry: Entry) -> registration_pb2.Entry:
         created_at=int(entry.created_at.timestamp()),
         parent_id="" if entry.parent_id is None else str(entry.parent_id),
         selectors=list(entry.selectors),
+        svid_types=list(entry.svid_types),
     )
 
 
@@ -202,6 +203,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServicer):
                 self._ttl(request.ttl_seconds),
                 parent_id=request.parent_id,
                 selectors=list(request.selectors),
+                svid_types=list(request.svid_types),
             ),
         )
         parent = f" under node agent {entry.parent_id}" if entry.parent_id is not None else ""

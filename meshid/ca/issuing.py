@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from meshid import _x509
 from meshid._x509 import public_key_der
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
@@ -67,6 +68,15 @@ RESERVED_PREFIX = "/meshid/"
 #: Node agents' IDs: ``spiffe://<td>/meshid/agent/<name>``, one path segment for the name.
 AGENT_PREFIX = "/meshid/agent/"
 _DNS = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+#: The SVID types an entry may ask for (:meth:`IssuingService.create_entry`), in the order listed.
+SVID_TYPES = ("classical", "ml-dsa-65")
+PQ_SVID_TYPE = "ml-dsa-65"
+
+
+def _is_pq(authority: Authority) -> bool:
+    return _x509.is_post_quantum(_x509.key_algorithm(authority.certificate.public_key()))
 
 
 def ca_id(authority: Authority) -> SpiffeId:
@@ -140,8 +150,11 @@ class IssuingService:
         creations_per_minute: int = 60,
         max_csr_bytes: int = MAX_CSR_BYTES,
         clock: Clock = SYSTEM_CLOCK,
+        pq_authority: Authority | None = None,
     ) -> None:
         self.authority = authority
+        #: The ML-DSA-65 CA beside ``authority`` (``meshid ca key add``): it signs ML-DSA keys.
+        self.pq_authority = pq_authority
         self.store = store
         self.max_ttl = max_ttl
         self._max_csr_bytes = max_csr_bytes
@@ -159,6 +172,33 @@ class IssuingService:
             self.authority = authority
             self._crl = None
 
+    def set_pq_authority(self, authority: Authority | None) -> None:
+        """Sign ML-DSA keys with ``authority`` from now on (after the ML-DSA CA rotated, or was added)."""
+        if authority is not None and authority.trust_domain != self.authority.trust_domain:
+            raise ValueError("CA: the ML-DSA CA must be of the same trust domain")
+        self.pq_authority = authority
+
+    def authority_for(self, public_key: object) -> Authority:
+        """The CA that signs an SVID over ``public_key``: the ML-DSA CA for an ML-DSA key (so the
+        whole chain is post-quantum), the classical one for any other key.
+
+        Raises:
+            InvalidRequestError: an ML-DSA key, and this trust domain has no ML-DSA CA.
+        """
+        post_quantum = _x509.is_post_quantum(_x509.key_algorithm(public_key))
+        for candidate in (self.authority, self.pq_authority):
+            if (
+                candidate is not None
+                and _x509.is_post_quantum(_x509.key_algorithm(candidate.certificate.public_key())) == post_quantum
+            ):
+                return candidate
+        if post_quantum:
+            raise InvalidRequestError(
+                "CSR: its key is ML-DSA-65, and this trust domain has no ML-DSA CA to sign it with a post-quantum "
+                "chain; add one with `meshid ca key add --key-type ml-dsa-65`, or send a classical CSR"
+            )
+        return self.authority  # a post-quantum-only CA signs every key
+
     def now(self) -> datetime.datetime:
         """The time on the CA's clock."""
         return self._clock.now()
@@ -173,8 +213,14 @@ class IssuingService:
         it is called); the result the store passes on is the chain."""
 
         def sign(entry: Entry) -> tuple[int, datetime.datetime, object]:
+            kind = PQ_SVID_TYPE if _x509.is_post_quantum(_x509.key_algorithm(public_key)) else "classical"
+            if kind not in entry.svid_types:
+                raise NotAuthorizedError(
+                    f"issuance: the entry of {entry.spiffe_id} allows {' and '.join(entry.svid_types)} SVIDs, not "
+                    f"{kind} ones; re-create it with `meshid entry create --svid-types` to ask for both"
+                )
             ttl = min(entry.ttl, self.max_ttl) if capped else entry.ttl
-            chain = (authority or self.authority).sign_svid(
+            chain = (authority or self.authority_for(public_key)).sign_svid(
                 entry.spiffe_id,
                 public_key,  # type: ignore[arg-type]
                 ttl=ttl,
@@ -195,6 +241,7 @@ class IssuingService:
         if not isinstance(token, str) or not token or len(token) > 512:
             raise TokenError("join token: missing or malformed")
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
+        self.authority_for(csr.public_key)  # an ML-DSA CSR without an ML-DSA CA: refused before the token is used
         now = self._clock.now()
         entry, chain = self.store.issue_with_token(token_hash(token), now, self.signer(csr.public_key, now))
         return Issued(entry.spiffe_id, chain, self.bundle(), now)  # type: ignore[arg-type]
@@ -234,7 +281,7 @@ class IssuingService:
         if caller_serial is not None and caller_serial in self._revoked:
             raise NotAuthorizedError(f"renewal: the SVID {caller_serial:x} of {caller} is revoked")
         now = self._clock.now()
-        authority = self.authority  # the chain and the bundle below are this key's
+        authority = self.authority_for(csr.public_key)  # the chain and the bundle below are this key's
         try:
             # One read and one write; the revocation of the caller's SVID is checked in both
             # (one that lands while the CA signs is seen by the write: nothing is recorded).
@@ -331,8 +378,14 @@ class IssuingService:
         *,
         parent_id: str = "",
         selectors: Sequence[str] = (),
+        svid_types: Sequence[str] = (),
     ) -> Entry:
         """Register a SPIFFE ID. The TTL defaults to 1 hour and is capped by the CA's maximum.
+
+        ``svid_types`` says which SVIDs its workload may hold: ``classical`` and/or ``ml-dsa-65``
+        (none given: classical only, as before). An ``ml-dsa-65`` entry needs the trust domain's
+        ML-DSA CA (``meshid ca key add``). An ML-DSA-only entry can be issued with a join token
+        but not renewed (the renewal's mTLS runs on grpcio, which cannot present ML-DSA).
 
         With ``parent_id`` (a node agent of this trust domain, which need not have attested
         yet) the entry is served only by that agent, to local processes matching every one of
@@ -359,12 +412,34 @@ class IssuingService:
                 "registration entry: an entry with a parent_id needs at least one selector, or every process on "
                 f"{parent}'s node would match it"
             )
+        types = self._svid_types(svid_types)
+        if parent is not None and types != ("classical",):
+            raise InvalidRequestError(
+                "registration entry: an entry with a parent_id is served by its node agent, which serves classical "
+                "SVIDs only; give it no --svid-types"
+            )
         ttl = DEFAULT_TTL if ttl is None or ttl <= datetime.timedelta(0) else ttl
         self._limits.take(admin, "registration entries")
         created = self._clock.now().replace(microsecond=0)
-        entry = Entry(sid, tuple(dict.fromkeys(names)), min(ttl, self.max_ttl), created, parent, chosen)
+        entry = Entry(sid, tuple(dict.fromkeys(names)), min(ttl, self.max_ttl), created, parent, chosen, types)
         self.store.create_entry(entry)
         return entry
+
+    def _svid_types(self, given: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(given, str) or len(given) > len(SVID_TYPES):
+            raise InvalidRequestError(f"registration entry: svid_types is a list of at most {len(SVID_TYPES)} names")
+        unknown = [t for t in given if t not in SVID_TYPES]
+        if unknown:
+            raise InvalidRequestError(
+                f"registration entry: SVID type {str(unknown[0])[:40]!r} is unknown; use {' and/or '.join(SVID_TYPES)}"
+            )
+        types = tuple(t for t in SVID_TYPES if t in given) or ("classical",)  # in one order, without repeats
+        if PQ_SVID_TYPE in types and self.pq_authority is None and not _is_pq(self.authority):
+            raise InvalidRequestError(
+                "registration entry: SVID type ml-dsa-65 needs the trust domain's ML-DSA CA; add one with "
+                "`meshid ca key add --key-type ml-dsa-65`"
+            )
+        return types
 
     def _dns_name(self, name: str) -> str:
         lowered = name.lower()

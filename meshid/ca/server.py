@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from meshid import _x509
 from meshid._grpc import ServerConfigs
 from meshid._listen import NO_REUSEPORT, parse_address, refuse_tcp_in_use
 from meshid._proto import agent_pb2_grpc, issuer_pb2_grpc, registration_pb2_grpc
@@ -31,6 +32,7 @@ from meshid.ca.authority import Authority, generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
 from meshid.ca.datadir import (
     load_authority,
+    load_pq_authority,
     load_retired_authorities,
     load_x509pop,
     open_service,
@@ -41,7 +43,7 @@ from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServic
 from meshid.ca.http import RevocationHttpServer
 from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
 from meshid.clock import SYSTEM_CLOCK, Clock
-from meshid.errors import ListenError, MeshIdError
+from meshid.errors import DataDirError, ListenError, MeshIdError
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.sources import StaticSource
 from meshid.spiffeid import SpiffeId
@@ -128,6 +130,12 @@ class CaServer:
         self._max_workers = max_workers
         self.service = open_service(data_dir, datastore, **service_options)
         try:
+            if _x509.is_post_quantum(_x509.key_algorithm(self.service.authority.certificate.public_key())):
+                raise DataDirError(
+                    "CA serve: this CA signs with ML-DSA only, and grpcio (its API's transport) refuses ML-DSA "
+                    "certificates in the handshake; serve a classical CA and add the ML-DSA CA beside it with "
+                    "`meshid ca key add --key-type ml-dsa-65`"
+                )
             x509pop = load_x509pop(data_dir, self.service.authority)
         except BaseException:
             self.service.store.close()
@@ -247,7 +255,8 @@ class CaServer:
 
     def _stamp(self) -> tuple[tuple[int, int, int], ...]:
         out = []
-        for name in ("ca.key", "ca.pem", "bundle.pem", "config.json"):  # config.json: `ca config set`
+        # config.json: `ca config set`; ml-dsa-65/: `ca key add`, and that CA's rotation
+        for name in ("ca.key", "ca.pem", "bundle.pem", "config.json", "ml-dsa-65/ca.key", "ml-dsa-65/ca.pem"):
             try:
                 st = (self._data_dir / name).stat()
             except OSError:
@@ -265,6 +274,10 @@ class CaServer:
             log.warning("CA: data folder changed but cannot be loaded yet: %s", err)
             return
         self.service.set_authority(authority)
+        try:
+            self.service.set_pq_authority(load_pq_authority(self._data_dir))
+        except MeshIdError as err:  # mid-way through its rotation: the one loaded before still signs
+            log.warning("CA: the ML-DSA CA changed but cannot be loaded yet: %s", err)
         if self._http is not None:  # after a rotation, the old key still answers for its SVIDs
             self._retired = load_retired_authorities(self._data_dir)
         self._source.update(self._own_svid(), self._bundles())

@@ -68,6 +68,12 @@ def register(groups: Any) -> None:
         "--workload-api-mode", type=_mode, default=0o600, metavar="MODE", help="the socket's file mode (default 0600)"
     )
     agent.add_argument(
+        "--also-key-type",
+        choices=("ml-dsa-65",),
+        help="also keep an ML-DSA-65 SVID of the same SPIFFE ID (the CA needs `meshid ca key add`): in "
+        "DIR/ml-dsa-65/ (svid.pem, svid.key, bundle.pem) and second in Workload API responses (hint ml-dsa-65)",
+    )
+    agent.add_argument(
         "--renew-at",
         type=_fraction,
         default=0.5,
@@ -346,7 +352,13 @@ def run_agent(args: argparse.Namespace) -> int:
     try:
         wait = args.wait.total_seconds() if args.wait is not None else None
         source = IssuerSource(
-            args.server, args.bundle, join_token=token, svid_dir=args.out, renew_at=args.renew_at, wait=wait
+            args.server,
+            args.bundle,
+            join_token=token,
+            svid_dir=args.out,
+            renew_at=args.renew_at,
+            wait=wait,
+            pq_key_kind=args.also_key_type,
         )
         server = (
             WorkloadApiServer(source, args.workload_api, mode=args.workload_api_mode) if args.workload_api else None

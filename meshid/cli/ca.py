@@ -63,7 +63,22 @@ def register(groups: Any) -> None:
         metavar="URL",
         help="every SVID names this CRL (CRL distribution point), e.g. http://HOST:PORT/crl.der",
     )
+    init.add_argument(
+        "--key-type",
+        default="ec-p256",
+        choices=("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ml-dsa-65"),
+        help="the CA key (default ec-p256); ml-dsa-65 makes a post-quantum-only CA, which grpcio cannot serve yet: "
+        "to have both, init a classical CA, then `meshid ca key add --key-type ml-dsa-65`",
+    )
     init.set_defaults(run=run_init)
+    key = commands.add_parser("key", help="a second, post-quantum CA beside the classical one")
+    key_steps = key.add_subparsers(dest="step", required=True)
+    key_add = key_steps.add_parser(
+        "add", help="add an ML-DSA-65 CA: its root joins bundle.pem; it signs the SVIDs of ML-DSA-65 CSRs"
+    )
+    key_add.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder (a running CA takes it up)")
+    key_add.add_argument("--key-type", default="ml-dsa-65", choices=("ml-dsa-65",), help="the added CA's key")
+    key_add.set_defaults(run=run_key_add)
     config = commands.add_parser("config", help="change a CA's configuration (a running CA picks it up)")
     config_steps = config.add_subparsers(dest="step", required=True)
     config_set = config_steps.add_parser("set", help="set the OCSP and CRL URLs SVIDs carry from now on")
@@ -111,6 +126,9 @@ def register(groups: Any) -> None:
         "--upstream-cert", metavar="FILE", help="chain the next CA under this upstream CA certificate (PEM)"
     )
     prepare.add_argument("--upstream-key", metavar="FILE", help="the upstream CA's private key (PEM)")
+    prepare.add_argument(
+        "--key-type", choices=("ml-dsa-65",), help="rotate the ML-DSA CA `ca key add` made instead of the first"
+    )
     prepare.set_defaults(run=run_prepare)
     activate = steps.add_parser("activate", help="sign with the prepared CA; the old root retires after the max TTL")
     activate.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
@@ -119,6 +137,9 @@ def register(groups: Any) -> None:
         type=duration,
         default=duration("5m"),
         help=f"extra time before the old root leaves (default 5m; {DURATION_FORMAT})",
+    )
+    activate.add_argument(
+        "--key-type", choices=("ml-dsa-65",), help="activate the ML-DSA CA's rotation instead of the first CA's"
     )
     activate.set_defaults(run=run_activate)
     status = steps.add_parser("status", help="the roots in the bundle and what is retiring when")
@@ -141,8 +162,9 @@ def run_init(args: argparse.Namespace) -> int:
         agent_id_template=args.agent_id_template,
         ocsp_url=args.ocsp_url,
         crl_url=args.crl_url,
+        key_type=args.key_type,
     )
-    print(f"CA for trust domain {config.trust_domain} created in {args.data_dir}")
+    print(f"CA for trust domain {config.trust_domain} created in {args.data_dir} ({args.key_type} key)")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
     print(f"  SVIDs last at most {show(config.max_ttl)} (--ttl), the admin SVID too; `meshid ca serve` renews it")
     if config.agent_id_template is not None:
@@ -195,10 +217,22 @@ def run_config_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_key_add(args: argparse.Namespace) -> int:
+    from meshid import _x509
+    from meshid.ca.datadir import add_key_type
+
+    cert = add_key_type(args.data_dir, args.key_type)
+    print(f"added {cert.subject.rfc4514_string()} ({args.key_type}); its root is in {args.data_dir}/bundle.pem now")
+    print(f"  root {_x509.thumbprint(cert)[:16]}: it signs the SVIDs whose CSRs carry {args.key_type} keys")
+    return 0
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     from meshid.ca.datadir import prepare_rotation
 
-    cert = prepare_rotation(args.data_dir, upstream_cert=args.upstream_cert, upstream_key=args.upstream_key)
+    cert = prepare_rotation(
+        args.data_dir, upstream_cert=args.upstream_cert, upstream_key=args.upstream_key, key_type=args.key_type
+    )
     print(f"prepared {cert.subject.rfc4514_string()}; its root is in {args.data_dir}/bundle.pem now.")
     print("Activate once workloads have fetched the new bundle (one refresh interval): meshid ca rotate activate")
     return 0
@@ -207,7 +241,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_activate(args: argparse.Namespace) -> int:
     from meshid.ca.datadir import activate_rotation
 
-    activate_rotation(args.data_dir, grace=args.grace)
+    activate_rotation(args.data_dir, grace=args.grace, key_type=args.key_type)
     print("activated: the CA signs with the new key; the old root leaves the bundle once its SVIDs have expired")
     return 0
 
@@ -217,17 +251,24 @@ def run_status(args: argparse.Namespace) -> int:
     import pathlib
 
     from meshid import _x509
-    from meshid.ca.datadir import load_authority
+    from meshid.ca.datadir import load_authority, load_pq_authority
 
     authority, _ = load_authority(args.data_dir)
-    signing = _x509.thumbprint(authority.certificate)
+    signing = {_x509.thumbprint(authority.certificate)}
+    pq = load_pq_authority(args.data_dir)
+    if pq is not None:
+        signing.add(_x509.thumbprint(pq.certificate))
     for root in authority.roots:
-        mark = "signing" if _x509.thumbprint(root) == signing else ""
+        mark = f"signing ({_x509.key_algorithm(root.public_key())})" if _x509.thumbprint(root) in signing else ""
         print(f"root {_x509.thumbprint(root)[:16]}  {root.subject.rfc4514_string()}  {mark}")
-    rotation = pathlib.Path(args.data_dir) / "rotation.json"
-    if rotation.exists():
-        for item in json.loads(rotation.read_text()).get("retiring", []):
-            print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
-    if (pathlib.Path(args.data_dir) / "next" / "ca.key").exists():
-        print("a next CA is prepared; run `meshid ca rotate activate`")
+    for lane, flag in (
+        (pathlib.Path(args.data_dir), ""),
+        (pathlib.Path(args.data_dir) / "ml-dsa-65", " --key-type ml-dsa-65"),
+    ):
+        rotation = lane / "rotation.json"
+        if rotation.exists():
+            for item in json.loads(rotation.read_text()).get("retiring", []):
+                print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
+        if (lane / "next" / "ca.key").exists():
+            print(f"a next CA is prepared; run `meshid ca rotate activate{flag}`")
     return 0

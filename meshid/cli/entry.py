@@ -38,6 +38,14 @@ def register(groups: Any) -> None:
         metavar="S",
         help="with --parent-id: what the local process must match, e.g. unix:uid:1001 (repeatable; all must match)",
     )
+    create.add_argument(
+        "--svid-types",
+        type=_svid_types,
+        default=(),
+        metavar="TYPES",
+        help="which SVIDs its workload may hold: classical, ml-dsa-65, or classical,ml-dsa-65 for both "
+        "(default classical; ml-dsa-65 needs `meshid ca key add` on the CA)",
+    )
     create.set_defaults(run=run_create)
     listing = commands.add_parser("list", help="list registration entries")
     add_admin_options(listing)
@@ -68,6 +76,14 @@ def register(groups: Any) -> None:
     token.set_defaults(run=run_token)
 
 
+def _svid_types(text: str) -> tuple[str, ...]:
+    """``classical,ml-dsa-65`` as a tuple; the CA checks the names (one list of them, in issuing)."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: write names separated by commas, e.g. classical,ml-dsa-65")
+    return names
+
+
 def _admin(args: argparse.Namespace) -> Any:
     from meshid.ca.client import AdminClient
 
@@ -77,11 +93,18 @@ def _admin(args: argparse.Namespace) -> Any:
 def run_create(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         entry = admin.create_entry(
-            args.spiffe_id, args.dns, args.ttl, parent_id=args.parent_id, selectors=args.selector
+            args.spiffe_id,
+            args.dns,
+            args.ttl,
+            parent_id=args.parent_id,
+            selectors=args.selector,
+            svid_types=args.svid_types,
         )
     dns = f", dns {', '.join(entry.dns_names)}" if entry.dns_names else ""
     parent = f", parent {entry.parent_id}, selectors {' '.join(entry.selectors)}" if entry.parent_id else ""
-    print(f"created {entry.spiffe_id} (ttl {entry.ttl_seconds}s{dns}{parent})")
+    types = list(entry.svid_types) or ["classical"]  # a CA from before issue #18 sends none
+    svids = f", svids {','.join(types)}" if types != ["classical"] else ""
+    print(f"created {entry.spiffe_id} (ttl {entry.ttl_seconds}s{dns}{parent}{svids})")
     asked = int(args.ttl.total_seconds()) if args.ttl is not None else None
     if asked is not None and entry.ttl_seconds < asked:
         given = datetime.timedelta(seconds=entry.ttl_seconds)
@@ -104,6 +127,7 @@ def run_list(args: argparse.Namespace) -> int:
             "created_at": datetime.datetime.fromtimestamp(e.created_at, datetime.UTC).isoformat(),
             "parent_id": e.parent_id or None,
             "selectors": list(e.selectors),
+            "svid_types": list(e.svid_types) or ["classical"],
         }
         for e in entries
     ]
@@ -113,6 +137,8 @@ def run_list(args: argparse.Namespace) -> int:
         for row in rows:
             dns = ",".join(row["dns_names"]) or "-"
             line = f"{row['spiffe_id']}  ttl={row['ttl_seconds']}s  dns={dns}  created={row['created_at']}"
+            if row["svid_types"] != ["classical"]:
+                line += f"  svids={','.join(row['svid_types'])}"
             if row["parent_id"]:
                 line += f"  parent={row['parent_id']}  selectors={json.dumps(row['selectors'])}"
             print(line)

@@ -56,6 +56,12 @@ def register(groups: Any) -> None:
     )
     add_join_token_options(fetch, required=True)
     fetch.add_argument("--out", required=True, metavar="DIR", help="writes svid.pem, svid.key (0600), bundle.pem")
+    fetch.add_argument(
+        "--key-type",
+        choices=("ec-p256", "ml-dsa-65"),
+        default="ec-p256",
+        help="the SVID's key (default ec-p256); ml-dsa-65 for an entry created with --svid-types ml-dsa-65",
+    )
     fetch.set_defaults(run=run_fetch)
     revoke = commands.add_parser("revoke", help="revoke SVIDs on the running CA")
     add_admin_options(revoke)
@@ -104,6 +110,8 @@ def describe(cert: x509.Certificate) -> dict[str, Any]:
         "uri_sans": _x509.uri_sans(cert),
         "dns_sans": _x509.dns_sans(cert),
         "ca": _x509.is_ca(cert),
+        "key_algorithm": _x509.key_algorithm(cert.public_key()),
+        "signature_algorithm": _x509.signature_algorithm(cert),
     }
 
 
@@ -176,6 +184,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"Not after:   {info['not_after']}")
         print(f"Status:      {status} ({when})")
         print(f"Thumbprint:  {info['thumbprint']} (SHA-256)")
+        post_quantum = _x509.is_post_quantum(info["key_algorithm"]) and _x509.is_post_quantum(
+            info["signature_algorithm"]
+        )
+        print(
+            f"Algorithms:  key {info['key_algorithm']}, signed with {info['signature_algorithm']}"
+            + (" (post-quantum)" if post_quantum else "")
+        )
         if info["kind"] != "CA certificate":
             print(f"DNS SANs:    {', '.join(info['dns_sans']) or '-'}")
         for index, cert in enumerate(info["chain"], start=1):
@@ -194,7 +209,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from meshid.ca.client import fetch_svid, write_fetched
 
-    svid, bundle = fetch_svid(args.server, args.bundle, join_token(args) or "")
+    svid, bundle = fetch_svid(args.server, args.bundle, join_token(args) or "", key_kind=args.key_type)
     write_fetched(args.out, svid, bundle)
     print(f"fetched {svid.spiffe_id} (serial {svid.serial:x}, until {svid.not_after.isoformat()}) into {args.out}")
     return 0

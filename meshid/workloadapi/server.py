@@ -88,7 +88,12 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
     def FetchX509SVID(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)
-        return self._follow(context, wire.x509_svid_response)
+        source = self._server.source
+        # A source with ML-DSA SVIDs beside its own (IssuerSource(pq_key_kind=...)) has them served second.
+        additional = getattr(source, "get_additional_svids", None)
+        if additional is None:
+            return self._follow(context, wire.x509_svid_response)
+        return self._follow(context, lambda svid, bundles: wire.x509_svid_response(svid, bundles, additional()))
 
     def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)

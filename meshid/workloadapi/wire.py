@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
@@ -136,7 +137,6 @@ def parse_x509_svid_response(response: Any, want: SpiffeId | None) -> tuple[X509
     return svid, BundleSet.of(bundles)
 
 
-
 def _der(svid: X509Svid) -> tuple[bytes, bytes]:
     chain = b"".join(c.public_bytes(serialization.Encoding.DER) for c in svid.chain)
     key = svid.private_key.private_bytes(
@@ -153,25 +153,31 @@ def _roots_der(bundles: BundleSet) -> dict[str, bytes]:
     }
 
 
-def x509_svid_response(svid: X509Svid, bundles: BundleSet) -> Any:
+def x509_svid_response(svid: X509Svid, bundles: BundleSet, additional: Sequence[tuple[str, X509Svid]] = ()) -> Any:
     """The ``X509SVIDResponse`` for one SVID: its own trust domain's bundle inline, others federated.
 
+    ``additional`` SVIDs follow it, each with its ``hint`` (an ML-DSA SVID of the same SPIFFE ID:
+    ``("ml-dsa-65", svid)``): a client that takes the first SVID, or the first of an ID, still
+    gets ``svid``, as before.
+
     Raises:
-        SourceError: ``bundles`` holds no bundle for the SVID's trust domain.
+        SourceError: ``bundles`` holds no bundle for an SVID's trust domain.
     """
-    own = svid.spiffe_id.trust_domain
-    if own not in bundles:
-        raise SourceError(f"Workload API: the source has no trust bundle for {own}, the SVID's trust domain")
     roots = _roots_der(bundles)
-    chain, key = _der(svid)
-    return workload_pb2.X509SVIDResponse(
-        svids=[
+    entries = []
+    for hint, one in (("", svid), *additional):
+        own = one.spiffe_id.trust_domain
+        if own not in bundles:
+            raise SourceError(f"Workload API: the source has no trust bundle for {own}, the SVID's trust domain")
+        chain, key = _der(one)
+        entries.append(
             workload_pb2.X509SVID(
-                spiffe_id=str(svid.spiffe_id), x509_svid=chain, x509_svid_key=key, bundle=roots.pop(str(own.id()))
+                spiffe_id=str(one.spiffe_id), x509_svid=chain, x509_svid_key=key, bundle=roots[str(own.id())], hint=hint
             )
-        ],
-        federated_bundles=roots,
-    )
+        )
+    for one in (svid, *(extra for _, extra in additional)):
+        roots.pop(str(one.spiffe_id.trust_domain.id()), None)
+    return workload_pb2.X509SVIDResponse(svids=entries, federated_bundles=roots)
 
 
 def x509_bundles_response(svid: X509Svid, bundles: BundleSet) -> Any:

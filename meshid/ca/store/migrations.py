@@ -17,6 +17,9 @@ a token's ``purpose`` ('entry', or 'agent' for node attestation); the SHA-256 of
 certificate's public key (``key_sha256``, NULL for rows issued before, and for workloads' own
 issuance and renewal), by which batch and agent issuance refuse a key certified before; and
 the ``agents`` table.
+
+Version 3 (post-quantum SVIDs, issue #18): an entry's ``svid_types``, a JSON list of
+``classical`` and ``ml-dsa-65`` (existing entries: classical only, as before).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             evicted_at {int64}
         )""",
     ),
+    ("""ALTER TABLE entries ADD COLUMN svid_types {text} NOT NULL DEFAULT '["classical"]'""",),
 )
 
 

@@ -27,6 +27,9 @@ class Entry:
     created_at: datetime.datetime
     parent_id: SpiffeId | None = None
     selectors: tuple[str, ...] = ()
+    #: Which SVIDs the entry's workload may hold: ``classical`` (EC, RSA, Ed25519 keys) and/or
+    #: ``ml-dsa-65`` (post-quantum, signed by the trust domain's ML-DSA CA).
+    svid_types: tuple[str, ...] = ("classical",)
 
 
 @dataclass(frozen=True, slots=True)

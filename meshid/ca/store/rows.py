@@ -49,12 +49,19 @@ class RowCodec:
             raise StoreError(f"CA store {self.name}: holds a malformed SPIFFE ID {text!r}") from err
 
     def entry(self, row: Sequence[Any]) -> Entry:
-        """An entry from (spiffe_id, dns_names, ttl_seconds, created_at, parent_id, selectors)."""
+        """An entry from (spiffe_id, dns_names, ttl_seconds, created_at, parent_id, selectors, svid_types)."""
         dns_names = self._strings(row[1], row[0], "DNS names")
         selectors = self._strings(row[5], row[0], "selectors")
+        svid_types = self._strings(row[6], row[0], "SVID types")
         parent = self.spiffe_id(row[4]) if row[4] else None
         return Entry(
-            self.spiffe_id(row[0]), dns_names, datetime.timedelta(seconds=row[2]), from_unix(row[3]), parent, selectors
+            self.spiffe_id(row[0]),
+            dns_names,
+            datetime.timedelta(seconds=row[2]),
+            from_unix(row[3]),
+            parent,
+            selectors,
+            svid_types,
         )
 
     def _strings(self, text: str, spiffe_id: str, what: str) -> tuple[str, ...]:

@@ -51,7 +51,7 @@ IN_CHUNK = 500
 #: How many certificate rows one INSERT carries at most (6 values each).
 INSERT_CHUNK = 250
 
-_SELECT_ENTRY = "SELECT spiffe_id, dns_names, ttl_seconds, created_at, parent_id, selectors FROM entries"
+_SELECT_ENTRY = "SELECT spiffe_id, dns_names, ttl_seconds, created_at, parent_id, selectors, svid_types FROM entries"
 _SELECT_ISSUED = "SELECT serial, spiffe_id, not_after, issued_at, revoked_at FROM certificates"
 _SELECT_AGENT = "SELECT spiffe_id, attestation, attested_by, last_seen, expires_at, evicted_at FROM agents"
 _SELECT_TOKEN = "SELECT spiffe_id, expires_at, used_at, purpose FROM tokens WHERE hash = ?"
@@ -93,6 +93,7 @@ class SqlStore:
             "created_at": to_unix(entry.created_at, "created_at"),
             "parent_id": "" if entry.parent_id is None else str(entry.parent_id),
             "selectors": json.dumps(list(entry.selectors)),
+            "svid_types": json.dumps(list(entry.svid_types)),
         }
 
         def work(tx: Transaction) -> None:

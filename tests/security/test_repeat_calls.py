@@ -1,0 +1,105 @@
+"""A repeat call on one connection is decided from the interceptor's memo (issue #14): it must
+still be refused once anything the first decision rested on has changed.
+
+Each test opens one channel (one TLS connection, so no new handshake), makes a call that is
+allowed and memoised, changes one thing on the server, and calls again on the same channel.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import meshid
+from meshid.ca import Authority
+from support import FRONTEND_ID, SERVER_ID, SERVICE, call, sync_server
+
+pytestmark = pytest.mark.timeout(60)
+
+OTHER_CALLER = "spiffe://other.org/ns/prod/sa/partner"
+POLICY = {
+    "allow": [
+        {"name": "frontend", "methods": [f"/{SERVICE}/*"], "spiffe_ids": [FRONTEND_ID]},
+        {"name": "partners", "methods": [f"/{SERVICE}/*"], "trust_domains": ["other.org"]},
+    ]
+}
+
+
+def _server_source(ca: Authority, bundles: meshid.BundleSet) -> meshid.StaticSource:
+    return meshid.StaticSource(ca.issue_svid(SERVER_ID), bundles)
+
+
+def _twice(
+    server_source: meshid.StaticSource,
+    interceptor: meshid.AuthorizationInterceptor,
+    client: meshid.X509Svid,
+    bundles: meshid.BundleSet,
+    change: object,
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Call, apply ``change()``, call again on the same channel; both results."""
+    with sync_server(server_source, interceptor) as port:
+        source = meshid.StaticSource(client, bundles)
+        with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+            first = call(channel)
+            assert callable(change)
+            change()
+            return first, call(channel)
+
+
+def test_a_trust_domain_dropped_from_the_bundles_refuses_its_connected_peer(
+    ca: Authority, other_ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    server = _server_source(ca, bundles)
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
+    only_ours = meshid.BundleSet.of(meshid.TrustBundle(ca.trust_domain, ca.roots))
+    first, again = _twice(
+        server, interceptor, other_ca.issue_svid(OTHER_CALLER), bundles, lambda: server.update(bundles=only_ours)
+    )
+    assert first == ("OK", OTHER_CALLER)
+    assert again[0] == "UNAUTHENTICATED", again
+    assert "other.org" in again[1]
+
+
+def test_a_replaced_root_of_the_same_trust_domain_refuses_its_connected_peer(
+    ca: Authority, other_ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    server = _server_source(ca, bundles)
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
+    successor = Authority.create_root("other.org")  # other.org's roots, replaced by a new CA's
+    replaced = meshid.BundleSet.of(
+        meshid.TrustBundle(ca.trust_domain, ca.roots), meshid.TrustBundle(successor.trust_domain, successor.roots)
+    )
+    first, again = _twice(
+        server, interceptor, other_ca.issue_svid(OTHER_CALLER), bundles, lambda: server.update(bundles=replaced)
+    )
+    assert first == ("OK", OTHER_CALLER)
+    assert again[0] == "UNAUTHENTICATED", again
+
+
+def test_a_reloaded_policy_decides_the_next_call_of_a_connected_peer(ca: Authority, bundles: meshid.BundleSet) -> None:
+    server = _server_source(ca, bundles)
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
+    partners_only = {"allow": [POLICY["allow"][1]]}
+    first, again = _twice(
+        server,
+        interceptor,
+        ca.issue_svid(FRONTEND_ID),
+        bundles,
+        lambda: interceptor.reload(meshid.AuthorizationPolicy.from_dict(partners_only)),
+    )
+    assert first == ("OK", FRONTEND_ID)
+    assert again[0] == "PERMISSION_DENIED", again
+
+
+def test_a_revocation_check_set_later_refuses_a_connected_peer(ca: Authority, bundles: meshid.BundleSet) -> None:
+    server = _server_source(ca, bundles)
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
+    client = ca.issue_svid(FRONTEND_ID)
+    first, again = _twice(
+        server,
+        interceptor,
+        client,
+        bundles,
+        lambda: interceptor.set_revocation_check(lambda peer: peer.serial == client.serial),
+    )
+    assert first == ("OK", FRONTEND_ID)
+    assert again[0] == "UNAUTHENTICATED" and "revoked" in again[1], again
