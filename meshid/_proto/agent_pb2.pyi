@@ -107,3 +107,35 @@ class BatchNewX509SvidResponse(_message.Message):
     bundle: _issuer_pb2.Bundle
     issued_at: float
     def __init__(self, results: _Optional[_Iterable[_Union[SvidResult, _Mapping]]] = ..., intermediates: _Optional[_Iterable[bytes]] = ..., bundle: _Optional[_Union[_issuer_pb2.Bundle, _Mapping]] = ..., issued_at: _Optional[float] = ...) -> None: ...
+
+class JwtSvidRequest(_message.Message):
+    __slots__ = ("spiffe_id", "audience")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    audience: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BatchNewJwtSvidRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[JwtSvidRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[JwtSvidRequest, _Mapping]]] = ...) -> None: ...
+
+class JwtSvidResult(_message.Message):
+    __slots__ = ("spiffe_id", "code", "message", "token")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    code: int
+    message: str
+    token: str
+    def __init__(self, spiffe_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class BatchNewJwtSvidResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[JwtSvidResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[JwtSvidResult, _Mapping]]] = ...) -> None: ...

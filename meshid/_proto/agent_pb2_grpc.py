@@ -65,6 +65,11 @@ class AgentStub:
                 request_serializer=meshid_dot_v1_dot_agent__pb2.BatchNewX509SvidRequest.SerializeToString,
                 response_deserializer=meshid_dot_v1_dot_agent__pb2.BatchNewX509SvidResponse.FromString,
                 _registered_method=True)
+        self.BatchNewJwtSvid = channel.unary_unary(
+                '/meshid.v1.Agent/BatchNewJwtSvid',
+                request_serializer=meshid_dot_v1_dot_agent__pb2.BatchNewJwtSvidRequest.SerializeToString,
+                response_deserializer=meshid_dot_v1_dot_agent__pb2.BatchNewJwtSvidResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -110,6 +115,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchNewJwtSvid(self, request, context):
+        """JWT-SVIDs for entries parented to the caller only, one per (SPIFFE ID, audience) asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +149,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.BatchNewX509Svid,
                     request_deserializer=meshid_dot_v1_dot_agent__pb2.BatchNewX509SvidRequest.FromString,
                     response_serializer=meshid_dot_v1_dot_agent__pb2.BatchNewX509SvidResponse.SerializeToString,
+            ),
+            'BatchNewJwtSvid': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchNewJwtSvid,
+                    request_deserializer=meshid_dot_v1_dot_agent__pb2.BatchNewJwtSvidRequest.FromString,
+                    response_serializer=meshid_dot_v1_dot_agent__pb2.BatchNewJwtSvidResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +295,33 @@ class Agent:
             '/meshid.v1.Agent/BatchNewX509Svid',
             meshid_dot_v1_dot_agent__pb2.BatchNewX509SvidRequest.SerializeToString,
             meshid_dot_v1_dot_agent__pb2.BatchNewX509SvidResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchNewJwtSvid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshid.v1.Agent/BatchNewJwtSvid',
+            meshid_dot_v1_dot_agent__pb2.BatchNewJwtSvidRequest.SerializeToString,
+            meshid_dot_v1_dot_agent__pb2.BatchNewJwtSvidResponse.FromString,
             options,
             channel_credentials,
             insecure,

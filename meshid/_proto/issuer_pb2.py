@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshid/v1/issuer.proto\x12\tmeshid.v1\"8\n\x15IssueWithTokenRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\".\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\"f\n\x0cSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05\x63hain\x18\x02 \x03(\x0c\x12!\n\x06\x62undle\x18\x03 \x01(\x0b\x32\x11.meshid.v1.Bundle\x12\x11\n\tissued_at\x18\x04 \x01(\x01\"\x12\n\x10GetBundleRequest\"?\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\r\n\x05roots\x18\x02 \x03(\x0c\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"\x0f\n\rGetCrlRequest\"8\n\x03\x43rl\x12\x0b\n\x03\x64\x65r\x18\x01 \x01(\x0c\x12\x0e\n\x06number\x18\x02 \x01(\x04\x12\x14\n\x0cissuer_chain\x18\x03 \x03(\x0c\"E\n\x16GetTrustUpdatesRequest\x12\x17\n\x0f\x62undle_sequence\x18\x01 \x01(\x04\x12\x12\n\ncrl_number\x18\x02 \x01(\x04\"N\n\x0cTrustUpdates\x12!\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x11.meshid.v1.Bundle\x12\x1b\n\x03\x63rl\x18\x02 \x01(\x0b\x32\x0e.meshid.v1.Crl2\xd0\x02\n\x06Issuer\x12K\n\x0eIssueWithToken\x12 .meshid.v1.IssueWithTokenRequest\x1a\x17.meshid.v1.SvidResponse\x12\x39\n\x05Renew\x12\x17.meshid.v1.RenewRequest\x1a\x17.meshid.v1.SvidResponse\x12;\n\tGetBundle\x12\x1b.meshid.v1.GetBundleRequest\x1a\x11.meshid.v1.Bundle\x12\x32\n\x06GetCrl\x12\x18.meshid.v1.GetCrlRequest\x1a\x0e.meshid.v1.Crl\x12M\n\x0fGetTrustUpdates\x12!.meshid.v1.GetTrustUpdatesRequest\x1a\x17.meshid.v1.TrustUpdatesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshid/v1/issuer.proto\x12\tmeshid.v1\"8\n\x15IssueWithTokenRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\".\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\"f\n\x0cSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05\x63hain\x18\x02 \x03(\x0c\x12!\n\x06\x62undle\x18\x03 \x01(\x0b\x32\x11.meshid.v1.Bundle\x12\x11\n\tissued_at\x18\x04 \x01(\x01\"\x12\n\x10GetBundleRequest\"d\n\x06\x42undle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\r\n\x05roots\x18\x02 \x03(\x0c\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12#\n\x08jwt_keys\x18\x04 \x03(\x0b\x32\x11.meshid.v1.JwtKey\")\n\x06JwtKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"8\n\x11NewJwtSvidRequest\x12\x10\n\x08\x61udience\x18\x01 \x03(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\"3\n\x0fJwtSvidResponse\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"\x0f\n\rGetCrlRequest\"8\n\x03\x43rl\x12\x0b\n\x03\x64\x65r\x18\x01 \x01(\x0c\x12\x0e\n\x06number\x18\x02 \x01(\x04\x12\x14\n\x0cissuer_chain\x18\x03 \x03(\x0c\"E\n\x16GetTrustUpdatesRequest\x12\x17\n\x0f\x62undle_sequence\x18\x01 \x01(\x04\x12\x12\n\ncrl_number\x18\x02 \x01(\x04\"N\n\x0cTrustUpdates\x12!\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x11.meshid.v1.Bundle\x12\x1b\n\x03\x63rl\x18\x02 \x01(\x0b\x32\x0e.meshid.v1.Crl2\x98\x03\n\x06Issuer\x12K\n\x0eIssueWithToken\x12 .meshid.v1.IssueWithTokenRequest\x1a\x17.meshid.v1.SvidResponse\x12\x39\n\x05Renew\x12\x17.meshid.v1.RenewRequest\x1a\x17.meshid.v1.SvidResponse\x12;\n\tGetBundle\x12\x1b.meshid.v1.GetBundleRequest\x1a\x11.meshid.v1.Bundle\x12\x32\n\x06GetCrl\x12\x18.meshid.v1.GetCrlRequest\x1a\x0e.meshid.v1.Crl\x12M\n\x0fGetTrustUpdates\x12!.meshid.v1.GetTrustUpdatesRequest\x1a\x17.meshid.v1.TrustUpdates\x12\x46\n\nNewJwtSvid\x12\x1c.meshid.v1.NewJwtSvidRequest\x1a\x1a.meshid.v1.JwtSvidResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,15 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBUNDLEREQUEST']._serialized_start=247
   _globals['_GETBUNDLEREQUEST']._serialized_end=265
   _globals['_BUNDLE']._serialized_start=267
-  _globals['_BUNDLE']._serialized_end=330
-  _globals['_GETCRLREQUEST']._serialized_start=332
-  _globals['_GETCRLREQUEST']._serialized_end=347
-  _globals['_CRL']._serialized_start=349
-  _globals['_CRL']._serialized_end=405
-  _globals['_GETTRUSTUPDATESREQUEST']._serialized_start=407
-  _globals['_GETTRUSTUPDATESREQUEST']._serialized_end=476
-  _globals['_TRUSTUPDATES']._serialized_start=478
-  _globals['_TRUSTUPDATES']._serialized_end=556
-  _globals['_ISSUER']._serialized_start=559
-  _globals['_ISSUER']._serialized_end=895
+  _globals['_BUNDLE']._serialized_end=367
+  _globals['_JWTKEY']._serialized_start=369
+  _globals['_JWTKEY']._serialized_end=410
+  _globals['_NEWJWTSVIDREQUEST']._serialized_start=412
+  _globals['_NEWJWTSVIDREQUEST']._serialized_end=468
+  _globals['_JWTSVIDRESPONSE']._serialized_start=470
+  _globals['_JWTSVIDRESPONSE']._serialized_end=521
+  _globals['_GETCRLREQUEST']._serialized_start=523
+  _globals['_GETCRLREQUEST']._serialized_end=538
+  _globals['_CRL']._serialized_start=540
+  _globals['_CRL']._serialized_end=596
+  _globals['_GETTRUSTUPDATESREQUEST']._serialized_start=598
+  _globals['_GETTRUSTUPDATESREQUEST']._serialized_end=667
+  _globals['_TRUSTUPDATES']._serialized_start=669
+  _globals['_TRUSTUPDATES']._serialized_end=747
+  _globals['_ISSUER']._serialized_start=750
+  _globals['_ISSUER']._serialized_end=1158
 # @@protoc_insertion_point(module_scope)

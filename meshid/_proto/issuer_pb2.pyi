@@ -40,14 +40,40 @@ class GetBundleRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Bundle(_message.Message):
-    __slots__ = ("trust_domain", "roots", "sequence")
+    __slots__ = ("trust_domain", "roots", "sequence", "jwt_keys")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    JWT_KEYS_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     roots: _containers.RepeatedScalarFieldContainer[bytes]
     sequence: int
-    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[bytes]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    jwt_keys: _containers.RepeatedCompositeFieldContainer[JwtKey]
+    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[bytes]] = ..., sequence: _Optional[int] = ..., jwt_keys: _Optional[_Iterable[_Union[JwtKey, _Mapping]]] = ...) -> None: ...
+
+class JwtKey(_message.Message):
+    __slots__ = ("kid", "public_key")
+    KID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    kid: str
+    public_key: bytes
+    def __init__(self, kid: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class NewJwtSvidRequest(_message.Message):
+    __slots__ = ("audience", "spiffe_id")
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    audience: _containers.RepeatedScalarFieldContainer[str]
+    spiffe_id: str
+    def __init__(self, audience: _Optional[_Iterable[str]] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
+
+class JwtSvidResponse(_message.Message):
+    __slots__ = ("spiffe_id", "token")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    token: str
+    def __init__(self, spiffe_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class GetCrlRequest(_message.Message):
     __slots__ = ()

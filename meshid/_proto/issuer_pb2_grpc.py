@@ -62,6 +62,11 @@ class IssuerStub:
                 request_serializer=meshid_dot_v1_dot_issuer__pb2.GetTrustUpdatesRequest.SerializeToString,
                 response_deserializer=meshid_dot_v1_dot_issuer__pb2.TrustUpdates.FromString,
                 _registered_method=True)
+        self.NewJwtSvid = channel.unary_unary(
+                '/meshid.v1.Issuer/NewJwtSvid',
+                request_serializer=meshid_dot_v1_dot_issuer__pb2.NewJwtSvidRequest.SerializeToString,
+                response_deserializer=meshid_dot_v1_dot_issuer__pb2.JwtSvidResponse.FromString,
+                _registered_method=True)
 
 
 class IssuerServicer:
@@ -107,6 +112,15 @@ class IssuerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NewJwtSvid(self, request, context):
+        """Over mTLS with the caller's current, still-valid X509-SVID: a JWT-SVID for the caller's
+        own SPIFFE ID, for the audience given (1 to 16 values). Another SPIFFE ID: PERMISSION_DENIED;
+        a bad audience: INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IssuerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +148,11 @@ def add_IssuerServicer_to_server(servicer, server):
                     servicer.GetTrustUpdates,
                     request_deserializer=meshid_dot_v1_dot_issuer__pb2.GetTrustUpdatesRequest.FromString,
                     response_serializer=meshid_dot_v1_dot_issuer__pb2.TrustUpdates.SerializeToString,
+            ),
+            'NewJwtSvid': grpc.unary_unary_rpc_method_handler(
+                    servicer.NewJwtSvid,
+                    request_deserializer=meshid_dot_v1_dot_issuer__pb2.NewJwtSvidRequest.FromString,
+                    response_serializer=meshid_dot_v1_dot_issuer__pb2.JwtSvidResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +292,33 @@ class Issuer:
             '/meshid.v1.Issuer/GetTrustUpdates',
             meshid_dot_v1_dot_issuer__pb2.GetTrustUpdatesRequest.SerializeToString,
             meshid_dot_v1_dot_issuer__pb2.TrustUpdates.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NewJwtSvid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshid.v1.Issuer/NewJwtSvid',
+            meshid_dot_v1_dot_issuer__pb2.NewJwtSvidRequest.SerializeToString,
+            meshid_dot_v1_dot_issuer__pb2.JwtSvidResponse.FromString,
             options,
             channel_credentials,
             insecure,

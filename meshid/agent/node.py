@@ -10,6 +10,10 @@ the entries parented to it every ``sync_interval`` seconds, and obtains their SV
 whose selectors all match it, in the CA's order of entries (by SPIFFE ID), the first being the
 default.
 
+JWT-SVIDs (:meth:`NodeAgent.jwt_svid_for`, the attested Workload API's ``FetchJWTSVID``): for
+an entry it serves, asked of the CA per SPIFFE ID and audience (``meshid.v1.Agent/BatchNewJwtSvid``)
+and kept until half its lifetime (:class:`~meshid.agent.jwt_cache.JwtSvidCache`).
+
 On disk, in the data folder: the agent's own SVID, key (0600) and bundle, written atomically.
 Only in memory: the entries, their SVIDs and their private keys (a new key for every SVID).
 
@@ -32,21 +36,27 @@ import random
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
+from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.node_attestation import attest_node
 from meshid.agent.node_cache import EntryCache, retry_delay
-from meshid.agent.saved_svid import load_saved_svid
+from meshid.agent.saved_svid import load_saved_svid, write_jwt_bundle
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.ca.authority import generate_key
 from meshid.ca.client import AgentClient, AgentEntry
 from meshid.ca.issuing import is_agent_id
 from meshid.clock import SYSTEM_CLOCK, Clock
-from meshid.errors import MeshIdError, SourceError, UnreachableError
-from meshid.spiffeid import TrustDomain
+from meshid.errors import MeshIdError, RemoteError, SourceError, UnreachableError
+from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid
 from meshid.workloadapi.attestation import ProcessInfo, matches
+from meshid.workloadapi.wire import same_trust
+
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
 
 __all__ = ["NodeAgent", "NodeAgentState"]
 
@@ -182,6 +192,9 @@ class NodeAgent:
         self._last_error: str | None = None
         self._refused = False
         self._answers = 0  # calls the CA answered (a step whose calls all succeed clears last_error)
+        self._jwt_cache = JwtSvidCache(clock=clock)
+        self._jwt_lock = threading.Lock()
+        self._jwt_client: AgentClient | None = None  # workload threads' JWT calls: a channel of their own
 
     # --- the IdentityProvider protocol ---------------------------------------------------
 
@@ -196,6 +209,39 @@ class NodeAgent:
         if bundles is None:
             return []
         return [(svid, bundles) for selectors, svid in served if selectors is not None and matches(selectors, process)]
+
+    def jwt_svid_for(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
+        """A JWT-SVID of ``spiffe_id`` (an entry this agent serves; the caller attested it) for
+        ``audience``: the cached one until half its lifetime, else one from the CA.
+
+        Raises:
+            SourceError: the agent holds no SVID of its own yet.
+            RemoteError: the CA refused (``.code``) or is unreachable.
+        """
+        cached = self._jwt_cache.get(spiffe_id, audience)
+        if cached is not None:
+            return cached
+        with self._jwt_lock:
+            svid, bundles = self._svid, self._bundles
+            if svid is None or bundles is None:
+                raise SourceError("node agent: no SVID of its own yet")
+            client = self._jwt_client
+            if client is None or client.svid is not svid:
+                if client is not None:
+                    client.close()
+                server = self._servers[self._server_index]
+                client = self._jwt_client = AgentClient(server, svid, bundles, timeout=self._timeout)
+            try:
+                [result] = client.batch_new_jwt_svids([(str(spiffe_id), list(audience))])
+            except RemoteError as err:
+                if err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                    self._jwt_client = None
+                    client.close()
+                raise
+        if result.svid is None:
+            raise RemoteError(f"JWT-SVID for {spiffe_id}: {result.code}: {result.message}", result.code)
+        self._jwt_cache.put(result.svid)
+        return result.svid
 
     def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
         """Call ``callback()`` after any change of what is served (an SVID, an entry, the bundles)."""
@@ -259,6 +305,10 @@ class NodeAgent:
         if self._client is not None:
             self._client.close()
             self._client = None
+        with self._jwt_lock:
+            jwt_client, self._jwt_client = self._jwt_client, None
+        if jwt_client is not None:
+            jwt_client.close()
 
     def __enter__(self) -> NodeAgent:
         return self.start()
@@ -349,8 +399,9 @@ class NodeAgent:
         svid, bundles = self._svid, self._bundles
         assert svid is not None and bundles is not None
         try:
-            bundle_pem = bundles[svid.spiffe_id.trust_domain].to_pem()
-            write_svid_files(self._data_dir, svid.chain_pem(), svid.key_pem(), bundle_pem)
+            own = bundles[svid.spiffe_id.trust_domain]
+            write_svid_files(self._data_dir, svid.chain_pem(), svid.key_pem(), own.to_pem())
+            write_jwt_bundle(self._data_dir, own)
         except OSError as err:  # serve on; a restart would attest again
             self._last_error = f"cannot write {self._data_dir}: {err}"
             log.error("node agent: %s", self._last_error)
@@ -363,7 +414,7 @@ class NodeAgent:
         if held == bundle:
             return False
         self._bundles = (old or BundleSet.of()).with_bundle(bundle)
-        if held is not None and held.roots == bundle.roots:
+        if held is not None and same_trust(held, bundle):
             return False  # the same roots (a bundle read from a file has no sequence number)
         if old is not None:
             log.info("node agent: trust bundle of %s changed (sequence %s)", bundle.trust_domain, bundle.sequence)

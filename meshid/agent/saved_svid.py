@@ -6,6 +6,10 @@ restart only if it still has more than a second to live on the local clock, its 
 against the bundle saved with it, and that bundle shares a root with the configured bundle file.
 The configured bundle stays the anchor: an operator who replaced the CA's root (after a compromise,
 say) is not overruled by what is on disk.
+
+Beside ``bundle.pem`` (roots only: PEM has no room for them), both write the trust domain's
+JWT-SVID keys to ``jwt-bundle.json``, a JWK Set of its ``use: jwt-svid`` keys with their ``kid``
+(as spiffe-helper's ``jwt_bundle_file_name``), for JWT validators that read files.
 """
 
 from __future__ import annotations
@@ -15,13 +19,25 @@ import os
 import pathlib
 from dataclasses import dataclass
 
+from meshid._files import write_atomic
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import Clock
 from meshid.errors import MeshIdError
 from meshid.sources import FileSource
 from meshid.svid import X509Svid
 
-__all__ = ["SavedSvid", "load_saved_svid"]
+__all__ = ["JWT_BUNDLE_FILE", "SavedSvid", "load_saved_svid", "write_jwt_bundle"]
+
+#: The JWK Set of the trust domain's JWT-SVID keys, beside bundle.pem.
+JWT_BUNDLE_FILE = "jwt-bundle.json"
+
+
+def write_jwt_bundle(folder: str | os.PathLike[str], bundle: TrustBundle) -> None:
+    """Replace ``folder``/jwt-bundle.json with ``bundle``'s JWT keys (a JWK Set), atomically."""
+    from meshid.workloadapi.wire import jwks
+
+    write_atomic(pathlib.Path(folder) / JWT_BUNDLE_FILE, jwks(bundle))
+
 
 log = logging.getLogger("meshid.agent")
 
@@ -64,4 +80,24 @@ def load_saved_svid(
     if not set(anchor.roots) & set(saved_bundle.roots):
         log.warning("%s: the saved bundle shares no root with %s; not reusing it", who, os.fspath(bundle_file))
         return None
-    return SavedSvid(svid, saved_bundle, remaining)
+    return SavedSvid(svid, _with_saved_jwt_keys(folder, saved_bundle, who), remaining)
+
+
+def _with_saved_jwt_keys(folder: pathlib.Path, bundle: TrustBundle, who: str) -> TrustBundle:
+    """``bundle`` with the JWT keys saved beside it, so JWT-SVIDs validate before the first
+    refresh; without them (none saved, or unreadable: logged) until the CA sends its bundle."""
+    from meshid.workloadapi.wire import jwks_keys
+
+    path = folder / JWT_BUNDLE_FILE
+    try:
+        document = path.read_bytes()
+    except FileNotFoundError:
+        return bundle
+    except OSError as err:
+        log.warning("%s: cannot read %s: %s; JWT keys come with the next bundle", who, path, err.strerror)
+        return bundle
+    try:
+        return bundle.with_jwt_authorities(jwks_keys(bundle.trust_domain, document))
+    except MeshIdError as err:
+        log.warning("%s: ignoring %s: %s; JWT keys come with the next bundle", who, path, err)
+        return bundle

@@ -13,6 +13,11 @@ bundle sequence and CRL number the source has: the CA sends only what changed. T
 lifetime is measured on the CA's clock (``issued_at`` to NotAfter), capped by what the local
 clock says is left, and waited out on the local monotonic clock: a few minutes of skew between
 workload and CA moves renewals neither past expiry nor needlessly early.
+
+It is also a JWT source (:class:`meshid.sources.JwtSource`): :meth:`IssuerSource.fetch_jwt_svid`
+asks the CA (``meshid.v1.Issuer/NewJwtSvid``, over mTLS with the current X509-SVID) for a
+JWT-SVID of the SVID's own SPIFFE ID and keeps it per audience until half its lifetime
+(:class:`~meshid.agent.jwt_cache.JwtSvidCache`); the JWT keys come with the bundle.
 """
 
 from __future__ import annotations
@@ -31,16 +36,20 @@ from typing import TYPE_CHECKING
 from meshid import metrics
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
-from meshid.agent.saved_svid import load_saved_svid
+from meshid.agent.jwt_cache import JwtSvidCache
+from meshid.agent.saved_svid import load_saved_svid, write_jwt_bundle
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, RemoteError, SourceError
 from meshid.peer import PeerIdentity
 from meshid.revocation import CrlKeeper, _warn_if_stale
+from meshid.spiffeid import SpiffeId
 from meshid.svid import X509Svid
+from meshid.workloadapi.wire import same_trust
 
 if TYPE_CHECKING:
     from meshid.ca.client import IssuerClient
+    from meshid.jwtsvid import JwtSvid
 
 __all__ = ["IssuerSource", "SourceState"]
 
@@ -156,6 +165,9 @@ class IssuerSource:
         self._failures_in_row = 0
         self._lifetime = 0.0
         self._state = SourceState(None, None, None, None, None, None, 0, 0, None, None)
+        self._jwt_cache = JwtSvidCache(clock=clock)
+        self._jwt_lock = threading.Lock()
+        self._jwt_client: IssuerClient | None = None  # JWT calls come from other threads: a channel of their own
 
     # --- the Source protocol -------------------------------------------------------------
 
@@ -187,6 +199,49 @@ class IssuerSource:
         is an ML-DSA SVID (its ``hint`` names the algorithm), else nothing."""
         pq = self.get_pq_svid()
         return () if pq is None or self._pq_key_kind is None else ((self._pq_key_kind, pq),)
+
+    # --- the JwtSource protocol ----------------------------------------------------------
+
+    def fetch_jwt_svid(self, audience: Sequence[str], spiffe_id: SpiffeId | None = None) -> JwtSvid:
+        """A JWT-SVID of this source's SPIFFE ID for ``audience``: the cached one until half its
+        lifetime has passed, else a new one from the CA.
+
+        Raises:
+            SourceError: no SVID yet, or ``spiffe_id`` is not this source's.
+            ValueError: ``audience`` is empty or a plain string.
+            RemoteError: the CA refused (``.code``: INVALID_ARGUMENT for a bad audience) or is
+                unreachable.
+        """
+        if isinstance(audience, str) or not audience:
+            raise ValueError("JWT-SVID: give the audience as a non-empty list of strings")
+        svid = self.get_svid()
+        if spiffe_id is not None and spiffe_id != svid.spiffe_id:
+            raise SourceError(f"issuer source: it holds {svid.spiffe_id}, not {spiffe_id}")
+        cached = self._jwt_cache.get(svid.spiffe_id, audience)
+        if cached is not None:
+            return cached
+        from meshid.ca.client import IssuerClient
+
+        with self._jwt_lock:
+            svid, server = self.get_svid(), self._servers[self._server_index]
+            client = self._jwt_client
+            if client is None or client.svid is not svid or client.server != server:
+                if client is not None:
+                    client.close()
+                client = self._jwt_client = IssuerClient(server, svid, self.get_bundles(), timeout=self._timeout)
+            try:
+                token = client.new_jwt_svid(audience)
+            except RemoteError as err:
+                if err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):  # connect afresh next time
+                    self._jwt_client = None
+                    client.close()
+                raise
+        self._jwt_cache.put(token)
+        return token
+
+    def get_jwt_bundles(self) -> BundleSet:
+        """The bundles, whose JWT keys validate JWT-SVIDs (the same set :meth:`get_bundles` hands out)."""
+        return self.get_bundles()
 
     @property
     def state(self) -> SourceState:
@@ -225,6 +280,10 @@ class IssuerSource:
         client, self._client = self._client, None
         if client is not None:
             client.close()
+        with self._jwt_lock:
+            jwt_client, self._jwt_client = self._jwt_client, None
+        if jwt_client is not None:
+            jwt_client.close()
 
     def __enter__(self) -> IssuerSource:
         return self.start()
@@ -334,9 +393,9 @@ class IssuerSource:
         file_error = None
         if self._svid_dir is not None:
             try:
-                write_svid_files(
-                    self._svid_dir, svid.chain_pem(), svid.key_pem(), bundles[svid.spiffe_id.trust_domain].to_pem()
-                )
+                own = bundles[svid.spiffe_id.trust_domain]
+                write_svid_files(self._svid_dir, svid.chain_pem(), svid.key_pem(), own.to_pem())
+                write_jwt_bundle(self._svid_dir, own)
             except OSError as err:  # present the new SVID anyway; say the files are stale
                 file_error = f"cannot write {self._svid_dir}: {err}"
                 log.error("issuer source: %s", file_error)
@@ -498,12 +557,16 @@ class IssuerSource:
     def _take_bundle(self, svid: X509Svid, bundles: BundleSet, bundle: TrustBundle) -> None:
         td = svid.spiffe_id.trust_domain
         self._bundle_sequence = bundle.sequence
-        if bundles[td].roots != bundle.roots:
+        if not same_trust(bundles[td], bundle):
             with self._lock:
                 self._bundles = bundles.with_bundle(bundle)
-            log.info("issuer source: trust bundle of %s changed (sequence %s)", td, bundle.sequence)
+            log.info(
+                "issuer source: trust bundle of %s changed (sequence %s: %d root(s), %d JWT key(s))",
+                td, bundle.sequence, len(bundle.roots), len(bundle.jwt_authorities),
+            )  # fmt: skip
             if self._svid_dir is not None:
                 write_svid_files(self._svid_dir, svid.chain_pem(), svid.key_pem(), bundle.to_pem())
+                write_jwt_bundle(self._svid_dir, bundle)
             self._notifier.notify()
 
     def _run(self, stop: threading.Event) -> None:

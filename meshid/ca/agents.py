@@ -18,6 +18,9 @@ Rules enforced here:
   (else ``PERMISSION_DENIED`` for that request) and its CSR is checked as every CSR is (one
   that asks for another SPIFFE ID is refused, as in a renewal); the SVIDs of one batch are
   recorded in one transaction.
+* A JWT batch is at most :data:`MAX_JWT_BATCH` requests, each for an entry parented to the caller
+  (else ``PERMISSION_DENIED`` for that request, the same answer whether or not the entry exists)
+  with an audience checked as :func:`~meshid.ca.issuing.check_audience` does.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import datetime
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from meshid import _x509
 from meshid._x509 import public_key_der
 from meshid.ca.csr import parse_csr
-from meshid.ca.issuing import Issued, IssuingService, agent_id, is_agent_id, token_hash
+from meshid.ca.issuing import Issued, IssuingService, agent_id, check_audience, is_agent_id, token_hash
 from meshid.ca.store import AgentRecord, AgentSigner, BatchItem, Entry
 from meshid.ca.x509pop import Challenge, Challenges, X509Pop
 from meshid.errors import (
@@ -43,13 +47,18 @@ from meshid.errors import (
 )
 from meshid.spiffeid import SpiffeId
 
-__all__ = ["DEFAULT_AGENT_TTL", "MAX_BATCH", "AgentService", "BatchResult"]
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
+
+__all__ = ["DEFAULT_AGENT_TTL", "MAX_BATCH", "MAX_JWT_BATCH", "AgentService", "BatchResult", "JwtBatchResult"]
 
 #: How long an agent's own SVID lives (capped by the CA's maximum TTL); it renews at will.
 DEFAULT_AGENT_TTL = datetime.timedelta(hours=1)
 #: The most requests one BatchNewX509Svid may carry (the CA's 64 KiB request limit holds about
 #: 250 requests with P-256 CSRs; the client splits longer lists into several batches).
 MAX_BATCH = 1000
+#: The most requests one BatchNewJwtSvid may carry (an agent asks per workload and audience).
+MAX_JWT_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,15 @@ class BatchResult:
 
     spiffe_id: str
     issued: Issued | None = None
+    error: IssuanceError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtBatchResult:
+    """One request of a JWT batch: what was asked for, and the JWT-SVID or why not."""
+
+    spiffe_id: str
+    svid: JwtSvid | None = None
     error: IssuanceError | None = None
 
 
@@ -284,6 +302,47 @@ class AgentService:
         issued = [r.issued.chain[0].serial_number for r in done if r.issued is not None]
         self._revoke_if_caller_revoked(caller, caller_serial, issued)
         return done
+
+    def batch_new_jwt_svids(
+        self, caller: SpiffeId, requests: Sequence[tuple[str, Sequence[str]]], caller_serial: int | None = None
+    ) -> list[JwtBatchResult]:
+        """JWT-SVIDs for entries parented to the calling agent: one result per ``(spiffe_id,
+        audience)``, in order. Nothing is recorded (a JWT-SVID is short-lived and not revocable).
+
+        Raises:
+            InvalidRequestError: no request, or more than :data:`MAX_JWT_BATCH`.
+            NotAuthorizedError: the caller is not a node agent, or its SVID was revoked.
+            AttestationError: the agent is unknown here, or evicted.
+            StoreError: the store failed.
+        """
+        what = "JWT batch"
+        self._caller(caller, what)
+        if not requests or len(requests) > MAX_JWT_BATCH:
+            raise InvalidRequestError(f"{what}: give 1 to {MAX_JWT_BATCH} requests, not {len(requests)}")
+        if self._issuing.is_revoked(caller_serial):
+            raise NotAuthorizedError(f"{what}: the SVID {caller_serial:x} of {caller} is revoked")
+        entries = {e.spiffe_id: e for e in self._store.list_entries_for_agent(caller, self._issuing.now())}
+        results = []
+        for text, audience in requests:
+            try:
+                sid = SpiffeId.parse(text)
+                chosen = check_audience(audience, what)
+            except (InvalidSpiffeIdError, TypeError) as err:
+                results.append(JwtBatchResult(str(text)[:2048], error=InvalidRequestError(f"{what}: {err}")))
+                continue
+            except InvalidRequestError as err:
+                results.append(JwtBatchResult(text, error=err))
+                continue
+            entry = entries.get(sid)
+            if entry is None:
+                refusal = NotAuthorizedError(f"{what}: {sid} has no entry parented to {caller}")
+                results.append(JwtBatchResult(text, error=refusal))
+                continue
+            try:
+                results.append(JwtBatchResult(text, svid=self._issuing.sign_jwt_svid(entry, chosen)))
+            except IssuanceError as err:
+                results.append(JwtBatchResult(text, error=err))
+        return results
 
     def _revoke_if_caller_revoked(self, caller: SpiffeId, caller_serial: int | None, new: list[int]) -> None:
         if not self._issuing.is_revoked(caller_serial):

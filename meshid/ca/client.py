@@ -20,7 +20,7 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from cryptography import x509
@@ -48,10 +48,14 @@ from meshid.sources import FileSource
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid, identity_dns_name
 
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
+
 __all__ = [
     "AdminClient",
     "AgentClient",
     "AgentEntry",
+    "BatchJwtSvid",
     "BatchSvid",
     "Issuance",
     "IssuerClient",
@@ -138,13 +142,36 @@ def _lifetime(response: Any, svid: X509Svid, bundle: TrustBundle) -> Issuance:
 def _svid_from(response: Any, key: Any) -> tuple[X509Svid, TrustBundle]:
     try:
         chain = [x509.load_der_x509_certificate(der) for der in response.chain]
-        roots = tuple(x509.load_der_x509_certificate(der) for der in response.bundle.roots)
     except ValueError as err:
         raise InvalidSvidError(f"X509-SVID: the CA returned an unreadable certificate: {err}") from err
     svid = X509Svid.from_parts(chain, key)
-    bundle = TrustBundle(svid.spiffe_id.trust_domain, roots, response.bundle.sequence or None)
+    bundle = _bundle_from(svid.spiffe_id.trust_domain, response.bundle)
     BundleSet.of(bundle).verify(svid.leaf, svid.chain[1:])
     return svid, bundle
+
+
+def _bundle_from(td: TrustDomain, message: Any) -> TrustBundle:
+    """The TrustBundle a ``meshid.v1.Bundle`` carries: its roots and its JWT keys (by kid).
+
+    Raises:
+        InvalidBundleError: an unreadable root or JWT key, or a kid given twice.
+    """
+    try:
+        roots = tuple(x509.load_der_x509_certificate(der) for der in message.roots)
+    except ValueError as err:
+        raise InvalidBundleError(f"trust bundle: the CA returned an unreadable root: {err}") from err
+    keys: dict[str, Any] = {}
+    for jwk in message.jwt_keys:
+        if not jwk.kid or jwk.kid in keys:
+            raise InvalidBundleError(
+                f"trust bundle: the CA returned a JWT key with an empty or repeated kid {jwk.kid!r}"
+            )
+        try:
+            keys[jwk.kid] = serialization.load_der_public_key(jwk.public_key)
+        except _x509.PARSE_ERRORS as err:
+            raise InvalidBundleError(f"trust bundle: the CA returned an unreadable JWT key {jwk.kid!r}: {err}") from err
+    bundle = TrustBundle(td, roots, message.sequence or None)
+    return bundle.with_jwt_authorities(keys) if keys else bundle
 
 
 def read_roots(bundle_file: str | os.PathLike[str]) -> bytes:
@@ -250,11 +277,7 @@ def _get_bundle(
     with _channel(server, roots, td, key_pem, chain_pem) as channel:
         stub = issuer_pb2_grpc.IssuerStub(channel)  # type: ignore[no-untyped-call]
         response = _call("bundle", server, lambda: stub.GetBundle(issuer_pb2.GetBundleRequest(), timeout=timeout), td)
-    try:
-        roots_found = tuple(x509.load_der_x509_certificate(der) for der in response.roots)
-        return TrustBundle(td, roots_found, response.sequence or None)
-    except ValueError as err:
-        raise InvalidBundleError(f"trust bundle: the CA returned an unreadable root: {err}") from err
+    return _bundle_from(td, response)
 
 
 def get_crl_with_svid(
@@ -318,19 +341,28 @@ class IssuerClient:
         response = _call(
             "trust updates", self.server, lambda: self._stub.GetTrustUpdates(request, timeout=self._timeout), self._td
         )
-        bundle = crl = None
-        try:
-            if response.HasField("bundle"):
-                roots = tuple(x509.load_der_x509_certificate(der) for der in response.bundle.roots)
-                bundle = TrustBundle(self._td, roots, response.bundle.sequence or None)
-        except ValueError as err:
-            raise InvalidBundleError(f"trust bundle: the CA returned an unreadable root: {err}") from err
+        bundle = _bundle_from(self._td, response.bundle) if response.HasField("bundle") else None
+        crl = None
         try:
             if response.HasField("crl"):
                 crl = (response.crl.der, [x509.load_der_x509_certificate(der) for der in response.crl.issuer_chain])
         except ValueError as err:
             raise VerificationError(f"CRL: the CA returned an unreadable issuer certificate: {err}") from err
         return TrustUpdates(bundle, crl)
+
+    def new_jwt_svid(self, audience: Sequence[str]) -> JwtSvid:
+        """A JWT-SVID for this client's SPIFFE ID and ``audience``, signed by the CA now.
+
+        Raises:
+            RemoteError: the CA refused (``.code``: INVALID_ARGUMENT for a bad audience,
+                PERMISSION_DENIED for an ID that is not the caller's) or is unreachable.
+            InvalidJwtSvidError: the CA answered a token that does not parse, or is for another
+                SPIFFE ID or audience.
+        """
+        request = issuer_pb2.NewJwtSvidRequest(audience=list(audience), spiffe_id=str(self.svid.spiffe_id))
+        call = lambda: self._stub.NewJwtSvid(request, timeout=self._timeout)  # noqa: E731
+        response = _call("JWT-SVID", self.server, call, self._td)
+        return _jwt_answer(response.token, self.svid.spiffe_id, audience)
 
     def close(self) -> None:
         self._channel.close()
@@ -364,6 +396,29 @@ class BatchSvid:
     issuance: Issuance | None
     code: str
     message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJwtSvid:
+    """One result of a JWT batch: the SPIFFE ID asked for, and its JWT-SVID (``code`` "OK") or
+    the status code name and message of why not."""
+
+    spiffe_id: str
+    svid: JwtSvid | None
+    code: str
+    message: str = ""
+
+
+def _jwt_answer(token: str, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
+    """The CA's token, parsed (its signature is the CA's; the holder does not verify it) and
+    checked to be for what was asked."""
+    from meshid.errors import InvalidJwtSvidError
+    from meshid.jwtsvid import JwtSvid
+
+    svid = JwtSvid.parse_insecure(token, audience)
+    if svid.spiffe_id != spiffe_id:
+        raise InvalidJwtSvidError(f"JWT-SVID: the CA answered a token for {svid.spiffe_id}, not {spiffe_id}")
+    return svid
 
 
 class _BatchChecker:
@@ -618,6 +673,30 @@ class AgentClient:
                     f"batch: the CA answered an SVID for {issued.svid.spiffe_id} to a request for {asked.spiffe_id}"
                 )
             out.append(BatchSvid(asked.spiffe_id, issued, "OK"))
+        return out
+
+    def batch_new_jwt_svids(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[BatchJwtSvid]:
+        """JWT-SVIDs for ``(spiffe_id, audience)`` pairs of entries parented to this agent, in order
+        (at most :data:`meshid.ca.agents.MAX_JWT_BATCH` in one call).
+
+        Raises:
+            RemoteError: the CA refused the whole batch (``.code``) or is unreachable.
+            InvalidJwtSvidError: the CA answered a token that does not parse, or for another ID.
+        """
+        batch = agent_pb2.BatchNewJwtSvidRequest(
+            requests=[agent_pb2.JwtSvidRequest(spiffe_id=sid, audience=list(aud)) for sid, aud in requests]
+        )
+        call = lambda: self._stub.BatchNewJwtSvid(batch, timeout=self._timeout)  # noqa: E731
+        response = _call("JWT batch", self._server, call, self.svid.spiffe_id.trust_domain)
+        if len(response.results) != len(requests):
+            raise InvalidSvidError(f"JWT batch: the CA answered {len(response.results)} results for {len(requests)}")
+        out = []
+        for (asked, audience), result in zip(requests, response.results, strict=True):
+            if result.code != 0 or not result.token:
+                code = _CODES.get(result.code, "UNKNOWN") if result.code else "UNKNOWN"
+                out.append(BatchJwtSvid(asked, None, code, result.message))
+                continue
+            out.append(BatchJwtSvid(asked, _jwt_answer(result.token, SpiffeId.parse(asked), audience), "OK"))
         return out
 
     def close(self) -> None:

@@ -8,6 +8,7 @@
                          ``meshid ca config set`` on a CA that runs: it reloads within a second)
     DIR/agent-ca.pem     the roots of the PKI whose host certificates attest node agents (x509pop)
     DIR/ca.key           the CA's private key (0600)
+    DIR/jwt-keys.json    the CA's JWT-SVID signing keys (0600; see :mod:`meshid.ca.jwt_keys`)
     DIR/ca.pem           the CA's certificate, then any intermediates above it
     DIR/bundle.pem       the roots peers trust (the CA itself, or the upstream root)
     DIR/meshid.db        the store (SQLite)
@@ -39,6 +40,7 @@ from meshid._files import write_atomic, write_svid_files
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import KEY_KINDS, Authority, check_dns_suffixes, check_revocation_url, generate_key, key_kind
 from meshid.ca.issuing import IssuingService, admin_id, ca_id
+from meshid.ca.jwt_keys import JWT_KEY_TYPES, JWT_SVID_TTL, JwtKey, JwtKeys
 from meshid.ca.store import Entry, Store, open_store
 from meshid.ca.x509pop import X509Pop
 from meshid.errors import DataDirError
@@ -48,11 +50,15 @@ __all__ = [
     "PQ_KEY_TYPE",
     "CaConfig",
     "add_key_type",
+    "ensure_jwt_keys",
     "init_data_dir",
     "load_authority",
+    "load_jwt_keys",
     "load_pq_authority",
     "load_x509pop",
     "open_service",
+    "prepare_jwt_rotation",
+    "retire_due_jwt_keys",
     "set_revocation_urls",
 ]
 
@@ -96,6 +102,7 @@ def _paths(folder: str | os.PathLike[str]) -> dict[str, pathlib.Path]:
         "db": root / "meshid.db",
         "admin": root / "admin",
         "agent_ca": root / "agent-ca.pem",
+        "jwt": root / "jwt-keys.json",
     }
 
 
@@ -165,8 +172,12 @@ def init_data_dir(
     ocsp_url: str | None = None,
     crl_url: str | None = None,
     key_type: str = "ec-p256",
+    jwt_key_type: str = "ec-p256",
 ) -> CaConfig:
-    """Create a CA: key, certificate, bundle, database, and the admin SVID.
+    """Create a CA: key, certificate, JWT signing key, bundle, database, and the admin SVID.
+
+    ``jwt_key_type`` is the JWT-SVID signing key's: ``ec-p256`` (ES256, the default, as SPIRE),
+    ``ec-p384`` (ES384) or ``rsa-2048`` (RS256); rotations keep it.
 
     ``key_type`` is the CA key's kind (:data:`meshid.ca.authority.KEY_KINDS`); ``ml-dsa-65``
     makes a post-quantum-only CA, which grpcio cannot serve yet (see ``meshid ca key add`` for
@@ -209,6 +220,10 @@ def init_data_dir(
         )
     if max_ttl <= datetime.timedelta(0):
         raise DataDirError("CA init: --ttl must be positive")
+    if jwt_key_type not in JWT_KEY_TYPES:
+        raise DataDirError(
+            f"CA init: --jwt-key-type {jwt_key_type!r} is unknown; use one of {', '.join(JWT_KEY_TYPES)}"
+        )
     if isinstance(dns_suffixes, str):
         raise DataDirError("CA init: dns_suffixes is a list of DNS suffixes, not one string")
     if dns_suffixes and upstream_cert is None:
@@ -247,6 +262,8 @@ def init_data_dir(
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
     ca_chain = (authority.certificate, *authority.chain[1:]) if authority.chain else (authority.certificate,)
     write_atomic(paths["key"], _x509.key_pem(authority.private_key), mode=0o600)
+    jwt_keys = JwtKeys.generate(jwt_key_type)
+    write_atomic(paths["jwt"], jwt_keys.to_json(), mode=0o600)
     write_atomic(paths["cert"], b"".join(_x509.cert_pem(c) for c in ca_chain))
     write_atomic(paths["bundle"], TrustBundle(td, authority.roots).to_pem())
     if agent_roots is not None:
@@ -271,7 +288,8 @@ def init_data_dir(
                 store.create_entry(Entry(sid, (), INTERNAL_TTL, now))
         if store.bundle_sequence() == 0:
             store.bump_bundle_sequence()
-        service = IssuingService(authority, store, max_ttl=max_ttl)
+        service = IssuingService(authority, store, max_ttl=max_ttl, jwt_keys=jwt_keys)
+        service.publish_jwt_keys()  # for replicas on a shared store: each one's bundle carries every key
         refresh_admin_svid(service, paths["admin"])
     finally:
         store.close()
@@ -376,14 +394,117 @@ def load_authority(folder: str | os.PathLike[str]) -> tuple[Authority, CaConfig]
 def open_service(folder: str | os.PathLike[str], datastore: str | None = None, **kwargs: object) -> IssuingService:
     """The issuing service over a data folder (its store stays open until ``service.store.close()``).
 
-    ``datastore`` overrides the one ``ca init`` recorded.
+    ``datastore`` overrides the one ``ca init`` recorded. A folder made before JWT-SVIDs gets
+    its first JWT signing key here (see :func:`ensure_jwt_keys`).
     """
     authority, config = load_authority(folder)
     if datastore is not None:
         config = dataclasses.replace(config, datastore=datastore)
+    jwt_keys = ensure_jwt_keys(folder, datastore=datastore)
     store = _store(folder, config)
     pq = load_pq_authority(folder)
-    return IssuingService(authority, store, max_ttl=config.max_ttl, pq_authority=pq, **kwargs)  # type: ignore[arg-type]
+    options = {"max_ttl": config.max_ttl, "pq_authority": pq, "jwt_keys": jwt_keys, **kwargs}
+    return IssuingService(authority, store, **options)  # type: ignore[arg-type]
+
+
+# --- JWT signing keys --------------------------------------------------------------------
+
+
+def load_jwt_keys(folder: str | os.PathLike[str]) -> JwtKeys | None:
+    """The CA's JWT keys (DIR/jwt-keys.json), or None in a folder made before JWT-SVIDs.
+
+    Raises:
+        DataDirError: the file is unreadable or malformed.
+    """
+    path = _paths(folder)["jwt"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise DataDirError(f"CA: {path} cannot be read: {err.strerror}") from err
+    try:
+        return JwtKeys.from_json(data)
+    except ValueError as err:
+        raise DataDirError(f"CA: {path} is unusable: {err}") from err
+
+
+def _write_jwt_keys(folder: str | os.PathLike[str], keys: JwtKeys, datastore: str | None = None) -> None:
+    """Write jwt-keys.json and grow the bundle sequence (the published keys changed)."""
+    write_atomic(_paths(folder)["jwt"], keys.to_json(), mode=0o600)
+    _bump_sequence(folder, datastore)
+
+
+def _jwt_keys_locked(folder: str | os.PathLike[str], datastore: str | None = None) -> JwtKeys:
+    keys = load_jwt_keys(folder)
+    if keys is None:  # a folder made before JWT-SVIDs: its first key signs at once (nothing to overlap)
+        keys = JwtKeys.generate("ec-p256")
+        _write_jwt_keys(folder, keys, datastore)
+    return keys
+
+
+def ensure_jwt_keys(folder: str | os.PathLike[str], *, datastore: str | None = None) -> JwtKeys:
+    """The CA's JWT keys, creating a first ES256 (P-256) signing key in a folder that has none.
+
+    That key signs at once: no JWT-SVID of this trust domain exists before it, so there is no
+    old key to overlap with; relying parties learn it with their next bundle refresh.
+
+    Raises:
+        DataDirError: jwt-keys.json is unreadable or malformed.
+    """
+    keys = load_jwt_keys(folder)
+    if keys is not None:
+        return keys
+    with _folder_lock(folder):
+        return _jwt_keys_locked(folder, datastore)
+
+
+def prepare_jwt_rotation(folder: str | os.PathLike[str]) -> JwtKey:
+    """Publish the next JWT signing key (of the signing key's type) in the bundle; it signs
+    nothing until :func:`activate_rotation`. Returns it (already prepared: the same one).
+
+    Raises:
+        DataDirError: jwt-keys.json is unreadable or malformed.
+    """
+    with _folder_lock(folder):
+        return _prepare_jwt_locked(folder)
+
+
+def _prepare_jwt_locked(folder: str | os.PathLike[str]) -> JwtKey:
+    keys = _jwt_keys_locked(folder)
+    prepared = keys.prepare()
+    if prepared is not keys:
+        _write_jwt_keys(folder, prepared)
+    assert prepared.prepared is not None
+    return prepared.prepared
+
+
+def _activate_jwt(folder: str | os.PathLike[str], grace: datetime.timedelta) -> JwtKey | None:
+    """With the folder locked: the prepared JWT key signs; the old one retires after every
+    token it signed has expired (``now + JWT-SVID lifetime + grace``). None: nothing prepared."""
+    keys = load_jwt_keys(folder)
+    if keys is None or keys.prepared is None:
+        return None
+    retire_after = datetime.datetime.now(datetime.UTC) + JWT_SVID_TTL + grace
+    activated = keys.activate(retire_after)
+    write_atomic(_paths(folder)["jwt"], activated.to_json(), mode=0o600)  # the published set is unchanged
+    return activated.signing
+
+
+def retire_due_jwt_keys(folder: str | os.PathLike[str], now: datetime.datetime | None = None) -> list[str]:
+    """Drop retiring JWT keys whose time has passed from the bundle; returns their kids."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    keys = load_jwt_keys(folder)
+    if keys is None or all(k.retire_after > now for k in keys.retiring):
+        return []
+    with _folder_lock(folder):
+        keys = load_jwt_keys(folder)
+        if keys is None:
+            return []
+        kept, due = keys.retire_due(now)
+        if due:
+            _write_jwt_keys(folder, kept)
+        return due
 
 
 def _lane(folder: str | os.PathLike[str], key_type: str | None) -> pathlib.Path:
@@ -493,8 +614,9 @@ def _fingerprint(cert: x509.Certificate) -> str:
     return _x509.thumbprint(cert)
 
 
-def _bump_sequence(folder: str | os.PathLike[str]) -> int:
-    store = _store(folder, _read_config(folder))
+def _bump_sequence(folder: str | os.PathLike[str], datastore: str | None = None) -> int:
+    config = _read_config(folder)
+    store = _store(folder, dataclasses.replace(config, datastore=datastore) if datastore else config)
     try:
         return store.bump_bundle_sequence()
     finally:
@@ -599,7 +721,8 @@ def prepare_rotation(
     upstream_key: str | None = None,
     key_type: str | None = None,
 ) -> x509.Certificate:
-    """Create the next CA and publish its root in the bundle (signing does not change yet).
+    """Create the next CA and publish its root in the bundle (signing does not change yet);
+    likewise the next JWT signing key (see :func:`prepare_jwt_rotation`).
 
     Safe to run again after a crash: a complete next CA whose root is not yet published is
     published; a half-written one is made anew. With ``key_type="ml-dsa-65"`` it is the
@@ -619,6 +742,8 @@ def prepare_rotation(
             if upstream_cert is not None:
                 raise DataDirError(f"CA rotation: the {key_type} CA is self-signed; give no --upstream-*")
             authority = pq
+        else:  # the classical CA's rotation takes the JWT key along
+            _prepare_jwt_locked(folder)
         next_dir = lane / "next"
         if (next_dir / "ca.key").exists() and (next_dir / "ca.pem").exists():
             prepared = _first_cert(next_dir / "ca.pem", "next CA certificate")
@@ -650,11 +775,14 @@ def activate_rotation(
     grace: datetime.timedelta = datetime.timedelta(minutes=5),
     key_type: str | None = None,
 ) -> None:
-    """Make the prepared CA the signing CA; schedule the old root's retirement.
+    """Make the prepared CA the signing CA, and the prepared JWT key the signing JWT key;
+    schedule the old root's and the old JWT key's retirement.
 
     The old root stays in the bundle until ``now + max TTL + grace``: by then every SVID the
-    old key signed has expired. Each step is idempotent, so after a crash running it again
-    finishes the job. ``key_type="ml-dsa-65"``: the post-quantum CA's (see :func:`prepare_rotation`).
+    old key signed has expired; the old JWT key until ``now + JWT-SVID lifetime + grace``. Each
+    step is idempotent, so after a crash running it again finishes the job. With only a JWT key
+    prepared (``ca rotate prepare --jwt-only``), only that rotates. ``key_type="ml-dsa-65"``:
+    the post-quantum CA's (see :func:`prepare_rotation`); the JWT key stays as it is.
 
     Raises:
         DataDirError: nothing (or something incomplete) is prepared, or its root is not published.
@@ -666,6 +794,8 @@ def activate_rotation(
         next_dir = lane / "next"
         flag = "" if key_type is None else f" --key-type {key_type}"
         if not (next_dir / "ca.key").exists():
+            if key_type is None and _activate_jwt(folder, grace) is not None:
+                return
             raise DataDirError(f"CA rotation: nothing prepared; run `meshid ca rotate prepare{flag}` first")
         if not (next_dir / "ca.pem").exists():
             raise DataDirError(
@@ -679,6 +809,8 @@ def activate_rotation(
             raise DataDirError(
                 "CA rotation: the next CA's root is not in bundle.pem; run `meshid ca rotate prepare` again"
             )
+        if key_type is None:
+            _activate_jwt(folder, grace)
         old = _first_cert(paths["cert"], "CA certificate")
         if _fingerprint(old) != _fingerprint(new_cert):
             rotation = _read_rotation(folder, key_type)

@@ -89,6 +89,10 @@ def bundle_message(bundle: TrustBundle) -> issuer_pb2.Bundle:
         trust_domain=bundle.trust_domain.name,
         roots=[r.public_bytes(_DER) for r in bundle.roots],
         sequence=bundle.sequence or 0,
+        jwt_keys=[
+            issuer_pb2.JwtKey(kid=kid, public_key=public_key_der(key))
+            for kid, key in sorted(bundle.jwt_authorities.items())
+        ],
     )
 
 
@@ -171,6 +175,21 @@ class IssuerServicer(issuer_pb2_grpc.IssuerServicer):
         if not request.crl_number or request.crl_number != number:
             reply.crl.CopyFrom(self._crl_message(der, number))
         return reply
+
+    def NewJwtSvid(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller, serial, _ = _caller(context, "JWT-SVID")
+        audience = list(request.audience)
+        svid = _run(
+            context, "JWT-SVID", lambda: self._service.new_jwt_svid(caller, audience, request.spiffe_id, serial)
+        )
+        metrics.CA_ISSUANCES.labels("jwt").inc()
+        # Routine traffic (a workload asks again at half of each token's 5 minutes): DEBUG, as
+        # renewals; never the token itself.
+        log.debug(
+            "CA: issued a JWT-SVID for %s (kid %s, %d audience value(s), until %s)",
+            svid.spiffe_id, svid.key_id, len(svid.audience), svid.expiry.isoformat(),
+        )  # fmt: skip
+        return issuer_pb2.JwtSvidResponse(spiffe_id=str(svid.spiffe_id), token=svid.token)
 
     def _crl_message(self, der: bytes, number: int) -> issuer_pb2.Crl:
         authority = self._service.authority
@@ -338,4 +357,22 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         issued = sum(1 for r in results if r.issued is not None)
         metrics.CA_ISSUANCES.labels("batch").inc(issued)
         log.debug("CA: node agent %s got %d of %d SVID(s) asked for in a batch", caller, issued, len(results))
+        return response
+
+    def BatchNewJwtSvid(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller, serial, _ = _caller(context, "JWT batch")
+        asked = [(r.spiffe_id, list(r.audience)) for r in request.requests]
+        results = _run(context, "JWT batch", lambda: self._agents.batch_new_jwt_svids(caller, asked, serial))
+        response = agent_pb2.BatchNewJwtSvidResponse()
+        for result in results:
+            if result.svid is not None:
+                response.results.add(spiffe_id=result.spiffe_id, token=result.svid.token)
+            else:
+                assert result.error is not None
+                response.results.add(
+                    spiffe_id=result.spiffe_id, code=status_for(result.error).value[0], message=str(result.error)
+                )
+        issued = sum(1 for r in results if r.svid is not None)
+        metrics.CA_ISSUANCES.labels("jwt-batch").inc(issued)
+        log.debug("CA: node agent %s got %d of %d JWT-SVID(s) asked for in a batch", caller, issued, len(results))
         return response

@@ -11,6 +11,15 @@ Rules enforced here:
   them only node agents' IDs get tokens, for node attestation (:mod:`meshid.ca.agents`).
 * An entry with a parent (a node agent's ID) has at least one selector, and its SVIDs go only
   to that agent: no join token is made for it, and its SVIDs are not renewed by their holders.
+* A JWT-SVID goes to the holder of a valid X509-SVID for its own SPIFFE ID only (or to the node
+  agent an entry is parented to); it lives ``min(5 minutes, entry TTL, CA maximum)``; its
+  audience is 1 to :data:`MAX_AUDIENCES` non-empty strings of at most
+  :data:`MAX_AUDIENCE_LENGTH` characters, :data:`MAX_AUDIENCE_BYTES` in all (so the token stays
+  well under the 8 KiB validators accept). JWT-SVIDs are not recorded in the store.
+* The bundle's JWT keys are this CA's (its data folder's) and those every other CA on the same
+  store publishes (replicas on PostgreSQL): :meth:`IssuingService.publish_jwt_keys` puts this
+  CA's in the store, a key in use for :data:`JWT_KEY_PUBLISHED_FOR` at a time (renewed while
+  the CA runs), a retiring one until its retirement time.
 """
 
 from __future__ import annotations
@@ -18,13 +27,18 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
+import logging
 import re
 import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid import _x509
 from meshid._x509 import public_key_der
@@ -32,12 +46,14 @@ from meshid.bundle import TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
+from meshid.ca.jwt_keys import JWT_SVID_TTL, JwtKeys, JwtPublicKey
 from meshid.ca.selectors import parse_selectors
 from meshid.ca.store import Entry, Signer, Store
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import (
     InvalidRequestError,
     InvalidSpiffeIdError,
+    IssuanceError,
     NotAuthorizedError,
     NotFoundError,
     RateLimitedError,
@@ -47,15 +63,22 @@ from meshid.errors import (
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import IDENTITY_DNS_ZONE
 
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
+
 __all__ = [
     "AGENT_PREFIX",
     "DEFAULT_TOKEN_TTL",
     "DEFAULT_TTL",
+    "MAX_AUDIENCES",
+    "MAX_AUDIENCE_BYTES",
+    "MAX_AUDIENCE_LENGTH",
     "Issued",
     "IssuingService",
     "admin_id",
     "agent_id",
     "ca_id",
+    "check_audience",
     "is_agent_id",
     "token_hash",
 ]
@@ -67,6 +90,14 @@ MAX_DNS_NAMES = 32
 RESERVED_PREFIX = "/meshid/"
 #: Node agents' IDs: ``spiffe://<td>/meshid/agent/<name>``, one path segment for the name.
 AGENT_PREFIX = "/meshid/agent/"
+#: A JWT-SVID's audience: at most this many values, each at most this long, this many bytes in all.
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_LENGTH = 2048
+MAX_AUDIENCE_BYTES = 4096
+#: A JWT key in use is published in the store this long at a time, renewed at a third of it:
+#: a replica that is gone stops being trusted this long after (longer than a token lives).
+JWT_KEY_PUBLISHED_FOR = datetime.timedelta(minutes=15)
+log = logging.getLogger("meshid.ca")
 _DNS = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -102,6 +133,32 @@ def is_agent_id(spiffe_id: SpiffeId) -> bool:
     """Whether ``spiffe_id`` names a node agent (``/meshid/agent/<name>``, any trust domain)."""
     name = spiffe_id.path.removeprefix(AGENT_PREFIX)
     return spiffe_id.path.startswith(AGENT_PREFIX) and bool(name) and "/" not in name
+
+
+def check_audience(audience: object, what: str) -> tuple[str, ...]:
+    """The audience of a JWT-SVID request, checked; repeats dropped, order kept.
+
+    Raises:
+        InvalidRequestError: not a list of strings, empty, too many, or too long.
+    """
+    if isinstance(audience, str) or not isinstance(audience, Sequence):
+        raise InvalidRequestError(f"{what}: the audience must be a list of strings")
+    if not audience:
+        raise InvalidRequestError(f"{what}: an audience is required (the JWT-SVID standard requires aud)")
+    if len(audience) > MAX_AUDIENCES:
+        raise InvalidRequestError(f"{what}: at most {MAX_AUDIENCES} audience values, not {len(audience)}")
+    for value in audience:
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"{what}: each audience value must be a string, not {type(value).__name__}")
+        if not value:
+            raise InvalidRequestError(f"{what}: an audience value is empty")
+        if len(value) > MAX_AUDIENCE_LENGTH:
+            raise InvalidRequestError(f"{what}: an audience value is longer than {MAX_AUDIENCE_LENGTH} characters")
+        if not value.isprintable():
+            raise InvalidRequestError(f"{what}: an audience value holds control characters")
+    if sum(len(v.encode()) for v in audience) > MAX_AUDIENCE_BYTES:
+        raise InvalidRequestError(f"{what}: the audience is longer than {MAX_AUDIENCE_BYTES} bytes in all")
+    return tuple(dict.fromkeys(audience))
 
 
 def token_hash(token: str) -> bytes:
@@ -151,10 +208,13 @@ class IssuingService:
         max_csr_bytes: int = MAX_CSR_BYTES,
         clock: Clock = SYSTEM_CLOCK,
         pq_authority: Authority | None = None,
+        jwt_keys: JwtKeys | None = None,
     ) -> None:
         self.authority = authority
         #: The ML-DSA-65 CA beside ``authority`` (``meshid ca key add``): it signs ML-DSA keys.
         self.pq_authority = pq_authority
+        #: The JWT-SVID signing keys; None: this CA issues no JWT-SVIDs (FAILED_PRECONDITION).
+        self.jwt_keys = jwt_keys
         self.store = store
         self.max_ttl = max_ttl
         self._max_csr_bytes = max_csr_bytes
@@ -163,6 +223,10 @@ class IssuingService:
         self._crl_lock = threading.Lock()
         self._crl: tuple[bytes, int, datetime.datetime, frozenset[int]] | None = None
         self._revoked = {r.serial for r in store.revoked_unexpired(clock.now())}
+        # The JWT keys other CAs on the store publish, read once per bundle sequence.
+        self._shared_jwt: tuple[int | None, dict[str, JwtPublicKey]] = (None, {})
+        self._jwt_published_at: float | None = None
+        self._jwt_published: frozenset[str] = frozenset()  # the kids this CA put in the store
 
     def set_authority(self, authority: Authority) -> None:
         """Sign with ``authority`` from now on (after a key rotation); the next CRL is signed by it."""
@@ -198,6 +262,43 @@ class IssuingService:
                 "chain; add one with `meshid ca key add --key-type ml-dsa-65`, or send a classical CSR"
             )
         return self.authority  # a post-quantum-only CA signs every key
+
+    def set_jwt_keys(self, keys: JwtKeys) -> None:
+        """Sign JWT-SVIDs with ``keys.signing`` from now on and publish all of ``keys`` (a store
+        that fails is logged; the next ``publish_jwt_keys(if_due=True)`` tries again)."""
+        self.jwt_keys = keys
+        self._jwt_published_at = None
+        try:
+            self.publish_jwt_keys()
+        except StoreError as err:
+            log.warning("CA: cannot publish the JWT keys in the store yet: %s", err)
+
+    def publish_jwt_keys(self, *, if_due: bool = False) -> bool:
+        """Publish this CA's JWT keys in the store for every CA on it to carry in its bundle;
+        with ``if_due``, only once a third of :data:`JWT_KEY_PUBLISHED_FOR` has passed since
+        the last time. Returns whether the published set changed (the sequence then grew).
+
+        Raises:
+            StoreError: the store failed.
+        """
+        keys = self.jwt_keys
+        now_m = self._clock.monotonic()
+        last = self._jwt_published_at
+        if keys is None or (if_due and last is not None and now_m - last < JWT_KEY_PUBLISHED_FOR.total_seconds() / 3):
+            return False
+        now = self._clock.now()
+        rows = [
+            (key.kid, public_key_der(key.public_key), now + JWT_KEY_PUBLISHED_FOR)
+            for key in (keys.signing, keys.prepared)
+            if key is not None
+        ]
+        rows += [(old.kid, public_key_der(old.public_key), old.retire_after) for old in keys.retiring]
+        # A key this CA published and no longer holds (retired, or removed from jwt-keys.json by
+        # hand after a compromise) leaves the store at once, not when its row would have expired.
+        kids = frozenset(row[0] for row in rows)
+        changed = self.store.publish_jwt_keys(rows, now, withdraw=sorted(self._jwt_published - kids))
+        self._jwt_published, self._jwt_published_at = kids, now_m
+        return changed
 
     def now(self) -> datetime.datetime:
         """The time on the CA's clock."""
@@ -290,8 +391,7 @@ class IssuingService:
             )
         except NotFoundError as err:
             raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more") from err
-        bundle = TrustBundle(authority.trust_domain, authority.roots, sequence)
-        return Issued(entry.spiffe_id, chain, bundle, now)  # type: ignore[arg-type]
+        return Issued(entry.spiffe_id, chain, self._bundle(authority, sequence), now)  # type: ignore[arg-type]
 
     def issue_internal(
         self, spiffe_id: SpiffeId, public_key: object, *, capped: bool = False
@@ -303,7 +403,74 @@ class IssuingService:
         return chain  # type: ignore[return-value]
 
     def bundle(self) -> TrustBundle:
-        return TrustBundle(self.authority.trust_domain, self.authority.roots, self.store.bundle_sequence())
+        """The trust domain's bundle: the roots in force and the JWT keys published, with its sequence."""
+        return self._bundle(self.authority, self.store.bundle_sequence())
+
+    def _bundle(self, authority: Authority, sequence: int | None) -> TrustBundle:
+        bundle = TrustBundle(authority.trust_domain, authority.roots, sequence)
+        published = dict(self._shared_jwt_keys(sequence))
+        if self.jwt_keys is not None:
+            published.update(self.jwt_keys.published)
+        return bundle.with_jwt_authorities(published) if published else bundle
+
+    def _shared_jwt_keys(self, sequence: int | None) -> dict[str, JwtPublicKey]:
+        """The JWT keys the store publishes (other replicas' too), read again when the bundle
+        sequence moves (every change of them grows it). A key that does not load is left out."""
+        cached_sequence, cached = self._shared_jwt
+        if sequence is not None and cached_sequence == sequence:
+            return cached
+        keys: dict[str, JwtPublicKey] = {}
+        for kid, der in self.store.jwt_keys(self._clock.now()):
+            try:
+                key = serialization.load_der_public_key(der)
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                continue
+            if isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                keys[kid] = key
+        self._shared_jwt = (sequence, keys)
+        return keys
+
+    def new_jwt_svid(
+        self, caller: SpiffeId, audience: Sequence[str], requested: str = "", caller_serial: int | None = None
+    ) -> JwtSvid:
+        """A JWT-SVID for the caller's own SPIFFE ID (authenticated by its X509-SVID).
+
+        Raises:
+            InvalidRequestError: a bad audience.
+            NotAuthorizedError: asks for another SPIFFE ID, the caller is a node agent or the
+                CA's own, has no entry any more, its entry is served by a node agent, or its
+                SVID was revoked.
+            IssuanceError: this CA has no JWT signing key (FAILED_PRECONDITION).
+        """
+        what = "JWT-SVID"
+        if requested and requested != str(caller):
+            raise NotAuthorizedError(f"{what}: {caller} may ask only for its own SPIFFE ID, not {requested[:200]}")
+        chosen = check_audience(audience, what)
+        if is_agent_id(caller) or (caller.path + "/").startswith(RESERVED_PREFIX):
+            raise NotAuthorizedError(
+                f"{what}: {caller} is reserved for meshid itself; node agents ask with meshid.v1.Agent/BatchNewJwtSvid"
+            )
+        if caller_serial is not None and self.is_revoked(caller_serial):
+            raise NotAuthorizedError(f"{what}: the SVID {caller_serial:x} of {caller} is revoked")
+        entry = self.store.get_entry(caller)
+        if entry is None:
+            raise NotAuthorizedError(f"{what}: {caller} has no registration entry any more")
+        if entry.parent_id is not None:
+            raise NotAuthorizedError(f"{what}: {caller} is served by node agent {entry.parent_id}; ask it instead")
+        return self.sign_jwt_svid(entry, chosen)
+
+    def sign_jwt_svid(self, entry: Entry, audience: Sequence[str]) -> JwtSvid:
+        """Sign a JWT-SVID for ``entry`` (its audience already checked): no authorization here.
+
+        Raises:
+            IssuanceError: this CA has no JWT signing key (FAILED_PRECONDITION).
+        """
+        keys = self.jwt_keys
+        if keys is None:
+            raise IssuanceError("JWT-SVID: this CA has no JWT signing key; restart `meshid ca serve`")
+        lifetime = min(JWT_SVID_TTL, entry.ttl, self.max_ttl)
+        now = self._clock.now().replace(microsecond=0)
+        return keys.sign(entry.spiffe_id, audience, lifetime=lifetime, now=now)
 
     def crl(self) -> tuple[bytes, int]:
         """The current signed CRL (DER) and its number; rebuilt after a revocation or half-way to next update."""

@@ -32,11 +32,13 @@ from meshid.ca.authority import Authority, generate_key
 from meshid.ca.bootstrap import anonymous_root_pem
 from meshid.ca.datadir import (
     load_authority,
+    load_jwt_keys,
     load_pq_authority,
     load_retired_authorities,
     load_x509pop,
     open_service,
     refresh_admin_svid,
+    retire_due_jwt_keys,
     retire_due_roots,
 )
 from meshid.ca.grpc_api import AgentServicer, IssuerServicer, RegistrationServicer
@@ -68,6 +70,8 @@ OPEN_METHODS = (
 MAX_REQUEST_BYTES = 64 * 1024
 #: Calls beyond this many at once are refused with RESOURCE_EXHAUSTED rather than queued.
 MAX_CONCURRENT_RPCS = 512
+#: The files of the data folder whose change makes a running CA reload it.
+_WATCHED = ("ca.key", "ca.pem", "bundle.pem", "config.json", "ml-dsa-65/ca.key", "ml-dsa-65/ca.pem", "jwt-keys.json")
 #: The health-check service name of the OCSP responder (with ``ca serve --ocsp-listen``).
 OCSP_HEALTH = "meshid.ocsp"
 
@@ -89,7 +93,12 @@ def ca_policy(service: IssuingService) -> AuthorizationPolicy:
                 },
                 {
                     "name": "node-agents",
-                    "methods": [f"{AGENT}RenewAgent", f"{AGENT}SyncEntries", f"{AGENT}BatchNewX509Svid"],
+                    "methods": [
+                        f"{AGENT}RenewAgent",
+                        f"{AGENT}SyncEntries",
+                        f"{AGENT}BatchNewX509Svid",
+                        f"{AGENT}BatchNewJwtSvid",
+                    ],
                     "spiffe_id_patterns": [f"spiffe://{service.authority.trust_domain.name}{AGENT_PREFIX}*"],
                 },
             ],
@@ -169,6 +178,7 @@ class CaServer:
         refuse_tcp_in_use(
             self._listen, who="CA", hint=" (another `meshid ca serve`?); stop it or choose another --listen address"
         )
+        self.service.publish_jwt_keys()  # every CA on the store carries this one's JWT keys
         self._source = StaticSource(self._own_svid(), self._bundles())
         self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")
         interceptor = AuthorizationInterceptor(
@@ -255,8 +265,9 @@ class CaServer:
 
     def _stamp(self) -> tuple[tuple[int, int, int], ...]:
         out = []
-        # config.json: `ca config set`; ml-dsa-65/: `ca key add`, and that CA's rotation
-        for name in ("ca.key", "ca.pem", "bundle.pem", "config.json", "ml-dsa-65/ca.key", "ml-dsa-65/ca.pem"):
+        # config.json: `ca config set`; ml-dsa-65/: `ca key add`, and that CA's rotation;
+        # jwt-keys.json: a JWT key rotation
+        for name in _WATCHED:
             try:
                 st = (self._data_dir / name).stat()
             except OSError:
@@ -270,10 +281,13 @@ class CaServer:
         assert self._source is not None
         try:
             authority, _ = load_authority(self._data_dir)
+            jwt_keys = load_jwt_keys(self._data_dir)
         except MeshIdError as err:  # e.g. mid-way through `ca rotate activate`: retry on the next poll
             log.warning("CA: data folder changed but cannot be loaded yet: %s", err)
             return
         self.service.set_authority(authority)
+        if jwt_keys is not None:
+            self.service.set_jwt_keys(jwt_keys)
         try:
             self.service.set_pq_authority(load_pq_authority(self._data_dir))
         except MeshIdError as err:  # mid-way through its rotation: the one loaded before still signs
@@ -282,10 +296,13 @@ class CaServer:
             self._retired = load_retired_authorities(self._data_dir)
         self._source.update(self._own_svid(), self._bundles())
         self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")
+        jwt = self.service.jwt_keys
         log.info(
-            "CA: now signing with %s; bundle holds %d root(s), sequence %s",
+            "CA: now signing with %s and JWT key %s; bundle holds %d root(s) and %d JWT key(s), sequence %s",
             authority.certificate.subject.rfc4514_string(),
+            jwt.signing.kid if jwt is not None else "(none)",
             len(authority.roots),
+            len(jwt.published) if jwt is not None else 0,
             self.service.bundle().sequence,
         )
 
@@ -321,6 +338,11 @@ class CaServer:
             try:
                 self._check_health()
                 retire_due_roots(self._data_dir)
+                jwt = self.service.jwt_keys  # the file is read only when a key is due (RSA keys load slowly)
+                now = datetime.datetime.now(datetime.UTC)
+                if jwt is not None and any(old.retire_after <= now for old in jwt.retiring):
+                    retire_due_jwt_keys(self._data_dir, now)
+                self.service.publish_jwt_keys(if_due=True)
                 current = self._stamp()
                 if current != stamp:
                     stamp = current

@@ -70,6 +70,13 @@ def register(groups: Any) -> None:
         help="the CA key (default ec-p256); ml-dsa-65 makes a post-quantum-only CA, which grpcio cannot serve yet: "
         "to have both, init a classical CA, then `meshid ca key add --key-type ml-dsa-65`",
     )
+    init.add_argument(
+        "--jwt-key-type",
+        choices=("ec-p256", "ec-p384", "rsa-2048"),
+        default="ec-p256",
+        help="the JWT-SVID signing key, separate from the X.509 CA key: ec-p256 (ES256, default), ec-p384 "
+        "(ES384) or rsa-2048 (RS256); rotations keep the type",
+    )
     init.set_defaults(run=run_init)
     key = commands.add_parser("key", help="a second, post-quantum CA beside the classical one")
     key_steps = key.add_subparsers(dest="step", required=True)
@@ -120,7 +127,9 @@ def register(groups: Any) -> None:
     serve.set_defaults(run=run_serve, long_running=True)
     rotate = commands.add_parser("rotate", help="rotate the CA's signing key with no failed handshake")
     steps = rotate.add_subparsers(dest="step", required=True)
-    prepare = steps.add_parser("prepare", help="create the next CA and publish its root in the bundle")
+    prepare = steps.add_parser(
+        "prepare", help="create the next CA and JWT signing key and publish their root and key in the bundle"
+    )
     prepare.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
     prepare.add_argument(
         "--upstream-cert", metavar="FILE", help="chain the next CA under this upstream CA certificate (PEM)"
@@ -129,8 +138,14 @@ def register(groups: Any) -> None:
     prepare.add_argument(
         "--key-type", choices=("ml-dsa-65",), help="rotate the ML-DSA CA `ca key add` made instead of the first"
     )
+    prepare.add_argument(
+        "--jwt-only", action="store_true", help="prepare only the next JWT signing key (the X.509 CA stays as it is)"
+    )
     prepare.set_defaults(run=run_prepare)
-    activate = steps.add_parser("activate", help="sign with the prepared CA; the old root retires after the max TTL")
+    activate = steps.add_parser(
+        "activate",
+        help="sign with what is prepared; the old root retires after the max TTL, the old JWT key after 5 minutes",
+    )
     activate.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
     activate.add_argument(
         "--grace",
@@ -142,7 +157,7 @@ def register(groups: Any) -> None:
         "--key-type", choices=("ml-dsa-65",), help="activate the ML-DSA CA's rotation instead of the first CA's"
     )
     activate.set_defaults(run=run_activate)
-    status = steps.add_parser("status", help="the roots in the bundle and what is retiring when")
+    status = steps.add_parser("status", help="the roots and JWT keys in the bundle and what is retiring when")
     status.add_argument("--data-dir", required=True, metavar="DIR", help="the CA's folder")
     status.set_defaults(run=run_status)
 
@@ -163,8 +178,10 @@ def run_init(args: argparse.Namespace) -> int:
         ocsp_url=args.ocsp_url,
         crl_url=args.crl_url,
         key_type=args.key_type,
+        jwt_key_type=args.jwt_key_type,
     )
     print(f"CA for trust domain {config.trust_domain} created in {args.data_dir} ({args.key_type} key)")
+    print(f"  JWT-SVIDs signed by a {args.jwt_key_type} key of its own: {args.data_dir}/jwt-keys.json")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
     print(f"  SVIDs last at most {show(config.max_ttl)} (--ttl), the admin SVID too; `meshid ca serve` renews it")
     if config.agent_id_template is not None:
@@ -228,12 +245,26 @@ def run_key_add(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from meshid.ca.datadir import prepare_rotation
+    from meshid.ca.datadir import load_jwt_keys, prepare_jwt_rotation, prepare_rotation
 
+    if args.jwt_only:
+        if args.upstream_cert or args.upstream_key or args.key_type:
+            print(
+                "meshid: ca rotate prepare: --jwt-only takes no --upstream-cert/--upstream-key/--key-type",
+                file=sys.stderr,
+            )
+            return 2
+        key = prepare_jwt_rotation(args.data_dir)
+        print(f"prepared JWT key {key.kid}; the bundle publishes it now, it signs nothing yet.")
+        print("Activate once relying parties have fetched the new bundle: meshid ca rotate activate")
+        return 0
     cert = prepare_rotation(
         args.data_dir, upstream_cert=args.upstream_cert, upstream_key=args.upstream_key, key_type=args.key_type
     )
     print(f"prepared {cert.subject.rfc4514_string()}; its root is in {args.data_dir}/bundle.pem now.")
+    keys = load_jwt_keys(args.data_dir)
+    if keys is not None and keys.prepared is not None:
+        print(f"prepared JWT key {keys.prepared.kid}; the bundle publishes it now.")
     print("Activate once workloads have fetched the new bundle (one refresh interval): meshid ca rotate activate")
     return 0
 
@@ -242,7 +273,7 @@ def run_activate(args: argparse.Namespace) -> int:
     from meshid.ca.datadir import activate_rotation
 
     activate_rotation(args.data_dir, grace=args.grace, key_type=args.key_type)
-    print("activated: the CA signs with the new key; the old root leaves the bundle once its SVIDs have expired")
+    print("activated: the CA signs with what was prepared; old keys leave the bundle once what they signed has expired")
     return 0
 
 
@@ -251,7 +282,8 @@ def run_status(args: argparse.Namespace) -> int:
     import pathlib
 
     from meshid import _x509
-    from meshid.ca.datadir import load_authority, load_pq_authority
+    from meshid.ca.datadir import load_authority, load_jwt_keys, load_pq_authority
+    from meshid.ca.jwt_keys import key_type
 
     authority, _ = load_authority(args.data_dir)
     signing = {_x509.thumbprint(authority.certificate)}
@@ -271,4 +303,11 @@ def run_status(args: argparse.Namespace) -> int:
                 print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
         if (lane / "next" / "ca.key").exists():
             print(f"a next CA is prepared; run `meshid ca rotate activate{flag}`")
+    keys = load_jwt_keys(args.data_dir)
+    if keys is not None:
+        print(f"JWT key {keys.signing.kid}  {key_type(keys.signing.private_key)}  signing")
+        if keys.prepared is not None:
+            print(f"JWT key {keys.prepared.kid}  {key_type(keys.prepared.private_key)}  prepared")
+        for old in keys.retiring:
+            print(f"JWT key {old.kid}  {key_type(old.public_key)}  retiring after {old.retire_after.isoformat()}")
     return 0

@@ -32,12 +32,14 @@ from meshid.workloadapi.wire import ENDPOINT_SOCKET_ENV, socket_path
 _LAZY = {
     "AttestedWorkloadApiServer": "meshid.workloadapi.attested_server",
     "IdentityProvider": "meshid.workloadapi.attested_server",
+    "JwtIdentityProvider": "meshid.workloadapi.attested_server",
 }
 
 __all__ = [
     "ENDPOINT_SOCKET_ENV",
     "AttestedWorkloadApiServer",
     "IdentityProvider",
+    "JwtIdentityProvider",
     "ProcessInfo",
     "Selector",
     "WorkloadApiServer",
@@ -67,3 +69,4 @@ def __dir__() -> list[str]:
 if _typing.TYPE_CHECKING:
     from meshid.workloadapi.attested_server import AttestedWorkloadApiServer as AttestedWorkloadApiServer
     from meshid.workloadapi.attested_server import IdentityProvider as IdentityProvider
+    from meshid.workloadapi.attested_server import JwtIdentityProvider as JwtIdentityProvider

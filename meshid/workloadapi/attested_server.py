@@ -15,6 +15,14 @@ transport hands out its socket. grpclib exposes the transport to a handler only 
 ``stream.peer``, whose ``_transport`` is private: :func:`_connection_of` is the one place meshid
 reads it (the test suite checks grpclib still works that way).
 
+The JWT-SVID profile, for a provider that is also a :class:`JwtIdentityProvider` (the node
+agent; else UNIMPLEMENTED): ``FetchJWTSVID`` gives a caller JWT-SVIDs only for the SPIFFE IDs
+attested to it (all of them, or the one it names: another is PERMISSION_DENIED),
+``FetchJWTBundles`` streams the JWT keys of the bundles of its identities, ``ValidateJWTSVID``
+validates a token against those bundles (a caller with no identity gets PERMISSION_DENIED, as
+for every method; no audience or token INVALID_ARGUMENT, as SPIRE answers; a token that does not
+validate INVALID_ARGUMENT with the reason).
+
 Status codes, in one place below: no or wrong ``workload.spiffe.io`` header INVALID_ARGUMENT
 (SPIRE's message); a caller that cannot be identified (it exited, its pid names another process,
 its credentials changed) UNAUTHENTICATED, as SPIRE's peer tracker answers: the connection no
@@ -35,7 +43,7 @@ import struct
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import grpclib.const
 import grpclib.server
@@ -46,13 +54,18 @@ from meshid._background import Unsubscribe
 from meshid._listen import refuse_unix_in_use
 from meshid._proto import workload_pb2
 from meshid.bundle import BundleSet, TrustBundle
-from meshid.errors import ListenError, MeshIdError
-from meshid.spiffeid import TrustDomain
+from meshid.errors import InvalidJwtSvidError, InvalidSpiffeIdError, ListenError, MeshIdError, RemoteError
+from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid
 from meshid.workloadapi import wire
 from meshid.workloadapi.attestation import ProcessInfo, WorkloadAttestationError, attest, check_alive
 
-__all__ = ["AttestedWorkloadApiServer", "IdentityProvider"]
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
+
+__all__ = ["AttestedWorkloadApiServer", "IdentityProvider", "JwtIdentityProvider"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("meshid.agent")
 
@@ -62,7 +75,12 @@ Identity = tuple[X509Svid, BundleSet]
 _NO_HEADER = (Status.INVALID_ARGUMENT, "security header missing from request")
 _NO_IDENTITY = (Status.PERMISSION_DENIED, "no identity issued to this process")
 _NOT_IDENTIFIED = Status.UNAUTHENTICATED  # the caller cannot be identified (exited, pid reused)
-_NO_JWT = (Status.UNIMPLEMENTED, "meshid's Workload API serves X509-SVIDs only; JWT-SVIDs are not supported")
+_NO_JWT = (Status.UNIMPLEMENTED, "this Workload API's identity provider issues no JWT-SVIDs")
+_NO_AUDIENCE = (Status.INVALID_ARGUMENT, "audience must be specified")  # SPIRE's words
+_NO_TOKEN = (Status.INVALID_ARGUMENT, "svid must be specified")
+_BAD_TOKEN = Status.INVALID_ARGUMENT  # ValidateJWTSVID: the token does not validate
+#: The CA's refusals of a JWT-SVID that are the caller's doing, passed on; others are UNAVAILABLE.
+_RELAYED = {"INVALID_ARGUMENT": Status.INVALID_ARGUMENT, "PERMISSION_DENIED": Status.PERMISSION_DENIED}
 _NOT_READY = Status.UNAVAILABLE  # the provider's identity cannot be served (yet): retry
 _SHUTTING_DOWN = (Status.UNAVAILABLE, "the Workload API server is shutting down; reconnect")
 _BUSY = (Status.RESOURCE_EXHAUSTED, "the Workload API server serves as many streams as it may; retry later")
@@ -90,6 +108,18 @@ class IdentityProvider(Protocol):
 
     def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
         """Call ``callback()`` after any change of any identity; returns a function that unsubscribes."""
+        ...
+
+
+@runtime_checkable
+class JwtIdentityProvider(Protocol):
+    """An :class:`IdentityProvider` that also hands out JWT-SVIDs (the node agent)."""
+
+    def jwt_svid_for(self, spiffe_id: SpiffeId, audience: Sequence[str]) -> JwtSvid:
+        """A JWT-SVID of ``spiffe_id`` (an identity this provider issues) for ``audience``.
+
+        Runs on a worker thread and may call the CA. Raises :class:`MeshIdError` when it cannot.
+        """
         ...
 
 
@@ -168,13 +198,21 @@ def _svid_response(identities: Sequence[Identity]) -> Any:
     return merged
 
 
-def _bundles_response(identities: Sequence[Identity]) -> Any:
+def _merged_bundles(identities: Sequence[Identity]) -> BundleSet:
     """The bundles of every identity (first wins for a trust domain)."""
     bundles: dict[TrustDomain, TrustBundle] = {}
     for _, of_one in identities:
         for td, bundle in of_one.items():
             bundles.setdefault(td, bundle)
-    return wire.x509_bundles_response(identities[0][0], BundleSet.of(bundles.values()))
+    return BundleSet.of(bundles.values())
+
+
+def _bundles_response(identities: Sequence[Identity]) -> Any:
+    return wire.x509_bundles_response(identities[0][0], _merged_bundles(identities))
+
+
+def _jwt_bundles_response(identities: Sequence[Identity]) -> Any:
+    return wire.jwt_bundles_response(_merged_bundles(identities))
 
 
 class _Servicer:
@@ -189,6 +227,12 @@ class _Servicer:
             "FetchX509SVID": self._fetch_x509_svid,
             "FetchX509Bundles": self._fetch_x509_bundles,
         }
+        if isinstance(self._server.provider, JwtIdentityProvider):
+            handlers.update(
+                FetchJWTSVID=self._fetch_jwt_svid,
+                FetchJWTBundles=self._fetch_jwt_bundles,
+                ValidateJWTSVID=self._validate_jwt_svid,
+            )
         mapping = {}
         for method in service.methods:
             cardinality = Cardinality.UNARY_STREAM if method.server_streaming else Cardinality.UNARY_UNARY
@@ -215,6 +259,60 @@ class _Servicer:
 
     async def _fetch_x509_bundles(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         await self._server._follow(stream, _bundles_response)
+
+    async def _fetch_jwt_bundles(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        await self._server._follow(stream, _jwt_bundles_response)
+
+    async def _fetch_jwt_svid(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        self._require_header(stream)
+        request = await stream.recv_message()
+        assert request is not None
+        audience = list(request.audience)
+        if not audience:
+            raise GRPCError(*_NO_AUDIENCE)
+        asked = None
+        if request.spiffe_id:
+            try:
+                asked = SpiffeId.parse(request.spiffe_id)
+            except InvalidSpiffeIdError as err:
+                raise GRPCError(Status.INVALID_ARGUMENT, f"Workload API: spiffe_id: {err}") from err
+        provider = self._server.provider
+        assert isinstance(provider, JwtIdentityProvider)
+
+        def issue(identities: Sequence[Identity]) -> list[JwtSvid]:
+            """On a worker thread: the JWT-SVIDs of the attested identities (or the one asked)."""
+            held = [svid.spiffe_id for svid, _ in identities]
+            if asked is not None and asked not in held:
+                raise GRPCError(*_NO_IDENTITY)
+            try:
+                return [provider.jwt_svid_for(sid, audience) for sid in ([asked] if asked else held)]
+            except RemoteError as err:
+                raise GRPCError(_RELAYED.get(err.code or "", _NOT_READY), f"Workload API: JWT-SVID: {err}") from err
+
+        svids = await self._server._once(stream, issue)
+        await stream.send_message(wire.jwt_svid_response(svids))
+
+    async def _validate_jwt_svid(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        self._require_header(stream)
+        request = await stream.recv_message()
+        assert request is not None
+        if not request.audience:
+            raise GRPCError(*_NO_AUDIENCE)
+        if not request.svid:
+            raise GRPCError(*_NO_TOKEN)
+
+        def validate(identities: Sequence[Identity]) -> Any:
+            from meshid.jwtsvid import JwtSvid
+
+            try:
+                svid = JwtSvid.parse_and_validate(request.svid, _merged_bundles(identities), [request.audience])
+            except InvalidJwtSvidError as err:
+                raise GRPCError(_BAD_TOKEN, str(err)) from err
+            return workload_pb2.ValidateJWTSVIDResponse(
+                spiffe_id=str(svid.spiffe_id), claims=wire.claims_struct(svid.claims)
+            )
+
+        await stream.send_message(await self._server._once(stream, validate))
 
 
 class AttestedWorkloadApiServer:
@@ -469,6 +567,16 @@ class AttestedWorkloadApiServer:
             log.info("Workload API: pid %d has exited; ending its stream", caller.pid)
             why = f"attestation: the process that connected as pid {caller.pid} has exited"
             raise GRPCError(_NOT_IDENTIFIED, why)
+
+    async def _once(self, stream: grpclib.server.Stream[Any, Any], build: Callable[[Sequence[Identity]], T]) -> T:
+        """One answer (a unary call): the caller attested, ``build`` run on its identities on a
+        worker thread, and the caller checked again to be who connected before it is sent."""
+        caller = self._identify(stream)
+        try:
+            _, answer = await self._attested(caller, None, build)
+            return answer  # type: ignore[no-any-return]
+        finally:
+            caller.close()
 
     async def _follow(
         self, stream: grpclib.server.Stream[Any, Any], build: Callable[[Sequence[Identity]], Any]

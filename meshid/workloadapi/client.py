@@ -11,6 +11,13 @@ API standard, section 5.3), or the one whose SPIFFE ID is ``spiffe_id=``. The lo
 is the workload's root of trust, so the SVID is checked against the X509-SVID rules and its key,
 not re-verified against the bundle it came with. A response that fails to parse leaves the
 previous identity in force and is logged.
+
+JWT-SVIDs (a :class:`~meshid.sources.JwtSource`): :meth:`WorkloadApiSource.fetch_jwt_svid` asks
+``FetchJWTSVID`` each time (the agent caches tokens, not this source), :meth:`validate_jwt_svid`
+has the agent validate a token (``ValidateJWTSVID``), and a second stream follows
+``FetchJWTBundles``: its JWT keys join the X.509 bundles :meth:`get_bundles` hands out, so an
+interceptor over this source can validate JWT-SVIDs locally. A server without the JWT profile
+(UNIMPLEMENTED) leaves the bundles without JWT keys.
 """
 
 from __future__ import annotations
@@ -19,18 +26,21 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._proto import workload_pb2, workload_pb2_grpc
 from meshid.bundle import BundleSet
-from meshid.errors import MeshIdError, SourceError
+from meshid.errors import InvalidJwtSvidError, MeshIdError, SourceError
 from meshid.spiffeid import SpiffeId
 from meshid.svid import X509Svid
 from meshid.workloadapi import wire
+
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
 
 __all__ = ["WorkloadApiSource"]
 
@@ -76,11 +86,17 @@ class WorkloadApiSource:
         self._max_backoff = max_backoff
         self._notifier = Notifier()
         self._lock = threading.Lock()
-        self._worker = Worker("meshid-workload-api-source", self._run, wake=self._cancel_call)
+        self._worker = Worker("meshid-workload-api-source", self._run, wake=lambda: self._cancel("_call"))
+        self._jwt_worker = Worker(
+            "meshid-workload-api-jwt-bundles", self._run_jwt_bundles, wake=lambda: self._cancel("_jwt_call")
+        )
         self._ready = threading.Event()
         self._channel: grpc.Channel | None = None
         self._call: Any = None
+        self._jwt_call: Any = None
         self._state: tuple[X509Svid, BundleSet] | None = None
+        self._jwt_bundles: Any = None  # the last JWTBundlesResponse
+        self._merged: tuple[BundleSet, Any, BundleSet] | None = None  # (X.509 bundles, response, merged)
         #: The last stream or parse error, or None since the last good response. For health checks.
         self.last_error: str | None = None
 
@@ -93,10 +109,93 @@ class WorkloadApiSource:
         return state[0]
 
     def get_bundles(self) -> BundleSet:
+        """The X.509 bundles of the last X509SVIDResponse, with the JWT keys of the last
+        JWTBundlesResponse (none until one came)."""
         state = self._state
         if state is None:
             raise SourceError("Workload API source: no bundle yet; call start() first")
-        return state[1]
+        bundles, jwt_response = state[1], self._jwt_bundles
+        if jwt_response is None:
+            return bundles
+        merged = self._merged
+        if merged is None or merged[0] is not bundles or merged[1] is not jwt_response:
+            try:
+                merged = (bundles, jwt_response, wire.parse_jwt_bundles_response(jwt_response, bundles))
+            except MeshIdError as err:  # checked when it arrived; a bundle that fails now is logged
+                log.error("Workload API source: ignoring the JWT bundles: %s", err)
+                return bundles
+            self._merged = merged
+        return merged[2]
+
+    # --- the JwtSource protocol ----------------------------------------------------------
+
+    def fetch_jwt_svid(self, audience: Sequence[str], spiffe_id: SpiffeId | None = None) -> JwtSvid:
+        """A JWT-SVID for ``audience`` from the Workload API: of ``spiffe_id``, else of the
+        source's ``spiffe_id=``, else the server's first (default) one.
+
+        Raises:
+            ValueError: ``audience`` is empty or a plain string.
+            SourceError: the server refused (the message has its status code) or answered none.
+            InvalidJwtSvidError: the server answered a token that does not parse or is not for
+                ``audience``.
+        """
+        from meshid.jwtsvid import JwtSvid
+
+        if isinstance(audience, str) or not audience:
+            raise ValueError("JWT-SVID: give the audience as a non-empty list of strings")
+        want = spiffe_id or self._want
+        request = workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=str(want) if want else "")
+        response = self._unary("FetchJWTSVID", request)
+        if not response.svids:
+            raise SourceError(f"Workload API: no JWT-SVID from {self.endpoint}")
+        chosen = response.svids[0]
+        svid = JwtSvid.parse_insecure(chosen.svid, audience)
+        if str(svid.spiffe_id) != chosen.spiffe_id or (want is not None and svid.spiffe_id != want):
+            raise InvalidJwtSvidError(
+                f"JWT-SVID from the Workload API: labelled {chosen.spiffe_id[:200]}, for {svid.spiffe_id}"
+            )
+        return svid
+
+    def get_jwt_bundles(self) -> BundleSet:
+        """The bundles with their JWT keys (the same set :meth:`get_bundles` hands out)."""
+        return self.get_bundles()
+
+    def validate_jwt_svid(self, token: str, audience: str) -> JwtSvid:
+        """Have the Workload API validate ``token`` for ``audience`` (``ValidateJWTSVID``).
+
+        Raises:
+            ValueError: ``token`` or ``audience`` is empty.
+            InvalidJwtSvidError: the server found the token invalid (its reason), or it names
+                another SPIFFE ID than the token's ``sub``.
+            SourceError: the server could not be asked.
+        """
+        from meshid.jwtsvid import JwtSvid
+
+        if not token or not audience or not isinstance(audience, str):
+            raise ValueError("JWT-SVID validation: give the token and one audience (a string)")
+        request = workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token)
+        try:
+            response = self._unary("ValidateJWTSVID", request)
+        except _Refused as err:
+            if err.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidJwtSvidError(err.details) from None
+            raise
+        svid = JwtSvid.parse_insecure(token, [audience])
+        if str(svid.spiffe_id) != response.spiffe_id:
+            raise InvalidJwtSvidError(f"JWT-SVID: the Workload API validated it as {response.spiffe_id[:200]!r}")
+        return svid
+
+    def _unary(self, method: str, request: Any) -> Any:
+        channel = self._channel
+        if channel is None:
+            raise SourceError("Workload API source: not started; call start() first")
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            return getattr(stub, method)(request, metadata=wire.METADATA, timeout=self._timeout)
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = (err.details() if isinstance(err, grpc.Call) else str(err)) or ""
+            raise _Refused(f"Workload API: {method}: {code.name}: {details}", code, details) from None
 
     def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
         return self._notifier.subscribe(callback)
@@ -122,6 +221,7 @@ class WorkloadApiSource:
             ],
         )
         self._worker.start()
+        self._jwt_worker.start()
         if not self._ready.wait(self._timeout):
             why = self.last_error or "no answer"
             self.close()
@@ -131,8 +231,9 @@ class WorkloadApiSource:
         return self
 
     def close(self) -> None:
-        """Stop following the stream and close the connection."""
+        """Stop following the streams and close the connection."""
         self._worker.close()
+        self._jwt_worker.close()
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -167,34 +268,61 @@ class WorkloadApiSource:
             log.info("Workload API source: now presenting %s (serial %x)", state[0].spiffe_id, state[0].serial)
             self._notifier.notify()
 
-    def _cancel_call(self) -> None:
+    def _apply_jwt_bundles(self, response: Any) -> None:
+        state = self._state
+        try:
+            if state is not None:
+                wire.parse_jwt_bundles_response(response, state[1])  # refuse what does not parse
+        except MeshIdError as err:
+            self.last_error = str(err)
+            log.error("Workload API source: ignoring a JWT bundles response: %s", err)
+            return
+        changed = response != self._jwt_bundles
+        self._jwt_bundles = response
+        if changed:
+            log.info("Workload API source: JWT bundles of %s", ", ".join(sorted(response.bundles)) or "no trust domain")
+            self._notifier.notify()
+
+    def _cancel(self, slot: str) -> None:
         with self._lock:
-            call = self._call
+            call = getattr(self, slot)
         if call is not None:
             call.cancel()
 
+    def _run_jwt_bundles(self, stop: threading.Event) -> None:
+        self._follow(stop, "FetchJWTBundles", workload_pb2.JWTBundlesRequest(), "_jwt_call", self._apply_jwt_bundles)
+
     def _run(self, stop: threading.Event) -> None:
+        self._follow(stop, "FetchX509SVID", workload_pb2.X509SVIDRequest(), "_call", self._apply)
+
+    def _follow(
+        self, stop: threading.Event, method: str, request: Any, slot: str, apply: Callable[[Any], None]
+    ) -> None:
+        """Follow one stream until ``stop``, reconnecting with backoff (UNIMPLEMENTED: give up)."""
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
         failures = 0
         while not stop.is_set():
-            call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=wire.METADATA)
+            call = getattr(stub, method)(request, metadata=wire.METADATA)
             with self._lock:
                 if stop.is_set():
                     call.cancel()
                     return
-                self._call = call
+                setattr(self, slot, call)
             try:
                 for response in call:
-                    self._apply(response)
+                    apply(response)
                     failures = 0
                 why = "the server ended the stream"
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
                 details = err.details() if isinstance(err, grpc.Call) else str(err)
-                why = f"{code.name if code else 'error'}: {details}"
+                if code == grpc.StatusCode.UNIMPLEMENTED and method != "FetchX509SVID":
+                    log.info("Workload API source: %s serves no %s (%s)", self.endpoint, method, details)
+                    return
+                why = f"{method}: {code.name if code else 'error'}: {details}"
             finally:
                 with self._lock:
-                    self._call = None
+                    setattr(self, slot, None)
             if stop.is_set():
                 return
             failures += 1
@@ -203,3 +331,12 @@ class WorkloadApiSource:
             level = logging.WARNING if self._state is not None else logging.DEBUG
             log.log(level, "Workload API source: %s at %s; reconnecting in %.2fs", why, self.endpoint, delay)
             stop.wait(delay)
+
+
+class _Refused(SourceError):
+    """A Workload API call the server answered with an error status."""
+
+    def __init__(self, message: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details

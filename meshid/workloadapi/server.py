@@ -3,8 +3,15 @@
 :class:`WorkloadApiServer` answers ``FetchX509SVID`` and ``FetchX509Bundles`` from a
 :class:`~meshid.Source` (normally the agent's :class:`~meshid.agent.IssuerSource`) and streams a
 new response whenever the source changes, so SPIRE-era clients (go-spiffe, py-spiffe,
-:class:`meshid.WorkloadApiSource`) follow rotations without reading files. The JWT-SVID methods
-answer UNIMPLEMENTED.
+:class:`meshid.WorkloadApiSource`) follow rotations without reading files.
+
+The JWT-SVID profile: ``FetchJWTSVID`` hands out the source's JWT-SVID for the audience asked
+(the source must be a :class:`~meshid.sources.JwtSource`, as :class:`~meshid.IssuerSource` is;
+else UNIMPLEMENTED), ``FetchJWTBundles`` streams every trust domain's JWT keys and sends again
+when they change, ``ValidateJWTSVID`` validates a token against the source's bundles for the
+caller. Status codes as the standard and SPIRE answer: no audience (or token) INVALID_ARGUMENT,
+a SPIFFE ID the source does not hold PERMISSION_DENIED, a token that does not validate
+INVALID_ARGUMENT with the reason, the CA unreachable UNAVAILABLE.
 
 Access control is the socket's file mode. meshid does no workload attestation: whoever can
 connect gets the SVID *and its private key*. The socket is therefore narrowed to ``mode``
@@ -33,11 +40,11 @@ import grpc
 
 from meshid._background import Unsubscribe
 from meshid._listen import refuse_unix_in_use
-from meshid._proto import workload_pb2_grpc
+from meshid._proto import workload_pb2, workload_pb2_grpc
 from meshid.bundle import BundleSet
-from meshid.errors import ListenError, MeshIdError
-from meshid.sources import Source, require_source
-from meshid.svid import X509Svid
+from meshid.errors import InvalidJwtSvidError, InvalidSpiffeIdError, ListenError, MeshIdError, RemoteError
+from meshid.sources import JwtSource, Source, require_source
+from meshid.spiffeid import SpiffeId
 from meshid.workloadapi import wire
 
 __all__ = ["WorkloadApiServer"]
@@ -48,8 +55,17 @@ log = logging.getLogger("meshid.agent")
 _NO_HEADER = (grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
 _NO_JWT = (
     grpc.StatusCode.UNIMPLEMENTED,
-    "meshid's Workload API serves X509-SVIDs only; JWT-SVIDs are not supported",
+    "this Workload API's source issues no JWT-SVIDs (it is not a JwtSource)",
 )
+_NO_AUDIENCE = (grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")  # SPIRE's words
+_NO_TOKEN = (grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+_NOT_HELD = grpc.StatusCode.PERMISSION_DENIED  # a SPIFFE ID the source does not hold
+_BAD_TOKEN = grpc.StatusCode.INVALID_ARGUMENT  # ValidateJWTSVID: the token does not validate
+#: The CA's refusals of a JWT-SVID that are the caller's doing, passed on; others are UNAVAILABLE.
+_RELAYED = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+}
 _NOT_READY = grpc.StatusCode.UNAVAILABLE  # the source has nothing to hand out (yet): retry
 _SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, "the Workload API server is shutting down; reconnect")
 
@@ -66,7 +82,7 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         if values != [wire.HEADER_VALUE]:
             context.abort(*_NO_HEADER)
 
-    def _follow(self, context: grpc.ServicerContext, build: Callable[[X509Svid, BundleSet], Any]) -> Iterator[Any]:
+    def _follow(self, context: grpc.ServicerContext, build: Callable[[Source], Any]) -> Iterator[Any]:
         if not context.add_callback(self._server._wake):  # a client that goes away wakes its stream
             return  # it has gone already
         seen, last = -1, None
@@ -77,9 +93,8 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                     context.abort(*_SHUTTING_DOWN)
                 return
             seen = version
-            source = self._server.source
             try:
-                response = build(source.get_svid(), source.get_bundles())
+                response = build(self._server.source)
             except MeshIdError as err:
                 context.abort(_NOT_READY, f"Workload API: no identity to serve: {err}")
             if response != last:  # e.g. a new SVID changes nothing FetchX509Bundles sends
@@ -92,24 +107,72 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         # A source with ML-DSA SVIDs beside its own (IssuerSource(pq_key_kind=...)) has them served second.
         additional = getattr(source, "get_additional_svids", None)
         if additional is None:
-            return self._follow(context, wire.x509_svid_response)
-        return self._follow(context, lambda svid, bundles: wire.x509_svid_response(svid, bundles, additional()))
+            return self._follow(context, lambda src: wire.x509_svid_response(src.get_svid(), src.get_bundles()))
+        return self._follow(
+            context, lambda src: wire.x509_svid_response(src.get_svid(), src.get_bundles(), additional())
+        )
 
     def FetchX509Bundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)
-        return self._follow(context, wire.x509_bundles_response)
+        return self._follow(context, lambda source: wire.x509_bundles_response(source.get_svid(), source.get_bundles()))
 
     def FetchJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._require_header(context)
-        context.abort(*_NO_JWT)
+        source = self._server.source
+        if not isinstance(source, JwtSource):
+            context.abort(*_NO_JWT)
+        audience = list(request.audience)
+        if not audience:
+            context.abort(*_NO_AUDIENCE)
+        try:
+            held = source.get_svid().spiffe_id
+        except MeshIdError as err:
+            context.abort(_NOT_READY, f"Workload API: no identity to serve: {err}")
+        if request.spiffe_id:
+            try:
+                asked = SpiffeId.parse(request.spiffe_id)
+            except InvalidSpiffeIdError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Workload API: spiffe_id: {err}")
+            if asked != held:
+                context.abort(_NOT_HELD, f"Workload API: no identity {asked} issued to this caller")
+        try:
+            svid = source.fetch_jwt_svid(audience, held)
+        except RemoteError as err:  # the CA's own refusal (a bad audience) is the caller's
+            code = _RELAYED.get(err.code or "", _NOT_READY)
+            context.abort(code, f"Workload API: JWT-SVID: {err}")
+        except (MeshIdError, ValueError) as err:
+            context.abort(_NOT_READY, f"Workload API: JWT-SVID: {err}")
+        return wire.jwt_svid_response([svid])
 
-    def FetchJWTBundles(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def FetchJWTBundles(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)
-        context.abort(*_NO_JWT)
+        return self._follow(context, lambda source: wire.jwt_bundles_response(_jwt_bundles(source)))
 
     def ValidateJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._require_header(context)
-        context.abort(*_NO_JWT)
+        if not request.audience:
+            context.abort(*_NO_AUDIENCE)
+        if not request.svid:
+            context.abort(*_NO_TOKEN)
+        try:
+            bundles = _jwt_bundles(self._server.source)
+        except MeshIdError as err:
+            context.abort(_NOT_READY, f"Workload API: no bundle to validate with: {err}")
+        return _validate(context, request, bundles)
+
+
+def _jwt_bundles(source: Source) -> BundleSet:
+    return source.get_jwt_bundles() if isinstance(source, JwtSource) else source.get_bundles()
+
+
+def _validate(context: grpc.ServicerContext, request: Any, bundles: BundleSet) -> Any:
+    from meshid.jwtsvid import JwtSvid
+
+    try:
+        svid = JwtSvid.parse_and_validate(request.svid, bundles, [request.audience])
+    except InvalidJwtSvidError as err:
+        context.abort(_BAD_TOKEN, str(err))
+    return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=wire.claims_struct(svid.claims))
 
 
 class WorkloadApiServer:

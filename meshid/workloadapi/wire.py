@@ -1,18 +1,26 @@
 """The SPIFFE Workload API's wire format, both ways: the endpoint address, the security header,
 and ``X509SVIDResponse``/``X509BundlesResponse`` built from an SVID and bundles (server) and read
 back into them (client). Certificates travel as concatenated DER, keys as PKCS#8 DER, bundles
-keyed by the trust domain's SPIFFE ID (SPIFFE Workload API standard, section 5)."""
+keyed by the trust domain's SPIFFE ID (SPIFFE Workload API standard, section 5).
+
+The JWT-SVID profile (section 6): ``JWTSVIDResponse`` carries tokens as they were issued;
+``JWTBundlesResponse`` one JWK Set (RFC 7517) per trust domain holding only its ``jwt-svid``
+keys (the standard forbids keys of other uses there), the server's own trust domain always,
+empty if it has none; ``ValidateJWTSVIDResponse`` the claims as a ``google.protobuf.Struct``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.parse
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid import _x509
 from meshid._proto import workload_pb2
@@ -21,12 +29,22 @@ from meshid.errors import InvalidBundleError, InvalidSvidError, SourceError
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid
 
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
+
 __all__ = [
     "ENDPOINT_SOCKET_ENV",
     "HEADER_KEY",
     "HEADER_VALUE",
     "METADATA",
+    "claims_struct",
+    "jwks",
+    "jwks_keys",
+    "jwt_bundles_response",
+    "jwt_svid_response",
+    "parse_jwt_bundles_response",
     "parse_x509_svid_response",
+    "same_trust",
     "socket_path",
     "x509_bundles_response",
     "x509_svid_response",
@@ -182,3 +200,100 @@ def x509_svid_response(svid: X509Svid, bundles: BundleSet, additional: Sequence[
 
 def x509_bundles_response(svid: X509Svid, bundles: BundleSet) -> Any:
     return workload_pb2.X509BundlesResponse(bundles=_roots_der(bundles))
+
+
+# --- JWT-SVID profile --------------------------------------------------------------------
+
+
+def _jwt_keys_der(bundle: TrustBundle) -> dict[str, bytes]:
+    return {kid: _x509.public_key_der(key) for kid, key in bundle.jwt_authorities.items()}
+
+
+def same_trust(a: TrustBundle, b: TrustBundle) -> bool:
+    """Whether two bundles of a trust domain trust the same roots and the same JWT keys (by kid)."""
+    return a.roots == b.roots and _jwt_keys_der(a) == _jwt_keys_der(b)
+
+
+def jwks(bundle: TrustBundle) -> bytes:
+    """The bundle's JWT keys as a JWK Set: its SPIFFE bundle's ``use: jwt-svid`` keys only."""
+    document = json.loads(bundle.to_spiffe_json())
+    keys = [key for key in document.get("keys", []) if key.get("use") == "jwt-svid"]
+    return json.dumps({"keys": keys}, separators=(",", ":")).encode()
+
+
+def jwt_bundles_response(bundles: BundleSet) -> Any:
+    """The ``JWTBundlesResponse`` for ``bundles``: every trust domain's JWK Set, keyed by its SPIFFE ID."""
+    return workload_pb2.JWTBundlesResponse(bundles={str(td.id()): jwks(bundle) for td, bundle in bundles.items()})
+
+
+def jwt_svid_response(svids: Sequence[JwtSvid]) -> Any:
+    return workload_pb2.JWTSVIDResponse(
+        svids=[workload_pb2.JWTSVID(spiffe_id=str(s.spiffe_id), svid=s.token) for s in svids]
+    )
+
+
+def claims_struct(claims: Mapping[str, Any]) -> Any:
+    """The claims of a validated JWT-SVID as a ``google.protobuf.Struct`` (numbers become doubles)."""
+    from google.protobuf import struct_pb2
+
+    struct = struct_pb2.Struct()
+    struct.update(dict(claims))
+    return struct
+
+
+def parse_jwt_bundles_response(response: Any, bundles: BundleSet) -> BundleSet:
+    """``bundles`` (the X.509 ones) with the JWT keys of a ``JWTBundlesResponse``.
+
+    A trust domain of the response with no X.509 bundle in ``bundles`` is left out: meshid's
+    bundles always hold a root. A trust domain with no entry in the response keeps no JWT keys.
+
+    Raises:
+        InvalidBundleError: a trust domain's JWK Set does not parse.
+    """
+    keyed: dict[TrustDomain, Mapping[str, Any]] = {}
+    for name, document in response.bundles.items():
+        try:
+            td = TrustDomain.parse(name)
+        except ValueError as err:
+            raise InvalidBundleError(f"JWT bundle from the Workload API: {name[:100]!r} is not a trust domain") from err
+        keyed[td] = jwks_keys(td, document)
+    out = []
+    for td, bundle in bundles.items():
+        out.append(bundle.with_jwt_authorities(keyed.get(td, {})))
+    return BundleSet.of(out)
+
+
+_MAX_JWT_KEYS = 64
+#: JWK members that only a private key has (RFC 7518 §6.2.2, §6.3.2, §6.4): refused in a bundle.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def jwks_keys(td: TrustDomain, document: bytes) -> Mapping[str, Any]:
+    """The kid -> public key map of one JWK Set of ``td``'s JWT-SVID keys, read strictly by PyJWT.
+
+    Raises:
+        InvalidBundleError: not a JWK Set, or a key without a kid, of another use, private, or unreadable.
+    """
+    import jwt
+
+    try:
+        raw = json.loads(document)
+        if not isinstance(raw, dict) or not isinstance(raw.get("keys"), list):
+            raise ValueError("not a JWK Set (no keys list)")
+        if len(raw["keys"]) > _MAX_JWT_KEYS:
+            raise ValueError(f"more than {_MAX_JWT_KEYS} keys")
+        keys: dict[str, Any] = {}
+        for item in raw["keys"]:
+            if not isinstance(item, dict) or item.get("use", "jwt-svid") != "jwt-svid":
+                raise ValueError("a key is not a jwt-svid JWK")
+            if _PRIVATE_MEMBERS & set(item):
+                raise ValueError(f"the key {str(item.get('kid'))[:64]!r} holds private members")
+            jwk = jwt.PyJWK.from_dict(item)
+            if not isinstance(jwk.key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                raise ValueError(f"the key {jwk.key_id!r} is not an EC or RSA public key")
+            if not jwk.key_id or jwk.key_id in keys:
+                raise ValueError(f"a key has an empty or repeated kid {jwk.key_id!r}")
+            keys[jwk.key_id] = jwk.key
+        return keys
+    except (ValueError, TypeError, jwt.exceptions.PyJWTError) as err:
+        raise InvalidBundleError(f"JWT bundle for {td} from the Workload API: {err}") from err

@@ -173,10 +173,10 @@ def test_a_call_without_the_security_header_is_refused_as_spire_does(
     assert next(fetch(b"", metadata=HEADER, timeout=10))
 
     jwt = channel.unary_unary("/SpiffeWorkloadAPI/FetchJWTSVID", lambda _: b"", lambda raw: raw)
-    with pytest.raises(grpc.RpcError) as unsupported:
+    with pytest.raises(grpc.RpcError) as no_audience:  # the JWT profile is served (issue #16): an audience is required
         jwt(b"", metadata=HEADER, timeout=10)
-    assert unsupported.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "X509-SVIDs only" in unsupported.value.details()
+    assert no_audience.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert no_audience.value.details() == "audience must be specified"
 
 
 def test_workload_api_sources_serve_a_greeter_across_rotations_with_zero_failures(

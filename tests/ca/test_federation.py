@@ -15,7 +15,7 @@ import spiffe
 import meshid
 from meshid.agent import IssuerSource
 from meshid.ca.client import AdminClient
-from meshid.ca.datadir import init_data_dir
+from meshid.ca.datadir import init_data_dir, load_jwt_keys
 from meshid.ca.server import CaServer
 from support import SERVER_ID, call, handshake_failed, sync_server
 
@@ -64,13 +64,17 @@ def test_bundle_show_prints_spiffe_json_that_py_spiffe_and_meshid_read(partner_c
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["spiffe_sequence"] >= 1 and doc["spiffe_refresh_hint"] == 300
-    (key,) = doc["keys"]
+    key, jwt_key = doc["keys"]  # the X.509 root, then the JWT-SVID signing key (issue #16)
     assert key["use"] == "x509-svid" and "kid" not in key and key["kty"] == "EC"
+    assert jwt_key["use"] == "jwt-svid" and jwt_key["kid"] == load_jwt_keys(folder).signing.kid  # type: ignore[union-attr]
     bundle = meshid.TrustBundle.from_spiffe_json("partner.org", out.stdout)
     assert bundle.to_pem() == (folder / "bundle.pem").read_bytes()
+    assert set(bundle.jwt_authorities) == {jwt_key["kid"]}
     theirs = spiffe.X509Bundle.parse_raw(spiffe.TrustDomain("partner.org"), base64.b64decode(key["x5c"][0]))
     assert theirs.x509_authorities == set(bundle.roots)
-    assert len(jwt.PyJWKSet.from_json(out.stdout).keys) == 1
+    assert len(jwt.PyJWKSet.from_json(out.stdout).keys) == 2
+    jwt_bundle = spiffe.JwtBundle.parse(spiffe.TrustDomain("partner.org"), json.dumps({"keys": [jwt_key]}).encode())
+    assert set(jwt_bundle.jwt_authorities) == {jwt_key["kid"]}
     pem = _show(address, folder, "pem")
     assert pem.stdout.encode() == (folder / "bundle.pem").read_bytes()
 

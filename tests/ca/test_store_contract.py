@@ -984,3 +984,26 @@ def test_a_renewal_signs_again_when_its_serial_is_taken(store: Store) -> None:
     store.record_issuance(WORKLOAD, NOW, signer(0x70))
     assert store.renew(WORKLOAD, 0x70, NOW, signer(0x70, 0x71))[1] == f"cert 71 for {WORKLOAD}"
     assert issued_serials(store) == {0x70, 0x71}
+
+
+def test_jwt_keys_published_by_every_ca_on_the_store(backend: Backend) -> None:
+    """Issue #16: each replica publishes its JWT keys; the bundle sequence grows when the set changes."""
+    later = NOW + datetime.timedelta(minutes=15)
+    with (
+        contextlib.closing(open_store(backend.datastore)) as one,
+        contextlib.closing(open_store(backend.datastore)) as two,
+    ):
+        assert one.jwt_keys(NOW) == []
+        assert one.publish_jwt_keys([("kidA", b"der-a", later)], NOW)
+        assert one.bundle_sequence() == 1
+        assert not one.publish_jwt_keys([("kidA", b"der-a", later + HOUR)], NOW)  # renewed: same set, same sequence
+        assert two.publish_jwt_keys([("kidB", b"der-b", later)], NOW)
+        assert one.jwt_keys(NOW) == [("kidA", b"der-a"), ("kidB", b"der-b")]
+        assert two.bundle_sequence() == 2
+        assert not two.publish_jwt_keys([("kidA", b"another key", later)], NOW)  # a kid keeps its key
+        assert dict(one.jwt_keys(NOW))["kidA"] == b"der-a"
+        # kidB was published until `later`: past it, it is gone, and dropping it grows the sequence.
+        assert one.jwt_keys(later) == [("kidA", b"der-a")]
+        assert one.publish_jwt_keys([], later)
+        assert one.bundle_sequence() == 3
+        assert two.jwt_keys(NOW) == [("kidA", b"der-a")]

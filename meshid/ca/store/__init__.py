@@ -178,6 +178,21 @@ class Store(Protocol):
 
     def bump_bundle_sequence(self) -> int: ...
 
+    def publish_jwt_keys(
+        self,
+        keys: Sequence[tuple[str, bytes, datetime.datetime]],
+        now: datetime.datetime,
+        withdraw: Sequence[str] = (),
+    ) -> bool:
+        """Publish JWT keys ``(kid, SPKI DER, until)``, drop those whose time has passed and the
+        kids of ``withdraw``, and grow the bundle sequence if the set published changed (one
+        transaction). Whether it changed."""
+        ...
+
+    def jwt_keys(self, now: datetime.datetime) -> list[tuple[str, bytes]]:
+        """The JWT keys published by every CA on this store, ``(kid, SPKI DER)``, by kid."""
+        ...
+
     def check(self) -> None:
         """Raise StoreError if the store cannot be used (for health checks)."""
         ...

@@ -20,6 +20,12 @@ the ``agents`` table.
 
 Version 3 (post-quantum SVIDs, issue #18): an entry's ``svid_types``, a JSON list of
 ``classical`` and ``ml-dsa-65`` (existing entries: classical only, as before).
+
+Version 4 (JWT-SVIDs, issue #16): ``jwt_keys``, the JWT-SVID public keys every CA on this
+store publishes (each replica signs with a key of its own data folder): the bundle carries
+them all, so a token one replica signed validates with the bundle another serves. A row lives
+until ``published_until``: a retiring key until every token it signed has expired, a key in use
+as long as its replica keeps renewing the row (so a replica that is gone leaves within minutes).
 """
 
 from __future__ import annotations
@@ -84,6 +90,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
     ),
     ("""ALTER TABLE entries ADD COLUMN svid_types {text} NOT NULL DEFAULT '["classical"]'""",),
+    (
+        """CREATE TABLE jwt_keys (
+            kid {text} NOT NULL PRIMARY KEY,
+            public_key {blob} NOT NULL,
+            published_until {int64} NOT NULL
+        )""",
+    ),
 )
 
 

@@ -713,6 +713,53 @@ class SqlStore:
         """Increment and return the bundle sequence number (monotonic across replicas, durable)."""
         return self._bump("bundle_sequence")
 
+    # -- JWT keys ------------------------------------------------------------------------------
+
+    def publish_jwt_keys(
+        self,
+        keys: Sequence[tuple[str, bytes, datetime.datetime]],
+        now: datetime.datetime,
+        withdraw: Sequence[str] = (),
+    ) -> bool:
+        """In one transaction: publish each ``(kid, SPKI DER, until)`` (a kid already published keeps
+        its key and the later of the two times), drop the rows whose time has passed and those of
+        ``withdraw`` (keys their CA no longer holds), and grow the bundle sequence if the set of
+        published kids changed. Returns whether it changed."""
+        now_s = to_unix(now, "now")
+        wanted = [(kid, bytes(der), to_unix(until, "until")) for kid, der, until in keys]
+
+        def work(tx: Transaction) -> bool:
+            rows = tx.execute("SELECT kid, published_until FROM jwt_keys").fetchall()
+            held = {str(kid): int(until) for kid, until in rows}
+            before = set(held)  # rows past their time count until deleted: bundles made before still carry them
+            tx.execute("DELETE FROM jwt_keys WHERE published_until <= ?", (now_s,))
+            for kid in withdraw:
+                tx.execute("DELETE FROM jwt_keys WHERE kid = ?", (kid,))
+            for kid, der, until in wanted:
+                if until <= now_s:
+                    continue
+                row = {"kid": kid, "public_key": der, "published_until": until}
+                if not self._dialect.insert_if_absent(tx, "jwt_keys", "kid", row) and held.get(kid, 0) < until:
+                    tx.execute("UPDATE jwt_keys SET published_until = ? WHERE kid = ?", (until, kid))
+            after = {str(r[0]) for r in tx.execute("SELECT kid FROM jwt_keys").fetchall()}
+            if after == before:
+                return False
+            tx.execute("UPDATE counters SET value = value + 1 WHERE name = ?", ("bundle_sequence",))
+            return True
+
+        return self._run(work, write=True)
+
+    def jwt_keys(self, now: datetime.datetime) -> list[tuple[str, bytes]]:
+        """The JWT keys every CA on this store publishes now: ``(kid, SPKI DER)``, by kid."""
+        now_s = to_unix(now, "now")
+        rows = self._run(
+            lambda tx: tx.execute(
+                "SELECT kid, public_key FROM jwt_keys WHERE published_until > ? ORDER BY kid", (now_s,)
+            ).fetchall(),
+            write=False,
+        )
+        return [(str(kid), bytes(der)) for kid, der in rows]
+
     def _bump(self, name: str) -> int:
         def work(tx: Transaction) -> int:
             # The UPDATE locks the row until the transaction ends: the SELECT reads this increment.
