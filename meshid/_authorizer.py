@@ -442,17 +442,28 @@ class Authorizer:
         self,
         policy: AuthorizationPolicy,
         auth_context: Mapping[str, Sequence[bytes]],
+        metadata: Metadata,
         method: str,
         peer_address: str | Callable[[], str] | None,
         known: bool,
     ) -> PeerIdentity | None:
-        # Open to every caller; a peer that does verify is still named to the handler.
-        try:
-            identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
-        except VerificationError:
-            identity = None
-        if identity is not None and self.revoked is not None and self.revoked(identity):
-            identity = None
+        # Open to every caller; a peer that does verify (by a token the policy accepts, else
+        # by its certificate) is still named to the handler.
+        identity: PeerIdentity | None = None
+        if policy.accepts_jwt:
+            try:
+                token = bearer_token(_materialize(metadata))
+                if token is not None:
+                    identity = self._jwt_identity(policy, token, auth_context)
+            except InvalidJwtSvidError:
+                identity = None
+        if identity is None:
+            try:
+                identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
+            except VerificationError:
+                identity = None
+            if identity is not None and self.revoked is not None and self.revoked(identity):
+                identity = None
         opened = Decision(True, None, audit.OPEN)
         self._record(policy, opened, method, identity, peer_address=peer_address, known=known)
         return identity
@@ -551,7 +562,7 @@ class Authorizer:
         """
         policy = self._policy  # one read: the whole call sees one policy
         if method in self._open_methods:
-            return self._open_call(policy, auth_context, method, peer_address, known)
+            return self._open_call(policy, auth_context, metadata, method, peer_address, known)
         if known and not policy.accepts_jwt:  # under a policy that takes tokens, a token may decide
             memoised = self._memoised(policy, auth_context, method, peer_address)
             if memoised is not None:

@@ -311,6 +311,18 @@ def test_a_stream_ends_when_its_token_expires(source, jwt_bundles) -> None:
     assert "JWT-SVID expired at" in info.value.details()
 
 
+def test_an_unauthenticated_method_names_a_caller_with_a_good_token(source, jwt_bundles) -> None:
+    with server(source, _policy(["jwt"]), unauthenticated_methods=[SAY_HELLO]) as port:
+        with _tls_only(port, jwt_bundles) as channel:
+            assert call(channel, _bearer(_token())) == ("OK", f"jwt {FRONTEND_ID}")
+            # open to all: a bad token is no refusal there, and names nobody
+            code, details = call(channel, _bearer(_token(audience=["elsewhere"])))
+    assert (code, details) == (
+        "UNKNOWN",
+        "Exception calling application: peer identity: none for this call; build the server with meshid's AuthorizationInterceptor",
+    ), details  # the handler finds no caller
+
+
 # --- a certificate and a token on one connection --------------------------------------------------
 
 
