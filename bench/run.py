@@ -9,7 +9,8 @@ per-workload renewal, Workload API fetch latency and the node agent's RSS (bench
 [hotpath] audit records' cost per call, agents' idle refreshes at the CA, import and channel
 construction (bench/hotpath.py), [rollout] the cost per call of carrying a candidate policy
 (bench/rollout.py), [pq] ML-DSA-65 against ECDSA P-256: issuance rate, SVID size, handshake
-time (bench/pq.py).
+time (bench/pq.py), [jwt] JWT-SVID validations/s and a JWT-authenticated call against an
+mTLS-authenticated one (bench/jwt_svid.py).
 
 Issue #2 (core):
   * median latency of a unary RPC on an mTLS server with meshid's interceptor and a
@@ -181,6 +182,7 @@ def main() -> int:
     if not args.core_only:
         import hotpath  # bench/hotpath.py: issue #14
         import issuance  # bench/issuance.py: issue #3
+        import jwt_svid  # bench/jwt_svid.py: issue #16 (not jwt.py: that would shadow PyJWT)
         import memory  # bench/memory.py: issue #10
         import node_agent  # bench/node_agent.py: issue #12
         import ocsp  # bench/ocsp.py: issue #15
@@ -199,6 +201,7 @@ def main() -> int:
         ocsp.run()
         rollout.run()
         pq.run()
+        jwt_svid.run()
     return 0
 
 

@@ -51,6 +51,7 @@ _HOMES = {
     "X509Svid": "meshid.svid",
     "channel_credentials": "meshid.credentials",
     "identity_dns_name": "meshid.svid",
+    "jwt_call_credentials": "meshid.credentials",
     "peer_identity": "meshid.peer",
     "secure_channel": "meshid.channel",
     "server_credentials": "meshid.credentials",
@@ -85,6 +86,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
     from meshid.channel import RotatingChannel as RotatingChannel
     from meshid.channel import secure_channel as secure_channel
     from meshid.credentials import channel_credentials as channel_credentials
+    from meshid.credentials import jwt_call_credentials as jwt_call_credentials
     from meshid.credentials import server_credentials as server_credentials
     from meshid.errors import InvalidBundleError as InvalidBundleError
     from meshid.errors import InvalidJwtSvidError as InvalidJwtSvidError

@@ -1,10 +1,20 @@
 """The decision path shared by the sync and aio interceptors: who is calling, may they, and
-which status code a refusal gets. No grpc I/O happens here; the interceptors adapt it."""
+which status code a refusal gets. No grpc I/O happens here; the interceptors adapt it.
+
+Who is calling: the TLS client certificate, unless the policy accepts JWT-SVIDs
+(``identity_sources`` lists ``jwt``) and the call carries ``authorization: Bearer <token>``:
+then the token decides, whether or not the connection also has a certificate (behind a hop
+that terminates the client's TLS, the certificate is the hop's). A bad token is refused with
+UNAUTHENTICATED and its reason; it never falls back to the certificate. A policy that accepts
+only ``jwt`` refuses a call without a token. Under the default policy (``x509`` only) the
+``authorization`` header is never read.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -23,9 +33,9 @@ from meshid.authz.model import Decision
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import SYSTEM_CLOCK, Clock
-from meshid.errors import MeshIdError, VerificationError
+from meshid.errors import InvalidJwtSvidError, MeshIdError, VerificationError
 from meshid.forwarded import XFCC_HEADER, ForwardedIdentities
-from meshid.peer import PeerIdentity, PeerVerifier
+from meshid.peer import JwtVerifier, PeerIdentity, PeerVerifier
 from meshid.sources import Source
 from meshid.spiffeid import SpiffeId, TrustDomain
 
@@ -43,6 +53,34 @@ Metadata = Iterable[tuple[str, str | bytes]] | Callable[[], Iterable[tuple[str, 
 
 def _materialize(metadata: Metadata) -> Iterable[tuple[str, str | bytes]] | None:
     return metadata() if callable(metadata) else metadata
+
+
+# RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive (RFC 9110 §11.1).
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +(\S*)\Z")
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of the call's ``authorization: Bearer`` header; None without one (or with
+    another scheme, which is not a JWT-SVID).
+
+    Raises:
+        InvalidJwtSvidError: more than one ``authorization`` header, or a Bearer one with no token.
+    """
+    found = None
+    for key, value in metadata or ():
+        if key != "authorization":
+            continue
+        if found is not None:
+            raise InvalidJwtSvidError("JWT-SVID: more than one 'authorization' header; send one bearer token")
+        found = value if isinstance(value, str) else value.decode("latin-1")
+    if found is None:
+        return None
+    match = _BEARER.match(found)
+    if match is None:
+        return None
+    if not match.group(1):
+        raise InvalidJwtSvidError("JWT-SVID: 'authorization: Bearer' carries no token")
+    return match.group(1)
 
 
 TrustInput = Source | BundleSet | TrustBundle
@@ -105,7 +143,7 @@ class _Memo:
         self,
         policy: AuthorizationPolicy | None,
         local: TrustDomain | None,
-        verified: int,
+        verified: tuple[int, int],
         forwarded: int,
         candidate: AuthorizationPolicy | None = None,
         bundles: BundleSet | None = None,
@@ -167,11 +205,15 @@ class Authorizer:
         self._worker = Worker("meshid-policy-watch", self._watch)
         self.revoked: Callable[[PeerIdentity], bool] | None = None
         self.audit_writer = audit.AuditWriter()
-        self._memo = _Memo(None, None, 0, 0)
+        self._jwt = JwtVerifier(bundles, clock=clock)
+        # The server's own SPIFFE ID: the audience a JWT-SVID must name unless the policy lists others.
+        self._own_id: SpiffeId | None = None
+        self._memo = _Memo(None, None, (0, 0), 0)
         self._own_td_set: tuple[TrustDomain | None, frozenset[TrustDomain]] | None = None
         # The server's own trust domain, read from the source when it changes, not per call.
         self._own_td: TrustDomain | None = None
         self._own_td_known = False
+        self._own_audience: tuple[SpiffeId, frozenset[str]] | None = None
         if self._source is None:
             fixed = bundles()
             self._own_td, self._own_td_known = (next(iter(fixed)) if len(fixed) == 1 else None), True
@@ -270,7 +312,7 @@ class Authorizer:
             or memo.candidate is not candidate
             or memo.local is not local
             or memo.bundles is not bundles
-            or memo.verified != self._verifier.generation
+            or memo.verified != (self._verifier.generation, self._jwt.generation)
             or memo.forwarded != (self._forwarded.generation if self._forwarded is not None else 0)
         ):
             return None
@@ -295,7 +337,7 @@ class Authorizer:
         # the candidate policy's decision (a dry run), as a record only where it differs.
         memo = self._current_memo(policy, local, candidate, bundles)
         if memo is None:
-            verified = self._verifier.generation
+            verified = (self._verifier.generation, self._jwt.generation)
             forwarded = self._forwarded.generation if self._forwarded is not None else 0
             memo = self._memo = _Memo(policy, local, verified, forwarded, candidate, bundles)
         hit = memo.cache.get(key)
@@ -356,11 +398,41 @@ class Authorizer:
             return self._own_td
         assert self._source is not None, "a fixed bundle set's trust domain is known from the start"
         try:
-            own = self._source.get_svid().spiffe_id.trust_domain
+            own_id = self._source.get_svid().spiffe_id
         except MeshIdError:  # no SVID yet: asked again at the next call, until the source has one
             return None
-        self._own_td, self._own_td_known = own, True
-        return own
+        self._own_id = own_id
+        self._own_td, self._own_td_known = own_id.trust_domain, True
+        return own_id.trust_domain
+
+    def _audiences(self, policy: AuthorizationPolicy) -> frozenset[str] | None:
+        """What a JWT-SVID's aud must name: the policy's jwt_audiences, else this server's SPIFFE ID."""
+        if policy.jwt_audiences:
+            return policy.jwt_audiences
+        self._own_trust_domain()  # reads the own SPIFFE ID when the source changed
+        own = self._own_id
+        if own is None:
+            return None
+        cached = self._own_audience
+        if cached is None or cached[0] != own:
+            cached = self._own_audience = (own, frozenset({str(own)}))
+        return cached[1]
+
+    def _jwt_identity(
+        self, policy: AuthorizationPolicy, token: str, auth_context: Mapping[str, Sequence[bytes]]
+    ) -> PeerIdentity:
+        """The caller named by a bearer token.
+
+        Raises:
+            InvalidJwtSvidError: the token is refused, or this server knows no audience to accept.
+        """
+        audiences = self._audiences(policy)
+        if audiences is None:
+            raise InvalidJwtSvidError(
+                "JWT-SVID: this server has no SPIFFE ID of its own to be the token's audience; "
+                "list the audiences it accepts in the policy's jwt_audiences"
+            )
+        return self._jwt.identify(token, audiences, auth_context)
 
     def source_changed(self) -> None:
         """The source's SVID may have changed: read its trust domain again at the next call."""
@@ -370,17 +442,28 @@ class Authorizer:
         self,
         policy: AuthorizationPolicy,
         auth_context: Mapping[str, Sequence[bytes]],
+        metadata: Metadata,
         method: str,
         peer_address: str | Callable[[], str] | None,
         known: bool,
     ) -> PeerIdentity | None:
-        # Open to every caller; a peer that does verify is still named to the handler.
-        try:
-            identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
-        except VerificationError:
-            identity = None
-        if identity is not None and self.revoked is not None and self.revoked(identity):
-            identity = None
+        # Open to every caller; a peer that does verify (by a token the policy accepts, else
+        # by its certificate) is still named to the handler.
+        identity: PeerIdentity | None = None
+        if policy.accepts_jwt:
+            try:
+                token = bearer_token(_materialize(metadata))
+                if token is not None:
+                    identity = self._jwt_identity(policy, token, auth_context)
+            except InvalidJwtSvidError:
+                identity = None
+        if identity is None:
+            try:
+                identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
+            except VerificationError:
+                identity = None
+            if identity is not None and self.revoked is not None and self.revoked(identity):
+                identity = None
         opened = Decision(True, None, audit.OPEN)
         self._record(policy, opened, method, identity, peer_address=peer_address, known=known)
         return identity
@@ -412,51 +495,34 @@ class Authorizer:
         expired, or been revoked, since the call was authorized."""
         if identity.not_after < self._clock.now():
             expired = identity.not_after.isoformat()
-            message = f"peer {identity.describe()}: certificate expired at {expired}, during the call"
+            what = "JWT-SVID" if identity.source == "jwt" else "certificate"
+            message = f"peer {identity.describe()}: {what} expired at {expired}, during the call"
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
+        if identity.source == "jwt":  # a token has no serial to revoke; its short exp is the bound
+            return None
         if self.revoked is not None and self.revoked(identity):
             message = f"peer {identity.describe()}: certificate serial {identity.serial:x} was revoked during the call"
             log.warning("authz: ending a stream: %s", message)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         return None
 
-    def authorize(
+    def _x509_identity(
         self,
+        policy: AuthorizationPolicy,
         auth_context: Mapping[str, Sequence[bytes]],
         method: str,
         metadata: Metadata,
-        peer_address: str | Callable[[], str] | None = None,
-        *,
-        known: bool = True,
-    ) -> PeerIdentity | Refusal | None:
-        """Decide one call: the verified peer when allowed, else the refusal to send.
-
-        ``known`` says whether the server implements ``method``: an unknown method's name is
-        the caller's to choose, so it is decided without the memo and counted as ``(unknown)``.
-        None means an unauthenticated method called by a peer that could not be verified.
-        """
-        policy = self._policy  # one read: the whole call sees one policy
-        if method in self._open_methods:
-            return self._open_call(policy, auth_context, method, peer_address, known)
-        if known:
-            memoised = self._memoised(policy, auth_context, method, peer_address)
-            if memoised is not None:
-                return memoised
-        bundles = self._bundles()  # before the peer is verified (see _memo_decide)
+        peer_address: str | Callable[[], str] | None,
+        known: bool,
+    ) -> tuple[PeerIdentity, bool] | Refusal:
+        """The caller named by the connection's client certificate (or the one a trusted proxy
+        forwarded) and whether it called directly (not forwarded), or the refusal: unverified or revoked."""
         try:
             identity = self._verifier.identify(auth_context, non_spiffe_from=self._non_spiffe_from(policy))
         except VerificationError as err:
             denied = Decision(False, None, "unauthenticated")
             self._record(policy, denied, method, None, peer_address=peer_address, error=str(err), known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
-        if identity.tls_version not in (None, "TLSv1.3") and not policy.allow_tls12:
-            message = (
-                f"peer {identity.describe()}: the connection negotiated {identity.tls_version}; this server "
-                "requires TLS 1.3 (a policy may set allow_tls12 to admit TLS 1.2)"
-            )
-            denied = Decision(False, None, "unauthenticated")
-            self._record(policy, denied, method, None, peer_address=peer_address, error=message, known=known)
-            return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         if self.revoked is not None and self.revoked(identity):
             message = f"peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
             denied = Decision(False, None, "revoked")
@@ -477,11 +543,66 @@ class Authorizer:
                 message = f"forwarded peer {identity.describe()}: certificate serial {identity.serial:x} is revoked"
                 self._record(policy, Decision(False, None, "revoked"), method, identity, error=message, known=known)
                 return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
+        return identity, direct
+
+    def authorize(
+        self,
+        auth_context: Mapping[str, Sequence[bytes]],
+        method: str,
+        metadata: Metadata,
+        peer_address: str | Callable[[], str] | None = None,
+        *,
+        known: bool = True,
+    ) -> PeerIdentity | Refusal | None:
+        """Decide one call: the verified peer when allowed, else the refusal to send.
+
+        ``known`` says whether the server implements ``method``: an unknown method's name is
+        the caller's to choose, so it is decided without the memo and counted as ``(unknown)``.
+        None means an unauthenticated method called by a peer that could not be verified.
+        """
+        policy = self._policy  # one read: the whole call sees one policy
+        if method in self._open_methods:
+            return self._open_call(policy, auth_context, metadata, method, peer_address, known)
+        if known and not policy.accepts_jwt:  # under a policy that takes tokens, a token may decide
+            memoised = self._memoised(policy, auth_context, method, peer_address)
+            if memoised is not None:
+                return memoised
+        bundles = self._bundles()  # before the peer is verified (see _memo_decide)
+        identity: PeerIdentity | None = None
+        direct = True  # a direct certificate peer, filed in the memo under its connection
+        if policy.accepts_jwt:
+            metadata = tuple(_materialize(metadata) or ())  # read once: for the token, then for headers
+            try:
+                token = bearer_token(metadata)
+                if token is not None:
+                    identity, direct = self._jwt_identity(policy, token, auth_context), False
+                elif not policy.accepts_x509:
+                    raise InvalidJwtSvidError(
+                        "JWT-SVID: none sent; this server accepts callers by JWT-SVID only "
+                        "(send 'authorization: Bearer <JWT-SVID>')"
+                    )
+            except InvalidJwtSvidError as err:
+                denied = Decision(False, None, "unauthenticated")
+                self._record(policy, denied, method, None, peer_address=peer_address, error=str(err), known=known)
+                return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {err}")
+        if identity is None:
+            verified = self._x509_identity(policy, auth_context, method, metadata, peer_address, known)
+            if isinstance(verified, Refusal):
+                return verified
+            identity, direct = verified
+        if identity.tls_version not in (None, "TLSv1.3") and not policy.allow_tls12:
+            message = (
+                f"peer {identity.describe()}: the connection negotiated {identity.tls_version}; this server "
+                "requires TLS 1.3 (a policy may set allow_tls12 to admit TLS 1.2)"
+            )
+            denied = Decision(False, None, "unauthenticated")
+            self._record(policy, denied, method, None, peer_address=peer_address, error=message, known=known)
+            return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
         local = self._own_trust_domain()  # one read: the whole call sees one local trust domain
         candidate = self.candidate.policy  # one read, as for the policy
         if known and not policy.uses_headers and (candidate is None or not candidate.uses_headers):
             key: tuple[object, ...]
-            if direct:  # filed as _memoised looks it up
+            if direct:  # filed as _memoised looks it up; a JWT or forwarded peer under its identity object
                 key = _connection_key(auth_context["x509_pem_cert"][0], auth_context, method)
             else:
                 key = (id(identity), method)  # the entry holds identity: its id() is not reused meanwhile

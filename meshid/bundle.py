@@ -275,11 +275,16 @@ class TrustBundle:
             raise InvalidBundleError(f"trust bundle for {td}: a SPIFFE bundle is a JSON object with a 'keys' list")
         roots = []
         jwt_keys: list[tuple[str, PublicKey]] = []
+        jwt_error: InvalidBundleError | None = None
         for index, key in enumerate(doc["keys"]):
             if not isinstance(key, dict):
                 raise InvalidBundleError(f"trust bundle for {td}: key {index} is not an object")
             if key.get("use") == "jwt-svid":
-                jwt_keys.append(_read_jwt_jwk(td, index, key))
+                try:
+                    jwt_keys.append(_read_jwt_jwk(td, index, key))
+                except InvalidBundleError as err:
+                    # Reported after the roots are checked: a bundle with no root is refused for that first.
+                    jwt_error = jwt_error or err
                 continue
             if key.get("use") != "x509-svid":
                 continue
@@ -298,6 +303,8 @@ class TrustBundle:
             roots.append(cert)
         if not roots:
             raise InvalidBundleError(f"trust bundle for {td}: no 'x509-svid' key with a certificate")
+        if jwt_error is not None:
+            raise jwt_error
         sequence = doc.get("spiffe_sequence")
         hint = doc.get("spiffe_refresh_hint")
         try:

@@ -13,38 +13,62 @@ What is verified where:
   ``grpc.ssl_target_name_override``. Under a root that several trust domains share, the pin
   still holds because each meshid intermediate carries a DNS name constraint permitting only
   its own trust domain's identity names, which grpcio's BoringSSL enforces in the handshake.
+* Per call, with :func:`jwt_call_credentials`: a JWT-SVID from a :class:`~meshid.JwtSource`
+  rides as ``authorization: Bearer <token>`` (the JWT-SVID standard §5.3), for a server whose
+  policy accepts JWT-SVIDs, also across a hop that terminates the client's TLS.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
-from typing import Any
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from meshid._cache import BoundedCache
 from meshid._grpc import ServerConfigs
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import InvalidSpiffeIdError, MeshIdError, SourceError
 from meshid.sources import Source, require_source
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid, identity_dns_name
 
-__all__ = ["channel_credentials", "server_credentials"]
+if TYPE_CHECKING:
+    from meshid.jwtsvid import JwtSvid
+    from meshid.sources import JwtSource
+
+__all__ = ["channel_credentials", "jwt_call_credentials", "server_credentials"]
 
 ServerId = SpiffeId | TrustDomain | str
 
-def server_credentials(source: Source) -> grpc.ServerCredentials:
+
+def server_credentials(source: Source, *, require_client_certificate: bool = True) -> grpc.ServerCredentials:
     """Server credentials that require a client certificate and present the source's current SVID.
 
     The source is consulted on every new TLS handshake, so a rotated SVID or bundle is used
     from the next connection on without a restart.
 
+    Args:
+        source: the identity source.
+        require_client_certificate: True (the default) requires and verifies a client
+            certificate in the handshake. False is for a listener whose callers authenticate
+            by JWT-SVID only (the policy's ``identity_sources: [jwt]``), such as one behind a
+            hop that terminates the client's TLS: no client certificate is asked for, so none
+            can identify a caller there.
+
     Raises:
         TypeError: ``source`` is not a source.
         SourceError: the source has no SVID yet.
     """
+    if not isinstance(require_client_certificate, bool):
+        raise TypeError("require_client_certificate must be True or False")
     configs = ServerConfigs(require_source(source))
-    return grpc.dynamic_ssl_server_credentials(configs.current(), configs.fetch, require_client_authentication=True)
+    return grpc.dynamic_ssl_server_credentials(
+        configs.current(), configs.fetch, require_client_authentication=require_client_certificate
+    )
 
 
 #: Types already checked to be sources: a runtime Protocol ``isinstance`` costs tens of
@@ -149,3 +173,68 @@ def _credentials(svid: X509Svid, roots: bytes) -> grpc.ChannelCredentials:
     creds = grpc.ssl_channel_credentials(roots, key, chain)
     _LAST[:] = [(svid, roots, creds), *_LAST[:3]]  # a few SVIDs (sources) at once, the newest first
     return creds
+
+
+class _JwtPlugin(grpc.AuthMetadataPlugin):
+    """Attaches a JWT-SVID for one audience to each call, fetched again after half its lifetime."""
+
+    def __init__(self, source: JwtSource, audience: tuple[str, ...], spiffe_id: SpiffeId | None, clock: Clock) -> None:
+        self._source, self._audience, self._spiffe_id, self._clock = source, audience, spiffe_id, clock
+        self._lock = threading.Lock()
+        self._current: tuple[JwtSvid, datetime.datetime, tuple[tuple[str, str], ...]] | None = None
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        now = self._clock.now()
+        current = self._current
+        if current is not None and now < current[1]:
+            return current[2]
+        with self._lock:  # one fetch at a time; the others then take its token
+            current = self._current
+            if current is not None and now < current[1]:
+                return current[2]
+            svid = self._source.fetch_jwt_svid(self._audience, self._spiffe_id)
+            issued = svid.issued_at if svid.issued_at is not None and svid.issued_at <= now else now
+            refresh = issued + (svid.expiry - issued) / 2
+            self._current = (svid, refresh, (("authorization", f"Bearer {svid.token}"),))
+            return self._current[2]
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        try:
+            metadata = self._metadata()
+        except Exception as err:  # grpc fails the call with the error; the token never appears in it
+            callback((), SourceError(f"JWT-SVID: cannot fetch one for audience {list(self._audience)}: {err}"))
+            return
+        callback(metadata, None)
+
+
+def jwt_call_credentials(
+    source: JwtSource,
+    *,
+    audience: str | Sequence[str],
+    spiffe_id: SpiffeId | str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> grpc.CallCredentials:
+    """Per-call credentials that send a JWT-SVID from ``source`` as ``authorization: Bearer``.
+
+    The token for ``audience`` is fetched on the first call and again once half its lifetime
+    has passed; calls in between reuse it. Combine it with TLS channel credentials
+    (``grpc.composite_channel_credentials``): grpc sends call credentials over secure channels only.
+
+    Args:
+        source: any :class:`~meshid.JwtSource` (the Workload API, the issuing service).
+        audience: the audience (or audiences) the token is for: the server's SPIFFE ID, or an
+            audience its policy lists in ``jwt_audiences``.
+        spiffe_id: which of the workload's identities to fetch a token for (default: its own).
+        clock: when a token is due for renewal is judged on this clock.
+
+    Raises:
+        TypeError: ``source`` has no ``fetch_jwt_svid``.
+        ValueError: no audience.
+    """
+    if not callable(getattr(source, "fetch_jwt_svid", None)):
+        raise TypeError(f"source must be a JwtSource (with fetch_jwt_svid), not {type(source).__name__}")
+    audiences = (audience,) if isinstance(audience, str) else tuple(audience)
+    if not audiences or not all(isinstance(a, str) and a for a in audiences):
+        raise ValueError("audience: give the audience (or audiences) the token is for, such as the server's SPIFFE ID")
+    sid = SpiffeId.parse(spiffe_id) if isinstance(spiffe_id, str) else spiffe_id
+    return grpc.metadata_call_credentials(_JwtPlugin(source, audiences, sid, clock), name="meshid-jwt-svid")

@@ -1,9 +1,12 @@
-"""Who is calling: a :class:`PeerIdentity` built from a call's TLS auth context.
+"""Who is calling: a :class:`PeerIdentity` built from a call's TLS auth context, or from the
+JWT-SVID it sent.
 
 grpcio's ``peer_spiffe_id`` only says what the certificate claims. :class:`PeerVerifier`
 re-verifies the chain against the bundle of that SPIFFE ID's own trust domain, applies the
 X509-SVID leaf rules, and caches the result per certificate, so a certificate is parsed and
-verified once, not on every call.
+verified once, not on every call. :class:`JwtVerifier` does the same for a bearer JWT-SVID:
+validated once (signature by a JWT key of its trust domain, times, audience), then cached by
+the token's SHA-256 until it expires.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import datetime
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cryptography import x509
 
@@ -21,9 +26,15 @@ from meshid._cache import BoundedCache
 from meshid.bundle import BundleSet
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import MeshIdError, VerificationError
+from meshid.jwtsvid import JwtSvid
 from meshid.spiffeid import SpiffeId, TrustDomain
 
-__all__ = ["PeerIdentity", "PeerVerifier", "peer_identity"]
+__all__ = ["JwtVerifier", "PeerIdentity", "PeerVerifier", "peer_identity"]
+
+#: Where a caller's identity came from: its TLS client certificate, or a JWT-SVID it sent.
+IdentitySource = Literal["x509", "jwt"]
+#: Seconds of clock skew a JWT-SVID's exp, nbf and iat are allowed.
+JWT_LEEWAY = 30.0
 
 #: Longest refusal reason a cache keeps (a parser's message can quote what it choked on).
 _MAX_REASON = 1024
@@ -46,6 +57,12 @@ class PeerIdentity:
 
     ``spiffe_id`` is None only for a non-SPIFFE client certificate admitted by a policy with
     ``allow_non_spiffe_peers``; ``trust_domain`` is then the trust domain whose bundle vouched.
+
+    ``source`` says where the identity came from: ``"x509"``, the TLS client certificate (the
+    default, and the only source unless the policy accepts JWT-SVIDs), or ``"jwt"``, a JWT-SVID
+    the caller sent as ``authorization: Bearer``. A JWT peer has no certificate: ``jwt_svid``
+    is the validated token, ``uri_sans`` its SPIFFE ID, ``not_after`` its expiry, ``subject``
+    and ``thumbprint`` empty; ``tls_version`` and ``key_exchange_group`` are the connection's.
     """
 
     spiffe_id: SpiffeId | None
@@ -64,6 +81,28 @@ class PeerIdentity:
     signature_algorithm: str | None = None
     #: The algorithm of the signature its CA put on the leaf (``ML-DSA-65``, ``ECDSA-P256``...).
     issuer_signature_algorithm: str | None = None
+    source: IdentitySource = "x509"
+    jwt_svid: JwtSvid | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_jwt_svid(
+        cls, svid: JwtSvid, *, tls_version: str | None = None, key_exchange_group: str | None = None
+    ) -> PeerIdentity:
+        """Describe the caller named by a validated JWT-SVID."""
+        return cls(
+            spiffe_id=svid.spiffe_id,
+            trust_domain=svid.spiffe_id.trust_domain,
+            subject="",
+            common_name=None,
+            thumbprint="",
+            certificate=None,
+            not_after=svid.expiry,
+            uri_sans=(str(svid.spiffe_id),),
+            tls_version=tls_version,
+            key_exchange_group=key_exchange_group,
+            source="jwt",
+            jwt_svid=svid,
+        )
 
     @property
     def serial(self) -> int | None:
@@ -226,6 +265,65 @@ class PeerVerifier:
         )
 
 
+class JwtVerifier:
+    """Validates callers' JWT-SVIDs against a bundle set, caching each validated token.
+
+    A validated token is kept under its SHA-256 (a fixed-size key, whatever the token's
+    size) with the connection's TLS facts, until its ``exp``, never longer; the cache is
+    bounded by entries and starts over when the bundle set or the audiences change. Refused
+    tokens are not kept: a refusal can depend on the time (not yet valid).
+    """
+
+    def __init__(
+        self,
+        bundles: Callable[[], BundleSet],
+        *,
+        cache_size: int = 4096,
+        clock: Clock = SYSTEM_CLOCK,
+        leeway: float = JWT_LEEWAY,
+    ) -> None:
+        self._bundles = bundles
+        # A PeerIdentity with its JwtSvid (the token, its claims) is a few KB at most: tokens are <= 8 KiB.
+        self._cache: BoundedCache[tuple[bytes, str | None, str | None], PeerIdentity] = BoundedCache(
+            max_entries=cache_size, max_bytes=cache_size * 12 * 1024
+        )
+        self._cache_for: tuple[BundleSet, frozenset[str]] | None = None
+        self._clock = clock
+        self._leeway = leeway
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the cached identities are dropped."""
+        return self._cache.generation
+
+    def identify(
+        self, token: str, audiences: frozenset[str], auth: Mapping[str, Sequence[bytes]] | None = None
+    ) -> PeerIdentity:
+        """The caller named by ``token``, which must name one of ``audiences``.
+
+        Raises:
+            InvalidJwtSvidError: the token is refused; the message says why.
+        """
+        bundles = self._bundles()
+        cache = self._cache
+        scope = self._cache_for
+        if scope is None or scope[0] is not bundles or scope[1] != audiences:
+            cache.clear()
+            self._cache_for = scope = (bundles, audiences)
+        tls_version = _one(auth, "ssl_tls_version") if auth is not None else None
+        group = _one(auth, "ssl_negotiated_key_exchange_group") if auth is not None else None
+        key = (hashlib.sha256(token.encode()).digest(), tls_version, group)
+        now = self._clock.now()
+        hit = cache.get(key)
+        if hit is not None and now < hit.not_after and hit.jwt_svid is not None and hit.jwt_svid.token == token:
+            return hit
+        svid = JwtSvid.parse_and_validate(token, bundles, audiences, now=now, leeway=self._leeway)
+        identity = PeerIdentity.from_jwt_svid(svid, tls_version=tls_version, key_exchange_group=group)
+        if now < identity.not_after and self._cache_for is scope:  # never past exp, never for a replaced set
+            cache.put(key, identity, 2 * len(token) + 4096)
+        return identity
+
+
 _CURRENT: contextvars.ContextVar[PeerIdentity | None] = contextvars.ContextVar("meshid_peer", default=None)
 _ATTR = "_meshid_peer_identity"
 
@@ -249,6 +347,9 @@ def reset_current(token: contextvars.Token[PeerIdentity | None]) -> None:
 
 def peer_identity(context: object) -> PeerIdentity:
     """The verified identity of the caller, inside a handler behind meshid's interceptor.
+
+    ``source`` says whether it came from the TLS client certificate (``"x509"``) or from a
+    JWT-SVID (``"jwt"``, with the validated token in ``jwt_svid``).
 
     Raises:
         MeshIdError: the call did not pass through :class:`meshid.AuthorizationInterceptor`.

@@ -18,6 +18,8 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import meshid
 from meshid.ca import Authority, generate_key
@@ -300,3 +302,20 @@ def test_py_spiffe_validates_a_token_meshid_signed(ca: Authority) -> None:
         token, spiffe.JwtBundle.parse(spiffe.TrustDomain("example.org"), jwt_keys), {SERVER}
     )
     assert str(theirs.spiffe_id) == str(CALLER)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.builds(lambda a, b, c: f"{a}.{b}.{c}", *[st.text("ABCDEFabcdef0123456789-_", max_size=60)] * 3),
+        st.builds(
+            lambda h, c: f"{_b64(h)}.{_b64(c)}.AA",
+            st.binary(max_size=80),
+            st.binary(max_size=80),
+        ),
+    )
+)
+def test_any_input_is_refused_with_a_jwt_svid_error_and_nothing_else(bundles: meshid.BundleSet, token: str) -> None:
+    with pytest.raises(meshid.InvalidJwtSvidError):
+        meshid.JwtSvid.parse_and_validate(token, bundles, [SERVER], now=NOW)

@@ -155,6 +155,8 @@ def peer_fields(peer: PeerIdentity | None) -> dict[str, object]:
         # DNS SANs decide only for a peer without a SPIFFE ID (dns_names rules, gRPC principals)
         "dns_sans": list(peer.dns_sans) if peer.spiffe_id is None else [],
         "key_exchange": peer.key_exchange_group,
+        # only for a caller named by a JWT-SVID: certificate callers' records stay as they were
+        **({"identity_source": "jwt"} if peer.source == "jwt" else {}),
     }
 
 

@@ -21,6 +21,11 @@ one certificate. The scope is checked per condition, after the index lookup, in 
 
 A deny rule's ``trust_domains`` also matches a peer without a SPIFFE ID that a listed trust
 domain's bundle vouched for; an allow rule's ``trust_domains`` matches SPIFFE peers only.
+
+A peer identified by a JWT-SVID (``peer.source == "jwt"``) has a SPIFFE ID and no certificate:
+SPIFFE ID, pattern, trust domain and URI principal conditions match it; subject patterns,
+thumbprints and DNS names never do. A rule's ``identity_sources``, when set, narrows which
+sources of identity it matches (e.g. an admin rule for certificates only).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ __all__ = ["Decision", "Rule", "StringMatch"]
 Action = Literal["allow", "deny"]
 #: (kind, value): kind is "exact", "prefix", "suffix", "present" (non-empty) or "any".
 StringMatch = tuple[str, str]
+#: Where a caller's identity may come from: its TLS client certificate, or a JWT-SVID.
+IDENTITY_SOURCES = ("x509", "jwt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,8 @@ class Rule:
     any_peer: bool = False
     headers: tuple[HeaderMatch, ...] = ()
     vouched_by: frozenset[TrustDomain] = frozenset()
+    #: The identity sources this rule matches ("x509", "jwt"); empty: whatever the policy accepts.
+    identity_sources: frozenset[str] = frozenset()
 
     def method_matches(self, method: str) -> bool:
         return any(string_matches(kind, text, method) for kind, text in self.methods)
@@ -100,7 +109,7 @@ class Rule:
         sid = str(peer.spiffe_id) if peer.spiffe_id is not None else None
         if sid is not None and any(p.fullmatch(sid) for p in self.spiffe_id_patterns):
             return True
-        if vouched and any(p.fullmatch(peer.subject) for p in self.subject_patterns):
+        if vouched and peer.source == "x509" and any(p.fullmatch(peer.subject) for p in self.subject_patterns):
             return True
         if self.principals and (vouched or peer.uri_sans):
             names = principal_names(peer)
@@ -236,6 +245,8 @@ class _Index:
         ]
         for i in sorted((*candidates, *scanned)):
             rule = self.rules[i]
+            if rule.identity_sources and peer.source not in rule.identity_sources:
+                continue
             if rule.method_matches(method) and (
                 not rule.headers or (headers is not None and all(h.matches(headers) for h in rule.headers))
             ):
@@ -293,6 +304,8 @@ class ParsedPolicy:
     non_spiffe_trust_domains: frozenset[TrustDomain] = frozenset()
     require_pq_key_exchange: bool = False
     allow_tls12: bool = False
+    identity_sources: frozenset[str] = frozenset({"x509"})
+    jwt_audiences: frozenset[str] = frozenset()
     audit_condition: str | None = None
     require_pq_signature: bool = False
     audit_loggers: list[str] = field(default_factory=list)

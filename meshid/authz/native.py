@@ -7,6 +7,9 @@
     require_pq_key_exchange: false     # optional
     require_pq_signature: false        # optional: the peer authenticated with ML-DSA (pqtls path)
     allow_tls12: false                 # optional: admit peers that negotiated TLS 1.2
+    identity_sources: [x509]           # optional: [x509] (default), [x509, jwt] or [jwt]
+    jwt_audiences: [greeter]           # optional: what a JWT-SVID's aud may name (default: this
+                                       # server's own SPIFFE ID)
     audit_condition: ON_DENY_AND_ALLOW # optional: NONE, ON_DENY, ON_ALLOW (gRFC A59's values)
     deny:                              # consulted first
       - name: no-legacy
@@ -25,6 +28,10 @@
         methods: ["*"]
         subject_patterns: ['CN=batch,O=Partner']
         vouched_by: [partner.example.org]   # whose CA may vouch for these subjects and DNS names
+      - name: admin
+        methods: [/helloworld.Admin/*]
+        spiffe_ids: [spiffe://example.org/ns/prod/sa/ops]
+        identity_sources: [x509]            # this rule: certificates only, even if the policy takes jwt
 
 Every rule needs a ``name``, ``methods`` and at least one "who" key (or ``any_peer: true``).
 Unknown keys are errors: a misspelt key must never silently widen or narrow a rule.
@@ -35,6 +42,15 @@ rule's ``vouched_by``, else the trust domains ``allow_non_spiffe_peers`` lists, 
 server's own trust domain. ``vouched_by`` is refused on a rule with neither condition, where
 it would scope nothing. A deny rule's ``trust_domains`` also covers certificates without a
 SPIFFE ID vouched for by those trust domains; an allow rule's matches SPIFFE peers only.
+
+``identity_sources`` says where a caller's identity may come from: ``x509`` (its TLS client
+certificate, the default) and/or ``jwt`` (a JWT-SVID sent as ``authorization: Bearer``; never
+accepted unless listed). A call that carries a bearer token under a policy that accepts ``jwt``
+is decided by the token, even when the connection also has a client certificate (behind a
+TLS-terminating hop the certificate names the hop); a bad token is refused, never passed over
+for the certificate. ``jwt_audiences`` lists what the token's ``aud`` may name; without it, the
+server's own SPIFFE ID. A rule's ``identity_sources`` narrows the sources it matches and must be
+among the policy's. A JWT peer matches SPIFFE ID, pattern and trust domain conditions only.
 
 ``audit_condition`` chooses which decisions are recorded on the ``meshid.audit`` logger, as a
 gRPC authz policy's ``audit_logging_options.audit_condition`` does; without it every decision
@@ -48,7 +64,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshid.authz.grpc_json import AUDIT_CONDITIONS  # gRFC A59's names, for both formats
-from meshid.authz.model import ParsedPolicy, Rule
+from meshid.authz.model import IDENTITY_SOURCES, ParsedPolicy, Rule
 from meshid.authz.patterns import compile_spiffe_id_pattern, compile_subject_pattern, method_pattern, show
 from meshid.errors import InvalidPolicyError, InvalidSpiffeIdError
 from meshid.spiffeid import SpiffeId, TrustDomain
@@ -64,10 +80,14 @@ _TOP_KEYS = {
     "require_pq_signature",
     "allow_tls12",
     "audit_condition",
+    "identity_sources",
+    "jwt_audiences",
 }
 #: gRFC A59's audit conditions.
 _WHO_KEYS = ("spiffe_ids", "spiffe_id_patterns", "trust_domains", "subject_patterns", "thumbprints", "dns_names")
-_RULE_KEYS = {"name", "methods", "any_peer", "vouched_by", *_WHO_KEYS}
+_RULE_KEYS = {"name", "methods", "any_peer", "vouched_by", "identity_sources", *_WHO_KEYS}
+#: The longest audience a policy may list (a SPIFFE ID is at most 2048 bytes).
+_MAX_AUDIENCE = 2048
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DNS = re.compile(r"(?=.{1,253}$)(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -95,7 +115,43 @@ def _each(values: list[str], convert: Callable[[str], Any]) -> list[Any]:
     return [convert(v) for v in values]
 
 
-def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rule:
+def identity_sources(value: Any, where: str) -> frozenset[str]:
+    """A non-empty list of "x509" and/or "jwt".
+
+    Raises:
+        InvalidPolicyError: anything else.
+    """
+    if (
+        not isinstance(value, list | tuple | frozenset | set)
+        or not value
+        or not all(isinstance(v, str) and v in IDENTITY_SOURCES for v in value)
+    ):
+        raise InvalidPolicyError(
+            f"{where}: 'identity_sources' must be a non-empty list of {' and/or '.join(IDENTITY_SOURCES)}, "
+            f"not {show(value)}"
+        )
+    return frozenset(value)
+
+
+def jwt_audiences(value: Any, where: str) -> frozenset[str]:
+    """A non-empty list of non-empty audience strings.
+
+    Raises:
+        InvalidPolicyError: anything else.
+    """
+    if (
+        not isinstance(value, list | tuple | frozenset | set)
+        or not value
+        or not all(isinstance(v, str) and 0 < len(v) <= _MAX_AUDIENCE for v in value)
+    ):
+        raise InvalidPolicyError(
+            f"{where}: 'jwt_audiences' must be a non-empty list of audience strings (at most "
+            f"{_MAX_AUDIENCE} characters each); omit it to accept tokens for this server's own SPIFFE ID"
+        )
+    return frozenset(value)
+
+
+def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str], sources: frozenset[str]) -> Rule:
     where = f"policy {origin}: {action} rule #{index + 1}"
     if not isinstance(raw, Mapping):
         raise InvalidPolicyError(f"{where}: must be a mapping")
@@ -132,6 +188,12 @@ def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rul
         raise InvalidPolicyError(
             f"{where}: 'vouched_by' scopes subject_patterns and dns_names, and this rule has neither"
         )
+    rule_sources = identity_sources(raw["identity_sources"], where) if "identity_sources" in raw else frozenset()
+    if rule_sources - sources:
+        raise InvalidPolicyError(
+            f"{where}: 'identity_sources' names {', '.join(sorted(rule_sources - sources))}, which the policy "
+            f"does not accept (its identity_sources: {', '.join(sorted(sources))})"
+        )
     try:
         return Rule(
             name=name,
@@ -145,6 +207,7 @@ def _rule(raw: Any, action: str, index: int, origin: str, seen: set[str]) -> Rul
             dns_names=frozenset(_each(lists["dns_names"], _dns)),
             any_peer=any_peer,
             vouched_by=frozenset(_each(vouched_by or [], _trust_domain)),
+            identity_sources=rule_sources,
         )
     except (InvalidPolicyError, InvalidSpiffeIdError) as err:
         raise InvalidPolicyError(f"{where}: {err}") from err
@@ -216,6 +279,13 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
     if not isinstance(name, str):
         raise InvalidPolicyError(f"policy {origin}: 'name' must be a string")
     non_spiffe = _non_spiffe(data.get("allow_non_spiffe_peers", False), origin)
+    sources = identity_sources(data["identity_sources"], f"policy {origin}") if "identity_sources" in data else None
+    audiences = jwt_audiences(data["jwt_audiences"], f"policy {origin}") if "jwt_audiences" in data else frozenset()
+    if audiences and (sources is None or "jwt" not in sources):
+        raise InvalidPolicyError(
+            f"policy {origin}: 'jwt_audiences' is set but identity_sources does not list jwt, so no token is accepted"
+        )
+    sources = sources or frozenset({"x509"})
     seen: set[str] = set()
     rules = []
     for action in ("deny", "allow"):
@@ -224,7 +294,7 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
             raw_rules = []
         if not isinstance(raw_rules, list):
             raise InvalidPolicyError(f"policy {origin}: '{action}' must be a list of rules")
-        rules += [_rule(raw, action, i, origin, seen) for i, raw in enumerate(raw_rules)]
+        rules += [_rule(raw, action, i, origin, seen, sources) for i, raw in enumerate(raw_rules)]
     if not any(r.action == "allow" for r in rules):
         raise InvalidPolicyError(f"policy {origin}: has no allow rule, so it would deny every call")
     return ParsedPolicy(
@@ -234,6 +304,8 @@ def parse(data: Mapping[str, Any], *, origin: str) -> ParsedPolicy:
         non_spiffe_trust_domains=frozenset(non_spiffe) if isinstance(non_spiffe, list) else frozenset(),
         require_pq_key_exchange=_flag(data, "require_pq_key_exchange", origin),
         allow_tls12=_flag(data, "allow_tls12", origin),
+        identity_sources=sources,
+        jwt_audiences=audiences,
         audit_condition=_audit_condition(data, origin),
         require_pq_signature=_flag(data, "require_pq_signature", origin),
     )

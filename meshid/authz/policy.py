@@ -127,11 +127,28 @@ class AuthorizationPolicy:
     non_spiffe_trust_domains: frozenset[TrustDomain] = frozenset()
     allow_tls12: bool = False
     origin: str = "<dict>"
+    #: Where a caller's identity may come from: "x509" (its client certificate) and/or "jwt".
+    identity_sources: frozenset[str] = frozenset({"x509"})
+    #: What a JWT-SVID's aud may name; empty means the server's own SPIFFE ID.
+    jwt_audiences: frozenset[str] = frozenset()
     require_pq_signature: bool = False
     _compiled: CompiledRules = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_compiled", CompiledRules(self.rules, self.non_spiffe_trust_domains))
+        object.__setattr__(self, "identity_sources", native.identity_sources(self.identity_sources, "policy"))
+        if self.jwt_audiences:
+            object.__setattr__(self, "jwt_audiences", native.jwt_audiences(self.jwt_audiences, "policy"))
+
+    @property
+    def accepts_jwt(self) -> bool:
+        """Whether a JWT-SVID may identify a caller (``identity_sources`` lists ``jwt``)."""
+        return "jwt" in self.identity_sources
+
+    @property
+    def accepts_x509(self) -> bool:
+        """Whether a TLS client certificate may identify a caller (``identity_sources`` lists ``x509``)."""
+        return "x509" in self.identity_sources
 
     @property
     def uses_headers(self) -> bool:
@@ -147,13 +164,16 @@ class AuthorizationPolicy:
         allow_non_spiffe_peers: bool | Collection[str | TrustDomain] | None = None,
         require_pq_key_exchange: bool | None = None,
         allow_tls12: bool | None = None,
+        identity_sources: Collection[str] | None = None,
+        jwt_audiences: Collection[str] | None = None,
         require_pq_signature: bool | None = None,
     ) -> AuthorizationPolicy:
         """Build a policy from parsed YAML/JSON: gRPC authz format when it has ``allow_rules``, else native.
 
         The keyword options, when given, override the file: a gRPC authz policy has no field
         for them (grpc rejects unknown fields), so this is how such a policy admits peers named
-        by DNS SAN or subject, requires a post-quantum key exchange, or admits TLS 1.2.
+        by DNS SAN or subject, requires a post-quantum key exchange, admits TLS 1.2, or accepts
+        JWT-SVIDs (``identity_sources=["x509", "jwt"]``, and the ``jwt_audiences`` a token may name).
 
         Raises:
             InvalidPolicyError: naming the origin, the rule and what is wrong.
@@ -165,6 +185,16 @@ class AuthorizationPolicy:
             "require_pq_signature": require_pq_signature,
         }
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if identity_sources is not None:
+            overrides["identity_sources"] = native.identity_sources(list(identity_sources), f"policy {origin}")
+            narrower = [r.name for r in policy.rules if r.identity_sources - overrides["identity_sources"]]
+            if narrower:
+                raise InvalidPolicyError(
+                    f"policy {origin}: rule {narrower[0]!r} names an identity source that "
+                    f"identity_sources={sorted(overrides['identity_sources'])} leaves out"
+                )
+        if jwt_audiences is not None:
+            overrides["jwt_audiences"] = native.jwt_audiences(list(jwt_audiences), f"policy {origin}")
         if isinstance(allow_non_spiffe_peers, bool):
             overrides["allow_non_spiffe_peers"] = allow_non_spiffe_peers
         elif allow_non_spiffe_peers is not None:
@@ -194,6 +224,8 @@ class AuthorizationPolicy:
             non_spiffe_trust_domains=parsed_native.non_spiffe_trust_domains,
             require_pq_key_exchange=parsed_native.require_pq_key_exchange,
             allow_tls12=parsed_native.allow_tls12,
+            identity_sources=parsed_native.identity_sources,
+            jwt_audiences=parsed_native.jwt_audiences,
             require_pq_signature=parsed_native.require_pq_signature,
             audit=AuditOptions(parsed_native.audit_condition),
             origin=origin,
@@ -207,6 +239,8 @@ class AuthorizationPolicy:
         allow_non_spiffe_peers: bool | Collection[str | TrustDomain] | None = None,
         require_pq_key_exchange: bool | None = None,
         allow_tls12: bool | None = None,
+        identity_sources: Collection[str] | None = None,
+        jwt_audiences: Collection[str] | None = None,
         require_pq_signature: bool | None = None,
     ) -> AuthorizationPolicy:
         """Load a policy file: ``.json`` is read as JSON, anything else as YAML.
@@ -229,6 +263,8 @@ class AuthorizationPolicy:
             allow_non_spiffe_peers=allow_non_spiffe_peers,
             require_pq_key_exchange=require_pq_key_exchange,
             allow_tls12=allow_tls12,
+            identity_sources=identity_sources,
+            jwt_audiences=jwt_audiences,
             require_pq_signature=require_pq_signature,
         )
 
@@ -247,6 +283,14 @@ class AuthorizationPolicy:
         (``non_spiffe_trust_domains``) names one. None (unknown) leaves that scope empty, so
         such conditions then match nobody.
         """
+        if peer.source not in self.identity_sources:
+            return Decision(
+                False,
+                None,
+                f"the caller is identified by {'a JWT-SVID' if peer.source == 'jwt' else 'its certificate'}, "
+                f"which this policy does not accept (identity_sources: {', '.join(sorted(self.identity_sources))})",
+                explained=True,
+            )
         if peer.spiffe_id is None and not self.allow_non_spiffe_peers:
             return Decision(
                 False,

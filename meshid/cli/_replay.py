@@ -146,6 +146,7 @@ def _past(path: str, number: int, data: dict[str, object]) -> Past | None:
         uri_sans=(caller,) if sid is not None else (),
         dns_sans=tuple(dns),
         key_exchange_group=kex if isinstance(kex, str) else None,
+        source="jwt" if data.get("identity_source") == "jwt" else "x509",
     )
     rule = data["rule"]
     return Past(number, peer, str(data["method"]), data["decision"] == "allow", rule if isinstance(rule, str) else None)
