@@ -133,22 +133,19 @@ class AuthorizationPolicy:
     jwt_audiences: frozenset[str] = frozenset()
     require_pq_signature: bool = False
     _compiled: CompiledRules = field(init=False, repr=False)
+    #: Whether a JWT-SVID may identify a caller (``identity_sources`` lists ``jwt``); read on
+    #: every call, so worked out once.
+    accepts_jwt: bool = field(init=False, repr=False)
+    #: Whether a TLS client certificate may identify a caller (``identity_sources`` lists ``x509``).
+    accepts_x509: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_compiled", CompiledRules(self.rules, self.non_spiffe_trust_domains))
         object.__setattr__(self, "identity_sources", native.identity_sources(self.identity_sources, "policy"))
+        object.__setattr__(self, "accepts_jwt", "jwt" in self.identity_sources)
+        object.__setattr__(self, "accepts_x509", "x509" in self.identity_sources)
         if self.jwt_audiences:
             object.__setattr__(self, "jwt_audiences", native.jwt_audiences(self.jwt_audiences, "policy"))
-
-    @property
-    def accepts_jwt(self) -> bool:
-        """Whether a JWT-SVID may identify a caller (``identity_sources`` lists ``jwt``)."""
-        return "jwt" in self.identity_sources
-
-    @property
-    def accepts_x509(self) -> bool:
-        """Whether a TLS client certificate may identify a caller (``identity_sources`` lists ``x509``)."""
-        return "x509" in self.identity_sources
 
     @property
     def uses_headers(self) -> bool:
