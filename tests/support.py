@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -253,6 +255,49 @@ def eventually(predicate: Callable[[], object], timeout: float, what: str, *, in
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago, for an outside program to listen on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def nginx_process(run: Path, port: int, nginx: str | None = None) -> Iterator[subprocess.Popen[str]]:
+    """nginx in the foreground with prefix ``run`` and config ``run/nginx.conf``; entered once it
+    accepts connections on loopback ``port`` and has written its pid file; always stopped.
+
+    ``nginx`` is the program (default: found by :func:`require_program`, or the test skips).
+    """
+    nginx = nginx or require_program("nginx", "/usr/sbin/nginx")
+    proc = subprocess.Popen(
+        [nginx, "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.PIPE, text=True
+    )
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            log = (run / "error.log").read_text() if (run / "error.log").exists() else ""
+            raise AssertionError(f"nginx exited: {log}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        except OSError:
+            return False
+        return (run / "nginx.pid").exists()
+
+    try:
+        eventually(up, 10, "nginx to listen")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
 
 
 @contextlib.contextmanager

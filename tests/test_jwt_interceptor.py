@@ -18,8 +18,6 @@ import hmac
 import json
 import logging
 import os
-import socket
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
@@ -43,7 +41,9 @@ from support import (
     SERVER_ID,
     aio_server_in_a_thread,
     call,
+    free_port,
     handshake_failed,
+    nginx_process,
     require_program,
 )
 
@@ -463,12 +463,6 @@ http {{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def nginx_hop(tmp_path: Path, ca: Authority, source) -> Iterator[tuple[int, int]]:
     """nginx on a free loopback port, terminating clients' TLS (no client certificate asked) and
@@ -483,7 +477,7 @@ def nginx_hop(tmp_path: Path, ca: Authority, source) -> Iterator[tuple[int, int]
     (svid_dir / "svid.key").chmod(0o600)
     (svid_dir / "bundle.pem").write_bytes(meshid.TrustBundle(ca.trust_domain, ca.roots).to_pem())
     with server(source, _policy(["x509", "jwt"]), client_certificates=True) as upstream:
-        listen = _free_port()
+        listen = free_port()
         conf = NGINX_CONF.format(
             user="user root;" if os.geteuid() == 0 else "",
             run=run,
@@ -493,30 +487,8 @@ def nginx_hop(tmp_path: Path, ca: Authority, source) -> Iterator[tuple[int, int]
             upstream_name=meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID)),
         )
         (run / "nginx.conf").write_text(conf)
-        proc = subprocess.Popen(
-            [nginx, "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", listen), timeout=0.2).close()
-                    break
-                except OSError as err:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log = (run / "error.log").read_text() if (run / "error.log").exists() else ""
-                        raise AssertionError(f"nginx did not start: {log}") from err
-                    time.sleep(0.05)
+        with nginx_process(run, listen, nginx):
             yield listen, upstream
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _through_nginx(port: int, bundles: meshid.BundleSet, creds: grpc.CallCredentials | None = None) -> grpc.Channel:
