@@ -227,6 +227,32 @@ def call(channel: Any, metadata: Any = None) -> tuple[str, str]:
     return "OK", reply.caller
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``meshid ARGS...`` as a real process (60 s at most); ``env`` is the whole environment,
+    by default this one with grpc's own logging kept to errors, so stderr holds what meshid says."""
+    import os
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "meshid.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR"} if env is None else env,
+    )
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Exit code 2 and one line on stderr, never a traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meshid: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 def require_program(name: str, *fallbacks: str) -> str:
     """The path of an outside program a test runs. Missing: skip, unless MESHID_REQUIRE_INTEROP=1
     (set by .ci/run, which installs them) makes it a failure, so CI never passes by skipping."""
