@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import datetime
 import pathlib
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -65,6 +68,54 @@ class RunningCa:
         with AdminClient(self.address, self.folder) as admin:
             admin.create_entry(spiffe_id, dns or [], ttl)
             return str(admin.create_token(spiffe_id).token)
+
+
+#: `meshid agent --renew-at`: the agent's jitter is a fixed 0.1 of the lifetime and must stay
+#: below it, so a little above 0.1 is the earliest renewal it takes (0.02 to 0.12 of the lifetime).
+AGENT_RENEW_AT = "0.12"
+
+
+class Agent:
+    """A `meshid agent --workload-api` process (``extra``: more of its options, such as
+    ``--join-token``), started ready to serve; the test's fixture or finalizer stops it."""
+
+    def __init__(self, running_ca, socket: str, *extra: str) -> None:
+        self.socket = socket
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshid.cli",
+                "agent",
+                "--server",
+                running_ca.address,
+                "--bundle",
+                str(running_ca.bundle_file),
+                "--workload-api",
+                f"unix://{socket}",
+                "--renew-at",
+                AGENT_RENEW_AT,
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.ready = self.proc.stdout.readline()
+        if not self.ready.startswith("agent: "):
+            _, err = self.stop()
+            pytest.fail(f"the agent did not start: {self.ready!r}\n{err}")
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
 
 
 @pytest.fixture
