@@ -563,14 +563,15 @@ class Authorizer:
         policy = self._policy  # one read: the whole call sees one policy
         if method in self._open_methods:
             return self._open_call(policy, auth_context, metadata, method, peer_address, known)
-        if known and not policy.accepts_jwt:  # under a policy that takes tokens, a token may decide
+        accepts_jwt = policy.accepts_jwt  # one read: a property, on the per-call path
+        if known and not accepts_jwt:  # under a policy that takes tokens, a token may decide
             memoised = self._memoised(policy, auth_context, method, peer_address)
             if memoised is not None:
                 return memoised
         bundles = self._bundles()  # before the peer is verified (see _memo_decide)
         identity: PeerIdentity | None = None
         direct = True  # a direct certificate peer, filed in the memo under its connection
-        if policy.accepts_jwt:
+        if accepts_jwt:
             metadata = tuple(_materialize(metadata) or ())  # read once: for the token, then for headers
             try:
                 token = bearer_token(metadata)
