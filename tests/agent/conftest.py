@@ -10,14 +10,14 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from cryptography import x509
 
 import meshid
 from meshid.ca.client import AdminClient
-from meshid.ca.datadir import init_data_dir
+from meshid.ca.datadir import add_key_type, init_data_dir
 from meshid.ca.server import CaServer
 from meshid.clock import ManualClock
 
@@ -31,7 +31,8 @@ CLOCK_LEAD_LIMIT = datetime.timedelta(seconds=280)
 
 
 class RunningCa:
-    """A meshid CA on loopback, in process, that a test can stop and start again on the same port.
+    """A meshid CA on loopback, in process, that a test can stop and start again on the same port;
+    with ``ml_dsa``, an ML-DSA-65 CA beside the classical one.
 
     With ``clock`` it signs on that :class:`ManualClock` (restarts too), so IssuerSources on the
     same clock follow a schedule the test steps."""
@@ -41,10 +42,14 @@ class RunningCa:
         folder: pathlib.Path,
         max_ttl: datetime.timedelta = datetime.timedelta(hours=1),
         clock: ManualClock | None = None,
+        *,
+        ml_dsa: bool = False,
     ) -> None:
         self.folder = folder
         self.clock = clock
         init_data_dir(folder, "example.org", max_ttl=max_ttl)
+        if ml_dsa:  # an ML-DSA-65 CA beside the classical one, there when the CA starts
+            add_key_type(folder)
         self.server = self._server("127.0.0.1:0")
         self.port = self.server.start()
         self.address = f"127.0.0.1:{self.port}"
@@ -63,10 +68,13 @@ class RunningCa:
         self.server = self._server(self.address)
         self.server.start()
 
-    def enroll(self, spiffe_id: str, ttl: datetime.timedelta, dns: list[str] | None = None) -> str:
-        """Register ``spiffe_id`` and return a join token for it."""
+    def enroll(
+        self, spiffe_id: str, ttl: datetime.timedelta, dns: list[str] | None = None, svid_types: Sequence[str] = ()
+    ) -> str:
+        """Register ``spiffe_id`` (with the ``svid_types`` it may hold; none: classical) and return
+        a join token for it."""
         with AdminClient(self.address, self.folder) as admin:
-            admin.create_entry(spiffe_id, dns or [], ttl)
+            admin.create_entry(spiffe_id, dns or [], ttl, svid_types=svid_types)
             return str(admin.create_token(spiffe_id).token)
 
 
