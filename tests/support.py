@@ -10,7 +10,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -71,13 +71,22 @@ class AioGreeter(greeter_pb2_grpc.GreeterServicer):
 
 
 @contextlib.contextmanager
-def sync_server(source: meshid.Source, interceptor: grpc.ServerInterceptor | None) -> Iterator[int]:
-    """A greeter on 127.0.0.1 with meshid credentials; yields its port and always stops it."""
+def sync_server(
+    source: meshid.Source,
+    interceptor: grpc.ServerInterceptor | None,
+    *,
+    servicer: Any = None,
+    require_client_certificate: bool = True,
+    options: Sequence[tuple[str, Any]] = (),
+) -> Iterator[int]:
+    """A greeter (``servicer``, default :class:`Greeter`) on 127.0.0.1 with meshid credentials;
+    yields its port and always stops it."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor] if interceptor else []
+        futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor] if interceptor else [], options=options
     )
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
-    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
+    greeter_pb2_grpc.add_GreeterServicer_to_server(servicer or Greeter(), server)
+    creds = meshid.server_credentials(source, require_client_certificate=require_client_certificate)
+    port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
     try:
         yield port

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -19,10 +18,9 @@ import pytest
 import meshid
 from meshid.ca import Authority, generate_key
 from meshid.clock import ManualClock
-from meshid.examples import greeter_pb2_grpc
 from meshid.jwtsvid import sign_jwt_svid
 from meshid.peer import JwtVerifier
-from support import FRONTEND_ID, SERVER_ID, Greeter, call
+from support import FRONTEND_ID, SERVER_ID, call, sync_server
 
 KEY = generate_key("ec-p256")
 LIFETIME = datetime.timedelta(minutes=10)
@@ -68,14 +66,8 @@ def _server(source: meshid.StaticSource, clock: ManualClock) -> Iterator[int]:
         {"identity_sources": ["jwt"], "allow": [{"name": "all", "methods": ["*"], "spiffe_ids": [FRONTEND_ID]}]}
     )
     interceptor = meshid.AuthorizationInterceptor(policy, source=source, clock=clock)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
-    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source, require_client_certificate=False))
-    server.start()
-    try:
+    with sync_server(source, interceptor, require_client_certificate=False) as port:
         yield port
-    finally:
-        server.stop(None).wait()
 
 
 def _channel(port: int, bundles: meshid.BundleSet, creds: grpc.CallCredentials) -> grpc.Channel:

@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from support import (
     handshake_failed,
     nginx_process,
     require_program,
+    sync_server,
 )
 
 KEY = generate_key("ec-p256")
@@ -135,17 +135,14 @@ def server(
 ) -> Iterator[int]:
     """A greeter behind meshid's interceptor on 127.0.0.1; yields its port and always stops it."""
     interceptor = meshid.AuthorizationInterceptor(policy, source=source, **kw)
-    grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor], options=BIG_METADATA
-    )
-    greeter_pb2_grpc.add_GreeterServicer_to_server(servicer or Greeter(), grpc_server)
-    creds = meshid.server_credentials(source, require_client_certificate=client_certificates)
-    port = grpc_server.add_secure_port("127.0.0.1:0", creds)
-    grpc_server.start()
-    try:
+    with sync_server(
+        source,
+        interceptor,
+        servicer=servicer or Greeter(),
+        require_client_certificate=client_certificates,
+        options=BIG_METADATA,
+    ) as port:
         yield port
-    finally:
-        grpc_server.stop(None).wait()
 
 
 def _pin(spiffe_id: str = SERVER_ID) -> list[tuple[str, Any]]:
