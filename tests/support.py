@@ -106,6 +106,25 @@ async def aio_server(source: meshid.Source, interceptor: grpc.aio.ServerIntercep
         await server.stop(None)
 
 
+def tls_channel(
+    port: int,
+    bundles: meshid.BundleSet,
+    call_credentials: grpc.CallCredentials | None = None,
+    *,
+    server_id: str = SERVER_ID,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A TLS channel to 127.0.0.1:``port`` that presents no client certificate (what is left
+    after a TLS-terminating hop): the server is verified against example.org's roots in
+    ``bundles`` and pinned to ``server_id``'s identity name; ``call_credentials`` (such as
+    :func:`meshid.jwt_call_credentials`) ride on each call."""
+    creds = grpc.ssl_channel_credentials(bundles[meshid.TrustDomain.parse(TD)].to_pem())
+    if call_credentials is not None:
+        creds = grpc.composite_channel_credentials(creds, call_credentials)
+    pin = ("grpc.ssl_target_name_override", meshid.identity_dns_name(meshid.SpiffeId.parse(server_id)))
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[pin, *options])
+
+
 def hello(name: str = "world") -> Any:
     return greeter_pb2.HelloRequest(name=name)
 

@@ -21,7 +21,7 @@ from meshid.ca.client import AdminClient, IssuerClient
 from meshid.ca.datadir import activate_rotation, init_data_dir, load_jwt_keys, prepare_jwt_rotation
 from meshid.ca.server import CaServer
 from meshid.examples import greeter_pb2, greeter_pb2_grpc
-from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, TD, eventually, sync_server
+from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, TD, eventually, sync_server, tls_channel
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -79,12 +79,8 @@ def _say_hello(world: World, caller: str, source: meshid.IssuerSource | None = N
     """SayHello over TLS without a client certificate, with a JWT-SVID of ``caller`` from its
     source (or ``source``); (code, caller, kid of the token's key)."""
     source = source or world.sources[caller]
-    bundle = source.get_bundles()[meshid.TrustDomain.parse(TD)]
     call_creds = meshid.jwt_call_credentials(source, audience=SERVER_ID)
-    creds = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(bundle.to_pem()), call_creds)
-    override = meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID))
-    options = [("grpc.ssl_target_name_override", override)]
-    with grpc.secure_channel(f"127.0.0.1:{world.port}", creds, options=options) as channel:
+    with tls_channel(world.port, source.get_bundles(), call_creds) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         try:
             reply = stub.SayHello(greeter_pb2.HelloRequest(name="e2e"), timeout=10)

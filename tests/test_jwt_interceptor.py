@@ -45,6 +45,7 @@ from support import (
     nginx_process,
     require_program,
     sync_server,
+    tls_channel,
 )
 
 KEY = generate_key("ec-p256")
@@ -153,11 +154,8 @@ def _pin(spiffe_id: str = SERVER_ID) -> list[tuple[str, Any]]:
 
 
 def _tls_only(port: int, bundles: meshid.BundleSet, call_creds: grpc.CallCredentials | None = None) -> grpc.Channel:
-    """A TLS channel that presents no client certificate (what is left after a TLS-terminating hop)."""
-    creds = grpc.ssl_channel_credentials(bundles[meshid.TrustDomain.parse("example.org")].to_pem())
-    if call_creds is not None:
-        creds = grpc.composite_channel_credentials(creds, call_creds)
-    return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=_pin())
+    """:func:`support.tls_channel` to the greeter, allowed headers over 8 KiB."""
+    return tls_channel(port, bundles, call_creds, options=BIG_METADATA)
 
 
 def _mtls(port: int, ca: Authority, bundles: meshid.BundleSet, spiffe_id: str, call_creds: Any = None) -> grpc.Channel:
@@ -489,10 +487,7 @@ def nginx_hop(tmp_path: Path, ca: Authority, source) -> Iterator[tuple[int, int]
 
 
 def _through_nginx(port: int, bundles: meshid.BundleSet, creds: grpc.CallCredentials | None = None) -> grpc.Channel:
-    channel_creds = grpc.ssl_channel_credentials(bundles[meshid.TrustDomain.parse("example.org")].to_pem())
-    if creds is not None:
-        channel_creds = grpc.composite_channel_credentials(channel_creds, creds)
-    return grpc.secure_channel(f"127.0.0.1:{port}", channel_creds, options=_pin(NGINX_ID))
+    return tls_channel(port, bundles, creds, server_id=NGINX_ID, options=BIG_METADATA)
 
 
 def test_a_jwt_svid_crosses_nginx(nginx_hop, jwt_bundles) -> None:
