@@ -331,9 +331,10 @@ def nginx_process(run: Path, port: int, nginx: str | None = None) -> Iterator[su
     )
 
     def up() -> bool:
-        if proc.poll() is not None:
+        if proc.poll() is not None:  # what it said: on stderr before it opened its error log, then there
+            assert proc.stderr is not None
             log = (run / "error.log").read_text() if (run / "error.log").exists() else ""
-            raise AssertionError(f"nginx exited: {log}")
+            raise AssertionError(f"nginx exited: {proc.stderr.read()}{log}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
         except OSError:
