@@ -255,6 +255,21 @@ def call(channel: Any, metadata: Any = None) -> tuple[str, str]:
     return "OK", reply.caller
 
 
+def stop_process(proc: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str, str]:
+    """Stop a process a test started: SIGTERM (if it still runs), then up to ``timeout`` seconds
+    for it to exit, then SIGKILL. Its exit code, stdout and stderr ("" for a stream not piped)."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out or "", err or ""
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``meshid ARGS...`` as a real process (60 s at most); ``env`` is the whole environment,
     by default this one with grpc's own logging kept to errors, so stderr holds what meshid says."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import pathlib
-import signal
 import socket
 import ssl
 import subprocess
@@ -20,6 +19,7 @@ from meshid.ca.client import AdminClient
 from meshid.ca.datadir import add_key_type, init_data_dir
 from meshid.ca.server import CaServer
 from meshid.clock import ManualClock
+from support import stop_process
 
 #: The SVID lifetime of the tests on a ManualClock. TLS checks certificates on the real clock, so
 #: what the CA signs on the test's clock must also be valid in real time: NotBefore is back-dated
@@ -116,14 +116,8 @@ class Agent:
             pytest.fail(f"the agent did not start: {self.ready!r}\n{err}")
 
     def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+        code, _, err = stop_process(self.proc)
+        return code, err
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import meshid
 from conftest import RunningCa
 from meshid.agent import IssuerSource
 from meshid.workloadapi import WorkloadApiServer, WorkloadApiSource
-from support import eventually
+from support import eventually, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,8 +146,6 @@ def test_meshid_agent_also_key_type_writes_the_ml_dsa_folder(dual_ca: RunningCa,
         pq = meshid.X509Svid.load(out / "ml-dsa-65" / "svid.pem", out / "ml-dsa-65" / "svid.key")
         classical = meshid.X509Svid.load(out / "svid.pem", out / "svid.key")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        _, _, err = stop_process(proc, timeout=20)
     assert "Traceback" not in err
     assert pq.spiffe_id == classical.spiffe_id and isinstance(pq.private_key, mldsa.MLDSA65PrivateKey)

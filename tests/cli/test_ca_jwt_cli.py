@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import signal
 import stat
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import meshid
 from meshid.ca.client import AdminClient
 from meshid.ca.datadir import load_jwt_keys
 from meshid.ca.server import CaServer
-from support import eventually, run_cli
+from support import eventually, run_cli, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,10 +105,5 @@ def test_the_sidecar_agent_writes_the_jwt_bundle_beside_bundle_pem(tmp_path: Pat
         assert jwt.decode(token, key.key, algorithms=["ES256"], audience="backend")["sub"] == workload
     finally:
         if agent is not None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.communicate()
+            stop_process(agent)
         server.stop()
