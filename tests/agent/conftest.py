@@ -9,7 +9,8 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -118,6 +119,17 @@ class Agent:
     def stop(self) -> tuple[int, str]:
         code, _, err = stop_process(self.proc)
         return code, err
+
+
+@pytest.fixture
+def closing(request: pytest.FixtureRequest) -> Callable[[Any], Any]:
+    """Registers ``thing.close()`` as a finalizer and returns ``thing``."""
+
+    def register(thing: Any) -> Any:
+        request.addfinalizer(thing.close)
+        return thing
+
+    return register
 
 
 @pytest.fixture

@@ -59,17 +59,6 @@ def start_agent(running_ca, request) -> Callable[..., Agent]:
     return start
 
 
-@pytest.fixture
-def closing(request) -> Callable[[object], object]:
-    """Registers ``thing.close()`` as a finalizer and returns ``thing``."""
-
-    def register(thing):
-        request.addfinalizer(thing.close)
-        return thing
-
-    return register
-
-
 def test_py_spiffe_fetches_the_svid_and_bundle_and_follows_rotations(
     running_ca, start_agent, closing, tmp_path
 ) -> None:

@@ -46,15 +46,6 @@ def agent(running_ca, tmp_path: Path) -> Iterator[Agent]:
         assert code == 0 and "Traceback" not in err, err
 
 
-@pytest.fixture
-def closing(request) -> Callable[[object], object]:
-    def register(thing):
-        request.addfinalizer(thing.close)
-        return thing
-
-    return register
-
-
 def _py_spiffe_validates(source: spiffe.JwtSource, token: str) -> str:
     """py-spiffe validates ``token`` itself, with the JWT bundle it fetched (not via the agent)."""
     bundle = source.get_bundle_for_trust_domain(spiffe.TrustDomain(TD))
