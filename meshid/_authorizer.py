@@ -557,7 +557,7 @@ class Authorizer:
         policy = self._policy  # one read: the whole call sees one policy
         if method in self._open_methods:
             return self._open_call(policy, auth_context, metadata, method, peer_address, known)
-        accepts_jwt = policy.accepts_jwt  # one read: a property, on the per-call path
+        accepts_jwt = policy.accepts_jwt  # one read for the whole call, as for the policy
         if known and not accepts_jwt:  # under a policy that takes tokens, a token may decide
             memoised = self._memoised(policy, auth_context, method, peer_address)
             if memoised is not None:
