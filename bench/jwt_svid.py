@@ -40,6 +40,7 @@ from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
+from hotpath import CALLER, SERVER, TD, Greeter, loadavg  # bench/hotpath.py: the same names, servicer and load line
 
 import meshid
 from meshid._proto import greeter_pb2, greeter_pb2_grpc
@@ -47,17 +48,7 @@ from meshid.ca import Authority, generate_key
 from meshid.jwtsvid import sign_jwt_svid
 from meshid.peer import JwtVerifier
 
-TD = "example.org"
-CALLER = f"spiffe://{TD}/ns/prod/sa/frontend"
-SERVER = f"spiffe://{TD}/ns/prod/sa/greeter"
 LIFETIME = datetime.timedelta(minutes=5)
-
-
-def loadavg() -> str:
-    try:
-        return pathlib.Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "?"
 
 
 def _key_pem(key: Any) -> bytes:
@@ -100,11 +91,6 @@ def validations(count: int) -> dict[str, float]:
 
 
 # -- per-call overhead ------------------------------------------------------------------------------
-
-
-class Greeter(greeter_pb2_grpc.GreeterServicer):
-    def SayHello(self, request: Any, context: Any) -> Any:
-        return greeter_pb2.HelloReply(message="hi")
 
 
 def make_files(folder: str) -> None:

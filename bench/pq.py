@@ -25,6 +25,7 @@ import threading
 import time
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from hotpath import loadavg  # bench/hotpath.py
 
 import meshid
 from meshid.ca import Authority, generate_key
@@ -34,10 +35,6 @@ TD = "example.org"
 SERVER_ID = f"spiffe://{TD}/ns/prod/sa/echo"
 CLIENT_ID = f"spiffe://{TD}/ns/prod/sa/frontend"
 KINDS = {"ECDSA P-256": "ec-p256", "ML-DSA-65": "ml-dsa-65"}
-
-
-def loadavg() -> str:
-    return f"{os.getloadavg()[0]:.2f}"
 
 
 def issuance_rates(cas: dict[str, Authority], seconds: float, block: int = 20) -> dict[str, float]:

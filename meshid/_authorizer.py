@@ -206,14 +206,14 @@ class Authorizer:
         self.revoked: Callable[[PeerIdentity], bool] | None = None
         self.audit_writer = audit.AuditWriter()
         self._jwt = JwtVerifier(bundles, clock=clock)
-        # The server's own SPIFFE ID: the audience a JWT-SVID must name unless the policy lists others.
-        self._own_id: SpiffeId | None = None
+        # The server's own SPIFFE ID, as the audience a JWT-SVID must name unless the policy lists
+        # others; set with the own trust domain, when the source changes, not per call.
+        self._own_audience: frozenset[str] | None = None
         self._memo = _Memo(None, None, (0, 0), 0)
         self._own_td_set: tuple[TrustDomain | None, frozenset[TrustDomain]] | None = None
         # The server's own trust domain, read from the source when it changes, not per call.
         self._own_td: TrustDomain | None = None
         self._own_td_known = False
-        self._own_audience: tuple[SpiffeId, frozenset[str]] | None = None
         if self._source is None:
             fixed = bundles()
             self._own_td, self._own_td_known = (next(iter(fixed)) if len(fixed) == 1 else None), True
@@ -401,7 +401,7 @@ class Authorizer:
             own_id = self._source.get_svid().spiffe_id
         except MeshIdError:  # no SVID yet: asked again at the next call, until the source has one
             return None
-        self._own_id = own_id
+        self._own_audience = frozenset({str(own_id)})
         self._own_td, self._own_td_known = own_id.trust_domain, True
         return own_id.trust_domain
 
@@ -410,13 +410,7 @@ class Authorizer:
         if policy.jwt_audiences:
             return policy.jwt_audiences
         self._own_trust_domain()  # reads the own SPIFFE ID when the source changed
-        own = self._own_id
-        if own is None:
-            return None
-        cached = self._own_audience
-        if cached is None or cached[0] != own:
-            cached = self._own_audience = (own, frozenset({str(own)}))
-        return cached[1]
+        return self._own_audience
 
     def _jwt_identity(
         self, policy: AuthorizationPolicy, token: str, auth_context: Mapping[str, Sequence[bytes]]
@@ -563,14 +557,15 @@ class Authorizer:
         policy = self._policy  # one read: the whole call sees one policy
         if method in self._open_methods:
             return self._open_call(policy, auth_context, metadata, method, peer_address, known)
-        if known and not policy.accepts_jwt:  # under a policy that takes tokens, a token may decide
+        accepts_jwt = policy.accepts_jwt  # one read for the whole call, as for the policy
+        if known and not accepts_jwt:  # under a policy that takes tokens, a token may decide
             memoised = self._memoised(policy, auth_context, method, peer_address)
             if memoised is not None:
                 return memoised
         bundles = self._bundles()  # before the peer is verified (see _memo_decide)
         identity: PeerIdentity | None = None
         direct = True  # a direct certificate peer, filed in the memo under its connection
-        if policy.accepts_jwt:
+        if accepts_jwt:
             metadata = tuple(_materialize(metadata) or ())  # read once: for the token, then for headers
             try:
                 token = bearer_token(metadata)

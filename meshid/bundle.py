@@ -88,17 +88,20 @@ class JwtAuthorities(Mapping[str, "PublicKey"]):
 
     __slots__ = ("_keys", "_spkis")
 
-    def __init__(self, keys: Mapping[str, PublicKey] | Iterable[tuple[str, PublicKey]] = ()) -> None:
+    def __init__(
+        self, keys: Mapping[str, PublicKey] | Iterable[tuple[str, PublicKey]] = (), *, where: str = "trust bundle"
+    ) -> None:
+        """``where`` begins each error message (``trust bundle for example.org``)."""
         items = list(keys.items() if isinstance(keys, Mapping) else keys)
         if len(items) > MAX_JWT_KEYS:
-            raise InvalidBundleError(f"trust bundle: more than {MAX_JWT_KEYS} JWT keys")
+            raise InvalidBundleError(f"{where}: more than {MAX_JWT_KEYS} JWT keys")
         found: dict[str, PublicKey] = {}
         for kid, key in items:
             if not isinstance(kid, str) or not kid or len(kid) > _MAX_KID:
-                raise InvalidBundleError(f"trust bundle: a JWT key ID must be a string of 1 to {_MAX_KID} characters")
-            _check_jwt_key(kid, key)
+                raise InvalidBundleError(f"{where}: a JWT key ID must be a string of 1 to {_MAX_KID} characters")
+            _check_jwt_key(kid, key, where)
             if kid in found:
-                raise InvalidBundleError(f"trust bundle: JWT key ID {kid!r} appears twice")
+                raise InvalidBundleError(f"{where}: JWT key ID {kid!r} appears twice")
             found[kid] = key
         self._keys = found
         self._spkis = frozenset((kid, _spki(key)) for kid, key in found.items())
@@ -124,16 +127,16 @@ class JwtAuthorities(Mapping[str, "PublicKey"]):
         return f"JwtAuthorities({sorted(self._keys)!r})"
 
 
-def _check_jwt_key(kid: str, key: object) -> None:
+def _check_jwt_key(kid: str, key: object, where: str) -> None:
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
-            raise InvalidBundleError(f"trust bundle: JWT key {kid!r} is on curve {key.curve.name}; use P-256 or P-384")
+            raise InvalidBundleError(f"{where}: JWT key {kid!r} is on curve {key.curve.name}; use P-256 or P-384")
     elif isinstance(key, rsa.RSAPublicKey):
         if key.key_size < 2048:
-            raise InvalidBundleError(f"trust bundle: JWT key {kid!r} is RSA-{key.key_size}; use at least 2048 bits")
+            raise InvalidBundleError(f"{where}: JWT key {kid!r} is RSA-{key.key_size}; use at least 2048 bits")
     else:
         raise InvalidBundleError(
-            f"trust bundle: JWT key {kid!r} is a {type(key).__name__}; a JWT key is an EC or RSA public key"
+            f"{where}: JWT key {kid!r} is a {type(key).__name__}; a JWT key is an EC or RSA public key"
         )
 
 
@@ -173,10 +176,7 @@ def _read_jwt_jwk(td: TrustDomain, index: int, jwk: Mapping[str, Any]) -> tuple[
         key = jwt.PyJWK(dict(jwk), algorithm="ES256" if jwk["kty"] == "EC" else "RS256").key
     except errors as err:
         raise InvalidBundleError(f"trust bundle for {td}: JWT key {kid!r} cannot be read: {err}") from err
-    try:
-        _check_jwt_key(kid, key)
-    except InvalidBundleError as err:
-        raise InvalidBundleError(str(err).replace("trust bundle:", f"trust bundle for {td}:", 1)) from err
+    _check_jwt_key(kid, key, f"trust bundle for {td}")
     return kid, key
 
 
@@ -203,12 +203,7 @@ class TrustBundle:
         if not self.roots:
             raise InvalidBundleError(f"trust bundle for {self.trust_domain}: holds no root certificate")
         if not isinstance(self.jwt_authorities, JwtAuthorities):
-            try:
-                keys = JwtAuthorities(self.jwt_authorities)
-            except InvalidBundleError as err:
-                raise InvalidBundleError(
-                    str(err).replace("trust bundle:", f"trust bundle for {self.trust_domain}:", 1)
-                ) from err
+            keys = JwtAuthorities(self.jwt_authorities, where=f"trust bundle for {self.trust_domain}")
             object.__setattr__(self, "jwt_authorities", keys)
 
     def with_jwt_authorities(self, keys: Mapping[str, PublicKey]) -> TrustBundle:
@@ -307,10 +302,7 @@ class TrustBundle:
             raise jwt_error
         sequence = doc.get("spiffe_sequence")
         hint = doc.get("spiffe_refresh_hint")
-        try:
-            authorities = JwtAuthorities(jwt_keys)
-        except InvalidBundleError as err:
-            raise InvalidBundleError(str(err).replace("trust bundle:", f"trust bundle for {td}:", 1)) from err
+        authorities = JwtAuthorities(jwt_keys, where=f"trust bundle for {td}")
         return cls(
             td,
             tuple(roots),

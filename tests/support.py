@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import socket
 import ssl
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -69,13 +71,22 @@ class AioGreeter(greeter_pb2_grpc.GreeterServicer):
 
 
 @contextlib.contextmanager
-def sync_server(source: meshid.Source, interceptor: grpc.ServerInterceptor | None) -> Iterator[int]:
-    """A greeter on 127.0.0.1 with meshid credentials; yields its port and always stops it."""
+def sync_server(
+    source: meshid.Source,
+    interceptor: grpc.ServerInterceptor | None,
+    *,
+    servicer: Any = None,
+    require_client_certificate: bool = True,
+    options: Sequence[tuple[str, Any]] = (),
+) -> Iterator[int]:
+    """A greeter (``servicer``, default :class:`Greeter`) on 127.0.0.1 with meshid credentials;
+    yields its port and always stops it."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor] if interceptor else []
+        futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor] if interceptor else [], options=options
     )
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
-    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
+    greeter_pb2_grpc.add_GreeterServicer_to_server(servicer or Greeter(), server)
+    creds = meshid.server_credentials(source, require_client_certificate=require_client_certificate)
+    port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
     try:
         yield port
@@ -93,6 +104,25 @@ async def aio_server(source: meshid.Source, interceptor: grpc.aio.ServerIntercep
         yield port
     finally:
         await server.stop(None)
+
+
+def tls_channel(
+    port: int,
+    bundles: meshid.BundleSet,
+    call_credentials: grpc.CallCredentials | None = None,
+    *,
+    server_id: str = SERVER_ID,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A TLS channel to 127.0.0.1:``port`` that presents no client certificate (what is left
+    after a TLS-terminating hop): the server is verified against example.org's roots in
+    ``bundles`` and pinned to ``server_id``'s identity name; ``call_credentials`` (such as
+    :func:`meshid.jwt_call_credentials`) ride on each call."""
+    creds = grpc.ssl_channel_credentials(bundles[meshid.TrustDomain.parse(TD)].to_pem())
+    if call_credentials is not None:
+        creds = grpc.composite_channel_credentials(creds, call_credentials)
+    pin = ("grpc.ssl_target_name_override", meshid.identity_dns_name(meshid.SpiffeId.parse(server_id)))
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[pin, *options])
 
 
 def hello(name: str = "world") -> Any:
@@ -225,6 +255,47 @@ def call(channel: Any, metadata: Any = None) -> tuple[str, str]:
     return "OK", reply.caller
 
 
+def stop_process(proc: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str, str]:
+    """Stop a process a test started: SIGTERM (if it still runs), then up to ``timeout`` seconds
+    for it to exit, then SIGKILL. Its exit code, stdout and stderr ("" for a stream not piped)."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out or "", err or ""
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``meshid ARGS...`` as a real process (60 s at most); ``env`` is the whole environment,
+    by default this one with grpc's own logging kept to errors, so stderr holds what meshid says."""
+    import os
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "meshid.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR"} if env is None else env,
+    )
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Exit code 2 and one line on stderr, never a traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meshid: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 def require_program(name: str, *fallbacks: str) -> str:
     """The path of an outside program a test runs. Missing: skip, unless MESHID_REQUIRE_INTEROP=1
     (set by .ci/run, which installs them) makes it a failure, so CI never passes by skipping."""
@@ -253,6 +324,50 @@ def eventually(predicate: Callable[[], object], timeout: float, what: str, *, in
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago, for an outside program to listen on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def nginx_process(run: Path, port: int, nginx: str | None = None) -> Iterator[subprocess.Popen[str]]:
+    """nginx in the foreground with prefix ``run`` and config ``run/nginx.conf``; entered once it
+    accepts connections on loopback ``port`` and has written its pid file; always stopped.
+
+    ``nginx`` is the program (default: found by :func:`require_program`, or the test skips).
+    """
+    nginx = nginx or require_program("nginx", "/usr/sbin/nginx")
+    proc = subprocess.Popen(
+        [nginx, "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.PIPE, text=True
+    )
+
+    def up() -> bool:
+        if proc.poll() is not None:  # what it said: on stderr before it opened its error log, then there
+            assert proc.stderr is not None
+            log = (run / "error.log").read_text() if (run / "error.log").exists() else ""
+            raise AssertionError(f"nginx exited: {proc.stderr.read()}{log}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        except OSError:
+            return False
+        return (run / "nginx.pid").exists()
+
+    try:
+        eventually(up, 10, "nginx to listen")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
 
 
 @contextlib.contextmanager

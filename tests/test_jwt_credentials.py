@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -19,10 +18,9 @@ import pytest
 import meshid
 from meshid.ca import Authority, generate_key
 from meshid.clock import ManualClock
-from meshid.examples import greeter_pb2_grpc
 from meshid.jwtsvid import sign_jwt_svid
 from meshid.peer import JwtVerifier
-from support import FRONTEND_ID, SERVER_ID, Greeter, call
+from support import FRONTEND_ID, SERVER_ID, call, sync_server, tls_channel
 
 KEY = generate_key("ec-p256")
 LIFETIME = datetime.timedelta(minutes=10)
@@ -68,31 +66,15 @@ def _server(source: meshid.StaticSource, clock: ManualClock) -> Iterator[int]:
         {"identity_sources": ["jwt"], "allow": [{"name": "all", "methods": ["*"], "spiffe_ids": [FRONTEND_ID]}]}
     )
     interceptor = meshid.AuthorizationInterceptor(policy, source=source, clock=clock)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
-    port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source, require_client_certificate=False))
-    server.start()
-    try:
+    with sync_server(source, interceptor, require_client_certificate=False) as port:
         yield port
-    finally:
-        server.stop(None).wait()
-
-
-def _channel(port: int, bundles: meshid.BundleSet, creds: grpc.CallCredentials) -> grpc.Channel:
-    tls = grpc.ssl_channel_credentials(bundles[meshid.TrustDomain.parse("example.org")].to_pem())
-    name = meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID))
-    return grpc.secure_channel(
-        f"127.0.0.1:{port}",
-        grpc.composite_channel_credentials(tls, creds),
-        options=[("grpc.ssl_target_name_override", name)],
-    )
 
 
 def test_a_token_is_reused_until_half_its_lifetime(source: Any, jwt_bundles: meshid.BundleSet) -> None:
     clock = ManualClock()
     signer = Signer(clock)
     creds = meshid.jwt_call_credentials(signer, audience=SERVER_ID, clock=clock)
-    with _server(source, clock) as port, _channel(port, jwt_bundles, creds) as channel:
+    with _server(source, clock) as port, tls_channel(port, jwt_bundles, creds) as channel:
         assert [call(channel) for _ in range(3)] == [("OK", FRONTEND_ID)] * 3
         assert signer.fetched == [((SERVER_ID,), None)]
         clock.advance(LIFETIME.total_seconds() / 2 - 1)
@@ -114,7 +96,7 @@ def test_a_spiffe_id_and_several_audiences_are_passed_to_the_source() -> None:
 def test_a_source_that_fails_fails_the_call_without_a_token(source: Any, jwt_bundles: meshid.BundleSet) -> None:
     clock = ManualClock()
     creds = meshid.jwt_call_credentials(Failing(), audience=SERVER_ID, clock=clock)
-    with _server(source, clock) as port, _channel(port, jwt_bundles, creds) as channel:
+    with _server(source, clock) as port, tls_channel(port, jwt_bundles, creds) as channel:
         code, details = call(channel)
     assert code == "UNAVAILABLE" and "no JWT-SVID for this workload" in details, (code, details)
 
@@ -132,15 +114,10 @@ def test_the_server_never_serves_a_cached_token_past_its_exp(source: Any, jwt_bu
     clock = ManualClock()
     token = Signer(clock).fetch_jwt_svid([SERVER_ID]).token
     metadata = [("authorization", f"Bearer {token}")]
-    with _server(source, clock) as port:
-        tls = grpc.ssl_channel_credentials(jwt_bundles[meshid.TrustDomain.parse("example.org")].to_pem())
-        name = meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID))
-        with grpc.secure_channel(
-            f"127.0.0.1:{port}", tls, options=[("grpc.ssl_target_name_override", name)]
-        ) as channel:
-            assert call(channel, metadata) == ("OK", FRONTEND_ID)
-            clock.advance(LIFETIME.total_seconds() + 31)  # past exp and the 30 s leeway
-            code, details = call(channel, metadata)
+    with _server(source, clock) as port, tls_channel(port, jwt_bundles) as channel:
+        assert call(channel, metadata) == ("OK", FRONTEND_ID)
+        clock.advance(LIFETIME.total_seconds() + 31)  # past exp and the 30 s leeway
+        code, details = call(channel, metadata)
     assert code == "UNAUTHENTICATED" and "token expired at" in details, details
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from meshid.ca.client import AdminClient, IssuerClient
 from meshid.ca.datadir import activate_rotation, init_data_dir, load_jwt_keys, prepare_jwt_rotation
 from meshid.ca.server import CaServer
 from meshid.examples import greeter_pb2, greeter_pb2_grpc
-from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, TD, eventually
+from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, TD, eventually, sync_server, tls_channel
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,7 +54,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     ca = CaServer(folder, "127.0.0.1:0")
     address = f"127.0.0.1:{ca.start()}"
     sources: dict[str, meshid.IssuerSource] = {}
-    grpc_server = None
     try:
         with AdminClient(address, folder) as admin:
             for sid in (SERVER_ID, FRONTEND_ID, INTRUDER_ID):
@@ -69,15 +67,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         interceptor = meshid.AuthorizationInterceptor(
             meshid.AuthorizationPolicy.from_dict(POLICY), source=server_source
         )
-        grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
-        greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), grpc_server)
-        creds = meshid.server_credentials(server_source, require_client_certificate=False)
-        port = grpc_server.add_secure_port("127.0.0.1:0", creds)
-        grpc_server.start()
-        yield World(folder, address, sources, port)
+        with sync_server(server_source, interceptor, servicer=Greeter(), require_client_certificate=False) as port:
+            yield World(folder, address, sources, port)
     finally:
-        if grpc_server is not None:
-            grpc_server.stop(None).wait()
         for source in sources.values():
             source.close()
         ca.stop(None)
@@ -87,12 +79,8 @@ def _say_hello(world: World, caller: str, source: meshid.IssuerSource | None = N
     """SayHello over TLS without a client certificate, with a JWT-SVID of ``caller`` from its
     source (or ``source``); (code, caller, kid of the token's key)."""
     source = source or world.sources[caller]
-    bundle = source.get_bundles()[meshid.TrustDomain.parse(TD)]
     call_creds = meshid.jwt_call_credentials(source, audience=SERVER_ID)
-    creds = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(bundle.to_pem()), call_creds)
-    override = meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID))
-    options = [("grpc.ssl_target_name_override", override)]
-    with grpc.secure_channel(f"127.0.0.1:{world.port}", creds, options=options) as channel:
+    with tls_channel(world.port, source.get_bundles(), call_creds) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         try:
             reply = stub.SayHello(greeter_pb2.HelloRequest(name="e2e"), timeout=10)

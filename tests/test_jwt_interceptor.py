@@ -18,11 +18,8 @@ import hmac
 import json
 import logging
 import os
-import socket
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +40,12 @@ from support import (
     SERVER_ID,
     aio_server_in_a_thread,
     call,
+    free_port,
     handshake_failed,
+    nginx_process,
     require_program,
+    sync_server,
+    tls_channel,
 )
 
 KEY = generate_key("ec-p256")
@@ -135,17 +136,14 @@ def server(
 ) -> Iterator[int]:
     """A greeter behind meshid's interceptor on 127.0.0.1; yields its port and always stops it."""
     interceptor = meshid.AuthorizationInterceptor(policy, source=source, **kw)
-    grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor], options=BIG_METADATA
-    )
-    greeter_pb2_grpc.add_GreeterServicer_to_server(servicer or Greeter(), grpc_server)
-    creds = meshid.server_credentials(source, require_client_certificate=client_certificates)
-    port = grpc_server.add_secure_port("127.0.0.1:0", creds)
-    grpc_server.start()
-    try:
+    with sync_server(
+        source,
+        interceptor,
+        servicer=servicer or Greeter(),
+        require_client_certificate=client_certificates,
+        options=BIG_METADATA,
+    ) as port:
         yield port
-    finally:
-        grpc_server.stop(None).wait()
 
 
 def _pin(spiffe_id: str = SERVER_ID) -> list[tuple[str, Any]]:
@@ -156,11 +154,8 @@ def _pin(spiffe_id: str = SERVER_ID) -> list[tuple[str, Any]]:
 
 
 def _tls_only(port: int, bundles: meshid.BundleSet, call_creds: grpc.CallCredentials | None = None) -> grpc.Channel:
-    """A TLS channel that presents no client certificate (what is left after a TLS-terminating hop)."""
-    creds = grpc.ssl_channel_credentials(bundles[meshid.TrustDomain.parse("example.org")].to_pem())
-    if call_creds is not None:
-        creds = grpc.composite_channel_credentials(creds, call_creds)
-    return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=_pin())
+    """:func:`support.tls_channel` to the greeter, allowed headers over 8 KiB."""
+    return tls_channel(port, bundles, call_creds, options=BIG_METADATA)
 
 
 def _mtls(port: int, ca: Authority, bundles: meshid.BundleSet, spiffe_id: str, call_creds: Any = None) -> grpc.Channel:
@@ -463,12 +458,6 @@ http {{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def nginx_hop(tmp_path: Path, ca: Authority, source) -> Iterator[tuple[int, int]]:
     """nginx on a free loopback port, terminating clients' TLS (no client certificate asked) and
@@ -483,7 +472,7 @@ def nginx_hop(tmp_path: Path, ca: Authority, source) -> Iterator[tuple[int, int]
     (svid_dir / "svid.key").chmod(0o600)
     (svid_dir / "bundle.pem").write_bytes(meshid.TrustBundle(ca.trust_domain, ca.roots).to_pem())
     with server(source, _policy(["x509", "jwt"]), client_certificates=True) as upstream:
-        listen = _free_port()
+        listen = free_port()
         conf = NGINX_CONF.format(
             user="user root;" if os.geteuid() == 0 else "",
             run=run,
@@ -493,37 +482,12 @@ def nginx_hop(tmp_path: Path, ca: Authority, source) -> Iterator[tuple[int, int]
             upstream_name=meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID)),
         )
         (run / "nginx.conf").write_text(conf)
-        proc = subprocess.Popen(
-            [nginx, "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", listen), timeout=0.2).close()
-                    break
-                except OSError as err:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log = (run / "error.log").read_text() if (run / "error.log").exists() else ""
-                        raise AssertionError(f"nginx did not start: {log}") from err
-                    time.sleep(0.05)
+        with nginx_process(run, listen, nginx):
             yield listen, upstream
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _through_nginx(port: int, bundles: meshid.BundleSet, creds: grpc.CallCredentials | None = None) -> grpc.Channel:
-    channel_creds = grpc.ssl_channel_credentials(bundles[meshid.TrustDomain.parse("example.org")].to_pem())
-    if creds is not None:
-        channel_creds = grpc.composite_channel_credentials(channel_creds, creds)
-    return grpc.secure_channel(f"127.0.0.1:{port}", channel_creds, options=_pin(NGINX_ID))
+    return tls_channel(port, bundles, creds, server_id=NGINX_ID, options=BIG_METADATA)
 
 
 def test_a_jwt_svid_crosses_nginx(nginx_hop, jwt_bundles) -> None:

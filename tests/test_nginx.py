@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import string
-import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -16,17 +13,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 import meshid
 from meshid.ca import Authority
-from support import FRONTEND_ID, INTRUDER_ID, SERVER_ID, call, hello, require_program, stub, sync_server
+from support import FRONTEND_ID, INTRUDER_ID, SERVER_ID, call, free_port, hello, nginx_process, stub, sync_server
 
 pytestmark = pytest.mark.timeout(60)
 NGINX_ID = "spiffe://example.org/ns/edge/sa/nginx"
 TEMPLATE = Path(__file__).resolve().parent.parent / "examples" / "nginx" / "nginx.conf"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _write(folder: Path, svid: meshid.X509Svid, bundle: meshid.TrustBundle) -> None:
@@ -51,7 +42,7 @@ def nginx_front(tmp_path, ca: Authority, server_source):
     run = tmp_path / "nginx-run"
     run.mkdir()
     with sync_server(server_source, interceptor) as upstream_port:
-        listen_port = _free_port()
+        listen_port = free_port()
         config = string.Template(TEMPLATE.read_text()).safe_substitute(  # keeps nginx's own $variables
             USER_LINE="user root;" if os.geteuid() == 0 else "",
             RUN=run,
@@ -63,31 +54,8 @@ def nginx_front(tmp_path, ca: Authority, server_source):
         )
         (run / "nginx.conf").write_text(config)
         assert "${" not in config, "a placeholder of the example config was left unfilled"
-        nginx = require_program("nginx", "/usr/sbin/nginx")
-        proc = subprocess.Popen(
-            [nginx, "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", listen_port), timeout=0.2).close()
-                    break
-                except OSError as err:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log = (run / "error.log").read_text() if (run / "error.log").exists() else ""
-                        raise AssertionError(f"nginx did not start: {log}") from err
-                    time.sleep(0.05)
+        with nginx_process(run, listen_port):
             yield listen_port, upstream_port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _through(port: int, svid: meshid.X509Svid, bundles: meshid.BundleSet, server_id: str) -> tuple[str, str]:

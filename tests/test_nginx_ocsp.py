@@ -9,7 +9,6 @@ import datetime
 import os
 import re
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import meshid
 from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
-from support import FRONTEND_ID, SERVER_ID, call, eventually, require_program, sync_server
+from support import FRONTEND_ID, SERVER_ID, call, eventually, free_port, nginx_process, require_program, sync_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,12 +35,6 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "examples" / "nginx" / "ngin
 OTHER_FRONTEND_ID = "spiffe://example.org/ns/prod/sa/frontend2"
 #: The responses' validity (nextUpdate), which is also how long nginx caches a client's status.
 OCSP_VALIDITY = datetime.timedelta(seconds=2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _nginx() -> str:
@@ -83,7 +76,7 @@ class Ca:
 @pytest.fixture
 def meshid_ca(tmp_path: Path) -> Iterator[Ca]:
     """A meshid CA whose SVIDs name its OCSP responder, serving gRPC and OCSP on loopback."""
-    ocsp_port = _free_port()
+    ocsp_port = free_port()
     data_dir = tmp_path / "ca"
     init_data_dir(data_dir, TD, ocsp_url=f"http://127.0.0.1:{ocsp_port}/ocsp")
     server = CaServer(data_dir, "127.0.0.1:0", ocsp_listen=f"127.0.0.1:{ocsp_port}", ocsp_validity=OCSP_VALIDITY)
@@ -122,7 +115,7 @@ def nginx_in_front(tmp_path: Path, svid_dir: Path, upstream_port: int) -> Iterat
     nginx = _nginx()
     run = tmp_path / "nginx-run"
     run.mkdir()
-    listen_port = _free_port()
+    listen_port = free_port()
     config = string.Template(TEMPLATE.read_text()).safe_substitute(
         USER_LINE="user root;" if os.geteuid() == 0 else "",
         RUN=run,
@@ -135,32 +128,8 @@ def nginx_in_front(tmp_path: Path, svid_dir: Path, upstream_port: int) -> Iterat
     assert "${" not in config, "a placeholder of the example config was left unfilled"
     # info: nginx says why it refused a client certificate only at that level
     (run / "nginx.conf").write_text(config.replace("error.log warn;", "error.log info;"))
-    proc = subprocess.Popen(
-        [nginx, "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"], stderr=subprocess.PIPE, text=True
-    )
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            log = (run / "error.log").read_text() if (run / "error.log").exists() else ""
-            raise AssertionError(f"nginx exited: {log}")
-        try:
-            socket.create_connection(("127.0.0.1", listen_port), timeout=0.2).close()
-        except OSError:
-            return False
-        return (run / "nginx.pid").exists()
-
-    try:
-        eventually(up, 10, "nginx to listen")
+    with nginx_process(run, listen_port, nginx):
         yield listen_port, run
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
     log = (run / "error.log").read_text() if (run / "error.log").exists() else ""
     assert "ssl_stapling ignored" not in log, log  # nginx found the OCSP URL in its own SVID
 

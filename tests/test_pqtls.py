@@ -18,7 +18,7 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 from meshid import AuthorizationPolicy, BundleSet, StaticSource, TrustBundle, X509Svid
 from meshid.ca import Authority, generate_key
 from meshid.errors import AccessDeniedError, VerificationError
-from support import eventually
+from support import eventually, free_port
 
 pqtls = pytest.importorskip("meshid.pqtls")
 pytest.importorskip("OpenSSL", reason="the pqtls path needs pyOpenSSL (meshid[pq])")
@@ -279,9 +279,7 @@ def test_openssl_s_server_and_meshid_client_with_ml_dsa_svids(cas: Cas, tmp_path
     (tmp_path / "svid.pem").write_bytes(server_svid.chain_pem())
     (tmp_path / "svid.key").write_bytes(server_svid.key_pem())
     (tmp_path / "bundle.pem").write_bytes(cas.bundles[server_svid.spiffe_id.trust_domain].to_pem())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-cert", "svid.pem", "-key", "svid.key",
          "-CAfile", "bundle.pem", "-Verify", "2", "-verify_return_error", "-groups", "X25519MLKEM768", "-rev"],

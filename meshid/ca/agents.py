@@ -194,6 +194,14 @@ class AgentService:
             raise NotAuthorizedError(f"{what}: {caller} is not a node agent of this CA")
         return caller
 
+    def _batch_caller(self, caller: SpiffeId, caller_serial: int | None, count: int, limit: int, what: str) -> None:
+        """What a batch checks before its items: a node agent, 1 to ``limit`` requests, an SVID not revoked."""
+        self._caller(caller, what)
+        if not count or count > limit:
+            raise InvalidRequestError(f"{what}: give 1 to {limit} requests, not {count}")
+        if self._issuing.is_revoked(caller_serial):
+            raise NotAuthorizedError(f"{what}: the SVID {caller_serial:x} of {caller} is revoked")
+
     def renew(
         self, caller: SpiffeId, csr_der: bytes, caller_serial: int | None = None, caller_key: bytes | None = None
     ) -> Issued:
@@ -251,11 +259,7 @@ class AgentService:
             AttestationError: the agent is unknown here, or evicted.
             StoreError: the store failed; nothing was recorded.
         """
-        self._caller(caller, "batch")
-        if not requests or len(requests) > MAX_BATCH:
-            raise InvalidRequestError(f"batch: give 1 to {MAX_BATCH} requests, not {len(requests)}")
-        if self._issuing.is_revoked(caller_serial):
-            raise NotAuthorizedError(f"batch: the SVID {caller_serial:x} of {caller} is revoked")
+        self._batch_caller(caller, caller_serial, len(requests), MAX_BATCH, "batch")
         now = self._issuing.now()
         authority = self._issuing.authority  # one CA key for the whole batch (a rotation waits for the next)
         results: list[BatchResult | None] = []
@@ -316,11 +320,7 @@ class AgentService:
             StoreError: the store failed.
         """
         what = "JWT batch"
-        self._caller(caller, what)
-        if not requests or len(requests) > MAX_JWT_BATCH:
-            raise InvalidRequestError(f"{what}: give 1 to {MAX_JWT_BATCH} requests, not {len(requests)}")
-        if self._issuing.is_revoked(caller_serial):
-            raise NotAuthorizedError(f"{what}: the SVID {caller_serial:x} of {caller} is revoked")
+        self._batch_caller(caller, caller_serial, len(requests), MAX_JWT_BATCH, what)
         entries = {e.spiffe_id: e for e in self._store.list_entries_for_agent(caller, self._issuing.now())}
         results = []
         for text, audience in requests:

@@ -128,6 +128,17 @@ def _agent_message(agent: AgentRecord) -> registration_pb2.AgentInfo:
     )
 
 
+def _refused(response: Any, spiffe_id: str, error: IssuanceError | StoreError) -> None:
+    """One refused item of a batch response: its status code (:func:`status_for`) and message."""
+    response.results.add(spiffe_id=spiffe_id, code=status_for(error).value[0], message=str(error))
+
+
+def _counted(label: str, kind: str, caller: SpiffeId, issued: int, asked: int) -> None:
+    """A batch's issuances counted under ``label`` and logged."""
+    metrics.CA_ISSUANCES.labels(label).inc(issued)
+    log.debug("CA: node agent %s got %d of %d %s(s) asked for in a batch", caller, issued, asked, kind)
+
+
 def _caller(context: grpc.ServicerContext, what: str) -> tuple[SpiffeId, int | None, bytes | None]:
     """The verified caller of an mTLS call: its SPIFFE ID, its SVID's serial and public key."""
     peer = peer_identity(context)
@@ -351,12 +362,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 response.results.add(spiffe_id=result.spiffe_id, certificate=chain[0].public_bytes(_DER))
             else:
                 assert result.error is not None
-                response.results.add(
-                    spiffe_id=result.spiffe_id, code=status_for(result.error).value[0], message=str(result.error)
-                )
-        issued = sum(1 for r in results if r.issued is not None)
-        metrics.CA_ISSUANCES.labels("batch").inc(issued)
-        log.debug("CA: node agent %s got %d of %d SVID(s) asked for in a batch", caller, issued, len(results))
+                _refused(response, result.spiffe_id, result.error)
+        _counted("batch", "SVID", caller, sum(1 for r in results if r.issued is not None), len(results))
         return response
 
     def BatchNewJwtSvid(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -369,10 +376,6 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 response.results.add(spiffe_id=result.spiffe_id, token=result.svid.token)
             else:
                 assert result.error is not None
-                response.results.add(
-                    spiffe_id=result.spiffe_id, code=status_for(result.error).value[0], message=str(result.error)
-                )
-        issued = sum(1 for r in results if r.svid is not None)
-        metrics.CA_ISSUANCES.labels("jwt-batch").inc(issued)
-        log.debug("CA: node agent %s got %d of %d JWT-SVID(s) asked for in a batch", caller, issued, len(results))
+                _refused(response, result.spiffe_id, result.error)
+        _counted("jwt-batch", "JWT-SVID", caller, sum(1 for r in results if r.svid is not None), len(results))
         return response

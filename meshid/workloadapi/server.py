@@ -103,11 +103,9 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
     def FetchX509SVID(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._require_header(context)
-        source = self._server.source
-        # A source with ML-DSA SVIDs beside its own (IssuerSource(pq_key_kind=...)) has them served second.
-        additional = getattr(source, "get_additional_svids", None)
-        if additional is None:
-            return self._follow(context, lambda src: wire.x509_svid_response(src.get_svid(), src.get_bundles()))
+        # A source with ML-DSA SVIDs beside its own (IssuerSource(pq_key_kind=...)) has them served
+        # second; any other source has none (tuple() is the empty tuple).
+        additional = getattr(self._server.source, "get_additional_svids", tuple)
         return self._follow(
             context, lambda src: wire.x509_svid_response(src.get_svid(), src.get_bundles(), additional())
         )

@@ -7,16 +7,20 @@ import datetime
 import pathlib
 import socket
 import ssl
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 from cryptography import x509
 
 import meshid
 from meshid.ca.client import AdminClient
-from meshid.ca.datadir import init_data_dir
+from meshid.ca.datadir import add_key_type, init_data_dir
 from meshid.ca.server import CaServer
 from meshid.clock import ManualClock
+from support import stop_process
 
 #: The SVID lifetime of the tests on a ManualClock. TLS checks certificates on the real clock, so
 #: what the CA signs on the test's clock must also be valid in real time: NotBefore is back-dated
@@ -28,7 +32,8 @@ CLOCK_LEAD_LIMIT = datetime.timedelta(seconds=280)
 
 
 class RunningCa:
-    """A meshid CA on loopback, in process, that a test can stop and start again on the same port.
+    """A meshid CA on loopback, in process, that a test can stop and start again on the same port;
+    with ``ml_dsa``, an ML-DSA-65 CA beside the classical one.
 
     With ``clock`` it signs on that :class:`ManualClock` (restarts too), so IssuerSources on the
     same clock follow a schedule the test steps."""
@@ -38,10 +43,14 @@ class RunningCa:
         folder: pathlib.Path,
         max_ttl: datetime.timedelta = datetime.timedelta(hours=1),
         clock: ManualClock | None = None,
+        *,
+        ml_dsa: bool = False,
     ) -> None:
         self.folder = folder
         self.clock = clock
         init_data_dir(folder, "example.org", max_ttl=max_ttl)
+        if ml_dsa:  # an ML-DSA-65 CA beside the classical one, there when the CA starts
+            add_key_type(folder)
         self.server = self._server("127.0.0.1:0")
         self.port = self.server.start()
         self.address = f"127.0.0.1:{self.port}"
@@ -60,11 +69,67 @@ class RunningCa:
         self.server = self._server(self.address)
         self.server.start()
 
-    def enroll(self, spiffe_id: str, ttl: datetime.timedelta, dns: list[str] | None = None) -> str:
-        """Register ``spiffe_id`` and return a join token for it."""
+    def enroll(
+        self, spiffe_id: str, ttl: datetime.timedelta, dns: list[str] | None = None, svid_types: Sequence[str] = ()
+    ) -> str:
+        """Register ``spiffe_id`` (with the ``svid_types`` it may hold; none: classical) and return
+        a join token for it."""
         with AdminClient(self.address, self.folder) as admin:
-            admin.create_entry(spiffe_id, dns or [], ttl)
+            admin.create_entry(spiffe_id, dns or [], ttl, svid_types=svid_types)
             return str(admin.create_token(spiffe_id).token)
+
+
+#: `meshid agent --renew-at`: the agent's jitter is a fixed 0.1 of the lifetime and must stay
+#: below it, so a little above 0.1 is the earliest renewal it takes (0.02 to 0.12 of the lifetime).
+AGENT_RENEW_AT = "0.12"
+
+
+class Agent:
+    """A `meshid agent --workload-api` process (``extra``: more of its options, such as
+    ``--join-token``), started ready to serve; the test's fixture or finalizer stops it."""
+
+    def __init__(self, running_ca, socket: str, *extra: str) -> None:
+        self.socket = socket
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshid.cli",
+                "agent",
+                "--server",
+                running_ca.address,
+                "--bundle",
+                str(running_ca.bundle_file),
+                "--workload-api",
+                f"unix://{socket}",
+                "--renew-at",
+                AGENT_RENEW_AT,
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.ready = self.proc.stdout.readline()
+        if not self.ready.startswith("agent: "):
+            _, err = self.stop()
+            pytest.fail(f"the agent did not start: {self.ready!r}\n{err}")
+
+    def stop(self) -> tuple[int, str]:
+        code, _, err = stop_process(self.proc)
+        return code, err
+
+
+@pytest.fixture
+def closing(request: pytest.FixtureRequest) -> Callable[[Any], Any]:
+    """Registers ``thing.close()`` as a finalizer and returns ``thing``."""
+
+    def register(thing: Any) -> Any:
+        request.addfinalizer(thing.close)
+        return thing
+
+    return register
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import pytest
 
 import meshid
-from support import eventually
+from support import eventually, stop_process
 
 pytestmark = pytest.mark.timeout(90)
 WORKLOAD = "spiffe://example.org/ns/prod/sa/batch"
@@ -42,16 +41,6 @@ def _agent(running_ca, out, *extra: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def _stop(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, err = proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    return proc.returncode, out, err
 
 
 def _serial(out) -> int:
@@ -88,7 +77,7 @@ def test_agent_writes_renews_restarts_and_stops_cleanly(running_ca, tmp_path) ->
 
         eventually(renewed_twice, 30, "the agent to renew the files twice")
     finally:
-        code, _, err = _stop(agent)
+        code, _, err = stop_process(agent)
     assert code == 0, err
     assert "Traceback" not in err
 
@@ -100,7 +89,7 @@ def test_agent_writes_renews_restarts_and_stops_cleanly(running_ca, tmp_path) ->
         line = again.stdout.readline()
         assert f"serial {before:x}" in line, line
     finally:
-        code, _, err = _stop(again)
+        code, _, err = stop_process(again)
     assert code == 0, err
     assert "reusing the saved SVID" in err
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,53 +18,40 @@ from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 
 import meshid
+from conftest import RunningCa
 from meshid.agent import IssuerSource
-from meshid.ca.client import AdminClient
-from meshid.ca.datadir import add_key_type, init_data_dir
-from meshid.ca.server import CaServer
 from meshid.workloadapi import WorkloadApiServer, WorkloadApiSource
-from support import eventually
+from support import eventually, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
 TD = "example.org"
 WORKLOAD = f"spiffe://{TD}/ns/prod/sa/batch"
+TTL = datetime.timedelta(minutes=10)
+BOTH = ["classical", "ml-dsa-65"]
 
 # The generated protobuf module is private; the test reads the raw response to see every SVID in it
 # and its hint, which no public client exposes.
 from meshid._proto import workload_pb2, workload_pb2_grpc  # noqa: E402
 
 
-class DualCa:
-    def __init__(self, folder: pathlib.Path, *, with_pq: bool = True) -> None:
-        self.folder = folder
-        init_data_dir(folder, TD, max_ttl=datetime.timedelta(hours=1))
-        if with_pq:
-            add_key_type(folder)
-        self.server = CaServer(folder, "127.0.0.1:0")
-        self.address = f"127.0.0.1:{self.server.start()}"
-        self.bundle_file = folder / "bundle.pem"
-
-    def enroll(self, spiffe_id: str) -> str:
-        types = ["classical", "ml-dsa-65"] if (self.folder / "ml-dsa-65").exists() else []
-        with AdminClient(self.address, self.folder) as admin:
-            admin.create_entry(spiffe_id, [], datetime.timedelta(minutes=10), svid_types=types)
-            return str(admin.create_token(spiffe_id).token)
-
-
 @pytest.fixture
-def dual_ca(tmp_path: pathlib.Path) -> Iterator[DualCa]:
-    ca = DualCa(tmp_path / "ca")
+def dual_ca(tmp_path: pathlib.Path) -> Iterator[RunningCa]:
+    ca = RunningCa(tmp_path / "ca", ml_dsa=True)
     try:
         yield ca
     finally:
-        ca.server.stop(grace=None)
+        ca.stop()
 
 
-def test_issuer_source_keeps_both_svids_in_files_for_one_spiffe_id(dual_ca: DualCa, tmp_path: pathlib.Path) -> None:
+def test_issuer_source_keeps_both_svids_in_files_for_one_spiffe_id(dual_ca: RunningCa, tmp_path: pathlib.Path) -> None:
     out = tmp_path / "svid"
     with IssuerSource(
-        dual_ca.address, dual_ca.bundle_file, join_token=dual_ca.enroll(WORKLOAD), svid_dir=out, pq_key_kind="ml-dsa-65"
+        dual_ca.address,
+        dual_ca.bundle_file,
+        join_token=dual_ca.enroll(WORKLOAD, TTL, svid_types=BOTH),
+        svid_dir=out,
+        pq_key_kind="ml-dsa-65",
     ) as source:
         classical, pq = source.get_svid(), source.get_pq_svid()
         assert pq is not None and source.state.last_error is None
@@ -84,38 +70,45 @@ def test_issuer_source_keeps_both_svids_in_files_for_one_spiffe_id(dual_ca: Dual
     assert meshid.FileSource(*files).get_svid() == pq
 
 
-def test_a_restart_reuses_both_saved_svids_without_a_token(dual_ca: DualCa, tmp_path: pathlib.Path) -> None:
+def test_a_restart_reuses_both_saved_svids_without_a_token(dual_ca: RunningCa, tmp_path: pathlib.Path) -> None:
     out = tmp_path / "svid"
-    token = dual_ca.enroll(WORKLOAD)
+    token = dual_ca.enroll(WORKLOAD, TTL, svid_types=BOTH)
     with IssuerSource(dual_ca.address, dual_ca.bundle_file, join_token=token, svid_dir=out, pq_key_kind="ml-dsa-65"):
         pass
     saved = meshid.X509Svid.load(out / "ml-dsa-65" / "svid.pem", out / "ml-dsa-65" / "svid.key")
-    dual_ca.server.stop(grace=None)  # no CA: both must come from the files
+    dual_ca.stop()  # no CA: both must come from the files
     with IssuerSource(dual_ca.address, dual_ca.bundle_file, svid_dir=out, pq_key_kind="ml-dsa-65") as again:
         assert again.get_pq_svid() == saved
         assert again.get_additional_svids() == (("ml-dsa-65", saved),)
 
 
 def test_without_an_ml_dsa_ca_the_classical_svid_still_comes_and_the_error_is_said(tmp_path: pathlib.Path) -> None:
-    ca = DualCa(tmp_path / "ca", with_pq=False)
+    ca = RunningCa(tmp_path / "ca")
     try:
         with IssuerSource(
-            ca.address, ca.bundle_file, join_token=ca.enroll(WORKLOAD), svid_dir=tmp_path / "o", pq_key_kind="ml-dsa-65"
+            ca.address,
+            ca.bundle_file,
+            join_token=ca.enroll(WORKLOAD, TTL),
+            svid_dir=tmp_path / "o",
+            pq_key_kind="ml-dsa-65",
         ) as source:
             assert str(source.get_svid().spiffe_id) == WORKLOAD
             assert source.get_pq_svid() is None and source.get_additional_svids() == ()
             assert "no ML-DSA CA" in (source.state.last_error or "")
     finally:
-        ca.server.stop(grace=None)
+        ca.stop()
     assert not (tmp_path / "o" / "ml-dsa-65").exists()
 
 
 def test_workload_api_serves_the_classical_svid_first_and_the_ml_dsa_one_second(
-    dual_ca: DualCa, tmp_path: pathlib.Path
+    dual_ca: RunningCa, tmp_path: pathlib.Path
 ) -> None:
     socket = tmp_path / "wl.sock"
     source = IssuerSource(
-        dual_ca.address, dual_ca.bundle_file, join_token=dual_ca.enroll(WORKLOAD), pq_key_kind="ml-dsa-65"
+        dual_ca.address,
+        dual_ca.bundle_file,
+        join_token=dual_ca.enroll(WORKLOAD, TTL, svid_types=BOTH),
+        pq_key_kind="ml-dsa-65",
     )
     with source, WorkloadApiServer(source, f"unix://{socket}"):
         with grpc.insecure_channel(f"unix:{socket}") as channel:
@@ -140,9 +133,9 @@ def test_workload_api_serves_the_classical_svid_first_and_the_ml_dsa_one_second(
         assert [svid.leaf for svid in context.x509_svids] == [source.get_svid().leaf, source.get_pq_svid().leaf]
 
 
-def test_meshid_agent_also_key_type_writes_the_ml_dsa_folder(dual_ca: DualCa, tmp_path: pathlib.Path) -> None:
+def test_meshid_agent_also_key_type_writes_the_ml_dsa_folder(dual_ca: RunningCa, tmp_path: pathlib.Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "MESHID_JOIN_TOKEN": dual_ca.enroll(WORKLOAD), "GRPC_VERBOSITY": "ERROR"}
+    env = {**os.environ, "MESHID_JOIN_TOKEN": dual_ca.enroll(WORKLOAD, TTL, svid_types=BOTH), "GRPC_VERBOSITY": "ERROR"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshid.cli", "agent", "--server", dual_ca.address, "--bundle",
          str(dual_ca.bundle_file), "--out", str(out), "--also-key-type", "ml-dsa-65"],
@@ -153,8 +146,6 @@ def test_meshid_agent_also_key_type_writes_the_ml_dsa_folder(dual_ca: DualCa, tm
         pq = meshid.X509Svid.load(out / "ml-dsa-65" / "svid.pem", out / "ml-dsa-65" / "svid.key")
         classical = meshid.X509Svid.load(out / "svid.pem", out / "svid.key")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        _, _, err = stop_process(proc, timeout=20)
     assert "Traceback" not in err
     assert pq.spiffe_id == classical.spiffe_id and isinstance(pq.private_key, mldsa.MLDSA65PrivateKey)

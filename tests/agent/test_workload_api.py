@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import queue
-import signal
 import stat
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 import spiffe
 
 import meshid
-from conftest import presented_serial
+from conftest import Agent, presented_serial
 from meshid.workloadapi import WorkloadApiServer, WorkloadApiSource
 from support import FRONTEND_ID, SERVER_ID, call, eventually, sync_server
 
@@ -31,9 +30,6 @@ pytestmark = pytest.mark.timeout(120)
 TD = "example.org"
 WORKLOAD = "spiffe://example.org/ns/prod/sa/batch"
 TTL = datetime.timedelta(seconds=20)
-#: `meshid agent --renew-at`: the agent's jitter is a fixed 0.1 of the lifetime and must stay
-#: below it, so a little above 0.1 is the earliest renewal it takes (0.02 to 0.12 of the lifetime).
-RENEW_AT = "0.12"
 HEADER = (("workload.spiffe.io", "true"),)
 FETCH_X509_SVID = "/SpiffeWorkloadAPI/FetchX509SVID"
 
@@ -53,48 +49,6 @@ def _field(number: int, payload: bytes) -> bytes:
             return bytes([number << 3 | 2]) + length + payload
 
 
-class Agent:
-    """A `meshid agent --workload-api` process; always stopped by the test's finalizer."""
-
-    def __init__(self, running_ca, socket: str, *extra: str) -> None:
-        self.socket = socket
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meshid.cli",
-                "agent",
-                "--server",
-                running_ca.address,
-                "--bundle",
-                str(running_ca.bundle_file),
-                "--workload-api",
-                f"unix://{socket}",
-                "--renew-at",
-                RENEW_AT,
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.ready = self.proc.stdout.readline()
-        if not self.ready.startswith("agent: "):
-            _, err = self.stop()
-            pytest.fail(f"the agent did not start: {self.ready!r}\n{err}")
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
-
-
 @pytest.fixture
 def start_agent(running_ca, request) -> Callable[..., Agent]:
     def start(socket, *extra: str) -> Agent:
@@ -103,17 +57,6 @@ def start_agent(running_ca, request) -> Callable[..., Agent]:
         return agent
 
     return start
-
-
-@pytest.fixture
-def closing(request) -> Callable[[object], object]:
-    """Registers ``thing.close()`` as a finalizer and returns ``thing``."""
-
-    def register(thing):
-        request.addfinalizer(thing.close)
-        return thing
-
-    return register
 
 
 def test_py_spiffe_fetches_the_svid_and_bundle_and_follows_rotations(

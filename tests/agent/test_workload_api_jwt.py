@@ -11,9 +11,6 @@ at the start to stay valid through the test on a loaded machine) and the agent r
 from __future__ import annotations
 
 import datetime
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import spiffe
 from spiffe.workloadapi.errors import FetchJwtSvidError, ValidateJwtSvidError
 
 import meshid
+from conftest import Agent
 from meshid._proto import workload_pb2, workload_pb2_grpc
 from meshid.ca.datadir import activate_rotation, load_jwt_keys, prepare_jwt_rotation
 from meshid.workloadapi import WorkloadApiSource
@@ -38,53 +36,14 @@ TTL = datetime.timedelta(seconds=60)
 HEADER = (("workload.spiffe.io", "true"),)
 
 
-class Agent:
-    """A `meshid agent --workload-api` process; always stopped by the test's finalizer."""
-
-    def __init__(self, running_ca, socket: Path, token: str) -> None:
-        self.socket = socket
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshid.cli", "agent", "--server", running_ca.address, "--bundle",
-             str(running_ca.bundle_file), "--workload-api", f"unix://{socket}", "--renew-at", "0.12",
-             "--join-token", token],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        self.ready = self.proc.stdout.readline()
-        if not self.ready.startswith("agent: "):
-            _, err = self.stop()
-            pytest.fail(f"the agent did not start: {self.ready!r}\n{err}")
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
-
-
 @pytest.fixture
 def agent(running_ca, tmp_path: Path) -> Iterator[Agent]:
-    started = Agent(running_ca, tmp_path / "agent.sock", running_ca.enroll(WORKLOAD, TTL))
+    started = Agent(running_ca, str(tmp_path / "agent.sock"), "--join-token", running_ca.enroll(WORKLOAD, TTL))
     try:
         yield started
     finally:
         code, err = started.stop()
         assert code == 0 and "Traceback" not in err, err
-
-
-@pytest.fixture
-def closing(request) -> Callable[[object], object]:
-    def register(thing):
-        request.addfinalizer(thing.close)
-        return thing
-
-    return register
 
 
 def _py_spiffe_validates(source: spiffe.JwtSource, token: str) -> str:

@@ -7,9 +7,7 @@ test files without packages by their base name.)"""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,27 +18,11 @@ from meshid.ca import Authority
 from meshid.ca.client import attest_agent_with_token, attest_agent_with_x509pop
 from meshid.ca.server import CaServer
 from nodeagents import TD, AgentCa, agent_id, host_certificate, pem_file
+from support import assert_refused, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
 WEB = f"spiffe://{TD}/ns/prod/sa/web"
-
-
-def meshid(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
-    return subprocess.run(
-        [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False, env=env
-    )
-
-
-def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    """Exit code 2 and one line on stderr, never a traceback."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("meshid: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def assert_usage_error(result: subprocess.CompletedProcess[str], message: str) -> None:
@@ -69,7 +51,7 @@ def admin_args(ca: AgentCa) -> tuple[str, ...]:
 
 
 def test_entry_create_with_parent_and_selectors_and_entry_list(ca: AgentCa) -> None:
-    created = meshid(
+    created = run_cli(
         "entry", "create", *admin_args(ca), "--spiffe-id", WEB, "--parent-id", agent_id("node-1"),
         "--selector", "unix:uid:1001", "--selector", "unix:path:/usr/bin/web",
     )  # fmt: skip
@@ -77,11 +59,11 @@ def test_entry_create_with_parent_and_selectors_and_entry_list(ca: AgentCa) -> N
     assert created.stdout.strip() == (
         f"created {WEB} (ttl 3600s, parent {agent_id('node-1')}, selectors unix:uid:1001 unix:path:/usr/bin/web)"
     )
-    listed = meshid("entry", "list", *admin_args(ca))
+    listed = run_cli("entry", "list", *admin_args(ca))
     assert listed.returncode == 0, listed.stderr
     (line,) = [ln for ln in listed.stdout.splitlines() if ln.startswith(WEB + " ")]
     assert line.endswith(f'parent={agent_id("node-1")}  selectors=["unix:uid:1001", "unix:path:/usr/bin/web"]')
-    rows = {r["spiffe_id"]: r for r in json.loads(meshid("entry", "list", *admin_args(ca), "--json").stdout)}
+    rows = {r["spiffe_id"]: r for r in json.loads(run_cli("entry", "list", *admin_args(ca), "--json").stdout)}
     assert rows[WEB]["parent_id"] == agent_id("node-1")
     assert rows[WEB]["selectors"] == ["unix:uid:1001", "unix:path:/usr/bin/web"]
     assert rows[f"spiffe://{TD}/meshid/admin"]["parent_id"] is None
@@ -105,14 +87,14 @@ def test_entry_create_with_parent_and_selectors_and_entry_list(ca: AgentCa) -> N
     ids=["bad-uid", "unknown-kind", "selector-without-parent", "parent-without-selector", "parent-not-an-agent"],
 )
 def test_entry_create_refusals_are_one_line(ca: AgentCa, extra: tuple[str, ...], words: tuple[str, ...]) -> None:
-    assert_refused(meshid("entry", "create", *admin_args(ca), "--spiffe-id", f"{WEB}-refused", *extra), *words)
+    assert_refused(run_cli("entry", "create", *admin_args(ca), "--spiffe-id", f"{WEB}-refused", *extra), *words)
 
 
 # --- tokens for node agents ------------------------------------------------------------------------
 
 
 def test_token_create_for_an_agent_attests_it(ca: AgentCa) -> None:
-    created = meshid("token", "create", *admin_args(ca), "--agent", "node-cli", "--ttl", "5m")
+    created = run_cli("token", "create", *admin_args(ca), "--agent", "node-cli", "--ttl", "5m")
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     assert token.startswith(f"{TD}:") and "\n" not in token
@@ -123,7 +105,7 @@ def test_token_create_for_an_agent_attests_it(ca: AgentCa) -> None:
 def test_token_create_refusals(ca: AgentCa) -> None:
     parented = f"spiffe://{TD}/ns/prod/sa/parented"
     assert (
-        meshid(
+        run_cli(
             "entry",
             "create",
             *admin_args(ca),
@@ -137,16 +119,16 @@ def test_token_create_refusals(ca: AgentCa) -> None:
         == 0
     )
     assert_refused(
-        meshid("token", "create", *admin_args(ca), "--spiffe-id", parented),
+        run_cli("token", "create", *admin_args(ca), "--spiffe-id", parented),
         "token create: PERMISSION_DENIED", f"is served by node agent {agent_id('n')}",
     )  # fmt: skip
-    assert_refused(meshid("token", "create", *admin_args(ca), "--agent", "two words"), "SPIFFE ID", "path segment")
+    assert_refused(run_cli("token", "create", *admin_args(ca), "--agent", "two words"), "SPIFFE ID", "path segment")
     assert_usage_error(
-        meshid("token", "create", *admin_args(ca), "--agent", "n", "--spiffe-id", WEB),
+        run_cli("token", "create", *admin_args(ca), "--agent", "n", "--spiffe-id", WEB),
         "argument --spiffe-id: not allowed with argument --agent",
     )
     assert_usage_error(
-        meshid("token", "create", *admin_args(ca)), "one of the arguments --spiffe-id --agent is required"
+        run_cli("token", "create", *admin_args(ca)), "one of the arguments --spiffe-id --agent is required"
     )
 
 
@@ -155,44 +137,44 @@ def test_token_create_refusals(ca: AgentCa) -> None:
 
 def test_agent_list_and_evict(ca: AgentCa, tmp_path: Path) -> None:
     issued = ca.attest("node-list")
-    listed = meshid("agent", "list", *admin_args(ca))
+    listed = run_cli("agent", "list", *admin_args(ca))
     assert listed.returncode == 0, listed.stderr
     (line,) = [ln for ln in listed.stdout.splitlines() if ln.startswith(agent_id("node-list") + " ")]
     assert f"{agent_id('node-list')}  join_token  last_seen=" in line and "EVICTED" not in line
     assert f"svid_expires={issued.svid.not_after.isoformat()}" in line
-    rows = {r["spiffe_id"]: r for r in json.loads(meshid("agent", "list", *admin_args(ca), "--json").stdout)}
+    rows = {r["spiffe_id"]: r for r in json.loads(run_cli("agent", "list", *admin_args(ca), "--json").stdout)}
     row = rows[agent_id("node-list")]
     assert (row["attestation"], row["attested_by"], row["evicted"]) == ("join_token", None, False)
     assert row["svid_expires_at"] == issued.svid.not_after.isoformat()
 
-    evicted = meshid("agent", "evict", agent_id("node-list"), *admin_args(ca))
+    evicted = run_cli("agent", "evict", agent_id("node-list"), *admin_args(ca))
     assert evicted.returncode == 0, evicted.stderr
     assert evicted.stdout.strip() == f"evicted {agent_id('node-list')}; revoked 1 SVID(s): {issued.svid.serial:x}"
-    listed = meshid("agent", "list", *admin_args(ca))
+    listed = run_cli("agent", "list", *admin_args(ca))
     (line,) = [ln for ln in listed.stdout.splitlines() if ln.startswith(agent_id("node-list") + " ")]
     assert line.endswith("  EVICTED")
-    again = meshid("agent", "evict", agent_id("node-list"), *admin_args(ca))
+    again = run_cli("agent", "evict", agent_id("node-list"), *admin_args(ca))
     assert again.returncode == 0 and again.stdout.strip() == f"evicted {agent_id('node-list')}; revoked 0 SVID(s)"
 
 
 def test_agent_evict_refusals(ca: AgentCa) -> None:
     assert_refused(
-        meshid("agent", "evict", agent_id("ghost"), *admin_args(ca)), "agent evict: NOT_FOUND", "never attested"
+        run_cli("agent", "evict", agent_id("ghost"), *admin_args(ca)), "agent evict: NOT_FOUND", "never attested"
     )
     assert_refused(
-        meshid("agent", "evict", WEB, *admin_args(ca)), "agent evict: INVALID_ARGUMENT", "is not a node agent"
+        run_cli("agent", "evict", WEB, *admin_args(ca)), "agent evict: INVALID_ARGUMENT", "is not a node agent"
     )
-    assert_usage_error(meshid("agent", "evict", *admin_args(ca)), "the following arguments are required: ID")
+    assert_usage_error(run_cli("agent", "evict", *admin_args(ca)), "the following arguments are required: ID")
     assert_usage_error(
-        meshid("agent", "list", "--server", ca.address), "the following arguments are required: --data-dir"
+        run_cli("agent", "list", "--server", ca.address), "the following arguments are required: --data-dir"
     )
 
 
 def test_the_sidecar_form_of_agent_still_requires_its_options() -> None:
-    assert_usage_error(meshid("agent"), "the following arguments are required: --server, --bundle")
-    assert_usage_error(meshid("agent", "--server", "127.0.0.1:1"), "the following arguments are required: --bundle")
+    assert_usage_error(run_cli("agent"), "the following arguments are required: --server, --bundle")
+    assert_usage_error(run_cli("agent", "--server", "127.0.0.1:1"), "the following arguments are required: --bundle")
     assert_usage_error(
-        meshid("agent", "frobnicate"),
+        run_cli("agent", "frobnicate"),
         "argument {list,evict}: invalid choice: 'frobnicate' (choose from 'list', 'evict')",
     )
 
@@ -204,7 +186,7 @@ def test_ca_init_with_an_agent_ca_enables_x509pop(tmp_path: Path) -> None:
     hosts = Authority.create_root("hosts.example")
     bundle = pem_file(tmp_path / "hosts.pem", hosts.certificate)
     data_dir = tmp_path / "ca"
-    init = meshid(
+    init = run_cli(
         "ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD,
         "--agent-ca", str(bundle), "--agent-id-template", "host-{cn}",
     )  # fmt: skip
@@ -254,7 +236,7 @@ def test_ca_init_x509pop_refusals(tmp_path: Path) -> None:
     for i, (extra, message) in enumerate(cases):
         data_dir = tmp_path / f"ca{i}"
         assert_refused(
-            meshid("ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD, *extra), "CA init:", message
+            run_cli("ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD, *extra), "CA init:", message
         )
         assert not (data_dir / "ca.key").exists(), extra  # checked before anything is written
 
@@ -270,7 +252,7 @@ def test_ca_init_refuses_its_own_root_as_the_agent_ca(tmp_path: Path) -> None:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    init = meshid(
+    init = run_cli(
         "ca", "init", "--data-dir", str(tmp_path / "ca"), "--trust-domain", TD,
         "--upstream-cert", str(root_pem), "--upstream-key", str(key_file), "--agent-ca", str(root_pem),
     )  # fmt: skip

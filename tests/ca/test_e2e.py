@@ -47,7 +47,7 @@ from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.client import AdminClient, fetch_svid, get_crl_with_svid, renew_svid
 from meshid.ca.csr import build_csr
 from meshid.errors import RemoteError
-from support import call, sync_server
+from support import assert_refused, call, sync_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,16 +64,6 @@ def meshid(*args: str, token: str | None = None) -> subprocess.CompletedProcess[
     return subprocess.run(
         [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False, env=env
     )
-
-
-def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    """Exit code 2 and one line on stderr, never a traceback."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("meshid: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def assert_unreachable(result: subprocess.CompletedProcess[str], *words: str) -> None:

@@ -8,8 +8,6 @@ import base64
 import datetime
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ from meshid.ca.datadir import (
 )
 from meshid.ca.server import CaServer
 from meshid.errors import InvalidRequestError, NotAuthorizedError, RemoteError
+from support import run_cli
 
 TD = "example.org"
 WEB = f"spiffe://{TD}/ns/prod/sa/web"
@@ -250,24 +249,18 @@ def test_ca_init_refuses_a_key_type_that_cannot_sign_svids(tmp_path: Path) -> No
 # --- through the CA's gRPC API, and the CLI ------------------------------------------------------------
 
 
-def meshid_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 def test_a_workload_gets_both_svids_for_one_spiffe_id_through_the_ca_api(tmp_path: Path) -> None:
     """Must show 1: the ML-DSA-65 SVID verifies with cryptography's verifier against the bundle, and
     py-spiffe parses the classical SVID of the same workload, and the two-root bundle, unchanged."""
     folder = tmp_path / "ca"
-    assert meshid_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
-    added = meshid_cli("ca", "key", "add", "--data-dir", str(folder), "--key-type", "ml-dsa-65")
+    assert run_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
+    added = run_cli("ca", "key", "add", "--data-dir", str(folder), "--key-type", "ml-dsa-65")
     assert added.returncode == 0, added.stderr
     assert "its root is in" in added.stdout
     server = CaServer(folder, "127.0.0.1:0")
     address = f"127.0.0.1:{server.start()}"
     try:
-        created = meshid_cli(
+        created = run_cli(
             "entry", "create", "--server", address, "--data-dir", str(folder), "--spiffe-id", WEB,
             "--svid-types", "classical,ml-dsa-65",
         )  # fmt: skip
@@ -293,7 +286,7 @@ def test_a_workload_gets_both_svids_for_one_spiffe_id_through_the_ca_api(tmp_pat
     leaf = post_quantum.svid.leaf
     assert leaf.signature_algorithm_oid == ML_DSA_65 and isinstance(leaf.public_key(), mldsa.MLDSA65PublicKey)
     assert str(BundleSet.of(post_quantum.bundle).verify(leaf, post_quantum.svid.chain[1:])) == WEB
-    status = meshid_cli("ca", "rotate", "status", "--data-dir", str(folder)).stdout
+    status = run_cli("ca", "rotate", "status", "--data-dir", str(folder)).stdout
     assert "signing (ECDSA-P256)" in status and "signing (ML-DSA-65)" in status
     # py-spiffe reads the classical SVID, and the bundle that now holds the ML-DSA root too, unchanged
     (tmp_path / "svid.pem").write_bytes(classical.svid.chain_pem())

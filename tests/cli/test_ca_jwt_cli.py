@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import signal
 import stat
 import subprocess
 import sys
@@ -19,22 +18,16 @@ import meshid
 from meshid.ca.client import AdminClient
 from meshid.ca.datadir import load_jwt_keys
 from meshid.ca.server import CaServer
-from support import eventually
+from support import eventually, run_cli, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
 TD = "example.org"
 
 
-def meshid_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "meshid", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 def test_ca_init_chooses_the_jwt_key_type_and_rotate_steps_show_the_keys(tmp_path: Path) -> None:
     folder = tmp_path / "ca"
-    out = meshid_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD, "--jwt-key-type", "ec-p384")
+    out = run_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD, "--jwt-key-type", "ec-p384")
     assert out.returncode == 0, out.stderr
     assert "JWT-SVIDs signed by a ec-p384 key of its own" in out.stdout
     assert stat.S_IMODE((folder / "jwt-keys.json").stat().st_mode) == 0o600
@@ -42,11 +35,11 @@ def test_ca_init_chooses_the_jwt_key_type_and_rotate_steps_show_the_keys(tmp_pat
     assert keys is not None
     first = keys.signing.kid
 
-    status = meshid_cli("ca", "rotate", "status", "--data-dir", str(folder))
+    status = run_cli("ca", "rotate", "status", "--data-dir", str(folder))
     assert status.returncode == 0, status.stderr
     assert f"JWT key {first}  ec-p384  signing" in status.stdout.splitlines()
 
-    prepared = meshid_cli("ca", "rotate", "prepare", "--jwt-only", "--data-dir", str(folder))
+    prepared = run_cli("ca", "rotate", "prepare", "--jwt-only", "--data-dir", str(folder))
     assert prepared.returncode == 0, prepared.stderr
     keys = load_jwt_keys(folder)
     assert keys is not None and keys.prepared is not None
@@ -54,22 +47,22 @@ def test_ca_init_chooses_the_jwt_key_type_and_rotate_steps_show_the_keys(tmp_pat
     assert not (folder / "next").exists()  # the X.509 CA stays as it is
     assert (
         f"JWT key {keys.prepared.kid}  ec-p384  prepared"
-        in meshid_cli("ca", "rotate", "status", "--data-dir", str(folder)).stdout.splitlines()
+        in run_cli("ca", "rotate", "status", "--data-dir", str(folder)).stdout.splitlines()
     )
 
-    activated = meshid_cli("ca", "rotate", "activate", "--data-dir", str(folder))
+    activated = run_cli("ca", "rotate", "activate", "--data-dir", str(folder))
     assert activated.returncode == 0, activated.stderr
-    lines = meshid_cli("ca", "rotate", "status", "--data-dir", str(folder)).stdout.splitlines()
+    lines = run_cli("ca", "rotate", "status", "--data-dir", str(folder)).stdout.splitlines()
     assert f"JWT key {keys.prepared.kid}  ec-p384  signing" in lines
     assert any(line.startswith(f"JWT key {first}  ec-p384  retiring after ") for line in lines)
 
-    again = meshid_cli("ca", "rotate", "activate", "--data-dir", str(folder))
+    again = run_cli("ca", "rotate", "activate", "--data-dir", str(folder))
     assert again.returncode != 0 and "nothing prepared" in again.stderr
     assert "Traceback" not in again.stderr
 
 
 def test_an_unknown_jwt_key_type_is_refused_in_one_line(tmp_path: Path) -> None:
-    out = meshid_cli("ca", "init", "--data-dir", str(tmp_path / "ca"), "--trust-domain", TD, "--jwt-key-type", "hs256")
+    out = run_cli("ca", "init", "--data-dir", str(tmp_path / "ca"), "--trust-domain", TD, "--jwt-key-type", "hs256")
     assert out.returncode == 2
     assert "invalid choice: 'hs256'" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "ca").exists()
@@ -77,14 +70,14 @@ def test_an_unknown_jwt_key_type_is_refused_in_one_line(tmp_path: Path) -> None:
 
 def test_jwt_only_takes_no_upstream_ca(tmp_path: Path) -> None:
     folder = tmp_path / "ca"
-    assert meshid_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
-    out = meshid_cli("ca", "rotate", "prepare", "--jwt-only", "--data-dir", str(folder), "--upstream-cert", "x.pem")
+    assert run_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
+    out = run_cli("ca", "rotate", "prepare", "--jwt-only", "--data-dir", str(folder), "--upstream-cert", "x.pem")
     assert out.returncode == 2 and "--jwt-only takes no --upstream-cert" in out.stderr
 
 
 def test_the_sidecar_agent_writes_the_jwt_bundle_beside_bundle_pem(tmp_path: Path) -> None:
     folder = tmp_path / "ca"
-    assert meshid_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
+    assert run_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
     server = CaServer(folder, "127.0.0.1:0")
     address = f"127.0.0.1:{server.start()}"
     agent = None
@@ -112,10 +105,5 @@ def test_the_sidecar_agent_writes_the_jwt_bundle_beside_bundle_pem(tmp_path: Pat
         assert jwt.decode(token, key.key, algorithms=["ES256"], audience="backend")["sub"] == workload
     finally:
         if agent is not None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.communicate()
+            stop_process(agent)
         server.stop()

@@ -5,75 +5,56 @@ reading ML-DSA certificates."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from meshid import TrustBundle
 from meshid.ca import Authority, generate_key
+from support import assert_refused, run_cli
 
 TD = "example.org"
 FRONTEND = f"spiffe://{TD}/ns/prod/sa/frontend"
 
 
-def meshid(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
-    return subprocess.run(
-        [sys.executable, "-m", "meshid.cli", *args], capture_output=True, text=True, timeout=60, check=False, env=env
-    )
-
-
-def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    """Exit code 2 and one line on stderr, never a traceback."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("meshid: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def test_ca_init_key_type_ml_dsa_65_makes_a_post_quantum_only_ca_that_refuses_to_serve(tmp_path: Path) -> None:
     folder = str(tmp_path / "pq")
-    made = meshid("ca", "init", "--data-dir", folder, "--trust-domain", TD, "--key-type", "ml-dsa-65")
+    made = run_cli("ca", "init", "--data-dir", folder, "--trust-domain", TD, "--key-type", "ml-dsa-65")
     assert made.returncode == 0, made.stderr
     assert "(ml-dsa-65 key)" in made.stdout
-    info = json.loads(meshid("svid", "inspect", "--json", f"{folder}/bundle.pem").stdout)
+    info = json.loads(run_cli("svid", "inspect", "--json", f"{folder}/bundle.pem").stdout)
     assert (info["kind"], info["key_algorithm"], info["signature_algorithm"]) == (
         "CA certificate",
         "ML-DSA-65",
         "ML-DSA-65",
     )
-    served = meshid("ca", "serve", "--data-dir", folder, "--listen", "127.0.0.1:0")
+    served = run_cli("ca", "serve", "--data-dir", folder, "--listen", "127.0.0.1:0")
     assert_refused(served, "signs with ML-DSA only", "grpcio", "meshid ca key add --key-type ml-dsa-65")
 
 
 def test_ca_init_refuses_an_unknown_key_type(tmp_path: Path) -> None:
-    result = meshid("ca", "init", "--data-dir", str(tmp_path / "x"), "--trust-domain", TD, "--key-type", "ml-dsa-44")
+    result = run_cli("ca", "init", "--data-dir", str(tmp_path / "x"), "--trust-domain", TD, "--key-type", "ml-dsa-44")
     assert result.returncode == 2 and "invalid choice: 'ml-dsa-44'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_ca_key_add_then_rotate_the_ml_dsa_ca_with_prepare_and_activate(tmp_path: Path) -> None:
     folder = str(tmp_path / "ca")
-    assert meshid("ca", "init", "--data-dir", folder, "--trust-domain", TD).returncode == 0
-    added = meshid("ca", "key", "add", "--data-dir", folder)
+    assert run_cli("ca", "init", "--data-dir", folder, "--trust-domain", TD).returncode == 0
+    added = run_cli("ca", "key", "add", "--data-dir", folder)
     assert added.returncode == 0, added.stderr
-    assert_refused(meshid("ca", "key", "add", "--data-dir", folder), "has an ml-dsa-65 CA already", "rotate it")
+    assert_refused(run_cli("ca", "key", "add", "--data-dir", folder), "has an ml-dsa-65 CA already", "rotate it")
     assert len(TrustBundle.load(TD, Path(folder) / "bundle.pem").roots) == 2
-    prepared = meshid("ca", "rotate", "prepare", "--data-dir", folder, "--key-type", "ml-dsa-65")
+    prepared = run_cli("ca", "rotate", "prepare", "--data-dir", folder, "--key-type", "ml-dsa-65")
     assert prepared.returncode == 0, prepared.stderr
     assert len(TrustBundle.load(TD, Path(folder) / "bundle.pem").roots) == 3
-    activated = meshid("ca", "rotate", "activate", "--data-dir", folder, "--key-type", "ml-dsa-65")
+    activated = run_cli("ca", "rotate", "activate", "--data-dir", folder, "--key-type", "ml-dsa-65")
     assert activated.returncode == 0, activated.stderr
-    status = meshid("ca", "rotate", "status", "--data-dir", folder).stdout
+    status = run_cli("ca", "rotate", "status", "--data-dir", folder).stdout
     assert status.count("signing (") == 2 and "signing (ML-DSA-65)" in status
     assert "retiring " in status
     assert_refused(
-        meshid("ca", "rotate", "activate", "--data-dir", folder, "--key-type", "ml-dsa-65"), "nothing prepared"
+        run_cli("ca", "rotate", "activate", "--data-dir", folder, "--key-type", "ml-dsa-65"), "nothing prepared"
     )
 
 
@@ -92,20 +73,20 @@ def pq_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_svid_inspect_reads_an_ml_dsa_svid_and_names_its_algorithms(pq_files: Path) -> None:
-    out = meshid("svid", "inspect", str(pq_files / "pq.pem"))
+    out = run_cli("svid", "inspect", str(pq_files / "pq.pem"))
     assert out.returncode == 0, out.stderr
     assert f"SPIFFE ID:   {FRONTEND}" in out.stdout
     assert "Algorithms:  key ML-DSA-65, signed with ML-DSA-65 (post-quantum)" in out.stdout
-    classical = meshid("svid", "inspect", str(pq_files / "ec.pem")).stdout
+    classical = run_cli("svid", "inspect", str(pq_files / "ec.pem")).stdout
     assert "Algorithms:  key ECDSA-P256, signed with ECDSA-SHA256\n" in classical
 
 
 def test_policy_check_with_require_pq_signature_allows_ml_dsa_and_denies_ecdsa(pq_files: Path) -> None:
     args = ("policy", "check", str(pq_files / "policy.yaml"), "--method", "/echo.Echo/Say", "--bundle")
-    allowed = meshid(*args, str(pq_files / "bundle.pem"), "--cert", str(pq_files / "pq.pem"))
+    allowed = run_cli(*args, str(pq_files / "bundle.pem"), "--cert", str(pq_files / "pq.pem"))
     assert allowed.returncode == 0, (allowed.stdout, allowed.stderr)
     assert allowed.stdout.startswith(f"ALLOW {FRONTEND} /echo.Echo/Say: allowed by rule 'f'")
-    denied = meshid(*args, str(pq_files / "bundle.pem"), "--cert", str(pq_files / "ec.pem"))
+    denied = run_cli(*args, str(pq_files / "bundle.pem"), "--cert", str(pq_files / "ec.pem"))
     assert denied.returncode == 1, (denied.stdout, denied.stderr)
     assert "the peer authenticated with ECDSA-P256, a classical signature" in denied.stdout
 
@@ -114,31 +95,31 @@ def test_svid_fetch_key_type_ml_dsa_65_for_an_ml_dsa_only_entry(tmp_path: Path) 
     from meshid.ca.server import CaServer
 
     folder = tmp_path / "ca"
-    assert meshid("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
-    assert meshid("ca", "key", "add", "--data-dir", str(folder)).returncode == 0
+    assert run_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD).returncode == 0
+    assert run_cli("ca", "key", "add", "--data-dir", str(folder)).returncode == 0
     server = CaServer(folder, "127.0.0.1:0")
     address = f"127.0.0.1:{server.start()}"
     try:
         admin = ("--server", address, "--data-dir", str(folder))
-        created = meshid("entry", "create", *admin, "--spiffe-id", FRONTEND, "--svid-types", "ml-dsa-65")
+        created = run_cli("entry", "create", *admin, "--spiffe-id", FRONTEND, "--svid-types", "ml-dsa-65")
         assert created.returncode == 0, created.stderr
         assert "svids ml-dsa-65" in created.stdout
-        listed = meshid("entry", "list", *admin)
+        listed = run_cli("entry", "list", *admin)
         assert f"{FRONTEND}  ttl=3600s" in listed.stdout and "svids=ml-dsa-65" in listed.stdout
         fetch = ("svid", "fetch", "--server", address, "--bundle", str(folder / "bundle.pem"))
-        token = meshid("token", "create", *admin, "--spiffe-id", FRONTEND).stdout.strip()
-        refused = meshid(*fetch, "--join-token-file", _file(tmp_path / "t1", token), "--out", str(tmp_path / "ec"))
+        token = run_cli("token", "create", *admin, "--spiffe-id", FRONTEND).stdout.strip()
+        refused = run_cli(*fetch, "--join-token-file", _file(tmp_path / "t1", token), "--out", str(tmp_path / "ec"))
         assert_refused(refused, "PERMISSION_DENIED", "allows ml-dsa-65 SVIDs, not classical ones")
-        fetched = meshid(
+        fetched = run_cli(
             *fetch, "--join-token-file", _file(tmp_path / "t2", token), "--out", str(tmp_path / "pq"),
             "--key-type", "ml-dsa-65",
         )  # fmt: skip
         assert fetched.returncode == 0, fetched.stderr
-        bad = meshid("entry", "create", *admin, "--spiffe-id", f"{FRONTEND}-x", "--svid-types", "classical,,x")
+        bad = run_cli("entry", "create", *admin, "--spiffe-id", f"{FRONTEND}-x", "--svid-types", "classical,,x")
         assert bad.returncode == 2 and "write names separated by commas" in bad.stderr
     finally:
         server.stop(grace=None)
-    inspected = meshid("svid", "inspect", str(tmp_path / "pq" / "svid.pem"))
+    inspected = run_cli("svid", "inspect", str(tmp_path / "pq" / "svid.pem"))
     assert "Algorithms:  key ML-DSA-65, signed with ML-DSA-65 (post-quantum)" in inspected.stdout
 
 

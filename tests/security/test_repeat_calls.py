@@ -7,6 +7,8 @@ allowed and memoised, changes one thing on the server, and calls again on the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 import meshid
@@ -33,14 +35,13 @@ def _twice(
     interceptor: meshid.AuthorizationInterceptor,
     client: meshid.X509Svid,
     bundles: meshid.BundleSet,
-    change: object,
+    change: Callable[[], object],
 ) -> tuple[tuple[str, str], tuple[str, str]]:
     """Call, apply ``change()``, call again on the same channel; both results."""
     with sync_server(server_source, interceptor) as port:
         source = meshid.StaticSource(client, bundles)
         with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
             first = call(channel)
-            assert callable(change)
             change()
             return first, call(channel)
 
