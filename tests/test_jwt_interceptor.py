@@ -413,6 +413,9 @@ ATTACKS = {
     "malformed-base64": (lambda: "eyJhbGciOiJFUzI1NiJ9!.e30.AA", "malformed token"),
     "malformed-json": (lambda: f"{_b64(b'{nope')}.{_b64(b'{}')}.AA", "malformed token"),
     "two-authorization-headers": (None, "more than one 'authorization' header"),
+    # Signed, so only a trust domain's key could make them; still refused with a reason, not a traceback.
+    "exp-beyond-a-float": (lambda: _signed(_claims(exp=10**400)), "claim 'exp' must be a NumericDate"),
+    "nbf-beyond-a-float": (lambda: _signed(_claims(nbf=10**400)), "claim 'nbf' must be a NumericDate"),
 }
 
 
