@@ -555,3 +555,34 @@ def test_a_bad_token_through_nginx_is_unauthenticated(attack: str, nginx_hop, jw
     with _through_nginx(listen, jwt_bundles) as channel:
         code, details = call(channel, _bearer(make()))
     assert code == "UNAUTHENTICATED" and fragment in details, (code, details)
+
+
+# --- the JWT-SVID standard §7.3: a bearer token travels over links that keep it confidential -------
+
+
+@contextlib.contextmanager
+def _plaintext_server(source: meshid.StaticSource, policy: meshid.AuthorizationPolicy, address: str) -> Iterator[str]:
+    interceptor = meshid.AuthorizationInterceptor(policy, source=source)
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[interceptor])
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), grpc_server)
+    port = grpc_server.add_insecure_port(address)
+    grpc_server.start()
+    try:
+        yield address.replace(":0", f":{port}")
+    finally:
+        grpc_server.stop(None).wait()
+
+
+def test_a_token_sent_over_plaintext_tcp_is_unauthenticated(source, jwt_bundles) -> None:
+    """Whoever saw it on the wire could replay it for minutes: refused, as a call without TLS."""
+    with _plaintext_server(source, _policy(["jwt"]), "127.0.0.1:0") as target, grpc.insecure_channel(target) as channel:
+        code, details = call(channel, _bearer(_token()))
+    assert code == "UNAUTHENTICATED", (code, details)
+    assert "JWT-SVID" in details and "TLS" in details, details
+
+
+def test_a_token_over_a_unix_socket_is_accepted(source, jwt_bundles, tmp_path) -> None:
+    """A non-network link between two processes of one host is the standard's own exception."""
+    with _plaintext_server(source, _policy(["jwt"]), f"unix:{tmp_path}/greeter.sock") as target:
+        with grpc.insecure_channel(target) as channel:
+            assert call(channel, _bearer(_token())) == ("OK", f"jwt {FRONTEND_ID}")
