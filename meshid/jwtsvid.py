@@ -102,7 +102,7 @@ def _header_and_claims(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         unverified = jwt.api_jws.PyJWS().decode_complete(token, options={"verify_signature": False})
     except RecursionError as err:
         raise _refuse("malformed token: JSON nested too deeply") from err
-    except jwt.exceptions.DecodeError as err:
+    except jwt.exceptions.InvalidTokenError as err:  # DecodeError, and a header PyJWT refuses (kid, crit)
         raise _refuse(f"malformed token: {str(err)[:200]}") from err
     header, payload = unverified["header"], unverified["payload"]
     if not isinstance(header, dict):

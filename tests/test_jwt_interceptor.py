@@ -385,6 +385,10 @@ def _hmac(alg: str) -> str:
     return f"{signing_input}.{_b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
 
 
+def _with_header(header: dict[str, Any]) -> str:
+    return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(_claims()).encode())}.{_b64(b'not a signature')}"
+
+
 def _unsigned() -> str:
     return f"{_b64(json.dumps({'alg': 'none', 'kid': 'k1'}).encode())}.{_b64(json.dumps(_claims()).encode())}."
 
@@ -413,6 +417,12 @@ ATTACKS = {
     "malformed-base64": (lambda: "eyJhbGciOiJFUzI1NiJ9!.e30.AA", "malformed token"),
     "malformed-json": (lambda: f"{_b64(b'{nope')}.{_b64(b'{}')}.AA", "malformed token"),
     "two-authorization-headers": (None, "more than one 'authorization' header"),
+    # Unsigned header tricks that PyJWT refuses with its own InvalidTokenError (not a DecodeError).
+    "kid-not-a-string": (lambda: _with_header({"alg": "ES256", "kid": 5}), "malformed token: Key ID header"),
+    "unsupported-crit": (
+        lambda: _with_header({"alg": "ES256", "kid": "k1", "crit": ["exp"]}),
+        "malformed token: Unsupported critical extension",
+    ),
     # Signed, so only a trust domain's key could make them; still refused with a reason, not a traceback.
     "exp-beyond-a-float": (lambda: _signed(_claims(exp=10**400)), "claim 'exp' must be a NumericDate"),
     "nbf-beyond-a-float": (lambda: _signed(_claims(nbf=10**400)), "claim 'nbf' must be a NumericDate"),
