@@ -417,3 +417,30 @@ def test_a_jwt_key_the_bundle_refuses_or_too_many_on_the_store_never_break_the_b
         )
     finally:
         a.store.close()
+
+
+def test_a_jwt_rotation_that_would_retire_more_keys_than_a_bundle_carries_is_refused(tmp_path: Path) -> None:
+    """Rotating often with a long grace piles up retiring keys: the rotation that would leave the
+    bundle more than MAX_JWT_KEYS is refused with what to do, and the CA keeps serving its bundle."""
+    from meshid.bundle import MAX_JWT_KEYS
+
+    folder = tmp_path / "ca"
+    init_data_dir(folder, TD)
+    week = datetime.timedelta(days=7)
+    refused = None
+    for _ in range(MAX_JWT_KEYS + 2):
+        prepare_jwt_rotation(folder)
+        try:
+            activate_rotation(folder, grace=week)
+        except DataDirError as err:
+            refused = err
+            break
+    assert refused is not None and "retiring" in str(refused) and "--grace" in str(refused), refused
+    keys = load_jwt_keys(folder)  # the file still loads
+    assert keys is not None and keys.prepared is not None
+    service = open_service(folder)
+    try:
+        bundle = service.bundle()  # and the bundle carries every key: signing, prepared, retiring
+        assert len(bundle.jwt_authorities) == len(keys.published) <= MAX_JWT_KEYS
+    finally:
+        service.store.close()
