@@ -85,7 +85,9 @@ class PeerIdentity:
     jwt_svid: JwtSvid | None = field(default=None, repr=False, compare=False)
     #: The algorithms of the signatures of the path :class:`PeerVerifier` verified, the leaf's
     #: first, the root's own (which vouches for nothing) left out: forging any one of them forges
-    #: the leaf. Empty for an identity described without verifying (:meth:`from_certificate`).
+    #: the leaf. For a peer a trusted proxy forwarded, the proxy's key's and chain's follow (its
+    #: handshake is what authenticated the call). Empty for an identity described without
+    #: verifying (:meth:`from_certificate`).
     chain_signature_algorithms: tuple[str, ...] = ()
 
     @classmethod
