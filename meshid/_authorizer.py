@@ -6,8 +6,9 @@ Who is calling: the TLS client certificate, unless the policy accepts JWT-SVIDs
 then the token decides, whether or not the connection also has a certificate (behind a hop
 that terminates the client's TLS, the certificate is the hop's). A bad token is refused with
 UNAUTHENTICATED and its reason; it never falls back to the certificate. A policy that accepts
-only ``jwt`` refuses a call without a token. Under the default policy (``x509`` only) the
-``authorization`` header is never read.
+only ``jwt`` refuses a call without a token. A token is accepted only over TLS or a Unix
+socket (the JWT-SVID standard §7.3: whoever saw it on a plaintext link could replay it). Under
+the default policy (``x509`` only) the ``authorization`` header is never read.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     if not match.group(1):
         raise InvalidJwtSvidError("JWT-SVID: 'authorization: Bearer' carries no token")
     return match.group(1)
+
+
+def _over_unix_socket(peer_address: str | Callable[[], str] | None) -> bool:
+    """Whether the call came over a Unix domain socket (grpc names such a peer ``unix:...``)."""
+    address = peer_address() if callable(peer_address) else peer_address
+    return isinstance(address, str) and address.startswith("unix:")
 
 
 TrustInput = Source | BundleSet | TrustBundle
@@ -413,13 +420,25 @@ class Authorizer:
         return self._own_audience
 
     def _jwt_identity(
-        self, policy: AuthorizationPolicy, token: str, auth_context: Mapping[str, Sequence[bytes]]
+        self,
+        policy: AuthorizationPolicy,
+        token: str,
+        auth_context: Mapping[str, Sequence[bytes]],
+        peer_address: str | Callable[[], str] | None,
     ) -> PeerIdentity:
         """The caller named by a bearer token.
 
         Raises:
-            InvalidJwtSvidError: the token is refused, or this server knows no audience to accept.
+            InvalidJwtSvidError: the token is refused, came over neither TLS nor a Unix socket,
+                or this server knows no audience to accept.
         """
+        if not auth_context.get(_TLS_VERSION) and not _over_unix_socket(peer_address):
+            # The JWT-SVID standard §7.3: every link a bearer token crosses keeps it confidential
+            # (a Unix socket between two processes of one host is its exception).
+            raise InvalidJwtSvidError(
+                "JWT-SVID: sent over a connection without TLS; whoever saw it could replay it, so a token is "
+                "accepted only over TLS (or a Unix socket)"
+            )
         audiences = self._audiences(policy)
         if audiences is None:
             raise InvalidJwtSvidError(
@@ -448,7 +467,7 @@ class Authorizer:
             try:
                 token = bearer_token(_materialize(metadata))
                 if token is not None:
-                    identity = self._jwt_identity(policy, token, auth_context)
+                    identity = self._jwt_identity(policy, token, auth_context, peer_address)
             except InvalidJwtSvidError:
                 identity = None
         if identity is None:
@@ -570,7 +589,7 @@ class Authorizer:
             try:
                 token = bearer_token(metadata)
                 if token is not None:
-                    identity, direct = self._jwt_identity(policy, token, auth_context), False
+                    identity, direct = self._jwt_identity(policy, token, auth_context, peer_address), False
                 elif not policy.accepts_x509:
                     raise InvalidJwtSvidError(
                         "JWT-SVID: none sent; this server accepts callers by JWT-SVID only "

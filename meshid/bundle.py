@@ -507,6 +507,20 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
                 bundle here, the chain does not verify to one of that bundle's roots, or a CA
                 between that root and the leaf does not belong to the leaf's trust domain.
         """
+        return self.verify_path(leaf, intermediates, now=now)[0]
+
+    def verify_path(
+        self,
+        leaf: x509.Certificate,
+        intermediates: Sequence[x509.Certificate] = (),
+        *,
+        now: datetime.datetime | None = None,
+    ) -> tuple[SpiffeId, list[x509.Certificate]]:
+        """As :meth:`verify`, and the path it verified: the leaf first, the root last.
+
+        Raises:
+            VerificationError: as :meth:`verify`.
+        """
         try:
             spiffe_id = check_leaf(leaf)
         except (InvalidSvidError, InvalidSpiffeIdError) as err:
@@ -520,7 +534,7 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
             )
         chain = self.verify_chain(store, leaf, intermediates, now=now, what=str(spiffe_id))
         check_ca_scope(chain, spiffe_id.trust_domain, what=str(spiffe_id), spiffe=True)
-        return spiffe_id
+        return spiffe_id, chain
 
     def verify_any(
         self,
@@ -540,6 +554,21 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
         Raises:
             VerificationError: no bundle verifies the chain.
         """
+        return self.verify_any_path(leaf, intermediates, now=now, trust_domains=trust_domains)[0]
+
+    def verify_any_path(
+        self,
+        leaf: x509.Certificate,
+        intermediates: Sequence[x509.Certificate] = (),
+        *,
+        now: datetime.datetime | None = None,
+        trust_domains: Collection[TrustDomain] | None = None,
+    ) -> tuple[TrustDomain, list[x509.Certificate]]:
+        """As :meth:`verify_any`, and the path it verified: the leaf first, the root last.
+
+        Raises:
+            VerificationError: no bundle verifies the chain.
+        """
         what = leaf.subject.rfc4514_string()
         for td, store in self._stores.items():
             if trust_domains is not None and td not in trust_domains:
@@ -549,7 +578,7 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
                 check_ca_scope(chain, td, what=what, spiffe=False)
             except VerificationError:
                 continue
-            return td
+            return td, chain
         raise VerificationError(
             f"peer certificate {leaf.subject.rfc4514_string()!r}: no trust bundle verifies its chain"
         )

@@ -146,6 +146,10 @@ def _pem_certificates(text: str, header: str, field: str) -> list[x509.Certifica
     return certs
 
 
+#: A verdict's key: the header's digest, and the proxy hop's TLS version, group and signatures.
+_Key = tuple[bytes, str | None, str | None, tuple[str, ...]]
+
+
 class ForwardedIdentities:
     """Reads and verifies forwarded client certificates from trusted proxies; caches per header value.
 
@@ -170,7 +174,7 @@ class ForwardedIdentities:
         self._bundles = bundles
         # Verdicts keyed by a digest of the header (never the caller's text itself), bounded by
         # entries and bytes, for the bundle set they were made against.
-        self._cache: BoundedCache[tuple[bytes, str | None, str | None], PeerIdentity | str] = BoundedCache(
+        self._cache: BoundedCache[_Key, PeerIdentity | str] = BoundedCache(
             max_entries=cache_size, max_bytes=cache_bytes
         )
         self._cache_for: BundleSet | None = None
@@ -214,14 +218,22 @@ class ForwardedIdentities:
             cache.clear()
             self._cache_for = bundles
         digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
-        key = (digest, proxy.tls_version, proxy.key_exchange_group)
+        # A forwarded certificate is public: the proxy's handshake is what authenticated the call,
+        # so its signatures (its key's, its chain's) join the forwarded chain's for a PQ claim.
+        hop = (
+            proxy.signature_algorithm or "unknown",
+            *(proxy.chain_signature_algorithms or (proxy.issuer_signature_algorithm or "unknown",)),
+        )
+        key = (digest, proxy.tls_version, proxy.key_exchange_group, hop)
         result = cache.get(key)
         if result is None:
             try:
+                verified = self._verify(value, bundles)
                 result = dataclasses.replace(
-                    self._verify(value, bundles),
+                    verified,
                     tls_version=proxy.tls_version,
                     key_exchange_group=proxy.key_exchange_group,
+                    chain_signature_algorithms=(*verified.chain_signature_algorithms, *hop),
                 )
             except VerificationError as err:
                 result = str(err)[:1024]
@@ -257,7 +269,10 @@ class ForwardedIdentities:
         else:
             leaf = _one_pem_certificate(urllib.parse.unquote(value), self.header)
         try:
-            spiffe_id = bundles.verify(leaf, [c for c in chain if c != leaf])
-            return PeerIdentity.from_certificate(leaf, spiffe_id=spiffe_id)
+            spiffe_id, path = bundles.verify_path(leaf, [c for c in chain if c != leaf])
+            return dataclasses.replace(
+                PeerIdentity.from_certificate(leaf, spiffe_id=spiffe_id),
+                chain_signature_algorithms=tuple(_x509.signature_algorithm(c) for c in path[:-1]),
+            )
         except _x509.PARSE_ERRORS as err:  # a malformed extension, found while reading SANs
             raise VerificationError(f"forwarded certificate: unreadable: {err}") from err

@@ -65,9 +65,14 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None and name not in claims:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    try:
+        # float() first: an int JSON integer past a float's range (10**400) raises OverflowError
+        seconds = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
         raise _refuse(f"claim {name!r} must be a NumericDate (seconds since the epoch), not {_quote(value)}")
-    return float(value)
+    return seconds
 
 
 def _as_datetime(seconds: float, name: str) -> datetime.datetime:
@@ -97,7 +102,7 @@ def _header_and_claims(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         unverified = jwt.api_jws.PyJWS().decode_complete(token, options={"verify_signature": False})
     except RecursionError as err:
         raise _refuse("malformed token: JSON nested too deeply") from err
-    except jwt.exceptions.DecodeError as err:
+    except jwt.exceptions.InvalidTokenError as err:  # DecodeError, and a header PyJWT refuses (kid, crit)
         raise _refuse(f"malformed token: {str(err)[:200]}") from err
     header, payload = unverified["header"], unverified["payload"]
     if not isinstance(header, dict):

@@ -83,6 +83,12 @@ class PeerIdentity:
     issuer_signature_algorithm: str | None = None
     source: IdentitySource = "x509"
     jwt_svid: JwtSvid | None = field(default=None, repr=False, compare=False)
+    #: The algorithms of the signatures of the path :class:`PeerVerifier` verified, the leaf's
+    #: first, the root's own (which vouches for nothing) left out: forging any one of them forges
+    #: the leaf. For a peer a trusted proxy forwarded, the proxy's key's and chain's follow (its
+    #: handshake is what authenticated the call). Empty for an identity described without
+    #: verifying (:meth:`from_certificate`).
+    chain_signature_algorithms: tuple[str, ...] = ()
 
     @classmethod
     def from_jwt_svid(
@@ -138,10 +144,16 @@ class PeerIdentity:
     @property
     def post_quantum_signature(self) -> bool:
         """Whether a post-quantum signature authenticated the peer: its leaf key is ML-DSA, and so
-        is its CA's signature on the leaf (an ML-DSA key under an ECDSA CA is as forgeable as ECDSA)."""
-        return _x509.is_post_quantum(self.signature_algorithm) and _x509.is_post_quantum(
-            self.issuer_signature_algorithm
-        )
+        is every signature from its trust anchor down to the leaf (an ML-DSA key under an ECDSA CA,
+        or under an ML-DSA intermediate an ECDSA root signed, is as forgeable as ECDSA)."""
+        return _x509.is_post_quantum(self.signature_algorithm) and self.classical_chain_signature is None
+
+    @property
+    def classical_chain_signature(self) -> str | None:
+        """The first signature on the peer's path that is not post-quantum (the leaf's CA's when
+        no path was verified); None when each one is."""
+        signatures = self.chain_signature_algorithms or (self.issuer_signature_algorithm,)
+        return next((s or "unknown" for s in signatures if not _x509.is_post_quantum(s)), None)
 
     def describe(self) -> str:
         """A short name for logs and error messages: the SPIFFE ID, or the subject."""
@@ -248,7 +260,7 @@ class PeerVerifier:
         uris = _x509.uri_sans(leaf)
         spiffe_id: SpiffeId | None
         if uris:
-            spiffe_id = bundles.verify(leaf, intermediates, now=now)
+            spiffe_id, path = bundles.verify_path(leaf, intermediates, now=now)
             trust_domain = spiffe_id.trust_domain
         elif non_spiffe_from is None:
             raise VerificationError(
@@ -257,11 +269,13 @@ class PeerVerifier:
             )
         else:
             spiffe_id = None
-            trust_domain = bundles.verify_any(leaf, intermediates, now=now, trust_domains=non_spiffe_from)
+            trust_domain, path = bundles.verify_any_path(leaf, intermediates, now=now, trust_domains=non_spiffe_from)
         return dataclasses.replace(
             PeerIdentity.from_certificate(leaf, trust_domain, spiffe_id=spiffe_id),
             tls_version=_one(auth, "ssl_tls_version"),
             key_exchange_group=_one(auth, "ssl_negotiated_key_exchange_group"),
+            # the root's self-signature left out: the root is trusted for its key, not its signature
+            chain_signature_algorithms=tuple(_x509.signature_algorithm(c) for c in path[:-1]),
         )
 
 

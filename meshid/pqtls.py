@@ -301,7 +301,12 @@ def connect(
         raise
     problem = _mismatch(peer, expected)
     if problem is None and require_pq_signature and not peer.post_quantum_signature:
-        problem = f"authenticated with {peer.signature_algorithm}, not a post-quantum signature"
+        classical = (
+            peer.signature_algorithm
+            if not _x509.is_post_quantum(peer.signature_algorithm)
+            else f"a chain that carries {peer.classical_chain_signature}"
+        )
+        problem = f"authenticated with {classical}, not a post-quantum signature"
     if problem is not None:
         connection.close()
         raise VerificationError(f"pqtls: the server {peer.describe()} {problem}")

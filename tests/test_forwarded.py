@@ -134,3 +134,25 @@ def test_xfcc_grammar_table() -> None:
     for header, message in refused.items():
         with pytest.raises(meshid.VerificationError, match=message):
             parse_xfcc(header)
+
+
+def test_require_pq_signature_refuses_an_ml_dsa_certificate_forwarded_over_a_classical_hop(ca: Authority) -> None:
+    """A forwarded certificate is public and proves nothing by itself: what authenticated the
+    call to this server is the proxy's classical handshake, so whoever forges the proxy's ECDSA
+    identity could forward anyone's ML-DSA certificate."""
+    from meshid.ca import generate_key
+
+    pq = Authority.create_root("example.org", key=generate_key("ml-dsa-65"))
+    both = meshid.BundleSet.of(meshid.TrustBundle(ca.trust_domain, (*ca.roots, *pq.roots)))
+    server_source = meshid.StaticSource(ca.issue_svid(SERVER_ID, dns_names=["localhost"]), both)
+    policy = meshid.AuthorizationPolicy.from_dict(
+        {"require_pq_signature": True, "allow": [{"name": "fe", "methods": ["*"], "spiffe_ids": [FRONTEND_ID]}]}
+    )
+    interceptor = meshid.AuthorizationInterceptor(policy, source=server_source, trusted_proxies=[PROXY_ID])
+    header = [(XFCC_HEADER, _xfcc(pq.issue_svid(FRONTEND_ID, key_kind="ml-dsa-65")))]
+    with sync_server(server_source, interceptor) as port:
+        proxy = meshid.StaticSource(ca.issue_svid(PROXY_ID), both)
+        with meshid.secure_channel(f"127.0.0.1:{port}", proxy, server_id=SERVER_ID) as channel:
+            code, details = call(channel, metadata=header)
+    assert code == "PERMISSION_DENIED", (code, details)
+    assert "post-quantum" in details and "ECDSA" in details, details

@@ -380,6 +380,10 @@ def _hmac(alg: str) -> str:
     return f"{signing_input}.{_b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
 
 
+def _with_header(header: dict[str, Any]) -> str:
+    return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(_claims()).encode())}.{_b64(b'not a signature')}"
+
+
 def _unsigned() -> str:
     return f"{_b64(json.dumps({'alg': 'none', 'kid': 'k1'}).encode())}.{_b64(json.dumps(_claims()).encode())}."
 
@@ -408,6 +412,15 @@ ATTACKS = {
     "malformed-base64": (lambda: "eyJhbGciOiJFUzI1NiJ9!.e30.AA", "malformed token"),
     "malformed-json": (lambda: f"{_b64(b'{nope')}.{_b64(b'{}')}.AA", "malformed token"),
     "two-authorization-headers": (None, "more than one 'authorization' header"),
+    # Unsigned header tricks that PyJWT refuses with its own InvalidTokenError (not a DecodeError).
+    "kid-not-a-string": (lambda: _with_header({"alg": "ES256", "kid": 5}), "malformed token: Key ID header"),
+    "unsupported-crit": (
+        lambda: _with_header({"alg": "ES256", "kid": "k1", "crit": ["exp"]}),
+        "malformed token: Unsupported critical extension",
+    ),
+    # Signed, so only a trust domain's key could make them; still refused with a reason, not a traceback.
+    "exp-beyond-a-float": (lambda: _signed(_claims(exp=10**400)), "claim 'exp' must be a NumericDate"),
+    "nbf-beyond-a-float": (lambda: _signed(_claims(nbf=10**400)), "claim 'nbf' must be a NumericDate"),
 }
 
 
@@ -516,3 +529,34 @@ def test_a_bad_token_through_nginx_is_unauthenticated(attack: str, nginx_hop, jw
     with _through_nginx(listen, jwt_bundles) as channel:
         code, details = call(channel, _bearer(make()))
     assert code == "UNAUTHENTICATED" and fragment in details, (code, details)
+
+
+# --- the JWT-SVID standard §7.3: a bearer token travels over links that keep it confidential -------
+
+
+@contextlib.contextmanager
+def _plaintext_server(source: meshid.StaticSource, policy: meshid.AuthorizationPolicy, address: str) -> Iterator[str]:
+    interceptor = meshid.AuthorizationInterceptor(policy, source=source)
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[interceptor])
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), grpc_server)
+    port = grpc_server.add_insecure_port(address)
+    grpc_server.start()
+    try:
+        yield address.replace(":0", f":{port}")
+    finally:
+        grpc_server.stop(None).wait()
+
+
+def test_a_token_sent_over_plaintext_tcp_is_unauthenticated(source, jwt_bundles) -> None:
+    """Whoever saw it on the wire could replay it for minutes: refused, as a call without TLS."""
+    with _plaintext_server(source, _policy(["jwt"]), "127.0.0.1:0") as target, grpc.insecure_channel(target) as channel:
+        code, details = call(channel, _bearer(_token()))
+    assert code == "UNAUTHENTICATED", (code, details)
+    assert "JWT-SVID" in details and "TLS" in details, details
+
+
+def test_a_token_over_a_unix_socket_is_accepted(source, jwt_bundles, tmp_path) -> None:
+    """A non-network link between two processes of one host is the standard's own exception."""
+    with _plaintext_server(source, _policy(["jwt"]), f"unix:{tmp_path}/greeter.sock") as target:
+        with grpc.insecure_channel(target) as channel:
+            assert call(channel, _bearer(_token())) == ("OK", f"jwt {FRONTEND_ID}")

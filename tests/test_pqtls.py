@@ -302,3 +302,38 @@ def test_openssl_s_server_and_meshid_client_with_ml_dsa_svids(cas: Cas, tmp_path
     finally:
         process.kill()
         process.wait(timeout=10)
+
+
+def test_require_pq_signature_denies_an_ml_dsa_intermediate_that_an_ecdsa_root_signed(cas: Cas, echo_server) -> None:
+    """Forging the ECDSA root's signature forges the ML-DSA intermediate, and with it every leaf
+    under it: each signature from the root down, not the leaf's alone, must be post-quantum."""
+    intermediate = Authority.from_upstream(
+        TD, cas.classical.certificate, cas.classical.private_key, key=generate_key("ml-dsa-65")
+    )
+    client = StaticSource(intermediate.issue_svid(CLIENT_ID, key_kind="ml-dsa-65"), cas.bundles)
+    server = echo_server(cas.pq_source(SERVER_ID), policy(require_pq_signature=True))
+    with pqtls.connect(("127.0.0.1", server.port), client, server_id=SERVER_ID, timeout=10) as conn:
+        assert conn.recv(1024) == b""  # the server closed it without a word
+    assert server.done.wait(10)
+    (error,) = server.errors
+    assert isinstance(error, AccessDeniedError)
+    assert "ECDSA-SHA256" in str(error) and "requires a post-quantum one" in str(error)
+
+
+def test_client_with_require_pq_signature_refuses_a_server_under_an_ecdsa_signed_ml_dsa_intermediate(
+    cas: Cas, echo_server
+) -> None:
+    intermediate = Authority.from_upstream(
+        TD, cas.classical.certificate, cas.classical.private_key, key=generate_key("ml-dsa-65")
+    )
+    server_source = StaticSource(intermediate.issue_svid(SERVER_ID, key_kind="ml-dsa-65"), cas.bundles)
+    server = echo_server(server_source, policy(require_pq_signature=False))
+    with pytest.raises(VerificationError, match="not a post-quantum signature"):
+        pqtls.connect(
+            ("127.0.0.1", server.port),
+            cas.pq_source(CLIENT_ID),
+            server_id=SERVER_ID,
+            timeout=10,
+            require_pq_signature=True,
+        )
+    assert server.done.wait(10)

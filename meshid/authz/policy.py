@@ -9,6 +9,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshid import _x509
 from meshid.authz import grpc_json, native
 from meshid.authz.model import CompiledRules, Decision, Rule
 from meshid.errors import InvalidPolicyError
@@ -305,11 +306,15 @@ class AuthorizationPolicy:
                 explained=True,
             )
         if self.require_pq_signature and not peer.post_quantum_signature:
+            if _x509.is_post_quantum(peer.signature_algorithm):  # an ML-DSA key a classical signature vouches for
+                what = f"a chain that carries a {peer.classical_chain_signature} signature, a classical one"
+            else:
+                what = f"{peer.signature_algorithm or 'an unknown algorithm'}, a classical signature"
             return Decision(
                 False,
                 None,
-                f"the peer authenticated with {peer.signature_algorithm or 'an unknown algorithm'}, a classical "
-                "signature; this policy requires a post-quantum one (an ML-DSA-65 SVID, over meshid.pqtls)",
+                f"the peer authenticated with {what}; this policy requires a post-quantum one "
+                "(an ML-DSA-65 SVID under an all-ML-DSA chain, over meshid.pqtls)",
                 explained=True,
             )
         return self._compiled.decide(peer, method, headers, local_trust_domain=local_trust_domain)

@@ -486,7 +486,10 @@ def _activate_jwt(folder: str | os.PathLike[str], grace: datetime.timedelta) -> 
     if keys is None or keys.prepared is None:
         return None
     retire_after = datetime.datetime.now(datetime.UTC) + JWT_SVID_TTL + grace
-    activated = keys.activate(retire_after)
+    try:
+        activated = keys.activate(retire_after)
+    except ValueError as err:  # too many retiring: refused before anything is written
+        raise DataDirError(f"CA rotation: {err}") from err
     write_atomic(_paths(folder)["jwt"], activated.to_json(), mode=0o600)  # the published set is unchanged
     return activated.signing
 

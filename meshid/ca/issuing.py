@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid import _x509
 from meshid._x509 import public_key_der
-from meshid.bundle import TrustBundle
+from meshid.bundle import MAX_JWT_KEYS, JwtAuthorities, TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
 from meshid.ca.csr import MAX_CSR_BYTES, parse_csr
@@ -51,6 +51,7 @@ from meshid.ca.selectors import parse_selectors
 from meshid.ca.store import Entry, Signer, Store
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import (
+    InvalidBundleError,
     InvalidRequestError,
     InvalidSpiffeIdError,
     IssuanceError,
@@ -227,6 +228,7 @@ class IssuingService:
         self._shared_jwt: tuple[int | None, dict[str, JwtPublicKey]] = (None, {})
         self._jwt_published_at: float | None = None
         self._jwt_published: frozenset[str] = frozenset()  # the kids this CA put in the store
+        self._jwt_overflow_warned: int | None = None  # the bundle sequence whose excess keys were logged
 
     def set_authority(self, authority: Authority) -> None:
         """Sign with ``authority`` from now on (after a key rotation); the next CRL is signed by it."""
@@ -408,14 +410,27 @@ class IssuingService:
 
     def _bundle(self, authority: Authority, sequence: int | None) -> TrustBundle:
         bundle = TrustBundle(authority.trust_domain, authority.roots, sequence)
-        published = dict(self._shared_jwt_keys(sequence))
-        if self.jwt_keys is not None:
-            published.update(self.jwt_keys.published)
+        # This CA's own keys first (they sign what it issues), then the other replicas', as many
+        # as a bundle holds: what the store publishes never makes the bundle itself fail.
+        published: dict[str, JwtPublicKey] = dict(self.jwt_keys.published) if self.jwt_keys is not None else {}
+        shared = self._shared_jwt_keys(sequence)
+        for kid in shared:
+            if len(published) >= MAX_JWT_KEYS:
+                if self._jwt_overflow_warned != sequence:  # once per bundle sequence, not per issuance
+                    self._jwt_overflow_warned = sequence
+                    log.warning(
+                        "CA: the store publishes more JWT keys than a bundle holds (%d); %d left out of the bundle",
+                        MAX_JWT_KEYS,
+                        len(set(shared) - set(published)),
+                    )
+                break
+            published.setdefault(kid, shared[kid])
         return bundle.with_jwt_authorities(published) if published else bundle
 
     def _shared_jwt_keys(self, sequence: int | None) -> dict[str, JwtPublicKey]:
         """The JWT keys the store publishes (other replicas' too), read again when the bundle
-        sequence moves (every change of them grows it). A key that does not load is left out."""
+        sequence moves (every change of them grows it). A key that does not load, or that a
+        bundle may not carry (its kid or type), is left out, with a warning."""
         cached_sequence, cached = self._shared_jwt
         if sequence is not None and cached_sequence == sequence:
             return cached
@@ -423,10 +438,13 @@ class IssuingService:
         for kid, der in self.store.jwt_keys(self._clock.now()):
             try:
                 key = serialization.load_der_public_key(der)
-            except (ValueError, TypeError, UnsupportedAlgorithm):
+                if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                    raise TypeError(f"a {type(key).__name__} is not an EC or RSA key")
+                JwtAuthorities([(kid, key)])  # the bundle's own checks: kid, curve, RSA size
+            except (ValueError, TypeError, UnsupportedAlgorithm, InvalidBundleError) as err:
+                log.warning("CA: leaving JWT key %r the store publishes out of the bundle: %s", kid[:64], err)
                 continue
-            if isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-                keys[kid] = key
+            keys[kid] = key
         self._shared_jwt = (sequence, keys)
         return keys
 

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid import _x509
+from meshid.bundle import MAX_JWT_KEYS
 from meshid.ca.authority import generate_key
 from meshid.spiffeid import SpiffeId
 
@@ -57,6 +58,8 @@ _KID_ALPHABET = string.ascii_letters + string.digits
 _KID_LENGTH = 32
 _MAX_FILE_BYTES = 1 << 20
 _MAX_RETIRING = 64
+#: The most retiring keys an activation leaves: with the signing and a prepared key, what a bundle carries.
+_MAX_ACTIVATED_RETIRING = MAX_JWT_KEYS - 2
 
 JwtPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 JwtPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -179,6 +182,12 @@ class JwtKeys:
         """
         if self.prepared is None:
             raise ValueError("JWT keys: nothing prepared")
+        if len(self.retiring) >= _MAX_ACTIVATED_RETIRING:
+            raise ValueError(
+                f"JWT keys: {len(self.retiring)} keys are retiring already, as many as the bundle carries beside "
+                "a signing and a prepared one; wait until some retire (`meshid ca rotate status`), or rotate with "
+                "a shorter --grace"
+            )
         old = RetiringJwtKey(self.signing.kid, self.signing.public_key, retire_after)
         return JwtKeys(self.prepared, None, (*self.retiring, old))
 

@@ -184,13 +184,14 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"Not after:   {info['not_after']}")
         print(f"Status:      {status} ({when})")
         print(f"Thumbprint:  {info['thumbprint']} (SHA-256)")
-        post_quantum = _x509.is_post_quantum(info["key_algorithm"]) and _x509.is_post_quantum(
-            info["signature_algorithm"]
-        )
-        print(
-            f"Algorithms:  key {info['key_algorithm']}, signed with {info['signature_algorithm']}"
-            + (" (post-quantum)" if post_quantum else "")
-        )
+        # Post-quantum only if every signature in the file is: an ECDSA signature on an ML-DSA
+        # intermediate forges every leaf under it.
+        signatures = [info["signature_algorithm"], *(c["signature_algorithm"] for c in info["chain"])]
+        classical = next((a for a in signatures if not _x509.is_post_quantum(a)), None)
+        note = ""
+        if _x509.is_post_quantum(info["key_algorithm"]):
+            note = " (post-quantum)" if classical is None else f" (not post-quantum: its chain carries {classical})"
+        print(f"Algorithms:  key {info['key_algorithm']}, signed with {info['signature_algorithm']}{note}")
         if info["kind"] != "CA certificate":
             print(f"DNS SANs:    {', '.join(info['dns_sans']) or '-'}")
         for index, cert in enumerate(info["chain"], start=1):

@@ -295,5 +295,7 @@ def jwks_keys(td: TrustDomain, document: bytes) -> Mapping[str, Any]:
                 raise ValueError(f"a key has an empty or repeated kid {jwk.key_id!r}")
             keys[jwk.key_id] = jwk.key
         return keys
+    except KeyError as err:  # PyJWT reads some members without checking they are there ({"kty": "oct"})
+        raise InvalidBundleError(f"JWT bundle for {td} from the Workload API: a key has no {err} member") from err
     except (ValueError, TypeError, jwt.exceptions.PyJWTError) as err:
         raise InvalidBundleError(f"JWT bundle for {td} from the Workload API: {err}") from err

@@ -89,3 +89,22 @@ def test_a_restart_with_the_saved_svid_has_the_saved_jwt_keys_before_the_ca_answ
     (folder / "jwt-bundle.json").write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "x"}]}')
     with IssuerSource(running_ca.address, running_ca.bundle_file, svid_dir=folder, timeout=1) as broken:
         assert not broken.get_jwt_bundles()[meshid.TrustDomain.parse("example.org")].jwt_authorities  # refused, logged
+
+
+@pytest.mark.parametrize(
+    "document",
+    ['{"keys": [{"kty": "oct", "kid": "x"}]}', '{"keys": [{"kty": "EC", "kid": "x", "crv": "P-256"}]}'],
+    ids=["oct-without-k", "ec-without-x-y"],
+)
+def test_a_saved_jwt_bundle_with_a_jwk_missing_its_members_is_ignored_not_a_crash(
+    running_ca, tmp_path, document: str
+) -> None:
+    token = running_ca.enroll(WEB, datetime.timedelta(minutes=10))
+    folder = tmp_path / "svid"
+    with IssuerSource(running_ca.address, running_ca.bundle_file, join_token=token, svid_dir=folder) as source:
+        source.get_svid()
+    running_ca.stop()  # the restarted source has only its folder
+    (folder / "jwt-bundle.json").write_text(document)
+    with IssuerSource(running_ca.address, running_ca.bundle_file, svid_dir=folder, timeout=1) as again:
+        assert again.get_svid().spiffe_id == meshid.SpiffeId.parse(WEB)
+        assert not again.get_jwt_bundles()[meshid.TrustDomain.parse("example.org")].jwt_authorities

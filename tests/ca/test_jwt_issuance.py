@@ -378,3 +378,69 @@ def test_a_revoked_x509_svid_gets_no_jwt_svid(ca: AgentCa) -> None:
     with IssuerClient(ca.address, svid, ca.bundles) as client, pytest.raises(RemoteError) as refused:
         client.new_jwt_svid(AUDIENCE)
     assert refused.value.code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
+def test_a_jwt_key_the_bundle_refuses_or_too_many_on_the_store_never_break_the_bundle(tmp_path: Path) -> None:
+    """What other replicas publish on a shared store is left out when a bundle cannot carry it (a
+    weak key, a kid too long, more keys than a bundle holds), never makes every bundle, and so
+    every issuance of every replica, fail; this CA's own keys always stay in."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from meshid.bundle import MAX_JWT_KEYS
+
+    def der(key: object) -> bytes:
+        return key.public_key().public_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    init_data_dir(tmp_path / "a", TD)
+    a = open_service(tmp_path / "a")
+    try:
+        until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=15)
+        now = datetime.datetime.now(datetime.UTC)
+        rows = [
+            ("weak", der(rsa.generate_private_key(65537, 1024)), until),
+            ("L" * 300, der(ec.generate_private_key(ec.SECP256R1())), until),
+        ]
+        rows += [(f"replica{i:03d}", der(ec.generate_private_key(ec.SECP256R1())), until) for i in range(MAX_JWT_KEYS)]
+        a.store.publish_jwt_keys(rows, now)
+        bundle = a.bundle()  # raised InvalidBundleError before
+        own = load_jwt_keys(tmp_path / "a")
+        assert own is not None and own.signing.kid in bundle.jwt_authorities
+        assert "weak" not in bundle.jwt_authorities and "L" * 300 not in bundle.jwt_authorities
+        assert len(bundle.jwt_authorities) == MAX_JWT_KEYS
+        entry = a.create_entry("admin", WEB)
+        token = a.sign_jwt_svid(entry, AUDIENCE)
+        assert meshid.JwtSvid.parse_and_validate(token.token, meshid.BundleSet.of(bundle), AUDIENCE).key_id == (
+            own.signing.kid
+        )
+    finally:
+        a.store.close()
+
+
+def test_a_jwt_rotation_that_would_retire_more_keys_than_a_bundle_carries_is_refused(tmp_path: Path) -> None:
+    """Rotating often with a long grace piles up retiring keys: the rotation that would leave the
+    bundle more than MAX_JWT_KEYS is refused with what to do, and the CA keeps serving its bundle."""
+    from meshid.bundle import MAX_JWT_KEYS
+
+    folder = tmp_path / "ca"
+    init_data_dir(folder, TD)
+    week = datetime.timedelta(days=7)
+    refused = None
+    for _ in range(MAX_JWT_KEYS + 2):
+        prepare_jwt_rotation(folder)
+        try:
+            activate_rotation(folder, grace=week)
+        except DataDirError as err:
+            refused = err
+            break
+    assert refused is not None and "retiring" in str(refused) and "--grace" in str(refused), refused
+    keys = load_jwt_keys(folder)  # the file still loads
+    assert keys is not None and keys.prepared is not None
+    service = open_service(folder)
+    try:
+        bundle = service.bundle()  # and the bundle carries every key: signing, prepared, retiring
+        assert len(bundle.jwt_authorities) == len(keys.published) <= MAX_JWT_KEYS
+    finally:
+        service.store.close()

@@ -127,3 +127,20 @@ def _file(path: Path, text: str) -> str:
     path.write_text(text + "\n")
     path.chmod(0o600)
     return str(path)
+
+
+def test_svid_inspect_does_not_call_an_svid_under_an_ecdsa_signed_ml_dsa_intermediate_post_quantum(
+    tmp_path: Path,
+) -> None:
+    """Forging the ECDSA signature on the intermediate forges every leaf under it."""
+    classical = Authority.create_root(TD)
+    intermediate = Authority.from_upstream(
+        TD, classical.certificate, classical.private_key, key=generate_key("ml-dsa-65")
+    )
+    path = tmp_path / "svid.pem"
+    path.write_bytes(intermediate.issue_svid(FRONTEND, key_kind="ml-dsa-65").chain_pem())
+    out = meshid("svid", "inspect", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "Algorithms:  key ML-DSA-65, signed with ML-DSA-65" in out.stdout
+    assert "(post-quantum)" not in out.stdout
+    assert "ECDSA-SHA256" in out.stdout  # the classical signature the chain carries is named
