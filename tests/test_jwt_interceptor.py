@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 

@@ -139,7 +139,7 @@ def test_svid_inspect_does_not_call_an_svid_under_an_ecdsa_signed_ml_dsa_interme
     )
     path = tmp_path / "svid.pem"
     path.write_bytes(intermediate.issue_svid(FRONTEND, key_kind="ml-dsa-65").chain_pem())
-    out = meshid("svid", "inspect", str(path))
+    out = run_cli("svid", "inspect", str(path))
     assert out.returncode == 0, out.stderr
     assert "Algorithms:  key ML-DSA-65, signed with ML-DSA-65" in out.stdout
     assert "(post-quantum)" not in out.stdout
