@@ -181,7 +181,7 @@ def run_init(args: argparse.Namespace) -> int:
         jwt_key_type=args.jwt_key_type,
     )
     print(f"CA for trust domain {config.trust_domain} created in {args.data_dir} ({args.key_type} key)")
-    print(f"  JWT-SVIDs signed by a {args.jwt_key_type} key of its own: {args.data_dir}/jwt-keys.json")
+    print(f"  JWT-SVIDs signed by its own {args.jwt_key_type} key: {args.data_dir}/jwt-keys.json")
     print(f"  trust bundle: {args.data_dir}/bundle.pem   admin SVID: {args.data_dir}/admin/")
     print(f"  SVIDs last at most {show(config.max_ttl)} (--ttl), the admin SVID too; `meshid ca serve` renews it")
     if config.agent_id_template is not None:

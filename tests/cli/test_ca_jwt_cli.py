@@ -29,7 +29,7 @@ def test_ca_init_chooses_the_jwt_key_type_and_rotate_steps_show_the_keys(tmp_pat
     folder = tmp_path / "ca"
     out = run_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", TD, "--jwt-key-type", "ec-p384")
     assert out.returncode == 0, out.stderr
-    assert "JWT-SVIDs signed by a ec-p384 key of its own" in out.stdout
+    assert "JWT-SVIDs signed by its own ec-p384 key" in out.stdout
     assert stat.S_IMODE((folder / "jwt-keys.json").stat().st_mode) == 0o600
     keys = load_jwt_keys(folder)
     assert keys is not None
