@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import re
+import signal
+import threading
 from collections.abc import Callable
 
 #: The command line's exit codes (the README's table): 0 success or "allow", 1 a negative answer
@@ -156,3 +160,30 @@ def join_token(args: argparse.Namespace) -> str | None:
     if token is None and args.join_token_required:
         raise TokenError("join token: give --join-token, --join-token-file or $MESHID_JOIN_TOKEN")
     return token
+
+
+def stop_on_signals(stop: threading.Event) -> Callable[[Callable[[], None]], None]:
+    """Set ``stop`` at SIGTERM or SIGINT, then run what was added with the function returned.
+
+    A Python signal handler runs on the main thread between two bytecodes, so one that takes a
+    lock (``Event.set`` does) deadlocks when it interrupts that thread holding the same lock, as
+    ``Event.wait`` does for a moment before it sleeps: the process then never stops. The handler
+    here only writes a byte to a pipe; a thread of its own reads it and does the stopping.
+    """
+    actions: list[Callable[[], None]] = []
+    read_end, write_end = os.pipe()  # not inherited by the programs an agent runs (PEP 446)
+
+    def handler(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"\0")
+
+    def stopper() -> None:
+        os.read(read_end, 1)
+        stop.set()
+        for action in list(actions):
+            action()
+
+    threading.Thread(target=stopper, name="meshid-stop-signal", daemon=True).start()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return actions.append

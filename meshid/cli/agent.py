@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from typing import Any
@@ -20,6 +19,7 @@ from meshid.cli._common import (
     ca_bundle,
     duration,
     join_token,
+    stop_on_signals,
     unix_socket,
 )
 
@@ -198,8 +198,7 @@ def run_node(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    on_stop = stop_on_signals(stop)
     try:
         agent = NodeAgent(
             args.server,
@@ -219,12 +218,7 @@ def run_node(args: argparse.Namespace) -> int:
         return 2
     server.check_free()  # before a join token is spent: a socket another agent serves is refused
 
-    def stopping(*_: object) -> None:
-        stop.set()
-        agent.close()  # also ends start() waiting for a CA
-
-    signal.signal(signal.SIGTERM, stopping)
-    signal.signal(signal.SIGINT, stopping)
+    on_stop(agent.close)  # also ends start() waiting for a CA
     try:
         agent.start()  # UnreachableError (exit 3) once --wait runs out; SourceError (2) if refused
     except SourceError:
@@ -327,8 +321,7 @@ def run_agent(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    on_stop = stop_on_signals(stop)
     if args.write_crl and not args.out:
         print("meshid: agent: --write-crl writes DIR/crl.pem beside the files of --out; give --out", file=sys.stderr)
         return 2
@@ -369,12 +362,7 @@ def run_agent(args: argparse.Namespace) -> int:
     if server is not None:
         server.check_free()  # before the join token is spent: a socket another agent serves is refused
 
-    def stopping(*_: object) -> None:
-        stop.set()
-        source.close()  # also ends start() waiting for a CA
-
-    signal.signal(signal.SIGTERM, stopping)
-    signal.signal(signal.SIGINT, stopping)
+    on_stop(source.close)  # also ends start() waiting for a CA
     try:
         source.start()
     except RemoteError as err:  # no CA answered the first issuance in time

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from typing import Any
 
-from meshid.cli._common import DURATION_FORMAT, address, duration, show
+from meshid.cli._common import DURATION_FORMAT, address, duration, show, stop_on_signals
 
 
 def register(groups: Any) -> None:
@@ -217,8 +216,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if metrics_port is not None:
         print(f"CA metrics on http://{args.metrics.rsplit(':', 1)[0]}:{metrics_port}/metrics", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop_on_signals(stop)
     stop.wait()
     server.stop()
     print("CA stopped", flush=True)
