@@ -8,7 +8,6 @@ import contextlib
 import datetime
 import os
 import re
-import signal
 import string
 import subprocess
 import sys
@@ -25,7 +24,17 @@ import meshid
 from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
-from support import FRONTEND_ID, SERVER_ID, call, eventually, free_port, nginx_process, require_program, sync_server
+from support import (
+    FRONTEND_ID,
+    SERVER_ID,
+    call,
+    eventually,
+    free_port,
+    nginx_process,
+    require_program,
+    stop_process,
+    sync_server,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -265,13 +274,6 @@ def test_agent_rotates_nginx_five_times_under_load_with_no_failed_call(
         failed = [r for r in results if r != ("OK", FRONTEND_ID)]
         assert results and not failed, (len(results), failed[:5])
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(20)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-        assert agent.stdout is not None
-        agent.stdout.close()
+        stop_process(agent, timeout=20)
     text = log.read_text()
     assert "reload hook ran" in text and "Traceback" not in text, text

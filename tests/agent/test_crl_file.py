@@ -4,7 +4,6 @@ nginx's ``ssl_crl``; a new CRL runs the reload hook. A real agent process agains
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from meshid.ca import Authority
 from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.server import CaServer
-from support import eventually, require_program
+from support import eventually, require_program, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 TD = "example.org"
@@ -69,14 +68,7 @@ def test_the_agent_writes_the_crl_beside_the_svid_files_and_reloads_on_a_new_one
             eventually(lambda: serial in _crl_text(out / "crl.pem", bundle), 30, "the revocation in crl.pem")
             eventually(lambda: marks.exists(), 30, "the reload hook after the new CRL")
         finally:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
-            assert agent.stdout is not None
-            agent.stdout.close()
+            stop_process(agent, timeout=20)
     finally:
         server.stop()
     text = log.read_text()

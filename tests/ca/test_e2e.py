@@ -47,7 +47,7 @@ from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.client import AdminClient, fetch_svid, get_crl_with_svid, renew_svid
 from meshid.ca.csr import build_csr
 from meshid.errors import RemoteError
-from support import assert_refused, call, sync_server
+from support import assert_refused, call, stop_process, sync_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,14 +121,7 @@ def serving(data_dir: Path) -> Iterator[str]:
         try:
             yield f"127.0.0.1:{_read_port(proc, log)}"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+            stop_process(proc, timeout=10)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from meshid.ca.client import AdminClient, fetch_svid
 from meshid.ca.http import RevocationHttpServer
 from meshid.ca.ocsp import OcspResponder
 from meshid.ca.store import IssuedRecord
-from support import eventually, require_program
+from support import eventually, require_program, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,14 +110,7 @@ def serving(data_dir: Path, *extra: str) -> Iterator[dict[str, int]]:
                 },
             )
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+            stop_process(proc, timeout=10)
     assert "Traceback" not in log.read_text(), log.read_text()
 
 

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshid.ca import Authority
 from meshid.cli import build_parser
+from support import stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,15 +70,7 @@ def serving(data_dir: Path) -> Iterator[Serving]:
             assert line.startswith("CA serving on 127.0.0.1:"), (line, stderr.read_text())
             yield Serving(line.removeprefix("CA serving on "), data_dir, proc, stderr)
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+            stop_process(proc, timeout=10)
 
 
 @pytest.fixture(scope="module")
