@@ -66,6 +66,8 @@ class Worker:
 
     ``start()`` starts it (once); ``close()`` sets ``stop``, calls ``wake`` (to interrupt a
     blocking call the body makes: cancel a stream, set another event), and waits for the thread.
+    Both may be called from any thread at the same time: a signal's thread and the main thread
+    both close an agent while it stops.
     """
 
     def __init__(self, name: str, body: Callable[[threading.Event], None], *, wake: Callable[[], None] | None = None):
@@ -74,24 +76,37 @@ class Worker:
         self._wake = wake
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     @property
     def running(self) -> bool:
         return self._thread is not None
 
-    def start(self) -> bool:
-        """Start the thread; False if it already runs."""
-        if self._thread is not None:
-            return False
-        self.stop.clear()
-        self._thread = threading.Thread(target=self._body, args=(self.stop,), name=self._name, daemon=True)
-        self._thread.start()
+    def start(self, *, unless: threading.Event | None = None) -> bool:
+        """Start the thread; False if it already runs, or if ``unless`` is set.
+
+        ``unless`` is read under the lock :meth:`close` takes to set ``stop``: an owner that sets
+        it before calling :meth:`close` from another thread either finds the thread started and
+        joins it, or this start finds ``unless`` set and starts nothing.
+        """
+        with self._lock:
+            if self._thread is not None or (unless is not None and unless.is_set()):
+                return False
+            self.stop.clear()
+            thread = threading.Thread(target=self._body, args=(self.stop,), name=self._name, daemon=True)
+            thread.start()
+            self._thread = thread
         return True
 
     def close(self) -> None:
-        self.stop.set()
+        with self._lock:
+            self.stop.set()
+            thread = self._thread
         if self._wake is not None:
             self._wake()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join()
+        with self._lock:
+            if self._thread is thread:
+                self._thread = None

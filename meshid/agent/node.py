@@ -294,7 +294,8 @@ class NodeAgent:
         if not self._load_saved():
             self._attest()
         self._step()
-        self._worker.start()
+        if not self._worker.start(unless=self._closing) and self._closing.is_set():
+            raise SourceError("node agent: closed while it started")
         return self
 
     def close(self) -> None:
@@ -302,9 +303,9 @@ class NodeAgent:
         :meth:`start` still waiting for a CA to answer the node attestation, from another thread."""
         self._closing.set()
         self._worker.close()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
         with self._jwt_lock:
             jwt_client, self._jwt_client = self._jwt_client, None
         if jwt_client is not None:

@@ -267,9 +267,10 @@ class IssuerSource:
         self._closing.clear()
         if not self._load_saved():
             self._first_issuance()
+        if not self._worker.start(unless=self._closing) and self._closing.is_set():
+            raise SourceError("issuer source: closed while it started")
         metrics.watch_source(self)
         metrics.watch_revocation(self, lambda source: source._crl.current, lambda source: source._clock.now())
-        self._worker.start()
         return self
 
     def close(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import re
@@ -165,25 +164,33 @@ def join_token(args: argparse.Namespace) -> str | None:
 def stop_on_signals(stop: threading.Event) -> Callable[[Callable[[], None]], None]:
     """Set ``stop`` at SIGTERM or SIGINT, then run what was added with the function returned.
 
-    A Python signal handler runs on the main thread between two bytecodes, so one that takes a
-    lock (``Event.set`` does) deadlocks when it interrupts that thread holding the same lock, as
-    ``Event.wait`` does for a moment before it sleeps: the process then never stops. The handler
-    here only writes a byte to a pipe; a thread of its own reads it and does the stopping.
+    Two ways a stop signal got lost: a Python handler runs on the main thread between two
+    bytecodes, so one that takes a lock (``Event.set`` does) deadlocks when it interrupts that
+    thread holding the same lock, as ``Event.wait`` does for a moment before it sleeps; and the
+    kernel may hand a process's signal to any of its threads (grpc's among them), in which case a
+    main thread asleep in an untimed wait never runs the Python handler at all. So the handler
+    does nothing; the C-level handler, in whichever thread the signal lands, writes the signal's
+    number to a pipe (``signal.set_wakeup_fd``), and a thread of its own reads it and does the
+    stopping. Call from the main thread.
     """
     actions: list[Callable[[], None]] = []
     read_end, write_end = os.pipe()  # not inherited by the programs an agent runs (PEP 446)
-
-    def handler(signum: int, frame: object) -> None:
-        with contextlib.suppress(OSError):
-            os.write(write_end, b"\0")
+    os.set_blocking(write_end, False)  # set_wakeup_fd requires it: a signal handler never blocks
 
     def stopper() -> None:
-        os.read(read_end, 1)
+        # the pipe carries the number of every signal with a Python handler; only these stop
+        while not {signal.SIGTERM, signal.SIGINT} & set(os.read(read_end, 64)):
+            pass
         stop.set()
         for action in list(actions):
             action()
 
     threading.Thread(target=stopper, name="meshid-stop-signal", daemon=True).start()
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _ignore_in_python)
+    signal.signal(signal.SIGINT, _ignore_in_python)
     return actions.append
+
+
+def _ignore_in_python(signum: int, frame: object) -> None:
+    """The Python half of a stop signal: nothing (the wakeup pipe carries it to the stopper)."""

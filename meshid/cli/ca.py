@@ -207,6 +207,8 @@ def run_serve(args: argparse.Namespace) -> int:
         from meshid.metrics import serve_metrics
 
         metrics_port = serve_metrics(args.metrics)
+    stop = threading.Event()
+    stop_on_signals(stop)  # before the announcement: a SIGTERM right after it stops cleanly
     port = server.start()  # MeshIdError (one line, exit 2) if --listen is in use
     # The one announcement (the log line of CaServer.start is DEBUG); scripts read the address here.
     print(f"CA serving on {args.listen.rsplit(':', 1)[0]}:{port}", flush=True)
@@ -215,8 +217,6 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"CA OCSP responder and CRL on http://{host}:{server.ocsp_port}", flush=True)
     if metrics_port is not None:
         print(f"CA metrics on http://{args.metrics.rsplit(':', 1)[0]}:{metrics_port}/metrics", flush=True)
-    stop = threading.Event()
-    stop_on_signals(stop)
     stop.wait()
     server.stop()
     print("CA stopped", flush=True)
