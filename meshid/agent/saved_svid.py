@@ -19,6 +19,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
+from meshid import _x509
 from meshid._files import write_atomic
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.clock import Clock
@@ -90,7 +91,8 @@ def _with_saved_jwt_keys(folder: pathlib.Path, bundle: TrustBundle, who: str) ->
 
     path = folder / JWT_BUNDLE_FILE
     try:
-        document = path.read_bytes()
+        with path.open("rb") as f:
+            document = f.read(_x509.MAX_PEM_BYTES + 1)  # more than that: refused by jwks_keys
     except FileNotFoundError:
         return bundle
     except OSError as err:

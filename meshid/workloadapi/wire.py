@@ -277,6 +277,8 @@ def jwks_keys(td: TrustDomain, document: bytes) -> Mapping[str, Any]:
     import jwt
 
     try:
+        if len(document) > _x509.MAX_PEM_BYTES:
+            raise ValueError(f"larger than {_x509.MAX_PEM_BYTES} bytes")
         raw = json.loads(document)
         if not isinstance(raw, dict) or not isinstance(raw.get("keys"), list):
             raise ValueError("not a JWK Set (no keys list)")
@@ -296,6 +298,6 @@ def jwks_keys(td: TrustDomain, document: bytes) -> Mapping[str, Any]:
             keys[jwk.key_id] = jwk.key
         return keys
     except KeyError as err:  # PyJWT reads some members without checking they are there ({"kty": "oct"})
-        raise InvalidBundleError(f"JWT bundle for {td} from the Workload API: a key has no {err} member") from err
+        raise InvalidBundleError(f"JWT bundle for {td}: a key has no {err} member") from err
     except (ValueError, TypeError, jwt.exceptions.PyJWTError) as err:
-        raise InvalidBundleError(f"JWT bundle for {td} from the Workload API: {err}") from err
+        raise InvalidBundleError(f"JWT bundle for {td}: {err}") from err

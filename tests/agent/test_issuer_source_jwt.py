@@ -108,3 +108,21 @@ def test_a_saved_jwt_bundle_with_a_jwk_missing_its_members_is_ignored_not_a_cras
     with IssuerSource(running_ca.address, running_ca.bundle_file, svid_dir=folder, timeout=1) as again:
         assert again.get_svid().spiffe_id == meshid.SpiffeId.parse(WEB)
         assert not again.get_jwt_bundles()[meshid.TrustDomain.parse("example.org")].jwt_authorities
+
+
+def test_an_oversized_saved_jwt_bundle_is_refused_unread_and_the_svid_still_serves(
+    running_ca, tmp_path, caplog
+) -> None:
+    """jwt-bundle.json is read at most 1 MiB + 1 byte: a bigger one (a disk filled by mistake or
+    on purpose) is ignored with a line saying so, not parsed whole."""
+    token = running_ca.enroll(WEB, datetime.timedelta(minutes=10))
+    folder = tmp_path / "svid"
+    with IssuerSource(running_ca.address, running_ca.bundle_file, join_token=token, svid_dir=folder) as source:
+        source.get_svid()
+    running_ca.stop()
+    (folder / "jwt-bundle.json").write_bytes(b'{"keys": [' + b" " * (2 << 20) + b"]}")  # valid JSON, 2 MiB
+    with caplog.at_level("WARNING", logger="meshid.agent"):
+        with IssuerSource(running_ca.address, running_ca.bundle_file, svid_dir=folder, timeout=1) as again:
+            assert again.get_svid().spiffe_id == meshid.SpiffeId.parse(WEB)
+            assert not again.get_jwt_bundles()[meshid.TrustDomain.parse("example.org")].jwt_authorities
+    assert "larger than 1048576 bytes" in caplog.text
