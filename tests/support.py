@@ -435,3 +435,19 @@ def grpclib_say_hello(port: int, ctx: ssl.SSLContext) -> tuple[str, str]:
             channel.close()
 
     return asyncio.run(run())
+
+
+def signal_another_thread(pid: int, signum: int) -> int:
+    """Send ``signum`` to one thread of process ``pid`` other than its main one (tgkill(2), through
+    glibc's wrapper): where the kernel may deliver a process's signal when the main thread does not
+    take it first. Returns the thread's id."""
+    import ctypes
+    import os
+
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert others, f"process {pid} runs no thread besides its main one"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, others[-1], signum) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return others[-1]

@@ -55,7 +55,7 @@ from nodeagents import (
     workload_python,
     workload_users,
 )
-from support import eventually
+from support import eventually, signal_another_thread
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -654,6 +654,22 @@ def test_a_node_agent_whose_wait_runs_out_exits_3_and_one_stopped_by_sigterm_exi
     assert stopped.proc.wait(timeout=20) == 0, stopped.log.read_text()
     assert stopped.proc.stdout is not None and "node agent: stopped" in stopped.proc.stdout.read()
     stopped.stop()
+
+
+def test_sigterm_delivered_to_another_thread_of_the_node_agent_stops_it(real_ca: AgentCa, folder: Path) -> None:
+    """As for `ca serve` and the sidecar agent (tests/agent/test_stopping.py): the signal lands on a
+    grpc, grpclib or meshid thread while the main thread sleeps in its untimed wait."""
+    agent = NodeAgentProcess(
+        real_ca.address, real_ca.bundle_file, folder, "--join-token-file", str(_agent_token(real_ca, folder))
+    )
+    try:
+        agent.ready()
+        signal_another_thread(agent.proc.pid, signal.SIGTERM)
+        assert agent.proc.wait(timeout=20) == 0, agent.log.read_text()
+        assert agent.proc.stdout is not None and "node agent: stopped" in agent.proc.stdout.read()
+    finally:
+        agent.stop()
+    assert "Traceback" not in agent.log.read_text()
 
 
 def test_a_node_agent_whose_token_is_refused_exits_at_once(real_ca: AgentCa, folder: Path) -> None:

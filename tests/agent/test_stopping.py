@@ -8,7 +8,6 @@ closing it joined a thread not yet started.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import pathlib
@@ -22,7 +21,7 @@ import pytest
 from meshid._background import Worker
 from meshid.agent import IssuerSource
 from meshid.errors import SourceError
-from support import run_cli, stop_process
+from support import run_cli, signal_another_thread, stop_process
 
 pytestmark = pytest.mark.timeout(90)
 WORKLOAD = "spiffe://example.org/ns/prod/sa/batch"
@@ -104,18 +103,6 @@ def test_an_issuer_source_closed_by_another_thread_while_it_starts_raises_and_ru
     source.close()  # a second close is harmless
 
 
-def _tgkill(pid: int, tid: int, signum: int) -> None:
-    """Send ``signum`` to one thread of another process (glibc's tgkill(2) wrapper)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.tgkill(pid, tid, signum) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _other_threads(pid: int) -> list[int]:
-    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
-
-
 def _start_ca_serve(folder: pathlib.Path) -> subprocess.Popen[str]:
     made = run_cli("ca", "init", "--data-dir", str(folder), "--trust-domain", "example.org")
     assert made.returncode == 0, made.stderr
@@ -149,9 +136,7 @@ def test_sigterm_delivered_to_a_thread_other_than_the_main_one_stops_the_process
         assert proc.stdout is not None
         ready = proc.stdout.readline()
         assert ready.startswith(ready_prefix), ready
-        threads = _other_threads(proc.pid)
-        assert threads, "the process runs threads besides its main one"
-        _tgkill(proc.pid, threads[-1], signal.SIGTERM)
+        signal_another_thread(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
         code, _, rest = stop_process(proc, timeout=5)
