@@ -477,6 +477,15 @@ class Authorizer:
                 identity = None
             if identity is not None and self.revoked is not None and self.revoked(identity):
                 identity = None
+            if identity is not None and self._forwarded is not None and self._forwarded.from_proxy(identity):
+                # as on every other method: the caller is the client the proxy forwards, never the proxy
+                try:
+                    now = self._clock.now().timestamp()
+                    identity = self._forwarded.identify(_materialize(metadata), identity, now)
+                except VerificationError:
+                    identity = None
+                if identity is not None and self.revoked is not None and self.revoked(identity):
+                    identity = None
         opened = Decision(True, None, audit.OPEN)
         self._record(policy, opened, method, identity, peer_address=peer_address, known=known)
         return identity

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import meshid
 from meshid.ca import Authority
 from meshid.forwarded import XFCC_HEADER, ForwardedIdentities, parse_xfcc
-from support import FRONTEND_ID, INTRUDER_ID, SERVER_ID, call, sync_server
+from support import FRONTEND_ID, INTRUDER_ID, SAY_HELLO, SERVER_ID, call, sync_server
 
 PROXY_ID = "spiffe://example.org/ns/edge/sa/envoy"
 
@@ -76,6 +76,38 @@ def test_interceptor_decides_on_the_forwarded_identity_only_from_the_proxy(ca, b
             code, details = call(channel)
         assert code == "UNAUTHENTICATED"  # a trusted proxy that forwards nothing is refused, never the caller
         assert "forwarded no client certificate" in details
+
+
+def test_an_unauthenticated_method_called_through_the_proxy_names_the_forwarded_caller(
+    ca, bundles, server_source
+) -> None:
+    """An open method is open to all, but the caller the handler is told is the same one an
+    authenticated method would decide on: the forwarded client, never the proxy itself."""
+    policy = meshid.AuthorizationPolicy.from_dict(
+        {"allow": [{"name": "nobody", "methods": ["*"], "spiffe_ids": ["spiffe://example.org/nobody"]}]}
+    )
+    interceptor = meshid.AuthorizationInterceptor(
+        policy, source=server_source, trusted_proxies=[PROXY_ID], unauthenticated_methods=[SAY_HELLO]
+    )
+    stranger = Authority.create_root("example.org").issue_svid(FRONTEND_ID)
+    with sync_server(server_source, interceptor) as port:
+        proxy = meshid.StaticSource(ca.issue_svid(PROXY_ID), bundles)
+        with meshid.secure_channel(f"127.0.0.1:{port}", proxy, server_id=SERVER_ID) as channel:
+            forwarded = call(channel, metadata=[(XFCC_HEADER, _xfcc(ca.issue_svid(FRONTEND_ID)))])
+            unverified = call(channel, metadata=[(XFCC_HEADER, _xfcc(stranger))])
+            nothing = call(channel)
+        direct = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
+        with meshid.secure_channel(f"127.0.0.1:{port}", direct, server_id=SERVER_ID) as channel:
+            not_from_a_proxy = call(channel, metadata=[(XFCC_HEADER, _xfcc(ca.issue_svid(FRONTEND_ID)))])
+    assert forwarded == ("OK", FRONTEND_ID)
+    assert not_from_a_proxy == ("OK", INTRUDER_ID)  # the header from a non-proxy is ignored
+    # Open to all, so neither is refused; the handler is told of no caller (support.Greeter's
+    # peer_identity raises, grpc answers UNKNOWN with its message): the forwarded certificate
+    # does not verify, or there is none, and a proxy is never the caller.
+    named_nobody = ("UNKNOWN", "Exception calling application: peer identity: none for this call; build the server "
+                    "with meshid's AuthorizationInterceptor")  # fmt: skip
+    assert unverified == named_nobody
+    assert nothing == named_nobody
 
 
 # --- the XFCC grammar, strictly (issue #10) ---------------------------------------------------------
