@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
+from meshid.agent._renewal import renewal_wait
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.node_attestation import attest_node
 from meshid.agent.node_cache import EntryCache, retry_delay
@@ -386,8 +387,7 @@ class NodeAgent:
         self._lifetime = max(0.0, min(lifetime, local_remaining))
         self._svid = svid
         self._take_bundle(bundle, write=False)
-        wait = self._lifetime * (self._renew_at - self._jitter * random.random())
-        self._next_renewal = self._clock.monotonic() + max(0.5, wait)  # never a loop of renewals
+        self._next_renewal = self._clock.monotonic() + renewal_wait(self._lifetime, self._renew_at, self._jitter)
         self._agent_failures, self._refused = 0, False
         if renewed:
             self._last_renewal = self._clock.now()

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from meshid.agent._renewal import renewal_wait
 from meshid.svid import X509Svid
 from meshid.workloadapi.attestation import Selector
 
@@ -39,9 +40,6 @@ log = logging.getLogger("meshid.agent")
 
 #: The lifetime assumed for the backoff of an entry that has no SVID yet and asks for the CA's default TTL.
 _DEFAULT_LIFETIME = 3600.0
-
-#: The shortest wait before an SVID just obtained is renewed.
-_MIN_WAIT = 0.5
 
 #: One entry as the Workload API serves it: its selectors (None: one did not parse, so it matches no
 #: process) and its current SVID.
@@ -156,9 +154,7 @@ class EntryCache:
         if slot is None:
             return
         slot.svid, slot.lifetime, slot.failures = svid, lifetime, 0
-        # At least half a second: an SVID that arrives (nearly) expired by the local clock must not
-        # turn into a loop of batches.
-        slot.renew_time = now + max(_MIN_WAIT, lifetime * (self._renew_at - self._jitter * self._rng()))
+        slot.renew_time = now + renewal_wait(lifetime, self._renew_at, self._jitter, self._rng)
         slot.window = lifetime * self._jitter
 
     def _lifetime(self, slot: _Slot) -> float:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from meshid import metrics
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
+from meshid.agent._renewal import renewal_wait
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.saved_svid import load_saved_svid, write_jwt_bundle
 from meshid.bundle import BundleSet, TrustBundle
@@ -388,7 +389,7 @@ class IssuerSource:
             local_remaining = (svid.not_after - self._clock.now()).total_seconds()
             lifetime = max(0.0, min(lifetime, local_remaining))
             self._lifetime = lifetime
-            wait = lifetime * (self._renew_at - self._jitter * random.random())
+            wait = renewal_wait(lifetime, self._renew_at, self._jitter)
             self._next_renewal = self._clock.monotonic() + wait
             self._failures_in_row = 0
         file_error = None

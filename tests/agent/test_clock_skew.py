@@ -69,3 +69,26 @@ def test_renewal_keeps_its_rhythm_under_skew(tmp_path, offset, ttl) -> None:
     gaps = [later - earlier for earlier, later in itertools.pairwise(renewed_at)]
     print(f"\n[skew {offset.total_seconds() / 60:+.0f} min] renewals {[f'{g:.1f}' for g in gaps]} s apart on the workload's clock")
     assert max(gaps) <= CLOCKED_LIFETIME.total_seconds() / 2, f"renewed later than half the local lifetime: {gaps}"
+
+
+def test_an_svid_already_expired_by_the_local_clock_is_not_renewed_in_a_loop(tmp_path) -> None:
+    """The workload's clock runs 70 s ahead of the CA's (and of real time), so every SVID of
+    40 s arrives expired by the local clock: its lifetime counts as 0. The next renewal still
+    waits half a second of the local clock (which this test holds still), rather than asking
+    the CA again at once, forever."""
+    import time
+
+    clock = ManualClock(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=70))
+    ca = _skewed_ca(tmp_path / "ca", clock, -datetime.timedelta(seconds=70))  # the CA on real time
+    address = f"127.0.0.1:{ca.port}"
+    try:
+        with AdminClient(address, tmp_path / "ca") as admin:
+            admin.create_entry(WORKLOAD, [], CLOCKED_LIFETIME)
+            token = admin.create_token(WORKLOAD).token
+        with IssuerSource(address, tmp_path / "ca" / "bundle.pem", join_token=token, clock=clock) as source:
+            assert source.get_svid().not_after < clock.now()  # expired on arrival, by the local clock
+            time.sleep(1.0)  # real time; the local clock does not move
+            renewals = source.state.renewals
+    finally:
+        ca.stop()
+    assert renewals == 0, f"{renewals} renewals in one second with the local clock held still"
