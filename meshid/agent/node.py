@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
-from meshid.agent._renewal import renewal_wait
+from meshid.agent._renewal import MIN_WAIT, renewal_wait
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.node_attestation import attest_node
 from meshid.agent.node_cache import EntryCache, retry_delay
@@ -378,6 +378,9 @@ class NodeAgent:
                     raise SourceError("node agent: closed while waiting for a CA to attest the node") from err
         self._server_index = index
         self._join_token = None  # spent: never sent again
+        # Not again for a moment even if this SVID is of no use: one that arrives expired by the
+        # local clock (a clock running ahead of the CA's) must not turn into a loop of attestations.
+        self._next_attest = self._clock.monotonic() + MIN_WAIT
         self._install_agent(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=False)
 
     def _install_agent(
