@@ -34,6 +34,7 @@ import grpc
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._proto import workload_pb2, workload_pb2_grpc
 from meshid.bundle import BundleSet
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import InvalidJwtSvidError, MeshIdError, SourceError
 from meshid.spiffeid import SpiffeId
 from meshid.svid import X509Svid
@@ -56,6 +57,7 @@ class WorkloadApiSource:
         spiffe_id: present this SPIFFE ID's SVID rather than the first (default) one.
         timeout: how long :meth:`start` waits for the first response, in seconds.
         max_backoff: the longest wait between reconnection attempts, in seconds.
+        clock: what the waits between reconnection attempts are measured on.
 
     Nothing happens until :meth:`start`.
 
@@ -71,6 +73,7 @@ class WorkloadApiSource:
         spiffe_id: SpiffeId | str | None = None,
         timeout: float = 10.0,
         max_backoff: float = 5.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         endpoint = socket if socket is not None else os.environ.get(wire.ENDPOINT_SOCKET_ENV)
         if not endpoint:
@@ -84,6 +87,7 @@ class WorkloadApiSource:
         self._want = SpiffeId.parse(spiffe_id) if isinstance(spiffe_id, str) else spiffe_id
         self._timeout = timeout
         self._max_backoff = max_backoff
+        self._clock = clock
         self._notifier = Notifier()
         self._lock = threading.Lock()
         self._worker = Worker("meshid-workload-api-source", self._run, wake=lambda: self._cancel("_call"))
@@ -298,10 +302,16 @@ class WorkloadApiSource:
     def _follow(
         self, stop: threading.Event, method: str, request: Any, slot: str, apply: Callable[[Any], None]
     ) -> None:
-        """Follow one stream until ``stop``, reconnecting with backoff (UNIMPLEMENTED: give up)."""
+        """Follow one stream until ``stop``, reconnecting with backoff (UNIMPLEMENTED: give up).
+
+        The backoff starts again only after a stream that stayed open for ``max_backoff``: one
+        that ends right after its answers (a server or proxy that accepts, answers and closes)
+        gives nothing lasting, and reconnecting to it every 0.1 s would be a busy loop.
+        """
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
         failures = 0
         while not stop.is_set():
+            opened = self._clock.monotonic()
             call = getattr(stub, method)(request, metadata=wire.METADATA)
             with self._lock:
                 if stop.is_set():
@@ -311,7 +321,6 @@ class WorkloadApiSource:
             try:
                 for response in call:
                     apply(response)
-                    failures = 0
                 why = "the server ended the stream"
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
@@ -325,12 +334,14 @@ class WorkloadApiSource:
                     setattr(self, slot, None)
             if stop.is_set():
                 return
+            if self._clock.monotonic() - opened >= self._max_backoff:
+                failures = 0  # it served for a while: reconnect soon
             failures += 1
             delay = min(self._max_backoff, 0.1 * 2 ** min(failures - 1, 16)) * (0.5 + random.random() / 2)
             self.last_error = why
             level = logging.WARNING if self._state is not None else logging.DEBUG
             log.log(level, "Workload API source: %s at %s; reconnecting in %.2fs", why, self.endpoint, delay)
-            stop.wait(delay)
+            self._clock.wait(stop, delay)
 
 
 class _Refused(SourceError):

@@ -8,18 +8,24 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+import meshid
 from conftest import CLOCKED_LIFETIME
 from meshid.agent import NodeAgent
 from meshid.ca import Authority
 from meshid.clock import ManualClock
+from meshid.workloadapi import WorkloadApiServer, WorkloadApiSource
 from nodeagents import AgentCa, host_certificate, pem_file
 
 pytestmark = pytest.mark.timeout(60)
+WORKLOAD = "spiffe://example.org/ns/prod/sa/batch"
 
 
 def test_an_agent_svid_expired_by_the_local_clock_is_not_attested_again_in_a_loop(
@@ -54,3 +60,43 @@ def test_an_agent_svid_expired_by_the_local_clock_is_not_attested_again_in_a_loo
         ca.stop()
     attested = [r for r in caplog.records if "attested as" in r.getMessage()]
     assert len(attested) <= 2, f"{len(attested)} attestations in one second with the agent's clock held still"
+
+
+def _one_response(source: meshid.StaticSource, folder: Path) -> bytes:
+    """One X509SVIDResponse, as bytes, from a real Workload API server over ``source``."""
+    with WorkloadApiServer(source, f"unix:{folder}/real.sock"), grpc.insecure_channel(f"unix:{folder}/real.sock") as ch:
+        stream = ch.unary_stream("/SpiffeWorkloadAPI/FetchX509SVID", lambda _: b"", lambda raw: raw)
+        call = stream(b"", metadata=(("workload.spiffe.io", "true"),), timeout=10)
+        response = next(call)
+        call.cancel()
+    return bytes(response)
+
+
+def test_a_stream_that_ends_after_each_answer_is_reconnected_with_growing_backoff(
+    ca: Authority, bundles: meshid.BundleSet, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A Workload API server that answers each FetchX509SVID once and then ends the stream (as
+    a proxy or a broken agent may). Every answer is good, yet the stream gives nothing lasting:
+    the source waits longer before each reconnection, up to its ``max_backoff``, instead of
+    reconnecting every 0.1 s forever."""
+    response = _one_response(meshid.StaticSource(ca.issue_svid(WORKLOAD), bundles), tmp_path)
+    calls = []
+
+    def answer_once(_request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        calls.append(1)
+        yield response
+
+    handler = grpc.unary_stream_rpc_method_handler(answer_once, lambda raw: raw, lambda raw: raw)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("SpiffeWorkloadAPI", {"FetchX509SVID": handler})])  # fmt: skip
+    server.add_insecure_port(f"unix:{tmp_path}/flapping.sock")
+    server.start()
+    request.addfinalizer(lambda: server.stop(None).wait())
+
+    clock = ManualClock()
+    with WorkloadApiSource(f"unix:{tmp_path}/flapping.sock", max_backoff=5.0, clock=clock) as source:
+        assert str(source.get_svid().spiffe_id) == WORKLOAD
+        waits = [clock.advance_to_next_wakeup() for _ in range(10)]
+    assert len(calls) >= 10
+    assert max(waits) >= 2.5, f"reconnected after {[f'{w:.2f}' for w in waits]} s of the source's clock"
+    assert all(w <= 5.0 for w in waits), waits
