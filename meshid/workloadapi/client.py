@@ -94,7 +94,8 @@ class WorkloadApiSource:
         self._jwt_worker = Worker(
             "meshid-workload-api-jwt-bundles", self._run_jwt_bundles, wake=lambda: self._cancel("_jwt_call")
         )
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # the first answer came, or close() was called
+        self._closing = threading.Event()
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self._jwt_call: Any = None
@@ -210,12 +211,14 @@ class WorkloadApiSource:
         """Connect, wait for the first X509-SVID, then follow the stream in a daemon thread.
 
         Raises:
-            SourceError: no usable response within ``timeout`` seconds (the message says why).
+            SourceError: no usable response within ``timeout`` seconds (the message says why), or
+                :meth:`close` was called meanwhile (from another thread).
         """
         if self._worker.running:
             return self
+        self._closing.clear()
         self._ready.clear()
-        self._channel = grpc.insecure_channel(
+        channel: grpc.Channel | None = grpc.insecure_channel(
             "unix:" + self._path,
             options=[
                 # grpc's own reconnection backoff grows to two minutes; keep it within ours.
@@ -224,9 +227,18 @@ class WorkloadApiSource:
                 ("grpc.max_reconnect_backoff_ms", int(self._max_backoff * 1000)),
             ],
         )
-        self._worker.start()
-        self._jwt_worker.start()
-        if not self._ready.wait(self._timeout):
+        with self._lock:
+            if not self._closing.is_set():
+                self._channel, channel = channel, None
+        if channel is not None:  # closed before it had a channel
+            channel.close()
+        # Each start finds _closing set (and starts nothing) or is joined by the close that sets it.
+        started = self._worker.start(unless=self._closing) and self._jwt_worker.start(unless=self._closing)
+        answered = started and self._ready.wait(self._timeout)  # close() from another thread sets it too
+        if self._closing.is_set():
+            self.close()
+            raise SourceError(f"Workload API source: closed while it waited for the first answer from {self.endpoint}")
+        if not answered:
             why = self.last_error or "no answer"
             self.close()
             raise SourceError(
@@ -235,12 +247,16 @@ class WorkloadApiSource:
         return self
 
     def close(self) -> None:
-        """Stop following the streams and close the connection."""
+        """Stop following the streams and close the connection; also ends a :meth:`start` still
+        waiting for the first answer, from another thread."""
+        self._closing.set()
+        self._ready.set()
         self._worker.close()
         self._jwt_worker.close()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        with self._lock:
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
 
     def __enter__(self) -> WorkloadApiSource:
         return self.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -100,3 +101,48 @@ def test_a_stream_that_ends_after_each_answer_is_reconnected_with_growing_backof
     assert len(calls) >= 10
     assert max(waits) >= 2.5, f"reconnected after {[f'{w:.2f}' for w in waits]} s of the source's clock"
     assert all(w <= 5.0 for w in waits), waits
+
+
+def test_close_from_another_thread_ends_a_start_still_waiting_for_the_first_answer(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A Workload API server that takes FetchX509SVID and never answers (an agent still waiting
+    for its CA). A close() from another thread (a signal's) ends the start() waiting for the
+    first answer at once, with an error that says so, rather than after its whole timeout."""
+    asked = threading.Event()
+
+    def never_answer(_request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        asked.set()
+        done = threading.Event()
+        context.add_callback(done.set)
+        done.wait()
+        yield from ()
+
+    handler = grpc.unary_stream_rpc_method_handler(never_answer, lambda raw: raw, lambda raw: raw)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("SpiffeWorkloadAPI", {"FetchX509SVID": handler})])  # fmt: skip
+    server.add_insecure_port(f"unix:{tmp_path}/silent.sock")
+    server.start()
+    request.addfinalizer(lambda: server.stop(None).wait())
+
+    source = WorkloadApiSource(f"unix:{tmp_path}/silent.sock", timeout=30)
+    outcome: list[Exception | WorkloadApiSource] = []
+
+    def start() -> None:
+        try:
+            outcome.append(source.start())
+        except Exception as err:  # the test looks at it
+            outcome.append(err)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    try:
+        assert asked.wait(10), "the source never called FetchX509SVID"
+        source.close()
+        starter.join(10)
+        assert not starter.is_alive(), "start() still waiting 10 s after close()"
+    finally:
+        source.close()
+        starter.join()
+    [result] = outcome
+    assert isinstance(result, meshid.SourceError) and "closed" in str(result), result
