@@ -119,8 +119,9 @@ class NodeAgent:
     Nothing happens until :meth:`start`.
 
     Raises:
-        ValueError: no server, a bad ``renew_at``, ``jitter`` or ``sync_interval``, both a join
-            token and x509pop, or only one of the x509pop certificate and key.
+        ValueError: no server, a bad ``renew_at``, ``jitter``, ``sync_interval`` or
+            ``refresh_interval``, both a join token and x509pop, or only one of the x509pop
+            certificate and key.
     """
 
     def __init__(
@@ -152,6 +153,8 @@ class NodeAgent:
             raise ValueError("jitter must be at least 0 and less than renew_at")
         if not sync_interval > 0:
             raise ValueError("sync_interval must be more than 0 seconds")
+        if not refresh_interval > 0:  # 0: a loop asking the CA for its bundle without pause
+            raise ValueError("refresh_interval must be more than 0 seconds")
         if (x509pop_cert is None) != (x509pop_key is None):
             raise ValueError("give the x509pop host certificate and its key together")
         if join_token is not None and x509pop_cert is not None:

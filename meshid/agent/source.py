@@ -132,6 +132,8 @@ class IssuerSource:
             raise ValueError("renew_at must be between 0 and 1")
         if not 0 <= jitter < renew_at:
             raise ValueError("jitter must be at least 0 and less than renew_at")
+        if not refresh_interval > 0:  # 0: a loop asking the CA for its bundle without pause
+            raise ValueError("refresh_interval must be more than 0 seconds")
         if join_token is None and svid_dir is None:
             raise ValueError("give a join_token, or an svid_dir holding a still-valid SVID")
         self._servers = servers

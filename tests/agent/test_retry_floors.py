@@ -16,10 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding
 
 import meshid
 from conftest import CLOCKED_LIFETIME
-from meshid.agent import NodeAgent
+from meshid.agent import IssuerSource, NodeAgent
 from meshid.ca import Authority
 from meshid.clock import ManualClock
 from meshid.workloadapi import WorkloadApiServer, WorkloadApiSource
@@ -146,3 +147,16 @@ def test_close_from_another_thread_ends_a_start_still_waiting_for_the_first_answ
         starter.join()
     [result] = outcome
     assert isinstance(result, meshid.SourceError) and "closed" in str(result), result
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("kind", ["issuer source", "node agent"])
+def test_a_refresh_interval_that_is_not_positive_is_refused(tmp_path: Path, kind: str, interval: float) -> None:
+    """A refresh every 0 s is a loop that asks the CA for its bundle without pause (a whole core
+    of CPU, measured, for an IssuerSource with refresh_interval=0): refused when it is built."""
+    (tmp_path / "bundle.pem").write_bytes(Authority.create_root("example.org").roots[0].public_bytes(Encoding.PEM))
+    with pytest.raises(ValueError, match="refresh_interval must be more than 0 seconds"):
+        if kind == "issuer source":
+            IssuerSource("127.0.0.1:1", tmp_path / "bundle.pem", join_token="t", refresh_interval=interval)
+        else:
+            NodeAgent("127.0.0.1:1", tmp_path / "bundle.pem", tmp_path / "agent", refresh_interval=interval)
