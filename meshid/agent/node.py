@@ -219,13 +219,16 @@ class NodeAgent:
         ``audience``: the cached one until half its lifetime, else one from the CA.
 
         Raises:
-            SourceError: the agent holds no SVID of its own yet.
+            SourceError: the agent holds no SVID of its own yet, or it is closed (and holds no
+                cached one).
             RemoteError: the CA refused (``.code``) or is unreachable.
         """
         cached = self._jwt_cache.get(spiffe_id, audience)
         if cached is not None:
             return cached
         with self._jwt_lock:
+            if self._closing.is_set():  # close() has closed the channel: open none it would leave open
+                raise SourceError("node agent: closed; no new JWT-SVID is fetched")
             svid, bundles = self._svid, self._bundles
             if svid is None or bundles is None:
                 raise SourceError("node agent: no SVID of its own yet")

@@ -210,7 +210,8 @@ class IssuerSource:
         lifetime has passed, else a new one from the CA.
 
         Raises:
-            SourceError: no SVID yet, or ``spiffe_id`` is not this source's.
+            SourceError: no SVID yet, ``spiffe_id`` is not this source's, or the source is closed
+                (and holds no cached one).
             ValueError: ``audience`` is empty or a plain string.
             RemoteError: the CA refused (``.code``: INVALID_ARGUMENT for a bad audience) or is
                 unreachable.
@@ -226,6 +227,8 @@ class IssuerSource:
         from meshid.ca.client import IssuerClient
 
         with self._jwt_lock:
+            if self._closing.is_set():  # close() has closed the channel: open none it would leave open
+                raise SourceError("issuer source: closed; no new JWT-SVID is fetched")
             svid, server = self.get_svid(), self._servers[self._server_index]
             client = self._jwt_client
             if client is None or client.svid is not svid or client.server != server:

@@ -1,0 +1,63 @@
+"""A source that has been closed opens nothing more: a JWT-SVID asked of a closed IssuerSource or
+NodeAgent (a workload's request still in flight while the agent stops) is refused with
+SourceError, rather than served over a new channel to the CA that nothing will ever close."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+
+import meshid
+from meshid.agent import IssuerSource, NodeAgent
+from nodeagents import AgentCa, agent_id
+
+pytestmark = pytest.mark.timeout(60)
+WEB = "spiffe://example.org/ns/prod/sa/web"
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections to ``port``, by the kernel's tables (grpc's sockets are
+    dual-stack: IPv4 loopback shows in tcp6, mapped)."""
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as table:
+            for line in list(table)[1:]:
+                fields = line.split()
+                remote, state = fields[2], fields[3]
+                if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+def test_a_closed_issuer_source_opens_no_channel_for_a_jwt_svid(running_ca) -> None:
+    token = running_ca.enroll(WEB, datetime.timedelta(minutes=10))
+    source = IssuerSource(running_ca.address, running_ca.bundle_file, join_token=token).start()
+    source.fetch_jwt_svid(["before"])
+    assert _connections_to(running_ca.port) > 0  # the renewal channel and the JWT one
+    source.close()
+    assert _connections_to(running_ca.port) == 0
+    with pytest.raises(meshid.SourceError, match="closed"):
+        source.fetch_jwt_svid(["after"])
+    assert _connections_to(running_ca.port) == 0, "a channel to the CA was opened after close()"
+    assert source.fetch_jwt_svid(["before"]).audience == ("before",)  # the cached one, no I/O
+
+
+def test_a_closed_node_agent_opens_no_channel_for_a_jwt_svid(tmp_path: Path) -> None:
+    ca = AgentCa(tmp_path / "ca")
+    try:
+        with ca.admin() as admin:
+            admin.create_entry(WEB, [], datetime.timedelta(minutes=10), parent_id=agent_id("node-1"), selectors=["unix:uid:1"])  # fmt: skip
+            token = str(admin.create_agent_token("node-1").token)
+        agent = NodeAgent(ca.address, ca.bundle_file, tmp_path / "agent", join_token=token).start()
+        web = meshid.SpiffeId.parse(WEB)
+        agent.jwt_svid_for(web, ["before"])
+        agent.close()
+        port = int(ca.address.rsplit(":", 1)[1])
+        assert _connections_to(port) == 0
+        with pytest.raises(meshid.SourceError, match="closed"):
+            agent.jwt_svid_for(web, ["after"])
+        assert _connections_to(port) == 0, "a channel to the CA was opened after close()"
+    finally:
+        ca.stop()
