@@ -369,9 +369,16 @@ class IssuerSource:
                 raise SourceError("issuer source: closed while waiting for the CA for the first issuance")
 
     def _connected(self) -> IssuerClient:
-        """The channel to the current server with the current SVID: the one kept, or a new one."""
+        """The channel to the current server with the current SVID: the one kept, or a new one.
+
+        Raises:
+            SourceError: the source is closed (by a subscriber, from this thread, say): a channel
+                opened now would stay open, as close() has already run.
+        """
         from meshid.ca.client import IssuerClient
 
+        if self._closing.is_set():
+            raise SourceError("issuer source: closed")
         svid, server = self.get_svid(), self._servers[self._server_index]
         client = self._client
         if client is not None and client.svid is svid and client.server == server:
@@ -581,7 +588,7 @@ class IssuerSource:
             try:
                 if self._clock.monotonic() >= self._next_renewal:
                     self._renew()
-                if self._clock.monotonic() >= self._next_refresh:
+                if not stop.is_set() and self._clock.monotonic() >= self._next_refresh:
                     every = min(self._refresh_interval, max(self._lifetime / 2, 0.5))
                     self._next_refresh = self._clock.monotonic() + every
                     self._refresh()

@@ -5,13 +5,17 @@ SourceError, rather than served over a new channel to the CA that nothing will e
 from __future__ import annotations
 
 import datetime
+import threading
 from pathlib import Path
 
 import pytest
 
 import meshid
+from conftest import CLOCKED_LIFETIME
 from meshid.agent import IssuerSource, NodeAgent
+from meshid.clock import ManualClock
 from nodeagents import AgentCa, agent_id
+from support import eventually
 
 pytestmark = pytest.mark.timeout(60)
 WEB = "spiffe://example.org/ns/prod/sa/web"
@@ -61,3 +65,28 @@ def test_a_closed_node_agent_opens_no_channel_for_a_jwt_svid(tmp_path: Path) -> 
         assert _connections_to(port) == 0, "a channel to the CA was opened after close()"
     finally:
         ca.stop()
+
+
+def test_close_from_a_subscriber_leaves_no_channel_open(clocked_ca, clock: ManualClock) -> None:
+    """A subscriber that closes the source when it hears of a renewal (a program that stops once
+    it has its new files) is called from the renewal loop, which goes on with the rest of its
+    pass: the bundle refresh due at the same moment must not connect to the CA again."""
+    token = clocked_ca.enroll(WEB, CLOCKED_LIFETIME)
+    source = IssuerSource(
+        clocked_ca.address, clocked_ca.bundle_file, join_token=token, clock=clock, renew_at=0.5, jitter=0.0
+    ).start()
+    closed = threading.Event()
+
+    def close_on_renewal() -> None:
+        source.close()  # from the renewal loop's own thread
+        closed.set()
+
+    try:
+        source.subscribe(close_on_renewal)
+        clock.advance_to_next_wakeup(timeout=30)  # the renewal and the bundle refresh, both due
+        assert closed.wait(30)
+        eventually(lambda: not any(t.name == "meshid-issuer-source" for t in threading.enumerate()), 10, "the loop to end")  # fmt: skip
+        assert source.state.renewals == 1
+        assert _connections_to(clocked_ca.port) == 0, "a channel to the CA was opened after close()"
+    finally:
+        source.close()
