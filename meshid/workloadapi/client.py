@@ -251,8 +251,16 @@ class WorkloadApiSource:
         waiting for the first answer, from another thread."""
         self._closing.set()
         self._ready.set()
-        self._worker.close()
-        self._jwt_worker.close()
+        workers = (self._worker, self._jwt_worker)
+        if any(worker.current for worker in workers):
+            # From a subscriber, on one stream's thread: joining the other stream's thread could
+            # wait forever (it may be in a subscriber closing this source too). Both end by
+            # themselves once stopped and their channel is closed.
+            for worker in workers:
+                worker.signal()
+        else:
+            for worker in workers:
+                worker.close()
         with self._lock:
             channel, self._channel = self._channel, None
         if channel is not None:
@@ -324,11 +332,20 @@ class WorkloadApiSource:
         that ends right after its answers (a server or proxy that accepts, answers and closes)
         gives nothing lasting, and reconnecting to it every 0.1 s would be a busy loop.
         """
-        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
+        with self._lock:
+            channel = self._channel
+        if channel is None:  # closed before this thread began
+            return
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)  # type: ignore[no-untyped-call]
         failures = 0
         while not stop.is_set():
             opened = self._clock.monotonic()
-            call = getattr(stub, method)(request, metadata=wire.METADATA)
+            try:
+                call = getattr(stub, method)(request, metadata=wire.METADATA)
+            except ValueError:  # the channel is closed: close() from a subscriber on the other stream
+                if stop.is_set():
+                    return
+                raise
             with self._lock:
                 if stop.is_set():
                     call.cancel()

@@ -9,11 +9,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import meshid
 from conftest import CLOCKED_LIFETIME
 from meshid.agent import IssuerSource, NodeAgent
 from meshid.clock import ManualClock
+from meshid.workloadapi import WorkloadApiServer, WorkloadApiSource
 from nodeagents import AgentCa, agent_id
 from support import eventually
 
@@ -90,3 +92,41 @@ def test_close_from_a_subscriber_leaves_no_channel_open(clocked_ca, clock: Manua
         assert _connections_to(clocked_ca.port) == 0, "a channel to the CA was opened after close()"
     finally:
         source.close()
+
+
+def test_subscribers_on_both_streams_closing_at_once_do_not_deadlock(ca, tmp_path: Path) -> None:
+    """A WorkloadApiSource follows two streams, each on a thread of its own that calls the
+    subscribers. A subscriber that closes the source on a change, called from both threads at
+    once (an SVID and a JWT key that change together), must not leave each thread waiting for
+    the other to end: both return, and both threads end."""
+
+    def bundles(kid: str) -> meshid.BundleSet:
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        return meshid.BundleSet.of(meshid.TrustBundle(ca.trust_domain, ca.roots).with_jwt_authorities({kid: key}))
+
+    served = meshid.StaticSource(ca.issue_svid(WEB), bundles("one"))
+    server = WorkloadApiServer(served, f"unix:{tmp_path}/api.sock").start()
+    source = WorkloadApiSource(f"unix:{tmp_path}/api.sock").start()
+    both_in = threading.Barrier(2, timeout=10)
+    returned: list[str] = []
+
+    def close_on_change() -> None:
+        both_in.wait()  # the two stream threads are in here at the same time
+        source.close()
+        returned.append(threading.current_thread().name)
+
+    try:
+        td = meshid.TrustDomain.parse("example.org")
+        eventually(lambda: "one" in source.get_bundles()[td].jwt_authorities, 10, "the first JWT bundles")
+        source.subscribe(close_on_change)
+        served.update(svid=ca.issue_svid(WEB), bundles=bundles("two"))
+        eventually(lambda: len(returned) == 2, 10, "both subscribers to return from close()")
+        eventually(lambda: not _stream_threads(), 10, "both stream threads to end")
+    finally:
+        both_in.abort()
+        source.close()
+        server.stop()
+
+
+def _stream_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("meshid-workload-api-")]
