@@ -82,6 +82,19 @@ class Worker:
     def running(self) -> bool:
         return self._thread is not None
 
+    @property
+    def current(self) -> bool:
+        """Whether the caller runs on this worker's thread (in a subscriber its body called)."""
+        return self._thread is threading.current_thread()
+
+    def signal(self) -> None:
+        """Set ``stop`` and call ``wake``, without waiting for the thread to end (:meth:`close`
+        does both): for an owner whose other thread may be what that thread waits for."""
+        with self._lock:
+            self.stop.set()
+        if self._wake is not None:
+            self._wake()
+
     def start(self, *, unless: threading.Event | None = None) -> bool:
         """Start the thread; False if it already runs, or if ``unless`` is set.
 

@@ -260,6 +260,7 @@ class CrlWatcher:
         self._clock = clock
         self._keeper = CrlKeeper("CRL watcher")
         self._worker = Worker("meshid-crl", self._run)
+        self._closing = threading.Event()  # close() was called (a start() under way starts no thread)
         metrics.watch_revocation(self, lambda watcher: watcher.current, lambda watcher: watcher._clock.now())
 
     def _from_ca(self, server: str) -> CrlFetch:
@@ -298,9 +299,12 @@ class CrlWatcher:
         return self._keeper.is_revoked(peer)
 
     def start(self) -> CrlWatcher:
+        """Fetch now, then every ``interval`` in a daemon thread. A :meth:`close` from another
+        thread while this first fetch waits for the CA wins: no thread is started then."""
         if not self._worker.running:
+            self._closing.clear()
             self.refresh()
-            self._worker.start()
+            self._worker.start(unless=self._closing)
         return self
 
     def _run(self, stop: threading.Event) -> None:
@@ -312,6 +316,7 @@ class CrlWatcher:
                 log.exception("CRL: refresh failed")
 
     def close(self) -> None:
+        self._closing.set()
         self._worker.close()
 
     def __enter__(self) -> CrlWatcher:

@@ -57,23 +57,27 @@ class CrlFileWriter:
         self._on_change = on_change
         self._clock = clock
         self._keeper = CrlKeeper("agent CRL file")
-        self._wake = threading.Event()
-        self._worker = Worker("meshid-crl-file", self._run, wake=self._wake.set)
+        self._closing = threading.Event()  # close() was called (a start() under way starts no thread)
+        self._worker = Worker("meshid-crl-file", self._run)
 
     @property
     def path(self) -> pathlib.Path:
         return self._path
 
     def start(self) -> CrlFileWriter:
-        """Fetch and write now (``on_change`` is not called for this first file), then keep it current."""
+        """Fetch and write now (``on_change`` is not called for this first file), then keep it
+        current. A :meth:`close` from another thread while this first fetch waits for the CA
+        wins: no thread is started then."""
+        self._closing.clear()
         try:
             self._refresh(notify=False)
         except MeshIdError as err:
             log.warning("agent: no CRL file yet: %s", err)
-        self._worker.start()
+        self._worker.start(unless=self._closing)
         return self
 
     def close(self) -> None:
+        self._closing.set()
         self._worker.close()
 
     def refresh(self) -> bool:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
-from meshid.agent._renewal import renewal_wait
+from meshid.agent._renewal import MIN_WAIT, renewal_wait
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.node_attestation import attest_node
 from meshid.agent.node_cache import EntryCache, retry_delay
@@ -119,8 +119,9 @@ class NodeAgent:
     Nothing happens until :meth:`start`.
 
     Raises:
-        ValueError: no server, a bad ``renew_at``, ``jitter`` or ``sync_interval``, both a join
-            token and x509pop, or only one of the x509pop certificate and key.
+        ValueError: no server, a bad ``renew_at``, ``jitter``, ``sync_interval`` or
+            ``refresh_interval``, both a join token and x509pop, or only one of the x509pop
+            certificate and key.
     """
 
     def __init__(
@@ -152,6 +153,8 @@ class NodeAgent:
             raise ValueError("jitter must be at least 0 and less than renew_at")
         if not sync_interval > 0:
             raise ValueError("sync_interval must be more than 0 seconds")
+        if not refresh_interval > 0:  # 0: a loop asking the CA for its bundle without pause
+            raise ValueError("refresh_interval must be more than 0 seconds")
         if (x509pop_cert is None) != (x509pop_key is None):
             raise ValueError("give the x509pop host certificate and its key together")
         if join_token is not None and x509pop_cert is not None:
@@ -216,13 +219,16 @@ class NodeAgent:
         ``audience``: the cached one until half its lifetime, else one from the CA.
 
         Raises:
-            SourceError: the agent holds no SVID of its own yet.
+            SourceError: the agent holds no SVID of its own yet, or it is closed (and holds no
+                cached one).
             RemoteError: the CA refused (``.code``) or is unreachable.
         """
         cached = self._jwt_cache.get(spiffe_id, audience)
         if cached is not None:
             return cached
         with self._jwt_lock:
+            if self._closing.is_set():  # close() has closed the channel: open none it would leave open
+                raise SourceError("node agent: closed; no new JWT-SVID is fetched")
             svid, bundles = self._svid, self._bundles
             if svid is None or bundles is None:
                 raise SourceError("node agent: no SVID of its own yet")
@@ -378,6 +384,9 @@ class NodeAgent:
                     raise SourceError("node agent: closed while waiting for a CA to attest the node") from err
         self._server_index = index
         self._join_token = None  # spent: never sent again
+        # Not again for a moment even if this SVID is of no use: one that arrives expired by the
+        # local clock (a clock running ahead of the CA's) must not turn into a loop of attestations.
+        self._next_attest = self._clock.monotonic() + MIN_WAIT
         self._install_agent(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=False)
 
     def _install_agent(

@@ -12,13 +12,16 @@ status, timeout, no such process, an unreadable pid file) is logged and counted
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
+import selectors
 import shlex
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +33,8 @@ log = logging.getLogger("meshid.agent")
 
 #: The longest a pid file may be (a pid is at most 7 digits on Linux).
 _MAX_PID_FILE = 64
+#: How much of the end of a command's stderr is kept: its last line goes into the failure.
+_STDERR_TAIL = 4096
 
 
 def parse_signal(text: str) -> signal.Signals:
@@ -158,18 +163,48 @@ class ReloadHook:
             raise _ReloadFailed(f"cannot send {self._signal.name} to process {pid_text}: {err.strerror}") from err
 
     def _run_command(self) -> None:
+        # Its stdout is not read and of its stderr only the tail is kept: a command that prints
+        # hundreds of megabytes (a runaway loop, a debug flag) must not grow the agent with it.
+        deadline = time.monotonic() + self._timeout
         try:
-            done = subprocess.run(
-                self._argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=self._timeout, check=False
+            proc = subprocess.Popen(
+                self._argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
-        except subprocess.TimeoutExpired as err:  # subprocess.run has killed it
-            raise _ReloadFailed(f"{self._argv[0]} did not finish within {self._timeout:g} s; killed") from err
         except OSError as err:
             raise _ReloadFailed(f"cannot run {self._argv[0]}: {err.strerror}") from err
-        if done.returncode != 0:
-            said = done.stderr.decode("utf-8", "replace").strip().splitlines()
-            tail = f": {said[-1][:200]}" if said else ""
-            raise _ReloadFailed(f"{self._argv[0]} exited with status {done.returncode}{tail}")
+        with proc:
+            assert proc.stderr is not None
+            tail = _read_tail(proc.stderr.fileno(), deadline)
+            returncode = None
+            if tail is not None:  # its stderr has ended; it may still run a moment
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    returncode = proc.wait(max(0.0, deadline - time.monotonic()))
+            if tail is None or returncode is None:
+                proc.kill()
+                proc.wait()
+                raise _ReloadFailed(f"{self._argv[0]} did not finish within {self._timeout:g} s; killed")
+        if returncode != 0:
+            said = tail.decode("utf-8", "replace").strip().splitlines()
+            last = f": {said[-1][:200]}" if said else ""
+            raise _ReloadFailed(f"{self._argv[0]} exited with status {returncode}{last}")
+
+
+def _read_tail(fd: int, deadline: float) -> bytes | None:
+    """What ``fd`` gives until its end, as its last :data:`_STDERR_TAIL` bytes; None if
+    ``deadline`` (monotonic) comes first."""
+    tail = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if not selector.select(left):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return tail
+            tail = (tail + chunk)[-_STDERR_TAIL:]
 
 
 class _ReloadFailed(Exception):

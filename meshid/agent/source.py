@@ -132,6 +132,8 @@ class IssuerSource:
             raise ValueError("renew_at must be between 0 and 1")
         if not 0 <= jitter < renew_at:
             raise ValueError("jitter must be at least 0 and less than renew_at")
+        if not refresh_interval > 0:  # 0: a loop asking the CA for its bundle without pause
+            raise ValueError("refresh_interval must be more than 0 seconds")
         if join_token is None and svid_dir is None:
             raise ValueError("give a join_token, or an svid_dir holding a still-valid SVID")
         self._servers = servers
@@ -208,7 +210,8 @@ class IssuerSource:
         lifetime has passed, else a new one from the CA.
 
         Raises:
-            SourceError: no SVID yet, or ``spiffe_id`` is not this source's.
+            SourceError: no SVID yet, ``spiffe_id`` is not this source's, or the source is closed
+                (and holds no cached one).
             ValueError: ``audience`` is empty or a plain string.
             RemoteError: the CA refused (``.code``: INVALID_ARGUMENT for a bad audience) or is
                 unreachable.
@@ -224,6 +227,8 @@ class IssuerSource:
         from meshid.ca.client import IssuerClient
 
         with self._jwt_lock:
+            if self._closing.is_set():  # close() has closed the channel: open none it would leave open
+                raise SourceError("issuer source: closed; no new JWT-SVID is fetched")
             svid, server = self.get_svid(), self._servers[self._server_index]
             client = self._jwt_client
             if client is None or client.svid is not svid or client.server != server:
@@ -364,9 +369,16 @@ class IssuerSource:
                 raise SourceError("issuer source: closed while waiting for the CA for the first issuance")
 
     def _connected(self) -> IssuerClient:
-        """The channel to the current server with the current SVID: the one kept, or a new one."""
+        """The channel to the current server with the current SVID: the one kept, or a new one.
+
+        Raises:
+            SourceError: the source is closed (by a subscriber, from this thread, say): a channel
+                opened now would stay open, as close() has already run.
+        """
         from meshid.ca.client import IssuerClient
 
+        if self._closing.is_set():
+            raise SourceError("issuer source: closed")
         svid, server = self.get_svid(), self._servers[self._server_index]
         client = self._client
         if client is not None and client.svid is svid and client.server == server:
@@ -576,7 +588,7 @@ class IssuerSource:
             try:
                 if self._clock.monotonic() >= self._next_renewal:
                     self._renew()
-                if self._clock.monotonic() >= self._next_refresh:
+                if not stop.is_set() and self._clock.monotonic() >= self._next_refresh:
                     every = min(self._refresh_interval, max(self._lifetime / 2, 0.5))
                     self._next_refresh = self._clock.monotonic() + every
                     self._refresh()

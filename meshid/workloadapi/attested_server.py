@@ -363,6 +363,7 @@ class AttestedWorkloadApiServer:
         self._unsubscribe: Unsubscribe | None = None
         self._inode: int | None = None
         self._grace = 1.0
+        self._lifecycle = threading.Lock()  # start() and close() one at a time
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -383,52 +384,55 @@ class AttestedWorkloadApiServer:
                 cannot be bound.
             OSError: the socket's directory cannot be created.
         """
-        if self._thread is not None:
-            return self
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        refuse_unix_in_use(self.path, who="Workload API")
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._executor = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="meshid-attest")
-        self._unsubscribe = self.provider.subscribe(self._on_change)  # before the first stream can start
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._serve(ready),), name="meshid-attested-workload-api", daemon=True
-        )
-        self._thread.start()
-        try:
-            ready.result()
-        except BaseException:
-            self._thread.join()
-            self._thread = None
-            self._unsubscribe()
-            self._unsubscribe = None
-            self._executor.shutdown(wait=True)
-            self._executor = None
-            raise
+        with self._lifecycle:  # a close() from another thread waits until this has started
+            if self._thread is not None:
+                return self
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            refuse_unix_in_use(self.path, who="Workload API")
+            ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+            self._executor = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="meshid-attest")
+            self._unsubscribe = self.provider.subscribe(self._on_change)  # before the first stream can start
+            self._thread = threading.Thread(
+                target=asyncio.run, args=(self._serve(ready),), name="meshid-attested-workload-api", daemon=True
+            )
+            self._thread.start()
+            try:
+                ready.result()
+            except BaseException:
+                self._thread.join()
+                self._thread = None
+                self._unsubscribe()
+                self._unsubscribe = None
+                self._executor.shutdown(wait=True)
+                self._executor = None
+                raise
         log.info("Workload API: serving attested callers on unix:%s (mode %o)", self.path, self._mode)
         return self
 
     def close(self, grace: float = 1.0) -> None:
-        """End every stream (UNAVAILABLE: clients reconnect), stop serving, remove the socket."""
-        thread, loop, stop = self._thread, self._loop, self._stop
-        if thread is None:
-            return
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        self._grace = grace
-        if loop is not None and stop is not None:
-            loop.call_soon_threadsafe(stop.set)
-        thread.join()
-        self._thread = self._loop = self._stop = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        try:  # a path some other server took over since is not ours to remove
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        log.info("Workload API: stopped serving on unix:%s", self.path)
+        """End every stream (UNAVAILABLE: clients reconnect), stop serving, remove the socket.
+        From several threads at once: each returns once the server is closed."""
+        with self._lifecycle:  # a second close() (a signal's thread and the main one) waits for the first
+            thread, loop, stop = self._thread, self._loop, self._stop
+            if thread is None:
+                return
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+            self._grace = grace
+            if loop is not None and stop is not None:
+                loop.call_soon_threadsafe(stop.set)
+            thread.join()
+            self._thread = self._loop = self._stop = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            try:  # a path some other server took over since is not ours to remove
+                if os.stat(self.path).st_ino == self._inode:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            log.info("Workload API: stopped serving on unix:%s", self.path)
 
     def __enter__(self) -> AttestedWorkloadApiServer:
         return self.start()

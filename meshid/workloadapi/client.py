@@ -34,6 +34,7 @@ import grpc
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._proto import workload_pb2, workload_pb2_grpc
 from meshid.bundle import BundleSet
+from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import InvalidJwtSvidError, MeshIdError, SourceError
 from meshid.spiffeid import SpiffeId
 from meshid.svid import X509Svid
@@ -56,6 +57,7 @@ class WorkloadApiSource:
         spiffe_id: present this SPIFFE ID's SVID rather than the first (default) one.
         timeout: how long :meth:`start` waits for the first response, in seconds.
         max_backoff: the longest wait between reconnection attempts, in seconds.
+        clock: what the waits between reconnection attempts are measured on.
 
     Nothing happens until :meth:`start`.
 
@@ -71,6 +73,7 @@ class WorkloadApiSource:
         spiffe_id: SpiffeId | str | None = None,
         timeout: float = 10.0,
         max_backoff: float = 5.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         endpoint = socket if socket is not None else os.environ.get(wire.ENDPOINT_SOCKET_ENV)
         if not endpoint:
@@ -84,13 +87,15 @@ class WorkloadApiSource:
         self._want = SpiffeId.parse(spiffe_id) if isinstance(spiffe_id, str) else spiffe_id
         self._timeout = timeout
         self._max_backoff = max_backoff
+        self._clock = clock
         self._notifier = Notifier()
         self._lock = threading.Lock()
         self._worker = Worker("meshid-workload-api-source", self._run, wake=lambda: self._cancel("_call"))
         self._jwt_worker = Worker(
             "meshid-workload-api-jwt-bundles", self._run_jwt_bundles, wake=lambda: self._cancel("_jwt_call")
         )
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # the first answer came, or close() was called
+        self._closing = threading.Event()
         self._channel: grpc.Channel | None = None
         self._call: Any = None
         self._jwt_call: Any = None
@@ -206,12 +211,14 @@ class WorkloadApiSource:
         """Connect, wait for the first X509-SVID, then follow the stream in a daemon thread.
 
         Raises:
-            SourceError: no usable response within ``timeout`` seconds (the message says why).
+            SourceError: no usable response within ``timeout`` seconds (the message says why), or
+                :meth:`close` was called meanwhile (from another thread).
         """
         if self._worker.running:
             return self
+        self._closing.clear()
         self._ready.clear()
-        self._channel = grpc.insecure_channel(
+        channel: grpc.Channel | None = grpc.insecure_channel(
             "unix:" + self._path,
             options=[
                 # grpc's own reconnection backoff grows to two minutes; keep it within ours.
@@ -220,9 +227,18 @@ class WorkloadApiSource:
                 ("grpc.max_reconnect_backoff_ms", int(self._max_backoff * 1000)),
             ],
         )
-        self._worker.start()
-        self._jwt_worker.start()
-        if not self._ready.wait(self._timeout):
+        with self._lock:
+            if not self._closing.is_set():
+                self._channel, channel = channel, None
+        if channel is not None:  # closed before it had a channel
+            channel.close()
+        # Each start finds _closing set (and starts nothing) or is joined by the close that sets it.
+        started = self._worker.start(unless=self._closing) and self._jwt_worker.start(unless=self._closing)
+        answered = started and self._ready.wait(self._timeout)  # close() from another thread sets it too
+        if self._closing.is_set():
+            self.close()
+            raise SourceError(f"Workload API source: closed while it waited for the first answer from {self.endpoint}")
+        if not answered:
             why = self.last_error or "no answer"
             self.close()
             raise SourceError(
@@ -231,12 +247,24 @@ class WorkloadApiSource:
         return self
 
     def close(self) -> None:
-        """Stop following the streams and close the connection."""
-        self._worker.close()
-        self._jwt_worker.close()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        """Stop following the streams and close the connection; also ends a :meth:`start` still
+        waiting for the first answer, from another thread."""
+        self._closing.set()
+        self._ready.set()
+        workers = (self._worker, self._jwt_worker)
+        if any(worker.current for worker in workers):
+            # From a subscriber, on one stream's thread: joining the other stream's thread could
+            # wait forever (it may be in a subscriber closing this source too). Both end by
+            # themselves once stopped and their channel is closed.
+            for worker in workers:
+                worker.signal()
+        else:
+            for worker in workers:
+                worker.close()
+        with self._lock:
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
 
     def __enter__(self) -> WorkloadApiSource:
         return self.start()
@@ -298,11 +326,26 @@ class WorkloadApiSource:
     def _follow(
         self, stop: threading.Event, method: str, request: Any, slot: str, apply: Callable[[Any], None]
     ) -> None:
-        """Follow one stream until ``stop``, reconnecting with backoff (UNIMPLEMENTED: give up)."""
-        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
+        """Follow one stream until ``stop``, reconnecting with backoff (UNIMPLEMENTED: give up).
+
+        The backoff starts again only after a stream that stayed open for ``max_backoff``: one
+        that ends right after its answers (a server or proxy that accepts, answers and closes)
+        gives nothing lasting, and reconnecting to it every 0.1 s would be a busy loop.
+        """
+        with self._lock:
+            channel = self._channel
+        if channel is None:  # closed before this thread began
+            return
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)  # type: ignore[no-untyped-call]
         failures = 0
         while not stop.is_set():
-            call = getattr(stub, method)(request, metadata=wire.METADATA)
+            opened = self._clock.monotonic()
+            try:
+                call = getattr(stub, method)(request, metadata=wire.METADATA)
+            except ValueError:  # the channel is closed: close() from a subscriber on the other stream
+                if stop.is_set():
+                    return
+                raise
             with self._lock:
                 if stop.is_set():
                     call.cancel()
@@ -311,7 +354,6 @@ class WorkloadApiSource:
             try:
                 for response in call:
                     apply(response)
-                    failures = 0
                 why = "the server ended the stream"
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
@@ -325,12 +367,14 @@ class WorkloadApiSource:
                     setattr(self, slot, None)
             if stop.is_set():
                 return
+            if self._clock.monotonic() - opened >= self._max_backoff:
+                failures = 0  # it served for a while: reconnect soon
             failures += 1
             delay = min(self._max_backoff, 0.1 * 2 ** min(failures - 1, 16)) * (0.5 + random.random() / 2)
             self.last_error = why
             level = logging.WARNING if self._state is not None else logging.DEBUG
             log.log(level, "Workload API source: %s at %s; reconnecting in %.2fs", why, self.endpoint, delay)
-            stop.wait(delay)
+            self._clock.wait(stop, delay)
 
 
 class _Refused(SourceError):
