@@ -302,6 +302,7 @@ class NodeAgent:
             self._attest()
         self._step()
         if not self._worker.start(unless=self._closing) and self._closing.is_set():
+            self.close()  # again: a channel opened after the other thread's close() is closed too
             raise SourceError("node agent: closed while it started")
         return self
 

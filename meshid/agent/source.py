@@ -274,6 +274,7 @@ class IssuerSource:
         if not self._load_saved():
             self._first_issuance()
         if not self._worker.start(unless=self._closing) and self._closing.is_set():
+            self.close()  # again: a channel opened after the other thread's close() is closed too
             raise SourceError("issuer source: closed while it started")
         metrics.watch_source(self)
         metrics.watch_revocation(self, lambda source: source._crl.current, lambda source: source._clock.now())
