@@ -37,6 +37,33 @@ def duration(text: str) -> datetime.timedelta:
     return datetime.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
+_SECONDS = re.compile(r"([-+]?\d{1,9}(?:\.\d{1,9})?)([smhd]?)")
+
+
+def seconds(*, limit: float | None = None, whole: bool = False) -> Callable[[str], float]:
+    """The argparse type of the options that count seconds (``--sync-interval``, ``--refresh-hint``):
+    a bare number of seconds (``5``, ``0.5``) or a duration as every other option takes it
+    (``30s``, ``10m``); greater than 0, at most ``limit`` seconds, a whole number if ``whole``."""
+
+    def parse(text: str) -> float:
+        match = _SECONDS.fullmatch(text.strip())
+        if not match:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds; write seconds (5, 0.5) or {DURATION_FORMAT}"
+            )
+        value = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be greater than 0")
+        if limit is not None and value > limit:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at most {show(datetime.timedelta(seconds=limit))}")
+        if whole and value != int(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number of seconds")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
 def positive_int(text: str) -> int:
     """A whole number greater than 0 (argparse type)."""
     try:
@@ -148,17 +175,44 @@ def join_token(args: argparse.Namespace) -> str | None:
             file=sys.stderr,
             flush=True,
         )
+    where = "--join-token"
     if token is None and args.join_token_file:
+        where = repr(args.join_token_file)
         try:
             with open(args.join_token_file, encoding="utf-8") as f:
                 token = f.read(1024).strip()
-        except OSError as err:
-            raise TokenError(f"join token: cannot read {args.join_token_file!r}: {err.strerror}") from err
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) else "not text"
+            raise TokenError(f"join token: cannot read {args.join_token_file!r}: {why}") from err
     if token is None:
         token = os.environ.get("MESHID_JOIN_TOKEN") or None
+        where = "$MESHID_JOIN_TOKEN"
     if token is None and args.join_token_required:
         raise TokenError("join token: give --join-token, --join-token-file or $MESHID_JOIN_TOKEN")
+    if token is not None:
+        _check_token(token, where)
     return token
+
+
+def _check_token(token: str, where: str) -> None:
+    """Refuse, naming where it came from, what cannot be a join token (an empty file, two tokens
+    in one file, a line of other text) before the CA is called: the trust domain is taken from
+    the token, and a wrong one would be reported as a bad trust domain."""
+    from meshid.ca.issuing import parse_token_trust_domain
+    from meshid.errors import MeshIdError, TokenError
+    from meshid.spiffeid import TrustDomain
+
+    shape = "expected one line, '<trust domain>:<secret>', as `meshid token create` prints it"
+    if not token:
+        raise TokenError(f"join token: {where} is empty; {shape}")
+    if any(c.isspace() for c in token):
+        lines = len(token.splitlines())
+        what = f"{lines} lines" if lines > 1 else "spaces"
+        raise TokenError(f"join token: {where} holds {what}; {shape}")
+    try:
+        TrustDomain.parse(parse_token_trust_domain(token))
+    except MeshIdError as err:
+        raise TokenError(f"join token: {where} is not a join token ({err}); {shape}") from err
 
 
 def stop_on_signals(stop: threading.Event) -> Callable[[Callable[[], None]], None]:

@@ -19,6 +19,7 @@ from meshid.cli._common import (
     ca_bundle,
     duration,
     join_token,
+    seconds,
     stop_on_signals,
     unix_socket,
 )
@@ -127,7 +128,7 @@ def _add_reload_options(agent: argparse.ArgumentParser) -> None:
     hook.add_argument("--signal", dest="reload_signal", type=_signal, metavar="SIG", help="send SIG, e.g. HUP")
     hook.add_argument("--pid-file", metavar="FILE", help="to the process whose ID is in FILE (with --signal)")
     hook.add_argument(
-        "--exec-timeout", type=_seconds, default=30.0, metavar="S", help="kill CMD after S seconds (default 30)"
+        "--exec-timeout", type=_seconds, default=30.0, metavar="S", help="kill CMD after S seconds, or 1m (default 30)"
     )
     hook.add_argument(
         "--write-crl",
@@ -135,21 +136,18 @@ def _add_reload_options(agent: argparse.ArgumentParser) -> None:
         help="also keep the CA's CRL in DIR/crl.pem (for nginx's ssl_crl); a new one runs the reload too",
     )
     hook.add_argument(
-        "--crl-refresh", type=_seconds, default=30.0, metavar="S", help="with --write-crl: fetch every S s (default 30)"
+        "--crl-refresh",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="with --write-crl: fetch every S seconds, or 5m (default 30)",
     )
 
 
 # --- `meshid agent --node`: one node agent per host -------------------------------------------
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; write e.g. 5 or 0.5")
-    return value
+_seconds = seconds(limit=86400)
 
 
 def _add_node_options(agent: argparse.ArgumentParser) -> None:
@@ -174,7 +172,11 @@ def _add_node_options(agent: argparse.ArgumentParser) -> None:
         help="the socket's file mode (default 0666: any local process may ask; each gets only what matches it)",
     )
     node.add_argument(
-        "--sync-interval", type=_seconds, default=5.0, metavar="S", help="seconds between entry syncs (default 5)"
+        "--sync-interval",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds between entry syncs, or 1m (default 5)",
     )
     node.add_argument("--x509pop-cert", metavar="FILE", help="the host certificate (PEM, then its intermediates)")
     node.add_argument("--x509pop-key", metavar="FILE", help="the host certificate's private key (PEM)")
@@ -247,7 +249,7 @@ def run_node(args: argparse.Namespace) -> int:
 
 def _register_admin_commands(agent: argparse.ArgumentParser) -> None:
     """``list`` and ``evict`` beside the sidecar form, which takes no positional argument."""
-    commands = agent.add_subparsers(dest="agent_command", required=False, metavar="{list,evict}")
+    commands = agent.add_subparsers(dest="agent_command", required=False, metavar="[{list,evict}]")
     listing = commands.add_parser("list", help="the node agents the CA knows: attestation, last seen, SVID expiry")
     add_admin_options(listing)
     listing.add_argument("--json", action="store_true", help="print JSON")
