@@ -79,9 +79,22 @@ def test_policy_check_with_a_certificate_and_its_bundle(files) -> None:
     method = ["--method", "/meshid.examples.v1.Greeter/SayHello"]
     out = meshid("policy", "check", str(folder / "policy.yaml"), "--cert", str(folder / "svid.pem"), "--bundle", str(folder / "bundle.pem"), *method)
     assert (out.returncode, out.stdout.split()[0]) == (0, "ALLOW")
+    assert out.stderr == ""
     out = meshid("policy", "check", str(folder / "policy.yaml"), "--cert", str(folder / "foreign.pem"), "--bundle", str(folder / "bundle.pem"), *method)
     assert out.returncode == 2
     assert "does not verify" in out.stderr
+
+
+def test_policy_check_of_a_certificate_without_its_bundle_warns_that_it_was_not_verified(files) -> None:
+    """A newcomer who leaves out --bundle gets a decision on what the certificate claims, and is told so."""
+    folder, _ = files
+    method = ["--method", "/meshid.examples.v1.Greeter/SayHello"]
+    out = meshid("policy", "check", str(folder / "policy.yaml"), "--cert", str(folder / "foreign.pem"), *method)
+    assert (out.returncode, out.stdout.split()[0]) == (0, "ALLOW")  # another CA's certificate, taken at its word
+    assert out.stderr.splitlines() == [
+        "meshid: warning: --cert was not verified (no --bundle): the decision takes its identity at its word; "
+        "give --bundle FILE to verify its chain first"
+    ]
 
 
 @pytest.mark.parametrize(
