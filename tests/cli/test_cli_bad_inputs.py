@@ -194,3 +194,9 @@ def test_agent_usage_shows_list_and_evict_as_optional() -> None:
     assert result.returncode == 0, result.stderr
     usage = result.stdout.split("\n\n")[0]
     assert "[{list,evict}] ..." in usage, usage
+
+
+def test_token_create_help_says_which_entries_take_a_token() -> None:
+    result = meshid("token", "create", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "an entry made without --parent-id" in " ".join(result.stdout.split()), result.stdout
