@@ -120,6 +120,27 @@ def ca_bundle(path: str) -> str:
     return path
 
 
+def writable_out(path: str, what: str) -> None:
+    """Create ``--out`` (as the files' writer would) and write a scratch file in it, before a join
+    token is spent on an SVID that could not be saved: a mistyped ``--out`` costs no token.
+
+    Raises:
+        MeshIdError: the folder cannot be created or written in; the message names it.
+    """
+    import tempfile
+
+    from meshid.errors import MeshIdError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise MeshIdError(
+            f"{what}: --out {path!r}: cannot write there: {err.strerror or err}; the join token was not used"
+        ) from err
+
+
 def unix_socket(text: str) -> str:
     """The argparse type of the Workload API socket options: ``unix:///PATH`` (or a path)."""
     from meshid.workloadapi.wire import socket_path

@@ -22,6 +22,7 @@ from meshid.cli._common import (
     seconds,
     stop_on_signals,
     unix_socket,
+    writable_out,
 )
 
 
@@ -320,6 +321,8 @@ def run_agent(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.out:
+        writable_out(args.out, "agent")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
     stop = threading.Event()

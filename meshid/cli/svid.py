@@ -22,6 +22,7 @@ from meshid.cli._common import (
     ca_bundle,
     join_token,
     show,
+    writable_out,
 )
 from meshid.errors import InvalidSvidError
 from meshid.svid import check_leaf
@@ -210,7 +211,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from meshid.ca.client import fetch_svid, write_fetched
 
-    svid, bundle = fetch_svid(args.server, args.bundle, join_token(args) or "", key_kind=args.key_type)
+    token = join_token(args) or ""
+    writable_out(args.out, "svid fetch")
+    svid, bundle = fetch_svid(args.server, args.bundle, token, key_kind=args.key_type)
     write_fetched(args.out, svid, bundle)
     print(f"fetched {svid.spiffe_id} (serial {svid.serial:x}, until {svid.not_after.isoformat()}) into {args.out}")
     return 0
