@@ -154,7 +154,24 @@ def unix_socket(text: str) -> str:
 
 def add_admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, type=address(), metavar="HOST:PORT", help="the running CA")
-    parser.add_argument("--data-dir", required=True, metavar="DIR", help="where `meshid ca init` left the admin SVID")
+    parser.add_argument(
+        "--data-dir",
+        required=True,
+        type=admin_folder,
+        metavar="DIR",
+        help="where `meshid ca init` left the admin SVID",
+    )
+
+
+def admin_folder(path: str) -> str:
+    """The argparse type of the admin commands' ``--data-dir``: a folder with the admin SVID in
+    ``admin/``, so a wrong folder (a workload's, a typo) is named as such, not as a missing file."""
+    if not os.path.isfile(os.path.join(path, "admin", "svid.pem")):
+        what = "no such folder" if not os.path.isdir(path) else "no admin SVID in it (admin/svid.pem)"
+        raise argparse.ArgumentTypeError(
+            f"{path!r}: {what}; give the CA's folder, the one `meshid ca init --data-dir` made"
+        )
+    return path
 
 
 def add_join_token_options(parser: argparse.ArgumentParser, *, required: bool) -> None:

@@ -132,6 +132,9 @@ CASES = [
     (("ca", "init", "--data-dir", "{dir}/up", "--trust-domain", "up.test", "--upstream-cert", "{dir}/key.pem", "--upstream-key", "{dir}/key.pem"), BAD_INPUT, ["key.pem", "(--upstream-cert) holds a 'PRIVATE KEY'", "the certificate goes in --upstream-cert"]),
     (("svid", "fetch", "--server", "127.0.0.1:1", "--bundle", "{dir}/key.pem", "--out", "{dir}/out"), BAD_INPUT, ["CA bundle", "key.pem", "'PRIVATE KEY'"]),
     (("bundle", "show", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--trust-domain", "Acme.Test"), BAD_INPUT, ["trust domain 'Acme.Test'", "lowercase"]),
+    # the admin commands' --data-dir: the CA's folder, named as such when it is another
+    (("entry", "list", "--data-dir", "{dir}", "--server", "127.0.0.1:{closed}"), BAD_INPUT, ["--data-dir", "no admin SVID in it (admin/svid.pem)", "`meshid ca init --data-dir` made"]),
+    (("svid", "revoke", "--data-dir", "{dir}/nowhere", "--server", "127.0.0.1:{closed}", "--serial", "ab"), BAD_INPUT, ["--data-dir", "'{dir}/nowhere': no such folder"]),
     # usage
     (("svid",  "inspect"), BAD_INPUT, ["the following arguments are required: file", "meshid svid inspect --help"]),
     (("nonsense",), BAD_INPUT, ["invalid choice: 'nonsense'"]),
