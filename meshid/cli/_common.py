@@ -121,20 +121,30 @@ def ca_bundle(path: str) -> str:
 
 
 def writable_out(path: str, what: str) -> None:
-    """Create ``--out`` (as the files' writer would) and write a scratch file in it, before a join
-    token is spent on an SVID that could not be saved: a mistyped ``--out`` costs no token.
+    """Check that ``--out`` can be written in, or created, before a join token is spent on an SVID
+    that could not be saved: a mistyped ``--out`` costs no token. Nothing is left behind: the
+    folder itself is made by the writer, after the CA has answered.
 
     Raises:
         MeshIdError: the folder cannot be created or written in; the message names it.
     """
+    import errno
     import tempfile
 
     from meshid.errors import MeshIdError
 
+    target = os.path.abspath(path)
+    nearest = target
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        if not os.path.isdir(nearest):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), nearest)
+        if nearest == target:
+            with tempfile.TemporaryFile(dir=nearest):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=nearest))
     except OSError as err:
         raise MeshIdError(
             f"{what}: --out {path!r}: cannot write there: {err.strerror or err}; the join token was not used"

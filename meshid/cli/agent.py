@@ -250,7 +250,7 @@ def run_node(args: argparse.Namespace) -> int:
 
 def _register_admin_commands(agent: argparse.ArgumentParser) -> None:
     """``list`` and ``evict`` beside the sidecar form, which takes no positional argument."""
-    commands = agent.add_subparsers(dest="agent_command", required=False, metavar="[{list,evict}]")
+    commands = agent.add_subparsers(dest="agent_command", required=False, metavar="{list,evict}")
     listing = commands.add_parser("list", help="the node agents the CA knows: attestation, last seen, SVID expiry")
     add_admin_options(listing)
     listing.add_argument("--json", action="store_true", help="print JSON")

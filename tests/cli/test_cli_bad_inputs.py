@@ -191,14 +191,6 @@ def test_stdout_closed_early_exits_141_without_a_message(files: Path) -> None:
     assert (result.returncode, result.stderr) == (141, "")
 
 
-def test_agent_usage_shows_list_and_evict_as_optional() -> None:
-    """`meshid agent --server ... --out DIR` takes no command; its usage line must not read as if one were required."""
-    result = meshid("agent", "--help")
-    assert result.returncode == 0, result.stderr
-    usage = result.stdout.split("\n\n")[0]
-    assert "[{list,evict}] ..." in usage, usage
-
-
 def test_token_create_help_says_which_entries_take_a_token() -> None:
     result = meshid("token", "create", "--help")
     assert result.returncode == 0, result.stderr
