@@ -238,6 +238,7 @@ def join_token(args: argparse.Namespace) -> str | None:
     if token is None and args.join_token_required:
         raise TokenError("join token: give --join-token, --join-token-file or $MESHID_JOIN_TOKEN")
     if token is not None:
+        token = token.strip()  # `export MESHID_JOIN_TOKEN="$(cat token)\n"`: the newline is not the token's
         _check_token(token, where)
     return token
 

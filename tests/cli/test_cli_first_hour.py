@@ -152,8 +152,10 @@ def test_a_wrong_out_folder_is_refused_before_the_join_token_is_spent(ca: Servin
         lines = refused.stderr.splitlines()
         assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
         assert f"--out {wrong!r}: cannot write there: Not a directory; the join token was not used" in lines[0]
-    fetched = meshid("svid", "fetch", "--server", ca.server, "--bundle", bundle, "--out", str(tmp_path / "out"), token=token)
-    assert fetched.returncode == 0, fetched.stderr  # the token is still good
+    out = str(tmp_path / "out")
+    # the token is still good; and $MESHID_JOIN_TOKEN set from `$(cat file)` with its newline is one token
+    fetched = meshid("svid", "fetch", "--server", ca.server, "--bundle", bundle, "--out", out, token=f"{token}\n")
+    assert fetched.returncode == 0, fetched.stderr
     assert f"fetched {spiffe_id} " in fetched.stdout
 
 
