@@ -53,7 +53,9 @@ def seconds(*, limit: float | None = None, whole: bool = False) -> Callable[[str
             )
         value = float(match.group(1)) * _UNITS[match.group(2) or "s"]
         if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be greater than 0")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds greater than 0; write seconds (5, 0.5) or {DURATION_FORMAT}"
+            )
         if limit is not None and value > limit:
             raise argparse.ArgumentTypeError(f"{text!r}: must be at most {show(datetime.timedelta(seconds=limit))}")
         if whole and value != int(value):
@@ -201,14 +203,18 @@ def add_join_token_options(parser: argparse.ArgumentParser, *, required: bool) -
     parser.set_defaults(join_token_required=required)
 
 
-def join_token(args: argparse.Namespace) -> str | None:
+def join_token(args: argparse.Namespace, *, check: bool = True) -> str | None:
     """The join token from --join-token, --join-token-file or $MESHID_JOIN_TOKEN.
 
     --join-token still works, with a warning on stderr: by the time it is read, the token has
     been in the process list (``ps``, ``/proc/PID/cmdline``) where every local user can see it.
 
+    ``check=False`` leaves the token's shape to :func:`check_join_token`, for a command that
+    first refuses other bad input.
+
     Raises:
-        TokenError: required and missing, or the file cannot be read.
+        TokenError: required and missing, the file cannot be read, or (``check``) it is not
+            one token.
     """
     import os
     import sys
@@ -223,9 +229,7 @@ def join_token(args: argparse.Namespace) -> str | None:
             file=sys.stderr,
             flush=True,
         )
-    where = "--join-token"
     if token is None and args.join_token_file:
-        where = repr(args.join_token_file)
         try:
             with open(args.join_token_file, encoding="utf-8") as f:
                 token = f.read(1024).strip()
@@ -234,23 +238,33 @@ def join_token(args: argparse.Namespace) -> str | None:
             raise TokenError(f"join token: cannot read {args.join_token_file!r}: {why}") from err
     if token is None:
         token = os.environ.get("MESHID_JOIN_TOKEN") or None
-        where = "$MESHID_JOIN_TOKEN"
     if token is None and args.join_token_required:
         raise TokenError("join token: give --join-token, --join-token-file or $MESHID_JOIN_TOKEN")
     if token is not None:
         token = token.strip()  # `export MESHID_JOIN_TOKEN="$(cat token)\n"`: the newline is not the token's
-        _check_token(token, where)
+        if check:
+            check_join_token(args, token)
     return token
 
 
-def _check_token(token: str, where: str) -> None:
+def check_join_token(args: argparse.Namespace, token: str) -> None:
     """Refuse, naming where it came from, what cannot be a join token (an empty file, two tokens
     in one file, a line of other text) before the CA is called: the trust domain is taken from
-    the token, and a wrong one would be reported as a bad trust domain."""
+    the token, and a wrong one would be reported as a bad trust domain.
+
+    Raises:
+        TokenError: ``token`` is not one ``<trust domain>:<secret>``.
+    """
     from meshid.ca.issuing import parse_token_trust_domain
     from meshid.errors import MeshIdError, TokenError
     from meshid.spiffeid import TrustDomain
 
+    if args.join_token is not None:
+        where = "--join-token"
+    elif args.join_token_file:
+        where = repr(args.join_token_file)
+    else:
+        where = "$MESHID_JOIN_TOKEN"
     shape = "expected one line, '<trust domain>:<secret>', as `meshid token create` prints it"
     if not token:
         raise TokenError(f"join token: {where} is empty; {shape}")

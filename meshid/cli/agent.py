@@ -17,6 +17,7 @@ from meshid.cli._common import (
     add_join_token_options,
     address,
     ca_bundle,
+    check_join_token,
     duration,
     join_token,
     seconds,
@@ -197,7 +198,7 @@ def run_node(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"meshid: agent: --node needs grpclib ({err}); install meshid[agent]", file=sys.stderr)
         return 2
-    token = join_token(args)
+    token = join_token(args, check=False)  # its shape is checked after the options and the socket
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
     stop = threading.Event()
@@ -220,6 +221,8 @@ def run_node(args: argparse.Namespace) -> int:
         print(f"meshid: agent: {err}", file=sys.stderr)
         return 2
     server.check_free()  # before a join token is spent: a socket another agent serves is refused
+    if token is not None:
+        check_join_token(args, token)
 
     on_stop(agent.close)  # also ends start() waiting for a CA
     try:
