@@ -79,9 +79,33 @@ def test_policy_check_with_a_certificate_and_its_bundle(files) -> None:
     method = ["--method", "/meshid.examples.v1.Greeter/SayHello"]
     out = meshid("policy", "check", str(folder / "policy.yaml"), "--cert", str(folder / "svid.pem"), "--bundle", str(folder / "bundle.pem"), *method)
     assert (out.returncode, out.stdout.split()[0]) == (0, "ALLOW")
+    assert out.stderr == ""
     out = meshid("policy", "check", str(folder / "policy.yaml"), "--cert", str(folder / "foreign.pem"), "--bundle", str(folder / "bundle.pem"), *method)
     assert out.returncode == 2
     assert "does not verify" in out.stderr
+
+
+def test_svid_inspect_of_a_two_root_bundle_shows_the_second_root_as_in_the_file_not_in_the_chain(tmp_path) -> None:
+    """bundle.pem after `ca key add` or during a rotation: two roots, neither the other's issuer."""
+    first, second = Authority.create_root("example.org"), Authority.create_root("example.org")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(TrustBundle(first.trust_domain, first.roots + second.roots).to_pem())
+    out = meshid("svid", "inspect", str(bundle))
+    assert out.returncode == 0, out.stderr
+    assert "Chain [1]" not in out.stdout, out.stdout
+    assert f"Also in file: {second.certificate.subject.rfc4514_string()} " in out.stdout, out.stdout
+
+
+def test_policy_check_of_a_certificate_without_its_bundle_warns_that_it_was_not_verified(files) -> None:
+    """A newcomer who leaves out --bundle gets a decision on what the certificate claims, and is told so."""
+    folder, _ = files
+    method = ["--method", "/meshid.examples.v1.Greeter/SayHello"]
+    out = meshid("policy", "check", str(folder / "policy.yaml"), "--cert", str(folder / "foreign.pem"), *method)
+    assert (out.returncode, out.stdout.split()[0]) == (0, "ALLOW")  # another CA's certificate, taken at its word
+    assert out.stderr.splitlines() == [
+        "meshid: warning: --cert was not verified (no --bundle): the decision takes its identity at its word; "
+        "give --bundle FILE to verify its chain first"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,35 @@ def duration(text: str) -> datetime.timedelta:
     return datetime.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
+_SECONDS = re.compile(r"([-+]?\d{1,9}(?:\.\d{1,9})?)([smhd]?)")
+
+
+def seconds(*, limit: float | None = None, whole: bool = False) -> Callable[[str], float]:
+    """The argparse type of the options that count seconds (``--sync-interval``, ``--refresh-hint``):
+    a bare number of seconds (``5``, ``0.5``) or a duration as every other option takes it
+    (``30s``, ``10m``); greater than 0, at most ``limit`` seconds, a whole number if ``whole``."""
+
+    def parse(text: str) -> float:
+        match = _SECONDS.fullmatch(text.strip())
+        if not match:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds; write seconds (5, 0.5) or {DURATION_FORMAT}"
+            )
+        value = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+        if value <= 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds greater than 0; write seconds (5, 0.5) or {DURATION_FORMAT}"
+            )
+        if limit is not None and value > limit:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at most {show(datetime.timedelta(seconds=limit))}")
+        if whole and value != int(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number of seconds")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
 def positive_int(text: str) -> int:
     """A whole number greater than 0 (argparse type)."""
     try:
@@ -93,6 +122,37 @@ def ca_bundle(path: str) -> str:
     return path
 
 
+def writable_out(path: str, what: str) -> None:
+    """Check that ``--out`` can be written in, or created, before a join token is spent on an SVID
+    that could not be saved: a mistyped ``--out`` costs no token. Nothing is left behind: the
+    folder itself is made by the writer, after the CA has answered.
+
+    Raises:
+        MeshIdError: the folder cannot be created or written in; the message names it.
+    """
+    import errno
+    import tempfile
+
+    from meshid.errors import MeshIdError
+
+    target = os.path.abspath(path)
+    nearest = target
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    try:
+        if not os.path.isdir(nearest):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), nearest)
+        if nearest == target:
+            with tempfile.TemporaryFile(dir=nearest):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=nearest))
+    except OSError as err:
+        raise MeshIdError(
+            f"{what}: --out {path!r}: cannot write there: {err.strerror or err}; the join token was not used"
+        ) from err
+
+
 def unix_socket(text: str) -> str:
     """The argparse type of the Workload API socket options: ``unix:///PATH`` (or a path)."""
     from meshid.workloadapi.wire import socket_path
@@ -106,7 +166,24 @@ def unix_socket(text: str) -> str:
 
 def add_admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, type=address(), metavar="HOST:PORT", help="the running CA")
-    parser.add_argument("--data-dir", required=True, metavar="DIR", help="where `meshid ca init` left the admin SVID")
+    parser.add_argument(
+        "--data-dir",
+        required=True,
+        type=admin_folder,
+        metavar="DIR",
+        help="where `meshid ca init` left the admin SVID",
+    )
+
+
+def admin_folder(path: str) -> str:
+    """The argparse type of the admin commands' ``--data-dir``: a folder with the admin SVID in
+    ``admin/``, so a wrong folder (a workload's, a typo) is named as such, not as a missing file."""
+    if not os.path.isfile(os.path.join(path, "admin", "svid.pem")):
+        what = "no such folder" if not os.path.isdir(path) else "no admin SVID in it (admin/svid.pem)"
+        raise argparse.ArgumentTypeError(
+            f"{path!r}: {what}; give the CA's folder, the one `meshid ca init --data-dir` made"
+        )
+    return path
 
 
 def add_join_token_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -126,14 +203,18 @@ def add_join_token_options(parser: argparse.ArgumentParser, *, required: bool) -
     parser.set_defaults(join_token_required=required)
 
 
-def join_token(args: argparse.Namespace) -> str | None:
+def join_token(args: argparse.Namespace, *, check: bool = True) -> str | None:
     """The join token from --join-token, --join-token-file or $MESHID_JOIN_TOKEN.
 
     --join-token still works, with a warning on stderr: by the time it is read, the token has
     been in the process list (``ps``, ``/proc/PID/cmdline``) where every local user can see it.
 
+    ``check=False`` leaves the token's shape to :func:`check_join_token`, for a command that
+    first refuses other bad input.
+
     Raises:
-        TokenError: required and missing, or the file cannot be read.
+        TokenError: required and missing, the file cannot be read, or (``check``) it is not
+            one token.
     """
     import os
     import sys
@@ -152,13 +233,49 @@ def join_token(args: argparse.Namespace) -> str | None:
         try:
             with open(args.join_token_file, encoding="utf-8") as f:
                 token = f.read(1024).strip()
-        except OSError as err:
-            raise TokenError(f"join token: cannot read {args.join_token_file!r}: {err.strerror}") from err
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) else "not text"
+            raise TokenError(f"join token: cannot read {args.join_token_file!r}: {why}") from err
     if token is None:
         token = os.environ.get("MESHID_JOIN_TOKEN") or None
     if token is None and args.join_token_required:
         raise TokenError("join token: give --join-token, --join-token-file or $MESHID_JOIN_TOKEN")
+    if token is not None:
+        token = token.strip()  # `export MESHID_JOIN_TOKEN="$(cat token)\n"`: the newline is not the token's
+        if check:
+            check_join_token(args, token)
     return token
+
+
+def check_join_token(args: argparse.Namespace, token: str) -> None:
+    """Refuse, naming where it came from, what cannot be a join token (an empty file, two tokens
+    in one file, a line of other text) before the CA is called: the trust domain is taken from
+    the token, and a wrong one would be reported as a bad trust domain.
+
+    Raises:
+        TokenError: ``token`` is not one ``<trust domain>:<secret>``.
+    """
+    from meshid.ca.issuing import parse_token_trust_domain
+    from meshid.errors import MeshIdError, TokenError
+    from meshid.spiffeid import TrustDomain
+
+    if args.join_token is not None:
+        where = "--join-token"
+    elif args.join_token_file:
+        where = repr(args.join_token_file)
+    else:
+        where = "$MESHID_JOIN_TOKEN"
+    shape = "expected one line, '<trust domain>:<secret>', as `meshid token create` prints it"
+    if not token:
+        raise TokenError(f"join token: {where} is empty; {shape}")
+    if any(c.isspace() for c in token):
+        lines = len(token.splitlines())
+        what = f"{lines} lines" if lines > 1 else "spaces"
+        raise TokenError(f"join token: {where} holds {what}; {shape}")
+    try:
+        TrustDomain.parse(parse_token_trust_domain(token))
+    except MeshIdError as err:
+        raise TokenError(f"join token: {where} is not a join token ({err}); {shape}") from err
 
 
 def stop_on_signals(stop: threading.Event) -> Callable[[Callable[[], None]], None]:

@@ -17,10 +17,13 @@ from meshid.cli._common import (
     add_join_token_options,
     address,
     ca_bundle,
+    check_join_token,
     duration,
     join_token,
+    seconds,
     stop_on_signals,
     unix_socket,
+    writable_out,
 )
 
 
@@ -127,7 +130,7 @@ def _add_reload_options(agent: argparse.ArgumentParser) -> None:
     hook.add_argument("--signal", dest="reload_signal", type=_signal, metavar="SIG", help="send SIG, e.g. HUP")
     hook.add_argument("--pid-file", metavar="FILE", help="to the process whose ID is in FILE (with --signal)")
     hook.add_argument(
-        "--exec-timeout", type=_seconds, default=30.0, metavar="S", help="kill CMD after S seconds (default 30)"
+        "--exec-timeout", type=_seconds, default=30.0, metavar="S", help="kill CMD after S seconds, or 1m (default 30)"
     )
     hook.add_argument(
         "--write-crl",
@@ -135,21 +138,18 @@ def _add_reload_options(agent: argparse.ArgumentParser) -> None:
         help="also keep the CA's CRL in DIR/crl.pem (for nginx's ssl_crl); a new one runs the reload too",
     )
     hook.add_argument(
-        "--crl-refresh", type=_seconds, default=30.0, metavar="S", help="with --write-crl: fetch every S s (default 30)"
+        "--crl-refresh",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="with --write-crl: fetch every S seconds, or 5m (default 30)",
     )
 
 
 # --- `meshid agent --node`: one node agent per host -------------------------------------------
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; write e.g. 5 or 0.5")
-    return value
+_seconds = seconds(limit=86400)
 
 
 def _add_node_options(agent: argparse.ArgumentParser) -> None:
@@ -174,7 +174,11 @@ def _add_node_options(agent: argparse.ArgumentParser) -> None:
         help="the socket's file mode (default 0666: any local process may ask; each gets only what matches it)",
     )
     node.add_argument(
-        "--sync-interval", type=_seconds, default=5.0, metavar="S", help="seconds between entry syncs (default 5)"
+        "--sync-interval",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds between entry syncs, or 1m (default 5)",
     )
     node.add_argument("--x509pop-cert", metavar="FILE", help="the host certificate (PEM, then its intermediates)")
     node.add_argument("--x509pop-key", metavar="FILE", help="the host certificate's private key (PEM)")
@@ -194,7 +198,7 @@ def run_node(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"meshid: agent: --node needs grpclib ({err}); install meshid[agent]", file=sys.stderr)
         return 2
-    token = join_token(args)
+    token = join_token(args, check=False)  # its shape is checked after the options and the socket
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
     stop = threading.Event()
@@ -217,6 +221,8 @@ def run_node(args: argparse.Namespace) -> int:
         print(f"meshid: agent: {err}", file=sys.stderr)
         return 2
     server.check_free()  # before a join token is spent: a socket another agent serves is refused
+    if token is not None:
+        check_join_token(args, token)
 
     on_stop(agent.close)  # also ends start() waiting for a CA
     try:
@@ -318,6 +324,8 @@ def run_agent(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.out:
+        writable_out(args.out, "agent")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("meshid.audit").setLevel(logging.WARNING)
     stop = threading.Event()

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from meshid import _x509
-from meshid.cli._common import address, ca_bundle, positive_int
+from meshid.cli._common import address, ca_bundle, seconds
 
 
 def register(groups: Any) -> None:
@@ -26,10 +26,11 @@ def register(groups: Any) -> None:
     )
     show.add_argument(
         "--refresh-hint",
-        type=positive_int,
+        type=seconds(whole=True),
         default=300,
         metavar="SECONDS",
-        help="the spiffe_refresh_hint to publish: how often partners should fetch again (default 300)",
+        help="the spiffe_refresh_hint to publish: how often partners should fetch again, in seconds or "
+        "as 5m (default 300)",
     )
     show.set_defaults(run=run_show)
 
@@ -46,5 +47,5 @@ def run_show(args: argparse.Namespace) -> int:
     if args.format == "pem":
         print(bundle.to_pem().decode(), end="")
     else:
-        print(dataclasses.replace(bundle, refresh_hint=args.refresh_hint).to_spiffe_json())
+        print(dataclasses.replace(bundle, refresh_hint=int(args.refresh_hint)).to_spiffe_json())
     return 0

@@ -254,7 +254,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             return 2
         key = prepare_jwt_rotation(args.data_dir)
         print(f"prepared JWT key {key.kid}; the bundle publishes it now, it signs nothing yet.")
-        print("Activate once relying parties have fetched the new bundle: meshid ca rotate activate")
+        print(f"Activate once relying parties have fetched the new bundle: {_activate_command(args.data_dir)}")
         return 0
     cert = prepare_rotation(
         args.data_dir, upstream_cert=args.upstream_cert, upstream_key=args.upstream_key, key_type=args.key_type
@@ -263,8 +263,17 @@ def run_prepare(args: argparse.Namespace) -> int:
     keys = load_jwt_keys(args.data_dir)
     if keys is not None and keys.prepared is not None:
         print(f"prepared JWT key {keys.prepared.kid}; the bundle publishes it now.")
-    print("Activate once workloads have fetched the new bundle (one refresh interval): meshid ca rotate activate")
+    activate = _activate_command(args.data_dir, args.key_type)
+    print(f"Activate once workloads have fetched the new bundle (one refresh interval): {activate}")
     return 0
+
+
+def _activate_command(data_dir: str, key_type: str | None = None) -> str:
+    """The command that activates what ``prepare`` made, as it can be pasted."""
+    import shlex
+
+    flag = f" --key-type {key_type}" if key_type else ""
+    return f"meshid ca rotate activate --data-dir {shlex.quote(data_dir)}{flag}"
 
 
 def run_activate(args: argparse.Namespace) -> int:
@@ -300,7 +309,7 @@ def run_status(args: argparse.Namespace) -> int:
             for item in json.loads(rotation.read_text()).get("retiring", []):
                 print(f"retiring {str(item['fingerprint'])[:16]} after {item['retire_after']}")
         if (lane / "next" / "ca.key").exists():
-            print(f"a next CA is prepared; run `meshid ca rotate activate{flag}`")
+            print(f"a next CA is prepared; run `{_activate_command(args.data_dir)}{flag}`")
     keys = load_jwt_keys(args.data_dir)
     if keys is not None:
         print(f"JWT key {keys.signing.kid}  {key_type(keys.signing.private_key)}  signing")

@@ -63,7 +63,9 @@ def register(groups: Any) -> None:
     )
     add_admin_options(token)
     target = token.add_mutually_exclusive_group(required=True)
-    target.add_argument("--spiffe-id", help="an entry without a parent")
+    target.add_argument(
+        "--spiffe-id", help="for a workload: the SPIFFE ID of an entry made without --parent-id (one SVID per token)"
+    )
     target.add_argument(
         "--agent", metavar="NAME", help="a node agent: spiffe://<td>/meshid/agent/NAME attests with the token"
     )

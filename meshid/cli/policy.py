@@ -5,6 +5,7 @@ past decisions from an audit log, decided again by a new policy."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from meshid import _x509
@@ -97,6 +98,12 @@ def _peer(args: argparse.Namespace, local: TrustDomain | None) -> PeerIdentity:
             raise InvalidSvidError(
                 "--bundle: the certificate carries no SPIFFE ID to pick a trust domain by; pass --trust-domain"
             )
+    else:
+        print(
+            "meshid: warning: --cert was not verified (no --bundle): the decision takes its identity at its word; "
+            "give --bundle FILE to verify its chain first",
+            file=sys.stderr,
+        )
     return PeerIdentity.from_certificate(leaf, None if sid is not None else local, spiffe_id=sid)
 
 

@@ -22,6 +22,7 @@ from meshid.cli._common import (
     ca_bundle,
     join_token,
     show,
+    writable_out,
 )
 from meshid.errors import InvalidSvidError
 from meshid.svid import check_leaf
@@ -145,6 +146,19 @@ def _refuse_ca_with_workload_id(cert: x509.Certificate, path: str) -> None:
             )
 
 
+def _linked(chain: list[x509.Certificate]) -> int:
+    """How many certificates from the first on form a chain, each the issuer of the one before;
+    what follows (a bundle.pem's other roots) is in the file but not in the chain."""
+    count = 1
+    while count < len(chain) and chain[count - 1].issuer == chain[count].subject and not _self_signed(chain[count - 1]):
+        count += 1
+    return count
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    return cert.issuer == cert.subject
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     chain = load_chain(args.file)
     leaf = chain[0]
@@ -186,7 +200,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"Thumbprint:  {info['thumbprint']} (SHA-256)")
         # Post-quantum only if every signature in the file is: an ECDSA signature on an ML-DSA
         # intermediate forges every leaf under it.
-        signatures = [info["signature_algorithm"], *(c["signature_algorithm"] for c in info["chain"])]
+        linked = _linked(chain)
+        signatures = [info["signature_algorithm"], *(c["signature_algorithm"] for c in info["chain"][: linked - 1])]
         classical = next((a for a in signatures if not _x509.is_post_quantum(a)), None)
         note = ""
         if _x509.is_post_quantum(info["key_algorithm"]):
@@ -195,7 +210,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         if info["kind"] != "CA certificate":
             print(f"DNS SANs:    {', '.join(info['dns_sans']) or '-'}")
         for index, cert in enumerate(info["chain"], start=1):
-            print(f"Chain [{index}]:   {cert['subject']} (serial {cert['serial']}, until {cert['not_after']})")
+            label = f"Chain [{index}]:  " if index < linked else "Also in file:"  # a bundle's other roots
+            print(f"{label} {cert['subject']} (serial {cert['serial']}, until {cert['not_after']})")
     if status == "valid":
         return 0
     what = (
@@ -210,7 +226,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from meshid.ca.client import fetch_svid, write_fetched
 
-    svid, bundle = fetch_svid(args.server, args.bundle, join_token(args) or "", key_kind=args.key_type)
+    token = join_token(args) or ""
+    writable_out(args.out, "svid fetch")
+    svid, bundle = fetch_svid(args.server, args.bundle, token, key_kind=args.key_type)
     write_fetched(args.out, svid, bundle)
     print(f"fetched {svid.spiffe_id} (serial {svid.serial:x}, until {svid.not_after.isoformat()}) into {args.out}")
     return 0

@@ -44,6 +44,7 @@ def test_ca_init_chooses_the_jwt_key_type_and_rotate_steps_show_the_keys(tmp_pat
     keys = load_jwt_keys(folder)
     assert keys is not None and keys.prepared is not None
     assert f"prepared JWT key {keys.prepared.kid}" in prepared.stdout
+    assert f"meshid ca rotate activate --data-dir {folder}\n" in prepared.stdout  # the command, to paste
     assert not (folder / "next").exists()  # the X.509 CA stays as it is
     assert (
         f"JWT key {keys.prepared.kid}  ec-p384  prepared"

@@ -63,6 +63,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "policy.yaml").write_text(
         f"allow:\n  - name: web\n    methods: ['*']\n    spiffe_ids: [spiffe://{TD}/web]\n"
     )
+    (folder / "two.token").write_text(f"{TD}:first-secret\n{TD}:second-secret\n")  # `>>` twice
+    (folder / "empty.token").write_text("\n")
+    (folder / "prose.token").write_text("paste the token here\n")
+    (folder / "upper.token").write_text("Acme.Test:secret\n")
     (folder / "empty.yaml").write_text("")
     (folder / "broken.yaml").write_text("allow: [\n")
     (folder / "bad-pattern.yaml").write_text(
@@ -102,6 +106,17 @@ CASES = [
     (("bundle", "show", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--trust-domain", TD, "--refresh-hint", "-5"), BAD_INPUT, ["--refresh-hint", "greater than 0"]),
     (("bundle", "show", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--trust-domain", TD, "--refresh-hint", "0"), BAD_INPUT, ["--refresh-hint", "greater than 0"]),
     (("agent", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--out", "{dir}/out", "--renew-at", "7"), BAD_INPUT, ["--renew-at", "between 0 and 1"]),
+    # options that count seconds take a bare number or a duration, as the README says of every duration
+    (("agent", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--sync-interval", "soon"), BAD_INPUT, ["--sync-interval", "'soon' is not a number of seconds", "30s, 10m, 1h, 7d"]),
+    (("agent", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--sync-interval", "2d"), BAD_INPUT, ["--sync-interval", "'2d': must be at most 1d"]),
+    (("agent", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--sync-interval", "1m", "--exec-timeout", "2m", "--crl-refresh", "0.5"), BAD_INPUT, ["give --out DIR, --workload-api"]),
+    (("bundle", "show", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--trust-domain", TD, "--refresh-hint", "0.5"), BAD_INPUT, ["--refresh-hint", "whole number of seconds"]),
+    (("bundle", "show", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--trust-domain", TD, "--refresh-hint", "5m"), UNREACHABLE, ["cannot reach the CA"]),
+    # a join token file that holds no one token: said of the file, before the CA is called
+    (("svid", "fetch", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--join-token-file", "{dir}/two.token", "--out", "{dir}/out"), BAD_INPUT, ["two.token' holds 2 lines", "'<trust domain>:<secret>'"]),
+    (("svid", "fetch", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--join-token-file", "{dir}/empty.token", "--out", "{dir}/out"), BAD_INPUT, ["empty.token' is empty", "meshid token create"]),
+    (("agent", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--join-token-file", "{dir}/prose.token", "--out", "{dir}/out"), BAD_INPUT, ["prose.token' holds spaces"]),
+    (("svid", "fetch", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--join-token-file", "{dir}/upper.token", "--out", "{dir}/out"), BAD_INPUT, ["upper.token' is not a join token", "lowercase"]),
     # policy check: the method as the policy loader checks it, and the loader's own messages
     ((*CHECK, "--method", "SayHello"), BAD_INPUT, ["--method", "'SayHello'", "write '/package.Service/Method'"]),
     ((*CHECK, "--method", "/SayHello"), BAD_INPUT, ["--method", "write '/package.Service/Method'"]),
@@ -117,6 +132,9 @@ CASES = [
     (("ca", "init", "--data-dir", "{dir}/up", "--trust-domain", "up.test", "--upstream-cert", "{dir}/key.pem", "--upstream-key", "{dir}/key.pem"), BAD_INPUT, ["key.pem", "(--upstream-cert) holds a 'PRIVATE KEY'", "the certificate goes in --upstream-cert"]),
     (("svid", "fetch", "--server", "127.0.0.1:1", "--bundle", "{dir}/key.pem", "--out", "{dir}/out"), BAD_INPUT, ["CA bundle", "key.pem", "'PRIVATE KEY'"]),
     (("bundle", "show", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--trust-domain", "Acme.Test"), BAD_INPUT, ["trust domain 'Acme.Test'", "lowercase"]),
+    # the admin commands' --data-dir: the CA's folder, named as such when it is another
+    (("entry", "list", "--data-dir", "{dir}", "--server", "127.0.0.1:{closed}"), BAD_INPUT, ["--data-dir", "no admin SVID in it (admin/svid.pem)", "`meshid ca init --data-dir` made"]),
+    (("svid", "revoke", "--data-dir", "{dir}/nowhere", "--server", "127.0.0.1:{closed}", "--serial", "ab"), BAD_INPUT, ["--data-dir", "'{dir}/nowhere': no such folder"]),
     # usage
     (("svid",  "inspect"), BAD_INPUT, ["the following arguments are required: file", "meshid svid inspect --help"]),
     (("nonsense",), BAD_INPUT, ["invalid choice: 'nonsense'"]),
@@ -171,3 +189,9 @@ def test_stdout_closed_early_exits_141_without_a_message(files: Path) -> None:
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_token_create_help_says_which_entries_take_a_token() -> None:
+    result = meshid("token", "create", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "an entry made without --parent-id" in " ".join(result.stdout.split()), result.stdout

@@ -135,6 +135,30 @@ def test_revoking_a_serial_twice_says_the_second_time_it_was_already_revoked(ca:
     assert second.stdout.strip() == f"{serial} was already revoked; nothing changed"
 
 
+def test_a_wrong_out_folder_is_refused_before_the_join_token_is_spent(ca: Serving, tmp_path: Path) -> None:
+    """A mistyped --out (here under a file) used to cost the token: the CA issued, the write failed."""
+    spiffe_id = f"spiffe://{TD}/wrong-out"
+    assert meshid("entry", "create", *ca.admin(), "--spiffe-id", spiffe_id).returncode == 0
+    token = meshid("token", "create", *ca.admin(), "--spiffe-id", spiffe_id).stdout.strip()
+    (tmp_path / "a-file").write_text("not a folder\n")
+    wrong = str(tmp_path / "a-file" / "out")
+    bundle = str(ca.data_dir / "bundle.pem")
+    for argv in (
+        ("svid", "fetch", "--server", ca.server, "--bundle", bundle, "--out", wrong),
+        ("agent", "--server", ca.server, "--bundle", bundle, "--out", wrong, "--wait", "10s"),
+    ):
+        refused = meshid(*argv, token=token)
+        assert refused.returncode == 2, refused.stderr
+        lines = refused.stderr.splitlines()
+        assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert f"--out {wrong!r}: cannot write there: Not a directory; the join token was not used" in lines[0]
+    out = str(tmp_path / "out")
+    # the token is still good; and $MESHID_JOIN_TOKEN set from `$(cat file)` with its newline is one token
+    fetched = meshid("svid", "fetch", "--server", ca.server, "--bundle", bundle, "--out", out, token=f"{token}\n")
+    assert fetched.returncode == 0, fetched.stderr
+    assert f"fetched {spiffe_id} " in fetched.stdout
+
+
 # --- svid inspect on what the CA wrote ----------------------------------------------------------------
 
 

@@ -47,6 +47,9 @@ def test_ca_key_add_then_rotate_the_ml_dsa_ca_with_prepare_and_activate(tmp_path
     assert len(TrustBundle.load(TD, Path(folder) / "bundle.pem").roots) == 2
     prepared = run_cli("ca", "rotate", "prepare", "--data-dir", folder, "--key-type", "ml-dsa-65")
     assert prepared.returncode == 0, prepared.stderr
+    assert f"meshid ca rotate activate --data-dir {folder} --key-type ml-dsa-65\n" in prepared.stdout
+    status = run_cli("ca", "rotate", "status", "--data-dir", folder).stdout
+    assert f"run `meshid ca rotate activate --data-dir {folder} --key-type ml-dsa-65`" in status, status
     assert len(TrustBundle.load(TD, Path(folder) / "bundle.pem").roots) == 3
     activated = run_cli("ca", "rotate", "activate", "--data-dir", folder, "--key-type", "ml-dsa-65")
     assert activated.returncode == 0, activated.stderr
