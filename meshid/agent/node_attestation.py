@@ -4,6 +4,7 @@ host certificate from the PKI the CA trusts for agents). Either gives the agent 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,10 +83,7 @@ def _host_credentials(cert_file: str, key_file: str) -> tuple[list[x509.Certific
         SourceError: a file cannot be read, holds anything else, or does not parse.
     """
     try:
-        with open(cert_file, "rb") as f:
-            cert_pem = f.read(1024 * 1024)
-        with open(key_file, "rb") as f:
-            key_pem = f.read(64 * 1024)
+        cert_pem, key_pem = _read_bounded(cert_file, _MAX_CERT_BYTES), _read_bounded(key_file, _MAX_KEY_BYTES)
         blocks, key_blocks = pem_blocks(cert_pem), pem_blocks(key_pem)
         if not blocks or any(label != "CERTIFICATE" for label, _ in blocks):
             raise ValueError(f"{cert_file} must hold the host certificate (then its intermediates) and nothing else")
@@ -118,3 +116,16 @@ def _bundle_trust_domain(bundle_file: str) -> TrustDomain:
             "(trust_domain=, --trust-domain)"
         )
     return TrustDomain.parse(names.pop())
+
+
+_MAX_CERT_BYTES = 1024 * 1024
+_MAX_KEY_BYTES = 64 * 1024
+
+
+def _read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The file's bytes, refused (ValueError) past ``limit``: a prefix is never parsed as the whole."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{os.fspath(path)} is larger than {limit} bytes; give the PEM file itself")
+    return data

@@ -109,6 +109,13 @@ def _call(what: str, server: str, fn: Callable[[], T], expected: TrustDomain | N
             from meshid.ca.probe import unproven_identity
 
             why = unproven_identity(server, ca_spiffe_id(expected)) if expected is not None else None
+            if why is None and expected is not None and "CERTIFICATE_VERIFY_FAILED" in details:
+                # it presents the CA's ID (else the probe says which), in a chain the bundle does not hold
+                why = (
+                    f"the server at {server} presents {ca_spiffe_id(expected)}, but its certificate does not verify "
+                    f"against the bundle given: that bundle is another {expected} CA's, or out of date (fetch the "
+                    "CA's current bundle)"
+                )
             if why is not None:
                 details = f"the CA's identity was not proven: {why} (grpc: {details})"
             else:

@@ -583,13 +583,17 @@ def test_a_thousand_entries_in_one_batch_call_within_150_mb(
         (("--data-dir", "D", "--socket", "S", "--join-token-file", "missing"), "join token: cannot read"),
         (("--data-dir", "D", "--socket", "S", "--x509pop-cert", "F", "--x509pop-key", "F"),
          "x509pop: {F} must hold the host certificate (then its intermediates) and nothing else"),
+        (("--data-dir", "D", "--socket", "S", "--x509pop-cert", "BIG", "--x509pop-key", "F"),
+         "x509pop: {BIG} is larger than 1048576 bytes"),
         (("--data-dir", "D", "--socket", "LIVE", "--join-token-file", "T"), "another server"),
     ],
 )  # fmt: skip
 def test_node_form_refuses_bad_input_in_one_line(real_ca: AgentCa, folder: Path, extra: tuple[str, ...], message: str) -> None:  # fmt: skip
     names = {"D": str(folder / "data"), "S": f"unix://{folder}/agent.sock", "F": str(folder / "not-pem"),
-             "T": str(folder / "token"), "LIVE": f"unix://{folder}/live.sock", "missing": str(folder / "missing")}  # fmt: skip
+             "T": str(folder / "token"), "LIVE": f"unix://{folder}/live.sock", "missing": str(folder / "missing"),
+             "BIG": str(folder / "big.pem")}  # fmt: skip
     (folder / "not-pem").write_text("not PEM\n")
+    (folder / "big.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\n" + b"A" * (2 << 20))  # read no further than 1 MiB
     (folder / "token").write_text("a token never spent: the socket is refused first\n")
     live = AttestedWorkloadApiServer(NodeAgent(real_ca.address, real_ca.bundle_file, folder / "x"), names["LIVE"])
     live.start()

@@ -227,6 +227,8 @@ def test_a_refused_handshake_is_one_line_with_no_grpc_log_and_exit_2(ca: Serving
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("meshid: entry list: UNAVAILABLE"), result.stderr
+    assert "cannot reach" not in lines[0]  # it was reached: its certificate is what did not verify
+    assert "does not verify against the bundle given" in lines[0], lines[0]
     assert ".cc:" not in result.stderr  # no `E1201 ... ssl_transport_security.cc:...` line from grpc's core
 
 
