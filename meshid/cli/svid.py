@@ -83,6 +83,10 @@ def load_chain(path: str) -> list[x509.Certificate]:
             data = f.read(_x509.MAX_PEM_BYTES + 1)
     except OSError as err:
         raise InvalidSvidError(f"X509-SVID: cannot read {path!r}: {err.strerror}") from err
+    if len(data) > _x509.MAX_PEM_BYTES:
+        raise InvalidSvidError(
+            f"X509-SVID: {path!r} is larger than {_x509.MAX_PEM_BYTES} bytes; no certificate chain is"
+        )
     try:
         blocks = _x509.pem_blocks(data)
     except ValueError as err:
@@ -92,7 +96,8 @@ def load_chain(path: str) -> list[x509.Certificate]:
     chain = []
     for index, (label, block) in enumerate(blocks):
         if label != "CERTIFICATE":
-            raise InvalidSvidError(f"X509-SVID: block {index} of {path!r} is a {label!r}, expected 'CERTIFICATE'")
+            hint = "; give the certificate file (svid.pem), not its key" if label.endswith("PRIVATE KEY") else ""
+            raise InvalidSvidError(f"X509-SVID: block {index} of {path!r} is a {label!r}, expected 'CERTIFICATE'{hint}")
         try:
             chain.append(x509.load_pem_x509_certificate(block))
         except _x509.PARSE_ERRORS as err:

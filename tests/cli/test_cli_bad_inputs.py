@@ -65,6 +65,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (folder / "two.token").write_text(f"{TD}:first-secret\n{TD}:second-secret\n")  # `>>` twice
     (folder / "empty.token").write_text("\n")
+    (folder / "big.pem").write_bytes(svids["svid.pem"].chain_pem() * (1 + (1 << 20) // len(svids["svid.pem"].chain_pem())))
     (folder / "prose.token").write_text("paste the token here\n")
     (folder / "upper.token").write_text("Acme.Test:secret\n")
     (folder / "empty.yaml").write_text("")
@@ -129,6 +130,8 @@ CASES = [
     ((*CHECK[:3], "--cert", "{dir}/expired.pem", "--bundle", "{dir}/bundle.pem", "--method", "/a.B/C"), BAD_INPUT, ["the certificate expired at", "renew it"]),
     (("svid", "inspect", "{dir}/expired.pem"), NEGATIVE, ["expired.pem", "expired", "ago", "meshid svid fetch"]),
     (("svid", "inspect", "{dir}/future.pem"), NEGATIVE, ["future.pem", "not yet valid", "valid from"]),
+    (("svid", "inspect", "{dir}/key.pem"), BAD_INPUT, ["key.pem", "'PRIVATE KEY', expected 'CERTIFICATE'", "give the certificate file (svid.pem), not its key"]),
+    (("svid", "inspect", "{dir}/big.pem"), BAD_INPUT, ["big.pem", "larger than 1048576 bytes"]),
     (("ca", "init", "--data-dir", "{dir}/up", "--trust-domain", "up.test", "--upstream-cert", "{dir}/key.pem", "--upstream-key", "{dir}/key.pem"), BAD_INPUT, ["key.pem", "(--upstream-cert) holds a 'PRIVATE KEY'", "the certificate goes in --upstream-cert"]),
     (("svid", "fetch", "--server", "127.0.0.1:1", "--bundle", "{dir}/key.pem", "--out", "{dir}/out"), BAD_INPUT, ["CA bundle", "key.pem", "'PRIVATE KEY'"]),
     (("bundle", "show", "--server", "127.0.0.1:1", "--bundle", "{dir}/bundle.pem", "--trust-domain", "Acme.Test"), BAD_INPUT, ["trust domain 'Acme.Test'", "lowercase"]),
