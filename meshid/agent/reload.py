@@ -35,6 +35,8 @@ log = logging.getLogger("meshid.agent")
 _MAX_PID_FILE = 64
 #: How much of the end of a command's stderr is kept: its last line goes into the failure.
 _STDERR_TAIL = 4096
+#: How long :meth:`ReloadHook.close` lets a running command end after SIGTERM before SIGKILL.
+STOP_GRACE = 5.0
 
 
 def parse_signal(text: str) -> signal.Signals:
@@ -93,6 +95,8 @@ class ReloadHook:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stats = ReloadStats()
+        self._closing = threading.Event()
+        self._proc: subprocess.Popen[bytes] | None = None  # the command now running, for close()
         self._worker = Worker("meshid-reload", self._run, wake=self._wake.set)
 
     @property
@@ -100,10 +104,22 @@ class ReloadHook:
         return self._stats
 
     def start(self) -> ReloadHook:
+        self._closing.clear()
         self._worker.start()
         return self
 
     def close(self) -> None:
+        """Stop; a command still running is stopped too (SIGTERM, then SIGKILL after
+        :data:`STOP_GRACE` seconds), so an agent told to stop does not wait out its timeout."""
+        with self._lock:
+            self._closing.set()
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         self._worker.close()
 
     def __enter__(self) -> ReloadHook:
@@ -135,6 +151,9 @@ class ReloadHook:
                 self._run_command()
         except _ReloadFailed as err:
             error = str(err)
+        if error is not None and self._closing.is_set():  # stopped by close(): not the command's failure
+            log.info("agent: reload hook: the running command was stopped with the agent (%s)", error)
+            return
         with self._lock:
             ok, failed = self._stats.ok, self._stats.failed
             if error is None:
@@ -172,6 +191,18 @@ class ReloadHook:
             )
         except OSError as err:
             raise _ReloadFailed(f"cannot run {self._argv[0]}: {err.strerror}") from err
+        with self._lock:
+            self._proc = proc
+            closing = self._closing.is_set()
+        if closing:  # close() came while it started: it saw no command to stop
+            proc.kill()
+        try:
+            self._finish(proc, deadline)
+        finally:
+            with self._lock:
+                self._proc = None
+
+    def _finish(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
         with proc:
             assert proc.stderr is not None
             tail = _read_tail(proc.stderr.fileno(), deadline)

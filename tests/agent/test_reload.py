@@ -116,3 +116,31 @@ def test_bad_hook_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="not a signal"):
         parse_signal("HANGUP")
     assert parse_signal("hup") == parse_signal("SIGHUP") == parse_signal("1") == signal.SIGHUP
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["ends-at-sigterm", "ignores-sigterm"])
+def test_close_stops_a_running_command_instead_of_waiting_out_its_timeout(tmp_path: Path, ignores_sigterm: bool) -> None:
+    """An agent told to stop while its reload command hangs stops within the grace period
+    (SIGTERM, then SIGKILL after meshid.agent.reload.STOP_GRACE), not after the command's 30 s
+    timeout; the stop is not counted as the command failing."""
+    from meshid.agent.reload import STOP_GRACE
+
+    pid_file = tmp_path / "pid"
+    hang = (
+        "import os, signal, time\n"
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores_sigterm else "")
+        + f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        + "time.sleep(120)\n"
+    )
+    hook = ReloadHook(command=[sys.executable, "-c", hang]).start()  # the default timeout: 30 s
+    try:
+        hook.changed()
+        eventually(lambda: pid_file.exists() and pid_file.read_text().isdigit(), 20, "the command to run")
+        pid = int(pid_file.read_text())
+    finally:
+        started = time.monotonic()
+        hook.close()
+        took = time.monotonic() - started
+    assert took < STOP_GRACE + 3 if ignores_sigterm else took < 3, f"close() took {took:.1f} s"
+    assert not Path(f"/proc/{pid}").exists(), "the command still runs"
+    assert hook.stats.failed == 0 and hook.stats.ok == 0, hook.stats
