@@ -119,7 +119,9 @@ def test_bad_hook_settings_are_refused() -> None:
 
 
 @pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["ends-at-sigterm", "ignores-sigterm"])
-def test_close_stops_a_running_command_instead_of_waiting_out_its_timeout(tmp_path: Path, ignores_sigterm: bool) -> None:
+def test_close_stops_a_running_command_instead_of_waiting_out_its_timeout(
+    tmp_path: Path, ignores_sigterm: bool
+) -> None:
     """An agent told to stop while its reload command hangs stops within the grace period
     (SIGTERM, then SIGKILL after meshid.agent.reload.STOP_GRACE), not after the command's 30 s
     timeout; the stop is not counted as the command failing."""
