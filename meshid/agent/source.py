@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from meshid import metrics
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
-from meshid.agent._renewal import renewal_wait
+from meshid.agent._renewal import MIN_WAIT, renewal_wait
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.saved_svid import load_saved_svid, write_jwt_bundle
 from meshid.bundle import BundleSet, TrustBundle
@@ -590,7 +590,7 @@ class IssuerSource:
                 if self._clock.monotonic() >= self._next_renewal:
                     self._renew()
                 if not stop.is_set() and self._clock.monotonic() >= self._next_refresh:
-                    every = min(self._refresh_interval, max(self._lifetime / 2, 0.5))
+                    every = min(self._refresh_interval, max(self._lifetime / 2, MIN_WAIT))
                     self._next_refresh = self._clock.monotonic() + every
                     self._refresh()
             except Exception as err:  # the loop must outlive any one failure: the SVID depends on it
