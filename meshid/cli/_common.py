@@ -232,10 +232,15 @@ def join_token(args: argparse.Namespace, *, check: bool = True) -> str | None:
     if token is None and args.join_token_file:
         try:
             with open(args.join_token_file, encoding="utf-8") as f:
-                token = f.read(1024).strip()
+                token = f.read(_MAX_TOKEN_FILE + 1)
         except (OSError, UnicodeDecodeError) as err:
             why = err.strerror if isinstance(err, OSError) else "not text"
             raise TokenError(f"join token: cannot read {args.join_token_file!r}: {why}") from err
+        if len(token) > _MAX_TOKEN_FILE:  # never its first part taken as the whole
+            raise TokenError(
+                f"join token: {args.join_token_file!r} is larger than {_MAX_TOKEN_FILE} characters; "
+                "expected one line, '<trust domain>:<secret>', as `meshid token create` prints it"
+            )
     if token is None:
         token = os.environ.get("MESHID_JOIN_TOKEN") or None
     if token is None and args.join_token_required:
@@ -245,6 +250,10 @@ def join_token(args: argparse.Namespace, *, check: bool = True) -> str | None:
         if check:
             check_join_token(args, token)
     return token
+
+
+#: The most a join token file may hold (a token is well under 300 characters).
+_MAX_TOKEN_FILE = 1024
 
 
 def check_join_token(args: argparse.Namespace, token: str) -> None:

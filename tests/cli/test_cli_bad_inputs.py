@@ -68,6 +68,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "big.pem").write_bytes(svids["svid.pem"].chain_pem() * (1 + (1 << 20) // len(svids["svid.pem"].chain_pem())))
     (folder / "prose.token").write_text("paste the token here\n")
     (folder / "upper.token").write_text("Acme.Test:secret\n")
+    (folder / "long.token").write_text(f"{TD}:first-secret" + " " * 2000 + f"{TD}:second-secret\n")
     (folder / "empty.yaml").write_text("")
     (folder / "broken.yaml").write_text("allow: [\n")
     (folder / "bad-pattern.yaml").write_text(
@@ -118,6 +119,7 @@ CASES = [
     (("svid", "fetch", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--join-token-file", "{dir}/empty.token", "--out", "{dir}/out"), BAD_INPUT, ["empty.token' is empty", "meshid token create"]),
     (("agent", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--join-token-file", "{dir}/prose.token", "--out", "{dir}/out"), BAD_INPUT, ["prose.token' holds spaces"]),
     (("svid", "fetch", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--join-token-file", "{dir}/upper.token", "--out", "{dir}/out"), BAD_INPUT, ["upper.token' is not a join token", "lowercase"]),
+    (("svid", "fetch", "--server", "127.0.0.1:{closed}", "--bundle", "{dir}/bundle.pem", "--join-token-file", "{dir}/long.token", "--out", "{dir}/out"), BAD_INPUT, ["long.token' is larger than 1024 characters"]),
     # policy check: the method as the policy loader checks it, and the loader's own messages
     ((*CHECK, "--method", "SayHello"), BAD_INPUT, ["--method", "'SayHello'", "write '/package.Service/Method'"]),
     ((*CHECK, "--method", "/SayHello"), BAD_INPUT, ["--method", "write '/package.Service/Method'"]),
