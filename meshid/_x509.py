@@ -162,6 +162,20 @@ def is_post_quantum(algorithm: str | None) -> bool:
     return algorithm is not None and algorithm.startswith("ML-DSA-")
 
 
+#: By the key's class (a handful, cryptography's own): whether it is an ML-DSA key.
+_POST_QUANTUM_CLASSES: dict[type, bool] = {}
+
+
+def is_post_quantum_key(key: object) -> bool:
+    """``is_post_quantum(key_algorithm(key))``, answered once per key class (the CA asks it for
+    every CSR of a node agent's batch, where the ABC checks of :func:`key_algorithm` showed)."""
+    kind = type(key)
+    known = _POST_QUANTUM_CLASSES.get(kind)
+    if known is None:
+        known = _POST_QUANTUM_CLASSES[kind] = isinstance(key, MLDSA_PUBLIC_KEYS)
+    return known
+
+
 _SIG = x509.oid.SignatureAlgorithmOID
 _SIGNATURE_NAMES = {
     _SIG.ML_DSA_44: "ML-DSA-44",

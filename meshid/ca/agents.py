@@ -282,7 +282,7 @@ class AgentService:
                 refusal = NotAuthorizedError(f"batch: the CSR for {text} asks for another SPIFFE ID")
                 results.append(BatchResult(text, error=refusal))
                 continue
-            if _x509.is_post_quantum(_x509.key_algorithm(csr.public_key)):
+            if _x509.is_post_quantum_key(csr.public_key):
                 # Entries with a parent are classical only (create_entry), so the signer's check
                 # of the entry's SVID types never fails a whole batch.
                 classical_only = InvalidRequestError("batch: node agents serve classical SVIDs only; send an EC CSR")

@@ -312,27 +312,35 @@ class Authority:
     )
 
     def __post_init__(self) -> None:
+        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        organization = x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain.name[:64])
+
         def base(rsa_leaf: bool) -> x509.CertificateBuilder:
-            builder = (
-                x509.CertificateBuilder()
-                .issuer_name(self.certificate.subject)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(_key_usage(ca=False, rsa_leaf=rsa_leaf), critical=True)
-            )
+            # The extensions every leaf shares, DER-encoded once by cryptography itself (an
+            # UnrecognizedExtension carries it as it is): the certificate is the same bytes as with
+            # the typed objects, and signing it no longer encodes them again for each leaf.
+            shared: list[tuple[x509.ExtensionType, bool]] = [
+                (x509.BasicConstraints(ca=False, path_length=None), True),
+                (_key_usage(ca=False, rsa_leaf=rsa_leaf), True),
+                (aki, False),
+                (_LEAF_EKU, False),
+            ]
             # In the shared base: a leaf costs nothing more for them, and nothing when they are off.
             if self.ocsp_url is not None:
                 responder = x509.UniformResourceIdentifier(check_revocation_url(self.ocsp_url, "OCSP"))
                 access = x509.AccessDescription(AuthorityInformationAccessOID.OCSP, responder)
-                builder = builder.add_extension(x509.AuthorityInformationAccess([access]), critical=False)
+                shared.append((x509.AuthorityInformationAccess([access]), False))
             if self.crl_url is not None:
                 where = x509.UniformResourceIdentifier(check_revocation_url(self.crl_url, "CRL"))
                 point = x509.DistributionPoint(full_name=[where], relative_name=None, reasons=None, crl_issuer=None)
-                builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+                shared.append((x509.CRLDistributionPoints([point]), False))
+            builder = x509.CertificateBuilder().issuer_name(self.certificate.subject)
+            for extension, critical in shared:
+                encoded = x509.UnrecognizedExtension(extension.oid, extension.public_bytes())
+                builder = builder.add_extension(encoded, critical)
             return builder
 
-        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-        organization = x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain.name[:64])
         object.__setattr__(self, "_leaf_bases", (base(False), base(True)))
         object.__setattr__(self, "_leaf_tail", (aki, organization, hash_for(self.private_key)))
 
@@ -482,19 +490,19 @@ class Authority:
         now = now or _now()
         not_after = min(now + ttl, self.certificate.not_valid_after_utc)
         # As _build(issuer=self.certificate, ca=False, ...), from the parts made once in __post_init__.
-        authority_key_id, organization, algorithm = self._leaf_tail
+        _, organization, algorithm = self._leaf_tail
         common_name = x509.NameAttribute(NameOID.COMMON_NAME, spiffe_id.path.rsplit("/", 1)[-1][:64])
-        builder = _finish(
-            self._leaf_bases[isinstance(public_key, rsa.RSAPublicKey)],
-            subject=x509.Name([organization, common_name]),
-            public_key=public_key,
-            not_before=now - CLOCK_SKEW,
-            not_after=not_after,
-            authority_key_id=authority_key_id,
-            uris=[str(spiffe_id)],
-            dns_names=[*dict.fromkeys([*dns_names, *identity_dns_names(spiffe_id)])],
-            permitted_dns=None,
-            leaf=True,
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+        names += [x509.DNSName(d) for d in dict.fromkeys([*dns_names, *identity_dns_names(spiffe_id)])]
+        builder = (
+            self._leaf_bases[isinstance(public_key, rsa.RSAPublicKey)]
+            .subject_name(x509.Name([organization, common_name]))
+            .public_key(public_key)
+            .serial_number(random_serial())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
         )
         leaf = builder.sign(self.private_key, algorithm)  # type: ignore[arg-type]
         return (leaf, *self.chain)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 
 from meshid import _x509
@@ -55,6 +56,31 @@ def _check_key(key: object) -> PublicKey:
     )
 
 
+_ECDSA_SIGNATURES = frozenset(
+    {
+        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512,
+    }
+)
+
+
+def _signature_valid(csr: x509.CertificateSigningRequest, key: object) -> bool:
+    """Whether the CSR's signature verifies with its own public key.
+
+    For an EC key signed with ECDSA this is the check ``csr.is_signature_valid`` makes, over the
+    key already read (``is_signature_valid`` reads and checks the key a second time, about a
+    fifth of a node agent's batch of CSRs); every other key and algorithm goes to it.
+    """
+    if isinstance(key, ec.EllipticCurvePublicKey) and csr.signature_algorithm_oid in _ECDSA_SIGNATURES:
+        try:
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, csr.signature_algorithm_parameters)  # type: ignore[arg-type]
+        except InvalidSignature:
+            return False
+        return True
+    return csr.is_signature_valid
+
+
 def parse_csr(der: bytes, *, max_bytes: int = MAX_CSR_BYTES) -> ParsedCsr:
     """Parse and check a DER PKCS#10 request.
 
@@ -86,7 +112,7 @@ def _parse(der: bytes) -> ParsedCsr:
         raise InvalidRequestError(f"CSR: its public key cannot be read: {err}") from err
     checked = _check_key(key)
     try:
-        valid = csr.is_signature_valid
+        valid = _signature_valid(csr, key)
     except (ValueError, TypeError) as err:
         raise InvalidRequestError(f"CSR: its signature cannot be checked: {err}") from err
     if not valid:

@@ -315,8 +315,9 @@ class IssuingService:
         maximum unless ``capped`` is False) with ``authority`` (default: the one signing when
         it is called); the result the store passes on is the chain."""
 
+        kind = PQ_SVID_TYPE if _x509.is_post_quantum_key(public_key) else "classical"
+
         def sign(entry: Entry) -> tuple[int, datetime.datetime, object]:
-            kind = PQ_SVID_TYPE if _x509.is_post_quantum(_x509.key_algorithm(public_key)) else "classical"
             if kind not in entry.svid_types:
                 raise NotAuthorizedError(
                     f"issuance: the entry of {entry.spiffe_id} allows {' and '.join(entry.svid_types)} SVIDs, not "

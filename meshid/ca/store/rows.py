@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ __all__ = ["AGENT_TOKEN", "ENTRY_TOKEN", "RowCodec", "from_unix", "hex_serial", 
 
 #: A token's purpose (its ``purpose`` column): a workload's first issuance, or a node agent's attestation.
 ENTRY_TOKEN = "entry"
+#: Decoded entries kept by :class:`RowCodec` (a few MB at most).
+ENTRY_CACHE = 4096
 AGENT_TOKEN = "agent"
 
 
@@ -41,6 +44,10 @@ class RowCodec:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Decoded entries by their row, all of it (so a changed row is decoded again): a node
+        # agent's batch reads hundreds of rows that have not changed since the last one.
+        self._entries: dict[tuple[Any, ...], Entry] = {}
+        self._entries_lock = threading.Lock()
 
     def spiffe_id(self, text: str) -> SpiffeId:
         try:
@@ -50,6 +57,17 @@ class RowCodec:
 
     def entry(self, row: Sequence[Any]) -> Entry:
         """An entry from (spiffe_id, dns_names, ttl_seconds, created_at, parent_id, selectors, svid_types)."""
+        key = tuple(row)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._decode_entry(key)
+            with self._entries_lock:
+                if len(self._entries) >= ENTRY_CACHE:
+                    del self._entries[next(iter(self._entries))]  # the oldest
+                self._entries[key] = entry
+        return entry
+
+    def _decode_entry(self, row: Sequence[Any]) -> Entry:
         dns_names = self._strings(row[1], row[0], "DNS names")
         selectors = self._strings(row[5], row[0], "selectors")
         svid_types = self._strings(row[6], row[0], "SVID types")

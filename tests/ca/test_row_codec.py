@@ -1,0 +1,46 @@
+"""RowCodec's decoded entries, kept by their whole row: an unchanged row gives the same entry,
+any changed column a new one, a malformed row an error every time, and the memo stays bounded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meshid.ca.store import rows
+from meshid.ca.store.rows import RowCodec
+from meshid.errors import StoreError
+
+
+def _row(n: int, selectors: list[str] | None = None) -> tuple[object, ...]:
+    sid = f"spiffe://example.org/w{n}"
+    chosen = selectors if selectors is not None else [f"unix:uid:{1000 + n}"]
+    return (sid, "[]", 3600, 1_700_000_000, "spiffe://example.org/meshid/agent/a", json.dumps(chosen), '["classical"]')
+
+
+def test_an_unchanged_row_is_decoded_once_and_a_changed_one_again() -> None:
+    codec = RowCodec("test")
+    first = codec.entry(_row(1))
+    assert codec.entry(list(_row(1))) is first  # the same row, as a list (PostgreSQL) or a tuple (SQLite)
+    changed = codec.entry(_row(1, ["unix:uid:0"]))
+    assert changed is not first and changed.selectors == ("unix:uid:0",)
+    assert codec.entry(_row(1)).selectors == ("unix:uid:1001",)
+
+
+def test_a_malformed_row_raises_every_time_and_is_not_kept() -> None:
+    codec = RowCodec("test")
+    bad = (*_row(2)[:5], "not json", '["classical"]')
+    for _ in range(2):
+        with pytest.raises(StoreError, match="malformed selectors"):
+            codec.entry(bad)
+    assert bad not in codec._entries
+
+
+def test_the_memo_keeps_at_most_entry_cache_rows(monkeypatch) -> None:
+    monkeypatch.setattr(rows, "ENTRY_CACHE", 8)
+    codec = RowCodec("test")
+    for n in range(20):
+        codec.entry(_row(n))
+    assert len(codec._entries) == 8
+    assert codec.entry(_row(19)).spiffe_id.path == "/w19"  # the newest are kept
+    assert _row(0) not in codec._entries
