@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -101,6 +102,10 @@ class AgentService:
         self.x509pop = x509pop
         self._ttl = agent_ttl
         self._challenges = Challenges(issuing.now)
+        # One X509 batch at a time. Batches in parallel only took turns on the GIL, and each
+        # turn (cryptography lets go of it to verify every CSR) was a context switch: 2.6 to 2.9
+        # per SVID, and some 80 us more CPU per SVID than one batch at a time (0.3 switches).
+        self._batch_lock = threading.Lock()
 
     def _sign_agent(self, public_key: object, now: datetime.datetime) -> AgentSigner:
         sign = self._issuing.signer(public_key, now)
@@ -259,6 +264,16 @@ class AgentService:
             AttestationError: the agent is unknown here, or evicted.
             StoreError: the store failed; nothing was recorded.
         """
+        with self._batch_lock:
+            return self._batch_new_svids(caller, requests, caller_serial, caller_key)
+
+    def _batch_new_svids(
+        self,
+        caller: SpiffeId,
+        requests: Sequence[tuple[str, bytes]],
+        caller_serial: int | None,
+        caller_key: bytes | None,
+    ) -> list[BatchResult]:
         self._batch_caller(caller, caller_serial, len(requests), MAX_BATCH, "batch")
         now = self._issuing.now()
         authority = self._issuing.authority  # one CA key for the whole batch (a rotation waits for the next)

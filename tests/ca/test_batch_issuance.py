@@ -370,6 +370,46 @@ def test_the_client_splits_a_long_list_into_batches_under_the_request_limit(ca: 
     print(f"\n[batch] 600 SVIDs in {took:.2f} s over one connection ({600 / took:.0f} SVIDs/s, SQLite)")
 
 
+def test_batches_of_two_agents_at_once_are_each_answered_whole(ca: AgentCa) -> None:
+    """The CA signs one batch at a time (AgentService's batch lock): the batches two agents send
+    at once (each list is more than one request, sent with several in flight) all complete,
+    each agent's with its own entries only."""
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    agents, ids = {}, {}
+    for name in ("node-a", "node-b"):
+        agents[name] = ca.attest(name).svid
+        ids[name] = [f"spiffe://{TD}/ns/{name}/sa/w{i:03d}" for i in range(300)]
+        for sid in ids[name]:  # straight into the store: 600 admin calls would meet the admin's rate limit
+            ca.server.service.store.create_entry(
+                Entry(
+                    SpiffeId.parse(sid),
+                    (),
+                    datetime.timedelta(hours=1),
+                    now,
+                    SpiffeId.parse(agent_id(name)),
+                    ("unix:uid:1",),
+                )
+            )
+    answers: dict[str, object] = {}
+
+    def send(name: str, asked: list[str]) -> None:
+        with AgentClient(ca.address, agents[name], ca.bundles, timeout=60) as client:
+            answers[name] = client.batch_new_svids([(sid, generate_key()) for sid in asked])
+
+    # node-a asks for its own entries and for node-b's first ten (refused), node-b for its own
+    senders = [
+        threading.Thread(target=send, args=("node-a", ids["node-a"] + ids["node-b"][:10])),
+        threading.Thread(target=send, args=("node-b", ids["node-b"])),
+    ]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(90)
+    a, b = answers["node-a"], answers["node-b"]
+    assert [r.code for r in a] == ["OK"] * 300 + ["PERMISSION_DENIED"] * 10  # type: ignore[attr-defined]
+    assert [r.code for r in b] == ["OK"] * 300  # type: ignore[attr-defined]
+    assert [str(r.issuance.svid.spiffe_id) for r in b] == ids["node-b"]  # type: ignore[attr-defined]
+
 # --- who may call the Agent service ---------------------------------------------------------------
 
 AGENT_CALLS = [
