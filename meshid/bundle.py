@@ -597,13 +597,31 @@ class BundleSet(Mapping[TrustDomain, TrustBundle]):
         Raises:
             VerificationError: no valid path.
         """
+        return BundleSet.verify_with(BundleSet.client_verifier(store, now), leaf, intermediates, now=now, what=what)
+
+    @staticmethod
+    def client_verifier(store: verification.Store, now: datetime.datetime | None) -> verification.ClientVerifier:
+        """The verifier :meth:`verify_chain` uses, for :meth:`verify_with` to use for many leaves
+        (``now`` None: the time it is built at)."""
         builder = (
             verification.PolicyBuilder().store(store).extension_policies(ca_policy=CA_POLICY, ee_policy=_EE_POLICY)
         )
         if now is not None:
             builder = builder.time(now)
+        return builder.build_client_verifier()
+
+    @staticmethod
+    def verify_with(
+        verifier: verification.ClientVerifier,
+        leaf: x509.Certificate,
+        intermediates: Sequence[x509.Certificate],
+        *,
+        now: datetime.datetime | None,
+        what: str,
+    ) -> list[x509.Certificate]:
+        """:meth:`verify_chain` with a verifier from :meth:`client_verifier` (``now`` as it was given there)."""
         try:
-            verified = builder.build_client_verifier().verify(leaf, list(intermediates))
+            verified = verifier.verify(leaf, list(intermediates))
         except verification.VerificationError as err:
             raise VerificationError(
                 f"peer certificate {what}: chain does not verify against its trust domain's bundle: "

@@ -80,8 +80,13 @@ DEFAULT_TIMEOUT = 10.0
 BATCH_REQUEST_BYTES = 60 * 1024
 #: ... and under this many SVIDs (the CA's limit, meshid.ca.agents.MAX_BATCH).
 BATCH_REQUESTS = 1000
-#: A batch's sub-batches in flight at once (the CA serves each in its own thread).
+#: A batch's sub-batches in flight at once (the CA signs one at a time: the others wait there,
+#: so it never waits for the agent to build the next).
 BATCHES_IN_FLIGHT = 3
+#: The first sub-batch, and those of the last :data:`SMALL_BATCHES_AT_THE_END` requests, hold at
+#: most this many: the CA starts signing sooner, and the agent checks less once the CA is done.
+SMALL_BATCH = 64
+SMALL_BATCHES_AT_THE_END = 3 * SMALL_BATCH
 _CODES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
@@ -444,6 +449,7 @@ class _BatchChecker:
 
     def __init__(self) -> None:
         self._known: dict[tuple[object, ...], tuple[TrustDomain, TrustBundle, tuple[x509.Certificate, ...], Any]] = {}
+        self._verifiers: dict[tuple[object, ...], tuple[Any, Any]] = {}
 
     def issuance(self, response: Any, certificate: bytes, key: Any) -> Issuance:
         """The checked SVID of one result of ``response`` (a BatchNewX509SvidResponse): its leaf
@@ -468,8 +474,15 @@ class _BatchChecker:
                 chain=[certificate, *response.intermediates], bundle=response.bundle, issued_at=response.issued_at
             )
             return _issuance(whole, key)
-        BundleSet.verify_chain(anchor, leaf, (), now=None, what=str(svid.spiffe_id))
+        BundleSet.verify_with(self._verifier(above, anchor, response), leaf, (), now=None, what=str(svid.spiffe_id))
         return _lifetime(response, svid, bundle)
+
+    def _verifier(self, above: tuple[object, ...], anchor: Any, response: Any) -> Any:
+        """One verifier per answer (its time is the time it is built at: when the answer came)."""
+        made = self._verifiers.get(above)
+        if made is None or made[0] is not response:
+            made = self._verifiers[above] = (response, BundleSet.client_verifier(anchor, None))
+        return made[1]
 
     def _remember(self, above: tuple[object, ...], issued: Issuance) -> None:
         svid, bundle = issued.svid, issued.bundle
@@ -643,14 +656,19 @@ class AgentClient:
             batch = agent_pb2.BatchNewX509SvidRequest()
             keys: list[Any] = []
             size = 0  # batch.ByteSize(), kept as items are added (asking it each time is quadratic)
+            placed = 0  # requests in the batches sent so far
+            limit = SMALL_BATCH  # of the batch being filled
             for spiffe_id, key in requests:
                 item = agent_pb2.SvidRequest(spiffe_id=spiffe_id, csr=build_csr(key))
                 item_size = item.ByteSize()
                 item_size += 1 + _varint_size(item_size)  # the field's tag and length
-                if batch.requests and (
-                    len(batch.requests) >= BATCH_REQUESTS or size + item_size + 8 > BATCH_REQUEST_BYTES
-                ):
+                if batch.requests and (len(batch.requests) >= limit or size + item_size + 8 > BATCH_REQUEST_BYTES):
                     send(batch, keys)
+                    placed += len(batch.requests)
+                    left = len(requests) - placed
+                    # a full batch ends where the last requests begin; those go in small ones
+                    tail = SMALL_BATCHES_AT_THE_END
+                    limit = SMALL_BATCH if left <= tail else min(BATCH_REQUESTS, left - tail)
                     batch, keys, size = agent_pb2.BatchNewX509SvidRequest(), [], 0
                 batch.requests.append(item)
                 keys.append(key)

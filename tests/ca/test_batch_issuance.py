@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -29,6 +31,8 @@ import meshid
 from meshid._proto import agent_pb2, issuer_pb2
 from meshid.ca import generate_key
 from meshid.ca.client import (
+    SMALL_BATCH,
+    SMALL_BATCHES_AT_THE_END,
     AdminClient,
     AgentClient,
     attest_agent_with_token,
@@ -339,7 +343,10 @@ def test_a_batch_holds_1_to_1000_requests(ca: AgentCa, fleet: dict[str, meshid.X
     assert code == "INVALID_ARGUMENT" and f"batch: give 1 to 1000 requests, not {count}" in details
 
 
-def test_the_client_splits_a_long_list_into_batches_under_the_request_limit(ca: AgentCa) -> None:
+def test_the_client_splits_a_long_list_into_batches_under_the_request_limit(
+    ca: AgentCa, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="meshid.ca")
     agent = ca.attest("node-big").svid
     ids = [f"spiffe://{TD}/ns/big/sa/w{i:03d}" for i in range(600)]
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -368,6 +375,12 @@ def test_the_client_splits_a_long_list_into_batches_under_the_request_limit(ca: 
     assert [r.code for r in results] == ["OK"] * 600
     assert [str(r.issuance.svid.spiffe_id) for r in results] == ids  # type: ignore[union-attr]
     print(f"\n[batch] 600 SVIDs in {took:.2f} s over one connection ({600 / took:.0f} SVIDs/s, SQLite)")
+    # As the CA saw them: a small first request (it starts signing sooner), full ones under the
+    # byte limit, and the last requests small again (the agent has less to check at the end).
+    sizes = [int(m.group(1)) for m in re.finditer(r"got \d+ of (\d+) SVID\(s\) asked for in a batch", caplog.text)]
+    assert sum(sizes) == 600 and sizes[0] == SMALL_BATCH, sizes
+    assert all(n <= SMALL_BATCH for n in sizes[-3:]) and max(sizes) > SMALL_BATCH, sizes
+    assert sum(sizes[-3:]) >= SMALL_BATCHES_AT_THE_END - SMALL_BATCH, sizes
 
 
 def test_batches_of_two_agents_at_once_are_each_answered_whole(ca: AgentCa) -> None:
@@ -505,7 +518,9 @@ def _serve(data_dir: Path, log: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, line.removeprefix("CA serving on ")
 
 
-def test_a_batch_survives_kill_9_of_the_ca_whole_or_not_at_all(tmp_path: Path) -> None:
+def test_a_batch_survives_kill_9_of_the_ca_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client sends its first and last requests in small batches: here all 250 go as one.
+    monkeypatch.setattr(meshid.ca.client, "SMALL_BATCH", BATCH)
     data_dir = tmp_path / "ca"
     init_data_dir(data_dir, TD)
     node = SpiffeId.parse(agent_id("node-k"))

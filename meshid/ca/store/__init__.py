@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from meshid.ca.store.records import AgentRecord, BatchItem, BatchOutcome, Entry, IssuedRecord, Signer
@@ -109,9 +110,18 @@ class Store(Protocol):
         """
         ...
 
-    def issue_batch(self, agent_id: SpiffeId, items: Sequence[BatchItem], now: datetime.datetime) -> list[BatchOutcome]:
+    def issue_batch(
+        self,
+        agent_id: SpiffeId,
+        items: Sequence[BatchItem],
+        now: datetime.datetime,
+        *,
+        signing: AbstractContextManager[object] = ...,
+    ) -> list[BatchOutcome]:
         """In ONE transaction: for each item, sign and record its certificate if its entry is
         parented to ``agent_id`` and its key is new, else give the error for that item.
+        ``signing`` (default: nothing) is held while the certificates are signed, not while
+        the transaction commits.
 
         Raises:
             AttestationError: the agent is unknown or evicted (nothing is written).

@@ -14,11 +14,13 @@ the other transaction left it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -36,6 +38,9 @@ from meshid.errors import (
     TokenError,
 )
 from meshid.spiffeid import SpiffeId
+
+#: ``issue_batch``'s default ``signing``: no lock (nullcontext may be entered again and again).
+_NOTHING_HELD: AbstractContextManager[object] = contextlib.nullcontext()
 
 # The dialect's protocols are re-exported: the dialects import them from here.
 __all__ = ["AgentSigner", "Connection", "Cursor", "Dialect", "SqlStore", "Transaction", "insert_statement"]
@@ -307,7 +312,14 @@ class SqlStore:
 
         return self._run(write, write=True)
 
-    def issue_batch(self, agent_id: SpiffeId, items: Sequence[BatchItem], now: datetime.datetime) -> list[BatchOutcome]:
+    def issue_batch(
+        self,
+        agent_id: SpiffeId,
+        items: Sequence[BatchItem],
+        now: datetime.datetime,
+        *,
+        signing: AbstractContextManager[object] = _NOTHING_HELD,
+    ) -> list[BatchOutcome]:
         """In ONE write transaction: check the node agent (known, not evicted), note it was seen,
         and for each item in order either record its certificate, or say why not.
 
@@ -321,7 +333,9 @@ class SqlStore:
         and the entries, so that no lock is held while the CA signs; the write transaction
         then checks again what the read saw, signs again an item whose entry changed meanwhile
         (or refuses it), and records all rows with one statement per few hundred. A serial
-        that is already taken is signed again, as in :meth:`issue_with_token`.
+        that is already taken is signed again, as in :meth:`issue_with_token`. ``signing`` is
+        held while the read and the signatures run, and not during the write (the CA signs one
+        batch at a time, and another's signatures go on while this one's commit waits for the disk).
 
         Raises:
             AttestationError: the agent is unknown here, or evicted (nothing is written).
@@ -340,11 +354,12 @@ class SqlStore:
         def signed_row(item: BatchItem, entry: Entry) -> tuple[dict[str, object], object]:
             return self._signed_row(item.spiffe_id, now_s, functools.partial(item.sign, entry), item.key_sha256)[1:]
 
-        seen_rows, used = self._run(read, write=False)
-        seen_by_text = {text: self._rows.entry(row) for text, row in seen_rows.items()}
-        seen = {entry.spiffe_id: entry for entry in seen_by_text.values()}
-        plan = self._plan_batch(agent_id, items, seen, used)
-        signed = {i: signed_row(item, seen[item.spiffe_id]) for i, item in enumerate(items) if plan[i] is None}
+        with signing:
+            seen_rows, used = self._run(read, write=False)
+            seen_by_text = {text: self._rows.entry(row) for text, row in seen_rows.items()}
+            seen = {entry.spiffe_id: entry for entry in seen_by_text.values()}
+            plan = self._plan_batch(agent_id, items, seen, used)
+            signed = {i: signed_row(item, seen[item.spiffe_id]) for i, item in enumerate(items) if plan[i] is None}
 
         def write(tx: Transaction) -> list[BatchOutcome]:
             self._see_agent(tx, agent_id, now_s)
