@@ -82,11 +82,22 @@ def _check_segment(segment: str, text: str) -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class TrustDomain:
     """A SPIFFE trust domain such as ``example.org``. Build it with :meth:`parse`."""
 
     name: str
+
+    # Equality and hash as a dataclass's (by name), written out: the CA and the decision memo
+    # look trust domains and SPIFFE IDs up in dicts and sets many times per SVID or call, and
+    # the generated methods compare and hash a tuple of fields through a nested call.
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not TrustDomain:
+            return NotImplemented
+        return self.name == other.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
     @classmethod
     def parse(cls, text: str) -> TrustDomain:
@@ -117,7 +128,7 @@ class TrustDomain:
         return self.name
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SpiffeId:
     """A SPIFFE ID such as ``spiffe://example.org/ns/prod/sa/payments``.
 
@@ -126,6 +137,14 @@ class SpiffeId:
 
     trust_domain: TrustDomain
     path: str
+
+    def __eq__(self, other: object) -> bool:  # as TrustDomain's: by trust domain and path
+        if other.__class__ is not SpiffeId:
+            return NotImplemented
+        return self.path == other.path and self.trust_domain.name == other.trust_domain.name
+
+    def __hash__(self) -> int:
+        return hash((self.trust_domain.name, self.path))
 
     @classmethod
     def parse(cls, text: str) -> SpiffeId:
