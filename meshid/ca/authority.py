@@ -344,7 +344,7 @@ class Authority:
     # What every leaf this CA signs shares (issuer, AKI, the fixed extensions), made once:
     # sign_svid then builds only what differs per leaf.
     _leaf_bases: tuple[x509.CertificateBuilder, x509.CertificateBuilder] = field(init=False, repr=False, compare=False)
-    _leaf_tail: tuple[x509.AuthorityKeyIdentifier, x509.NameAttribute[str], hashes.HashAlgorithm | None] = field(
+    _leaf_tail: tuple[datetime.datetime, x509.NameAttribute[str], hashes.HashAlgorithm | None] = field(
         init=False, repr=False, compare=False
     )
 
@@ -379,7 +379,9 @@ class Authority:
             return builder
 
         object.__setattr__(self, "_leaf_bases", (base(False), base(True)))
-        object.__setattr__(self, "_leaf_tail", (aki, organization, hash_for(self.private_key)))
+        # (cryptography makes a new datetime each time not_valid_after_utc is read)
+        not_after = self.certificate.not_valid_after_utc
+        object.__setattr__(self, "_leaf_tail", (not_after, organization, hash_for(self.private_key)))
 
     @classmethod
     def create_root(
@@ -525,9 +527,9 @@ class Authority:
         if not spiffe_id.path:
             raise ValueError(f"CA: {spiffe_id} has no path; a leaf SVID must identify a workload")
         now = now or _now()
-        not_after = min(now + ttl, self.certificate.not_valid_after_utc)
         # As _build(issuer=self.certificate, ca=False, ...), from the parts made once in __post_init__.
-        _, organization, algorithm = self._leaf_tail
+        ca_not_after, organization, algorithm = self._leaf_tail
+        not_after = min(now + ttl, ca_not_after)
         common_name = x509.NameAttribute(NameOID.COMMON_NAME, spiffe_id.path.rsplit("/", 1)[-1][:64])
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
         names += [x509.DNSName(d) for d in dict.fromkeys([*dns_names, *identity_dns_names(spiffe_id)])]
