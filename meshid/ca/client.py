@@ -450,11 +450,12 @@ class _BatchChecker:
     def __init__(self) -> None:
         self._known: dict[tuple[object, ...], tuple[TrustDomain, TrustBundle, tuple[x509.Certificate, ...], Any]] = {}
         self._verifiers: dict[tuple[object, ...], tuple[Any, Any]] = {}
+        self._last_above: tuple[Any, tuple[object, ...]] | None = None
 
     def issuance(self, response: Any, certificate: bytes, key: Any) -> Issuance:
         """The checked SVID of one result of ``response`` (a BatchNewX509SvidResponse): its leaf
         ``certificate`` under the answer's intermediates and bundle."""
-        above = (tuple(response.intermediates), tuple(response.bundle.roots), response.bundle.sequence)
+        above = self._above(response)
         known = self._known.get(above)
         if known is None:
             whole = issuer_pb2.SvidResponse(
@@ -476,6 +477,16 @@ class _BatchChecker:
             return _issuance(whole, key)
         BundleSet.verify_with(self._verifier(above, anchor, response), leaf, (), now=None, what=str(svid.spiffe_id))
         return _lifetime(response, svid, bundle)
+
+    def _above(self, response: Any) -> tuple[object, ...]:
+        """What the answer's SVIDs share above their leaves, read from it once per answer
+        (protobuf makes new bytes objects each time a repeated field is read)."""
+        last = self._last_above
+        if last is not None and last[0] is response:
+            return last[1]
+        above = (tuple(response.intermediates), tuple(response.bundle.roots), response.bundle.sequence)
+        self._last_above = (response, above)
+        return above
 
     def _verifier(self, above: tuple[object, ...], anchor: Any, response: Any) -> Any:
         """One verifier per answer (its time is the time it is built at: when the answer came)."""
