@@ -376,10 +376,43 @@ class Authorizer:
         pems = auth_context.get("x509_pem_cert")
         if not pems:
             return None
+        return self._memo_lookup(policy, _connection_key(pems[0], auth_context, method), method, peer_address)
+
+    def repeat_call(
+        self,
+        raw_auth_context: Mapping[bytes, Sequence[bytes]],
+        method: str,
+        peer_address: str | Callable[[], str] | None,
+    ) -> PeerIdentity | Refusal | None:
+        """:meth:`authorize` for a known method from grpc's auth context as its C accessor gives
+        it (keys still bytes), when the call is a direct peer's repeat call found in the memo;
+        None otherwise (then :meth:`authorize` decides it). The sync interceptor's fast path:
+        it skips building the str-keyed mapping for the calls that need nothing else."""
+        policy = self._policy
+        if method in self._open_methods or policy.accepts_jwt:
+            return None
+        pems = raw_auth_context.get(b"x509_pem_cert")
+        if not pems:
+            return None
+        key = (
+            pems[0],
+            *raw_auth_context.get(b"ssl_tls_version", ()),
+            *raw_auth_context.get(b"ssl_negotiated_key_exchange_group", ()),
+            method,
+        )  # as _connection_key files it
+        return self._memo_lookup(policy, key, method, peer_address)
+
+    def _memo_lookup(
+        self,
+        policy: AuthorizationPolicy,
+        key: tuple[object, ...],
+        method: str,
+        peer_address: str | Callable[[], str] | None,
+    ) -> PeerIdentity | Refusal | None:
         memo = self._current_memo(policy, self._own_trust_domain(), self.candidate.policy, self._bundles())
         if memo is None:
             return None
-        hit = memo.cache.get(_connection_key(pems[0], auth_context, method))
+        hit = memo.cache.get(key)
         if hit is None or self._now_ts() > hit[4] or (self.revoked is not None and self.revoked(hit[0])):
             return None
         identity, decision, prepared, dry, _ = hit

@@ -40,22 +40,31 @@ _READ = tuple(
 )
 
 
-def _auth_properties(context: grpc.ServicerContext) -> Mapping[str, Sequence[bytes]]:
+def _raw_auth_context(context: grpc.ServicerContext) -> Mapping[bytes, Sequence[bytes]] | None:
+    """The call's auth context from grpc's own C accessor, keys still bytes; None where that
+    accessor is not there (another grpc version, or a context of another kind)."""
+    event = getattr(context, "_rpc_event", None)
+    if _cygrpc is None or event is None:
+        return None
+    try:
+        return _cygrpc.auth_context(event.call)  # type: ignore[no-any-return]
+    except (AttributeError, TypeError):
+        return None
+
+
+def _auth_properties(
+    context: grpc.ServicerContext, raw: Mapping[bytes, Sequence[bytes]] | None = None
+) -> Mapping[str, Sequence[bytes]]:
     """The auth context properties the decision reads, from grpc's core as they lie.
 
     ``ServicerContext.auth_context()`` decodes all of its ~13 keys on every call; the decision
-    reads four, so this takes those four from grpc's own C accessor (keys still bytes), and
-    falls back to the public method where that accessor is not there (another grpc version or
-    a context of another kind).
+    reads four, so this takes those four from grpc's own C accessor (``raw``, or read now), and
+    falls back to the public method where that accessor is not there.
     """
-    event = getattr(context, "_rpc_event", None)
-    if _cygrpc is not None and event is not None:
-        try:
-            raw = _cygrpc.auth_context(event.call)
-        except (AttributeError, TypeError):
-            pass
-        else:
-            return {name: raw[key] for name, key in _READ if key in raw}
+    if raw is None:
+        raw = _raw_auth_context(context)
+    if raw is not None:
+        return {name: raw[key] for name, key in _READ if key in raw}
     # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
     return cast("Mapping[str, Sequence[bytes]]", context.auth_context())
 
@@ -107,9 +116,12 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     """
 
     def _check(self, context: grpc.ServicerContext, method: str, known: bool = True) -> PeerIdentity | None:
-        auth = _auth_properties(context)
-        # metadata and the peer address are fetched only if the policy or the audit log needs them
-        result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
+        raw = _raw_auth_context(context) if known else None
+        result = None if raw is None else self._authorizer.repeat_call(raw, method, context.peer)
+        if result is None:  # not a repeat call decided by the memo: the whole path
+            auth = _auth_properties(context, raw)
+            # metadata and the peer address are fetched only if the policy or the audit log needs them
+            result = self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
         if isinstance(result, Refusal):
             context.abort(result.code, result.message)
         if result is not None:

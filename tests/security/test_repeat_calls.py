@@ -104,3 +104,34 @@ def test_a_revocation_check_set_later_refuses_a_connected_peer(ca: Authority, bu
     )
     assert first == ("OK", FRONTEND_ID)
     assert again[0] == "UNAUTHENTICATED" and "revoked" in again[1], again
+
+
+def test_repeat_calls_of_a_sync_server_take_the_fast_path_and_name_the_same_peer(
+    ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    """The sync interceptor decides a connected peer's repeat call from the memo, from grpc's
+    raw auth context, without building the mapping the whole path reads (Authorizer.repeat_call):
+    the whole path runs for the first call only, and every call names the same verified peer."""
+    server = _server_source(ca, bundles)
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
+    authorizer = interceptor._authorizer
+    whole, fast = [], []
+    authorize, repeat_call = authorizer.authorize, authorizer.repeat_call
+
+    def counted_authorize(*args: object, **kwargs: object) -> object:
+        whole.append(args[1])
+        return authorize(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counted_repeat(*args: object, **kwargs: object) -> object:
+        answer = repeat_call(*args, **kwargs)  # type: ignore[arg-type]
+        fast.append(answer is not None)
+        return answer
+
+    authorizer.authorize, authorizer.repeat_call = counted_authorize, counted_repeat  # type: ignore[method-assign]
+    with sync_server(server, interceptor) as port:
+        source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
+        with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+            answers = [call(channel) for _ in range(5)]
+    assert answers == [("OK", FRONTEND_ID)] * 5
+    assert fast == [False, True, True, True, True]  # the first call misses the memo ...
+    assert len(whole) == 1  # ... and only it takes the whole path
