@@ -29,6 +29,7 @@ is still tried first, and the token kept for such a refusal).
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import pathlib
@@ -547,9 +548,10 @@ class NodeAgent:
         due = self._cache.due(now)
         if not due:
             return False
-        keys = [generate_key(self._key_kind) for _ in due]  # new keys, in memory only
+        # new keys, in memory only, each made as its CSR is built
+        make_key = functools.partial(generate_key, self._key_kind)
         try:
-            results = self._connected().batch_new_svids(list(zip(due, keys, strict=True)))
+            results = self._connected().batch_new_svids([(sid, make_key) for sid in due])
         except (MeshIdError, ValueError) as err:
             self._batch_failures += 1
             first = self._cache.earliest_expiry(due)

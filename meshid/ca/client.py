@@ -647,7 +647,9 @@ class AgentClient:
         ]
 
     def batch_new_svids(self, requests: Sequence[tuple[str, Any]]) -> list[BatchSvid]:
-        """SVIDs for ``(spiffe_id, private_key)`` pairs (one new key each), in order.
+        """SVIDs for ``(spiffe_id, private_key)`` pairs (one new key each), in order. A key may
+        also be given as a function that makes it, called right before its CSR is built (the
+        first request then leaves without waiting for all the keys).
 
         Sent in as few batches as the CA's request limit allows (one durable commit each at
         the CA), up to :data:`BATCHES_IN_FLIGHT` at once: the agent builds the next CSRs and
@@ -677,6 +679,8 @@ class AgentClient:
             placed = 0  # requests in the batches sent so far
             limit = SMALL_BATCH  # of the batch being filled
             for spiffe_id, key in requests:
+                if callable(key):
+                    key = key()
                 csr = build_csr(key)
                 item_size = _svid_request_size(spiffe_id, csr)
                 item_size += 1 + _varint_size(item_size)  # the field's tag and length

@@ -383,8 +383,25 @@ def test_the_client_splits_a_long_list_into_batches_under_the_request_limit(
     assert sum(sizes[-3:]) >= SMALL_BATCHES_AT_THE_END - SMALL_BATCH, sizes
 
 
+def test_keys_may_be_made_as_their_csrs_are_built(ca: AgentCa, fleet: dict[str, meshid.X509Svid]) -> None:
+    """A function for a key is called once per request, right before its CSR (NodeAgent's way:
+    the first request leaves without waiting for every key); each SVID holds the key made for it."""
+    made: list[object] = []
+
+    def make_key() -> object:
+        made.append(generate_key())
+        return made[-1]
+
+    results = batch_new_svids_with_svid(ca.address, fleet[NODE_1], ca.bundles, [(WEB, make_key), (DB, make_key)])
+    assert [(r.spiffe_id, r.code) for r in results] == [(WEB, "OK"), (DB, "OK")]
+    assert len(made) == 2
+    assert [r.issuance.svid.private_key for r in results] == made  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="key kind 'nope' is unknown"):  # a factory that fails: nothing sent
+        batch_new_svids_with_svid(ca.address, fleet[NODE_1], ca.bundles, [(WEB, lambda: generate_key("nope"))])
+
+
 def test_batches_of_two_agents_at_once_are_each_answered_whole(ca: AgentCa) -> None:
-    """The CA signs one batch at a time (AgentService's batch lock): the batches two agents send
+    """The CA signs one batch at a time (AgentService's turns): the batches two agents send
     at once (each list is more than one request, sent with several in flight) all complete,
     each agent's with its own entries only."""
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -422,6 +439,7 @@ def test_batches_of_two_agents_at_once_are_each_answered_whole(ca: AgentCa) -> N
     assert [r.code for r in a] == ["OK"] * 300 + ["PERMISSION_DENIED"] * 10  # type: ignore[attr-defined]
     assert [r.code for r in b] == ["OK"] * 300  # type: ignore[attr-defined]
     assert [str(r.issuance.svid.spiffe_id) for r in b] == ids["node-b"]  # type: ignore[attr-defined]
+
 
 # --- who may call the Agent service ---------------------------------------------------------------
 
