@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 
 from meshid import _x509
@@ -56,13 +57,13 @@ def _check_key(key: object) -> PublicKey:
     )
 
 
-_ECDSA_SIGNATURES = frozenset(
-    {
-        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256,
-        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384,
-        x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512,
-    }
-)
+#: ECDSA's signature algorithms by OID, each as the ``ec.ECDSA`` that verifies it (what
+#: ``signature_algorithm_parameters`` gives, made once: its ABC checks cost more than the lookup).
+_ECDSA_SIGNATURES = {
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256: ec.ECDSA(hashes.SHA256()),
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384: ec.ECDSA(hashes.SHA384()),
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512: ec.ECDSA(hashes.SHA512()),
+}
 
 
 def _signature_valid(csr: x509.CertificateSigningRequest, key: object) -> bool:
@@ -72,9 +73,10 @@ def _signature_valid(csr: x509.CertificateSigningRequest, key: object) -> bool:
     key already read (``is_signature_valid`` reads and checks the key a second time, about a
     fifth of a node agent's batch of CSRs); every other key and algorithm goes to it.
     """
-    if isinstance(key, ec.EllipticCurvePublicKey) and csr.signature_algorithm_oid in _ECDSA_SIGNATURES:
+    ecdsa = _ECDSA_SIGNATURES.get(csr.signature_algorithm_oid)
+    if ecdsa is not None and isinstance(key, ec.EllipticCurvePublicKey):
         try:
-            key.verify(csr.signature, csr.tbs_certrequest_bytes, csr.signature_algorithm_parameters)  # type: ignore[arg-type]
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, ecdsa)
         except InvalidSignature:
             return False
         return True
@@ -129,13 +131,20 @@ def _parse(der: bytes) -> ParsedCsr:
 
 def build_csr(private_key: object, *, uri: str | None = None) -> bytes:
     """A minimal DER CSR over ``private_key`` (what workloads send). ``uri`` adds a URI SAN."""
-    from cryptography.hazmat.primitives import hashes, serialization
-
     builder = _EMPTY_SUBJECT
     if uri is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), False)
-    # EdDSA and ML-DSA sign the message itself (RFC 9881: pure ML-DSA, no pre-hash)
-    pure = isinstance(private_key, (ed25519.Ed25519PrivateKey, *_x509.MLDSA_PRIVATE_KEYS))
-    algorithm = None if pure else hashes.SHA256()
+    kind = type(private_key)  # a node agent builds thousands at a time: the ABC checks once per key class
+    algorithm = _DIGEST_FOR.get(kind, _UNKNOWN)
+    if algorithm is _UNKNOWN:
+        # EdDSA and ML-DSA sign the message itself (RFC 9881: pure ML-DSA, no pre-hash)
+        pure = isinstance(private_key, (ed25519.Ed25519PrivateKey, *_x509.MLDSA_PRIVATE_KEYS))
+        algorithm = _DIGEST_FOR[kind] = None if pure else _SHA256
     csr = builder.sign(private_key, algorithm)  # type: ignore[arg-type]
     return csr.public_bytes(serialization.Encoding.DER)
+
+
+_SHA256 = hashes.SHA256()
+_UNKNOWN = object()
+#: The digest a CSR over a key of each class is signed with (None: the algorithm signs the message).
+_DIGEST_FOR: dict[type, object] = {}
