@@ -321,9 +321,9 @@ class AgentService:
             StoreError: the store failed; nothing was recorded.
         """
         self._batch_caller(caller, caller_serial, len(requests), MAX_BATCH, "batch")
-        now = self._issuing.now()
-        authority = self._issuing.authority  # one CA key for the whole batch (a rotation waits for the next)
         with self._turns.take() as turn:  # ends here if it has not ended yet
+            now = self._issuing.now()  # read in its turn: a batch may wait for the ones before it
+            authority = self._issuing.authority  # one CA key for the whole batch (a rotation waits for the next)
             results, items = self._checked_requests(requests, caller_key, now, authority)
             # The store signs in this turn too, ends it, then writes (its durable commit).
             outcomes = iter(self._store.issue_batch(caller, items, now, signing=turn) if items else [])
