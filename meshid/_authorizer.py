@@ -129,9 +129,17 @@ MemoEntry = tuple[PeerIdentity, Decision, audit.Prepared, audit.Prepared | None,
 _TLS_VERSION, _KEX_GROUP = "ssl_tls_version", "ssl_negotiated_key_exchange_group"
 
 
-def _connection_key(pem: bytes, auth_context: Mapping[str, Sequence[bytes]], method: str) -> tuple[object, ...]:
-    """What a direct peer's decision is filed under: what its connection presents, and the method."""
-    return (pem, *auth_context.get(_TLS_VERSION, ()), *auth_context.get(_KEX_GROUP, ()), method)
+def _connection_key(
+    pem: bytes, tls_version: Sequence[bytes], kex_group: Sequence[bytes], method: str
+) -> tuple[object, ...]:
+    """What a direct peer's decision is filed under: what its connection presents (its
+    certificate, TLS version and key exchange group, as grpc's auth context lists them), and
+    the method."""
+    return (pem, *tls_version, *kex_group, method)
+
+
+def _str_connection_key(pem: bytes, auth_context: Mapping[str, Sequence[bytes]], method: str) -> tuple[object, ...]:
+    return _connection_key(pem, auth_context.get(_TLS_VERSION, ()), auth_context.get(_KEX_GROUP, ()), method)
 
 
 class _Memo:
@@ -376,7 +384,7 @@ class Authorizer:
         pems = auth_context.get("x509_pem_cert")
         if not pems:
             return None
-        return self._memo_lookup(policy, _connection_key(pems[0], auth_context, method), method, peer_address)
+        return self._memo_lookup(policy, _str_connection_key(pems[0], auth_context, method), method, peer_address)
 
     def repeat_call(
         self,
@@ -394,13 +402,9 @@ class Authorizer:
         pems = raw_auth_context.get(b"x509_pem_cert")
         if not pems:
             return None
-        key = (
-            pems[0],
-            *raw_auth_context.get(b"ssl_tls_version", ()),
-            *raw_auth_context.get(b"ssl_negotiated_key_exchange_group", ()),
-            method,
-        )  # as _connection_key files it
-        return self._memo_lookup(policy, key, method, peer_address)
+        tls = raw_auth_context.get(b"ssl_tls_version", ())
+        kex = raw_auth_context.get(b"ssl_negotiated_key_exchange_group", ())
+        return self._memo_lookup(policy, _connection_key(pems[0], tls, kex, method), method, peer_address)
 
     def _memo_lookup(
         self,
@@ -659,7 +663,7 @@ class Authorizer:
         if known and not policy.uses_headers and (candidate is None or not candidate.uses_headers):
             key: tuple[object, ...]
             if direct:  # filed as _memoised looks it up; a JWT or forwarded peer under its identity object
-                key = _connection_key(auth_context["x509_pem_cert"][0], auth_context, method)
+                key = _str_connection_key(auth_context["x509_pem_cert"][0], auth_context, method)
             else:
                 key = (id(identity), method)  # the entry holds identity: its id() is not reused meanwhile
             _, decision, prepared, dry, _ = self._memo_decide(policy, identity, method, local, candidate, bundles, key)

@@ -347,6 +347,8 @@ class Authority:
     _leaf_tail: tuple[datetime.datetime, x509.NameAttribute[str], hashes.HashAlgorithm | None] = field(
         init=False, repr=False, compare=False
     )
+    #: Whether this CA signs with ML-DSA (its certificate's key, read once).
+    post_quantum: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -382,6 +384,7 @@ class Authority:
         # (cryptography makes a new datetime each time not_valid_after_utc is read)
         not_after = self.certificate.not_valid_after_utc
         object.__setattr__(self, "_leaf_tail", (not_after, organization, hash_for(self.private_key)))
+        object.__setattr__(self, "post_quantum", _x509.is_post_quantum_key(self.certificate.public_key()))
 
     @classmethod
     def create_root(

@@ -129,6 +129,12 @@ def _parse(der: bytes) -> ParsedCsr:
     return ParsedCsr(checked, uris)
 
 
+_SHA256 = hashes.SHA256()
+_UNKNOWN = object()
+#: The digest a CSR over a key of each class is signed with (None: the algorithm signs the message).
+_DIGEST_FOR: dict[type, object] = {}
+
+
 def build_csr(private_key: object, *, uri: str | None = None) -> bytes:
     """A minimal DER CSR over ``private_key`` (what workloads send). ``uri`` adds a URI SAN."""
     builder = _EMPTY_SUBJECT
@@ -142,9 +148,3 @@ def build_csr(private_key: object, *, uri: str | None = None) -> bytes:
         algorithm = _DIGEST_FOR[kind] = None if pure else _SHA256
     csr = builder.sign(private_key, algorithm)  # type: ignore[arg-type]
     return csr.public_bytes(serialization.Encoding.DER)
-
-
-_SHA256 = hashes.SHA256()
-_UNKNOWN = object()
-#: The digest a CSR over a key of each class is signed with (None: the algorithm signs the message).
-_DIGEST_FOR: dict[type, object] = {}

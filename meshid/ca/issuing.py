@@ -107,10 +107,6 @@ SVID_TYPES = ("classical", "ml-dsa-65")
 PQ_SVID_TYPE = "ml-dsa-65"
 
 
-def _is_pq(authority: Authority) -> bool:
-    return _x509.is_post_quantum(_x509.key_algorithm(authority.certificate.public_key()))
-
-
 def ca_id(authority: Authority) -> SpiffeId:
     """The SPIFFE ID the CA's own server presents."""
     return SpiffeId.from_parts(authority.trust_domain, "meshid", "ca")
@@ -251,12 +247,9 @@ class IssuingService:
         Raises:
             InvalidRequestError: an ML-DSA key, and this trust domain has no ML-DSA CA.
         """
-        post_quantum = _x509.is_post_quantum(_x509.key_algorithm(public_key))
+        post_quantum = _x509.is_post_quantum_key(public_key)
         for candidate in (self.authority, self.pq_authority):
-            if (
-                candidate is not None
-                and _x509.is_post_quantum(_x509.key_algorithm(candidate.certificate.public_key())) == post_quantum
-            ):
+            if candidate is not None and candidate.post_quantum == post_quantum:
                 return candidate
         if post_quantum:
             raise InvalidRequestError(
@@ -620,7 +613,7 @@ class IssuingService:
                 f"registration entry: SVID type {str(unknown[0])[:40]!r} is unknown; use {' and/or '.join(SVID_TYPES)}"
             )
         types = tuple(t for t in SVID_TYPES if t in given) or ("classical",)  # in one order, without repeats
-        if PQ_SVID_TYPE in types and self.pq_authority is None and not _is_pq(self.authority):
+        if PQ_SVID_TYPE in types and self.pq_authority is None and not self.authority.post_quantum:
             raise InvalidRequestError(
                 "registration entry: SVID type ml-dsa-65 needs the trust domain's ML-DSA CA; add one with "
                 "`meshid ca key add --key-type ml-dsa-65`"

@@ -21,7 +21,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshid import _x509
 from meshid._grpc import ServerConfigs
 from meshid._listen import NO_REUSEPORT, parse_address, refuse_tcp_in_use
 from meshid._proto import agent_pb2_grpc, issuer_pb2_grpc, registration_pb2_grpc
@@ -139,7 +138,7 @@ class CaServer:
         self._max_workers = max_workers
         self.service = open_service(data_dir, datastore, **service_options)
         try:
-            if _x509.is_post_quantum(_x509.key_algorithm(self.service.authority.certificate.public_key())):
+            if self.service.authority.post_quantum:
                 raise DataDirError(
                     "CA serve: this CA signs with ML-DSA only, and grpcio (its API's transport) refuses ML-DSA "
                     "certificates in the handshake; serve a classical CA and add the ML-DSA CA beside it with "

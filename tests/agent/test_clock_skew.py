@@ -29,6 +29,13 @@ def _skewed_ca(folder, clock: ManualClock, offset: datetime.timedelta) -> CaServ
     return server
 
 
+def _workload_token(ca: CaServer, folder, ttl: datetime.timedelta) -> str:
+    """The workload's entry (``ttl``) made through the running CA, and a join token for it."""
+    with AdminClient(f"127.0.0.1:{ca.port}", folder) as admin:
+        admin.create_entry(WORKLOAD, [], ttl)
+        return str(admin.create_token(WORKLOAD).token)
+
+
 # Either way the SVID has CLOCKED_LIFETIME (40 s) to live by the workload's clock, and renewal
 # is due at half of that at the latest. (The CA's NotBefore is back-dated 5 minutes, so a CA 3
 # minutes ahead leaves the clock 2 minutes of lead over real time: these tests use about one.)
@@ -47,9 +54,7 @@ def test_renewal_keeps_its_rhythm_under_skew(tmp_path, offset, ttl) -> None:
     ca = _skewed_ca(tmp_path / "ca", clock, offset)
     address = f"127.0.0.1:{ca.port}"
     try:
-        with AdminClient(address, tmp_path / "ca") as admin:
-            admin.create_entry(WORKLOAD, [], ttl)
-            token = admin.create_token(WORKLOAD).token
+        token = _workload_token(ca, tmp_path / "ca", ttl)
         with IssuerSource(address, tmp_path / "ca" / "bundle.pem", join_token=token, clock=clock) as source:
             first = source.get_svid()
             renewed_at = [clock.monotonic()]  # the workload's clock at issuance and at each renewal
@@ -82,9 +87,7 @@ def test_an_svid_already_expired_by_the_local_clock_is_not_renewed_in_a_loop(tmp
     ca = _skewed_ca(tmp_path / "ca", clock, -datetime.timedelta(seconds=70))  # the CA on real time
     address = f"127.0.0.1:{ca.port}"
     try:
-        with AdminClient(address, tmp_path / "ca") as admin:
-            admin.create_entry(WORKLOAD, [], CLOCKED_LIFETIME)
-            token = admin.create_token(WORKLOAD).token
+        token = _workload_token(ca, tmp_path / "ca", CLOCKED_LIFETIME)
         with IssuerSource(address, tmp_path / "ca" / "bundle.pem", join_token=token, clock=clock) as source:
             assert source.get_svid().not_after < clock.now()  # expired on arrival, by the local clock
             time.sleep(1.0)  # real time; the local clock does not move

@@ -9,7 +9,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -74,6 +74,20 @@ def _one_response(source: meshid.StaticSource, folder: Path) -> bytes:
     return bytes(response)
 
 
+def _fetch_x509_server(
+    behaviour: Callable[[bytes, grpc.ServicerContext], Iterator[bytes]], socket: Path, request: pytest.FixtureRequest
+) -> str:
+    """A Workload API server on ``socket`` whose FetchX509SVID is ``behaviour`` (raw bytes in and
+    out), stopped when the test ends; its address."""
+    handler = grpc.unary_stream_rpc_method_handler(behaviour, lambda raw: raw, lambda raw: raw)
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("SpiffeWorkloadAPI", {"FetchX509SVID": handler})])  # fmt: skip
+    server.add_insecure_port(f"unix:{socket}")
+    server.start()
+    request.addfinalizer(lambda: server.stop(None).wait())
+    return f"unix:{socket}"
+
+
 def test_a_stream_that_ends_after_each_answer_is_reconnected_with_growing_backoff(
     ca: Authority, bundles: meshid.BundleSet, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -88,15 +102,9 @@ def test_a_stream_that_ends_after_each_answer_is_reconnected_with_growing_backof
         calls.append(1)
         yield response
 
-    handler = grpc.unary_stream_rpc_method_handler(answer_once, lambda raw: raw, lambda raw: raw)
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("SpiffeWorkloadAPI", {"FetchX509SVID": handler})])  # fmt: skip
-    server.add_insecure_port(f"unix:{tmp_path}/flapping.sock")
-    server.start()
-    request.addfinalizer(lambda: server.stop(None).wait())
-
+    address = _fetch_x509_server(answer_once, tmp_path / "flapping.sock", request)
     clock = ManualClock()
-    with WorkloadApiSource(f"unix:{tmp_path}/flapping.sock", max_backoff=5.0, clock=clock) as source:
+    with WorkloadApiSource(address, max_backoff=5.0, clock=clock) as source:
         assert str(source.get_svid().spiffe_id) == WORKLOAD
         waits = [clock.advance_to_next_wakeup() for _ in range(10)]
     assert len(calls) >= 10
@@ -119,14 +127,7 @@ def test_close_from_another_thread_ends_a_start_still_waiting_for_the_first_answ
         done.wait()
         yield from ()
 
-    handler = grpc.unary_stream_rpc_method_handler(never_answer, lambda raw: raw, lambda raw: raw)
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("SpiffeWorkloadAPI", {"FetchX509SVID": handler})])  # fmt: skip
-    server.add_insecure_port(f"unix:{tmp_path}/silent.sock")
-    server.start()
-    request.addfinalizer(lambda: server.stop(None).wait())
-
-    source = WorkloadApiSource(f"unix:{tmp_path}/silent.sock", timeout=30)
+    source = WorkloadApiSource(_fetch_x509_server(never_answer, tmp_path / "silent.sock", request), timeout=30)
     outcome: list[Exception | WorkloadApiSource] = []
 
     def start() -> None:
