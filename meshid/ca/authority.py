@@ -52,6 +52,8 @@ PublicKey = (
     | mldsa.MLDSA65PublicKey
 )
 
+_Extensions = tuple[x509.Extension[x509.ExtensionType], ...]
+
 #: The key kinds :func:`generate_key` makes, default first.
 KEY_KINDS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519", "ml-dsa-65")
 
@@ -199,6 +201,17 @@ def random_serial() -> int:
     return _SERIALS.next()
 
 
+#: How many entries' leaf names an Authority keeps (see Authority._names_of).
+LEAF_NAMES_KEPT = 4096
+_EARLIEST = datetime.datetime(1950, 1, 1)  # as cryptography's builder: UTCTime cannot say earlier
+
+
+def _naive_utc(when: datetime.datetime) -> datetime.datetime:
+    """``when`` as the naive UTC time a CertificateBuilder holds (a naive ``when`` is UTC already)."""
+    offset = when.utcoffset()
+    return when if offset is None else when.replace(tzinfo=None) - offset
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -341,10 +354,15 @@ class Authority:
     ocsp_url: str | None = None
     #: When set, every leaf carries it as its CRL distribution point.
     crl_url: str | None = None
-    # What every leaf this CA signs shares (issuer, AKI, the fixed extensions), made once:
-    # sign_svid then builds only what differs per leaf.
-    _leaf_bases: tuple[x509.CertificateBuilder, x509.CertificateBuilder] = field(init=False, repr=False, compare=False)
+    # What every leaf this CA signs shares (the extensions ahead of the SKI, for EC and other
+    # keys and for RSA keys), made once: sign_svid then builds only what differs per leaf.
+    _leaf_shared: tuple[_Extensions, _Extensions] = field(init=False, repr=False, compare=False)
     _leaf_tail: tuple[datetime.datetime, x509.NameAttribute[str], hashes.HashAlgorithm | None] = field(
+        init=False, repr=False, compare=False
+    )
+    # An entry's subject name and SAN extension, by (SPIFFE ID, DNS names): the same for each of
+    # its renewals. Bounded (LEAF_NAMES_KEPT); only what the CA signs, after authorization, gets in.
+    _leaf_names: dict[tuple[SpiffeId, tuple[str, ...]], tuple[x509.Name, x509.Extension[x509.ExtensionType]]] = field(
         init=False, repr=False, compare=False
     )
     #: Whether this CA signs with ML-DSA (its certificate's key, read once).
@@ -355,7 +373,7 @@ class Authority:
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         organization = x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain.name[:64])
 
-        def base(rsa_leaf: bool) -> x509.CertificateBuilder:
+        def base(rsa_leaf: bool) -> _Extensions:
             # The extensions every leaf shares, DER-encoded once by cryptography itself (an
             # UnrecognizedExtension carries it as it is): the certificate is the same bytes as with
             # the typed objects, and signing it no longer encodes them again for each leaf.
@@ -374,13 +392,13 @@ class Authority:
                 where = x509.UniformResourceIdentifier(check_revocation_url(self.crl_url, "CRL"))
                 point = x509.DistributionPoint(full_name=[where], relative_name=None, reasons=None, crl_issuer=None)
                 shared.append((x509.CRLDistributionPoints([point]), False))
-            builder = x509.CertificateBuilder().issuer_name(self.certificate.subject)
-            for extension, critical in shared:
-                encoded = x509.UnrecognizedExtension(extension.oid, extension.public_bytes())
-                builder = builder.add_extension(encoded, critical)
-            return builder
+            return tuple(
+                x509.Extension(ext.oid, critical, x509.UnrecognizedExtension(ext.oid, ext.public_bytes()))
+                for ext, critical in shared
+            )
 
-        object.__setattr__(self, "_leaf_bases", (base(False), base(True)))
+        object.__setattr__(self, "_leaf_shared", (base(False), base(True)))
+        object.__setattr__(self, "_leaf_names", {})
         # (cryptography makes a new datetime each time not_valid_after_utc is read)
         not_after = self.certificate.not_valid_after_utc
         object.__setattr__(self, "_leaf_tail", (not_after, organization, hash_for(self.private_key)))
@@ -530,24 +548,51 @@ class Authority:
         if not spiffe_id.path:
             raise ValueError(f"CA: {spiffe_id} has no path; a leaf SVID must identify a workload")
         now = now or _now()
-        # As _build(issuer=self.certificate, ca=False, ...), from the parts made once in __post_init__.
+        # As _build(issuer=self.certificate, ca=False, ...), from the parts made once in
+        # __post_init__, and in one CertificateBuilder: each of its setters copies the builder
+        # and checks again what is checked here once (test_leaf_building.py compares the result
+        # with what the setters build, to the byte).
         ca_not_after, organization, algorithm = self._leaf_tail
-        not_after = min(now + ttl, ca_not_after)
-        common_name = x509.NameAttribute(NameOID.COMMON_NAME, spiffe_id.path.rsplit("/", 1)[-1][:64])
-        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-        names += [x509.DNSName(d) for d in dict.fromkeys([*dns_names, *identity_dns_names(spiffe_id)])]
-        builder = (
-            self._leaf_bases[isinstance(public_key, rsa.RSAPublicKey)]
-            .subject_name(x509.Name([organization, common_name]))
-            .public_key(public_key)
-            .serial_number(random_serial())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if not isinstance(public_key, PublicKey):  # (what the builder's setter would refuse)
+            raise TypeError(f"CA: cannot certify a key of type {type(public_key).__name__}")
+        subject, san = self._names_of(spiffe_id, tuple(dns_names), organization)
+        not_before, not_after = _naive_utc(now - CLOCK_SKEW), _naive_utc(min(now + ttl, ca_not_after))
+        if not_before < _EARLIEST or not_after < not_before:
+            raise ValueError(f"CA: an SVID cannot be valid from {not_before} until {not_after} (UTC)")
+        ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+        builder = x509.CertificateBuilder(
+            issuer_name=self.certificate.subject,
+            subject_name=subject,
+            public_key=public_key,
+            serial_number=random_serial(),
+            not_valid_before=not_before,
+            not_valid_after=not_after,
+            extensions=[
+                *self._leaf_shared[isinstance(public_key, rsa.RSAPublicKey)],
+                x509.Extension(ski.oid, False, ski),
+                san,
+            ],
         )
         leaf = builder.sign(self.private_key, algorithm)  # type: ignore[arg-type]
         return (leaf, *self.chain)
+
+    def _names_of(
+        self, spiffe_id: SpiffeId, dns_names: tuple[str, ...], organization: x509.NameAttribute[str]
+    ) -> tuple[x509.Name, x509.Extension[x509.ExtensionType]]:
+        """A leaf's subject name and SAN extension (its DER made once by cryptography), kept by entry."""
+        key = (spiffe_id, dns_names)
+        kept = self._leaf_names.get(key)
+        if kept is None:
+            common_name = x509.NameAttribute(NameOID.COMMON_NAME, spiffe_id.path.rsplit("/", 1)[-1][:64])
+            names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+            names += [x509.DNSName(d) for d in dict.fromkeys([*dns_names, *identity_dns_names(spiffe_id)])]
+            san = x509.SubjectAlternativeName(names)
+            encoded = x509.UnrecognizedExtension(san.oid, san.public_bytes())
+            kept = (x509.Name([organization, common_name]), x509.Extension(san.oid, False, encoded))
+            if len(self._leaf_names) >= LEAF_NAMES_KEPT:
+                self._leaf_names.clear()  # rare (more entries than that renewing): start again
+            self._leaf_names[key] = kept
+        return kept
 
     def issue_svid(
         self,
