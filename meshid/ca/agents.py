@@ -377,8 +377,9 @@ class AgentService:
                 results.append(BatchResult(text, error=classical_only))
                 continue
             results.append(None)
-            signer = self._issuing.signer(csr.public_key, now, authority=authority)
-            items.append(BatchItem(sid, hashlib.sha256(key_der).digest(), signer))
+            digest = hashlib.sha256(key_der).digest()  # recorded by the store, and the leaf's SKI
+            signer = self._issuing.signer(csr.public_key, now, authority=authority, key_sha256=digest)
+            items.append(BatchItem(sid, digest, signer))
         return results, items
 
     def batch_new_jwt_svids(

@@ -20,6 +20,7 @@ one trust domain's CA key from writing another's identity names, which is all th
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import re
 import threading
@@ -533,12 +534,16 @@ class Authority:
         ttl: datetime.timedelta = datetime.timedelta(hours=1),
         dns_names: Sequence[str] = (),
         now: datetime.datetime | None = None,
+        key_sha256: bytes | None = None,
     ) -> tuple[x509.Certificate, ...]:
         """Sign an X509-SVID leaf for ``spiffe_id`` over ``public_key``; returns the chain, leaf first.
 
         The leaf carries the SPIFFE ID as its one URI SAN, then ``dns_names``, then the
         identity DNS names that let a client pin this ID (see :func:`meshid.identity_dns_names`).
-        NotAfter is ``min(now + ttl, this CA's NotAfter)``.
+        NotAfter is ``min(now + ttl, this CA's NotAfter)``. Its subject key identifier is the
+        SHA-256 of the key's DER SubjectPublicKeyInfo (RFC 7093, section 2, method 4), which is
+        also what the CA store records of the key: ``key_sha256`` is that digest, when the
+        caller has made it already.
 
         Raises:
             ValueError: ``spiffe_id`` is not in this CA's trust domain, or has no path.
@@ -559,7 +564,7 @@ class Authority:
         not_before, not_after = _naive_utc(now - CLOCK_SKEW), _naive_utc(min(now + ttl, ca_not_after))
         if not_before < _EARLIEST or not_after < not_before:
             raise ValueError(f"CA: an SVID cannot be valid from {not_before} until {not_after} (UTC)")
-        ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+        ski = x509.SubjectKeyIdentifier(key_sha256 or hashlib.sha256(_x509.public_key_der(public_key)).digest())
         builder = x509.CertificateBuilder(
             issuer_name=self.certificate.subject,
             subject_name=subject,

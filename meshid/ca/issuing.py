@@ -302,11 +302,18 @@ class IssuingService:
     # --- workloads -------------------------------------------------------------------------
 
     def signer(
-        self, public_key: object, now: datetime.datetime, *, capped: bool = True, authority: Authority | None = None
+        self,
+        public_key: object,
+        now: datetime.datetime,
+        *,
+        capped: bool = True,
+        authority: Authority | None = None,
+        key_sha256: bytes | None = None,
     ) -> Signer:
         """Signs an entry's SVID over ``public_key`` at ``now`` (its TTL capped by the CA's
         maximum unless ``capped`` is False) with ``authority`` (default: the one signing when
-        it is called); the result the store passes on is the chain."""
+        it is called); the result the store passes on is the chain. ``key_sha256``: the key's
+        digest, when the caller has made it (see :meth:`Authority.sign_svid`)."""
 
         kind = PQ_SVID_TYPE if _x509.is_post_quantum_key(public_key) else "classical"
 
@@ -323,6 +330,7 @@ class IssuingService:
                 ttl=ttl,
                 dns_names=entry.dns_names,
                 now=now,
+                key_sha256=key_sha256,
             )
             return chain[0].serial_number, chain[0].not_valid_after_utc, chain
 

@@ -42,6 +42,7 @@ from meshid.ca.client import (
 from meshid.ca.csr import build_csr
 from meshid.ca.datadir import init_data_dir
 from meshid.ca.store import Entry, SqliteStore
+from meshid.ca.store.rows import hex_serial
 from meshid.errors import RemoteError
 from meshid.spiffeid import SpiffeId
 from nodeagents import AGENT, TD, AgentCa, agent_id, call
@@ -244,6 +245,13 @@ def test_batch_issues_svids_for_the_callers_entries(ca: AgentCa, fleet: dict[str
         assert str(svid.spiffe_id) == result.spiffe_id
         ca.bundles.verify(svid.leaf, svid.chain[1:])
         assert svid.private_key is keys[result.spiffe_id]
+        # Its subject key identifier is the key digest the store recorded for it (RFC 7093 method 4).
+        with contextlib.closing(sqlite3.connect(ca.folder / "meshid.db")) as db:
+            (recorded,) = db.execute(
+                "SELECT key_sha256 FROM certificates WHERE serial = ?", (hex_serial(svid.leaf.serial_number),)
+            ).fetchone()
+        ski = svid.leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        assert ski == recorded and len(ski) == 32
     web = results[0].issuance.svid  # type: ignore[union-attr]
     assert "web.internal" in web.leaf.extensions.get_extension_for_class(
         x509.SubjectAlternativeName

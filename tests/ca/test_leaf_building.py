@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
@@ -73,7 +74,8 @@ def _expected_tbs(ca: Authority, leaf: x509.Certificate, spiffe_id: SpiffeId, dn
             full_name=[x509.UniformResourceIdentifier(ca.crl_url)], relative_name=None, reasons=None, crl_issuer=None
         )
         builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
-    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)  # type: ignore[arg-type]
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    builder = builder.add_extension(x509.SubjectKeyIdentifier(hashlib.sha256(spki).digest()), critical=False)
     builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(ca.private_key, hashes.SHA256()).tbs_certificate_bytes  # type: ignore[arg-type]
 
@@ -157,3 +159,19 @@ def test_a_time_before_1950_is_refused() -> None:
             generate_key().public_key(),
             now=datetime.datetime(1949, 12, 31, tzinfo=datetime.UTC),
         )
+
+
+def test_the_subject_key_identifier_is_the_sha256_of_the_key() -> None:
+    """RFC 7093 (section 2, method 4): SHA-256 of the DER SubjectPublicKeyInfo (what the store
+    records of the key: test_batch_issues_svids_for_the_callers_entries); a caller that
+    has the digest already passes it, and the leaf is the same."""
+    ca = CAS["intermediate"]
+    sid = SpiffeId.parse(f"spiffe://{TD}/w")
+    key = generate_key().public_key()
+    digest = hashlib.sha256(
+        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ).digest()
+    made = ca.sign_svid(sid, key, now=NOW)[0]
+    given = ca.sign_svid(sid, key, now=NOW, key_sha256=digest)[0]
+    for leaf in (made, given):
+        assert leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == digest
