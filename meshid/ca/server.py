@@ -152,6 +152,8 @@ class CaServer:
         self._source: StaticSource | None = None
         self._server: grpc.Server | None = None
         self._stop = threading.Event()
+        self._lifecycle = threading.Lock()  # start() and stop() run in one thread at a time
+        self._closed = False
         self._refresher: threading.Thread | None = None
         self.port: int | None = None
         self._clock = clock or SYSTEM_CLOCK  # the admin SVID is signed, and falls due, on the CA's clock
@@ -174,6 +176,12 @@ class CaServer:
             ListenError: the address is in use by another process, or cannot be bound; checked
                 before anything is signed or written.
         """
+        with self._lifecycle:
+            if self._closed:
+                raise DataDirError("CA: this server was stopped and its store closed; make a new CaServer")
+            return self._start()
+
+    def _start(self) -> int:
         refuse_tcp_in_use(
             self._listen, who="CA", hint=" (another `meshid ca serve`?); stop it or choose another --listen address"
         )
@@ -361,19 +369,26 @@ class CaServer:
             self._server.wait_for_termination()
 
     def stop(self, grace: float | None = 2.0) -> None:
-        self._stop.set()
-        if self._http is not None:
-            self._http.stop()
-            self._http = None
-        if self._server is not None:
-            self._server.stop(grace).wait()
-            self._server = None
-            # DEBUG: `meshid ca serve` says on stdout when it stopped.
-            log.debug("CA: stopped serving trust domain %s on %s", self.service.authority.trust_domain, self._address())
-        if self._refresher is not None:
-            self._refresher.join()
-            self._refresher = None
-        self.service.store.close()
+        """Stop serving (calls in flight get ``grace`` seconds) and close the store. Safe from
+        several threads at once (a signal's and the main one): each returns once it is stopped."""
+        with self._lifecycle:
+            self._stop.set()
+            if self._http is not None:
+                self._http.stop()
+                self._http = None
+            if self._server is not None:
+                self._server.stop(grace).wait()
+                self._server = None
+                # DEBUG: `meshid ca serve` says on stdout when it stopped.
+                log.debug(
+                    "CA: stopped serving trust domain %s on %s", self.service.authority.trust_domain, self._address()
+                )
+            if self._refresher is not None:
+                self._refresher.join()
+                self._refresher = None
+            if not self._closed:
+                self._closed = True
+                self.service.store.close()
 
     def __enter__(self) -> CaServer:
         self.start()

@@ -209,6 +209,7 @@ class WorkloadApiServer:
         self._executor: futures.ThreadPoolExecutor | None = None
         self._unsubscribe: Unsubscribe | None = None
         self._inode: int | None = None
+        self._lifecycle = threading.Lock()  # start() and stop() run in one thread at a time
 
     # --- the change signal every stream waits on -----------------------------------------
 
@@ -253,6 +254,10 @@ class WorkloadApiServer:
                 cannot be bound or its mode set.
             OSError: the socket's directory cannot be created.
         """
+        with self._lifecycle:
+            return self._start()
+
+    def _start(self) -> WorkloadApiServer:
         if self._server is not None:
             return self
         require_source(self.source)
@@ -278,7 +283,12 @@ class WorkloadApiServer:
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:
-        """End every stream (UNAVAILABLE: clients reconnect), stop serving, remove the socket."""
+        """End every stream (UNAVAILABLE: clients reconnect), stop serving, remove the socket.
+        Safe from several threads at once: each returns once the server has stopped."""
+        with self._lifecycle:
+            self._stop_serving(grace)
+
+    def _stop_serving(self, grace: float | None) -> None:
         server, executor = self._server, self._executor
         if server is None:
             return

@@ -1,0 +1,105 @@
+"""Stopping a server from two threads at once (a signal's and the main one, as `meshid ca serve`
+and `meshid agent` do): the second waits for the first, nothing is stopped twice, and neither
+returns before the server has stopped."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+import meshid
+from meshid.ca import Authority
+from meshid.ca.datadir import init_data_dir
+from meshid.ca.server import CaServer
+from meshid.errors import DataDirError
+from meshid.workloadapi import WorkloadApiServer
+
+TD = "example.org"
+
+
+def _slow_first_call(
+    inner: Callable[[], None], entered: threading.Event, release: threading.Event
+) -> Callable[[], None]:
+    """``inner``, held on its first call until ``release`` is set; counts the calls."""
+    calls: list[int] = []
+
+    def wrapped() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(10)
+        inner()
+
+    wrapped.calls = calls  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _stop_twice(stop: Callable[[], None], entered: threading.Event, release: threading.Event) -> list[str]:
+    """The first stop() held inside, a second started meanwhile; what happened, in order."""
+    events: list[str] = []
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            stop()
+            events.append(f"{name} returned")
+        except BaseException as err:  # reported by the test below
+            errors.append(err)
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert entered.wait(10), "the first stop() never got that far"
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    second.join(0.3)  # it must still be waiting for the first one
+    events.append("released")
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert not errors, errors
+    return events
+
+
+def test_a_ca_stopped_from_two_threads_stops_once_and_both_wait_for_it(tmp_path: Path) -> None:
+    init_data_dir(tmp_path / "ca", TD)
+    server = CaServer(tmp_path / "ca", "127.0.0.1:0")
+    port = server.start()
+    entered, release = threading.Event(), threading.Event()
+    close = _slow_first_call(server.service.store.close, entered, release)
+    server.service.store.close = close  # type: ignore[method-assign]
+    events = _stop_twice(lambda: server.stop(grace=None), entered, release)
+    assert events[0] == "released", events  # neither returned while the store was being closed
+    assert len(close.calls) == 1  # type: ignore[attr-defined]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=0.5)
+    with pytest.raises(DataDirError, match="was stopped and its store closed"):
+        server.start()
+
+
+def test_a_workload_api_server_stopped_from_two_threads_returns_only_once_it_has_stopped(tmp_path: Path) -> None:
+    ca = Authority.create_root(TD)
+    source = meshid.StaticSource(
+        ca.issue_svid(f"spiffe://{TD}/w"), meshid.BundleSet.of(meshid.TrustBundle(ca.trust_domain, ca.roots))
+    )
+    socket = tmp_path / "agent.sock"
+    server = WorkloadApiServer(source, f"unix://{socket}").start()
+    assert socket.exists()
+    entered, release = threading.Event(), threading.Event()
+    assert server._unsubscribe is not None
+    unsubscribe = _slow_first_call(server._unsubscribe, entered, release)
+    server._unsubscribe = unsubscribe
+    seen: list[bool] = []
+
+    def stop() -> None:
+        server.stop(grace=None)
+        seen.append(socket.exists())  # as each stop() returns
+
+    events = _stop_twice(stop, entered, release)
+    assert events[0] == "released", events  # the second did not return while the first was stopping
+    assert seen == [False, False]
+    assert len(unsubscribe.calls) == 1  # type: ignore[attr-defined]
