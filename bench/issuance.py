@@ -303,7 +303,7 @@ def side_by_side(rounds: int, seconds: float, baseline: str) -> dict[str, object
         figures: dict[str, list[tuple[float, float]]] = {"baseline": [], "now": []}
         for n in range(rounds):
             for name, kwargs in (("baseline", {"code": code, "client": CLIENT}), ("now", {"client": KEPT_CLIENT})):
-                latencies, errors, window, cpu = issuance_run(folder / f"{name}-{n}", seconds, **kwargs)  # type: ignore[arg-type]
+                latencies, errors, window, cpu = issuance_run(folder / f"{name}-{n}", seconds, **kwargs)
                 if not latencies or cpu is None:
                     raise RuntimeError(f"bench: the {name} round issued nothing ({errors} errors) or /proc is missing")
                 figures[name].append((cpu / len(latencies), len(latencies) / window))

@@ -306,7 +306,7 @@ def baseline_round(renewers: list[Child], timeout: float) -> dict[str, Any]:
 
 def rate(rounds: list[dict[str, Any]], count: str) -> float:
     """SVIDs per second over all ``rounds``: the sum of their ``count`` over the sum of their seconds."""
-    return sum(r[count] for r in rounds) / sum(r["seconds"] for r in rounds)
+    return float(sum(r[count] for r in rounds) / sum(r["seconds"] for r in rounds))
 
 
 def batch_part(
@@ -380,7 +380,7 @@ def batch_part(
 def _per(done: list[dict[str, Any]], field: str) -> float | None:
     if any(r[field] is None for r in done):
         return None
-    return sum(r[field] for r in done) / sum(r["issued"] for r in done) * 1e6
+    return float(sum(r[field] for r in done) / sum(r["issued"] for r in done) * 1e6)
 
 
 def _top(prof: cProfile.Profile, seconds: float) -> dict[str, list[str]]:
