@@ -37,7 +37,7 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshid tests examples bench scripts
-	$(VENV)/bin/mypy meshid
+	$(VENV)/bin/mypy meshid bench/*.py
 	# known-vulnerable dependency versions (asks PyPI's advisory data; needs the network)
 	$(VENV)/bin/pip-audit --skip-editable --progress-spinner off
 

@@ -108,9 +108,10 @@ def serve(folder: str, setting: str, flavour: str) -> None:
     else:
         interceptor = meshid.AuthorizationInterceptor(policy, source=source).start()
         servers, ports = [], []
-        for interceptors in ([], [interceptor]):
+        chains: tuple[list[grpc.ServerInterceptor[Any, Any]], ...] = ([], [interceptor])
+        for interceptors in chains:
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
-            greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+            greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
             ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
             server.start()
             servers.append(server)
@@ -129,7 +130,7 @@ async def _serve_aio(source: meshid.FileSource, policy: meshid.AuthorizationPoli
     servers, ports = [], []
     for interceptors in ([], [interceptor]):
         server = grpc.aio.server(interceptors=interceptors)
-        greeter_pb2_grpc.add_GreeterServicer_to_server(AioGreeter(), server)
+        greeter_pb2_grpc.add_GreeterServicer_to_server(AioGreeter(), server)  # type: ignore[no-untyped-call]
         ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
         await server.start()
         servers.append(server)
@@ -158,7 +159,7 @@ def audit_latency(folder: str, setting: str, flavour: str, calls: int, block: in
         channels = [
             meshid.secure_channel(f"127.0.0.1:{p}", source, server_id=SERVER) for p in (bare_port, guarded_port)
         ]
-        stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]
+        stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]  # type: ignore[no-untyped-call]
         request = greeter_pb2.HelloRequest(name="bench")
         for s in stubs:  # connect and warm up
             for _ in range(300):
@@ -358,7 +359,7 @@ def run_startup(folder: str, repeat: int) -> dict[str, Any]:
         *(os.path.join(folder, "server", n) for n in ("svid.pem", "svid.key", "bundle.pem"))
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
     port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(server_source))
     server.start()
     first: dict[str, list[float]] = {"grpc": [], "meshid": []}
@@ -368,7 +369,7 @@ def run_startup(folder: str, repeat: int) -> dict[str, Any]:
             for name, make in (("grpc", grpc_channel), ("meshid", meshid_channel)):
                 t0 = time.perf_counter()
                 channel = make(f"127.0.0.1:{port}")
-                greeter_pb2_grpc.GreeterStub(channel).SayHello(request, timeout=10)
+                greeter_pb2_grpc.GreeterStub(channel).SayHello(request, timeout=10)  # type: ignore[no-untyped-call]
                 first[name].append(time.perf_counter() - t0)
                 channel.close()
     finally:

@@ -44,14 +44,15 @@ from hotpath import CALLER, SERVER, TD, Greeter, loadavg  # bench/hotpath.py: th
 
 import meshid
 from meshid._proto import greeter_pb2, greeter_pb2_grpc
-from meshid.ca import Authority, generate_key
+from meshid.ca import Authority
+from meshid.ca.jwt_keys import JwtPrivateKey, generate_jwt_key
 from meshid.jwtsvid import sign_jwt_svid
 from meshid.peer import JwtVerifier
 
 LIFETIME = datetime.timedelta(minutes=5)
 
 
-def _key_pem(key: Any) -> bytes:
+def _key_pem(key: JwtPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -66,7 +67,7 @@ def validations(count: int) -> dict[str, float]:
     audiences = frozenset({SERVER})
     rates: dict[str, float] = {}
     for kind, label in (("ec-p256", "ES256"), ("rsa-2048", "RS256")):
-        key = generate_key(kind)
+        key = generate_jwt_key(kind)
         bundles = meshid.BundleSet.of(
             meshid.TrustBundle(authority.trust_domain, authority.roots, jwt_authorities={"k1": key.public_key()})
         )
@@ -75,7 +76,11 @@ def validations(count: int) -> dict[str, float]:
         tokens = [
             sign_jwt_svid(key, "k1", caller, [SERVER, f"n{i}"], lifetime=LIFETIME, now=now).token for i in range(count)
         ]
-        verifier = JwtVerifier(lambda b=bundles: b, cache_size=count + 1)
+
+        def current(b: meshid.BundleSet = bundles) -> meshid.BundleSet:
+            return b
+
+        verifier = JwtVerifier(current, cache_size=count + 1)
         t0 = time.perf_counter()
         for token in tokens:
             verifier.identify(token, audiences)
@@ -95,7 +100,7 @@ def validations(count: int) -> dict[str, float]:
 
 def make_files(folder: str) -> None:
     authority = Authority.create_root(TD)
-    key = generate_key("ec-p256")
+    key = generate_jwt_key("ec-p256")
     bundle = meshid.TrustBundle(authority.trust_domain, authority.roots, jwt_authorities={"k1": key.public_key()})
     base = pathlib.Path(folder)
     (base / "bundle.json").write_text(bundle.to_spiffe_json())
@@ -126,7 +131,7 @@ def serve(folder: str) -> None:
     )
     interceptor = meshid.AuthorizationInterceptor(policy, source=source)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
     mtls = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
     tls = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source, require_client_certificate=False))
     server.start()
@@ -189,7 +194,7 @@ def per_call(folder: str, calls: int, block: int = 20) -> dict[str, float]:
             NAMES[3]: grpc.secure_channel(f"127.0.0.1:{tls_port}", fixed, options=pin),
         }
         metadata = {"JWT-SVID (metadata)": [("authorization", f"Bearer {token}")]}
-        stubs = {name: greeter_pb2_grpc.GreeterStub(c) for name, c in channels.items()}
+        stubs = {name: greeter_pb2_grpc.GreeterStub(c) for name, c in channels.items()}  # type: ignore[no-untyped-call]
         request = greeter_pb2.HelloRequest(name="bench")
         for name, s in stubs.items():  # connect, warm up, and fill the server's token cache
             for _ in range(300):

@@ -101,7 +101,7 @@ def _in_process(folder: Path) -> tuple[float, float, float]:
     keys = [generate_key().public_key() for _ in range(200)]
     sid = SpiffeId.parse(f"spiffe://{TD}/ns/bench/sa/w")
     it = iter(range(10**9))
-    sign = _per_op(lambda: authority.sign_svid(sid, keys[next(it) % 200]), 200)  # type: ignore[arg-type]
+    sign = _per_op(lambda: authority.sign_svid(sid, keys[next(it) % 200]), 200)
     key = authority.private_key
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     digest = secrets.token_bytes(100)
@@ -111,7 +111,7 @@ def _in_process(folder: Path) -> tuple[float, float, float]:
     try:
         now = datetime.datetime.now(datetime.UTC)
         store.create_entry(Entry(sid, (), datetime.timedelta(hours=1), now.replace(microsecond=0)))
-        leaf = authority.sign_svid(sid, keys[0])[0]  # type: ignore[arg-type]
+        leaf = authority.sign_svid(sid, keys[0])[0]
         store.record_issuance(sid, now, lambda entry: (leaf.serial_number, leaf.not_valid_after_utc, leaf))
         requests = _requests(leaf, authority.certificate, 500)
         responder = OcspResponder(lambda: authority, store.get_issued)

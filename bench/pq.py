@@ -65,7 +65,9 @@ def handshake_times(cas: dict[str, Authority], rounds: int) -> tuple[dict[str, f
     """Median seconds of one mutual TLS 1.3 handshake with meshid.pqtls, per key kind, interleaved."""
     from meshid import pqtls
 
-    bundles = meshid.BundleSet.of(meshid.TrustBundle(TD, tuple(r for a in cas.values() for r in a.roots)))
+    bundles = meshid.BundleSet.of(
+        meshid.TrustBundle(meshid.TrustDomain.parse(TD), tuple(r for a in cas.values() for r in a.roots))
+    )
     policy = meshid.AuthorizationPolicy.from_dict(
         {"name": "bench", "allow": [{"name": "frontend", "methods": ["*"], "spiffe_ids": [CLIENT_ID]}]}
     )

@@ -108,10 +108,10 @@ def run(print: Callable[..., object] = print, seconds: float = 5.0) -> None:
         (folder / "sqlite").mkdir()
         rows.append(("SQLite, 1 replica", *measure(folder / "sqlite", 1, None, seconds)))
         try:
-            from pg import create_database, running_postgres
+            from pg import create_database, running_postgres  # type: ignore[import-not-found]
         except ImportError as err:
             print(f"  PostgreSQL rows skipped: {err}")
-            running_postgres = None  # type: ignore[assignment]
+            running_postgres = None
         if running_postgres is not None:
             try:
                 (folder / "pg").mkdir()

@@ -64,9 +64,10 @@ def serve(folder: str) -> None:
         meshid.AuthorizationInterceptor(policy, source=source, candidate=differing).start(),
     ]
     servers, ports = [], []
-    for chain in ([], *([i] for i in interceptors)):
+    chains: list[list[grpc.ServerInterceptor[Any, Any]]] = [[]] + [[i] for i in interceptors]
+    for chain in chains:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=chain)
-        greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+        greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
         ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
         server.start()
         servers.append(server)
@@ -91,7 +92,7 @@ def latencies(folder: str, calls: int, block: int = 50) -> tuple[list[float], in
     ports = [int(p) for p in proc.stdout.readline().split()]
     try:
         channels = [meshid.secure_channel(f"127.0.0.1:{p}", source, server_id=SERVER) for p in ports]
-        stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]
+        stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]  # type: ignore[no-untyped-call]
         request = greeter_pb2.HelloRequest(name="bench")
         for s in stubs:  # connect and warm up
             for _ in range(300):

@@ -51,7 +51,7 @@ def serve(ca: str, bundle: str, tokens: dict[str, str]) -> None:
         server = grpc.server(
             futures.ThreadPoolExecutor(8), interceptors=[meshid.AuthorizationInterceptor(policy, source=source)]
         )
-        greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+        greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
         ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
         server.start()
         servers.append(server)
@@ -89,8 +89,8 @@ def _measure(stub: Any, seconds: float, threads: int) -> tuple[list[float], list
     return latencies, failures
 
 
-def _pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else float("nan")  # type: ignore[index]
+def _pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else float("nan")
 
 
 def run(print: Any = print, seconds: float = 20.0, block: float = 2.0, threads: int = 4) -> None:
@@ -145,7 +145,7 @@ def run(print: Any = print, seconds: float = 20.0, block: float = 2.0, threads: 
                 channels[kind] = meshid.secure_channel(
                     f"127.0.0.1:{ports[kind]}", source, server_id=f"spiffe://example.org/bench/server/{kind}"
                 )
-                stubs[kind] = greeter_pb2_grpc.GreeterStub(channels[kind])
+                stubs[kind] = greeter_pb2_grpc.GreeterStub(channels[kind])  # type: ignore[no-untyped-call]
                 _measure(stubs[kind], 0.5, threads)  # connect and warm up
             results: dict[str, tuple[list[float], list[str]]] = {ROTATING: ([], []), STEADY: ([], [])}
             for _ in range(int(seconds / block)):

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent import futures
+from typing import Any
 
 import grpc
 
@@ -86,9 +87,13 @@ def serve(folder: str) -> None:
     source = meshid.FileSource(*files)
     policy = meshid.AuthorizationPolicy.from_dict(synthetic_policy(1000))
     servers, ports = [], []
-    for interceptors in ([], [meshid.AuthorizationInterceptor(policy, source=source)]):
+    chains: tuple[list[grpc.ServerInterceptor[Any, Any]], ...] = (
+        [],
+        [meshid.AuthorizationInterceptor(policy, source=source)],
+    )
+    for interceptors in chains:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
-        greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+        greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
         ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
         server.start()
         servers.append(server)
@@ -110,7 +115,7 @@ def rpc_latency(folder: str, calls: int, block: int) -> tuple[float, float]:
         channels = [
             meshid.secure_channel(f"127.0.0.1:{p}", source, server_id=SERVER) for p in (bare_port, guarded_port)
         ]
-        stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]
+        stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]  # type: ignore[no-untyped-call]
         request = greeter_pb2.HelloRequest(name="bench")
         for s in stubs:  # connect and warm up
             for _ in range(300):

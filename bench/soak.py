@@ -85,7 +85,7 @@ def serve(ca: str, bundle: str, token: str) -> None:
     interceptor = meshid.AuthorizationInterceptor(policy, source=source)
     interceptor.set_revocation_check(source.is_revoked)
     server = grpc.server(futures.ThreadPoolExecutor(8), interceptors=[interceptor])
-    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
     port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
     server.start()
     _emit({"port": port})
@@ -105,7 +105,7 @@ def serve(ca: str, bundle: str, token: str) -> None:
 def call(ca: str, bundle: str, token: str, target: str) -> None:
     source = IssuerSource(ca, bundle, join_token=token, refresh_interval=1.0).start()
     channel = meshid.secure_channel(target, source, server_id=SERVER_ID)
-    stub = greeter_pb2_grpc.GreeterStub(channel)
+    stub = greeter_pb2_grpc.GreeterStub(channel)  # type: ignore[no-untyped-call]
     closed = _stdin_closed()
     counts = {"ok": 0, "failed": 0}
     errors: collections.Counter[str] = collections.Counter()
