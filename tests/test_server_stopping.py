@@ -60,6 +60,7 @@ def _stop_twice(stop: Callable[[], None], entered: threading.Event, release: thr
     release.set()
     first.join(10)
     second.join(10)
+    assert not first.is_alive() and not second.is_alive(), "a stop() never returned"
     assert not errors, errors
     return events
 
@@ -72,7 +73,8 @@ def test_a_ca_stopped_from_two_threads_stops_once_and_both_wait_for_it(tmp_path:
     close = _slow_first_call(server.service.store.close, entered, release)
     server.service.store.close = close  # type: ignore[method-assign]
     events = _stop_twice(lambda: server.stop(grace=None), entered, release)
-    assert events[0] == "released", events  # neither returned while the store was being closed
+    # neither returned while the first was held inside (the order of their returns is theirs)
+    assert events[0] == "released" and sorted(events[1:]) == ["first returned", "second returned"], events
     assert len(close.calls) == 1  # type: ignore[attr-defined]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         with pytest.raises(grpc.FutureTimeoutError):
@@ -81,18 +83,31 @@ def test_a_ca_stopped_from_two_threads_stops_once_and_both_wait_for_it(tmp_path:
         server.start()
 
 
+class _HeldUnsubscribe:
+    """A Source (a StaticSource's SVID and bundles) whose unsubscribe is held on its first call."""
+
+    def __init__(self, inner: meshid.StaticSource, entered: threading.Event, release: threading.Event) -> None:
+        self._inner, self._entered, self._release = inner, entered, release
+
+    def get_svid(self) -> meshid.X509Svid:
+        return self._inner.get_svid()
+
+    def get_bundles(self) -> meshid.BundleSet:
+        return self._inner.get_bundles()
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        self.unsubscribe = _slow_first_call(self._inner.subscribe(callback), self._entered, self._release)
+        return self.unsubscribe
+
+
 def test_a_workload_api_server_stopped_from_two_threads_returns_only_once_it_has_stopped(tmp_path: Path) -> None:
     ca = Authority.create_root(TD)
-    source = meshid.StaticSource(
-        ca.issue_svid(f"spiffe://{TD}/w"), meshid.BundleSet.of(meshid.TrustBundle(ca.trust_domain, ca.roots))
-    )
+    bundles = meshid.BundleSet.of(meshid.TrustBundle(ca.trust_domain, ca.roots))
+    entered, release = threading.Event(), threading.Event()
+    source = _HeldUnsubscribe(meshid.StaticSource(ca.issue_svid(f"spiffe://{TD}/w"), bundles), entered, release)
     socket = tmp_path / "agent.sock"
     server = WorkloadApiServer(source, f"unix://{socket}").start()
     assert socket.exists()
-    entered, release = threading.Event(), threading.Event()
-    assert server._unsubscribe is not None
-    unsubscribe = _slow_first_call(server._unsubscribe, entered, release)
-    server._unsubscribe = unsubscribe
     seen: list[bool] = []
 
     def stop() -> None:
@@ -100,6 +115,7 @@ def test_a_workload_api_server_stopped_from_two_threads_returns_only_once_it_has
         seen.append(socket.exists())  # as each stop() returns
 
     events = _stop_twice(stop, entered, release)
-    assert events[0] == "released", events  # the second did not return while the first was stopping
+    # neither returned while the first was held inside (the order of their returns is theirs)
+    assert events[0] == "released" and sorted(events[1:]) == ["first returned", "second returned"], events
     assert seen == [False, False]
-    assert len(unsubscribe.calls) == 1  # type: ignore[attr-defined]
+    assert len(source.unsubscribe.calls) == 1  # type: ignore[attr-defined]

@@ -202,8 +202,10 @@ def random_serial() -> int:
     return _SERIALS.next()
 
 
-#: How many entries' leaf names an Authority keeps (see Authority._names_of).
+#: How many entries' leaf names an Authority keeps (see Authority._names_of), and how many
+#: bytes of them (a SAN holds at most a 2,048-byte SPIFFE ID and 32 DNS names).
 LEAF_NAMES_KEPT = 4096
+LEAF_NAMES_BYTES = 4 * 1024 * 1024
 _EARLIEST = datetime.datetime(1950, 1, 1)  # as cryptography's builder: UTCTime cannot say earlier
 
 
@@ -362,10 +364,12 @@ class Authority:
         init=False, repr=False, compare=False
     )
     # An entry's subject name and SAN extension, by (SPIFFE ID, DNS names): the same for each of
-    # its renewals. Bounded (LEAF_NAMES_KEPT); only what the CA signs, after authorization, gets in.
+    # its renewals. Bounded (LEAF_NAMES_KEPT, LEAF_NAMES_BYTES); only what the CA signs, after
+    # authorization, gets in.
     _leaf_names: dict[tuple[SpiffeId, tuple[str, ...]], tuple[x509.Name, x509.Extension[x509.ExtensionType]]] = field(
         init=False, repr=False, compare=False
     )
+    _leaf_names_bytes: list[int] = field(init=False, repr=False, compare=False)  # [bytes kept]
     #: Whether this CA signs with ML-DSA (its certificate's key, read once).
     post_quantum: bool = field(init=False, repr=False, compare=False)
 
@@ -400,6 +404,7 @@ class Authority:
 
         object.__setattr__(self, "_leaf_shared", (base(False), base(True)))
         object.__setattr__(self, "_leaf_names", {})
+        object.__setattr__(self, "_leaf_names_bytes", [0])
         # (cryptography makes a new datetime each time not_valid_after_utc is read)
         not_after = self.certificate.not_valid_after_utc
         object.__setattr__(self, "_leaf_tail", (not_after, organization, hash_for(self.private_key)))
@@ -543,10 +548,13 @@ class Authority:
         NotAfter is ``min(now + ttl, this CA's NotAfter)``. Its subject key identifier is the
         SHA-256 of the key's DER SubjectPublicKeyInfo (RFC 7093, section 2, method 4), which is
         also what the CA store records of the key: ``key_sha256`` is that digest, when the
-        caller has made it already.
+        caller has made it already (it is not checked against the key).
 
         Raises:
-            ValueError: ``spiffe_id`` is not in this CA's trust domain, or has no path.
+            ValueError: ``spiffe_id`` is not in this CA's trust domain, or has no path; the
+                validity would start before 1950 or end before it starts; ``key_sha256`` is
+                not 32 bytes.
+            TypeError: ``public_key`` is not an EC, RSA, Ed25519, Ed448 or ML-DSA-65 public key.
         """
         if not spiffe_id.is_member_of(self.trust_domain):
             raise ValueError(f"CA: {spiffe_id} is not in trust domain {self.trust_domain}")
@@ -558,13 +566,20 @@ class Authority:
         # and checks again what is checked here once (test_leaf_building.py compares the result
         # with what the setters build, to the byte).
         ca_not_after, organization, algorithm = self._leaf_tail
-        if not isinstance(public_key, PublicKey):  # (what the builder's setter would refuse)
-            raise TypeError(f"CA: cannot certify a key of type {type(public_key).__name__}")
+        if not isinstance(public_key, PublicKey):
+            raise TypeError(
+                f"CA: cannot certify a key of type {type(public_key).__name__}; "
+                "an SVID's key is an EC, RSA, Ed25519, Ed448 or ML-DSA-65 public key"
+            )
+        if key_sha256 is not None and len(key_sha256) != 32:
+            raise ValueError(f"CA: key_sha256 must be a SHA-256 digest (32 bytes), not {len(key_sha256)} bytes")
         subject, san = self._names_of(spiffe_id, tuple(dns_names), organization)
         not_before, not_after = _naive_utc(now - CLOCK_SKEW), _naive_utc(min(now + ttl, ca_not_after))
         if not_before < _EARLIEST or not_after < not_before:
             raise ValueError(f"CA: an SVID cannot be valid from {not_before} until {not_after} (UTC)")
-        ski = x509.SubjectKeyIdentifier(key_sha256 or hashlib.sha256(_x509.public_key_der(public_key)).digest())
+        if key_sha256 is None:
+            key_sha256 = hashlib.sha256(_x509.public_key_der(public_key)).digest()
+        ski = x509.SubjectKeyIdentifier(key_sha256)
         builder = x509.CertificateBuilder(
             issuer_name=self.certificate.subject,
             subject_name=subject,
@@ -594,9 +609,12 @@ class Authority:
             san = x509.SubjectAlternativeName(names)
             encoded = x509.UnrecognizedExtension(san.oid, san.public_bytes())
             kept = (x509.Name([organization, common_name]), x509.Extension(san.oid, False, encoded))
-            if len(self._leaf_names) >= LEAF_NAMES_KEPT:
+            size = len(encoded.value) + len(common_name.value)  # what the kept parts hold, about
+            if len(self._leaf_names) >= LEAF_NAMES_KEPT or self._leaf_names_bytes[0] + size > LEAF_NAMES_BYTES:
                 self._leaf_names.clear()  # rare (more entries than that renewing): start again
+                self._leaf_names_bytes[0] = 0
             self._leaf_names[key] = kept
+            self._leaf_names_bytes[0] += size
         return kept
 
     def issue_svid(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import tracemalloc
 
 import pytest
 from cryptography import x509
@@ -17,7 +18,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 
 from meshid import SpiffeId
 from meshid.ca import authority as authority_module
-from meshid.ca.authority import CLOCK_SKEW, Authority, generate_key
+from meshid.ca.authority import CLOCK_SKEW, Authority, generate_key, key_kind
 from meshid.svid import identity_dns_names
 
 TD = "example.org"
@@ -77,27 +78,35 @@ def _expected_tbs(ca: Authority, leaf: x509.Certificate, spiffe_id: SpiffeId, dn
     spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     builder = builder.add_extension(x509.SubjectKeyIdentifier(hashlib.sha256(spki).digest()), critical=False)
     builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(ca.private_key, hashes.SHA256()).tbs_certificate_bytes  # type: ignore[arg-type]
+    digest = DIGESTS[key_kind(ca.private_key)]
+    return builder.sign(ca.private_key, digest).tbs_certificate_bytes  # type: ignore[arg-type]
+
+
+#: What each kind of CA key signs with (ECDSA P-384 with SHA-384; ML-DSA signs the message itself).
+DIGESTS: dict[str, hashes.HashAlgorithm | None] = {
+    "ec-p256": hashes.SHA256(),
+    "ec-p384": hashes.SHA384(),
+    "rsa-2048": hashes.SHA256(),
+    "ml-dsa-65": None,
+}
 
 
 def _cas() -> dict[str, Authority]:
-    root = Authority.create_root(TD, now=NOW)
+    cas = {f"{kind} root": Authority.create_root(TD, key=generate_key(kind), now=NOW) for kind in DIGESTS}
     upstream = Authority.create_root("upstream.example", now=NOW)
     intermediate = Authority.from_upstream(TD, upstream.certificate, upstream.private_key, now=NOW)
-    return {
-        "root": root,
-        "intermediate": intermediate,
-        "revocation urls": dataclasses.replace(
-            intermediate, ocsp_url="http://127.0.0.1:8080/ocsp", crl_url="http://127.0.0.1:8080/crl"
-        ),
-    }
+    cas["intermediate"] = intermediate
+    cas["revocation urls"] = dataclasses.replace(
+        intermediate, ocsp_url="http://127.0.0.1:8080/ocsp", crl_url="http://127.0.0.1:8080/crl"
+    )
+    return cas
 
 
 CAS = _cas()
 
 
 @pytest.mark.parametrize("ca_name", sorted(CAS))
-@pytest.mark.parametrize("kind", ["ec-p256", "ec-p384", "rsa-2048", "ed25519"])
+@pytest.mark.parametrize("kind", ["ec-p256", "ec-p384", "rsa-2048", "ed25519", "ml-dsa-65"])
 @pytest.mark.parametrize("dns_names", [[], ["web.internal"], ["b.internal", "a.internal", "b.internal"]])
 def test_a_leaf_is_the_certificate_the_setters_build(ca_name: str, kind: str, dns_names: list[str]) -> None:
     ca = CAS[ca_name]
@@ -112,7 +121,7 @@ def test_a_leaf_is_the_certificate_the_setters_build(ca_name: str, kind: str, dn
 
 
 def test_a_time_in_another_zone_is_converted_to_utc() -> None:
-    ca = CAS["root"]
+    ca = CAS["ec-p256 root"]
     zone = datetime.timezone(datetime.timedelta(hours=-5))
     leaf = ca.sign_svid(SpiffeId.parse(f"spiffe://{TD}/w"), generate_key().public_key(), now=NOW.astimezone(zone))[0]
     assert leaf.not_valid_before_utc == NOW - CLOCK_SKEW
@@ -135,26 +144,37 @@ def test_names_kept_for_one_entry_never_reach_another() -> None:
     assert sans(a, [])[0] == str(a) and "one.internal" not in sans(a, [])
 
 
-def test_the_kept_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(authority_module, "LEAF_NAMES_KEPT", 8)
+@pytest.mark.parametrize("bound", ["LEAF_NAMES_KEPT", "LEAF_NAMES_BYTES"])
+def test_the_kept_names_are_bounded_by_entries_and_by_bytes(monkeypatch: pytest.MonkeyPatch, bound: str) -> None:
+    """2,000 entries with 32 long DNS names each (some 16 MB of names) renew once: what stays
+    in memory is what the bound keeps, and each leaf still carries its own names."""
+    monkeypatch.setattr(authority_module, bound, 8 if bound == "LEAF_NAMES_KEPT" else 64 * 1024)
     ca = Authority.create_root(TD, now=NOW)
     key = generate_key().public_key()
-    for i in range(50):
-        sid = SpiffeId.parse(f"spiffe://{TD}/w/{i}")
-        leaf = ca.sign_svid(sid, key, now=NOW)[0]
-        assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == str(i)
-        assert len(ca._leaf_names) <= 8
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            sid = SpiffeId.parse(f"spiffe://{TD}/w/{i}")
+            dns = [f"{'a' * 200}.{j}.{i}.internal" for j in range(32)]
+            leaf = ca.sign_svid(sid, key, dns_names=dns, now=NOW)[0]
+            assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == str(i)
+            del leaf
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 2_000_000, f"{grown} bytes kept after 2,000 entries"
 
 
 @pytest.mark.parametrize("bad", [object(), b"not a key", ec.generate_private_key(ec.SECP256R1())])
 def test_what_is_not_a_public_key_is_refused_with_a_type_error(bad: object) -> None:
     with pytest.raises(TypeError, match="cannot certify a key of type"):
-        CAS["root"].sign_svid(SpiffeId.parse(f"spiffe://{TD}/w"), bad, now=NOW)  # type: ignore[arg-type]
+        CAS["ec-p256 root"].sign_svid(SpiffeId.parse(f"spiffe://{TD}/w"), bad, now=NOW)  # type: ignore[arg-type]
 
 
 def test_a_time_before_1950_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot be valid from"):
-        CAS["root"].sign_svid(
+        CAS["ec-p256 root"].sign_svid(
             SpiffeId.parse(f"spiffe://{TD}/w"),
             generate_key().public_key(),
             now=datetime.datetime(1949, 12, 31, tzinfo=datetime.UTC),
@@ -163,15 +183,26 @@ def test_a_time_before_1950_is_refused() -> None:
 
 def test_the_subject_key_identifier_is_the_sha256_of_the_key() -> None:
     """RFC 7093 (section 2, method 4): SHA-256 of the DER SubjectPublicKeyInfo (what the store
-    records of the key: test_batch_issues_svids_for_the_callers_entries); a caller that
-    has the digest already passes it, and the leaf is the same."""
-    ca = CAS["intermediate"]
-    sid = SpiffeId.parse(f"spiffe://{TD}/w")
+    records of the key: test_batch_issues_svids_for_the_callers_entries)."""
     key = generate_key().public_key()
-    digest = hashlib.sha256(
-        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    ).digest()
-    made = ca.sign_svid(sid, key, now=NOW)[0]
-    given = ca.sign_svid(sid, key, now=NOW, key_sha256=digest)[0]
-    for leaf in (made, given):
-        assert leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == digest
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    leaf = CAS["intermediate"].sign_svid(SpiffeId.parse(f"spiffe://{TD}/w"), key, now=NOW)[0]
+    assert (
+        leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == hashlib.sha256(spki).digest()
+    )
+
+
+def test_a_digest_the_caller_gives_is_the_subject_key_identifier() -> None:
+    """The batch path passes the digest it made already; the CA uses it as given."""
+    given = hashlib.sha256(b"the digest the caller made").digest()
+    key = generate_key().public_key()
+    leaf = CAS["intermediate"].sign_svid(SpiffeId.parse(f"spiffe://{TD}/w"), key, now=NOW, key_sha256=given)[0]
+    assert leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == given
+
+
+@pytest.mark.parametrize("digest", [b"", b"x", bytes(20), bytes(33)])
+def test_a_digest_that_is_not_32_bytes_is_refused(digest: bytes) -> None:
+    with pytest.raises(ValueError, match="must be a SHA-256 digest"):
+        CAS["intermediate"].sign_svid(
+            SpiffeId.parse(f"spiffe://{TD}/w"), generate_key().public_key(), now=NOW, key_sha256=digest
+        )
