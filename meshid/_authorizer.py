@@ -127,6 +127,8 @@ MemoEntry = tuple[PeerIdentity, Decision, audit.Prepared, audit.Prepared | None,
 
 #: The auth context properties a verdict depends on besides the certificate (see PeerVerifier.identify).
 _TLS_VERSION, _KEX_GROUP = "ssl_tls_version", "ssl_negotiated_key_exchange_group"
+# The same keys as grpc's C accessor gives them (the sync interceptor's repeat_call).
+_RAW_PEM, _RAW_TLS_VERSION, _RAW_KEX_GROUP = b"x509_pem_cert", _TLS_VERSION.encode(), _KEX_GROUP.encode()
 
 
 def _connection_key(
@@ -399,11 +401,10 @@ class Authorizer:
         policy = self._policy
         if method in self._open_methods or policy.accepts_jwt:
             return None
-        pems = raw_auth_context.get(b"x509_pem_cert")
+        pems = raw_auth_context.get(_RAW_PEM)
         if not pems:
             return None
-        tls = raw_auth_context.get(b"ssl_tls_version", ())
-        kex = raw_auth_context.get(b"ssl_negotiated_key_exchange_group", ())
+        tls, kex = raw_auth_context.get(_RAW_TLS_VERSION, ()), raw_auth_context.get(_RAW_KEX_GROUP, ())
         return self._memo_lookup(policy, _connection_key(pems[0], tls, kex, method), method, peer_address)
 
     def _memo_lookup(

@@ -127,6 +127,12 @@ def public_key_der(key: object) -> bytes:
     )
 
 
+def key_sha256(key: object) -> bytes:
+    """SHA-256 of a public key's DER SubjectPublicKeyInfo: what the CA records of a key (to
+    refuse one certified before), and the SKI of the leaves it signs (RFC 7093 method 4)."""
+    return hashlib.sha256(public_key_der(key)).digest()
+
+
 _MLDSA_NAMES = {
     mldsa.MLDSA44PublicKey: "ML-DSA-44",
     mldsa.MLDSA65PublicKey: "ML-DSA-65",

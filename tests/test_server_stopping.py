@@ -52,12 +52,14 @@ def _stop_twice(stop: Callable[[], None], entered: threading.Event, release: thr
 
     first = threading.Thread(target=run, args=("first",))
     first.start()
-    assert entered.wait(10), "the first stop() never got that far"
-    second = threading.Thread(target=run, args=("second",))
-    second.start()
-    second.join(0.3)  # it must still be waiting for the first one
-    events.append("released")
-    release.set()
+    try:
+        assert entered.wait(10), "the first stop() never got that far"
+        second = threading.Thread(target=run, args=("second",))
+        second.start()
+        second.join(0.3)  # it must still be waiting for the first one (no event says it has not returned)
+        events.append("released")
+    finally:
+        release.set()  # never leaves the first stop() held, whatever failed
     first.join(10)
     second.join(10)
     assert not first.is_alive() and not second.is_alive(), "a stop() never returned"
@@ -72,7 +74,10 @@ def test_a_ca_stopped_from_two_threads_stops_once_and_both_wait_for_it(tmp_path:
     entered, release = threading.Event(), threading.Event()
     close = _slow_first_call(server.service.store.close, entered, release)
     server.service.store.close = close  # type: ignore[method-assign]
-    events = _stop_twice(lambda: server.stop(grace=None), entered, release)
+    try:
+        events = _stop_twice(lambda: server.stop(grace=None), entered, release)
+    finally:
+        server.stop(grace=None)  # stopped already unless _stop_twice failed: then now
     # neither returned while the first was held inside (the order of their returns is theirs)
     assert events[0] == "released" and sorted(events[1:]) == ["first returned", "second returned"], events
     assert len(close.calls) == 1  # type: ignore[attr-defined]
@@ -114,7 +119,10 @@ def test_a_workload_api_server_stopped_from_two_threads_returns_only_once_it_has
         server.stop(grace=None)
         seen.append(socket.exists())  # as each stop() returns
 
-    events = _stop_twice(stop, entered, release)
+    try:
+        events = _stop_twice(stop, entered, release)
+    finally:
+        server.stop(grace=None)  # stopped already unless _stop_twice failed: then now
     # neither returned while the first was held inside (the order of their returns is theirs)
     assert events[0] == "released" and sorted(events[1:]) == ["first returned", "second returned"], events
     assert seen == [False, False]

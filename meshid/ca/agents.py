@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshid import _x509
-from meshid._x509 import public_key_der
+from meshid._x509 import key_sha256, public_key_der
 from meshid.ca.csr import parse_csr
 from meshid.ca.issuing import Issued, IssuingService, agent_id, check_audience, is_agent_id, token_hash
 from meshid.ca.store import AgentRecord, AgentSigner, BatchItem, Entry
@@ -79,10 +79,6 @@ class JwtBatchResult:
     spiffe_id: str
     svid: JwtSvid | None = None
     error: IssuanceError | None = None
-
-
-def _key_sha256(public_key: object) -> bytes:
-    return hashlib.sha256(public_key_der(public_key)).digest()
 
 
 class _Turn:
@@ -163,8 +159,8 @@ class AgentService:
         # In order: an agent reads its answers in the order it sent them.
         self._turns = _Turns()
 
-    def _sign_agent(self, public_key: object, now: datetime.datetime) -> AgentSigner:
-        sign = self._issuing.signer(public_key, now)
+    def _sign_agent(self, public_key: object, now: datetime.datetime, key_sha256: bytes) -> AgentSigner:
+        sign = self._issuing.signer(public_key, now, key_sha256=key_sha256)
 
         def sign_agent(sid: SpiffeId) -> tuple[int, datetime.datetime, object]:
             return sign(Entry(sid, (), self._ttl, now))
@@ -196,8 +192,9 @@ class AgentService:
             raise TokenError("join token: missing or malformed")
         csr = parse_csr(csr_der)
         now = self._issuing.now()
+        digest = key_sha256(csr.public_key)
         record, chain = self._store.attest_agent_with_token(
-            token_hash(token), now, self._sign_agent(csr.public_key, now), key_sha256=_key_sha256(csr.public_key)
+            token_hash(token), now, self._sign_agent(csr.public_key, now, digest), key_sha256=digest
         )
         return self._issued(record, chain, now), record
 
@@ -229,15 +226,16 @@ class AgentService:
                 f"x509pop: the agent ID template {pop.template} gives {proof.name[:100]!r} for this host certificate, "
                 "which is not a SPIFFE ID path segment (letters, digits, '.', '-', '_')"
             ) from err
-        if public_key_der(csr.public_key) == proof.public_key_der:
+        key_der = public_key_der(csr.public_key)
+        if key_der == proof.public_key_der:
             raise InvalidRequestError(
                 "x509pop: the CSR is over the host key; the agent's SVID needs a key of its own (the host key proves "
                 "the node only)"
             )
+        digest = hashlib.sha256(key_der).digest()
         record, chain = self._store.attest_agent(
-            sid, "x509pop", proof.subject, now, self._sign_agent(csr.public_key, now),
-            key_sha256=_key_sha256(csr.public_key),
-        )  # fmt: skip
+            sid, "x509pop", proof.subject, now, self._sign_agent(csr.public_key, now, digest), key_sha256=digest
+        )
         return self._issued(record, chain, now), record
 
     def _require_x509pop(self) -> X509Pop:
@@ -280,16 +278,17 @@ class AgentService:
         for asked in csr.requested_uris:
             if asked != str(caller):
                 raise NotAuthorizedError(f"agent renewal: {caller} may renew only its own SPIFFE ID, not {asked[:200]}")
-        if caller_key is not None and public_key_der(csr.public_key) == caller_key:
+        key_der = public_key_der(csr.public_key)
+        if caller_key is not None and key_der == caller_key:
             raise InvalidRequestError(
                 "agent renewal: the CSR reuses the key of the current SVID; make a new key for each renewal"
             )
         if self._issuing.is_revoked(caller_serial):
             raise NotAuthorizedError(f"agent renewal: the SVID {caller_serial:x} of {caller} is revoked")
         now = self._issuing.now()
-        record, chain = self._store.renew_agent(
-            caller, now, self._sign_agent(csr.public_key, now), key_sha256=_key_sha256(csr.public_key)
-        )
+        digest = hashlib.sha256(key_der).digest()
+        sign = self._sign_agent(csr.public_key, now, digest)
+        record, chain = self._store.renew_agent(caller, now, sign, key_sha256=digest)
         issued = self._issued(record, chain, now)
         self._revoke_if_caller_revoked(caller, caller_serial, [issued.chain[0].serial_number])
         return issued

@@ -20,7 +20,6 @@ one trust domain's CA key from writing another's identity names, which is all th
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import re
 import threading
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa,
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from meshid import _x509
+from meshid._cache import BoundedCache
 from meshid._x509 import PrivateKey
 from meshid.bundle import ca_trust_domains
 from meshid.spiffeid import SpiffeId, TrustDomain
@@ -54,6 +54,7 @@ PublicKey = (
 )
 
 _Extensions = tuple[x509.Extension[x509.ExtensionType], ...]
+_LeafNames = tuple[x509.Name, x509.Extension[x509.ExtensionType]]  # a leaf's subject, and its SAN extension
 
 #: The key kinds :func:`generate_key` makes, default first.
 KEY_KINDS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519", "ml-dsa-65")
@@ -366,10 +367,9 @@ class Authority:
     # An entry's subject name and SAN extension, by (SPIFFE ID, DNS names): the same for each of
     # its renewals. Bounded (LEAF_NAMES_KEPT, LEAF_NAMES_BYTES); only what the CA signs, after
     # authorization, gets in.
-    _leaf_names: dict[tuple[SpiffeId, tuple[str, ...]], tuple[x509.Name, x509.Extension[x509.ExtensionType]]] = field(
+    _leaf_names: BoundedCache[tuple[SpiffeId, tuple[str, ...]], _LeafNames] = field(
         init=False, repr=False, compare=False
     )
-    _leaf_names_bytes: list[int] = field(init=False, repr=False, compare=False)  # [bytes kept]
     #: Whether this CA signs with ML-DSA (its certificate's key, read once).
     post_quantum: bool = field(init=False, repr=False, compare=False)
 
@@ -403,8 +403,7 @@ class Authority:
             )
 
         object.__setattr__(self, "_leaf_shared", (base(False), base(True)))
-        object.__setattr__(self, "_leaf_names", {})
-        object.__setattr__(self, "_leaf_names_bytes", [0])
+        object.__setattr__(self, "_leaf_names", BoundedCache(max_entries=LEAF_NAMES_KEPT, max_bytes=LEAF_NAMES_BYTES))
         # (cryptography makes a new datetime each time not_valid_after_utc is read)
         not_after = self.certificate.not_valid_after_utc
         object.__setattr__(self, "_leaf_tail", (not_after, organization, hash_for(self.private_key)))
@@ -577,9 +576,7 @@ class Authority:
         not_before, not_after = _naive_utc(now - CLOCK_SKEW), _naive_utc(min(now + ttl, ca_not_after))
         if not_before < _EARLIEST or not_after < not_before:
             raise ValueError(f"CA: an SVID cannot be valid from {not_before} until {not_after} (UTC)")
-        if key_sha256 is None:
-            key_sha256 = hashlib.sha256(_x509.public_key_der(public_key)).digest()
-        ski = x509.SubjectKeyIdentifier(key_sha256)
+        ski = x509.SubjectKeyIdentifier(_x509.key_sha256(public_key) if key_sha256 is None else key_sha256)
         builder = x509.CertificateBuilder(
             issuer_name=self.certificate.subject,
             subject_name=subject,
@@ -598,7 +595,7 @@ class Authority:
 
     def _names_of(
         self, spiffe_id: SpiffeId, dns_names: tuple[str, ...], organization: x509.NameAttribute[str]
-    ) -> tuple[x509.Name, x509.Extension[x509.ExtensionType]]:
+    ) -> _LeafNames:
         """A leaf's subject name and SAN extension (its DER made once by cryptography), kept by entry."""
         key = (spiffe_id, dns_names)
         kept = self._leaf_names.get(key)
@@ -609,12 +606,8 @@ class Authority:
             san = x509.SubjectAlternativeName(names)
             encoded = x509.UnrecognizedExtension(san.oid, san.public_bytes())
             kept = (x509.Name([organization, common_name]), x509.Extension(san.oid, False, encoded))
-            size = len(encoded.value) + len(common_name.value)  # what the kept parts hold, about
-            if len(self._leaf_names) >= LEAF_NAMES_KEPT or self._leaf_names_bytes[0] + size > LEAF_NAMES_BYTES:
-                self._leaf_names.clear()  # rare (more entries than that renewing): start again
-                self._leaf_names_bytes[0] = 0
-            self._leaf_names[key] = kept
-            self._leaf_names_bytes[0] += size
+            # what the kept parts hold, about; a full cache starts over (rare: more entries renewing)
+            self._leaf_names.put(key, kept, len(encoded.value) + len(common_name.value))
         return kept
 
     def issue_svid(

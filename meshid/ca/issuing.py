@@ -376,7 +376,8 @@ class IssuingService:
         if is_agent_id(caller):
             raise NotAuthorizedError(f"renewal: {caller} is a node agent; it renews with meshid.v1.Agent/RenewAgent")
         csr = parse_csr(csr_der, max_bytes=self._max_csr_bytes)
-        if caller_key is not None and public_key_der(csr.public_key) == caller_key:
+        key_der = public_key_der(csr.public_key)  # compared here, hashed for the leaf's SKI
+        if caller_key is not None and key_der == caller_key:
             raise InvalidRequestError(
                 "renewal: the CSR reuses the key of the current SVID; make a new key for each renewal"
             )
@@ -391,7 +392,10 @@ class IssuingService:
             # One read and one write; the revocation of the caller's SVID is checked in both
             # (one that lands while the CA signs is seen by the write: nothing is recorded).
             entry, chain, sequence = self.store.renew(
-                caller, caller_serial, now, self.signer(csr.public_key, now, authority=authority)
+                caller,
+                caller_serial,
+                now,
+                self.signer(csr.public_key, now, authority=authority, key_sha256=hashlib.sha256(key_der).digest()),
             )
         except NotFoundError as err:
             raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more") from err
