@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshid import _x509
+from meshid._turns import Turns
 from meshid._x509 import key_sha256, public_key_der
 from meshid.ca.csr import parse_csr
 from meshid.ca.issuing import Issued, IssuingService, agent_id, check_audience, is_agent_id, token_hash
@@ -81,59 +81,6 @@ class JwtBatchResult:
     error: IssuanceError | None = None
 
 
-class _Turn:
-    """One batch's turn (:class:`_Turns`): entering it again does nothing, leaving it ends it
-    (once), so the store can end it after signing, inside the ``with`` that took it."""
-
-    def __init__(self, turns: _Turns) -> None:
-        self._turns = turns
-        self._ended = False
-
-    def __enter__(self) -> _Turn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self._ended:
-            self._ended = True
-            self._turns.next()
-
-
-class _Turns:
-    """Turns taken one at a time, first come first served (``threading.Lock`` is not fair)."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._issued = 0  # tickets given out
-        self._serving = 0  # the ticket whose turn it is
-        self._abandoned: set[int] = set()  # tickets whose takers gave up waiting
-
-    def take(self) -> _Turn:
-        with self._changed:
-            ticket = self._issued
-            self._issued += 1
-            try:
-                while self._serving != ticket:
-                    self._changed.wait()
-            except BaseException:  # interrupted while waiting: its turn is skipped, not lost
-                if self._serving == ticket:
-                    self._advance()
-                else:
-                    self._abandoned.add(ticket)
-                raise
-        return _Turn(self)
-
-    def next(self) -> None:
-        with self._changed:
-            self._advance()
-
-    def _advance(self) -> None:
-        self._serving += 1
-        while self._serving in self._abandoned:
-            self._abandoned.discard(self._serving)
-            self._serving += 1
-        self._changed.notify_all()
-
-
 class AgentService:
     """The node-agent side of one CA, over its :class:`IssuingService` (signing, store, clock).
 
@@ -157,7 +104,7 @@ class AgentService:
         # and each turn (cryptography lets go of it to verify every CSR) was a context switch:
         # 2.6 to 2.9 per SVID, and some 80 us more CPU per SVID than one batch at a time (0.3).
         # In order: an agent reads its answers in the order it sent them.
-        self._turns = _Turns()
+        self._turns = Turns()
 
     def _sign_agent(self, public_key: object, now: datetime.datetime, key_sha256: bytes) -> AgentSigner:
         sign = self._issuing.signer(public_key, now, key_sha256=key_sha256)

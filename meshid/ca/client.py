@@ -37,6 +37,7 @@ from meshid._proto import (
     registration_pb2,
     registration_pb2_grpc,
 )
+from meshid._wire import svid_request_size, varint_size
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.ca.authority import generate_key
 from meshid.ca.bootstrap import anonymous_client
@@ -504,18 +505,6 @@ class _BatchChecker:
         self._known[above] = (svid.spiffe_id.trust_domain, bundle, svid.chain[1:], anchor)
 
 
-def _svid_request_size(spiffe_id: str, csr: bytes) -> int:
-    """``SvidRequest(spiffe_id=, csr=).ByteSize()`` without building the message: each field
-    is a one-byte tag, a varint length and the bytes (an empty field counted too: an upper bound)."""
-    name = len(spiffe_id.encode("utf-8", "surrogatepass"))
-    return 2 + _varint_size(name) + name + _varint_size(len(csr)) + len(csr)
-
-
-def _varint_size(value: int) -> int:
-    """How many bytes protobuf's varint encoding of ``value`` takes."""
-    return max(1, (value.bit_length() + 6) // 7)
-
-
 def _has_name_constraints(cert: x509.Certificate) -> bool:
     try:
         cert.extensions.get_extension_for_class(x509.NameConstraints)
@@ -682,8 +671,8 @@ class AgentClient:
                 if callable(key):
                     key = key()
                 csr = build_csr(key)
-                item_size = _svid_request_size(spiffe_id, csr)
-                item_size += 1 + _varint_size(item_size)  # the field's tag and length
+                item_size = svid_request_size(spiffe_id, csr)
+                item_size += 1 + varint_size(item_size)  # the field's tag and length
                 if batch.requests and (len(batch.requests) >= limit or size + item_size + 8 > BATCH_REQUEST_BYTES):
                     send(batch, keys)
                     placed += len(batch.requests)

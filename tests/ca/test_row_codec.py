@@ -27,20 +27,22 @@ def test_an_unchanged_row_is_decoded_once_and_a_changed_one_again() -> None:
     assert codec.entry(_row(1)).selectors == ("unix:uid:1001",)
 
 
-def test_a_malformed_row_raises_every_time_and_is_not_kept() -> None:
+def test_a_malformed_row_raises_every_time_and_is_not_kept(monkeypatch) -> None:
+    monkeypatch.setattr(rows, "ENTRY_CACHE", 1)  # room for one decoded row
     codec = RowCodec("test")
+    kept = codec.entry(_row(1))
     bad = (*_row(2)[:5], "not json", '["classical"]')
     for _ in range(2):
         with pytest.raises(StoreError, match="malformed selectors"):
             codec.entry(bad)
-    assert bad not in codec._entries
+    assert codec.entry(_row(1)) is kept  # the malformed row took no room: the good one is still kept
 
 
 def test_the_memo_keeps_at_most_entry_cache_rows(monkeypatch) -> None:
     monkeypatch.setattr(rows, "ENTRY_CACHE", 8)
     codec = RowCodec("test")
-    for n in range(20):
-        codec.entry(_row(n))
-    assert len(codec._entries) == 8
-    assert codec.entry(_row(19)).spiffe_id.path == "/w19"  # the newest are kept
-    assert _row(0) not in codec._entries
+    first = [codec.entry(_row(n)) for n in range(20)]
+    # the newest 8 are kept (the same objects), the oldest were let go (decoded again)
+    assert all(codec.entry(_row(n)) is first[n] for n in range(19, 11, -1))
+    assert codec.entry(_row(0)) is not first[0]
+    assert codec.entry(_row(0)).spiffe_id.path == "/w0"
