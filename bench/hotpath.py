@@ -8,7 +8,10 @@ Parts, each a ratio against a baseline measured in the same run:
     the two goes first alternating too). One server process per setting of the ``meshid.audit``
     logger: at INFO with a ``logging.FileHandler`` (every allow and deny written to a file, what
     anyone who keeps an audit trail runs) and at WARNING (only denies; this bench's calls are all
-    allowed). Sync and aio servers. Targets: INFO to a file <= 1.05, WARNING <= 1.03; aio the same targets within 0.02.
+    allowed). Sync and aio servers. Each setting is measured in several server processes in turn
+    and the median process reported, with the range: where a process's threads land on the CPUs
+    moves its ratio more than the targets' margins. Targets: INFO to a file <= 1.05, WARNING
+    <= 1.03; aio the same targets within 0.02.
   * refresh: CA CPU per agent-hour of idle refreshes (an agent whose SVID is not due: bundle and
     CRL only). Old path: ``GetBundle`` and ``GetCrl`` over a new mTLS connection each, every
     refresh (what ``IssuerSource`` did). New path: one ``GetTrustUpdates`` call, carrying the
@@ -185,26 +188,36 @@ def audit_latency(folder: str, setting: str, flavour: str, calls: int, block: in
         proc.communicate("", timeout=30)
 
 
-def run_audit(folder: str, calls: int) -> dict[str, Any]:
+#: Server processes per setting: where a process's threads land on the CPUs moves its ratio
+#: by more than the targets' margins (one process of identical code measured 0.96, the next
+#: 1.22), so each setting is measured in several processes and the median process is reported.
+AUDIT_PROCESSES = 5
+
+
+def run_audit(folder: str, calls: int, processes: int = AUDIT_PROCESSES) -> dict[str, Any]:
     print(
         f"\n[hotpath] audit records: unary RPC, 1,000-rule policy vs bare mTLS, {calls} calls each in blocks of 20, "
-        "alternating; ratio: median over block pairs"
+        f"alternating; {processes} server processes per setting, {calls // processes} calls each; "
+        "ratio: median over block pairs in a process, then the median process (range: all processes)"
     )
     results: dict[str, Any] = {}
     for flavour in ("sync", "aio"):
         for setting, target in AUDIT_TARGETS.items():
-            bare, guarded, ratio = audit_latency(folder, setting, flavour, calls)
+            runs = [audit_latency(folder, setting, flavour, calls // processes) for _ in range(processes)]
+            bare, guarded, ratio = sorted(runs, key=lambda r: r[2])[len(runs) // 2]
+            ratios = sorted(r[2] for r in runs)
             limit = target + (AIO_SLACK if flavour == "aio" else 0.0)
             ok = ratio <= limit
             label = f"{flavour}, meshid.audit at {'INFO to a file' if setting == 'info-file' else 'WARNING'}"
             print(
                 f"  {label:38} bare {bare * 1e6:7.1f} us  guarded {guarded * 1e6:7.1f} us  "
-                f"ratio {ratio:6.3f} (target <= {limit:.2f}) {verdict(ok)}"
+                f"ratio {ratio:6.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f}; target <= {limit:.2f}) {verdict(ok)}"
             )
             results[f"{flavour}-{setting}"] = {
                 "bare_us": bare * 1e6,
                 "guarded_us": guarded * 1e6,
                 "ratio": ratio,
+                "process_ratios": ratios,
                 "ok": ok,
             }
     return results
