@@ -338,15 +338,15 @@ class CaServer:
 
     def _refresh_loop(self) -> None:
         # Follow the data folder (key rotation, retirement of old roots) and re-issue the CA's
-        # own SVID and the admin's at half their lifetime.
+        # own SVID and the admin's at half their lifetime, on the CA's clock.
         stamp = self._stamp()
         while not self._stop.wait(self._poll_interval):
             assert self._source is not None
             try:
                 self._check_health()
-                retire_due_roots(self._data_dir)
+                now = self._clock.now()  # every due time below is on the CA's clock, as its certificates are
+                retire_due_roots(self._data_dir, now)
                 jwt = self.service.jwt_keys  # the file is read only when a key is due (RSA keys load slowly)
-                now = datetime.datetime.now(datetime.UTC)
                 if jwt is not None and any(old.retire_after <= now for old in jwt.retiring):
                     retire_due_jwt_keys(self._data_dir, now)
                 self.service.publish_jwt_keys(if_due=True)
@@ -356,7 +356,6 @@ class CaServer:
                     self._reload()
                     continue
                 svid = self._source.get_svid()
-                now = datetime.datetime.now(datetime.UTC)
                 if now >= svid.not_before + (svid.not_after - svid.not_before) / 2:
                     self._source.update(self._own_svid(), self._bundles())
                 if self._clock.now() >= self._admin_due:  # the admin SVID is capped by the max TTL: it may be due first
