@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshid import _x509
-from meshid._turns import Turns
 from meshid._x509 import key_sha256, public_key_der
 from meshid.ca.csr import parse_csr
 from meshid.ca.issuing import Issued, IssuingService, agent_id, check_audience, is_agent_id, token_hash
 from meshid.ca.store import AgentRecord, AgentSigner, BatchItem, Entry
+from meshid.ca.turns import Turns
 from meshid.ca.x509pop import Challenge, Challenges, X509Pop
 from meshid.errors import (
     AttestationError,

@@ -37,12 +37,12 @@ from meshid._proto import (
     registration_pb2,
     registration_pb2_grpc,
 )
-from meshid._wire import svid_request_size, varint_size
 from meshid.bundle import BundleSet, TrustBundle
 from meshid.ca.authority import generate_key
 from meshid.ca.bootstrap import anonymous_client
 from meshid.ca.csr import build_csr
 from meshid.ca.issuing import agent_id, is_agent_id, parse_token_trust_domain
+from meshid.ca.request_size import svid_request_size, varint_size
 from meshid.ca.x509pop import sign_proof
 from meshid.errors import InvalidBundleError, InvalidSvidError, RemoteError, VerificationError
 from meshid.sources import FileSource

@@ -338,17 +338,19 @@ class CaServer:
 
     def _refresh_loop(self) -> None:
         # Follow the data folder (key rotation, retirement of old roots) and re-issue the CA's
-        # own SVID and the admin's at half their lifetime, on the CA's clock.
+        # own SVID and the admin's at half their lifetime. Each due time is compared with the
+        # clock it was set by: retirements with the machine's (`meshid ca rotate` writes them
+        # from it), the SVIDs' with the CA's own (it signed them).
         stamp = self._stamp()
         while not self._stop.wait(self._poll_interval):
             assert self._source is not None
             try:
                 self._check_health()
-                now = self._clock.now()  # every due time below is on the CA's clock, as its certificates are
-                retire_due_roots(self._data_dir, now)
+                retire_due_roots(self._data_dir)
                 jwt = self.service.jwt_keys  # the file is read only when a key is due (RSA keys load slowly)
-                if jwt is not None and any(old.retire_after <= now for old in jwt.retiring):
-                    retire_due_jwt_keys(self._data_dir, now)
+                machine_now = datetime.datetime.now(datetime.UTC)
+                if jwt is not None and any(old.retire_after <= machine_now for old in jwt.retiring):
+                    retire_due_jwt_keys(self._data_dir, machine_now)
                 self.service.publish_jwt_keys(if_due=True)
                 current = self._stamp()
                 if current != stamp:
@@ -356,7 +358,7 @@ class CaServer:
                     self._reload()
                     continue
                 svid = self._source.get_svid()
-                if now >= svid.not_before + (svid.not_after - svid.not_before) / 2:
+                if self._clock.now() >= svid.not_before + (svid.not_after - svid.not_before) / 2:
                     self._source.update(self._own_svid(), self._bundles())
                 if self._clock.now() >= self._admin_due:  # the admin SVID is capped by the max TTL: it may be due first
                     self._admin_due = refresh_admin_svid(self.service, self._data_dir / "admin")

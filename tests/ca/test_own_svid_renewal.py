@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import socket
 import ssl
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -43,8 +44,14 @@ def test_the_ca_renews_the_svid_it_serves_with_at_half_its_lifetime_on_its_own_c
         first = _presented(port)
         assert first.not_valid_before_utc <= clock.now()
         lifetime = first.not_valid_after_utc - first.not_valid_before_utc
-        # on the CA's clock: half the lifetime and a second; the machine's clock has barely moved
-        clock.advance((first.not_valid_before_utc + lifetime / 2 - clock.now()).total_seconds() + 1)
+        half_way = first.not_valid_before_utc + lifetime / 2
+        # Just short of half the lifetime on the CA's clock: the loop, polling every 20 ms, keeps
+        # the SVID for 25 polls (a loop that renewed at every poll would not).
+        clock.advance((half_way - clock.now()).total_seconds() - 5)
+        time.sleep(25 * 0.02)
+        assert _presented(port).serial_number == first.serial_number
+        # Half the lifetime and a second, on the CA's clock; the machine's clock has barely moved.
+        clock.advance((half_way - clock.now()).total_seconds() + 1)
         renewed = eventually(
             lambda: (leaf := _presented(port)).serial_number != first.serial_number and leaf,
             10,

@@ -1,24 +1,17 @@
-"""meshid._turns: turns one at a time, first come first served, a turn ended once however often
+"""meshid.ca.turns: turns one at a time, first come first served, a turn ended once however often
 it is left, and a taker interrupted while waiting skipped (the CA's node-agent batches take them)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
-from meshid._turns import Turns
+from meshid.ca.turns import Turns
+from support import eventually
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def _wait_for(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.001)
 
 
 def test_turns_go_one_at_a_time_in_the_order_they_were_asked_for() -> None:
@@ -41,7 +34,7 @@ def test_turns_go_one_at_a_time_in_the_order_they_were_asked_for() -> None:
         thread = threading.Thread(target=worker, args=(n,))
         thread.start()
         threads.append(thread)
-        _wait_for(lambda n=n: turns.asked == n + 2, f"worker {n} did not ask for its turn")  # type: ignore[misc]
+        eventually(lambda n=n: turns.asked == n + 2, 10, f"worker {n} did not ask for its turn", interval=0.001)  # type: ignore[misc]
     with first:
         pass
     for thread in threads:
@@ -106,7 +99,7 @@ def test_a_taker_interrupted_while_waiting_is_skipped_and_the_next_one_served() 
 
     after = threading.Thread(target=next_taker)
     after.start()
-    _wait_for(lambda: turns.asked == 3, "the next taker did not ask")
+    eventually(lambda: turns.asked == 3, 10, "the next taker did not ask", interval=0.001)
     assert not served.is_set()  # the held turn still holds it
     with held:
         pass
@@ -137,7 +130,7 @@ def test_a_taker_interrupted_when_its_turn_had_come_passes_it_on() -> None:
 
     victim = threading.Thread(target=interrupted_taker, name="interrupted")
     victim.start()
-    _wait_for(lambda: turns.asked == 2, "the interrupted taker did not ask")
+    eventually(lambda: turns.asked == 2, 10, "the interrupted taker did not ask", interval=0.001)
     with held:  # its turn comes, it wakes, and fails
         pass
     victim.join(10)

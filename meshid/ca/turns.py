@@ -7,6 +7,7 @@ an agent reads its answers in the order it sent its batches.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 __all__ = ["Turn", "Turns"]
 
@@ -36,8 +37,12 @@ class Turns:
         return self._serving
 
     def take(self) -> Turn:
-        """Wait for this caller's turn and return it; an exception while waiting (an interrupt)
-        gives the turn up, so the ones after it are not held."""
+        """Wait for this caller's turn and return it, to be left (``with``) when done.
+
+        Raises:
+            BaseException: whatever interrupted the wait (a KeyboardInterrupt); the turn is
+                given up, so the ones after it are not held.
+        """
         with self._changed:
             ticket = self._issued
             self._issued += 1
@@ -50,7 +55,7 @@ class Turns:
                 else:
                     self._abandoned.add(ticket)
                 raise
-        return Turn(self)
+        return Turn(self._next)
 
     def _next(self) -> None:
         with self._changed:
@@ -66,10 +71,14 @@ class Turns:
 
 class Turn:
     """One turn of :class:`Turns`: entering it again does nothing, leaving it ends it (once), so
-    code inside the ``with`` that took it can end it early (the store, after signing)."""
+    code inside the ``with`` that took it can end it early (the store, after signing).
 
-    def __init__(self, turns: Turns) -> None:
-        self._turns = turns
+    Args:
+        end: what ends the turn (gives the next ticket its turn); called once.
+    """
+
+    def __init__(self, end: Callable[[], None]) -> None:
+        self._end = end
         self._ended = False
 
     def __enter__(self) -> Turn:
@@ -78,4 +87,4 @@ class Turn:
     def __exit__(self, *exc: object) -> None:
         if not self._ended:
             self._ended = True
-            self._turns._next()
+            self._end()

@@ -1,5 +1,5 @@
-"""Protobuf wire sizes worked out without building the message (the agent sizes each request
-of a batch as it adds it, to keep the batch under the CA's limit)."""
+"""The wire size of a node agent's batch request, worked out without building the protobuf
+message: the agent sizes each request as it adds it, to keep the batch under the CA's limit."""
 
 from __future__ import annotations
 

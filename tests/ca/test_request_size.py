@@ -1,4 +1,4 @@
-"""meshid._wire: the agent sizes each SvidRequest of a batch without building it, the same figure
+"""meshid.ca.request_size: the agent sizes each SvidRequest of a batch without building it, the same figure
 as protobuf's ByteSize for any SPIFFE ID text and CSR length (so a batch stays under the CA's limit)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshid._proto import agent_pb2
-from meshid._wire import svid_request_size
+from meshid.ca.request_size import svid_request_size
 
 
 @given(st.text(min_size=1, max_size=3000), st.binary(min_size=1, max_size=70_000))
