@@ -70,7 +70,11 @@ _REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 
 @dataclass(frozen=True, slots=True)
 class NodeAgentState:
-    """What a :class:`NodeAgent` is doing, for health checks: its own SVID, its entries, its calls."""
+    """What a :class:`NodeAgent` is doing, for health checks: its own SVID, its entries, its calls.
+
+    ``read_at`` is when the state was read (``NodeAgent.state``), on the agent's clock:
+    ``expired`` is measured then, on that clock (on the machine's for a state made by hand).
+    """
 
     spiffe_id: str | None  # the agent's own SVID, and when it expires
     serial: str | None
@@ -87,11 +91,13 @@ class NodeAgentState:
     last_error: str | None  # of the last failed call; None once a later step's calls all succeed
     refused: bool  # the CA refuses this agent (evicted, revoked): it must attest again
     server: str | None
+    read_at: datetime.datetime | None = None
 
     @property
     def expired(self) -> bool:
-        """Whether the agent's own SVID has expired."""
-        return self.expires_at is not None and self.expires_at <= datetime.datetime.now(datetime.UTC)
+        """Whether the agent's own SVID had expired when the state was read."""
+        now = self.read_at if self.read_at is not None else datetime.datetime.now(datetime.UTC)
+        return self.expires_at is not None and self.expires_at <= now
 
 
 class NodeAgent:
@@ -281,6 +287,7 @@ class NodeAgent:
             last_error=self._last_error,
             refused=self._refused,
             server=self._servers[self._server_index],
+            read_at=self._clock.now(),
         )
 
     # --- lifecycle -------------------------------------------------------------------------

@@ -59,7 +59,11 @@ log = logging.getLogger("meshid.agent")
 
 @dataclass(frozen=True, slots=True)
 class SourceState:
-    """What an :class:`IssuerSource` is doing, for health checks and metrics."""
+    """What an :class:`IssuerSource` is doing, for health checks and metrics.
+
+    ``read_at`` is when the state was read (``IssuerSource.state``), on the source's clock:
+    ``expired`` is measured then, on that clock (on the machine's for a state made by hand).
+    """
 
     spiffe_id: str | None
     serial: str | None
@@ -71,10 +75,13 @@ class SourceState:
     failures: int
     bundle_sequence: int | None
     server: str | None
+    read_at: datetime.datetime | None = None
 
     @property
     def expired(self) -> bool:
-        return self.expires_at is not None and self.expires_at <= datetime.datetime.now(datetime.UTC)
+        """Whether the SVID had expired when the state was read."""
+        now = self.read_at if self.read_at is not None else datetime.datetime.now(datetime.UTC)
+        return self.expires_at is not None and self.expires_at <= now
 
 
 class IssuerSource:
@@ -251,7 +258,7 @@ class IssuerSource:
 
     @property
     def state(self) -> SourceState:
-        return self._state
+        return dataclasses.replace(self._state, read_at=self._clock.now())
 
     def is_revoked(self, peer: PeerIdentity) -> bool:
         """Whether the CA's latest CRL lists ``peer`` (for ``interceptor.set_revocation_check``)."""

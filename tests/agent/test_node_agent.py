@@ -335,6 +335,7 @@ def test_an_evicted_agent_can_no_longer_renew_and_says_so(
     step_until(clock, refused_renewal, "a refused renewal")
     state = agent.state
     assert state.refused and state.serial == serial and state.last_error is not None
+    assert state.read_at == clock.now() and not state.expired
     assert "revoked" in refused_renewal()[0] and "give it a new join token and restart it" in refused_renewal()[0]
     print(f"\n[eviction] {refused_renewal()[0]}\n[eviction] state: refused={state.refused}, {state.last_error}")
 
@@ -348,6 +349,11 @@ def test_an_evicted_agent_can_no_longer_renew_and_says_so(
     with clocked.admin() as admin:
         [record] = [a for a in admin.list_agents() if a.spiffe_id == NODE_ID]
     assert not record.evicted
+
+    # The evicted SVID runs out on the agents' clock (the machine's has barely moved): its state says so.
+    assert state.expires_at is not None
+    clock.advance((state.expires_at - clock.now()).total_seconds() + 1)
+    assert agent.state.expired and state.expires_at > datetime.datetime.now(datetime.UTC)
 
 
 # --- must show 3: kill -9 and restart; the CA down ---------------------------------------------------------

@@ -9,6 +9,7 @@ from a new TLS handshake, not from its source."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import threading
 import time
@@ -237,8 +238,9 @@ def test_issuer_gone_past_expiry_is_reported(clocked_ca, clock, caplog) -> None:
             step(clock)
         state = source.state
         print(f"\nexpiry: EXPIRED reported after {steps} steps, {clock.monotonic():.1f} s of clock")
-        # SourceState.expired reads the real clock; the source lives on the test's clock.
-        assert state.expires_at is not None and state.expires_at <= clock.now()
+        # measured on the source's clock (the test's), not the machine's: there it has not expired
+        assert state.read_at == clock.now() and state.expires_at is not None and state.expires_at <= clock.now()
+        assert state.expired and state.expires_at > datetime.datetime.now(datetime.UTC)
         assert state.last_error and "UNAVAILABLE" in state.last_error
         assert any("EXPIRED" in r.getMessage() and CLIENT_ID in r.getMessage() for r in caplog.records)
     finally:
