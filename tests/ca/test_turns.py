@@ -75,21 +75,27 @@ class _FailingCondition(threading.Condition):
         return super().wait(timeout)
 
 
-def test_a_taker_interrupted_while_waiting_is_skipped_and_the_next_one_served() -> None:
-    condition = _FailingCondition()
-    turns = Turns(condition)
-    held = turns.take()
+def _interrupted_taker(turns: Turns) -> tuple[threading.Thread, list[BaseException]]:
+    """A started thread named "interrupted" that takes a turn; what interrupted it lands in the list."""
     interrupted: list[BaseException] = []
-    served = threading.Event()
 
-    def interrupted_taker() -> None:
+    def take() -> None:
         try:
             turns.take()
         except _Stop as err:
             interrupted.append(err)
 
-    victim = threading.Thread(target=interrupted_taker, name="interrupted")
+    victim = threading.Thread(target=take, name="interrupted")
     victim.start()
+    return victim, interrupted
+
+
+def test_a_taker_interrupted_while_waiting_is_skipped_and_the_next_one_served() -> None:
+    condition = _FailingCondition()
+    turns = Turns(condition)
+    held = turns.take()
+    served = threading.Event()
+    victim, interrupted = _interrupted_taker(turns)
     victim.join(10)
     assert interrupted and condition.failed == 1
 
@@ -120,16 +126,7 @@ def test_a_taker_interrupted_when_its_turn_had_come_passes_it_on() -> None:
 
     turns = Turns(WakesThenFails())
     held = turns.take()
-    interrupted: list[BaseException] = []
-
-    def interrupted_taker() -> None:
-        try:
-            turns.take()
-        except _Stop as err:
-            interrupted.append(err)
-
-    victim = threading.Thread(target=interrupted_taker, name="interrupted")
-    victim.start()
+    victim, interrupted = _interrupted_taker(turns)
     eventually(lambda: turns.asked == 2, 10, "the interrupted taker did not ask", interval=0.001)
     with held:  # its turn comes, it wakes, and fails
         pass
