@@ -195,8 +195,24 @@ def audit_latency(folder: str, setting: str, flavour: str, calls: int, block: in
 AUDIT_PROCESSES = 5
 
 
+def per_process_share(calls: int, processes: int) -> int:
+    """The calls each process makes of ``calls``: at least one block."""
+    return max(20, calls // processes)
+
+
+def median_process(
+    folder: str, setting: str, flavour: str, calls: int, processes: int = AUDIT_PROCESSES
+) -> tuple[tuple[float, float, float], list[float]]:
+    """:func:`audit_latency` in ``processes`` server processes in turn, sharing ``calls``: the
+    median process's (bare, guarded, ratio), the lower middle one for an even count, and every
+    process's ratio, sorted."""
+    share = per_process_share(calls, processes)
+    runs = sorted((audit_latency(folder, setting, flavour, share) for _ in range(processes)), key=lambda r: r[2])
+    return runs[(len(runs) - 1) // 2], [r[2] for r in runs]
+
+
 def run_audit(folder: str, calls: int, processes: int = AUDIT_PROCESSES) -> dict[str, Any]:
-    share = max(20, calls // processes)  # at least one block of calls per process
+    share = per_process_share(calls, processes)
     print(
         f"\n[hotpath] audit records: unary RPC, 1,000-rule policy vs bare mTLS; {processes} server processes per "
         f"setting, each with a bare and a guarded server, {share} calls to each in blocks of 20, alternating; "
@@ -205,9 +221,7 @@ def run_audit(folder: str, calls: int, processes: int = AUDIT_PROCESSES) -> dict
     results: dict[str, Any] = {}
     for flavour in ("sync", "aio"):
         for setting, target in AUDIT_TARGETS.items():
-            runs = [audit_latency(folder, setting, flavour, share) for _ in range(processes)]
-            bare, guarded, ratio = sorted(runs, key=lambda r: r[2])[(len(runs) - 1) // 2]
-            ratios = sorted(r[2] for r in runs)
+            (bare, guarded, ratio), ratios = median_process(folder, setting, flavour, calls, processes)
             limit = target + (AIO_SLACK if flavour == "aio" else 0.0)
             ok = ratio <= limit
             label = f"{flavour}, meshid.audit at {'INFO to a file' if setting == 'info-file' else 'WARNING'}"

@@ -36,7 +36,7 @@ import tempfile
 import time
 
 import grpc
-from hotpath import AUDIT_PROCESSES, audit_latency
+from hotpath import AUDIT_PROCESSES, median_process, per_process_share
 
 import meshid
 from meshid._files import write_svid_files
@@ -107,19 +107,17 @@ def main() -> int:
             svid = authority.issue_svid(sid)
             write_svid_files(pathlib.Path(folder) / name, svid.chain_pem(), svid.key_pem(), bundle)
         print(f"meshid bench (Python {sys.version.split()[0]}, grpcio {grpc.__version__}, {os.cpu_count()} CPUs)")
-        share = max(20, args.calls // AUDIT_PROCESSES)
+        share = per_process_share(args.calls, AUDIT_PROCESSES)
         print(
             f"\n[core] unary RPC over mTLS on loopback: {AUDIT_PROCESSES} server processes, each with a bare and a "
             f"guarded server, {share} calls to each in blocks of 20, alternating; ratio: median over block pairs "
             "in a process, then the median process (range: all processes)"
         )
-        runs = [audit_latency(folder, "warning", "sync", share) for _ in range(AUDIT_PROCESSES)]
-        runs.sort(key=lambda r: r[2])
-        bare, guarded, ratio = runs[(len(runs) - 1) // 2]
+        (bare, guarded, ratio), ratios = median_process(folder, "warning", "sync", args.calls)
         print(f"  bare mTLS server                      {bare * 1e6:8.1f} us")
         print(f"  + interceptor, 1,000-rule policy      {guarded * 1e6:8.1f} us")
         print(
-            f"  latency ratio                         {ratio:8.3f}   (range {runs[0][2]:.3f}-{runs[-1][2]:.3f}) "
+            f"  latency ratio                         {ratio:8.3f}   (range {ratios[0]:.3f}-{ratios[-1]:.3f}) "
             f"{verdict(ratio, 1.05)}"
         )
 

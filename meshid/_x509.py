@@ -130,7 +130,12 @@ def public_key_der(key: object) -> bytes:
 def key_sha256(key: object) -> bytes:
     """SHA-256 of a public key's DER SubjectPublicKeyInfo: what the CA records of a key (to
     refuse one certified before), and the SKI of the leaves it signs (RFC 7093 method 4)."""
-    return hashlib.sha256(public_key_der(key)).digest()
+    return spki_sha256(public_key_der(key))
+
+
+def spki_sha256(spki_der: bytes) -> bytes:
+    """:func:`key_sha256` of a key whose DER SubjectPublicKeyInfo the caller holds already."""
+    return hashlib.sha256(spki_der).digest()
 
 
 _MLDSA_NAMES = {

@@ -26,13 +26,12 @@ Rules enforced here:
 from __future__ import annotations
 
 import datetime
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshid import _x509
-from meshid._x509 import key_sha256, public_key_der
+from meshid._x509 import key_sha256, public_key_der, spki_sha256
 from meshid.ca.csr import parse_csr
 from meshid.ca.issuing import Issued, IssuingService, agent_id, check_audience, is_agent_id, token_hash
 from meshid.ca.store import AgentRecord, AgentSigner, BatchItem, Entry
@@ -179,7 +178,7 @@ class AgentService:
                 "x509pop: the CSR is over the host key; the agent's SVID needs a key of its own (the host key proves "
                 "the node only)"
             )
-        digest = hashlib.sha256(key_der).digest()
+        digest = spki_sha256(key_der)
         record, chain = self._store.attest_agent(
             sid, "x509pop", proof.subject, now, self._sign_agent(csr.public_key, now, digest), key_sha256=digest
         )
@@ -233,7 +232,7 @@ class AgentService:
         if self._issuing.is_revoked(caller_serial):
             raise NotAuthorizedError(f"agent renewal: the SVID {caller_serial:x} of {caller} is revoked")
         now = self._issuing.now()
-        digest = hashlib.sha256(key_der).digest()
+        digest = spki_sha256(key_der)
         sign = self._sign_agent(csr.public_key, now, digest)
         record, chain = self._store.renew_agent(caller, now, sign, key_sha256=digest)
         issued = self._issued(record, chain, now)
@@ -323,7 +322,7 @@ class AgentService:
                 results.append(BatchResult(text, error=classical_only))
                 continue
             results.append(None)
-            digest = hashlib.sha256(key_der).digest()  # recorded by the store, and the leaf's SKI
+            digest = spki_sha256(key_der)  # recorded by the store, and the leaf's SKI
             signer = self._issuing.signer(csr.public_key, now, authority=authority, key_sha256=digest)
             items.append(BatchItem(sid, digest, signer))
         return results, items

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid import _x509
-from meshid._x509 import public_key_der
+from meshid._x509 import public_key_der, spki_sha256
 from meshid.bundle import MAX_JWT_KEYS, JwtAuthorities, TrustBundle
 from meshid.ca.authority import Authority
 from meshid.ca.crl import build_crl
@@ -395,7 +395,7 @@ class IssuingService:
                 caller,
                 caller_serial,
                 now,
-                self.signer(csr.public_key, now, authority=authority, key_sha256=hashlib.sha256(key_der).digest()),
+                self.signer(csr.public_key, now, authority=authority, key_sha256=spki_sha256(key_der)),
             )
         except NotFoundError as err:
             raise NotAuthorizedError(f"renewal: {caller} has no registration entry any more") from err
