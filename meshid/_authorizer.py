@@ -13,6 +13,7 @@ the default policy (``x509`` only) the ``authorization`` header is never read.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -146,26 +147,26 @@ def _str_connection_key(pem: bytes, auth_context: Mapping[str, Sequence[bytes]],
 
 class _Memo:
     """Decisions memoised for one policy (and candidate), local trust domain, bundle set and
-    generation of the identity caches.
+    epoch of the authorizer (see :meth:`Authorizer._stale`).
 
     A peer that called directly is filed under what its connection presents (certificate, TLS
     version, key exchange group) and the method, so a repeat call is decided by one lookup,
-    without verifying or even reading the certificate again; a peer forwarded by a proxy under
-    its identity object (the forwarded identities cache hands out one per certificate).
+    without verifying or even reading the certificate again; a peer forwarded by a proxy, or
+    any peer under a policy that accepts JWT-SVIDs (where a token may decide instead), under
+    its identity object (the identity caches hand out one per certificate or token).
     """
 
-    __slots__ = ("bundles", "cache", "candidate", "forwarded", "local", "policy", "verified")
+    __slots__ = ("bundles", "cache", "candidate", "epoch", "local", "policy")
 
     def __init__(
         self,
         policy: AuthorizationPolicy | None,
         local: TrustDomain | None,
-        verified: tuple[int, int],
-        forwarded: int,
+        epoch: int,
         candidate: AuthorizationPolicy | None = None,
         bundles: BundleSet | None = None,
     ):
-        self.policy, self.local, self.verified, self.forwarded = policy, local, verified, forwarded
+        self.policy, self.local, self.epoch = policy, local, epoch
         self.candidate, self.bundles = candidate, bundles
         self.cache: BoundedCache[tuple[object, ...], MemoEntry] = BoundedCache(
             max_entries=MEMO_SIZE, max_bytes=MEMO_BYTES
@@ -213,20 +214,27 @@ class Authorizer:
         self._bundles = bundles
         # Decided once: a runtime Protocol isinstance costs microseconds, too much per call.
         self._source: Source | None = source if isinstance(source, Source) else None
-        self._verifier = PeerVerifier(bundles, clock=clock)
+        # What the memo depends on besides the policy, candidate and bundle set, each call
+        # compares as one number: it moves on (_stale) when the source changes (the own trust
+        # domain) and when an identity cache starts over (the memo's entries hold its identities).
+        self._epochs = itertools.count(1)
+        self._epoch = 0
+        self._verifier = PeerVerifier(bundles, clock=clock, on_clear=self._stale)
         proxies = list(trusted_proxies)
-        self._forwarded = ForwardedIdentities(proxies, bundles, header=forwarded_header) if proxies else None
+        self._forwarded = (
+            ForwardedIdentities(proxies, bundles, header=forwarded_header, on_clear=self._stale) if proxies else None
+        )
         self._poll_interval = poll_interval
         self._stamp = self._file_stamp()
         self._reload_lock = threading.Lock()
         self._worker = Worker("meshid-policy-watch", self._watch)
         self.revoked: Callable[[PeerIdentity], bool] | None = None
         self.audit_writer = audit.AuditWriter()
-        self._jwt = JwtVerifier(bundles, clock=clock)
+        self._jwt = JwtVerifier(bundles, clock=clock, on_clear=self._stale)
         # The server's own SPIFFE ID, as the audience a JWT-SVID must name unless the policy lists
         # others; set with the own trust domain, when the source changes, not per call.
         self._own_audience: frozenset[str] | None = None
-        self._memo = _Memo(None, None, (0, 0), 0)
+        self._memo = _Memo(None, None, -1)  # no call's epoch: never current
         self._own_td_set: tuple[TrustDomain | None, frozenset[TrustDomain]] | None = None
         # The server's own trust domain, read from the source when it changes, not per call.
         self._own_td: TrustDomain | None = None
@@ -314,26 +322,10 @@ class Authorizer:
                 except Exception:  # nor can a bad candidate stop it
                     log.exception("policy: dry run: keeping the previous candidate")
 
-    def _current_memo(
-        self,
-        policy: AuthorizationPolicy,
-        local: TrustDomain | None,
-        candidate: AuthorizationPolicy | None,
-        bundles: BundleSet,
-    ) -> _Memo | None:
-        """The memo, if it still belongs to this policy, candidate, local trust domain, bundle
-        set and generation of the identity caches; else None."""
-        memo = self._memo
-        if (
-            memo.policy is not policy
-            or memo.candidate is not candidate
-            or memo.local is not local
-            or memo.bundles is not bundles
-            or memo.verified != (self._verifier.generation, self._jwt.generation)
-            or memo.forwarded != (self._forwarded.generation if self._forwarded is not None else 0)
-        ):
-            return None
-        return memo
+    def _stale(self) -> None:
+        """Make the memo stale: what it was built on (the own trust domain, an identity cache)
+        changed. A call that read the epoch before this files nothing (see :meth:`_memo_decide`)."""
+        self._epoch = next(self._epochs)
 
     def _memo_decide(
         self,
@@ -344,20 +336,29 @@ class Authorizer:
         candidate: AuthorizationPolicy | None,
         bundles: BundleSet,
         key: tuple[object, ...],
+        epoch: int,
     ) -> MemoEntry:
         # The memo belongs to one policy, one local trust domain (the scope of subject and DNS
-        # rules), one bundle set and one generation of the identity caches, so no call files a
-        # decision under another policy, trust domain or set of roots, and no entry keeps an
-        # identity the verifier has already dropped. ``bundles`` was read before the peer was
-        # verified: a set replaced meanwhile makes this memo stale at the next call, never
-        # files a verdict under the new set. Each entry keeps its audit record, built once, and
-        # the candidate policy's decision (a dry run), as a record only where it differs.
-        memo = self._current_memo(policy, local, candidate, bundles)
-        if memo is None:
-            verified = (self._verifier.generation, self._jwt.generation)
-            forwarded = self._forwarded.generation if self._forwarded is not None else 0
-            memo = self._memo = _Memo(policy, local, verified, forwarded, candidate, bundles)
-        hit = memo.cache.get(key)
+        # rules), one bundle set and one epoch, so no call files a decision under another
+        # policy, trust domain or set of roots, and no entry keeps an identity an identity
+        # cache has already dropped. ``epoch`` and ``bundles`` were read before the peer was
+        # verified: a change meanwhile (a new epoch, a bundle set replaced) makes this call
+        # decide without filing, never files a verdict under the new state. Each entry keeps
+        # its audit record, built once, and the candidate policy's decision (a dry run), as a
+        # record only where it differs.
+        memo: _Memo | None = self._memo
+        assert memo is not None, "the authorizer always holds a memo"
+        if (
+            memo.epoch != epoch
+            or memo.policy is not policy
+            or memo.candidate is not candidate
+            or memo.local is not local
+            or memo.bundles is not bundles
+        ):
+            memo = None  # a change during this call: decided, not filed
+            if epoch == self._epoch:
+                memo = self._memo = _Memo(policy, local, epoch, candidate, bundles)
+        hit = memo.cache.get(key) if memo is not None else None
         if hit is not None and hit[0] is identity:
             return hit
         decision = policy.decide(identity, method, local_trust_domain=local)
@@ -367,26 +368,25 @@ class Authorizer:
             dry = dryrun.prepare(policy, candidate, decision, decided, method, identity)
         prepared = audit.prepare(policy, decision, method, identity)
         entry = (identity, decision, prepared, dry, identity.not_after.timestamp())
-        memo.cache.put(key, entry, 1024 + len(method))
+        if memo is not None:
+            memo.cache.put(key, entry, 1024 + len(method))
         return entry
 
     def _memoised(
         self,
-        policy: AuthorizationPolicy,
         auth_context: Mapping[str, Sequence[bytes]],
         method: str,
         peer_address: str | Callable[[], str] | None,
     ) -> PeerIdentity | Refusal | None:
-        """A repeat call of a direct peer decided from the memo, or None to take the full path.
-
-        Only what can change between two calls on one connection is looked at again: the
-        certificate's expiry and its revocation. Anything else (an expired or revoked peer, a
-        new policy or bundle set) falls through to the full path, which refuses and records it.
-        """
+        """A repeat call of a direct peer decided from the memo, or None to take the full path
+        (see :meth:`_memo_lookup`)."""
         pems = auth_context.get("x509_pem_cert")
         if not pems:
             return None
-        return self._memo_lookup(policy, _str_connection_key(pems[0], auth_context, method), method, peer_address)
+        get = auth_context.get
+        return self._memo_lookup(
+            _connection_key(pems[0], get(_TLS_VERSION, ()), get(_KEX_GROUP, ()), method), method, peer_address
+        )
 
     def repeat_call(
         self,
@@ -398,29 +398,41 @@ class Authorizer:
         it (keys still bytes), when the call is a direct peer's repeat call found in the memo;
         None otherwise (then :meth:`authorize` decides it). The sync interceptor's fast path:
         it skips building the str-keyed mapping for the calls that need nothing else."""
-        policy = self._policy
-        if method in self._open_methods or policy.accepts_jwt:
-            return None
         pems = raw_auth_context.get(_RAW_PEM)
         if not pems:
             return None
-        tls, kex = raw_auth_context.get(_RAW_TLS_VERSION, ()), raw_auth_context.get(_RAW_KEX_GROUP, ())
-        return self._memo_lookup(policy, _connection_key(pems[0], tls, kex, method), method, peer_address)
+        get = raw_auth_context.get
+        return self._memo_lookup(
+            _connection_key(pems[0], get(_RAW_TLS_VERSION, ()), get(_RAW_KEX_GROUP, ()), method), method, peer_address
+        )
 
     def _memo_lookup(
-        self,
-        policy: AuthorizationPolicy,
-        key: tuple[object, ...],
-        method: str,
-        peer_address: str | Callable[[], str] | None,
+        self, key: tuple[object, ...], method: str, peer_address: str | Callable[[], str] | None
     ) -> PeerIdentity | Refusal | None:
-        memo = self._current_memo(policy, self._own_trust_domain(), self.candidate.policy, self._bundles())
-        if memo is None:
+        """The memo's verdict on a direct peer's call, or None to take the full path.
+
+        Only what can change between two calls on one connection is looked at again: whether
+        the memo is still current (the policy, candidate and bundle set are compared, the rest
+        is the epoch), the certificate's expiry and its revocation. Anything else (an expired
+        or revoked peer, a new policy or bundle set) falls through to the full path, which
+        refuses and records it. Only direct peers under a policy that takes no JWT-SVIDs are
+        filed under a connection key, and never for an unauthenticated method, so a key found
+        here needs no more checks of its own.
+        """
+        memo = self._memo
+        if (
+            memo.epoch != self._epoch
+            or memo.policy is not self._policy
+            or memo.candidate is not self.candidate.policy
+            or memo.bundles is not self._bundles()
+        ):
             return None
         hit = memo.cache.get(key)
-        if hit is None or self._now_ts() > hit[4] or (self.revoked is not None and self.revoked(hit[0])):
+        if hit is None or self._now_ts() > hit[4]:
             return None
         identity, decision, prepared, dry, _ = hit
+        if self.revoked is not None and self.revoked(identity):
+            return None
         audit.emit(prepared, peer_address, self.audit_writer)
         if dry is not None:
             audit.emit(dry, peer_address, self.audit_writer)
@@ -487,7 +499,8 @@ class Authorizer:
 
     def source_changed(self) -> None:
         """The source's SVID may have changed: read its trust domain again at the next call."""
-        self._own_td_known = False
+        self._own_td_known = False  # before the epoch moves: a memo of the new epoch reads it again
+        self._stale()
 
     def _open_call(
         self,
@@ -620,12 +633,13 @@ class Authorizer:
         the caller's to choose, so it is decided without the memo and counted as ``(unknown)``.
         None means an unauthenticated method called by a peer that could not be verified.
         """
+        epoch = self._epoch  # before anything the memo depends on is read (see _memo_decide)
         policy = self._policy  # one read: the whole call sees one policy
         if method in self._open_methods:
             return self._open_call(policy, auth_context, metadata, method, peer_address, known)
         accepts_jwt = policy.accepts_jwt  # one read for the whole call, as for the policy
         if known and not accepts_jwt:  # under a policy that takes tokens, a token may decide
-            memoised = self._memoised(policy, auth_context, method, peer_address)
+            memoised = self._memoised(auth_context, method, peer_address)
             if memoised is not None:
                 return memoised
         bundles = self._bundles()  # before the peer is verified (see _memo_decide)
@@ -663,11 +677,13 @@ class Authorizer:
         candidate = self.candidate.policy  # one read, as for the policy
         if known and not policy.uses_headers and (candidate is None or not candidate.uses_headers):
             key: tuple[object, ...]
-            if direct:  # filed as _memoised looks it up; a JWT or forwarded peer under its identity object
+            if direct and not accepts_jwt:  # filed as _memo_lookup looks it up
                 key = _str_connection_key(auth_context["x509_pem_cert"][0], auth_context, method)
-            else:
+            else:  # a JWT or forwarded peer, or any under a policy a token may decide: its identity object
                 key = (id(identity), method)  # the entry holds identity: its id() is not reused meanwhile
-            _, decision, prepared, dry, _ = self._memo_decide(policy, identity, method, local, candidate, bundles, key)
+            _, decision, prepared, dry, _ = self._memo_decide(
+                policy, identity, method, local, candidate, bundles, key, epoch
+            )
             audit.emit(prepared, peer_address, self.audit_writer)
             if dry is not None:
                 audit.emit(dry, peer_address, self.audit_writer)

@@ -1,8 +1,9 @@
 """A cache bounded by entries and bytes, for the per-call path.
 
 Reads are one dict lookup (atomic under the GIL, no lock). When a write would pass either
-bound, the cache starts over with a new dict and its ``generation`` moves on, so whatever is
-derived from its entries (the decision memo) can tell that they are gone and drop its own.
+bound, the cache starts over with a new dict, its ``generation`` moves on and its ``on_clear``
+callback runs, so whatever is derived from its entries (the decision memo) can tell that they
+are gone and drop its own.
 Starting over, rather than evicting one entry, keeps writes O(1) and lock-free; the callers'
 keys are verified certificates and known method names, so a full cache is rare in practice.
 """
@@ -10,6 +11,7 @@ keys are verified certificates and known method names, so a full cache is rare i
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -21,9 +23,9 @@ _generations = itertools.count(1)
 class BoundedCache(Generic[K, V]):
     """``get``/``put`` with at most ``max_entries`` entries and about ``max_bytes`` bytes."""
 
-    __slots__ = ("_bytes", "_entries", "generation", "max_bytes", "max_entries")
+    __slots__ = ("_bytes", "_entries", "generation", "max_bytes", "max_entries", "on_clear")
 
-    def __init__(self, *, max_entries: int, max_bytes: int) -> None:
+    def __init__(self, *, max_entries: int, max_bytes: int, on_clear: Callable[[], None] | None = None) -> None:
         if max_entries < 1 or max_bytes < 1:
             raise ValueError("a cache needs room for at least one entry")
         self.max_entries = max_entries
@@ -31,6 +33,8 @@ class BoundedCache(Generic[K, V]):
         self._entries: dict[K, V] = {}
         self._bytes = 0
         self.generation = next(_generations)
+        #: Called after a start-over that dropped entries: what was derived from them must go.
+        self.on_clear = on_clear
 
     def get(self, key: K) -> V | None:
         return self._entries.get(key)
@@ -43,9 +47,12 @@ class BoundedCache(Generic[K, V]):
         self._bytes += size
 
     def clear(self) -> None:
+        dropped = bool(self._entries)
         self._entries = {}
         self._bytes = 0
         self.generation = next(_generations)
+        if dropped and self.on_clear is not None:  # nothing can be derived from an empty cache
+            self.on_clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -157,7 +157,8 @@ class ForwardedIdentities:
     (Envoy omits it when the client presented none) or with the header twice is refused, never
     decided as the proxy itself. The forwarded identity carries the TLS version and key
     exchange group of the proxy's connection to this server: that is the hop meshid sees, so
-    ``require_pq_key_exchange`` and the TLS 1.3 floor apply to it.
+    ``require_pq_key_exchange`` and the TLS 1.3 floor apply to it. The cache starts over when
+    the bundle set changes (and when full), calling ``on_clear`` each time.
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class ForwardedIdentities:
         header: str = XFCC_HEADER,
         cache_size: int = 4096,
         cache_bytes: int = 16 << 20,
+        on_clear: Callable[[], None] | None = None,
     ) -> None:
         self.proxies = frozenset(p if isinstance(p, SpiffeId) else SpiffeId.parse(p) for p in proxies)
         self.header = header.lower()
@@ -175,7 +177,7 @@ class ForwardedIdentities:
         # Verdicts keyed by a digest of the header (never the caller's text itself), bounded by
         # entries and bytes, for the bundle set they were made against.
         self._cache: BoundedCache[_Key, PeerIdentity | str] = BoundedCache(
-            max_entries=cache_size, max_bytes=cache_bytes
+            max_entries=cache_size, max_bytes=cache_bytes, on_clear=on_clear
         )
         self._cache_for: BundleSet | None = None
 

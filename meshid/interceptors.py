@@ -7,6 +7,7 @@ the context in hand before the servicer's code runs, for all four RPC shapes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,16 +41,28 @@ _READ = tuple(
 )
 
 
-def _raw_auth_context(context: grpc.ServicerContext) -> Mapping[bytes, Sequence[bytes]] | None:
-    """The call's auth context from grpc's own C accessor, keys still bytes; None where that
-    accessor is not there (another grpc version, or a context of another kind)."""
+def _raw_call(context: grpc.ServicerContext) -> Any:
+    """The call's core object, whose C accessors the fast path reads; None where it is not
+    there (another grpc version, or a context of another kind)."""
     event = getattr(context, "_rpc_event", None)
-    if _cygrpc is None or event is None:
+    return None if _cygrpc is None or event is None else getattr(event, "call", None)
+
+
+def _raw_auth_context(call: Any) -> Mapping[bytes, Sequence[bytes]] | None:
+    """The call's auth context from grpc's own C accessor, keys still bytes; None where that
+    accessor does not take ``call``."""
+    if call is None:
         return None
     try:
-        return _cygrpc.auth_context(event.call)  # type: ignore[no-any-return]
+        return _cygrpc.auth_context(call)  # type: ignore[no-any-return]
     except (AttributeError, TypeError):
         return None
+
+
+def _peer_of(call: Any) -> str:
+    """The call's peer address, as ``ServicerContext.peer()`` gives it, read from the call's
+    core object directly (a third of the cost)."""
+    return call.peer().decode("utf-8", "replace")  # type: ignore[no-any-return]
 
 
 def _auth_properties(
@@ -62,7 +75,7 @@ def _auth_properties(
     falls back to the public method where that accessor is not there.
     """
     if raw is None:
-        raw = _raw_auth_context(context)
+        raw = _raw_auth_context(_raw_call(context))
     if raw is not None:
         return {name: raw[key] for name, key in _READ if key in raw}
     # grpc returns each auth property as a list of bytes; grpc-stubs declares a bare ``bytes``.
@@ -116,8 +129,11 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     """
 
     def _check(self, context: grpc.ServicerContext, method: str, known: bool = True) -> PeerIdentity | None:
-        raw = _raw_auth_context(context) if known else None
-        result = None if raw is None else self._authorizer.repeat_call(raw, method, context.peer)
+        call = _raw_call(context) if known else None
+        raw = _raw_auth_context(call)
+        result = None
+        if raw is not None:
+            result = self._authorizer.repeat_call(raw, method, functools.partial(_peer_of, call))
         if result is None:  # not a repeat call decided by the memo: the whole path
             auth = _auth_properties(context, raw)
             # metadata and the peer address are fetched only if the policy or the audit log needs them

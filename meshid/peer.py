@@ -170,7 +170,7 @@ class PeerVerifier:
 
     ``bundles`` is a callable returning the current :class:`BundleSet` (a source's
     ``get_bundles``), so a bundle rotation takes effect at once; the cache is dropped
-    whenever the bundle set changes.
+    whenever the bundle set changes (and when full), and ``on_clear`` is called each time.
     """
 
     def __init__(
@@ -180,6 +180,7 @@ class PeerVerifier:
         cache_size: int = 4096,
         cache_bytes: int = 16 << 20,
         clock: Clock = SYSTEM_CLOCK,
+        on_clear: Callable[[], None] | None = None,
     ) -> None:
         self._bundles = bundles
         # Verdicts per certificate: a PeerIdentity, or the reason it was refused, for the bundle
@@ -187,7 +188,7 @@ class PeerVerifier:
         # the GIL), so the per-call path takes no lock; the cache is bounded by entries and by
         # bytes (a PeerIdentity with its certificate is several KB) and starts over when full.
         self._cache: BoundedCache[tuple[object, ...], PeerIdentity | str] = BoundedCache(
-            max_entries=cache_size, max_bytes=cache_bytes
+            max_entries=cache_size, max_bytes=cache_bytes, on_clear=on_clear
         )
         self._cache_for: BundleSet | None = None
         self._clock = clock
@@ -284,8 +285,9 @@ class JwtVerifier:
 
     A validated token is kept under its SHA-256 (a fixed-size key, whatever the token's
     size) with the connection's TLS facts, until its ``exp``, never longer; the cache is
-    bounded by entries and starts over when the bundle set or the audiences change. Refused
-    tokens are not kept: a refusal can depend on the time (not yet valid).
+    bounded by entries and starts over when the bundle set or the audiences change (and when
+    full), calling ``on_clear`` each time. Refused tokens are not kept: a refusal can depend on
+    the time (not yet valid).
     """
 
     def __init__(
@@ -295,11 +297,12 @@ class JwtVerifier:
         cache_size: int = 4096,
         clock: Clock = SYSTEM_CLOCK,
         leeway: float = JWT_LEEWAY,
+        on_clear: Callable[[], None] | None = None,
     ) -> None:
         self._bundles = bundles
         # A PeerIdentity with its JwtSvid (the token, its claims) is a few KB at most: tokens are <= 8 KiB.
         self._cache: BoundedCache[tuple[bytes, str | None, str | None], PeerIdentity] = BoundedCache(
-            max_entries=cache_size, max_bytes=cache_size * 12 * 1024
+            max_entries=cache_size, max_bytes=cache_size * 12 * 1024, on_clear=on_clear
         )
         self._cache_for: tuple[BundleSet, frozenset[str]] | None = None
         self._clock = clock

@@ -289,3 +289,32 @@ def test_deciding_a_call_loads_neither_the_metrics_exporter_nor_yaml() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+def test_records_of_repeat_calls_name_the_address_of_their_own_connection(
+    flavour, ca, bundles, server_source, caplog
+) -> None:
+    """Two connections presenting one certificate share one memoised decision; each call's
+    record still names the address of the connection it came on, on the memo's path too."""
+    import meshid.aio
+    from support import aio_server_in_a_thread
+
+    caplog.set_level(logging.INFO, logger="meshid.audit")
+    policy = meshid.AuthorizationPolicy.from_dict(POLICY)
+    interceptor = (meshid.AuthorizationInterceptor if flavour == "sync" else meshid.aio.AuthorizationInterceptor)(
+        policy, source=server_source
+    )
+    serve = sync_server if flavour == "sync" else aio_server_in_a_thread
+    source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
+    with serve(server_source, interceptor) as port:  # type: ignore[operator]
+        with (
+            meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as one,
+            meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as two,
+        ):
+            for _ in range(3):
+                assert call(one) == call(two) == ("OK", FRONTEND_ID)
+    addresses = [r.meshid_audit["peer_address"] for r in _records(caplog)]  # type: ignore[attr-defined]
+    assert len(addresses) == 6 and all(a.startswith("ipv4:127.0.0.1:") for a in addresses)
+    assert len(set(addresses[0::2])) == len(set(addresses[1::2])) == 1  # one address per connection
+    assert addresses[0] != addresses[1]

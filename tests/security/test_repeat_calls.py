@@ -135,3 +135,50 @@ def test_repeat_calls_of_a_sync_server_take_the_fast_path_and_name_the_same_peer
     assert answers == [("OK", FRONTEND_ID)] * 5
     assert fast == [False, True, True, True, True]  # the first call misses the memo ...
     assert len(whole) == 1  # ... and only it takes the whole path
+
+
+def test_a_new_own_trust_domain_rescopes_subject_rules_for_a_connected_peer(
+    ca: Authority, other_ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    """A subject rule without ``vouched_by`` covers peers of the server's own trust domain. When
+    the server's SVID moves to another trust domain, the memo (whose verdict rested on the old
+    one) is stale: the connected peer's next call is decided under the new scope."""
+    server = _server_source(ca, bundles)
+    by_subject = {"allow": [{"name": "any-subject", "methods": [f"/{SERVICE}/*"], "subject_patterns": [".*"]}]}
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(by_subject), source=server)
+    moved = other_ca.issue_svid("spiffe://other.org/ns/prod/sa/greeter")
+    first, again = _twice(server, interceptor, ca.issue_svid(FRONTEND_ID), bundles, lambda: server.update(svid=moved))
+    assert first == ("OK", FRONTEND_ID)
+    assert again[0] == "PERMISSION_DENIED", again
+
+
+def test_an_identity_cache_that_starts_over_takes_the_memo_with_it(ca: Authority, bundles: meshid.BundleSet) -> None:
+    """The memo's entries hold identities the verifier's cache accounts for: when that cache
+    starts over (here: full at one entry, a second peer arrives), the memo is dropped with it and
+    the first peer's next call takes the whole path again (and is still allowed)."""
+    server = _server_source(ca, bundles)
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
+    authorizer = interceptor._authorizer
+    authorizer._verifier._cache.max_entries = 1
+    whole: list[str] = []
+    authorize = authorizer.authorize
+
+    def counted_authorize(*args: object, **kwargs: object) -> object:
+        whole.append(args[1])
+        return authorize(*args, **kwargs)  # type: ignore[arg-type]
+
+    authorizer.authorize = counted_authorize  # type: ignore[method-assign]
+    with sync_server(server, interceptor) as port:
+        first = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
+        second = meshid.StaticSource(ca.issue_svid(f"spiffe://{ca.trust_domain.name}/ns/prod/sa/second"), bundles)
+        with (
+            meshid.secure_channel(f"127.0.0.1:{port}", first, server_id=SERVER_ID) as one,
+            meshid.secure_channel(f"127.0.0.1:{port}", second, server_id=SERVER_ID) as two,
+        ):
+            answers = [call(one), call(one)]
+            assert len(whole) == 1  # the second call came from the memo
+            call(two)  # a second peer: the one-entry verifier cache starts over
+            assert len(whole) == 2
+            answers.append(call(one))
+    assert answers == [("OK", FRONTEND_ID)] * 3
+    assert len(whole) == 3  # the memo went with the cache: the whole path again
