@@ -346,14 +346,14 @@ class Authorizer:
         # decide without filing, never files a verdict under the new state. Each entry keeps
         # its audit record, built once, and the candidate policy's decision (a dry run), as a
         # record only where it differs.
-        memo: _Memo | None = self._memo
-        assert memo is not None, "the authorizer always holds a memo"
+        current = self._memo
+        memo: _Memo | None = current
         if (
-            memo.epoch != epoch
-            or memo.policy is not policy
-            or memo.candidate is not candidate
-            or memo.local is not local
-            or memo.bundles is not bundles
+            current.epoch != epoch
+            or current.policy is not policy
+            or current.candidate is not candidate
+            or current.local is not local
+            or current.bundles is not bundles
         ):
             memo = None  # a change during this call: decided, not filed
             if epoch == self._epoch:

@@ -182,3 +182,36 @@ def test_an_identity_cache_that_starts_over_takes_the_memo_with_it(ca: Authority
             answers.append(call(one))
     assert answers == [("OK", FRONTEND_ID)] * 3
     assert len(whole) == 3  # the memo went with the cache: the whole path again
+
+
+def test_a_decision_made_while_the_source_changed_is_not_memoised(ca: Authority, bundles: meshid.BundleSet) -> None:
+    """A call that reads the memo's inputs, then sees the source change before its decision is
+    filed (here: the change lands while the call's revocation check runs), is answered but not
+    memoised: its verdict rests on what it read before the change. The next call takes the whole
+    path and files its decision; the one after comes from the memo."""
+    server = _server_source(ca, bundles)
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
+    authorizer = interceptor._authorizer
+    changes = [lambda: server.update(svid=ca.issue_svid(SERVER_ID))]  # the first check changes the source
+
+    def revoked(peer: meshid.PeerIdentity) -> bool:
+        if changes:
+            changes.pop()()
+        return False
+
+    interceptor.set_revocation_check(revoked)
+    whole: list[str] = []
+    authorize = authorizer.authorize
+
+    def counted_authorize(*args: object, **kwargs: object) -> object:
+        whole.append(args[1])
+        return authorize(*args, **kwargs)  # type: ignore[arg-type]
+
+    authorizer.authorize = counted_authorize  # type: ignore[method-assign]
+    with sync_server(server, interceptor) as port:
+        source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
+        with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+            answers = [call(channel) for _ in range(3)]
+    assert answers == [("OK", FRONTEND_ID)] * 3
+    assert not changes  # the change did land during the first call
+    assert len(whole) == 2  # the first call's decision was not filed; the second's was
