@@ -8,7 +8,11 @@ Parts, each a ratio against a baseline measured in the same run:
     the two goes first alternating too). Two settings of the ``meshid.audit`` logger: at INFO
     with a ``logging.FileHandler`` (every allow and deny written to a file, what anyone who keeps
     an audit trail runs) and at WARNING (only denies; this bench's calls are all allowed). Sync
-    and aio servers. Each setting is measured in several server processes in turn (5; the calls
+    and aio servers. At WARNING the same processes also serve a floor, for information: an
+    interceptor that only wraps each handler and reads the call's auth context (the least an
+    interceptor that authorizes by the peer's certificate must do; for sync, grpc's C accessor
+    as meshid's fast path reads it, for aio ``context.auth_context()``, the only way grpc.aio
+    offers). Each setting is measured in several server processes in turn (5; the calls
     shared between them) and the median process reported (the lower of the two middle ones for
     an even count), with the range: where a process's threads land on the CPUs moves its ratio
     more than the targets' margins. Targets: INFO to a file <= 1.05, WARNING <= 1.03; aio the
@@ -47,11 +51,13 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import grpc.aio
 
 import meshid
 from meshid._files import write_svid_files
 from meshid._proto import greeter_pb2, greeter_pb2_grpc
 from meshid.ca import Authority
+from meshid.interceptors import _raw_auth_context, _raw_call
 
 TD = "example.org"
 CALLER = f"spiffe://{TD}/ns/prod/sa/frontend"
@@ -91,6 +97,52 @@ class AioGreeter(greeter_pb2_grpc.GreeterServicer):
         return greeter_pb2.HelloReply(message="hi")
 
 
+class ReadsAuthContext(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """The floor: wraps each handler (once per method) and reads the call's auth context."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            inner = handler.unary_unary
+
+            def unary_unary(request: Any, context: Any) -> Any:
+                _raw_auth_context(_raw_call(context))
+                return inner(request, context)
+
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+            self._wrapped[details.method] = wrapped
+        return wrapped
+
+
+class AioReadsAuthContext(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The aio floor: wraps each handler (once per method) and reads ``context.auth_context()``."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                context.auth_context()
+                return await inner(request, context)
+
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+            self._wrapped[details.method] = wrapped
+        return wrapped
+
+
 def _audit_logger(setting: str, folder: str) -> logging.Handler:
     audit = logging.getLogger("meshid.audit")
     handler = logging.FileHandler(os.path.join(folder, f"audit-{setting}-{os.getpid()}.log"))
@@ -107,12 +159,15 @@ def serve(folder: str, setting: str, flavour: str) -> None:
     files = [os.path.join(folder, "server", n) for n in ("svid.pem", "svid.key", "bundle.pem")]
     source = meshid.FileSource(*files)
     policy = meshid.AuthorizationPolicy.from_dict(synthetic_policy(1000))
+    floor = setting == "warning"
     if flavour == "aio":
-        asyncio.run(_serve_aio(source, policy))
+        asyncio.run(_serve_aio(source, policy, floor))
     else:
         interceptor = meshid.AuthorizationInterceptor(policy, source=source).start()
         servers, ports = [], []
-        chains: tuple[list[grpc.ServerInterceptor[Any, Any]], ...] = ([], [interceptor])
+        chains: list[list[grpc.ServerInterceptor[Any, Any]]] = [[], [interceptor]]
+        if floor:
+            chains.append([ReadsAuthContext()])
         for interceptors in chains:
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
             greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
@@ -127,12 +182,15 @@ def serve(folder: str, setting: str, flavour: str) -> None:
     handler.close()
 
 
-async def _serve_aio(source: meshid.FileSource, policy: meshid.AuthorizationPolicy) -> None:
+async def _serve_aio(source: meshid.FileSource, policy: meshid.AuthorizationPolicy, floor: bool) -> None:
     import meshid.aio
 
     interceptor = meshid.aio.AuthorizationInterceptor(policy, source=source).start()
     servers, ports = [], []
-    for interceptors in ([], [interceptor]):
+    chains: list[list[grpc.aio.ServerInterceptor[Any, Any]]] = [[], [interceptor]]
+    if floor:
+        chains.append([AioReadsAuthContext()])
+    for interceptors in chains:
         server = grpc.aio.server(interceptors=interceptors)
         greeter_pb2_grpc.add_GreeterServicer_to_server(AioGreeter(), server)  # type: ignore[no-untyped-call]
         ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
@@ -145,10 +203,13 @@ async def _serve_aio(source: meshid.FileSource, policy: meshid.AuthorizationPoli
     interceptor.close()
 
 
-def audit_latency(folder: str, setting: str, flavour: str, calls: int, block: int = 20) -> tuple[float, float, float]:
-    """Median latency of the bare and the guarded server, and the median ratio of adjacent blocks
-    (each block's median against the other server's block beside it: slow drift of the machine's
-    load cancels out; the order within a pair alternates)."""
+def audit_latency(
+    folder: str, setting: str, flavour: str, calls: int, block: int = 20
+) -> tuple[float, float, float, float | None]:
+    """Median latency of the bare and the guarded server, the median ratio of adjacent blocks
+    (each block's median against the bare server's block beside it: slow drift of the machine's
+    load cancels out; which server goes first rotates), and the floor's ratio, measured the same
+    way (None where the process serves no floor)."""
     files = [os.path.join(folder, "client", n) for n in ("svid.pem", "svid.key", "bundle.pem")]
     source = meshid.FileSource(*files)
     proc = subprocess.Popen(
@@ -159,32 +220,33 @@ def audit_latency(folder: str, setting: str, flavour: str, calls: int, block: in
     )
     assert proc.stdout is not None
     try:
-        bare_port, guarded_port = (int(p) for p in proc.stdout.readline().split())
-        channels = [
-            meshid.secure_channel(f"127.0.0.1:{p}", source, server_id=SERVER) for p in (bare_port, guarded_port)
-        ]
+        ports = [int(p) for p in proc.stdout.readline().split()]  # bare, guarded[, floor]
+        channels = [meshid.secure_channel(f"127.0.0.1:{p}", source, server_id=SERVER) for p in ports]
         stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]  # type: ignore[no-untyped-call]
         request = greeter_pb2.HelloRequest(name="bench")
         for s in stubs:  # connect and warm up
             for _ in range(300):
                 s.SayHello(request, timeout=10)
-        samples: list[list[float]] = [[], []]
-        ratios = []
+        servers = list(range(len(ports)))
+        samples: list[list[float]] = [[] for _ in servers]
+        ratios: list[list[float]] = [[] for _ in servers]
         for n in range(calls // block):
-            pair = [0.0, 0.0]
-            # which server goes first alternates, so neither gains from its place in the pair
-            for which in (0, 1) if n % 2 == 0 else (1, 0):
+            medians = [0.0 for _ in servers]
+            # which server goes first rotates, so none gains from its place in the round
+            for which in servers[n % len(servers) :] + servers[: n % len(servers)]:
                 times = []
                 for _ in range(block):
                     t0 = time.perf_counter()
                     stubs[which].SayHello(request, timeout=10)
                     times.append(time.perf_counter() - t0)
                 samples[which] += times
-                pair[which] = statistics.median(times)
-            ratios.append(pair[1] / pair[0])
+                medians[which] = statistics.median(times)
+            for which in servers[1:]:
+                ratios[which].append(medians[which] / medians[0])
         for c in channels:
             c.close()
-        return statistics.median(samples[0]), statistics.median(samples[1]), statistics.median(ratios)
+        floor = statistics.median(ratios[2]) if len(ports) > 2 else None
+        return statistics.median(samples[0]), statistics.median(samples[1]), statistics.median(ratios[1]), floor
     finally:
         proc.communicate("", timeout=30)
 
@@ -202,26 +264,28 @@ def per_process_share(calls: int, processes: int) -> int:
 
 def median_process(
     folder: str, setting: str, flavour: str, calls: int, processes: int = AUDIT_PROCESSES
-) -> tuple[tuple[float, float, float], list[float]]:
+) -> tuple[tuple[float, float, float], list[float], list[float]]:
     """:func:`audit_latency` in ``processes`` server processes in turn, sharing ``calls``: the
-    median process's (bare, guarded, ratio), the lower middle one for an even count, and every
-    process's ratio, sorted."""
+    median process's (bare, guarded, ratio), the lower middle one for an even count, every
+    process's ratio, sorted, and every process's floor ratio, sorted (empty without a floor)."""
     share = per_process_share(calls, processes)
     runs = sorted((audit_latency(folder, setting, flavour, share) for _ in range(processes)), key=lambda r: r[2])
-    return runs[(len(runs) - 1) // 2], [r[2] for r in runs]
+    bare, guarded, ratio, _ = runs[(len(runs) - 1) // 2]
+    return (bare, guarded, ratio), [r[2] for r in runs], sorted(r[3] for r in runs if r[3] is not None)
 
 
 def run_audit(folder: str, calls: int, processes: int = AUDIT_PROCESSES) -> dict[str, Any]:
     share = per_process_share(calls, processes)
     print(
         f"\n[hotpath] audit records: unary RPC, 1,000-rule policy vs bare mTLS; {processes} server processes per "
-        f"setting, each with a bare and a guarded server, {share} calls to each in blocks of 20, alternating; "
-        "ratio: median over block pairs in a process, then the median process (range: all processes)"
+        f"setting, each with a bare and a guarded server (and at WARNING a floor), {share} calls to each in blocks "
+        "of 20, in turn; ratio: median over blocks against the bare block beside them in a process, then the median "
+        "process (range: all processes)"
     )
     results: dict[str, Any] = {}
     for flavour in ("sync", "aio"):
         for setting, target in AUDIT_TARGETS.items():
-            (bare, guarded, ratio), ratios = median_process(folder, setting, flavour, calls, processes)
+            (bare, guarded, ratio), ratios, floors = median_process(folder, setting, flavour, calls, processes)
             limit = target + (AIO_SLACK if flavour == "aio" else 0.0)
             ok = ratio <= limit
             label = f"{flavour}, meshid.audit at {'INFO to a file' if setting == 'info-file' else 'WARNING'}"
@@ -229,7 +293,15 @@ def run_audit(folder: str, calls: int, processes: int = AUDIT_PROCESSES) -> dict
                 f"  {label:38} bare {bare * 1e6:7.1f} us  guarded {guarded * 1e6:7.1f} us  "
                 f"ratio {ratio:6.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f}; target <= {limit:.2f}) {verdict(ok)}"
             )
+            if floors:
+                mid = floors[(len(floors) - 1) // 2]
+                print(
+                    f"  {flavour + ', floor: wrap, read auth context':38} {'':32}ratio {mid:6.3f} "
+                    f"(range {floors[0]:.3f}-{floors[-1]:.3f}; for information: what grpc's accessor and "
+                    "interceptor machinery cost before any decision)"
+                )
             results[f"{flavour}-{setting}"] = {
+                "floor_ratios": floors,
                 "bare_us": bare * 1e6,
                 "guarded_us": guarded * 1e6,
                 "ratio": ratio,

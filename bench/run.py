@@ -113,7 +113,7 @@ def main() -> int:
             f"guarded server, {share} calls to each in blocks of 20, alternating; ratio: median over block pairs "
             "in a process, then the median process (range: all processes)"
         )
-        (bare, guarded, ratio), ratios = median_process(folder, "warning", "sync", args.calls)
+        (bare, guarded, ratio), ratios, _ = median_process(folder, "warning", "sync", args.calls)
         print(f"  bare mTLS server                      {bare * 1e6:8.1f} us")
         print(f"  + interceptor, 1,000-rule policy      {guarded * 1e6:8.1f} us")
         print(
