@@ -46,6 +46,21 @@ def _twice(
             return first, call(channel)
 
 
+def _whole_path_calls(interceptor: meshid.AuthorizationInterceptor) -> list[object]:
+    """The methods of the calls ``interceptor`` decides on its whole path (``Authorizer.authorize``),
+    appended as they come."""
+    authorizer = interceptor._authorizer
+    whole: list[object] = []
+    authorize = authorizer.authorize
+
+    def counted_authorize(*args: object, **kwargs: object) -> object:
+        whole.append(args[1])
+        return authorize(*args, **kwargs)  # type: ignore[arg-type]
+
+    authorizer.authorize = counted_authorize  # type: ignore[method-assign]
+    return whole
+
+
 def test_a_trust_domain_dropped_from_the_bundles_refuses_its_connected_peer(
     ca: Authority, other_ca: Authority, bundles: meshid.BundleSet
 ) -> None:
@@ -115,19 +130,16 @@ def test_repeat_calls_of_a_sync_server_take_the_fast_path_and_name_the_same_peer
     server = _server_source(ca, bundles)
     interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
     authorizer = interceptor._authorizer
-    whole, fast = [], []
-    authorize, repeat_call = authorizer.authorize, authorizer.repeat_call
-
-    def counted_authorize(*args: object, **kwargs: object) -> object:
-        whole.append(args[1])
-        return authorize(*args, **kwargs)  # type: ignore[arg-type]
+    whole = _whole_path_calls(interceptor)
+    fast: list[bool] = []
+    repeat_call = authorizer.repeat_call
 
     def counted_repeat(*args: object, **kwargs: object) -> object:
         answer = repeat_call(*args, **kwargs)  # type: ignore[arg-type]
         fast.append(answer is not None)
         return answer
 
-    authorizer.authorize, authorizer.repeat_call = counted_authorize, counted_repeat  # type: ignore[method-assign]
+    authorizer.repeat_call = counted_repeat  # type: ignore[method-assign]
     with sync_server(server, interceptor) as port:
         source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
         with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
@@ -158,16 +170,8 @@ def test_an_identity_cache_that_starts_over_takes_the_memo_with_it(ca: Authority
     the first peer's next call takes the whole path again (and is still allowed)."""
     server = _server_source(ca, bundles)
     interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
-    authorizer = interceptor._authorizer
-    authorizer._verifier._cache.max_entries = 1
-    whole: list[str] = []
-    authorize = authorizer.authorize
-
-    def counted_authorize(*args: object, **kwargs: object) -> object:
-        whole.append(args[1])
-        return authorize(*args, **kwargs)  # type: ignore[arg-type]
-
-    authorizer.authorize = counted_authorize  # type: ignore[method-assign]
+    interceptor._authorizer._verifier._cache.max_entries = 1
+    whole = _whole_path_calls(interceptor)
     with sync_server(server, interceptor) as port:
         first = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
         second = meshid.StaticSource(ca.issue_svid(f"spiffe://{ca.trust_domain.name}/ns/prod/sa/second"), bundles)
@@ -191,7 +195,6 @@ def test_a_decision_made_while_the_source_changed_is_not_memoised(ca: Authority,
     path and files its decision; the one after comes from the memo."""
     server = _server_source(ca, bundles)
     interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
-    authorizer = interceptor._authorizer
     changes = [lambda: server.update(svid=ca.issue_svid(SERVER_ID))]  # the first check changes the source
 
     def revoked(peer: meshid.PeerIdentity) -> bool:
@@ -200,14 +203,7 @@ def test_a_decision_made_while_the_source_changed_is_not_memoised(ca: Authority,
         return False
 
     interceptor.set_revocation_check(revoked)
-    whole: list[str] = []
-    authorize = authorizer.authorize
-
-    def counted_authorize(*args: object, **kwargs: object) -> object:
-        whole.append(args[1])
-        return authorize(*args, **kwargs)  # type: ignore[arg-type]
-
-    authorizer.authorize = counted_authorize  # type: ignore[method-assign]
+    whole = _whole_path_calls(interceptor)
     with sync_server(server, interceptor) as port:
         source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
         with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
