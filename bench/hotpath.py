@@ -4,19 +4,19 @@ Parts, each a ratio against a baseline measured in the same run:
 
   * audit: median latency of a unary RPC through meshid's interceptor with a 1,000-rule policy,
     against a bare grpcio mTLS server in the same server process (so both share interpreter,
-    scheduling and CPU), the client alternating between them in blocks of 20 calls (and which of
-    the two goes first alternating too). Two settings of the ``meshid.audit`` logger: at INFO
-    with a ``logging.FileHandler`` (every allow and deny written to a file, what anyone who keeps
-    an audit trail runs) and at WARNING (only denies; this bench's calls are all allowed). Sync
-    and aio servers. At WARNING the same processes also serve a floor, for information: an
-    interceptor that only wraps each handler and reads the call's auth context (the least an
-    interceptor that authorizes by the peer's certificate must do; for sync, grpc's C accessor
-    as meshid's fast path reads it, for aio ``context.auth_context()``, the only way grpc.aio
-    offers). Each setting is measured in several server processes in turn (5; the calls
-    shared between them) and the median process reported (the lower of the two middle ones for
-    an even count), with the range: where a process's threads land on the CPUs moves its ratio
-    more than the targets' margins. Targets: INFO to a file <= 1.05, WARNING <= 1.03; aio the
-    same targets within 0.02.
+    scheduling and CPU), the client taking them in turn in blocks of 20 calls (which one goes first
+    rotating), each block against the bare server's block beside it. Two settings of the
+    ``meshid.audit`` logger: at INFO with a ``logging.FileHandler`` (every allow and deny written to
+    a file, what anyone who keeps an audit trail runs) and at WARNING (only denies; this bench's
+    calls are all allowed). Sync and aio servers. At WARNING the same processes also serve a floor,
+    for information: an interceptor that only wraps each handler and reads the call's auth context
+    (the least an interceptor that authorizes by the peer's certificate must do; for sync, grpc's C
+    accessor as meshid's fast path reads it, for aio ``context.auth_context()``, the only way
+    grpc.aio offers). Each setting is measured in several server processes in turn (5; the calls
+    shared between them) and the median process reported (the lower of the two middle ones for an
+    even count), with the range: where a process's threads land on the CPUs moves its ratio more
+    than the targets' margins. Targets: INFO to a file <= 1.05, WARNING <= 1.03; aio the same
+    targets within 0.02.
   * refresh: CA CPU per agent-hour of idle refreshes (an agent whose SVID is not due: bundle and
     CRL only). Old path: ``GetBundle`` and ``GetCrl`` over a new mTLS connection each, every
     refresh (what ``IssuerSource`` did). New path: one ``GetTrustUpdates`` call, carrying the

@@ -383,10 +383,7 @@ class Authorizer:
         pems = auth_context.get("x509_pem_cert")
         if not pems:
             return None
-        get = auth_context.get
-        return self._memo_lookup(
-            _connection_key(pems[0], get(_TLS_VERSION, ()), get(_KEX_GROUP, ()), method), method, peer_address
-        )
+        return self._memo_lookup(_str_connection_key(pems[0], auth_context, method), method, peer_address)
 
     def repeat_call(
         self,

@@ -1,11 +1,11 @@
 """A cache bounded by entries and bytes, for the per-call path.
 
 Reads are one dict lookup (atomic under the GIL, no lock). When a write would pass either
-bound, the cache starts over with a new dict, its ``generation`` moves on and its ``on_clear``
-callback runs, so whatever is derived from its entries (the decision memo) can tell that they
-are gone and drop its own.
-Starting over, rather than evicting one entry, keeps writes O(1) and lock-free; the callers'
-keys are verified certificates and known method names, so a full cache is rare in practice.
+bound, the cache starts over with a new dict, its ``generation`` moves on and, if it held
+entries, its ``on_clear`` callback runs, so whatever is derived from its entries (the decision
+memo) can tell that they are gone and drop its own. Starting over, rather than evicting one
+entry, keeps writes O(1) and lock-free; the callers' keys are verified certificates and known
+method names, so a full cache is rare in practice.
 """
 
 from __future__ import annotations

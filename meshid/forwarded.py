@@ -158,7 +158,7 @@ class ForwardedIdentities:
     decided as the proxy itself. The forwarded identity carries the TLS version and key
     exchange group of the proxy's connection to this server: that is the hop meshid sees, so
     ``require_pq_key_exchange`` and the TLS 1.3 floor apply to it. The cache starts over when
-    the bundle set changes (and when full), calling ``on_clear`` each time.
+    the bundle set changes (and when full), calling ``on_clear`` each time it drops entries.
     """
 
     def __init__(

@@ -170,7 +170,8 @@ class PeerVerifier:
 
     ``bundles`` is a callable returning the current :class:`BundleSet` (a source's
     ``get_bundles``), so a bundle rotation takes effect at once; the cache is dropped
-    whenever the bundle set changes (and when full), and ``on_clear`` is called each time.
+    whenever the bundle set changes (and when full), and ``on_clear`` is called each time it
+    drops entries.
     """
 
     def __init__(
@@ -286,7 +287,7 @@ class JwtVerifier:
     A validated token is kept under its SHA-256 (a fixed-size key, whatever the token's
     size) with the connection's TLS facts, until its ``exp``, never longer; the cache is
     bounded by entries and starts over when the bundle set or the audiences change (and when
-    full), calling ``on_clear`` each time. Refused tokens are not kept: a refusal can depend on
+    full), calling ``on_clear`` each time it drops entries. Refused tokens are not kept: a refusal can depend on
     the time (not yet valid).
     """
 
