@@ -201,7 +201,13 @@ class Authorizer:
         candidate: PolicyInput | None = None,
     ) -> None:
         self._policy, self._path = _load(policy)
-        self.candidate = CandidatePolicy(candidate)
+        # What the memo depends on besides the bundle set, each call compares as one number: it
+        # moves on (_stale) when the policy or the candidate is replaced, when the source changes
+        # (the own trust domain) and when an identity cache starts over (the memo's entries hold
+        # its identities).
+        self._epochs = itertools.count(1)
+        self._epoch = 0
+        self.candidate = CandidatePolicy(candidate, on_change=self._stale)
         self._started = False
         self._clock = clock
         # The memo's expiry check compares floats: the system clock's time.time(), or an
@@ -214,11 +220,6 @@ class Authorizer:
         self._bundles = bundles
         # Decided once: a runtime Protocol isinstance costs microseconds, too much per call.
         self._source: Source | None = source if isinstance(source, Source) else None
-        # What the memo depends on besides the policy, candidate and bundle set, each call
-        # compares as one number: it moves on (_stale) when the source changes (the own trust
-        # domain) and when an identity cache starts over (the memo's entries hold its identities).
-        self._epochs = itertools.count(1)
-        self._epoch = 0
         self._verifier = PeerVerifier(bundles, clock=clock, on_clear=self._stale)
         proxies = list(trusted_proxies)
         self._forwarded = (
@@ -287,6 +288,7 @@ class Authorizer:
                 if path is not None:
                     self._path, self._stamp = path, stamp
             self._policy = new
+            self._stale()  # after the swap: a call that reads the new epoch reads the new policy
         log.info("policy: now enforcing %r (%d rules) from %s", new.name, len(new.rules), new.origin)
         return True
 
@@ -323,8 +325,10 @@ class Authorizer:
                     log.exception("policy: dry run: keeping the previous candidate")
 
     def _stale(self) -> None:
-        """Make the memo stale: what it was built on (the own trust domain, an identity cache)
-        changed. A call that read the epoch before this files nothing (see :meth:`_memo_decide`)."""
+        """Make the memo stale: what it was built on (the policy, the candidate, the own trust
+        domain, an identity cache) changed. Called after the change, so a call that reads the new
+        epoch sees what changed; a call that read the epoch before files nothing (see
+        :meth:`_memo_decide`)."""
         self._epoch = next(self._epochs)
 
     def _memo_decide(
@@ -383,13 +387,14 @@ class Authorizer:
         pems = auth_context.get("x509_pem_cert")
         if not pems:
             return None
-        return self._memo_lookup(_str_connection_key(pems[0], auth_context, method), method, peer_address)
+        get = auth_context.get  # the key as _connection_key makes it, written out: no frame
+        return self._memo_lookup((pems[0], *get(_TLS_VERSION, ()), *get(_KEX_GROUP, ()), method), method, peer_address)
 
     def repeat_call(
         self,
         raw_auth_context: Mapping[bytes, Sequence[bytes]],
         method: str,
-        peer_address: str | Callable[[], str] | None,
+        peer_address: str | Callable[[], str | bytes] | None,
     ) -> PeerIdentity | Refusal | None:
         """:meth:`authorize` for a known method from grpc's auth context as its C accessor gives
         it (keys still bytes), when the call is a direct peer's repeat call found in the memo;
@@ -398,31 +403,26 @@ class Authorizer:
         pems = raw_auth_context.get(_RAW_PEM)
         if not pems:
             return None
-        get = raw_auth_context.get
+        get = raw_auth_context.get  # the key as _connection_key makes it, written out: no frame
         return self._memo_lookup(
-            _connection_key(pems[0], get(_RAW_TLS_VERSION, ()), get(_RAW_KEX_GROUP, ()), method), method, peer_address
+            (pems[0], *get(_RAW_TLS_VERSION, ()), *get(_RAW_KEX_GROUP, ()), method), method, peer_address
         )
 
     def _memo_lookup(
-        self, key: tuple[object, ...], method: str, peer_address: str | Callable[[], str] | None
+        self, key: tuple[object, ...], method: str, peer_address: str | Callable[[], str | bytes] | None
     ) -> PeerIdentity | Refusal | None:
         """The memo's verdict on a direct peer's call, or None to take the full path.
 
         Only what can change between two calls on one connection is looked at again: whether
-        the memo is still current (the policy, candidate and bundle set are compared, the rest
-        is the epoch), the certificate's expiry and its revocation. Anything else (an expired
-        or revoked peer, a new policy or bundle set) falls through to the full path, which
-        refuses and records it. Only direct peers under a policy that takes no JWT-SVIDs are
-        filed under a connection key, and never for an unauthenticated method, so a key found
-        here needs no more checks of its own.
+        the memo is still current (the bundle set is compared, as the source gives it now; the
+        rest is the epoch, which a new policy or candidate moves on), the certificate's expiry
+        and its revocation. Anything else (an expired or revoked peer, a new policy or bundle
+        set) falls through to the full path, which refuses and records it. Only direct peers
+        under a policy that takes no JWT-SVIDs are filed under a connection key, and never for
+        an unauthenticated method, so a key found here needs no more checks of its own.
         """
         memo = self._memo
-        if (
-            memo.epoch != self._epoch
-            or memo.policy is not self._policy
-            or memo.candidate is not self.candidate.policy
-            or memo.bundles is not self._bundles()
-        ):
+        if memo.epoch != self._epoch or memo.bundles is not self._bundles():
             return None
         hit = memo.cache.get(key)
         if hit is None or self._now_ts() > hit[4]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from meshid._background import FileStamp, file_stamp
 from meshid.authz.policy import AuthorizationPolicy
@@ -37,8 +38,11 @@ def _load(policy: CandidateInput) -> tuple[AuthorizationPolicy, str | None]:
 class CandidatePolicy:
     """Holds the dry-run policy: ``policy`` is None while there is none (or it never loaded)."""
 
-    def __init__(self, candidate: CandidateInput | None) -> None:
-        self.policy: AuthorizationPolicy | None = None
+    def __init__(self, candidate: CandidateInput | None, *, on_change: Callable[[], None] | None = None) -> None:
+        #: Called after every change of :attr:`policy` (the authorizer's memo holds the
+        #: candidate's decisions: a new candidate makes it stale).
+        self.on_change = on_change
+        self._policy: AuthorizationPolicy | None = None
         self.path: str | None = None
         self._stamp: FileStamp | None = None
         self._lock = threading.Lock()
@@ -58,6 +62,17 @@ class CandidatePolicy:
         else:
             self.policy, _ = _load(candidate)
         self._announce()
+
+    @property
+    def policy(self) -> AuthorizationPolicy | None:
+        """The candidate in force now; None while there is none."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: AuthorizationPolicy | None) -> None:
+        self._policy = policy
+        if self.on_change is not None:
+            self.on_change()
 
     def _announce(self) -> None:
         if self.policy is not None:

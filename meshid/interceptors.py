@@ -7,7 +7,6 @@ the context in hand before the servicer's code runs, for all four RPC shapes.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -57,12 +56,6 @@ def _raw_auth_context(call: Any) -> Mapping[bytes, Sequence[bytes]] | None:
         return _cygrpc.auth_context(call)  # type: ignore[no-any-return]
     except (AttributeError, TypeError):
         return None
-
-
-def _peer_of(call: Any) -> str:
-    """The call's peer address, as ``ServicerContext.peer()`` gives it, read from the call's
-    core object directly (a third of the cost)."""
-    return call.peer().decode("utf-8", "replace")  # type: ignore[no-any-return]
 
 
 def _auth_properties(
@@ -129,11 +122,15 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     """
 
     def _check(self, context: grpc.ServicerContext, method: str, known: bool = True) -> PeerIdentity | None:
-        call = _raw_call(context) if known else None
-        raw = _raw_auth_context(call)
-        result = None
-        if raw is not None:
-            result = self._authorizer.repeat_call(raw, method, functools.partial(_peer_of, call))
+        result = raw = None
+        call = getattr(getattr(context, "_rpc_event", None), "call", None) if known else None
+        if call is not None and _cygrpc is not None:
+            try:
+                raw = _cygrpc.auth_context(call)
+            except (AttributeError, TypeError):
+                raw = None
+            if raw is not None:
+                result = self._authorizer.repeat_call(raw, method, call.peer)
         if result is None:  # not a repeat call decided by the memo: the whole path
             auth = _auth_properties(context, raw)
             # metadata and the peer address are fetched only if the policy or the audit log needs them

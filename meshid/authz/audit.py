@@ -160,8 +160,12 @@ def peer_fields(peer: PeerIdentity | None) -> dict[str, object]:
     }
 
 
-def emit(prepared: Prepared, peer_address: str | Callable[[], str] | None, writer: AuditWriter | None) -> None:
-    """Count one decision and hand its records to ``writer`` (or write them now, without one)."""
+def emit(prepared: Prepared, peer_address: str | Callable[[], str | bytes] | None, writer: AuditWriter | None) -> None:
+    """Count one decision and hand its records to ``writer`` (or write them now, without one).
+
+    ``peer_address`` may give the address as grpc's core does, in bytes (the sync fast path
+    passes the call's own accessor): it is decoded where the record is written, off the call.
+    """
     next(prepared.counter)
     logged = prepared.fields is not None and prepared.logger.isEnabledFor(prepared.level)
     if not logged and prepared.grpc_entry is None:
@@ -198,13 +202,15 @@ def record(
     emit(prepare(policy, decision, method, peer, error=error, known=known), peer_address, writer)
 
 
-Item = tuple[float, Prepared, str | None, bool]
+Item = tuple[float, Prepared, str | bytes | None, bool]
 
 
 def _write(item: Item, template: dict[str, Any] | None = None) -> None:
     """Write one item's records. ``template``: the attributes every ``LogRecord`` made on this
     thread shares (made once per thread: ``LogRecord.__init__`` costs more than the rest)."""
     created, prepared, address, logged = item
+    if isinstance(address, bytes):  # as grpc's core gives it (see emit)
+        address = address.decode("utf-8", "replace")
     if logged and prepared.fields is not None:
         fields = {**prepared.fields, "peer_address": address}
         head, tail = prepared.text
