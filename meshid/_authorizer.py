@@ -376,14 +376,16 @@ class Authorizer:
             memo.cache.put(key, entry, 1024 + len(method))
         return entry
 
-    def _memoised(
+    def memoised(
         self,
         auth_context: Mapping[str, Sequence[bytes]],
         method: str,
         peer_address: str | Callable[[], str] | None,
     ) -> PeerIdentity | Refusal | None:
-        """A repeat call of a direct peer decided from the memo, or None to take the full path
-        (see :meth:`_memo_lookup`)."""
+        """A known method's repeat call of a direct peer decided from the memo, or None to take
+        the full path, :meth:`authorize` (see :meth:`_memo_lookup`). The aio interceptor's fast
+        path, as :meth:`repeat_call` is the sync one's: it needs neither the call's metadata nor
+        :meth:`authorize`'s checks, which no call found here could fail."""
         pems = auth_context.get("x509_pem_cert")
         if not pems:
             return None
@@ -636,7 +638,7 @@ class Authorizer:
             return self._open_call(policy, auth_context, metadata, method, peer_address, known)
         accepts_jwt = policy.accepts_jwt  # one read for the whole call, as for the policy
         if known and not accepts_jwt:  # under a policy that takes tokens, a token may decide
-            memoised = self._memoised(auth_context, method, peer_address)
+            memoised = self.memoised(auth_context, method, peer_address)
             if memoised is not None:
                 return memoised
         bundles = self._bundles()  # before the peer is verified (see _memo_decide)

@@ -40,6 +40,10 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         # awaits only a refusal's abort.
         # grpc returns each auth property as a list of bytes; grpc-stubs declares an Iterable.
         auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
+        if known:  # a repeat call found in the memo needs nothing more (an unknown method is never filed)
+            result = self._authorizer.memoised(auth, method, context.peer)
+            if result is not None:
+                return result
         return self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
 
     async def _recheck(self, context: grpc.aio.ServicerContext[Any, Any], identity: PeerIdentity) -> None:

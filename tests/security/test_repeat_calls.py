@@ -12,8 +12,9 @@ from collections.abc import Callable
 import pytest
 
 import meshid
+import meshid.aio
 from meshid.ca import Authority
-from support import FRONTEND_ID, SERVER_ID, SERVICE, call, sync_server
+from support import FRONTEND_ID, SERVER_ID, SERVICE, aio_server_in_a_thread, call, sync_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -147,6 +148,35 @@ def test_repeat_calls_of_a_sync_server_take_the_fast_path_and_name_the_same_peer
     assert answers == [("OK", FRONTEND_ID)] * 5
     assert fast == [False, True, True, True, True]  # the first call misses the memo ...
     assert len(whole) == 1  # ... and only it takes the whole path
+
+
+def test_repeat_calls_of_an_aio_server_are_decided_from_the_memo_without_the_whole_path(
+    ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    """The aio interceptor looks a connected peer's repeat call up in the memo first
+    (Authorizer.memoised) and takes the whole path for the first call only; every call names the
+    same verified peer, and a reloaded policy still decides the next call on the connection."""
+    server = _server_source(ca, bundles)
+    interceptor = meshid.aio.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
+    authorizer = interceptor._authorizer
+    whole: list[object] = []
+    authorize = authorizer.authorize
+
+    def counted_authorize(*args: object, **kwargs: object) -> object:
+        whole.append(args[1])
+        return authorize(*args, **kwargs)  # type: ignore[arg-type]
+
+    authorizer.authorize = counted_authorize  # type: ignore[method-assign]
+    with aio_server_in_a_thread(server, interceptor) as port:
+        source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
+        with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+            answers = [call(channel) for _ in range(4)]
+            assert len(whole) == 1  # the first call took the whole path, the others the memo
+            interceptor.reload(meshid.AuthorizationPolicy.from_dict({"allow": [POLICY["allow"][1]]}))  # partners only
+            refused = call(channel)
+    assert answers == [("OK", FRONTEND_ID)] * 4
+    assert refused[0] == "PERMISSION_DENIED", refused
+    assert len(whole) == 2  # the new policy made the memo stale: the whole path decided
 
 
 def test_a_new_own_trust_domain_rescopes_subject_rules_for_a_connected_peer(
