@@ -47,7 +47,9 @@ def _twice(
             return first, call(channel)
 
 
-def _whole_path_calls(interceptor: meshid.AuthorizationInterceptor) -> list[object]:
+def _whole_path_calls(
+    interceptor: meshid.AuthorizationInterceptor | meshid.aio.AuthorizationInterceptor,
+) -> list[object]:
     """The methods of the calls ``interceptor`` decides on its whole path (``Authorizer.authorize``),
     appended as they come."""
     authorizer = interceptor._authorizer
@@ -158,15 +160,7 @@ def test_repeat_calls_of_an_aio_server_are_decided_from_the_memo_without_the_who
     same verified peer, and a reloaded policy still decides the next call on the connection."""
     server = _server_source(ca, bundles)
     interceptor = meshid.aio.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(POLICY), source=server)
-    authorizer = interceptor._authorizer
-    whole: list[object] = []
-    authorize = authorizer.authorize
-
-    def counted_authorize(*args: object, **kwargs: object) -> object:
-        whole.append(args[1])
-        return authorize(*args, **kwargs)  # type: ignore[arg-type]
-
-    authorizer.authorize = counted_authorize  # type: ignore[method-assign]
+    whole = _whole_path_calls(interceptor)
     with aio_server_in_a_thread(server, interceptor) as port:
         source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
         with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
