@@ -123,6 +123,7 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
 
     def _check(self, context: grpc.ServicerContext, method: str, known: bool = True) -> PeerIdentity | None:
         result = raw = None
+        # _raw_call and _raw_auth_context written out: two Python frames fewer on every call
         call = getattr(getattr(context, "_rpc_event", None), "call", None) if known else None
         if call is not None and _cygrpc is not None:
             try:
