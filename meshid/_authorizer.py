@@ -128,8 +128,10 @@ MemoEntry = tuple[PeerIdentity, Decision, audit.Prepared, audit.Prepared | None,
 
 #: The auth context properties a verdict depends on besides the certificate (see PeerVerifier.identify).
 _TLS_VERSION, _KEX_GROUP = "ssl_tls_version", "ssl_negotiated_key_exchange_group"
-# The same keys as grpc's C accessor gives them (the sync interceptor's repeat_call).
-_RAW_PEM, _RAW_TLS_VERSION, _RAW_KEX_GROUP = b"x509_pem_cert", _TLS_VERSION.encode(), _KEX_GROUP.encode()
+#: The names of what a connection key holds (certificate, TLS version, key exchange group) in
+#: grpc's auth context mapping, and as its C accessor gives them (the sync interceptor's).
+STR_KEY_NAMES = ("x509_pem_cert", _TLS_VERSION, _KEX_GROUP)
+RAW_KEY_NAMES = (b"x509_pem_cert", _TLS_VERSION.encode(), _KEX_GROUP.encode())
 
 
 def _connection_key(
@@ -376,44 +378,21 @@ class Authorizer:
             memo.cache.put(key, entry, 1024 + len(method))
         return entry
 
-    def memoised(
-        self,
-        auth_context: Mapping[str, Sequence[bytes]],
-        method: str,
-        peer_address: str | Callable[[], str] | None,
-    ) -> PeerIdentity | Refusal | None:
-        """A known method's repeat call of a direct peer decided from the memo, or None to take
-        the full path, :meth:`authorize` (see :meth:`_memo_lookup`). The aio interceptor's fast
-        path, as :meth:`repeat_call` is the sync one's: it needs neither the call's metadata nor
-        :meth:`authorize`'s checks, which no call found here could fail."""
-        pems = auth_context.get("x509_pem_cert")
-        if not pems:
-            return None
-        get = auth_context.get  # the key as _connection_key makes it, written out: no frame
-        return self._memo_lookup((pems[0], *get(_TLS_VERSION, ()), *get(_KEX_GROUP, ()), method), method, peer_address)
-
     def repeat_call(
         self,
-        raw_auth_context: Mapping[bytes, Sequence[bytes]],
+        auth_get: Callable[[Any, Any], Any],
+        names: tuple[Any, Any, Any],
         method: str,
         peer_address: str | Callable[[], str | bytes] | None,
     ) -> PeerIdentity | Refusal | None:
-        """:meth:`authorize` for a known method from grpc's auth context as its C accessor gives
-        it (keys still bytes), when the call is a direct peer's repeat call found in the memo;
-        None otherwise (then :meth:`authorize` decides it). The sync interceptor's fast path:
-        it skips building the str-keyed mapping for the calls that need nothing else."""
-        pems = raw_auth_context.get(_RAW_PEM)
-        if not pems:
-            return None
-        get = raw_auth_context.get  # the key as _connection_key makes it, written out: no frame
-        return self._memo_lookup(
-            (pems[0], *get(_RAW_TLS_VERSION, ()), *get(_RAW_KEX_GROUP, ()), method), method, peer_address
-        )
+        """A known method's repeat call of a direct peer decided from the memo, or None to take
+        the full path, :meth:`authorize`. The interceptors' fast path: it needs neither the
+        call's metadata nor :meth:`authorize`'s checks, which no call found here could fail.
 
-    def _memo_lookup(
-        self, key: tuple[object, ...], method: str, peer_address: str | Callable[[], str | bytes] | None
-    ) -> PeerIdentity | Refusal | None:
-        """The memo's verdict on a direct peer's call, or None to take the full path.
+        ``auth_get`` is the ``get`` of the call's auth context as the interceptor has it, and
+        ``names`` its names of the certificate, TLS version and key exchange group:
+        :data:`STR_KEY_NAMES` for grpc's mapping, :data:`RAW_KEY_NAMES` for its C accessor's
+        (keys still bytes; the sync interceptor skips building the mapping).
 
         Only what can change between two calls on one connection is looked at again: whether
         the memo is still current (the bundle set is compared, as the source gives it now; the
@@ -423,10 +402,15 @@ class Authorizer:
         under a policy that takes no JWT-SVIDs are filed under a connection key, and never for
         an unauthenticated method, so a key found here needs no more checks of its own.
         """
+        pem, tls_version, kex_group = names
+        pems = auth_get(pem, None)
+        if not pems:
+            return None
         memo = self._memo
         if memo.epoch != self._epoch or memo.bundles is not self._bundles():
             return None
-        hit = memo.cache.get(key)
+        # the key as _connection_key makes it, written out: a frame fewer on every call
+        hit = memo.cache.get((pems[0], *auth_get(tls_version, ()), *auth_get(kex_group, ()), method))
         if hit is None or self._now_ts() > hit[4]:
             return None
         identity, decision, prepared, dry, _ = hit
@@ -638,7 +622,7 @@ class Authorizer:
             return self._open_call(policy, auth_context, metadata, method, peer_address, known)
         accepts_jwt = policy.accepts_jwt  # one read for the whole call, as for the policy
         if known and not accepts_jwt:  # under a policy that takes tokens, a token may decide
-            memoised = self.memoised(auth_context, method, peer_address)
+            memoised = self.repeat_call(auth_context.get, STR_KEY_NAMES, method, peer_address)
             if memoised is not None:
                 return memoised
         bundles = self._bundles()  # before the peer is verified (see _memo_decide)
@@ -676,7 +660,7 @@ class Authorizer:
         candidate = self.candidate.policy  # one read, as for the policy
         if known and not policy.uses_headers and (candidate is None or not candidate.uses_headers):
             key: tuple[object, ...]
-            if direct and not accepts_jwt:  # filed as _memo_lookup looks it up
+            if direct and not accepts_jwt:  # filed as repeat_call looks it up
                 key = _str_connection_key(auth_context["x509_pem_cert"][0], auth_context, method)
             else:  # a JWT or forwarded peer, or any under a policy a token may decide: its identity object
                 key = (id(identity), method)  # the entry holds identity: its id() is not reused meanwhile
@@ -791,17 +775,15 @@ class InterceptorBase:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _wrapped_handler(
+    def _file_wrapped(
         self,
         handler: grpc.RpcMethodHandler[Any, Any],
         method: str,
         wrap: Callable[[grpc.RpcMethodHandler[Any, Any], str], grpc.RpcMethodHandler[Any, Any]],
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        # The entry holds the handler, so its id() cannot be reused while the entry lives.
-        key = (id(handler), method)
-        cached = self._wrapped.get(key)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+        """``wrap(handler, method)``, kept for the interceptor's next calls of ``method``, which
+        find it with one lookup in ``_wrapped`` under ``(id(handler), method)`` and check that it
+        wraps the same handler (the entry holds the handler, so its id() is not reused meanwhile)."""
         wrapped = wrap(handler, method)
-        self._wrapped.put(key, (handler, wrapped), 1024 + len(method))
+        self._wrapped.put((id(handler), method), (handler, wrapped), 1024 + len(method))
         return wrapped

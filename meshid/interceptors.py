@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from meshid import peer as _peer
-from meshid._authorizer import InterceptorBase, Refusal
+from meshid._authorizer import RAW_KEY_NAMES, InterceptorBase, Refusal
 from meshid.peer import PeerIdentity
 
 __all__ = ["AuthorizationInterceptor"]
@@ -131,7 +131,7 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
             except (AttributeError, TypeError):
                 raw = None
             if raw is not None:
-                result = self._authorizer.repeat_call(raw, method, call.peer)
+                result = self._authorizer.repeat_call(raw.get, RAW_KEY_NAMES, method, call.peer)
         if result is None:  # not a repeat call decided by the memo: the whole path
             auth = _auth_properties(context, raw)
             # metadata and the peer address are fetched only if the policy or the audit log needs them
@@ -156,8 +156,11 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         method = handler_call_details.method
         if handler is None:  # the caller chose this name: wrapped for this call only, never cached
             return _wrap(_UNKNOWN, method, lambda context, m: self._check(context, m, False), self._recheck)
-        # One wrapped handler per (handler, method), made once: the per-call cost is a lookup.
-        return self._wrapped_handler(handler, method, self._wrap)
+        # One wrapped handler per (handler, method), made once: the per-call cost is this lookup.
+        kept = self._wrapped.get((id(handler), method))  # the entry holds the handler: its id() is not reused
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        return self._file_wrapped(handler, method, self._wrap)
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         return _wrap(handler, method, self._check, self._recheck)

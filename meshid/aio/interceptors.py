@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from meshid import peer as _peer
-from meshid._authorizer import InterceptorBase, Refusal
+from meshid._authorizer import STR_KEY_NAMES, InterceptorBase, Refusal
 from meshid.peer import PeerIdentity
 
 __all__ = ["AuthorizationInterceptor"]
@@ -39,9 +39,9 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         # Not a coroutine: an allowed call (nearly every one) awaits nothing here; the wrapper
         # awaits only a refusal's abort.
         # grpc returns each auth property as a list of bytes; grpc-stubs declares an Iterable.
-        auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())
+        auth: Mapping[str, Sequence[bytes]] = context.auth_context()  # type: ignore[assignment]
         if known:  # a repeat call found in the memo needs nothing more (an unknown method is never filed)
-            result = self._authorizer.memoised(auth, method, context.peer)
+            result = self._authorizer.repeat_call(auth.get, STR_KEY_NAMES, method, context.peer)
             if result is not None:
                 return result
         return self._authorizer.authorize(auth, method, context.invocation_metadata, context.peer, known=known)
@@ -60,8 +60,11 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
         method = handler_call_details.method
         if handler is None:  # the caller chose this name: wrapped for this call only, never cached
             return _wrap(_UNKNOWN, method, lambda context, m: self._check(context, m, False), self._recheck)
-        # One wrapped handler per (handler, method), made once: the per-call cost is a lookup.
-        return self._wrapped_handler(handler, method, self._wrap)
+        # One wrapped handler per (handler, method), made once: the per-call cost is this lookup.
+        kept = self._wrapped.get((id(handler), method))  # the entry holds the handler: its id() is not reused
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        return self._file_wrapped(handler, method, self._wrap)
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         return _wrap(handler, method, self._check, self._recheck)
