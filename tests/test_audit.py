@@ -318,3 +318,37 @@ def test_records_of_repeat_calls_name_the_address_of_their_own_connection(
     assert len(addresses) == 6 and all(a.startswith("ipv4:127.0.0.1:") for a in addresses)
     assert len(set(addresses[0::2])) == len(set(addresses[1::2])) == 1  # one address per connection
     assert addresses[0] != addresses[1]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+def test_the_grpc_stdout_logger_writes_every_repeat_call_with_meshid_audit_at_warning(
+    flavour, ca, bundles, server_source, capsys, caplog
+) -> None:
+    """gRFC A59's stdout_logger wants every allowed call of a policy that audits allows, whatever
+    the level of the ``meshid.audit`` logger: a connected peer's repeat calls, decided from the
+    memo, write their entries too when meshid's own record is not kept."""
+    import meshid.aio
+    from support import aio_server_in_a_thread
+
+    caplog.set_level(logging.WARNING, logger="meshid.audit")
+    policy = meshid.AuthorizationPolicy.from_dict(
+        {
+            "name": "grpc-audited",
+            "allow_rules": [{"name": "frontend", "source": {"principals": [FRONTEND_ID]}}],
+            "audit_logging_options": {"audit_condition": "ON_ALLOW", "audit_loggers": [{"name": "stdout_logger"}]},
+        }
+    )
+    interceptor = (meshid.AuthorizationInterceptor if flavour == "sync" else meshid.aio.AuthorizationInterceptor)(
+        policy, source=server_source
+    )
+    serve = sync_server if flavour == "sync" else aio_server_in_a_thread
+    source = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
+    with serve(server_source, interceptor) as port:  # type: ignore[operator]
+        with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
+            assert [call(channel) for _ in range(3)] == [("OK", FRONTEND_ID)] * 3
+    interceptor.close()  # the audit writer's queue is drained before close() returns
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"grpc_audit_log"')]
+    assert [(e["grpc_audit_log"]["principal"], e["grpc_audit_log"]["authorized"]) for e in lines] == [
+        (FRONTEND_ID, True)
+    ] * 3
+    assert _records(caplog) == []  # meshid's own allow records are at INFO: not kept

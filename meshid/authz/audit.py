@@ -35,7 +35,7 @@ from meshid.authz.model import Decision
 from meshid.authz.policy import AuthorizationPolicy
 from meshid.peer import PeerIdentity
 
-__all__ = ["AuditWriter", "Prepared", "emit", "prepare", "record"]
+__all__ = ["AuditWriter", "Prepared", "emit", "hand_off", "prepare", "record"]
 
 audit_log = logging.getLogger("meshid.audit")
 log = logging.getLogger("meshid.authz")
@@ -168,8 +168,16 @@ def emit(prepared: Prepared, peer_address: str | Callable[[], str | bytes] | Non
     """
     next(prepared.counter)
     logged = prepared.fields is not None and prepared.logger.isEnabledFor(prepared.level)
-    if not logged and prepared.grpc_entry is None:
-        return
+    if logged or prepared.grpc_entry is not None:
+        hand_off(prepared, peer_address, writer, logged)
+
+
+def hand_off(
+    prepared: Prepared, peer_address: str | Callable[[], str | bytes] | None, writer: AuditWriter | None, logged: bool
+) -> None:
+    """The second half of :func:`emit`, for a counted decision that a logger wants: hand its
+    records to ``writer`` (or write them now). ``logged``: the ``meshid.audit`` record is kept
+    (else only the gRFC A59 entry is written)."""
     address = None
     if logged:  # the address is fetched only for a record that is kept
         address = peer_address() if callable(peer_address) else peer_address
