@@ -99,18 +99,22 @@ def _wrap(
     iterators (a request iterator, an async-generator response) re-check the peer at every
     message; a handler that uses ``context.read()``/``context.write()`` is checked at the start."""
     ser, deser = handler.response_serializer, handler.request_deserializer
+    # The ContextVar's own set and reset in the two coroutine shapes, not peer.py's helpers: two
+    # frames in another module cost microseconds on every call, and a coroutine runs in its
+    # task's one context, so the reset cannot come from another (the helper's fallback).
+    current = _peer._CURRENT
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             result = check(context, method)  # an allowed call awaits nothing before the handler
             identity = await _checked(context, result) if isinstance(result, Refusal) else result
-            token = _peer.set_current(identity)
+            token = current.set(identity)
             try:
                 # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
                 return await inner_uu(request, context)  # type: ignore[arg-type]
             finally:
-                _peer.reset_current(token)
+                current.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deser, ser)
     if handler.stream_unary is not None:
@@ -118,13 +122,13 @@ def _wrap(
 
         async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             identity = await _checked(context, check(context, method))
-            token = _peer.set_current(identity)
+            token = current.set(identity)
             try:
                 requests = _rechecked(request_iterator, context, identity, recheck)
                 # grpc-stubs types handlers' behaviours with the sync ServicerContext only (no aio variant).
                 return await inner_su(requests, context)  # type: ignore[arg-type]
             finally:
-                _peer.reset_current(token)
+                current.reset(token)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deser, ser)
     if handler.unary_stream is not None:
