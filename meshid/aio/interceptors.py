@@ -99,9 +99,10 @@ def _wrap(
     iterators (a request iterator, an async-generator response) re-check the peer at every
     message; a handler that uses ``context.read()``/``context.write()`` is checked at the start."""
     ser, deser = handler.response_serializer, handler.request_deserializer
-    # The ContextVar's own set and reset in the two coroutine shapes, not peer.py's helpers: two
-    # frames in another module cost microseconds on every call, and a coroutine runs in its
-    # task's one context, so the reset cannot come from another (the helper's fallback).
+    # Every coroutine behaviour sets and resets the peer's ContextVar itself, not through
+    # peer.py's helpers: two frames in another module cost microseconds on every call, and a
+    # coroutine runs in its task's one context, so the reset cannot come from another (the
+    # helpers' fallback, kept for the async generator, which may be closed from elsewhere).
     current = _peer._CURRENT
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
@@ -155,14 +156,16 @@ def _wrap_streaming(inner: Any, check: Check, recheck: Recheck, method: str, *, 
 
         return as_generator
 
+    current = _peer._CURRENT  # set and reset as in _wrap's coroutines (see there)
+
     async def as_coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         identity = await _checked(context, check(context, method))
-        token = _peer.set_current(identity)
+        token = current.set(identity)
         try:
             if streaming_requests and request is not None:
                 request = _rechecked(request, context, identity, recheck)
             return await inner(request, context)
         finally:
-            _peer.reset_current(token)
+            current.reset(token)
 
     return as_coroutine
