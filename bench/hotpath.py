@@ -8,7 +8,9 @@ Parts, each a ratio against a baseline measured in the same run:
     rotating), each block against the bare server's block beside it. Two settings of the
     ``meshid.audit`` logger: at INFO with a ``logging.FileHandler`` (every allow and deny written to
     a file, what anyone who keeps an audit trail runs) and at WARNING (only denies; this bench's
-    calls are all allowed). Sync and aio servers. At WARNING the same processes also serve a floor,
+    calls are all allowed). Sync and aio servers; for aio two guarded ones, the interceptor passed
+    to ``grpc.aio.server`` and the same interceptor attached by ``meshid.aio.server`` (handlers
+    wrapped as they are registered, no interceptor coroutine per call). At WARNING the same processes also serve a floor,
     for information: an interceptor that only wraps each handler and reads the call's auth context
     (the least an interceptor that authorizes by the peer's certificate must do; for sync, grpc's C
     accessor as meshid's fast path reads it, for aio ``context.auth_context()``, the only way
@@ -174,7 +176,7 @@ def serve(folder: str, setting: str, flavour: str) -> None:
             ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
             server.start()
             servers.append(server)
-        print(*ports, flush=True)
+        print(*ports, flush=True)  # bare, interceptor[, floor]
         sys.stdin.read()  # until the parent closes our stdin
         for server in servers:
             server.stop(None)
@@ -187,29 +189,37 @@ async def _serve_aio(source: meshid.FileSource, policy: meshid.AuthorizationPoli
 
     interceptor = meshid.aio.AuthorizationInterceptor(policy, source=source).start()
     servers, ports = [], []
-    chains: list[list[grpc.aio.ServerInterceptor[Any, Any]]] = [[], [interceptor]]
+    made = [
+        grpc.aio.server(),
+        grpc.aio.server(interceptors=[interceptor]),
+        meshid.aio.server(interceptor),  # the same decision, attached without an interceptor
+    ]
     if floor:
-        chains.append([AioReadsAuthContext()])
-    for interceptors in chains:
-        server = grpc.aio.server(interceptors=interceptors)
+        made.append(grpc.aio.server(interceptors=[AioReadsAuthContext()]))
+    for server in made:
         greeter_pb2_grpc.add_GreeterServicer_to_server(AioGreeter(), server)  # type: ignore[no-untyped-call]
         ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
         await server.start()
         servers.append(server)
-    print(*ports, flush=True)
+    print(*ports, flush=True)  # bare, interceptor, guarded server[, floor]
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     for server in servers:
         await server.stop(None)
     interceptor.close()
 
 
+def roles(flavour: str, setting: str) -> list[str]:
+    """The servers one bench process serves, in the order of the ports it prints."""
+    served = ["bare", "interceptor"] + (["server"] if flavour == "aio" else [])
+    return served + (["floor"] if setting == "warning" else [])
+
+
 def audit_latency(
     folder: str, setting: str, flavour: str, calls: int, block: int = 20
-) -> tuple[float, float, float, float | None]:
-    """Median latency of the bare and the guarded server, the median ratio of adjacent blocks
+) -> dict[str, tuple[float, float]]:
+    """For each of :func:`roles`, the median latency and the median ratio of adjacent blocks
     (each block's median against the bare server's block beside it: slow drift of the machine's
-    load cancels out; which server goes first rotates), and the floor's ratio, measured the same
-    way (None where the process serves no floor)."""
+    load cancels out; which server goes first rotates); the bare server's ratio is 1."""
     files = [os.path.join(folder, "client", n) for n in ("svid.pem", "svid.key", "bundle.pem")]
     source = meshid.FileSource(*files)
     proc = subprocess.Popen(
@@ -220,7 +230,7 @@ def audit_latency(
     )
     assert proc.stdout is not None
     try:
-        ports = [int(p) for p in proc.stdout.readline().split()]  # bare, guarded[, floor]
+        ports = [int(p) for p in proc.stdout.readline().split()]  # as roles() lists them
         channels = [meshid.secure_channel(f"127.0.0.1:{p}", source, server_id=SERVER) for p in ports]
         stubs = [greeter_pb2_grpc.GreeterStub(c) for c in channels]  # type: ignore[no-untyped-call]
         request = greeter_pb2.HelloRequest(name="bench")
@@ -245,8 +255,12 @@ def audit_latency(
                 ratios[which].append(medians[which] / medians[0])
         for c in channels:
             c.close()
-        floor = statistics.median(ratios[2]) if len(ports) > 2 else None
-        return statistics.median(samples[0]), statistics.median(samples[1]), statistics.median(ratios[1]), floor
+        names = roles(flavour, setting)
+        assert len(names) == len(ports), (names, ports)
+        return {
+            name: (statistics.median(samples[i]), statistics.median(ratios[i]) if i else 1.0)
+            for i, name in enumerate(names)
+        }
     finally:
         proc.communicate("", timeout=30)
 
@@ -266,48 +280,75 @@ def median_process(
     folder: str, setting: str, flavour: str, calls: int, processes: int = AUDIT_PROCESSES
 ) -> tuple[tuple[float, float, float], list[float], list[float]]:
     """:func:`audit_latency` in ``processes`` server processes in turn, sharing ``calls``: the
-    median process's (bare, guarded, ratio), the lower middle one for an even count, every
-    process's ratio, sorted, and every process's floor ratio, sorted (empty without a floor)."""
+    median process's (bare, interceptor, ratio), the lower middle one for an even count, every
+    process's interceptor ratio, sorted, and every process's floor ratio, sorted (empty without
+    a floor)."""
+    by_role = processes_by_role(folder, setting, flavour, calls, processes)
+    runs = sorted(zip(by_role["bare"], by_role["interceptor"], strict=True), key=lambda r: r[1][1])
+    (bare, _), (guarded, ratio) = runs[(len(runs) - 1) // 2]
+    return (bare, guarded, ratio), [r[1][1] for r in runs], sorted(r for _, r in by_role.get("floor", []))
+
+
+def processes_by_role(
+    folder: str, setting: str, flavour: str, calls: int, processes: int = AUDIT_PROCESSES
+) -> dict[str, list[tuple[float, float]]]:
+    """:func:`audit_latency` in ``processes`` server processes in turn, sharing ``calls``:
+    each role's (latency, ratio), one per process, in the order the processes ran."""
     share = per_process_share(calls, processes)
-    runs = sorted((audit_latency(folder, setting, flavour, share) for _ in range(processes)), key=lambda r: r[2])
-    bare, guarded, ratio, _ = runs[(len(runs) - 1) // 2]
-    return (bare, guarded, ratio), [r[2] for r in runs], sorted(r[3] for r in runs if r[3] is not None)
+    out: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(processes):
+        for name, figures in audit_latency(folder, setting, flavour, share).items():
+            out.setdefault(name, []).append(figures)
+    return out
+
+
+def middle(figures: list[tuple[float, float]]) -> tuple[float, float, list[float]]:
+    """The median process's (latency, ratio) by ratio, the lower middle one for an even
+    count, and every process's ratio, sorted."""
+    runs = sorted(figures, key=lambda f: f[1])
+    latency, ratio = runs[(len(runs) - 1) // 2]
+    return latency, ratio, [r for _, r in runs]
 
 
 def run_audit(folder: str, calls: int, processes: int = AUDIT_PROCESSES) -> dict[str, Any]:
     share = per_process_share(calls, processes)
     print(
         f"\n[hotpath] audit records: unary RPC, 1,000-rule policy vs bare mTLS; {processes} server processes per "
-        f"setting, each with a bare and a guarded server (and at WARNING a floor), {share} calls to each in blocks "
+        f"setting, each with a bare server and a guarded one (for aio two: the interceptor and meshid.aio.server; "
+        f"at WARNING also a floor), {share} calls to each in blocks "
         "of 20, in turn; ratio: median over blocks against the bare block beside them in a process, then the median "
         "process (range: all processes)"
     )
     results: dict[str, Any] = {}
     for flavour in ("sync", "aio"):
         for setting, target in AUDIT_TARGETS.items():
-            (bare, guarded, ratio), ratios, floors = median_process(folder, setting, flavour, calls, processes)
+            by_role = processes_by_role(folder, setting, flavour, calls, processes)
             limit = target + (AIO_SLACK if flavour == "aio" else 0.0)
-            ok = ratio <= limit
-            label = f"{flavour}, meshid.audit at {'INFO to a file' if setting == 'info-file' else 'WARNING'}"
-            print(
-                f"  {label:38} bare {bare * 1e6:7.1f} us  guarded {guarded * 1e6:7.1f} us  "
-                f"ratio {ratio:6.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f}; target <= {limit:.2f}) {verdict(ok)}"
-            )
-            if floors:
-                mid = floors[(len(floors) - 1) // 2]
+            level = "INFO to a file" if setting == "info-file" else "WARNING"
+            bare = middle(by_role["bare"])[0]
+            entry: dict[str, Any] = {"bare_us": bare * 1e6}
+            for role, label in (
+                ("interceptor", f"{flavour}, meshid.audit at {level}"),
+                ("server", f"{flavour}, meshid.aio.server, audit at {level}"),
+            ):
+                if role not in by_role:
+                    continue
+                latency, ratio, ratios = middle(by_role[role])
+                ok = ratio <= limit
                 print(
-                    f"  {flavour + ', floor: wrap, read auth context':38} {'':32}ratio {mid:6.3f} "
+                    f"  {label:48} bare {bare * 1e6:7.1f} us  guarded {latency * 1e6:7.1f} us  "
+                    f"ratio {ratio:6.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f}; target <= {limit:.2f}) {verdict(ok)}"
+                )
+                entry[role] = {"guarded_us": latency * 1e6, "ratio": ratio, "process_ratios": ratios, "ok": ok}
+            if "floor" in by_role:
+                _, mid, floors = middle(by_role["floor"])
+                print(
+                    f"  {flavour + ', floor: wrap, read auth context':48} {'':32}ratio {mid:6.3f} "
                     f"(range {floors[0]:.3f}-{floors[-1]:.3f}; for information: what grpc's accessor and "
                     "interceptor machinery cost before any decision)"
                 )
-            results[f"{flavour}-{setting}"] = {
-                "floor_ratios": floors,
-                "bare_us": bare * 1e6,
-                "guarded_us": guarded * 1e6,
-                "ratio": ratio,
-                "process_ratios": ratios,
-                "ok": ok,
-            }
+                entry["floor_ratios"] = floors
+            results[f"{flavour}-{setting}"] = entry
     return results
 
 

@@ -95,8 +95,16 @@ def sync_server(
 
 
 @contextlib.asynccontextmanager
-async def aio_server(source: meshid.Source, interceptor: grpc.aio.ServerInterceptor | None) -> AsyncIterator[int]:
-    server = grpc.aio.server(interceptors=[interceptor] if interceptor else [])
+async def aio_server(
+    source: meshid.Source, interceptor: grpc.aio.ServerInterceptor | None, *, guarded: bool = False
+) -> AsyncIterator[int]:
+    """A grpc.aio Greeter server on a free loopback port, always stopped; ``interceptor`` is
+    passed as an interceptor, or with ``guarded`` to :func:`meshid.aio.server` instead."""
+    if guarded:
+        assert isinstance(interceptor, meshid.aio.AuthorizationInterceptor)
+        server = meshid.aio.server(interceptor)
+    else:
+        server = grpc.aio.server(interceptors=[interceptor] if interceptor else [])
     greeter_pb2_grpc.add_GreeterServicer_to_server(AioGreeter(), server)
     port = server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source))
     await server.start()
@@ -371,14 +379,16 @@ def nginx_process(run: Path, port: int, nginx: str | None = None) -> Iterator[su
 
 
 @contextlib.contextmanager
-def aio_server_in_a_thread(source: meshid.Source, interceptor: grpc.aio.ServerInterceptor | None) -> Iterator[int]:
+def aio_server_in_a_thread(
+    source: meshid.Source, interceptor: grpc.aio.ServerInterceptor | None, *, guarded: bool = False
+) -> Iterator[int]:
     """:func:`aio_server` on an event loop of its own thread, so sync clients and the same test
     bodies as :func:`sync_server` can exercise the aio interceptor; always stopped."""
     started: concurrent.futures.Future[tuple[int, asyncio.Event, asyncio.AbstractEventLoop]] = concurrent.futures.Future()
 
     async def serve() -> None:
         try:
-            async with aio_server(source, interceptor) as port:
+            async with aio_server(source, interceptor, guarded=guarded) as port:
                 stop = asyncio.Event()
                 started.set_result((port, stop, asyncio.get_running_loop()))
                 await stop.wait()

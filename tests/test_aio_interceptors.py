@@ -1,4 +1,5 @@
-"""The grpc.aio interceptor against real grpc.aio servers over mTLS (pair: test_interceptors.py)."""
+"""The grpc.aio interceptor against real grpc.aio servers over mTLS (pair: test_interceptors.py),
+each test twice: the interceptor passed to ``grpc.aio.server`` and attached by ``meshid.aio.server``."""
 
 from __future__ import annotations
 
@@ -23,19 +24,24 @@ async def _call(channel) -> tuple[str, str]:
     return "OK", reply.caller
 
 
+@pytest.fixture(params=[False, True], ids=["interceptor", "meshid.aio.server"])
+def guarded(request: pytest.FixtureRequest) -> bool:
+    return request.param
+
+
 def _pin():
     return [("grpc.ssl_target_name_override", meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID)))]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_caller_matrix(case: Case, ca, other_ca, bundles, server_source, policy) -> None:
+def test_caller_matrix(case: Case, ca, other_ca, bundles, server_source, policy, guarded: bool) -> None:
     source = case.make_source(ca, other_ca, bundles)
     svid = source.get_svid()
     roots = bundles[meshid.TrustDomain.parse("example.org")].to_pem()
 
     async def run():
         interceptor = meshid.aio.AuthorizationInterceptor(policy, source=server_source)
-        async with aio_server(server_source, interceptor) as port:
+        async with aio_server(server_source, interceptor, guarded=guarded) as port:
             creds = grpc.ssl_channel_credentials(roots, svid.key_pem(), svid.chain_pem())
             async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=_pin()) as channel:
                 return await _call(channel)
@@ -48,7 +54,7 @@ def test_caller_matrix(case: Case, ca, other_ca, bundles, server_source, policy)
         assert case.detail in details
 
 
-def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, policy) -> None:
+def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, policy, guarded: bool) -> None:
     allowed = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
     denied = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
 
@@ -58,7 +64,7 @@ def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, policy) 
 
     async def run():
         interceptor = meshid.aio.AuthorizationInterceptor(policy, source=server_source)
-        async with aio_server(server_source, interceptor) as port:
+        async with aio_server(server_source, interceptor, guarded=guarded) as port:
             async with meshid.aio.secure_channel(f"127.0.0.1:{port}", allowed, server_id=SERVER_ID) as channel:
                 s = stub(channel)
                 assert (await s.SayHello(hello("a"), timeout=10)).caller == FRONTEND_ID
@@ -93,11 +99,11 @@ def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, policy) 
     asyncio.run(run())
 
 
-def test_unknown_method_is_authorized_before_unimplemented(ca, bundles, server_source, policy) -> None:
+def test_unknown_method_is_authorized_before_unimplemented(ca, bundles, server_source, policy, guarded: bool) -> None:
     async def run():
         interceptor = meshid.aio.AuthorizationInterceptor(policy, source=server_source)
         out = []
-        async with aio_server(server_source, interceptor) as port:
+        async with aio_server(server_source, interceptor, guarded=guarded) as port:
             for sid in (FRONTEND_ID, INTRUDER_ID):
                 source = meshid.StaticSource(ca.issue_svid(sid), bundles)
                 async with meshid.aio.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
@@ -110,12 +116,12 @@ def test_unknown_method_is_authorized_before_unimplemented(ca, bundles, server_s
     assert asyncio.run(run()) == [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED]
 
 
-def test_every_decision_is_one_audit_record(ca, bundles, server_source, policy, caplog) -> None:
+def test_every_decision_is_one_audit_record(ca, bundles, server_source, policy, caplog, guarded: bool) -> None:
     caplog.set_level(logging.INFO, logger="meshid.audit")
 
     async def run():
         interceptor = meshid.aio.AuthorizationInterceptor(policy, source=server_source)
-        async with aio_server(server_source, interceptor) as port:
+        async with aio_server(server_source, interceptor, guarded=guarded) as port:
             for sid in (FRONTEND_ID, INTRUDER_ID):
                 source = meshid.StaticSource(ca.issue_svid(sid), bundles)
                 async with meshid.aio.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
@@ -129,7 +135,7 @@ def test_every_decision_is_one_audit_record(ca, bundles, server_source, policy, 
     ]
 
 
-def test_reload_swaps_policy_and_a_broken_one_keeps_the_old(ca, bundles, server_source, policy) -> None:
+def test_reload_swaps_policy_and_a_broken_one_keeps_the_old(ca, bundles, server_source, policy, guarded: bool) -> None:
     intruder_allowed = meshid.AuthorizationPolicy.from_dict(
         {"allow": [{"name": "intruder", "methods": ["*"], "spiffe_ids": [INTRUDER_ID]}]}
     )
@@ -138,7 +144,7 @@ def test_reload_swaps_policy_and_a_broken_one_keeps_the_old(ca, bundles, server_
     async def run():
         interceptor = meshid.aio.AuthorizationInterceptor(policy, source=server_source)
         async with (
-            aio_server(server_source, interceptor) as port,
+            aio_server(server_source, interceptor, guarded=guarded) as port,
             meshid.aio.secure_channel(f"127.0.0.1:{port}", intruder, server_id=SERVER_ID) as channel,
         ):
             before = (await _call(channel))[0]

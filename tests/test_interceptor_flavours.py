@@ -5,6 +5,7 @@ event loop in a thread). Clients are real (grpcio, or grpclib for what grpcio ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import ssl
@@ -55,6 +56,7 @@ class Flavour:
 FLAVOURS = [
     Flavour("sync", meshid.AuthorizationInterceptor, sync_server),
     Flavour("aio", meshid.aio.AuthorizationInterceptor, aio_server_in_a_thread),
+    Flavour("aio-server", meshid.aio.AuthorizationInterceptor, functools.partial(aio_server_in_a_thread, guarded=True)),
 ]
 
 

@@ -58,6 +58,15 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        if handler is not None:  # a repeat call: one lookup, inline (no frame more per call)
+            kept = self._wrapped.get((id(handler), method))
+            if kept is not None and kept[0] is handler:
+                return kept[1]
+        return self._guarded(handler, method)
+
+    def _guarded(self, handler: grpc.RpcMethodHandler[Any, Any] | None, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` for ``method`` with the decision run first (``None``: a method the server
+        does not implement, answered UNIMPLEMENTED only to a peer allowed to call it)."""
         if handler is None:  # the caller chose this name: wrapped for this call only, never cached
             return _wrap(_UNKNOWN, method, lambda context, m: self._check(context, m, False), self._recheck)
         # One wrapped handler per (handler, method), made once: the per-call cost is this lookup.
