@@ -8,9 +8,10 @@ Parts, each a ratio against a baseline measured in the same run:
     rotating), each block against the bare server's block beside it. Two settings of the
     ``meshid.audit`` logger: at INFO with a ``logging.FileHandler`` (every allow and deny written to
     a file, what anyone who keeps an audit trail runs) and at WARNING (only denies; this bench's
-    calls are all allowed). Sync and aio servers; for aio two guarded ones, the interceptor passed
-    to ``grpc.aio.server`` and the same interceptor attached by ``meshid.aio.server`` (handlers
-    wrapped as they are registered, no interceptor coroutine per call). At WARNING the same processes also serve a floor,
+    calls are all allowed). Sync and aio servers, each guarded two ways: the interceptor passed to
+    ``grpc.server``/``grpc.aio.server``, and the same interceptor attached by ``meshid.server``/
+    ``meshid.aio.server`` (handlers wrapped as they are registered, no interceptor run per call).
+    At WARNING the same processes also serve a floor,
     for information: an interceptor that only wraps each handler and reads the call's auth context
     (the least an interceptor that authorizes by the peer's certificate must do; for sync, grpc's C
     accessor as meshid's fast path reads it, for aio ``context.auth_context()``, the only way
@@ -167,16 +168,19 @@ def serve(folder: str, setting: str, flavour: str) -> None:
     else:
         interceptor = meshid.AuthorizationInterceptor(policy, source=source).start()
         servers, ports = [], []
-        chains: list[list[grpc.ServerInterceptor[Any, Any]]] = [[], [interceptor]]
+        made = [
+            grpc.server(futures.ThreadPoolExecutor(max_workers=4)),
+            grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor]),
+            meshid.server(interceptor, futures.ThreadPoolExecutor(max_workers=4)),  # the same, no interceptor
+        ]
         if floor:
-            chains.append([ReadsAuthContext()])
-        for interceptors in chains:
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
+            made.append(grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ReadsAuthContext()]))
+        for server in made:
             greeter_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)  # type: ignore[no-untyped-call]
             ports.append(server.add_secure_port("127.0.0.1:0", meshid.server_credentials(source)))
             server.start()
             servers.append(server)
-        print(*ports, flush=True)  # bare, interceptor[, floor]
+        print(*ports, flush=True)  # bare, interceptor, guarded server[, floor]
         sys.stdin.read()  # until the parent closes our stdin
         for server in servers:
             server.stop(None)
@@ -208,10 +212,9 @@ async def _serve_aio(source: meshid.FileSource, policy: meshid.AuthorizationPoli
     interceptor.close()
 
 
-def roles(flavour: str, setting: str) -> list[str]:
+def roles(setting: str) -> list[str]:
     """The servers one bench process serves, in the order of the ports it prints."""
-    served = ["bare", "interceptor"] + (["server"] if flavour == "aio" else [])
-    return served + (["floor"] if setting == "warning" else [])
+    return ["bare", "interceptor", "server"] + (["floor"] if setting == "warning" else [])
 
 
 def audit_latency(
@@ -255,7 +258,7 @@ def audit_latency(
                 ratios[which].append(medians[which] / medians[0])
         for c in channels:
             c.close()
-        names = roles(flavour, setting)
+        names = roles(setting)
         assert len(names) == len(ports), (names, ports)
         return {
             name: (statistics.median(samples[i]), statistics.median(ratios[i]) if i else 1.0)
@@ -314,7 +317,7 @@ def run_audit(folder: str, calls: int, processes: int = AUDIT_PROCESSES) -> dict
     share = per_process_share(calls, processes)
     print(
         f"\n[hotpath] audit records: unary RPC, 1,000-rule policy vs bare mTLS; {processes} server processes per "
-        f"setting, each with a bare server and a guarded one (for aio two: the interceptor and meshid.aio.server; "
+        f"setting, each with a bare server and two guarded ones (the interceptor, and meshid[.aio].server; "
         f"at WARNING also a floor), {share} calls to each in blocks "
         "of 20, in turn; ratio: median over blocks against the bare block beside them in a process, then the median "
         "process (range: all processes)"
@@ -329,10 +332,8 @@ def run_audit(folder: str, calls: int, processes: int = AUDIT_PROCESSES) -> dict
             entry: dict[str, Any] = {"bare_us": bare * 1e6}
             for role, label in (
                 ("interceptor", f"{flavour}, meshid.audit at {level}"),
-                ("server", f"{flavour}, meshid.aio.server, audit at {level}"),
+                ("server", f"{flavour}, meshid{'.aio' if flavour == 'aio' else ''}.server, audit at {level}"),
             ):
-                if role not in by_role:
-                    continue
                 latency, ratio, ratios = middle(by_role[role])
                 ok = ratio <= limit
                 print(

@@ -54,6 +54,7 @@ _HOMES = {
     "jwt_call_credentials": "meshid.credentials",
     "peer_identity": "meshid.peer",
     "secure_channel": "meshid.channel",
+    "server": "meshid.guard",
     "server_credentials": "meshid.credentials",
 }
 
@@ -97,6 +98,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time __geta
     from meshid.errors import RemoteError as RemoteError
     from meshid.errors import SourceError as SourceError
     from meshid.errors import VerificationError as VerificationError
+    from meshid.guard import server as server
     from meshid.interceptors import AuthorizationInterceptor as AuthorizationInterceptor
     from meshid.jwtsvid import JwtSvid as JwtSvid
     from meshid.peer import PeerIdentity as PeerIdentity

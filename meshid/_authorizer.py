@@ -780,6 +780,24 @@ class InterceptorBase:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        raise NotImplementedError  # each flavour wraps for its own runtime
+
+    def _wrap_unknown(self, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        raise NotImplementedError
+
+    def _guarded(self, handler: grpc.RpcMethodHandler[Any, Any] | None, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` for ``method`` with the decision run first; ``None``, a method the server
+        does not implement, is answered UNIMPLEMENTED only to a peer allowed to call it. The
+        interceptors and the guarded servers (:mod:`meshid._guard`) wrap through this."""
+        if handler is None:  # the caller chose this name: wrapped for this call only, never cached
+            return self._wrap_unknown(method)
+        # One wrapped handler per (handler, method), made once: the per-call cost is this lookup.
+        kept = self._wrapped.get((id(handler), method))  # the entry holds the handler: its id() is not reused
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        return self._file_wrapped(handler, method, self._wrap)
+
     def _file_wrapped(
         self,
         handler: grpc.RpcMethodHandler[Any, Any],

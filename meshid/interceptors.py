@@ -154,16 +154,17 @@ class AuthorizationInterceptor(InterceptorBase, _ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None:  # the caller chose this name: wrapped for this call only, never cached
-            return _wrap(_UNKNOWN, method, lambda context, m: self._check(context, m, False), self._recheck)
-        # One wrapped handler per (handler, method), made once: the per-call cost is this lookup.
-        kept = self._wrapped.get((id(handler), method))  # the entry holds the handler: its id() is not reused
-        if kept is not None and kept[0] is handler:
-            return kept[1]
-        return self._file_wrapped(handler, method, self._wrap)
+        if handler is not None:  # a repeat call: one lookup, inline (no frame more per call)
+            kept = self._wrapped.get((id(handler), method))
+            if kept is not None and kept[0] is handler:
+                return kept[1]
+        return self._guarded(handler, method)
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         return _wrap(handler, method, self._check, self._recheck)
+
+    def _wrap_unknown(self, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        return _wrap(_UNKNOWN, method, lambda context, m: self._check(context, m, False), self._recheck)
 
 
 _UNKNOWN = grpc.stream_stream_rpc_method_handler(_unknown_method)

@@ -99,3 +99,10 @@ def no_leaked_threads_or_processes() -> Iterator[None]:
         time.sleep(0.05)
     assert not leaked_threads(), f"threads left running: {sorted(t.name for t in leaked_threads())}"
     assert not leaked_children(), f"child processes left running: {sorted(leaked_children())}"
+
+
+@pytest.fixture(params=[False, True], ids=["interceptor", "guarded-server"])
+def guarded(request: pytest.FixtureRequest) -> bool:
+    """Each interceptor test twice: the interceptor passed to grpc's server, and attached by
+    ``meshid.server`` / ``meshid.aio.server`` (``guarded``)."""
+    return request.param

@@ -78,12 +78,17 @@ def sync_server(
     servicer: Any = None,
     require_client_certificate: bool = True,
     options: Sequence[tuple[str, Any]] = (),
+    guarded: bool = False,
 ) -> Iterator[int]:
     """A greeter (``servicer``, default :class:`Greeter`) on 127.0.0.1 with meshid credentials;
     yields its port and always stops it."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor] if interceptor else [], options=options
-    )
+    if guarded:  # the interceptor attached by meshid.server instead
+        assert isinstance(interceptor, meshid.AuthorizationInterceptor)
+        server = meshid.server(interceptor, futures.ThreadPoolExecutor(max_workers=8), options=options)
+    else:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor] if interceptor else [], options=options
+        )
     greeter_pb2_grpc.add_GreeterServicer_to_server(servicer or Greeter(), server)
     creds = meshid.server_credentials(source, require_client_certificate=require_client_certificate)
     port = server.add_secure_port("127.0.0.1:0", creds)

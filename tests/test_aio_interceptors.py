@@ -1,5 +1,5 @@
 """The grpc.aio interceptor against real grpc.aio servers over mTLS (pair: test_interceptors.py),
-each test twice: the interceptor passed to ``grpc.aio.server`` and attached by ``meshid.aio.server``."""
+each test twice (``guarded``): the interceptor passed to ``grpc.aio.server`` and attached by ``meshid.aio.server``."""
 
 from __future__ import annotations
 
@@ -22,11 +22,6 @@ async def _call(channel) -> tuple[str, str]:
     except grpc.RpcError as err:
         return err.code().name, err.details() or ""
     return "OK", reply.caller
-
-
-@pytest.fixture(params=[False, True], ids=["interceptor", "meshid.aio.server"])
-def guarded(request: pytest.FixtureRequest) -> bool:
-    return request.param
 
 
 def _pin():

@@ -55,6 +55,7 @@ class Flavour:
 
 FLAVOURS = [
     Flavour("sync", meshid.AuthorizationInterceptor, sync_server),
+    Flavour("sync-server", meshid.AuthorizationInterceptor, functools.partial(sync_server, guarded=True)),
     Flavour("aio", meshid.aio.AuthorizationInterceptor, aio_server_in_a_thread),
     Flavour("aio-server", meshid.aio.AuthorizationInterceptor, functools.partial(aio_server_in_a_thread, guarded=True)),
 ]

@@ -1,4 +1,5 @@
-"""The sync interceptor against real grpc servers over mTLS on loopback (pair: test_aio_interceptors.py)."""
+"""The sync interceptor against real grpc servers over mTLS on loopback (pair: test_aio_interceptors.py),
+each test using ``guarded`` twice: the interceptor passed to ``grpc.server`` and attached by ``meshid.server``."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def interceptor(
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_caller_matrix(case: Case, ca, other_ca, bundles, server_source, interceptor) -> None:
+def test_caller_matrix(case: Case, ca, other_ca, bundles, server_source, interceptor, guarded: bool) -> None:
     source = case.make_source(ca, other_ca, bundles)
-    with sync_server(server_source, interceptor) as port:
+    with sync_server(server_source, interceptor, guarded=guarded) as port:
         creds, _ = _creds(source)
         with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=_pin()) as channel:
             code, details = call(channel)
@@ -56,20 +57,20 @@ def _pin():
     return [("grpc.ssl_target_name_override", meshid.identity_dns_name(meshid.SpiffeId.parse(SERVER_ID)))]
 
 
-def test_no_client_certificate_fails_the_handshake(bundles, server_source, interceptor) -> None:
+def test_no_client_certificate_fails_the_handshake(bundles, server_source, interceptor, guarded: bool) -> None:
     roots = bundles[meshid.TrustDomain.parse("example.org")].to_pem()
     with (
-        sync_server(server_source, interceptor) as port,
+        sync_server(server_source, interceptor, guarded=guarded) as port,
         grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(roots), options=_pin()) as channel,
     ):
         code, details = call(channel)
     assert handshake_failed(code, details), (code, details)
 
 
-def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, interceptor) -> None:
+def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, interceptor, guarded: bool) -> None:
     allowed = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
     denied = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
-    with sync_server(server_source, interceptor) as port:
+    with sync_server(server_source, interceptor, guarded=guarded) as port:
         with meshid.secure_channel(f"127.0.0.1:{port}", allowed, server_id=SERVER_ID) as channel:
             s = stub(channel)
             assert s.SayHello(hello("a"), timeout=10).caller == FRONTEND_ID
@@ -91,10 +92,10 @@ def test_all_four_rpc_shapes_are_authorized(ca, bundles, server_source, intercep
                 assert INTRUDER_ID in info.value.details()
 
 
-def test_denial_names_method_and_caller_but_not_the_policy(ca, bundles, server_source, interceptor) -> None:
+def test_denial_names_method_and_caller_but_not_the_policy(ca, bundles, server_source, interceptor, guarded: bool) -> None:
     denied = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
     with (
-        sync_server(server_source, interceptor) as port,
+        sync_server(server_source, interceptor, guarded=guarded) as port,
         meshid.secure_channel(f"127.0.0.1:{port}", denied, server_id=SERVER_ID) as channel,
     ):
         code, details = call(channel)
@@ -104,10 +105,10 @@ def test_denial_names_method_and_caller_but_not_the_policy(ca, bundles, server_s
         assert secret not in details
 
 
-def test_unknown_method_is_authorized_before_unimplemented(ca, bundles, server_source, interceptor) -> None:
+def test_unknown_method_is_authorized_before_unimplemented(ca, bundles, server_source, interceptor, guarded: bool) -> None:
     allowed = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
     denied = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
-    with sync_server(server_source, interceptor) as port:
+    with sync_server(server_source, interceptor, guarded=guarded) as port:
         for source, expected in ((allowed, grpc.StatusCode.UNIMPLEMENTED), (denied, grpc.StatusCode.PERMISSION_DENIED)):
             with meshid.secure_channel(f"127.0.0.1:{port}", source, server_id=SERVER_ID) as channel:
                 with pytest.raises(grpc.RpcError) as info:
@@ -115,7 +116,7 @@ def test_unknown_method_is_authorized_before_unimplemented(ca, bundles, server_s
                 assert info.value.code() == expected
 
 
-def test_handler_reads_the_verified_identity(ca, bundles, server_source) -> None:
+def test_handler_reads_the_verified_identity(ca, bundles, server_source, guarded: bool) -> None:
     seen = []
 
     class Spy(grpc.ServerInterceptor):
@@ -139,7 +140,7 @@ def test_handler_reads_the_verified_identity(ca, bundles, server_source) -> None
     try:
         caller = meshid.StaticSource(caller_svid, bundles)
         with (
-            sync_server(server_source, interceptor) as port,
+            sync_server(server_source, interceptor, guarded=guarded) as port,
             meshid.secure_channel(f"127.0.0.1:{port}", caller, server_id=SERVER_ID) as ch,
         ):
             assert call(ch)[0] == "OK"
@@ -155,10 +156,10 @@ def test_handler_reads_the_verified_identity(ca, bundles, server_source) -> None
     assert identity.key_exchange_group  # grpcio names the negotiated group, e.g. X25519MLKEM768
 
 
-def test_server_id_mismatch_is_refused_before_any_request(ca, bundles, server_source, interceptor, caplog) -> None:
+def test_server_id_mismatch_is_refused_before_any_request(ca, bundles, server_source, interceptor, caplog, guarded: bool) -> None:
     allowed = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
     caplog.set_level(logging.INFO, logger="meshid.audit")
-    with sync_server(server_source, interceptor) as port:
+    with sync_server(server_source, interceptor, guarded=guarded) as port:
         with meshid.secure_channel(
             f"127.0.0.1:{port}", allowed, server_id="spiffe://example.org/ns/prod/sa/impostor"
         ) as channel:
@@ -177,9 +178,9 @@ def test_server_id_pattern_is_refused_with_reason(ca, bundles) -> None:
         meshid.secure_channel("127.0.0.1:1", source, server_id="spiffe://example.org/ns/*/sa/greeter")
 
 
-def test_every_decision_is_one_audit_record(ca, bundles, server_source, interceptor, caplog) -> None:
+def test_every_decision_is_one_audit_record(ca, bundles, server_source, interceptor, caplog, guarded: bool) -> None:
     caplog.set_level(logging.INFO, logger="meshid.audit")
-    with sync_server(server_source, interceptor) as port:
+    with sync_server(server_source, interceptor, guarded=guarded) as port:
         for sid in (FRONTEND_ID, INTRUDER_ID):
             caller = meshid.StaticSource(ca.issue_svid(sid), bundles)
             with meshid.secure_channel(f"127.0.0.1:{port}", caller, server_id=SERVER_ID) as ch:
@@ -192,13 +193,13 @@ def test_every_decision_is_one_audit_record(ca, bundles, server_source, intercep
     json.dumps(records)  # structured: serializable as-is
 
 
-def test_reload_swaps_policy_and_a_broken_file_keeps_the_old(ca, bundles, server_source, tmp_path) -> None:
+def test_reload_swaps_policy_and_a_broken_file_keeps_the_old(ca, bundles, server_source, tmp_path, guarded: bool) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("allow:\n  - name: frontend\n    methods: ['*']\n    spiffe_ids: [" + FRONTEND_ID + "]\n")
     interceptor = meshid.AuthorizationInterceptor(str(path), source=server_source)
     frontend = meshid.StaticSource(ca.issue_svid(FRONTEND_ID), bundles)
     intruder = meshid.StaticSource(ca.issue_svid(INTRUDER_ID), bundles)
-    with sync_server(server_source, interceptor) as port:
+    with sync_server(server_source, interceptor, guarded=guarded) as port:
         target = f"127.0.0.1:{port}"
 
         def outcome(source):
@@ -224,7 +225,7 @@ def test_interceptor_needs_trust_material(policy) -> None:
 
 
 def test_non_spiffe_client_certificates_are_vouched_for_only_by_the_servers_trust_domain(
-    ca, other_ca, bundles, server_source
+    ca, other_ca, bundles, server_source, guarded: bool
 ) -> None:
     policy = meshid.AuthorizationPolicy.from_dict(
         {
@@ -235,7 +236,7 @@ def test_non_spiffe_client_certificates_are_vouched_for_only_by_the_servers_trus
     interceptor = meshid.AuthorizationInterceptor(policy, source=server_source)
     ours = RawSource(*forge(ca, uris=[], subject_cn="legacy-billing"), bundles)
     federated = RawSource(*forge(other_ca, uris=[], subject_cn="legacy-billing"), bundles)
-    with sync_server(server_source, interceptor) as port:
+    with sync_server(server_source, interceptor, guarded=guarded) as port:
         outcomes = []
         for source in (ours, federated):
             svid = source.get_svid()

@@ -1,10 +1,10 @@
 """A ``grpc.aio`` server whose handlers are guarded by meshid's authorization, with no interceptor.
 
-grpc.aio runs each server interceptor as a coroutine around the handler lookup on every call;
-measured in ``bench/hotpath.py`` that costs several times what meshid's decision does. The
-guarded server wraps each method handler once, as it is registered, so a call goes straight to
-the wrapped handler: the same decision, the same audit records, the same refusals as
-:class:`meshid.aio.AuthorizationInterceptor`, whose wrapping it reuses.
+grpc.aio runs each server interceptor as coroutines around the handler lookup on every call;
+measured in ``bench/hotpath.py`` that costs more than meshid's decision does. The guarded server
+wraps each method handler once, as it is registered (:mod:`meshid._guard`), so a call goes
+straight to the wrapped handler: the decisions, audit records and refusals of
+:class:`meshid.aio.AuthorizationInterceptor`, whose wrapping it is.
 """
 
 from __future__ import annotations
@@ -16,54 +16,30 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from meshid._guard import GenericHandler, GuardingHandler, MethodHandler, check_authorization, guard_registered
 from meshid.aio.interceptors import AuthorizationInterceptor
 
 __all__ = ["server"]
 
 if TYPE_CHECKING:
-    _MethodHandler = grpc.RpcMethodHandler[Any, Any]
-    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # grpc's runtime classes are not subscriptable: the parameterized ones are for the type checker
-    _MethodHandler = grpc.RpcMethodHandler
-    _GenericHandler = grpc.GenericRpcHandler
+else:
     _Interceptor = grpc.aio.ServerInterceptor
-
-
-class _Guard(_GenericHandler):
-    """The server's one generic handler: asks the application's generic handlers in the order
-    they were added and guards what they answer; a method none implements is guarded too (the
-    peer is authorized before it learns the method does not exist)."""
-
-    def __init__(self, authorization: AuthorizationInterceptor) -> None:
-        self._authorization = authorization
-        self.handlers: list[_GenericHandler] = []
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> _MethodHandler:
-        for generic in self.handlers:
-            handler = generic.service(handler_call_details)
-            if handler is not None:
-                return self._authorization._guarded(handler, handler_call_details.method)
-        return self._authorization._guarded(None, handler_call_details.method)
 
 
 class _GuardedServer(grpc.aio.Server):
     """A ``grpc.aio.Server`` that guards every handler added to it; the rest is grpc's server."""
 
-    def __init__(self, authorization: AuthorizationInterceptor, inner_kwargs: dict[str, Any]) -> None:
-        self._authorization = authorization
-        self._guard = _Guard(authorization)
-        self._server = grpc.aio.server(handlers=(self._guard,), **inner_kwargs)
+    def __init__(self, authorization: AuthorizationInterceptor, inner: dict[str, Any]) -> None:
+        self._guarded = authorization._guarded
+        self._guard = GuardingHandler(self._guarded)
+        self._server = grpc.aio.server(handlers=(self._guard,), **inner)
 
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[_GenericHandler]) -> None:
-        self._guard.handlers.extend(generic_rpc_handlers)
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[GenericHandler]) -> None:
+        self._guard.add(generic_rpc_handlers)
 
-    def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, _MethodHandler]) -> None:
-        # grpc prefers a registered handler to a generic one: each is guarded here, once.
-        guarded = {
-            name: self._authorization._guarded(handler, f"/{service_name}/{name}")
-            for name, handler in method_handlers.items()
-        }
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, MethodHandler]) -> None:
+        guarded = guard_registered(self._guarded, service_name, method_handlers)
         self._server.add_registered_method_handlers(service_name, guarded)  # type: ignore[attr-defined]  # not in grpc-stubs
 
     def add_insecure_port(self, address: str) -> int:
@@ -86,7 +62,7 @@ def server(
     authorization: AuthorizationInterceptor,
     *,
     migration_thread_pool: Executor | None = None,
-    handlers: Sequence[_GenericHandler] = (),
+    handlers: Sequence[GenericHandler] = (),
     interceptors: Sequence[_Interceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
     maximum_concurrent_rpcs: int | None = None,
@@ -105,15 +81,7 @@ def server(
         TypeError: ``authorization`` is not a :class:`meshid.aio.AuthorizationInterceptor`.
         ValueError: ``authorization`` is also among ``interceptors`` (it would decide twice).
     """
-    if not isinstance(authorization, AuthorizationInterceptor):
-        raise TypeError(
-            f"meshid.aio.server: authorization must be a meshid.aio.AuthorizationInterceptor, "
-            f"not {type(authorization).__name__}"
-        )
-    if any(i is authorization for i in interceptors):
-        raise ValueError(
-            "meshid.aio.server: the authorization interceptor guards the server; do not list it in interceptors too"
-        )
+    check_authorization("meshid.aio.server", authorization, AuthorizationInterceptor, interceptors)
     guarded = _GuardedServer(
         authorization,
         {
