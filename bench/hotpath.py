@@ -287,9 +287,9 @@ def median_process(
     process's interceptor ratio, sorted, and every process's floor ratio, sorted (empty without
     a floor)."""
     by_role = processes_by_role(folder, setting, flavour, calls, processes)
-    runs = sorted(zip(by_role["bare"], by_role["interceptor"], strict=True), key=lambda r: r[1][1])
-    (bare, _), (guarded, ratio) = runs[(len(runs) - 1) // 2]
-    return (bare, guarded, ratio), [r[1][1] for r in runs], sorted(r for _, r in by_role.get("floor", []))
+    which, ratio, ratios = middle(by_role["interceptor"])
+    floors = middle(by_role["floor"])[2] if "floor" in by_role else []
+    return (by_role["bare"][which][0], by_role["interceptor"][which][0], ratio), ratios, floors
 
 
 def processes_by_role(

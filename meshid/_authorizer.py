@@ -796,17 +796,6 @@ class InterceptorBase:
         kept = self._wrapped.get((id(handler), method))  # the entry holds the handler: its id() is not reused
         if kept is not None and kept[0] is handler:
             return kept[1]
-        return self._file_wrapped(handler, method, self._wrap)
-
-    def _file_wrapped(
-        self,
-        handler: grpc.RpcMethodHandler[Any, Any],
-        method: str,
-        wrap: Callable[[grpc.RpcMethodHandler[Any, Any], str], grpc.RpcMethodHandler[Any, Any]],
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        """``wrap(handler, method)``, kept for the interceptor's next calls of ``method``, which
-        find it with one lookup in ``_wrapped`` under ``(id(handler), method)`` and check that it
-        wraps the same handler (the entry holds the handler, so its id() is not reused meanwhile)."""
-        wrapped = wrap(handler, method)
+        wrapped = self._wrap(handler, method)
         self._wrapped.put((id(handler), method), (handler, wrapped), 1024 + len(method))
         return wrapped

@@ -43,12 +43,29 @@ class GuardingHandler(GenericHandler):
         return self._guarded(None, handler_call_details.method)
 
 
-def guard_registered(
-    guarded: Guarded, service_name: str, handlers: Mapping[str, MethodHandler]
-) -> dict[str, MethodHandler]:
-    """``handlers`` (method name to handler, as ``add_registered_method_handlers`` takes them),
-    each guarded once: grpc serves a registered handler before it asks any generic handler."""
-    return {name: guarded(handler, f"/{service_name}/{name}") for name, handler in handlers.items()}
+class GuardedRegistration:
+    """What the sync and aio guarded servers do alike: take handlers and ports for ``_server``,
+    grpc's own server of either kind, made with ``guard`` as its one generic handler. Listed
+    before grpc's ``Server`` base, whose abstract methods these are."""
+
+    def __init__(self, guard: GuardingHandler, guarded: Guarded, server: Any) -> None:
+        self._guard, self._guarded, self._server = guard, guarded, server
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[GenericHandler]) -> None:
+        self._guard.add(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, MethodHandler]) -> None:
+        # grpc serves a registered handler before it asks any generic handler: each is guarded, once.
+        guarded = {name: self._guarded(h, f"/{service_name}/{name}") for name, h in method_handlers.items()}
+        self._server.add_registered_method_handlers(service_name, guarded)
+
+    def add_insecure_port(self, address: str) -> int:
+        port: int = self._server.add_insecure_port(address)
+        return port
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        port: int = self._server.add_secure_port(address, server_credentials)
+        return port
 
 
 def check_authorization(where: str, authorization: object, expected: type, interceptors: Iterable[object]) -> None:

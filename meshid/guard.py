@@ -8,13 +8,13 @@ decisions, audit records and refusals of :class:`meshid.AuthorizationInterceptor
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshid._guard import GenericHandler, GuardingHandler, MethodHandler, check_authorization, guard_registered
+from meshid._guard import GenericHandler, GuardedRegistration, GuardingHandler, check_authorization
 from meshid.interceptors import AuthorizationInterceptor
 
 __all__ = ["server"]
@@ -25,28 +25,16 @@ else:
     _Interceptor = grpc.ServerInterceptor
 
 
-class _GuardedServer(grpc.Server):
+class _GuardedServer(GuardedRegistration, grpc.Server):
     """A ``grpc.Server`` that guards every handler added to it; the rest is grpc's server."""
+
+    _server: grpc.Server  # grpc's own server, which serves the calls
 
     def __init__(
         self, authorization: AuthorizationInterceptor, thread_pool: ThreadPoolExecutor, inner: dict[str, Any]
     ) -> None:
-        self._guarded = authorization._guarded
-        self._guard = GuardingHandler(self._guarded)
-        self._server = grpc.server(thread_pool, handlers=[self._guard], **inner)
-
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[GenericHandler]) -> None:
-        self._guard.add(generic_rpc_handlers)
-
-    def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, MethodHandler]) -> None:
-        guarded = guard_registered(self._guarded, service_name, method_handlers)
-        self._server.add_registered_method_handlers(service_name, guarded)  # type: ignore[attr-defined]  # not in grpc-stubs
-
-    def add_insecure_port(self, address: str) -> int:
-        return self._server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self._server.add_secure_port(address, server_credentials)
+        guard = GuardingHandler(authorization._guarded)
+        super().__init__(guard, authorization._guarded, grpc.server(thread_pool, handlers=[guard], **inner))
 
     def start(self) -> None:
         self._server.start()

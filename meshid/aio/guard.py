@@ -9,14 +9,14 @@ straight to the wrapped handler: the decisions, audit records and refusals of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
-from meshid._guard import GenericHandler, GuardingHandler, MethodHandler, check_authorization, guard_registered
+from meshid._guard import GenericHandler, GuardedRegistration, GuardingHandler, check_authorization
 from meshid.aio.interceptors import AuthorizationInterceptor
 
 __all__ = ["server"]
@@ -27,26 +27,14 @@ else:
     _Interceptor = grpc.aio.ServerInterceptor
 
 
-class _GuardedServer(grpc.aio.Server):
+class _GuardedServer(GuardedRegistration, grpc.aio.Server):
     """A ``grpc.aio.Server`` that guards every handler added to it; the rest is grpc's server."""
 
+    _server: grpc.aio.Server  # grpc's own server, which serves the calls
+
     def __init__(self, authorization: AuthorizationInterceptor, inner: dict[str, Any]) -> None:
-        self._guarded = authorization._guarded
-        self._guard = GuardingHandler(self._guarded)
-        self._server = grpc.aio.server(handlers=(self._guard,), **inner)
-
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[GenericHandler]) -> None:
-        self._guard.add(generic_rpc_handlers)
-
-    def add_registered_method_handlers(self, service_name: str, method_handlers: Mapping[str, MethodHandler]) -> None:
-        guarded = guard_registered(self._guarded, service_name, method_handlers)
-        self._server.add_registered_method_handlers(service_name, guarded)  # type: ignore[attr-defined]  # not in grpc-stubs
-
-    def add_insecure_port(self, address: str) -> int:
-        return self._server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self._server.add_secure_port(address, server_credentials)
+        guard = GuardingHandler(authorization._guarded)
+        super().__init__(guard, authorization._guarded, grpc.aio.server(handlers=(guard,), **inner))
 
     async def start(self) -> None:
         await self._server.start()
