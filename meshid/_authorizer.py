@@ -242,6 +242,10 @@ class Authorizer:
         # The server's own trust domain, read from the source when it changes, not per call.
         self._own_td: TrustDomain | None = None
         self._own_td_known = False
+        # Moved on by every change of the source, under the lock that also keeps a read: a read
+        # the change overtook answers its own call but is not kept (see _own_trust_domain).
+        self._own_generation = 0
+        self._own_lock = threading.Lock()
         if self._source is None:
             fixed = bundles()
             self._own_td, self._own_td_known = (next(iter(fixed)) if len(fixed) == 1 else None), True
@@ -439,23 +443,33 @@ class Authorizer:
         return cached[1]
 
     def _own_trust_domain(self) -> TrustDomain | None:
+        return self._own()[0]
+
+    def _own(self) -> tuple[TrustDomain | None, frozenset[str] | None]:
+        """The server's own trust domain and, as a JWT-SVID audience, SPIFFE ID; (None, None)
+        while the source has no SVID. Read from the source after each change, not per call."""
         if self._own_td_known:
-            return self._own_td
+            return self._own_td, self._own_audience
         assert self._source is not None, "a fixed bundle set's trust domain is known from the start"
+        generation = self._own_generation
         try:
             own_id = self._source.get_svid().spiffe_id
         except MeshIdError:  # no SVID yet: asked again at the next call, until the source has one
-            return None
-        self._own_audience = frozenset({str(own_id)})
-        self._own_td, self._own_td_known = own_id.trust_domain, True
-        return own_id.trust_domain
+            return None, None
+        audience = frozenset({str(own_id)})
+        with self._own_lock:
+            # A change since ``generation`` was read may have come after get_svid(): then what it
+            # gave answers this call but is not kept (the next call reads again); kept, it would
+            # undo the change's reset and stand until the source changed once more.
+            if generation == self._own_generation:
+                self._own_td, self._own_audience, self._own_td_known = own_id.trust_domain, audience, True
+        return own_id.trust_domain, audience
 
     def _audiences(self, policy: AuthorizationPolicy) -> frozenset[str] | None:
         """What a JWT-SVID's aud must name: the policy's jwt_audiences, else this server's SPIFFE ID."""
         if policy.jwt_audiences:
             return policy.jwt_audiences
-        self._own_trust_domain()  # reads the own SPIFFE ID when the source changed
-        return self._own_audience
+        return self._own()[1]
 
     def _jwt_identity(
         self,
@@ -487,7 +501,9 @@ class Authorizer:
 
     def source_changed(self) -> None:
         """The source's SVID may have changed: read its trust domain again at the next call."""
-        self._own_td_known = False  # before the epoch moves: a memo of the new epoch reads it again
+        with self._own_lock:
+            self._own_generation += 1
+            self._own_td_known = False  # before the epoch moves: a memo of the new epoch reads it again
         self._stale()
 
     def _open_call(

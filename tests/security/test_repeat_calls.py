@@ -236,3 +236,42 @@ def test_a_decision_made_while_the_source_changed_is_not_memoised(ca: Authority,
     assert answers == [("OK", FRONTEND_ID)] * 3
     assert not changes  # the change did land during the first call
     assert len(whole) == 2  # the first call's decision was not filed; the second's was
+
+
+class _MovesWhileRead(meshid.StaticSource):
+    """The interceptor's source: the first time the server's own SVID is read, a new one (of
+    another trust domain) lands after the read and before the reader has kept what it read,
+    the worst moment a real rotation can pick."""
+
+    def __init__(self, svid: meshid.X509Svid, bundles: meshid.BundleSet, moved: meshid.X509Svid) -> None:
+        super().__init__(svid, bundles)
+        self._moved: meshid.X509Svid | None = moved
+
+    def get_svid(self) -> meshid.X509Svid:
+        read = super().get_svid()
+        moved, self._moved = self._moved, None
+        if moved is not None:
+            self.update(svid=moved)  # notifies the interceptor, as a rotation does
+        return read
+
+
+def test_a_change_of_own_svid_during_its_read_is_not_missed(
+    ca: Authority, other_ca: Authority, bundles: meshid.BundleSet
+) -> None:
+    """The server's own trust domain (the scope of subject rules) and SPIFFE ID (a JWT-SVID's
+    audience) are read once and kept until the source changes. A change that lands while they
+    are being read must not be lost under the old value: the next call reads them again and is
+    decided under the new scope (here the server moved to other.org, so a subject rule without
+    ``vouched_by`` no longer covers the example.org caller)."""
+    server = _server_source(ca, bundles)  # what the TLS layer presents; unchanged
+    moved = other_ca.issue_svid("spiffe://other.org/ns/prod/sa/greeter")
+    own = _MovesWhileRead(ca.issue_svid(SERVER_ID), bundles, moved)
+    by_subject = {"allow": [{"name": "any-subject", "methods": [f"/{SERVICE}/*"], "subject_patterns": [".*"]}]}
+    interceptor = meshid.AuthorizationInterceptor(meshid.AuthorizationPolicy.from_dict(by_subject), source=own)
+    first, again = _twice(server, interceptor, ca.issue_svid(FRONTEND_ID), bundles, lambda: None)
+    assert own._moved is None  # the change did land during the first call's read
+    assert first == ("OK", FRONTEND_ID)  # decided on what that call read (and not memoised)
+    assert again[0] == "PERMISSION_DENIED", again
+    assert interceptor._authorizer._audiences(meshid.AuthorizationPolicy.from_dict(by_subject)) == frozenset(
+        {"spiffe://other.org/ns/prod/sa/greeter"}
+    )
