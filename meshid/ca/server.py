@@ -45,6 +45,7 @@ from meshid.ca.http import RevocationHttpServer
 from meshid.ca.issuing import AGENT_PREFIX, IssuingService, admin_id, ca_id
 from meshid.clock import SYSTEM_CLOCK, Clock
 from meshid.errors import DataDirError, ListenError, MeshIdError
+from meshid.guard import server as guarded_server
 from meshid.interceptors import AuthorizationInterceptor
 from meshid.sources import StaticSource
 from meshid.spiffeid import SpiffeId
@@ -192,9 +193,10 @@ class CaServer:
             ca_policy(self.service), source=self._source, unauthenticated_methods=OPEN_METHODS
         )
         interceptor.set_revocation_check(lambda peer: self.service.is_revoked(peer.serial))
-        server = grpc.server(
+        # guarded as handlers are registered (meshid.server): no interceptor runs per call
+        server = guarded_server(
+            interceptor,
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="meshid-ca"),
-            interceptors=[interceptor],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
