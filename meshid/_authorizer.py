@@ -234,21 +234,18 @@ class Authorizer:
         self.revoked: Callable[[PeerIdentity], bool] | None = None
         self.audit_writer = audit.AuditWriter()
         self._jwt = JwtVerifier(bundles, clock=clock, on_clear=self._stale)
-        # The server's own SPIFFE ID, as the audience a JWT-SVID must name unless the policy lists
-        # others; set with the own trust domain, when the source changes, not per call.
-        self._own_audience: frozenset[str] | None = None
         self._memo = _Memo(None, None, -1)  # no call's epoch: never current
         self._own_td_set: tuple[TrustDomain | None, frozenset[TrustDomain]] | None = None
-        # The server's own trust domain, read from the source when it changes, not per call.
-        self._own_td: TrustDomain | None = None
-        self._own_td_known = False
+        # The server's own trust domain and SPIFFE ID as _own() read them from the source; None
+        # until read, and again after each change of the source (read then, not per call).
+        self._own_kept: tuple[TrustDomain | None, frozenset[str] | None] | None = None
         # Moved on by every change of the source, under the lock that also keeps a read: a read
-        # the change overtook answers its own call but is not kept (see _own_trust_domain).
+        # the change overtook answers its own call but is not kept (see _own).
         self._own_generation = 0
         self._own_lock = threading.Lock()
         if self._source is None:
             fixed = bundles()
-            self._own_td, self._own_td_known = (next(iter(fixed)) if len(fixed) == 1 else None), True
+            self._own_kept = (next(iter(fixed)) if len(fixed) == 1 else None), None
             self._unsubscribe: Callable[[], None] | None = None
         else:
             # for the interceptor's lifetime (it decides calls after close() too); held weakly
@@ -436,34 +433,32 @@ class Authorizer:
             return None
         if policy.non_spiffe_trust_domains:
             return policy.non_spiffe_trust_domains
-        own = self._own_trust_domain()
+        own = self._own()[0]
         cached = self._own_td_set
         if cached is None or cached[0] != own:
             cached = self._own_td_set = (own, frozenset() if own is None else frozenset({own}))
         return cached[1]
 
-    def _own_trust_domain(self) -> TrustDomain | None:
-        return self._own()[0]
-
     def _own(self) -> tuple[TrustDomain | None, frozenset[str] | None]:
         """The server's own trust domain and, as a JWT-SVID audience, SPIFFE ID; (None, None)
         while the source has no SVID. Read from the source after each change, not per call."""
-        if self._own_td_known:
-            return self._own_td, self._own_audience
+        kept = self._own_kept
+        if kept is not None:
+            return kept
         assert self._source is not None, "a fixed bundle set's trust domain is known from the start"
         generation = self._own_generation
         try:
             own_id = self._source.get_svid().spiffe_id
         except MeshIdError:  # no SVID yet: asked again at the next call, until the source has one
             return None, None
-        audience = frozenset({str(own_id)})
+        read = own_id.trust_domain, frozenset({str(own_id)})
         with self._own_lock:
             # A change since ``generation`` was read may have come after get_svid(): then what it
             # gave answers this call but is not kept (the next call reads again); kept, it would
             # undo the change's reset and stand until the source changed once more.
             if generation == self._own_generation:
-                self._own_td, self._own_audience, self._own_td_known = own_id.trust_domain, audience, True
-        return own_id.trust_domain, audience
+                self._own_kept = read
+        return read
 
     def _audiences(self, policy: AuthorizationPolicy) -> frozenset[str] | None:
         """What a JWT-SVID's aud must name: the policy's jwt_audiences, else this server's SPIFFE ID."""
@@ -503,7 +498,7 @@ class Authorizer:
         """The source's SVID may have changed: read its trust domain again at the next call."""
         with self._own_lock:
             self._own_generation += 1
-            self._own_td_known = False  # before the epoch moves: a memo of the new epoch reads it again
+            self._own_kept = None  # before the epoch moves: a memo of the new epoch reads it again
         self._stale()
 
     def _open_call(
@@ -677,7 +672,7 @@ class Authorizer:
             denied = Decision(False, None, "unauthenticated")
             self._record(policy, denied, method, None, peer_address=peer_address, error=message, known=known)
             return Refusal(grpc.StatusCode.UNAUTHENTICATED, f"meshid: {message}")
-        local = self._own_trust_domain()  # one read: the whole call sees one local trust domain
+        local = self._own()[0]  # one read: the whole call sees one local trust domain
         candidate = self.candidate.policy  # one read, as for the policy
         if known and not policy.uses_headers and (candidate is None or not candidate.uses_headers):
             key: tuple[object, ...]
