@@ -113,7 +113,6 @@ def refuse_tcp_in_use(listen: str, *, who: str, hint: str) -> None:
                     ) from err
 
 
-
 def refuse_unix_in_use(path: str, *, who: str) -> None:
     """Refuse a path held by a live server or by something that is not a socket.
 

@@ -80,7 +80,7 @@ class ManualClock:
     ``now()`` starts at ``start`` (default: the real time at construction) and ``monotonic()``
     at 0; :meth:`advance` moves both. :meth:`advance_to_next_wakeup` moves the clock to the
     earliest deadline a thread is waiting for, and :meth:`settle` waits until the threads it
-woke are asleep again: that is how a test steps through a schedule.
+    woke are asleep again: that is how a test steps through a schedule.
     """
 
     def __init__(self, start: datetime.datetime | None = None) -> None:

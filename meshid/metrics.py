@@ -52,6 +52,7 @@ OCSP_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+
 class _Decisions(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
