@@ -60,7 +60,7 @@ def _who(rule: Rule, peer: PeerIdentity, vouched: bool) -> tuple[str | None, lis
     scope = f"trust domain {peer.trust_domain.name} is not in the rule's scope"
     if peer.spiffe_id is None:
         for name in peer.dns_sans:
-            if name in rule.dns_names:
+            if name.lower() in rule.dns_names:  # as the decision compares them: without case
                 if vouched:
                     return f"dns_names lists {name}", notes
                 notes.append(f"dns_names lists {name}, but {scope}")

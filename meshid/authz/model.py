@@ -220,9 +220,9 @@ class _Index:
         if by_scoped:
             rules = self.rules
             if peer.spiffe_id is None:  # dns_names rules are for certificates without a SPIFFE ID
-                for name in peer.dns_sans:
+                for name in peer.dns_sans:  # DNS names are compared without case (RFC 4343), as rules keep them
                     candidates.update(
-                        i for i in by_scoped.get(("dns", name), ()) if rules[i].vouches(td, default_scope)
+                        i for i in by_scoped.get(("dns", name.lower()), ()) if rules[i].vouches(td, default_scope)
                     )
             names = principal_names(peer)
             for name in names:

@@ -56,6 +56,7 @@ PEERS = [
     _peer("spiffe://legacy.org/x", "legacy.org"),
     _peer(None, "example.org", subject="CN=legacy-batch", dns=("batch.example.org",)),
     _peer(None, "other.org", subject="CN=legacy-batch", dns=("batch.example.org",)),
+    _peer(None, "example.org", subject="CN=legacy-batch", dns=("Batch.Example.ORG",)),  # DNS names have no case
     _peer(None, "other.org", subject="CN=partner"),
     _peer(None, "legacy.org", subject="CN=partner", thumb="ab" * 32),
     _peer(None, "example.org", subject="CN=nobody", thumb="ab" * 32),

@@ -324,3 +324,33 @@ def test_policy_check_scopes_subject_rules_as_the_server_does(tmp_path, clients)
     out = check("ours.json")
     assert out.returncode == 0, out.stderr
     assert "scoped to: other.org (the caller's trust domain; pass --trust-domain to give the server's)" in out.stdout
+
+
+# DNS names are compared without case (RFC 4343): a CA may write a SAN in any case it likes, and
+# a deny rule must still meet it. The policy keeps its names in lowercase.
+CASE_POLICY: dict[str, Any] = {
+    "name": "greeter-dns-case",
+    "allow_non_spiffe_peers": ["example.org"],
+    "deny": [{"name": "block-host", "methods": ["*"], "dns_names": ["blocked.example.org"]}],
+    "allow": [
+        {"name": "corp", "methods": ["*"], "subject_patterns": ["CN=host-.*"]},
+        {"name": "billing", "methods": ["*"], "dns_names": [BILLING]},
+    ],
+}
+CASE_ROWS = [
+    ("blocked.example.org", "CN=host-a", "PERMISSION_DENIED", "block-host"),
+    ("Blocked.Example.ORG", "CN=host-b", "PERMISSION_DENIED", "block-host"),
+    ("BILLING.example.org", "CN=billing", "OK", "billing"),
+]
+
+
+@pytest.mark.parametrize(("san", "subject", "expected", "rule"), CASE_ROWS, ids=[r[0] for r in CASE_ROWS])
+def test_dns_rules_meet_a_dns_name_written_in_any_case(
+    ca, greeter_source, federation, audit_rules, san, subject, expected, rule
+) -> None:
+    interceptor = meshid.AuthorizationInterceptor(
+        meshid.AuthorizationPolicy.from_dict(CASE_POLICY), source=greeter_source
+    )
+    with sync_server(greeter_source, interceptor) as port:
+        assert outcome(port, client(ca, subject, dns=(san,)), federation) == expected
+    assert audit_rules[-1:] == [rule]
