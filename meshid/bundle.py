@@ -376,9 +376,19 @@ def _require_ca(policy: object, cert: x509.Certificate, ext: x509.BasicConstrain
         raise ValueError("an issuing certificate is not a CA (basicConstraints CA:true missing)")
 
 
-#: What every CA of a chain must have (also for x509pop's host PKI): basicConstraints CA:true.
-CA_POLICY = verification.ExtensionPolicy.permit_all().require_present(
-    x509.BasicConstraints, verification.Criticality.AGNOSTIC, _require_ca
+def _require_cert_sign(policy: object, cert: x509.Certificate, ext: x509.KeyUsage | None) -> None:
+    # RFC 5280 6.1.4 (n): a CA's key usage, where it has one, must allow signing certificates
+    # (X509-SVID 4.3: SVID signing certificates MUST set keyCertSign).
+    if ext is not None and not ext.key_cert_sign:
+        raise ValueError("an issuing certificate's key usage does not allow signing certificates (keyCertSign)")
+
+
+#: What every CA of a chain must have (also for x509pop's host PKI): basicConstraints CA:true,
+#: and keyCertSign in its key usage where it has one (permit_all drops cryptography's own check).
+CA_POLICY = (
+    verification.ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, verification.Criticality.AGNOSTIC, _require_ca)
+    .may_be_present(x509.KeyUsage, verification.Criticality.AGNOSTIC, _require_cert_sign)
 )
 
 
@@ -395,6 +405,21 @@ def ca_trust_domains(cert: x509.Certificate) -> frozenset[str]:
     return frozenset(named)
 
 
+def ca_ids_with_a_path(cert: x509.Certificate) -> list[str]:
+    """The SPIFFE IDs with a path a CA certificate names: X509-SVID 3.2, a signing certificate's
+    SPIFFE ID MUST NOT have a path component (it names a trust domain, not a workload)."""
+    out = []
+    for uri in _x509.uri_sans(cert):
+        if uri[:7].lower() != "spiffe:":
+            continue
+        try:
+            if SpiffeId.parse(uri).path:
+                out.append(uri)
+        except InvalidSpiffeIdError:
+            continue  # named as itself by ca_trust_domains: refused as another trust domain
+    return out
+
+
 def why_unverified(reason: str, chain: Sequence[x509.Certificate], now: datetime.datetime | None) -> str:
     """cryptography's reason ("candidates exhausted: ...", "cert is not valid at validation time
     (encountered processing <Certificate(...)>)") in meshid's words: which certificate, and what to do."""
@@ -409,6 +434,9 @@ def why_unverified(reason: str, chain: Sequence[x509.Certificate], now: datetime
             return f"{name} expired at {not_after.isoformat()}; renew it (or check this machine's clock)"
         if moment < not_before:
             return f"{name} is not valid until {not_before.isoformat()}; check the clocks"
+    validator = "extension validator failed: ValueError: "  # one of CA_POLICY's checks refused a CA
+    if validator in reason:
+        return reason.split(validator, 1)[1].split(" (encountered processing")[0]
     if "no interior errors" in reason:  # no path at all; other "candidates exhausted" say why
         return (
             "no root of the bundle signed it (or a CA between them is missing from the chain); "
@@ -436,6 +464,12 @@ def check_ca_scope(chain: Sequence[x509.Certificate], trust_domain: TrustDomain,
         except _x509.PARSE_ERRORS as err:
             raise VerificationError(f"peer certificate {what}: a CA in its chain cannot be read: {err}") from err
         ca = cert.subject.rfc4514_string()
+        pathed = ca_ids_with_a_path(cert)
+        if pathed:
+            raise VerificationError(
+                f"peer certificate {what}: CA {ca!r} in its chain names the SPIFFE ID {pathed[0]}, which has a path; "
+                "a signing certificate's SPIFFE ID names its trust domain only (X509-SVID 3.2)"
+            )
         if named and named != {trust_domain.name}:
             others = ", ".join(sorted(named - {trust_domain.name}))
             raise VerificationError(
