@@ -16,7 +16,30 @@ __all__ = ["error", "load"]
 
 class _YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, with tagged scalars (``!!bool maybe``, ``!!timestamp x``) refused as
-    YAML errors at their line instead of as a bare KeyError or AttributeError."""
+    YAML errors at their line instead of as a bare KeyError or AttributeError, and a key given
+    twice in one mapping refused at its second place (PyYAML keeps the last, so a second
+    ``deny:`` would silently drop the first one's rules)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys given here override it
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the safe loader's own check reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"the key {key!r} is given twice (the second would replace the first)",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _checked_scalar(kind: str, construct: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 
 import pytest
 
@@ -419,3 +420,45 @@ def test_vouched_by_is_read_from_the_file(tmp_path) -> None:
         "    vouched_by: [other.org]\n"
     )
     assert meshid.AuthorizationPolicy.load(path).rules[0].vouched_by == {PARTNER}
+
+
+DUPLICATES = [
+    # a second deny: would drop the first one's rules, and the dev namespace would be let in
+    (
+        "p.yaml",
+        "deny:\n  - {name: no-dev, methods: ['*'], spiffe_id_patterns: ['spiffe://example.org/ns/dev/**']}\n"
+        "allow:\n  - {name: all, methods: ['*'], trust_domains: [example.org]}\n"
+        "deny:\n  - {name: no-legacy, methods: ['*'], trust_domains: [legacy.org]}\n",
+        "invalid YAML at line 5 column 1: while reading a mapping; the key 'deny' is given twice",
+    ),
+    (
+        "p.yaml",
+        "allow:\n  - name: r\n    methods: ['*']\n    spiffe_ids: [spiffe://example.org/a]\n"
+        "    spiffe_ids: [spiffe://example.org/b]\n",
+        "line 5 column 5: while reading a mapping; the key 'spiffe_ids' is given twice",
+    ),
+    (
+        "p.json",
+        '{"name": "g", "deny_rules": [{"name": "d", "source": {"principals": ["*"]}}], '
+        '"allow_rules": [{"name": "a"}], "deny_rules": []}',
+        "the key 'deny_rules' is given twice in one object",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), DUPLICATES)
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path, name, text, message) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(meshid.InvalidPolicyError, match=re.escape(message)):
+        meshid.AuthorizationPolicy.load(path)
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path, authority) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "allow:\n  - &base\n    name: one\n    methods: ['/a.S/N']\n    trust_domains: [example.org]\n"
+        "  - <<: *base\n    name: two\n    methods: ['/a.S/M']\n"
+    )
+    p = meshid.AuthorizationPolicy.load(path)
+    assert p.decide(peer(authority, "spiffe://example.org/x"), "/a.S/M", local_trust_domain=LOCAL).rule == "two"
