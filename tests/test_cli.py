@@ -127,6 +127,29 @@ def test_bad_input_exits_2_with_one_line(files, args, text) -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("dsn", "warned"),
+    [
+        ("postgresql://ca:not-a-real-secret@127.0.0.1:1/meshid", True),
+        ("host=127.0.0.1 port=1 dbname=meshid password=not-a-real-secret", True),
+        ("postgresql://ca@127.0.0.1:1/meshid", False),  # the password from $PGPASSWORD or ~/.pgpass
+    ],
+)
+def test_a_datastore_password_on_the_command_line_warns(tmp_path, dsn, warned) -> None:
+    # ca init refuses a shared datastore without --upstream-*: each run reads --datastore, then stops.
+    out = meshid("ca", "init", "--data-dir", str(tmp_path / "ca"), "--trust-domain", "example.org", "--datastore", dsn)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "give --upstream-cert and --upstream-key" in lines[-1], out.stderr
+    if warned:
+        assert len(lines) == 2 and lines[0].startswith("meshid: warning: --datastore"), out.stderr
+        for words in ("process list", "every local user", "$PGPASSWORD", "~/.pgpass"):
+            assert words in lines[0], lines[0]
+    else:
+        assert len(lines) == 1, out.stderr
+    assert "not-a-real-secret" not in out.stderr + out.stdout  # never echoed
+    assert not (tmp_path / "ca").exists()
+
+
 def test_join_token_on_the_command_line_warns_and_the_file_or_environment_does_not(files, tmp_path) -> None:
     folder, _ = files
     token = "example.org:not-a-real-secret"

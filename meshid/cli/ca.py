@@ -161,6 +161,32 @@ def register(groups: Any) -> None:
     status.set_defaults(run=run_status)
 
 
+def _datastore(args: argparse.Namespace) -> str | None:
+    """--datastore, with a warning on stderr when its DSN holds a password: the process list
+    (``ps``, ``/proc/PID/cmdline``) shows it to every local user for as long as the CA runs."""
+    dsn: str | None = args.datastore
+    if dsn is None:
+        return dsn
+    try:
+        from meshid.ca.store.postgres import _redact
+    except ImportError:  # no psycopg: opening the store says so
+        return dsn
+    try:
+        secrets = _redact(dsn)[1]
+    except ValueError:  # a DSN libpq cannot parse: opening the store says so
+        return dsn
+    if secrets:
+        print(
+            "meshid: warning: --datastore puts the database password in the process list, where every local "
+            "user can read it; leave it out of the DSN and give it in $PGPASSWORD or a password file "
+            "($PGPASSFILE, ~/.pgpass), which libpq reads, or let `ca serve` use the DSN `ca init` recorded "
+            "(config.json, mode 0600)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dsn
+
+
 def run_init(args: argparse.Namespace) -> int:
     from meshid.ca.datadir import init_data_dir
 
@@ -170,7 +196,7 @@ def run_init(args: argparse.Namespace) -> int:
         max_ttl=args.ttl,
         upstream_cert=args.upstream_cert,
         upstream_key=args.upstream_key,
-        datastore=args.datastore,
+        datastore=_datastore(args),
         dns_suffixes=args.dns_suffix,
         agent_ca=args.agent_ca,
         agent_id_template=args.agent_id_template,
@@ -198,7 +224,7 @@ def run_serve(args: argparse.Namespace) -> int:
     server = CaServer(
         args.data_dir,
         args.listen,
-        datastore=args.datastore,
+        datastore=_datastore(args),
         ocsp_listen=args.ocsp_listen,
         ocsp_validity=args.ocsp_validity,
     )
