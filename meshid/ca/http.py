@@ -11,9 +11,11 @@
 OCSP and CRLs carry their own signatures, so plain HTTP is what clients expect (RFC 6960,
 RFC 5280 4.2.1.13). Every input is bounded: the request line and headers by ``http.server``
 (64 KiB and 100 headers), the path by :data:`MAX_URL_BYTES`, a body by
-:data:`meshid.ca.ocsp.MAX_REQUEST_BYTES`, a connection's idle time by :data:`IO_TIMEOUT`, and
-the connections served at once by ``max_connections`` (one more is closed unanswered). What does
-not fit gets an OCSP ``malformedRequest`` answer, never a traceback.
+:data:`meshid.ca.ocsp.MAX_REQUEST_BYTES` (its one ``Content-Length`` plain ASCII digits), the time
+a whole request takes to arrive, or a keep-alive connection stays idle, by :data:`IO_TIMEOUT`
+(then the connection is closed), and the connections served at once by ``max_connections`` (one
+more is closed unanswered). What does not fit gets an OCSP ``malformedRequest`` answer, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -21,19 +23,24 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import email.message
 import errno
 import http.server
+import io
 import logging
 import socket
 import threading
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshid import _x509
 from meshid._listen import parse_address
 from meshid.ca.ocsp import MAX_REQUEST_BYTES, OcspAnswer, OcspResponder
 from meshid.errors import InvalidAddressError, ListenError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = ["IO_TIMEOUT", "MAX_URL_BYTES", "RevocationHttpServer"]
 
@@ -41,7 +48,10 @@ log = logging.getLogger("meshid.ca.http")
 
 #: The longest path taken: a GET request's base64 is about 4/3 of the DER.
 MAX_URL_BYTES = 4 * 1024
-#: Seconds a connection may stay silent before it is closed (a slow client holds one thread).
+#: Seconds a request may take to arrive whole (request line, headers and body together) and a
+#: keep-alive connection may wait for the next one; then it is closed. One deadline for the whole
+#: request, not one per read: a client trickling a byte at a time would otherwise hold its
+#: thread, and one of ``max_connections``, forever.
 IO_TIMEOUT = 10.0
 OCSP_RESPONSE = "application/ocsp-response"
 
@@ -68,15 +78,61 @@ def _get_request(path: str) -> bytes:
     return b""
 
 
+def _content_length(headers: email.message.Message) -> int | None:
+    """A POST body's length: its one ``Content-Length``, 1 to 5 ASCII digits, at most
+    :data:`MAX_REQUEST_BYTES`, with no ``Transfer-Encoding`` beside it; None (malformed) otherwise.
+    ``str.isdigit()`` alone takes ``'²'``, which ``int()`` refuses, and ``int()`` refuses more
+    than 4300 digits: both raised inside the handler."""
+    values = headers.get_all("Content-Length") or []
+    if len(values) != 1 or "Transfer-Encoding" in headers:
+        return None
+    value = values[0]
+    if not (0 < len(value) <= len(str(MAX_REQUEST_BYTES)) and value.isascii() and value.isdigit()):
+        return None
+    length = int(value)
+    return length if length <= MAX_REQUEST_BYTES else None
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's bytes, each read allowed only what is left of ``time_left()``; past it,
+    ``TimeoutError`` (which ``http.server`` answers by closing the connection)."""
+
+    def __init__(self, connection: socket.socket, time_left: Callable[[], float]) -> None:
+        self._connection = connection
+        self._time_left = time_left
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        left = self._time_left()
+        if left <= 0:  # settimeout(0) would mean non-blocking, not "no time left"
+            raise TimeoutError("the request did not arrive whole in time")
+        self._connection.settimeout(left)  # the answer's write gets what is left, too
+        return self._connection.recv_into(buffer)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive: nginx and openssl reuse a connection
-    timeout = IO_TIMEOUT
     # Headers and body go out in two writes: with Nagle's algorithm the second waits for the
     # client's delayed ACK (40 ms a response on Linux).
     disable_nagle_algorithm = True
     server_version = "meshid-ocsp"
     sys_version = ""
+    _deadline = 0.0
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the socket is really closed only once every file made from it is
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self._time_left))
+
+    def handle_one_request(self) -> None:
+        self._deadline = self.server.clock() + self.server.request_timeout
+        super().handle_one_request()
+
+    def _time_left(self) -> float:
+        return self._deadline - self.server.clock()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("OCSP HTTP: %s " + format, self.address_string(), *args)
@@ -122,12 +178,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._ocsp(_get_request(path), get=True)
 
     def do_POST(self) -> None:
-        length = self.headers.get("Content-Length", "")
-        if len(self.path) > MAX_URL_BYTES or not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
-            self._malformed()  # no length (chunked) or too long: not read at all
+        length = _content_length(self.headers)
+        if len(self.path) > MAX_URL_BYTES or length is None:
+            self._malformed()  # no length (chunked), a malformed one or too long: not read at all
             return
-        body = self.rfile.read(int(length))
-        self._ocsp(body, get=False)
+        self._ocsp(self.rfile.read(length), get=False)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # http.server's own refusals (a request line or header too long, a bad version, an
@@ -153,8 +208,10 @@ class _Server(http.server.ThreadingHTTPServer):
         observe: Observer,
         clock: Callable[[], float],
         max_connections: int,
+        request_timeout: float,
     ) -> None:
         self.responder, self.crl, self.observe, self.clock = responder, crl, observe, clock
+        self.request_timeout = request_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
@@ -200,7 +257,12 @@ class _Server(http.server.ThreadingHTTPServer):
 class RevocationHttpServer:
     """The OCSP responder and the CRL on one HTTP listener. ``start()`` binds; ``stop()`` ends it.
 
-    ``observe(answer, seconds)`` is called once for each OCSP answer (metrics).
+    ``observe(answer, seconds)`` is called once for each OCSP answer (metrics). At most
+    ``max_connections`` are served at once; each request must arrive whole within
+    ``request_timeout`` seconds (default :data:`IO_TIMEOUT`), read on ``clock``.
+
+    Raises:
+        ValueError: ``max_connections`` or ``request_timeout`` is not positive.
     """
 
     def __init__(
@@ -212,15 +274,21 @@ class RevocationHttpServer:
         observe: Observer = lambda answer, seconds: None,
         clock: Callable[[], float] | None = None,
         max_connections: int = 128,
+        request_timeout: float = IO_TIMEOUT,
     ) -> None:
         import time
 
+        if max_connections < 1 or not request_timeout > 0:
+            raise ValueError(
+                f"OCSP: max_connections ({max_connections}) and request_timeout ({request_timeout}) must be positive"
+            )
         self._listen = listen
         self._responder = responder
         self._crl = crl
         self._observe = observe
         self._clock = clock or time.monotonic
         self._max_connections = max_connections
+        self._request_timeout = request_timeout
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
@@ -237,7 +305,15 @@ class RevocationHttpServer:
             raise ListenError(f"OCSP: {err}") from err
         address = (host.strip("[]"), int(port))
         try:
-            server = _Server(address, self._responder, self._crl, self._observe, self._clock, self._max_connections)
+            server = _Server(
+                address,
+                self._responder,
+                self._crl,
+                self._observe,
+                self._clock,
+                self._max_connections,
+                self._request_timeout,
+            )
         except OSError as err:
             why = "the address is in use by another process" if err.errno == errno.EADDRINUSE else err.strerror or err
             raise ListenError(f"OCSP: cannot listen on {self._listen}: {why}; choose another --ocsp-listen") from err
