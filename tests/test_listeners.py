@@ -240,6 +240,29 @@ def test_example_greeter_on_a_port_in_use_exits_2(tmp_path: Path) -> None:
     assert last.startswith(f"greeter: cannot listen on 127.0.0.1:{port}: the address is in use"), last
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("server.py", ["--policy", "{dir}/missing.yaml"], "greeter: policy {dir}/missing.yaml: cannot read"),
+        ("server.py", ["--policy", "{dir}/broken.json"], "greeter: policy {dir}/broken.json: invalid JSON"),
+        ("client.py", ["--target", "127.0.0.1:1", "--server-id", "spiffe://other.org/ns/x"], "no trust bundle"),
+        ("client.py", ["--target", "127.0.0.1:1", "--server-id", "spiffe://example.org/ns/*"], "exact SPIFFE ID"),
+    ],
+)
+def test_example_greeter_and_client_refuse_bad_input_in_one_line(tmp_path: Path, script, args, expected) -> None:
+    authority = Authority.create_root(TD)
+    svid = authority.issue_svid(SERVER_ID)
+    (tmp_path / "svid.pem").write_bytes(svid.chain_pem())
+    (tmp_path / "svid.key").write_bytes(svid.key_pem())
+    (tmp_path / "bundle.pem").write_bytes(meshid.TrustBundle(authority.trust_domain, authority.roots).to_pem())
+    (tmp_path / "broken.json").write_text('{"name": ')
+    path = str(ROOT / "examples" / "greeter" / script)
+    words = [a.format(dir=tmp_path) for a in args]
+    result = refused([sys.executable, path, "--dir", str(tmp_path), *words])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert expected.format(dir=tmp_path) in result.stderr.strip().splitlines()[-1], result.stderr
+
+
 # --- the Workload API socket ----------------------------------------------------------------------
 
 

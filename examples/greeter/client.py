@@ -62,7 +62,12 @@ def main() -> int:
         return 1
     with contextlib.closing(source):
         me = source.get_svid().spiffe_id
-        with meshid.secure_channel(args.target, source, server_id=args.server_id) as channel:
+        try:
+            channel = meshid.secure_channel(args.target, source, server_id=args.server_id)
+        except (meshid.MeshIdError, ValueError) as err:  # a malformed --server-id, or one no bundle covers
+            print(f"client: {err}", file=sys.stderr)
+            return 2
+        with channel:
             stub = greeter_pb2_grpc.GreeterStub(channel)
             if args.talk:
                 return talk(stub, source, args.talk)

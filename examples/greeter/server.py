@@ -72,7 +72,13 @@ def main() -> int:
     except (meshid.MeshIdError, ValueError) as err:  # e.g. the agent issued this process no identity
         print(f"greeter: {err}", file=sys.stderr)
         return 2
-    with contextlib.closing(source), meshid.AuthorizationInterceptor(args.policy, source=source) as authz:
+    try:
+        authz = meshid.AuthorizationInterceptor(args.policy, source=source)
+    except meshid.MeshIdError as err:  # a policy file that is missing or does not load
+        source.close()
+        print(f"greeter: {err}", file=sys.stderr)
+        return 2
+    with contextlib.closing(source), authz:
         # grpc would otherwise set SO_REUSEPORT: a second server on the same port would start and
         # silently take a share of its connections. Without it, a port in use fails to bind.
         server = grpc.server(
