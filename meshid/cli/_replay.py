@@ -28,6 +28,9 @@ __all__ = ["MAX_LINE", "Past", "Replay", "read_records", "replay"]
 #: The longest line read (an audit record is well under 4 KiB: methods it shows are cut at 256).
 MAX_LINE = 64 * 1024
 _MARKER = "authz {"
+#: The stages an audit record names (meshid.authz.audit): decided by the policy, refused before
+#: it (authentication), or an unauthenticated method (open).
+_STAGES = ("policy", "authentication", "open")
 _NEEDED = {
     "caller": (str,),
     "method": (str,),
@@ -106,18 +109,23 @@ def _record(path: str, number: int, text: str) -> dict[str, object] | None:
     if not isinstance(data, dict) or "decision" not in data or "dry_run" in data:
         if marked and not isinstance(data, dict):
             raise InvalidAuditLogError(f"audit log {path} line {number}: the audit record is not a JSON object")
-        return None
+        if marked and "dry_run" not in data:  # an audit record's message, but not one meshid writes
+            raise InvalidAuditLogError(f"audit log {path} line {number}: the audit record has no 'decision'")
+        return None  # an unmarked JSON line of some other log, or a dry run's record
     return data
 
 
 def _past(path: str, number: int, data: dict[str, object]) -> Past | None:
     where = f"audit log {path} line {number}"
-    if data.get("stage", "policy") != "policy" or data.get("caller") is None:
-        return None
+    stage = data.get("stage", "policy")
+    if stage not in _STAGES:
+        raise InvalidAuditLogError(f"{where}: 'stage' must be one of {', '.join(_STAGES)}, not {stage!r}")
+    if stage != "policy" or data.get("caller") is None:
+        return None  # refused before the policy, or an open method: no decision of a policy to replay
     for key, types in _NEEDED.items():
         if key not in data:
             raise InvalidAuditLogError(
-                f"{where}: the record has no {key!r}; replay needs records written by meshid 0.x with "
+                f"{where}: the record has no {key!r}; replay needs records written by a meshid that writes "
                 "trust_domain and has_spiffe_id (older records cannot be replayed)"
             )
         if not isinstance(data[key], types):

@@ -212,6 +212,11 @@ def test_replay_refuses_a_huge_or_malformed_line_in_one_line(audit_log: Path, tm
             "line 2: the record has no 'stage'",
         ),
         "binary": ("\udcff", "line 2: not UTF-8"),
+        "no-decision": ('x authz {"caller": 1}', "line 2: the audit record has no 'decision'"),
+        "unknown-stage": (
+            'authz {"caller": "spiffe://example.org/a", "method": "/a.B/C", "decision": "allow", "stage": "bogus"}',
+            "line 2: 'stage' must be one of policy, authentication, open, not 'bogus'",
+        ),
     }
     for name, (bad, message) in cases.items():
         path = tmp_path / f"{name}.log"
