@@ -636,6 +636,11 @@ class IssuingService:
         lowered = name.lower()
         if not _DNS.fullmatch(lowered):
             raise InvalidRequestError(f"registration entry: DNS name {name[:100]!r} is not a valid host name")
+        if lowered.rsplit(".", 1)[-1].isdigit():  # RFC 3696 2: no top-level domain is all digits
+            raise InvalidRequestError(
+                f"registration entry: DNS name {lowered!r} looks like an IP address, not a host name; "
+                "a DNS SAN holds host names only"
+            )
         if lowered == IDENTITY_DNS_ZONE or lowered.endswith("." + IDENTITY_DNS_ZONE):
             raise InvalidRequestError(f"registration entry: DNS names under {IDENTITY_DNS_ZONE} are reserved")
         if not self.authority.permits_dns_name(lowered):  # its SVIDs would verify nowhere

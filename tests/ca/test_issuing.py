@@ -165,6 +165,13 @@ def test_reserved_and_foreign_ids_cannot_be_registered(service) -> None:
         service.create_entry("admin", WEB, dns_names=["abc.id.meshid.invalid"])
 
 
+@pytest.mark.parametrize("name", ["127.0.0.1", "999.1.1", "10.0.0.300"])
+def test_an_ip_address_is_not_a_dns_name(service, name) -> None:
+    with pytest.raises(meshid.errors.InvalidRequestError, match="looks like an IP address"):
+        service.create_entry("admin", WEB, dns_names=[name])
+    assert service.create_entry("admin", WEB, dns_names=["web.svc.10x"]).dns_names == ("web.svc.10x",)
+
+
 def test_creations_per_minute_are_bounded_per_admin(tmp_path) -> None:
     store = SqliteStore(tmp_path / "db")
     service = IssuingService(Authority.create_root("example.org"), store, creations_per_minute=3)
