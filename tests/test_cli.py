@@ -163,6 +163,8 @@ def test_join_token_on_the_command_line_warns_and_the_file_or_environment_does_n
         assert words in first, first
     # exit 3: the CA could not be reached (not 2, bad input)
     assert on_the_line.returncode == 3 and len(rest) == 1 and "cannot reach the CA" in rest[0], on_the_line.stderr
+    both = meshid(*fetch, "--join-token", token, "--join-token-file", str(tmp_path / "token"))
+    assert both.returncode == 2 and "give --join-token or --join-token-file, not both" in both.stderr, both.stderr
     quiet = [
         meshid(*fetch, env={**os.environ, "MESHID_JOIN_TOKEN": token}),
         meshid(*fetch, "--join-token-file", str(tmp_path / "token")),

@@ -712,6 +712,14 @@ class IssuingService:
                 sid = SpiffeId.parse(spiffe_id)
             except InvalidSpiffeIdError as err:
                 raise InvalidRequestError(f"revocation: {err}") from err
+            # as an entry's ID (a node agent's and the admin's may be revoked too): an ID no SVID
+            # of this CA can carry is a mistake to say so, not "nothing to revoke"
+            if not sid.is_member_of(self.authority.trust_domain):
+                raise InvalidRequestError(
+                    f"revocation: {sid} is not in this CA's trust domain {self.authority.trust_domain}"
+                )
+            if not sid.path:
+                raise InvalidRequestError(f"revocation: {sid} has no path; an SVID names a workload")
             revoked = self.store.revoke_spiffe_id(sid, now)
         else:
             raise InvalidRequestError("revocation: give a serial or a SPIFFE ID")

@@ -222,6 +222,8 @@ def join_token(args: argparse.Namespace, *, check: bool = True) -> str | None:
     from meshid.errors import TokenError
 
     token: str | None = args.join_token
+    if token is not None and args.join_token_file:
+        raise TokenError("join token: give --join-token or --join-token-file, not both")
     if token is not None:
         print(
             "meshid: warning: --join-token puts the token in the process list, where every local user can read it; "

@@ -198,6 +198,11 @@ def test_revocation_reaches_the_next_crl(service) -> None:
     assert serial in listed.serials
     with pytest.raises(meshid.errors.NotFoundError):
         service.revoke(serial="abcdef")
+    # an ID no SVID of this CA carries is refused, not answered "nothing to revoke"
+    for sid, why in (("spiffe://example.org", "has no path"), ("spiffe://other.org/x", "not in this CA's trust domain")):
+        with pytest.raises(meshid.errors.InvalidRequestError, match=why):
+            service.revoke(spiffe_id=sid)
+    assert service.revoke(spiffe_id="spiffe://example.org/never/issued") == []
 
 
 def test_revocation_of_an_old_key_svid_survives_a_ca_key_rotation(service) -> None:
