@@ -256,7 +256,11 @@ class RotatingCore(abc.ABC, Generic[C]):
                     "when no server_id is given); pass server_id=SPIFFE ID or trust domain to accept a server "
                     "by its SPIFFE identity"
                 )
-            return f"{head}: its certificate does not chain to a root in the source's bundles"
+            return (
+                f"{head}: its certificate does not chain to a root of this workload's own trust domain (without "
+                "server_id only its CAs may prove a server: any CA can write any DNS name); pass server_id to "
+                "reach a server of another trust domain"
+            )
         expected = _parse_server_id(self._server_id)
         td = expected.trust_domain if isinstance(expected, SpiffeId) else expected
         if why == "name":

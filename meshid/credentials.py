@@ -148,7 +148,17 @@ def channel_credentials(
     bundles = source.get_bundles()
     options: list[tuple[str, Any]] = []
     if server_id is None:
-        roots = _roots_pem(bundles, functools.partial(bundles.all_roots_pem))
+        # grpc checks the server's DNS names against the target, and any CA can write any DNS
+        # name: only the client's own trust domain's CAs may prove one (a federated server is
+        # reached with its server_id, whose trust domain's bundle then proves it).
+        own = svid.spiffe_id.trust_domain
+        if own not in bundles:
+            raise SourceError(
+                f"the source has no trust bundle for its own trust domain {own}; give server_id "
+                "to name the server's trust domain"
+            )
+        bundle = bundles[own]
+        roots = _roots_pem(bundle, functools.partial(bundle.to_pem))
     else:
         if not isinstance(server_id, SpiffeId | TrustDomain | str):
             raise TypeError(f"server_id must be a SpiffeId, TrustDomain or str, not {type(server_id).__name__}")
