@@ -13,7 +13,14 @@ Why grpclib: grpcio's Python server does not expose the accepted connection, so 
 read a Unix peer's credentials; grpclib serves gRPC on asyncio, where the connection's
 transport hands out its socket. grpclib exposes the transport to a handler only through
 ``stream.peer``, whose ``_transport`` is private: :func:`_connection_of` is the one place meshid
-reads it (the test suite checks grpclib still works that way).
+reads it (the test suite checks grpclib still works that way). Nor can grpclib bound a request:
+``Stream.recv_message`` buffers as long a message as its prefix declares (grpclib issue #195), so
+:func:`meshid.workloadapi._bounded.recv_request` reads it from grpclib's stream itself, the
+second and last private name.
+
+Every stream is let in before a byte of its request is read: the header checked, counted against
+``max_streams``, its caller identified by the kernel; then a request message over
+:data:`MAX_REQUEST_BYTES` is refused from its 5-byte prefix, before any of its body arrives.
 
 The JWT-SVID profile, for a provider that is also a :class:`JwtIdentityProvider` (the node
 agent; else UNIMPLEMENTED): ``FetchJWTSVID`` gives a caller JWT-SVIDs only for the SPIFFE IDs
@@ -26,7 +33,8 @@ validate INVALID_ARGUMENT with the reason).
 Status codes, in one place below: no or wrong ``workload.spiffe.io`` header INVALID_ARGUMENT
 (SPIRE's message); a caller that cannot be identified (it exited, its pid names another process,
 its credentials changed) UNAUTHENTICATED, as SPIRE's peer tracker answers: the connection no
-longer speaks for a process, and a live workload that reconnects is attested afresh.
+longer speaks for a process, and a live workload that reconnects is attested afresh; a request
+message over MAX_REQUEST_BYTES RESOURCE_EXHAUSTED, as grpcio answers one over its limit.
 """
 
 from __future__ import annotations
@@ -42,11 +50,12 @@ import socket
 import struct
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import grpclib.const
 import grpclib.server
+from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
@@ -58,6 +67,7 @@ from meshid.errors import InvalidJwtSvidError, InvalidSpiffeIdError, ListenError
 from meshid.spiffeid import SpiffeId, TrustDomain
 from meshid.svid import X509Svid
 from meshid.workloadapi import wire
+from meshid.workloadapi._bounded import grpclib_version, recv_request
 from meshid.workloadapi.attestation import ProcessInfo, WorkloadAttestationError, attest, check_alive
 
 if TYPE_CHECKING:
@@ -85,6 +95,12 @@ _NOT_READY = Status.UNAVAILABLE  # the provider's identity cannot be served (yet
 _SHUTTING_DOWN = (Status.UNAVAILABLE, "the Workload API server is shutting down; reconnect")
 _BUSY = (Status.RESOURCE_EXHAUSTED, "the Workload API server serves as many streams as it may; retry later")
 _BROKEN = Status.INTERNAL  # meshid cannot read the connection's credentials (see _connection_of)
+_NO_REQUEST = (Status.INVALID_ARGUMENT, "Workload API: the call ended without its request message")
+
+#: The HTTP/2 receive windows, per stream and per connection: bytes a caller sends beyond what a
+#: handler reads (trailing its request, on a refused stream) wait in memory up to this much a
+#: connection. The HTTP/2 default, the smallest grpclib allows (its own default is 4 MiB).
+_WINDOW = 65535
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # SO_PEERPIDFD (Linux 6.5) where Python does not name it yet: 77 in asm-generic/socket.h, which
@@ -133,16 +149,10 @@ def _connection_of(stream: grpclib.server.Stream[Any, Any]) -> asyncio.Transport
     transport = getattr(stream.peer, "_transport", None)
     if not isinstance(transport, asyncio.Transport):
         raise MeshIdError(
-            f"Workload API: grpclib {_grpclib_version()} no longer keeps the connection at stream.peer._transport; "
+            f"Workload API: grpclib {grpclib_version()} no longer keeps the connection at stream.peer._transport; "
             "meshid cannot tell who is calling (fix meshid.workloadapi.attested_server._connection_of)"
         )
     return transport
-
-
-def _grpclib_version() -> str:
-    from importlib.metadata import version
-
-    return version("grpclib")
 
 
 class _Caller:
@@ -255,64 +265,67 @@ class _Servicer:
         raise GRPCError(*_NO_JWT)
 
     async def _fetch_x509_svid(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        await self._server._follow(stream, _svid_response)
+        await self._server._follow(stream, workload_pb2.X509SVIDRequest, _svid_response)
 
     async def _fetch_x509_bundles(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        await self._server._follow(stream, _bundles_response)
+        await self._server._follow(stream, workload_pb2.X509BundlesRequest, _bundles_response)
 
     async def _fetch_jwt_bundles(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        await self._server._follow(stream, _jwt_bundles_response)
+        await self._server._follow(stream, workload_pb2.JWTBundlesRequest, _jwt_bundles_response)
 
     async def _fetch_jwt_svid(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        self._require_header(stream)
-        request = await stream.recv_message()
-        assert request is not None
-        audience = list(request.audience)
-        if not audience:
-            raise GRPCError(*_NO_AUDIENCE)
-        asked = None
-        if request.spiffe_id:
-            try:
-                asked = SpiffeId.parse(request.spiffe_id)
-            except InvalidSpiffeIdError as err:
-                raise GRPCError(Status.INVALID_ARGUMENT, f"Workload API: spiffe_id: {err}") from err
-        provider = self._server.provider
-        assert isinstance(provider, JwtIdentityProvider)
+        async with self._server._admitted(stream) as caller:
+            request = await recv_request(stream, workload_pb2.JWTSVIDRequest)
+            if request is None:
+                raise GRPCError(*_NO_REQUEST)
+            audience = list(request.audience)
+            if not audience:
+                raise GRPCError(*_NO_AUDIENCE)
+            asked = None
+            if request.spiffe_id:
+                try:
+                    asked = SpiffeId.parse(request.spiffe_id)
+                except InvalidSpiffeIdError as err:
+                    raise GRPCError(Status.INVALID_ARGUMENT, f"Workload API: spiffe_id: {err}") from err
+            provider = self._server.provider
+            assert isinstance(provider, JwtIdentityProvider)
 
-        def issue(identities: Sequence[Identity]) -> list[JwtSvid]:
-            """On a worker thread: the JWT-SVIDs of the attested identities (or the one asked)."""
-            held = [svid.spiffe_id for svid, _ in identities]
-            if asked is not None and asked not in held:
-                raise GRPCError(*_NO_IDENTITY)
-            try:
-                return [provider.jwt_svid_for(sid, audience) for sid in ([asked] if asked else held)]
-            except RemoteError as err:
-                raise GRPCError(_RELAYED.get(err.code or "", _NOT_READY), f"Workload API: JWT-SVID: {err}") from err
+            def issue(identities: Sequence[Identity]) -> list[JwtSvid]:
+                """On a worker thread: the JWT-SVIDs of the attested identities (or the one asked)."""
+                held = [svid.spiffe_id for svid, _ in identities]
+                if asked is not None and asked not in held:
+                    raise GRPCError(*_NO_IDENTITY)
+                try:
+                    return [provider.jwt_svid_for(sid, audience) for sid in ([asked] if asked else held)]
+                except RemoteError as err:
+                    code = _RELAYED.get(err.code or "", _NOT_READY)
+                    raise GRPCError(code, f"Workload API: JWT-SVID: {err}") from err
 
-        svids = await self._server._once(stream, issue)
-        await stream.send_message(wire.jwt_svid_response(svids))
+            svids = await self._server._once(caller, issue)
+            await stream.send_message(wire.jwt_svid_response(svids))
 
     async def _validate_jwt_svid(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        self._require_header(stream)
-        request = await stream.recv_message()
-        assert request is not None
-        if not request.audience:
-            raise GRPCError(*_NO_AUDIENCE)
-        if not request.svid:
-            raise GRPCError(*_NO_TOKEN)
+        async with self._server._admitted(stream) as caller:
+            request = await recv_request(stream, workload_pb2.ValidateJWTSVIDRequest)
+            if request is None:
+                raise GRPCError(*_NO_REQUEST)
+            if not request.audience:
+                raise GRPCError(*_NO_AUDIENCE)
+            if not request.svid:
+                raise GRPCError(*_NO_TOKEN)
 
-        def validate(identities: Sequence[Identity]) -> Any:
-            from meshid.jwtsvid import JwtSvid
+            def validate(identities: Sequence[Identity]) -> Any:
+                from meshid.jwtsvid import JwtSvid
 
-            try:
-                svid = JwtSvid.parse_and_validate(request.svid, _merged_bundles(identities), [request.audience])
-            except InvalidJwtSvidError as err:
-                raise GRPCError(_BAD_TOKEN, str(err)) from err
-            return workload_pb2.ValidateJWTSVIDResponse(
-                spiffe_id=str(svid.spiffe_id), claims=wire.claims_struct(svid.claims)
-            )
+                try:
+                    svid = JwtSvid.parse_and_validate(request.svid, _merged_bundles(identities), [request.audience])
+                except InvalidJwtSvidError as err:
+                    raise GRPCError(_BAD_TOKEN, str(err)) from err
+                return workload_pb2.ValidateJWTSVIDResponse(
+                    spiffe_id=str(svid.spiffe_id), claims=wire.claims_struct(svid.claims)
+                )
 
-        await stream.send_message(await self._server._once(stream, validate))
+            await stream.send_message(await self._server._once(caller, validate))
 
 
 class AttestedWorkloadApiServer:
@@ -459,7 +472,8 @@ class AttestedWorkloadApiServer:
         try:
             self._loop = asyncio.get_running_loop()
             self._stop, self._changed = asyncio.Event(), asyncio.Event()
-            server = grpclib.server.Server([_Servicer(self)])
+            config = Configuration(http2_connection_window_size=_WINDOW, http2_stream_window_size=_WINDOW)
+            server = grpclib.server.Server([_Servicer(self)], config=config)
             listener = self._listen()
             try:
                 await server.start(sock=listener)
@@ -572,48 +586,54 @@ class AttestedWorkloadApiServer:
             why = f"attestation: the process that connected as pid {caller.pid} has exited"
             raise GRPCError(_NOT_IDENTIFIED, why)
 
-    async def _once(self, stream: grpclib.server.Stream[Any, Any], build: Callable[[Sequence[Identity]], T]) -> T:
-        """One answer (a unary call): the caller attested, ``build`` run on its identities on a
-        worker thread, and the caller checked again to be who connected before it is sent."""
-        caller = self._identify(stream)
-        try:
-            _, answer = await self._attested(caller, None, build)
-            return answer  # type: ignore[no-any-return]
-        finally:
-            caller.close()
-
-    async def _follow(
-        self, stream: grpclib.server.Stream[Any, Any], build: Callable[[Sequence[Identity]], Any]
-    ) -> None:
-        """One stream: a response now and after every change, while the caller is who connected."""
+    @contextlib.asynccontextmanager
+    async def _admitted(self, stream: grpclib.server.Stream[Any, Any]) -> AsyncIterator[_Caller]:
+        """The stream let in, before a byte of its request is read: its security header checked,
+        counted against max_streams until it ends (RESOURCE_EXHAUSTED beyond: a caller slow to
+        send its request holds a place too), and its caller identified by the kernel's word."""
         _Servicer._require_header(stream)
-        await stream.recv_message()
         if len(self._streams) >= self._max_streams:
             raise GRPCError(*_BUSY)
         caller = self._identify(stream)
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
-        self._transports.add(caller.transport)
-        exited = self._watch_exit(caller)
         try:
-            first: ProcessInfo | None = None
-            last = None
-            while True:
-                changed = self._changed  # taken before reading: a change while answering is not lost
-                assert changed is not None
-                info, response = await self._attested(caller, first, build)
-                if first is None:
-                    first = info
-                if response != last:  # e.g. a new SVID changes nothing FetchX509Bundles sends
-                    await stream.send_message(response)
-                    last = response
-                await self._wait(changed, exited, caller)
+            yield caller
         finally:
-            if caller.pidfd is not None:  # now, not later: a closed fd's number is soon another's
-                asyncio.get_running_loop().remove_reader(caller.pidfd)
             caller.close()
             self._streams.discard(task)
+
+    async def _once(self, caller: _Caller, build: Callable[[Sequence[Identity]], T]) -> T:
+        """One answer (a unary call): the caller attested, ``build`` run on its identities on a
+        worker thread, and the caller checked again to be who connected before it is sent."""
+        _, answer = await self._attested(caller, None, build)
+        return answer  # type: ignore[no-any-return]
+
+    async def _follow(
+        self, stream: grpclib.server.Stream[Any, Any], request_type: Any, build: Callable[[Sequence[Identity]], Any]
+    ) -> None:
+        """One stream: a response now and after every change, while the caller is who connected."""
+        async with self._admitted(stream) as caller:
+            await recv_request(stream, request_type)  # read within bounds; these requests have no fields
+            self._transports.add(caller.transport)
+            exited = self._watch_exit(caller)
+            try:
+                first: ProcessInfo | None = None
+                last = None
+                while True:
+                    changed = self._changed  # taken before reading: a change while answering is not lost
+                    assert changed is not None
+                    info, response = await self._attested(caller, first, build)
+                    if first is None:
+                        first = info
+                    if response != last:  # e.g. a new SVID changes nothing FetchX509Bundles sends
+                        await stream.send_message(response)
+                        last = response
+                    await self._wait(changed, exited, caller)
+            finally:
+                if caller.pidfd is not None:  # now, not later: a closed fd's number is soon another's
+                    asyncio.get_running_loop().remove_reader(caller.pidfd)
 
 
 class _NoIdentity(Exception):
