@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshid import _x509
+from meshid._json import DuplicateKeyError, unique_keys
 from meshid.authz import grpc_json, native
 from meshid.authz.model import CompiledRules, Decision, Rule
 from meshid.errors import InvalidPolicyError
@@ -46,21 +47,6 @@ def read_text(origin: str, what: str = "policy") -> str:
         raise InvalidPolicyError(f"{what} {origin}: not UTF-8 text: {err}") from err
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object as a dict, refusing a key given twice (``json`` keeps the last, so a second
-    ``deny_rules`` would silently drop the first one's rules)."""
-    made: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in made:
-            raise _DuplicateKey(f"the key {key!r} is given twice in one object (the second would replace the first)")
-        made[key] = value
-    return made
-
-
 def parse_text(origin: str, text: str, what: str = "policy") -> Any:
     """``text`` parsed as JSON when ``origin`` ends in ``.json``, else as YAML (safe loader).
 
@@ -72,8 +58,8 @@ def parse_text(origin: str, text: str, what: str = "policy") -> Any:
     from meshid.authz import _yaml
 
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys) if origin.endswith(".json") else _yaml.load(text)
-    except _DuplicateKey as err:
+        return json.loads(text, object_pairs_hook=unique_keys) if origin.endswith(".json") else _yaml.load(text)
+    except DuplicateKeyError as err:
         raise InvalidPolicyError(f"{what} {origin}: {err}") from err
     except json.JSONDecodeError as err:
         raise InvalidPolicyError(

@@ -29,14 +29,16 @@ import fcntl
 import json
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshid import _x509
 from meshid._files import write_atomic, write_svid_files
+from meshid._json import unique_keys
 from meshid.bundle import TrustBundle
 from meshid.ca.authority import KEY_KINDS, Authority, check_dns_suffixes, check_revocation_url, generate_key, key_kind
 from meshid.ca.issuing import IssuingService, admin_id, ca_id
@@ -130,6 +132,49 @@ def _pem_of(path: str, what: str, flag: str, expected: str) -> bytes:
     return data
 
 
+def _check_upstream(certs: list[x509.Certificate], cert_file: str, now: datetime.datetime) -> None:
+    """Refuse upstream CAs that cannot sign a working CA at ``now``: each certificate of the file
+    must be a CA valid now whose key usage (where it has one) allows signing certificates, and the
+    first must have a subjectKeyIdentifier, which the new CA's authorityKeyIdentifier repeats."""
+    for index, cert in enumerate(certs):
+        name = f"the upstream certificate {cert_file!r}"
+        if index:
+            name += f" (certificate {index + 1} in it, {cert.subject.rfc4514_string()[:100]!r})"
+        try:
+            is_ca = _x509.is_ca(cert)
+            usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None  # no key usage: every use is allowed (RFC 5280 4.2.1.3)
+        except _x509.PARSE_ERRORS as err:
+            raise DataDirError(f"CA init: {name} cannot be read: {err}") from err
+        if not is_ca:
+            raise DataDirError(f"CA init: {name} is not a CA")
+        if now >= cert.not_valid_after_utc:
+            raise DataDirError(
+                f"CA init: {name} expired at {cert.not_valid_after_utc.isoformat()}; "
+                "renew it (or check this machine's clock)"
+            )
+        if now < cert.not_valid_before_utc:
+            raise DataDirError(
+                f"CA init: {name} is not valid until {cert.not_valid_before_utc.isoformat()}; check the clocks "
+                f"(this machine's says {now.isoformat(timespec='seconds')})"
+            )
+        if usage is not None and not usage.key_cert_sign:
+            raise DataDirError(
+                f"CA init: {name} has a key usage without keyCertSign, so it may not sign certificates; "
+                "give a CA whose key usage has keyCertSign"
+            )
+    try:
+        certs[0].extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound as err:
+        # Authority.from_upstream names its issuer by that identifier. A root re-issued with the
+        # same name and key plus one is the same trust anchor: chains under it verify to either copy.
+        raise DataDirError(
+            f"CA init: the upstream certificate {cert_file!r} has no subjectKeyIdentifier extension, which RFC 5280 "
+            "4.2.1.2 requires of a CA; re-issue it with one, keeping its name and key (peers may keep the old copy)"
+        ) from err
+
+
 def _read_upstream(cert_file: str, key_file: str) -> tuple[list[x509.Certificate], object]:
     cert_pem = _pem_of(cert_file, "upstream certificate", "--upstream-cert", "CERTIFICATE")
     key_pem = _pem_of(key_file, "upstream key", "--upstream-key", "PRIVATE KEY")
@@ -137,12 +182,7 @@ def _read_upstream(cert_file: str, key_file: str) -> tuple[list[x509.Certificate
         certs = x509.load_pem_x509_certificates(cert_pem)
     except _x509.READ_ERRORS as err:
         raise DataDirError(f"CA init: the upstream certificate {cert_file!r} is not valid: {err}") from err
-    try:
-        upstream_is_ca = _x509.is_ca(certs[0])
-    except _x509.PARSE_ERRORS as err:
-        raise DataDirError(f"CA init: the upstream certificate {cert_file!r} cannot be read: {err}") from err
-    if not upstream_is_ca:
-        raise DataDirError(f"CA init: the upstream certificate {cert_file!r} is not a CA")
+    _check_upstream(certs, cert_file, datetime.datetime.now(datetime.UTC))
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError as err:  # encrypted
@@ -638,33 +678,73 @@ def _folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+#: What config.json may hold, and what each value must be. The first meshid wrote version (1),
+#: trust_domain and max_ttl_seconds; datastore, dns_suffixes, agent_id_template, ocsp_url and
+#: crl_url came later, so a folder made before them lacks them and gets their defaults.
+_CONFIG_KEYS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "version": ("1", lambda v: type(v) is int and v == 1),
+    "trust_domain": ("a string", lambda v: isinstance(v, str)),
+    "max_ttl_seconds": ("a positive integer", lambda v: type(v) is int and v > 0),
+    "datastore": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "dns_suffixes": (
+        "a list of strings or null",
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
+    ),
+    "agent_id_template": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "ocsp_url": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "crl_url": ("a string or null", lambda v: v is None or isinstance(v, str)),
+}
+_CONFIG_REQUIRED = ("trust_domain", "max_ttl_seconds")
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _config_document(path: pathlib.Path) -> dict[str, Any]:
+    """config.json parsed strictly: one JSON object, each key known, given once and of its type
+    (so its values are what :data:`_CONFIG_KEYS` says)."""
+    try:
+        raw = json.loads(path.read_text(), object_pairs_hook=unique_keys)
+    except ValueError as err:  # also a key given twice
+        raise DataDirError(f"CA: {path} is unreadable: {err}") from err
+    if not isinstance(raw, dict):
+        raise DataDirError(f"CA: {path} is not a JSON object but {_json_kind(raw)}")
+    for key, value in raw.items():
+        if key not in _CONFIG_KEYS:
+            raise DataDirError(
+                f"CA: {path} has an unknown key {key[:40]!r}; the keys it may hold are {', '.join(_CONFIG_KEYS)}"
+            )
+        expected, fits = _CONFIG_KEYS[key]
+        if not fits(value):
+            raise DataDirError(f"CA: {path}: {key} must be {expected}, not {json.dumps(value)[:40]}")
+    missing = [key for key in _CONFIG_REQUIRED if key not in raw]
+    if missing:
+        raise DataDirError(f"CA: {path} lacks {', '.join(missing)}, which `meshid ca init` writes")
+    return raw
+
+
 def _read_config(folder: str | os.PathLike[str]) -> CaConfig:
     path = _paths(folder)["config"]
     try:
-        raw = json.loads(path.read_text())
-        datastore = raw.get("datastore")
-        suffixes = raw.get("dns_suffixes") or []  # absent in a folder made before --dns-suffix
-        if not isinstance(suffixes, list):
-            raise TypeError(f"dns_suffixes must be a list, not {type(suffixes).__name__}")
-        template = raw.get("agent_id_template")  # absent in a folder made before node agents
-        if template is not None and not isinstance(template, str):
-            raise TypeError(f"agent_id_template must be a string, not {type(template).__name__}")
+        raw = _config_document(path)
         urls = [raw.get(name) for name in ("ocsp_url", "crl_url")]  # absent before issue #15
         for name, url in zip(("OCSP", "CRL"), urls, strict=True):
             if url is not None:
                 check_revocation_url(url, name)
         return CaConfig(
             TrustDomain.parse(raw["trust_domain"]),
-            datetime.timedelta(seconds=int(raw["max_ttl_seconds"])),
-            str(datastore) if datastore else None,
-            check_dns_suffixes(suffixes),
-            template or None,
+            datetime.timedelta(seconds=raw["max_ttl_seconds"]),
+            raw.get("datastore") or None,
+            check_dns_suffixes(raw.get("dns_suffixes") or []),  # absent in a folder made before --dns-suffix
+            raw.get("agent_id_template") or None,  # absent in a folder made before node agents
             urls[0] or None,
             urls[1] or None,
         )
     except FileNotFoundError as err:
         raise DataDirError(f"CA: {path} is missing; run `meshid ca init --data-dir {os.fspath(folder)}` first") from err
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, OverflowError) as err:
         raise DataDirError(f"CA: {path} is unreadable: {err}") from err
 
 
