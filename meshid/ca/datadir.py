@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -299,41 +300,59 @@ def init_data_dir(
         except OSError as err:
             raise DataDirError(f"CA init: cannot read the agent CA bundle {agent_ca!r}: {err.strerror}") from err
         agent_roots = _x509pop("CA init", pem, agent_id_template, authority)
+    made_folder = not pathlib.Path(folder).exists()
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
-    ca_chain = (authority.certificate, *authority.chain[1:]) if authority.chain else (authority.certificate,)
-    write_atomic(paths["key"], _x509.key_pem(authority.private_key), mode=0o600)
-    jwt_keys = JwtKeys.generate(jwt_key_type)
-    write_atomic(paths["jwt"], jwt_keys.to_json(), mode=0o600)
-    write_atomic(paths["cert"], b"".join(_x509.cert_pem(c) for c in ca_chain))
-    write_atomic(paths["bundle"], TrustBundle(td, authority.roots).to_pem())
-    if agent_roots is not None:
-        write_atomic(paths["agent_ca"], b"".join(_x509.cert_pem(c) for c in agent_roots.roots))
-    config = CaConfig(td, max_ttl, datastore, suffixes, agent_id_template, ocsp_url, crl_url)
-    document = {
-        "version": 1,
-        "trust_domain": td.name,
-        "max_ttl_seconds": int(max_ttl.total_seconds()),
-        "datastore": datastore,
-        "dns_suffixes": list(suffixes),
-        "agent_id_template": agent_id_template,
-        "ocsp_url": ocsp_url,
-        "crl_url": crl_url,
-    }
-    write_atomic(paths["config"], json.dumps(document).encode(), mode=0o600)  # a DSN may hold a password
-    store = _store(folder, config)
     try:
-        now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-        for sid in (ca_id(authority), admin_id(authority)):
-            if store.get_entry(sid) is None:  # another replica may have made them already
-                store.create_entry(Entry(sid, (), INTERNAL_TTL, now))
-        if store.bundle_sequence() == 0:
-            store.bump_bundle_sequence()
-        service = IssuingService(authority, store, max_ttl=max_ttl, jwt_keys=jwt_keys)
-        service.publish_jwt_keys()  # for replicas on a shared store: each one's bundle carries every key
-        refresh_admin_svid(service, paths["admin"])
-    finally:
-        store.close()
+        ca_chain = (authority.certificate, *authority.chain[1:]) if authority.chain else (authority.certificate,)
+        write_atomic(paths["key"], _x509.key_pem(authority.private_key), mode=0o600)
+        jwt_keys = JwtKeys.generate(jwt_key_type)
+        write_atomic(paths["jwt"], jwt_keys.to_json(), mode=0o600)
+        write_atomic(paths["cert"], b"".join(_x509.cert_pem(c) for c in ca_chain))
+        write_atomic(paths["bundle"], TrustBundle(td, authority.roots).to_pem())
+        if agent_roots is not None:
+            write_atomic(paths["agent_ca"], b"".join(_x509.cert_pem(c) for c in agent_roots.roots))
+        config = CaConfig(td, max_ttl, datastore, suffixes, agent_id_template, ocsp_url, crl_url)
+        document = {
+            "version": 1,
+            "trust_domain": td.name,
+            "max_ttl_seconds": int(max_ttl.total_seconds()),
+            "datastore": datastore,
+            "dns_suffixes": list(suffixes),
+            "agent_id_template": agent_id_template,
+            "ocsp_url": ocsp_url,
+            "crl_url": crl_url,
+        }
+        write_atomic(paths["config"], json.dumps(document).encode(), mode=0o600)  # a DSN may hold a password
+        store = _store(folder, config)
+        try:
+            now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+            for sid in (ca_id(authority), admin_id(authority)):
+                if store.get_entry(sid) is None:  # another replica may have made them already
+                    store.create_entry(Entry(sid, (), INTERNAL_TTL, now))
+            if store.bundle_sequence() == 0:
+                store.bump_bundle_sequence()
+            service = IssuingService(authority, store, max_ttl=max_ttl, jwt_keys=jwt_keys)
+            service.publish_jwt_keys()  # for replicas on a shared store: each one's bundle carries every key
+            refresh_admin_svid(service, paths["admin"])
+        finally:
+            store.close()
+    except BaseException:
+        _undo_init(paths, made_folder)  # no half-made folder: a second try must not find 'a CA'
+        raise
     return config
+
+
+def _undo_init(paths: dict[str, pathlib.Path], made_folder: bool) -> None:
+    """Remove what a failed ``ca init`` wrote: the whole folder if it made it, else its own files
+    (the CA's key and certificate, JWT keys, bundle, config, SQLite database, admin SVID)."""
+    if made_folder:
+        shutil.rmtree(paths["config"].parent, ignore_errors=True)
+        return
+    for name in ("key", "jwt", "cert", "bundle", "agent_ca", "config"):
+        paths[name].unlink(missing_ok=True)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        paths["db"].with_name(paths["db"].name + suffix).unlink(missing_ok=True)
+    shutil.rmtree(paths["admin"], ignore_errors=True)
 
 
 def _check_entries_fit(folder: str | os.PathLike[str], config: CaConfig, new: Authority) -> None:

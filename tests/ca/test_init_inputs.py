@@ -223,3 +223,21 @@ def test_config_written_by_the_first_meshid_still_opens(made: Path, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     _, config = load_authority(folder)
     assert (config.max_ttl, config.dns_suffixes, config.agent_id_template) == (datetime.timedelta(hours=1), (), None)
+
+
+@pytest.mark.parametrize("folder_exists", [False, True], ids=["new-folder", "empty-folder"])
+def test_init_that_cannot_reach_its_datastore_leaves_nothing_behind(
+    upstreams: Path, tmp_path: Path, folder_exists: bool
+) -> None:
+    # Nothing listens on port 1: the CA's files are written, then the store cannot be opened.
+    pytest.importorskip("psycopg")
+    data_dir = tmp_path / "ca"
+    if folder_exists:
+        data_dir.mkdir()
+    cert, key = str(upstreams / "meshid-root.pem"), str(upstreams / "meshid-root.key")
+    args = ["ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD, "--upstream-cert", cert]
+    result = run_cli(*args, "--upstream-key", key, "--datastore", "postgresql://ca@127.0.0.1:1/meshid")
+    assert_refused(result, "connection failed")
+    assert (list(data_dir.iterdir()) == []) if folder_exists else not data_dir.exists()
+    # and a second try finds no half-made CA ("already holds a CA") but the same refusal
+    assert_refused(run_cli(*args, "--upstream-key", key, "--datastore", "postgresql://ca@127.0.0.1:1/m"), "connection")
