@@ -5,7 +5,8 @@ For programs that check revocation from a file (nginx's ``ssl_crl``, haproxy's `
 it only as :class:`~meshid.revocation.CrlKeeper` does (its signature verified against the
 bundle, and newer than the one in force), and writes a new one to ``DIR/crl.pem`` atomically,
 then calls ``on_change`` (the reload hook, so that nginx reads it). A failed or refused fetch
-keeps the file as it is, logged.
+keeps the file as it is, logged; once the source's SVID has expired, the log says so (the CA's TLS
+layer refuses it, which the client would otherwise report as a CA it cannot reach).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from cryptography import x509
 from meshid import _x509
 from meshid._background import Worker
 from meshid._files import write_atomic
+from meshid.agent._renewal import explained
 from meshid.clock import SYSTEM_CLOCK, Clock
-from meshid.errors import MeshIdError
+from meshid.errors import MeshIdError, RemoteError
 from meshid.revocation import CrlKeeper
 from meshid.sources import Source
 
@@ -93,7 +95,13 @@ class CrlFileWriter:
         for server in self._servers:
 
             def fetch(server: str = server) -> tuple[bytes, list[x509.Certificate]]:
-                der, chain = get_crl_with_svid(server, svid, bundles)
+                try:
+                    der, chain = get_crl_with_svid(server, svid, bundles)
+                except RemoteError as err:
+                    why = explained("CRL", err, svid, self._clock.now())
+                    if why is err:
+                        raise
+                    raise why from err
                 fetched.append(der)
                 return der, chain
 

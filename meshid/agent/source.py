@@ -7,6 +7,12 @@ the current SVID until it expires; refresh the bundle and the CRL; notify subscr
 first issuance retries the same way while no CA answers (a sidecar may start before its CA),
 until ``wait`` runs out; a refusal (a used, unknown or expired token) ends it at once.
 
+A renewal no retry can mend (the CA refuses the SVID: revoked, its entry gone; or the SVID has
+expired, which the CA's TLS layer refuses) is logged as an ERROR saying to re-attest with a new
+join token, and :attr:`SourceState.refused`; it is asked again after minutes, not seconds
+(:func:`~meshid.agent._renewal.refused_wait`). A join token given with a saved SVID is kept for
+that: the saved SVID is tried first, and the token used once the CA refuses it.
+
 One mTLS channel to the CA serves every renewal and refresh; it is rebuilt only for a new SVID
 or on failover to another CA address. A refresh is one ``GetTrustUpdates`` call carrying the
 bundle sequence and CRL number the source has: the CA sends only what changed. The
@@ -36,7 +42,7 @@ from typing import TYPE_CHECKING
 from meshid import metrics
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
-from meshid.agent._renewal import MIN_WAIT, renewal_wait
+from meshid.agent._renewal import MIN_WAIT, explained, refusal, refused_wait, renewal_wait
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.saved_svid import load_saved_svid, write_jwt_bundle
 from meshid.bundle import BundleSet, TrustBundle
@@ -49,6 +55,8 @@ from meshid.svid import X509Svid
 from meshid.workloadapi.wire import same_trust
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from meshid.ca.client import IssuerClient
     from meshid.jwtsvid import JwtSvid
 
@@ -76,6 +84,7 @@ class SourceState:
     bundle_sequence: int | None
     server: str | None
     read_at: datetime.datetime | None = None
+    refused: bool = False  # the CA refuses this SVID (revoked, no entry) or it expired: re-attest
 
     @property
     def expired(self) -> bool:
@@ -146,6 +155,7 @@ class IssuerSource:
         self._servers = servers
         self._bundle_file = os.fspath(bundle_file)
         self._join_token = join_token
+        self._spare_token: str | None = None  # given with a saved SVID: kept for when the CA refuses that
         self._svid_dir = pathlib.Path(svid_dir) if svid_dir is not None else None
         self._renew_at = renew_at
         self._jitter = jitter
@@ -173,6 +183,7 @@ class IssuerSource:
         self._next_renewal = 0.0  # monotonic
         self._next_refresh = 0.0
         self._failures_in_row = 0
+        self._refused_refreshes = 0  # in a row: the CA refuses the SVID they present
         self._lifetime = 0.0
         self._state = SourceState(None, None, None, None, None, None, 0, 0, None, None)
         self._jwt_cache = JwtSvidCache(clock=clock)
@@ -248,7 +259,10 @@ class IssuerSource:
                 if err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):  # connect afresh next time
                     self._jwt_client = None
                     client.close()
-                raise
+                why = explained("JWT-SVID", err, svid, self._clock.now())
+                if why is err:
+                    raise
+                raise why from err
         self._jwt_cache.put(token)
         return token
 
@@ -327,6 +341,7 @@ class IssuerSource:
             if pq is not None and pq.svid.spiffe_id == saved.svid.spiffe_id:
                 self._pq_svid = pq.svid
         self._lifetime = saved.remaining
+        self._spare_token = self._join_token
         self._install(saved.svid, saved.bundle, saved.remaining, renewed=False)
         log.info("issuer source: reusing the saved SVID of %s (serial %x)", saved.svid.spiffe_id, saved.svid.serial)
         return True
@@ -411,7 +426,7 @@ class IssuerSource:
             self._lifetime = lifetime
             wait = renewal_wait(lifetime, self._renew_at, self._jitter)
             self._next_renewal = self._clock.monotonic() + wait
-            self._failures_in_row = 0
+            self._failures_in_row = self._refused_refreshes = 0
         file_error = None
         if self._svid_dir is not None:
             try:
@@ -481,14 +496,17 @@ class IssuerSource:
             self._failures_in_row += 1
             self._server_index = (self._server_index + 1) % len(self._servers)  # fail over
             self._drop_channel(err)
-            delay = self._backoff()
+            why = refusal("renewal", err, svid, self._clock.now())
+            if why is not None and self._reattest(why):
+                return
+            # Unreachable: soon again, on the next replica. Refused or expired: the same SVID
+            # would be refused every time, so minutes apart, each an ERROR that says what to do.
+            delay = self._backoff() if why is None else refused_wait(self._failures_in_row)
             self._next_renewal = self._clock.monotonic() + delay
-            expired = svid.not_after <= self._clock.now()
-            level = logging.ERROR if expired else logging.WARNING
-            what = (
-                f"the SVID of {svid.spiffe_id} EXPIRED at {svid.not_after.isoformat()}" if expired else "renewal failed"
-            )
-            log.log(level, "issuer source: %s: %s; retrying in %.2fs", what, err, delay)
+            if why is None:
+                log.warning("issuer source: renewal failed: %s; retrying in %.2fs", err, delay)
+            else:
+                log.error("issuer source: %s; asking again in %.2fs", why, delay)
             previous = self._state
             self._state = SourceState(
                 previous.spiffe_id,
@@ -496,11 +514,12 @@ class IssuerSource:
                 previous.expires_at,
                 previous.last_renewal,
                 self._clock.now() + datetime.timedelta(seconds=delay),
-                str(err),
+                why or str(err),
                 previous.renewals,
                 previous.failures + 1,
                 previous.bundle_sequence,
                 server,
+                refused=why is not None,
             )
             return
         log.info(
@@ -511,6 +530,39 @@ class IssuerSource:
         )
         metrics.SVID_RENEWALS.labels(str(svid.spiffe_id), "ok").inc()
         self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=True)
+
+    def _reattest(self, why: str) -> bool:
+        """After the CA refused the SVID (``why``), attest again with the join token given with a
+        saved SVID, once. Returns whether a new SVID is in place."""
+        from meshid.ca.client import issue_with_token, read_roots
+
+        token = self._spare_token
+        if token is None:
+            return False
+        log.error("issuer source: %s; attesting again with the join token given", why)
+        errors = []
+        for index, server in enumerate(self._servers):
+            try:
+                issued = issue_with_token(
+                    server, read_roots(self._bundle_file), token, key_kind=self._key_kind, timeout=self._timeout
+                )
+            except MeshIdError as err:
+                errors.append(str(err))
+                if isinstance(err, RemoteError) and err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                    continue  # kept for the next attempt, should no CA answer now
+                self._spare_token = None  # refused (used, expired): it never will be accepted
+                break
+            self._spare_token = None
+            self._server_index = index
+            log.info(
+                "issuer source: attested again with the join token: %s (serial %x)",
+                issued.svid.spiffe_id,
+                issued.svid.serial,
+            )
+            self._install(issued.svid, issued.bundle, issued.lifetime.total_seconds(), renewed=True)
+            return True
+        log.error("issuer source: attesting again with the join token given failed: %s", "; ".join(errors))
+        return False
 
     def _refresh(self) -> None:
         if self._legacy_refresh:
@@ -550,7 +602,18 @@ class IssuerSource:
 
     def _refresh_failed(self, err: MeshIdError) -> None:
         self._drop_channel(err)
-        log.warning("issuer source: bundle and CRL refresh failed: %s", err)
+        svid = self.get_svid()
+        why = refusal("bundle and CRL refresh", err, svid, self._clock.now())
+        if why is None:
+            log.warning("issuer source: bundle and CRL refresh failed: %s", err)
+        elif not self._reattest(why):
+            self._refused_refreshes += 1
+            # Refused every time too: minutes apart, never sooner than the usual refresh.
+            now = self._clock.monotonic()
+            self._next_refresh = max(self._next_refresh, now + refused_wait(self._refused_refreshes))
+            delay = self._next_refresh - now
+            log.error("issuer source: %s; refreshing again in %.2fs", why, delay)
+            self._state = dataclasses.replace(self._state, last_error=why, refused=True)
         _warn_if_stale(self._crl.current, self._clock.now(), "issuer source")
 
     def _refresh_in_two_calls(self) -> None:
@@ -573,7 +636,16 @@ class IssuerSource:
         from meshid.ca.client import get_crl_with_svid
 
         svid, bundles = self.get_svid(), self.get_bundles()
-        fetch = lambda: get_crl_with_svid(server, svid, bundles, timeout=self._timeout)  # noqa: E731
+
+        def fetch() -> tuple[bytes, list[x509.Certificate]]:
+            try:
+                return get_crl_with_svid(server, svid, bundles, timeout=self._timeout)
+            except RemoteError as err:
+                why = explained("CRL", err, svid, self._clock.now())
+                if why is err:
+                    raise
+                raise why from err
+
         self._crl.refresh(fetch, bundles, self._clock.now())
 
     def _take_bundle(self, svid: X509Svid, bundles: BundleSet, bundle: TrustBundle) -> None:
