@@ -292,6 +292,13 @@ def init_data_dir(
         authority = _from_upstream("CA init", td, certs, key, suffixes)
     else:
         authority = Authority.create_root(td, key=generate_key(key_type))
+    lives = authority.certificate.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    if max_ttl > lives:  # every SVID would be cut short by the CA's own end: --ttl is a mistake
+        raise DataDirError(
+            f"CA init: --ttl ({max_ttl.days}d {max_ttl.seconds // 3600}h) is longer than this CA lives (until "
+            f"{authority.certificate.not_valid_after_utc.isoformat(timespec='seconds')}, {lives.days} days from "
+            "now); give a shorter --ttl (SVIDs are meant to live hours, not the CA's lifetime)"
+        )
     agent_roots = None
     if agent_ca is not None:
         agent_id_template = agent_id_template or "{cn}"
@@ -430,17 +437,23 @@ def load_authority(folder: str | os.PathLike[str]) -> tuple[Authority, CaConfig]
         DataDirError: a file is missing or does not fit the others.
     """
     paths = _paths(folder)
+    reading = paths["config"]
     try:
         config = _read_config(folder)
+        reading = paths["cert"]
         certs = x509.load_pem_x509_certificates(paths["cert"].read_bytes())
+        reading = paths["key"]
         key = serialization.load_pem_private_key(paths["key"].read_bytes(), password=None)
+        reading = paths["bundle"]
         roots = TrustBundle.load(config.trust_domain, paths["bundle"]).roots
     except FileNotFoundError as err:
         raise DataDirError(
             f"CA: {err.filename} is missing; run `meshid ca init --data-dir {os.fspath(folder)}` first"
         ) from err
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataDirError(f"CA: the data folder {os.fspath(folder)!r} is unreadable: {err}") from err
+        # cryptography's own words end in a link to its FAQ and a parser's name: the file is what to say
+        why = str(err).split(" See https://", 1)[0]
+        raise DataDirError(f"CA: {reading} in the data folder is unreadable: {why}") from err
     if _x509.public_key_der(key.public_key()) != _x509.public_key_der(certs[0].public_key()):
         raise DataDirError("CA: ca.key does not match ca.pem")
     self_signed = certs[0].issuer == certs[0].subject

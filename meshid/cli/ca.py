@@ -15,7 +15,9 @@ def register(groups: Any) -> None:
     group = groups.add_parser("ca", help="create and run meshid's certificate authority")
     commands = group.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create a CA: key (0600), certificate, bundle.pem, database, admin SVID")
-    init.add_argument("--data-dir", required=True, metavar="DIR", help="a new, empty folder for the CA's files")
+    init.add_argument(
+        "--data-dir", required=True, metavar="DIR", help="a folder for the CA's files: new, or one without a CA in it"
+    )
     init.add_argument(
         "--trust-domain", required=True, metavar="TD", help="the trust domain the CA issues for, e.g. example.org"
     )

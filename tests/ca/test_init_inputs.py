@@ -241,3 +241,20 @@ def test_init_that_cannot_reach_its_datastore_leaves_nothing_behind(
     assert (list(data_dir.iterdir()) == []) if folder_exists else not data_dir.exists()
     # and a second try finds no half-made CA ("already holds a CA") but the same refusal
     assert_refused(run_cli(*args, "--upstream-key", key, "--datastore", "postgresql://ca@127.0.0.1:1/m"), "connection")
+
+
+def test_a_ttl_longer_than_the_ca_lives_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "ca"
+    result = run_cli("ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD, "--ttl", "100000d")
+    assert_refused(result, "--ttl (100000d 0h) is longer than this CA lives", "give a shorter --ttl")
+    assert not data_dir.exists()
+
+
+@pytest.mark.parametrize("name", ["ca.pem", "ca.key", "bundle.pem"])
+def test_a_corrupt_file_of_the_folder_is_named(tmp_path: Path, name: str) -> None:
+    data_dir = tmp_path / "ca"
+    assert run_cli("ca", "init", "--data-dir", str(data_dir), "--trust-domain", TD).returncode == 0
+    (data_dir / name).write_text("garbage\n")
+    result = run_cli("ca", "rotate", "status", "--data-dir", str(data_dir))
+    assert_refused(result, f"CA: {data_dir / name} in the data folder is unreadable")
+    assert "https://" not in result.stderr  # cryptography's FAQ link is not the operator's next step
