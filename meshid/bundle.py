@@ -392,32 +392,26 @@ CA_POLICY = (
 )
 
 
+def _spiffe_sans(cert: x509.Certificate) -> Iterator[tuple[str, SpiffeId | None]]:
+    """Each URI SAN of ``cert`` with a spiffe scheme, and the SPIFFE ID it parses as (None: it does not)."""
+    for uri in _x509.uri_sans(cert):
+        if uri[:7].lower() == "spiffe:":
+            try:
+                yield uri, SpiffeId.parse(uri)
+            except InvalidSpiffeIdError:
+                yield uri, None
+
+
 def ca_trust_domains(cert: x509.Certificate) -> frozenset[str]:
     """The trust domains a CA certificate names in SPIFFE ID URI SANs (a URI that does not parse as itself)."""
-    named: set[str] = set()
-    for uri in _x509.uri_sans(cert):
-        if uri[:7].lower() != "spiffe:":
-            continue
-        try:
-            named.add(SpiffeId.parse(uri).trust_domain.name)
-        except InvalidSpiffeIdError:
-            named.add(uri)
-    return frozenset(named)
+    return frozenset(uri if sid is None else sid.trust_domain.name for uri, sid in _spiffe_sans(cert))
 
 
 def ca_ids_with_a_path(cert: x509.Certificate) -> list[str]:
     """The SPIFFE IDs with a path a CA certificate names: X509-SVID 3.2, a signing certificate's
-    SPIFFE ID MUST NOT have a path component (it names a trust domain, not a workload)."""
-    out = []
-    for uri in _x509.uri_sans(cert):
-        if uri[:7].lower() != "spiffe:":
-            continue
-        try:
-            if SpiffeId.parse(uri).path:
-                out.append(uri)
-        except InvalidSpiffeIdError:
-            continue  # named as itself by ca_trust_domains: refused as another trust domain
-    return out
+    SPIFFE ID MUST NOT have a path component (it names a trust domain, not a workload). One that
+    does not parse is left to :func:`ca_trust_domains`, which names it as itself (another trust domain)."""
+    return [uri for uri, sid in _spiffe_sans(cert) if sid is not None and sid.path]
 
 
 def why_unverified(reason: str, chain: Sequence[x509.Certificate], now: datetime.datetime | None) -> str:

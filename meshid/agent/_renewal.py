@@ -4,9 +4,10 @@ how long to wait after one, and what the operator must do then."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from meshid.errors import RemoteError
 from meshid.svid import X509Svid
@@ -69,7 +70,14 @@ def refusal(what: str, err: Exception, svid: X509Svid, now: datetime.datetime) -
     return None
 
 
-def explained(what: str, err: RemoteError, svid: X509Svid, now: datetime.datetime) -> RemoteError:
-    """``err``, or, for a refusal no retry can mend (:func:`refusal`), the same code with the reason."""
-    why = refusal(what, err, svid, now)
-    return err if why is None else RemoteError(why, err.code)
+@contextlib.contextmanager
+def explaining(what: str, svid: X509Svid, now: Callable[[], datetime.datetime]) -> Iterator[None]:
+    """Around a call to the CA with ``svid``: a RemoteError that no retry can mend (:func:`refusal`)
+    is raised again with the same code and the reason; any other as it is."""
+    try:
+        yield
+    except RemoteError as err:
+        why = refusal(what, err, svid, now())
+        if why is None:
+            raise
+        raise RemoteError(why, err.code) from err

@@ -22,9 +22,9 @@ from cryptography import x509
 from meshid import _x509
 from meshid._background import Worker
 from meshid._files import write_atomic
-from meshid.agent._renewal import explained
+from meshid.agent._renewal import explaining
 from meshid.clock import SYSTEM_CLOCK, Clock
-from meshid.errors import MeshIdError, RemoteError
+from meshid.errors import MeshIdError
 from meshid.revocation import CrlKeeper
 from meshid.sources import Source
 
@@ -95,13 +95,8 @@ class CrlFileWriter:
         for server in self._servers:
 
             def fetch(server: str = server) -> tuple[bytes, list[x509.Certificate]]:
-                try:
+                with explaining("CRL", svid, self._clock.now):
                     der, chain = get_crl_with_svid(server, svid, bundles)
-                except RemoteError as err:
-                    why = explained("CRL", err, svid, self._clock.now())
-                    if why is err:
-                        raise
-                    raise why from err
                 fetched.append(der)
                 return der, chain
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from meshid import metrics
 from meshid._background import Notifier, Unsubscribe, Worker
 from meshid._files import write_svid_files
-from meshid.agent._renewal import MIN_WAIT, explained, refusal, refused_wait, renewal_wait
+from meshid.agent._renewal import MIN_WAIT, explaining, refusal, refused_wait, renewal_wait
 from meshid.agent.jwt_cache import JwtSvidCache
 from meshid.agent.saved_svid import load_saved_svid, write_jwt_bundle
 from meshid.bundle import BundleSet, TrustBundle
@@ -254,15 +254,13 @@ class IssuerSource:
                     client.close()
                 client = self._jwt_client = IssuerClient(server, svid, self.get_bundles(), timeout=self._timeout)
             try:
-                token = client.new_jwt_svid(audience)
+                with explaining("JWT-SVID", svid, self._clock.now):
+                    token = client.new_jwt_svid(audience)
             except RemoteError as err:
                 if err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):  # connect afresh next time
                     self._jwt_client = None
                     client.close()
-                why = explained("JWT-SVID", err, svid, self._clock.now())
-                if why is err:
-                    raise
-                raise why from err
+                raise
         self._jwt_cache.put(token)
         return token
 
@@ -638,13 +636,8 @@ class IssuerSource:
         svid, bundles = self.get_svid(), self.get_bundles()
 
         def fetch() -> tuple[bytes, list[x509.Certificate]]:
-            try:
+            with explaining("CRL", svid, self._clock.now):
                 return get_crl_with_svid(server, svid, bundles, timeout=self._timeout)
-            except RemoteError as err:
-                why = explained("CRL", err, svid, self._clock.now())
-                if why is err:
-                    raise
-                raise why from err
 
         self._crl.refresh(fetch, bundles, self._clock.now())
 

@@ -530,7 +530,9 @@ class IssuingService:
 
     # --- admins ----------------------------------------------------------------------------
 
-    def _own(self, text: str, what: str) -> SpiffeId:
+    def _own(self, text: str, what: str, *, reserved: bool = False) -> SpiffeId:
+        """``text`` as a SPIFFE ID an SVID of this CA may carry: of its trust domain, with a path,
+        and (unless ``reserved``: the CA's own, the admin's, node agents') not reserved for the CA."""
         try:
             sid = SpiffeId.parse(text)
         except (InvalidSpiffeIdError, TypeError) as err:
@@ -539,7 +541,7 @@ class IssuingService:
             raise InvalidRequestError(f"{what}: {sid} is not in this CA's trust domain {self.authority.trust_domain}")
         if not sid.path:
             raise InvalidRequestError(f"{what}: {sid} has no path; an SVID must name a workload")
-        if (sid.path + "/").startswith(RESERVED_PREFIX):
+        if not reserved and (sid.path + "/").startswith(RESERVED_PREFIX):
             raise NotAuthorizedError(f"{what}: {sid} is reserved for the CA itself")
         return sid
 
@@ -708,18 +710,9 @@ class IssuingService:
                 raise NotFoundError(f"revocation: no certificate with serial {serial[:80]} was issued here")
             revoked = [number]
         elif spiffe_id:
-            try:
-                sid = SpiffeId.parse(spiffe_id)
-            except InvalidSpiffeIdError as err:
-                raise InvalidRequestError(f"revocation: {err}") from err
-            # as an entry's ID (a node agent's and the admin's may be revoked too): an ID no SVID
-            # of this CA can carry is a mistake to say so, not "nothing to revoke"
-            if not sid.is_member_of(self.authority.trust_domain):
-                raise InvalidRequestError(
-                    f"revocation: {sid} is not in this CA's trust domain {self.authority.trust_domain}"
-                )
-            if not sid.path:
-                raise InvalidRequestError(f"revocation: {sid} has no path; an SVID names a workload")
+            # an ID no SVID of this CA can carry is a mistake to say so, not "nothing to revoke";
+            # a node agent's and the admin's may be revoked too
+            sid = self._own(spiffe_id, "revocation", reserved=True)
             revoked = self.store.revoke_spiffe_id(sid, now)
         else:
             raise InvalidRequestError("revocation: give a serial or a SPIFFE ID")
